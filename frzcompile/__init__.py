@@ -1,0 +1,20 @@
+"""frzcompile: a PyTorch training compiler that makes frozen layers cost nothing.
+
+    fm = frzcompile.optimize(model, example_inputs=(x,), optimizer=opt, policy="linear", total_steps=N)
+    print(frzcompile.explain(fm))
+
+Pipeline: capture (capture.py) -> units (units.py) -> policy (policies.py) -> passes (passes/) -> runtime
+(runtime.py). Importing this package initializes no CUDA, needs no Triton and changes no global torch setting.
+"""
+from .api import optimize
+from .errors import CaptureError, FrzError, InputMismatchError, PlanError, PolicyError, UnitError
+from .explain import explain
+from .policies import AutoFreeze, Linear, Manual, Policy
+from .runtime import FrozenModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize", "explain", "FrozenModule", "Policy", "Manual", "Linear", "AutoFreeze",
+    "FrzError", "CaptureError", "InputMismatchError", "UnitError", "PlanError", "PolicyError",
+]

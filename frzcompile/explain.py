@@ -1,0 +1,147 @@
+"""`frzcompile.explain(fm)`: what was captured, the units, the plan, and what the passes did."""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .capture import clone_graph_module
+from .modes import evalize
+
+OUTSIDE = "(outside units)"
+
+
+class _FlopsPerNode(fx.Interpreter):
+    def __init__(self, gm, counter):
+        super().__init__(gm)
+        self.counter = counter
+        self.flops = {}
+
+    def run_node(self, n):
+        before = self.counter.get_total_flops()
+        result = super().run_node(n)
+        self.flops[n.name] = self.counter.get_total_flops() - before
+        return result
+
+
+def _placeholder_values(fm, gm, args, kwargs):
+    if getattr(gm, "_in_spec", None) is not None:  # torch.export: flattened (args, kwargs) leaves
+        return pytree.tree_leaves((tuple(args), dict(kwargs)))
+    import inspect
+
+    bound = inspect.signature(fm.model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def count_unit_flops(fm) -> dict:
+    """Forward FLOPs of each unit on the example inputs, attributing every graph node to its unit."""
+    gm = clone_graph_module(fm._captured.gm)
+    evalize(gm.graph)  # count in eval mode: nothing random, no BatchNorm statistics updated
+    gm.recompile()
+    args, kwargs = fm._example
+    modes = {m: m.training for m in fm.model.modules()}
+    try:
+        fm.model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            interp = _FlopsPerNode(gm, counter)
+            interp.run(*_placeholder_values(fm, gm, args, kwargs))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    per_unit = {u: 0 for u in fm.units}
+    node_unit = {n.name: u for n, u in fm._unit_graph.node_unit.items()}
+    for name, flops in interp.flops.items():
+        unit = node_unit.get(name, OUTSIDE)
+        per_unit[unit] = per_unit.get(unit, 0) + flops
+    return per_unit
+
+
+def _fmt_count(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+class Explanation:
+    """A report on a FrozenModule; `str()` renders it as a table, the attributes hold the same facts."""
+
+    def __init__(self, fm):
+        self.model = type(fm.model).__name__
+        self.capture_method = fm.capture_method
+        self.capture_attempts = list(fm._captured.attempts)
+        self.policy = repr(fm.policy)
+        self.step = fm._step
+        prefix = set(fm.frozen_prefix)
+        flops = fm.unit_flops()
+        total = sum(flops.values()) or 1
+        self.rows = []
+        for u in fm.units:
+            unit = fm._unit_graph.units[u]
+            status = "frozen-prefix" if u in prefix else "frozen" if u in fm.frozen else "trainable"
+            self.rows.append({
+                "unit": u,
+                "status": status,
+                "since": fm._since.get(u),
+                "params": unit.num_params,
+                "flops": flops.get(u, 0),
+                "flops_share": flops.get(u, 0) / total,
+                "nodes": len(unit.nodes),
+            })
+        self.outside_flops = flops.get("(outside units)", 0)
+        self.frozen_flops_share = sum(r["flops_share"] for r in self.rows if r["status"] != "trainable")
+        ctx = fm._last_ctx
+        self.passes = [(r.label, r.seconds) for r in ctx.records] if ctx else []
+        self.pass_stats = dict(ctx.stats) if ctx else {}
+        self.frontier = [n.name for n in fm._unit_graph.frontier(fm.frozen_prefix)]
+        self.builds = fm._builds
+        self.build_seconds = fm._build_seconds
+        self.plan_changes = list(fm._plan_changes)
+
+    def __str__(self) -> str:
+        lines = [f"frzcompile: {self.model} captured by {self.capture_method}"]
+        for method, why in self.capture_attempts:
+            lines.append(f"  ({method} was tried first and failed: {why})")
+        lines.append(f"policy {self.policy}, step {self.step}")
+        header = ("#", "unit", "status", "since", "params", "fwd FLOPs", "share")
+        table = [header]
+        for i, r in enumerate(self.rows):
+            table.append((
+                str(i), r["unit"], r["status"], "" if r["since"] is None else str(r["since"]),
+                _fmt_count(r["params"]), _fmt_count(r["flops"]), f"{100 * r['flops_share']:.1f}%",
+            ))
+        widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+        for k, row in enumerate(table):
+            lines.append("  ".join(cell.rjust(w) if c in (0, 4, 5, 6) else cell.ljust(w)
+                                   for c, (cell, w) in enumerate(zip(row, widths))).rstrip())
+            if k == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if self.outside_flops:
+            lines.append(f"FLOPs outside every unit: {_fmt_count(self.outside_flops)}")
+        lines.append(f"frozen share of forward FLOPs: {100 * self.frozen_flops_share:.1f}%")
+        if self.frontier:
+            lines.append(f"frontier (tensors leaving the frozen prefix): {', '.join(self.frontier)}")
+        if self.passes:
+            lines.append("passes of the current graph: " + ", ".join(
+                f"{label} ({1000 * s:.1f} ms)" for label, s in self.passes))
+            for name, stats in self.pass_stats.items():
+                lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        lines.append(f"graphs built: {self.builds} ({1000 * self.build_seconds:.0f} ms in all); "
+                     f"plan changes: {len(self.plan_changes)}")
+        for step, frozen, reason in self.plan_changes[-5:]:
+            lines.append(f"  step {step}: {reason} -> frozen {list(frozen) or 'nothing'}")
+        lines.append("graph dumps: set FRZ_DEBUG=<folder> to write every graph before and after each pass")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def explain(fm) -> Explanation:
+    from .runtime import FrozenModule
+
+    if not isinstance(fm, FrozenModule):
+        raise TypeError(f"explain() takes the module frzcompile.optimize returned, not {type(fm).__name__}")
+    fm.graph_module()  # make sure the current plan's graph exists, so its passes can be shown
+    return Explanation(fm)

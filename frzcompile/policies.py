@@ -1,0 +1,192 @@
+"""Freezing policies: who decides which units are frozen, and when.
+
+A policy is asked after every optimizer step (or `fm.step()`) through `decide(view)`, and returns the full set
+of units that should be frozen from now on, or None to leave the plan as it is. It reads training through the
+`TrainingView` the runtime hands it (step, units, per-unit parameters, gradient norms, weight samples), so a
+policy pays only for the statistics it asks for. `state_dict`/`load_state_dict` make it resumable.
+
+Shipped here: `Manual`, `Linear` (Composer LayerFreezing / FreezeOut-style ramp) and `AutoFreeze`
+(gradient-norm change rate, prefix only). A unit is never frozen if it is the last one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import PolicyError
+
+
+class TrainingView:
+    """What a policy may look at. Created by the runtime; cheap unless a statistic is asked for."""
+
+    def __init__(self, fm):
+        self._fm = fm
+
+    @property
+    def step(self) -> int:
+        return self._fm._step
+
+    @property
+    def total_steps(self):
+        return self._fm._total_steps
+
+    @property
+    def units(self) -> list:
+        return self._fm.units
+
+    @property
+    def frozen(self) -> tuple:
+        return self._fm.frozen
+
+    def parameters(self, unit: str) -> list:
+        return list(self._fm._unit_graph.units[unit].params)
+
+    def grad_norm(self, unit: str) -> float:
+        """L2 norm of the unit's current gradients (0.0 when it has none)."""
+        grads = [p.grad for p in self.parameters(unit) if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+    def weight_sample(self, unit: str, indices: torch.Tensor) -> torch.Tensor:
+        """The unit's flattened parameters at fixed `indices` (for snapshot-based policies such as SmartFRZ)."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in self.parameters(unit)])
+            return flat[indices.to(flat.device)].float().cpu()
+
+
+class Policy:
+    """Base class. Subclasses override `decide`, and `state_dict`/`load_state_dict` if they keep state."""
+
+    name = "policy"
+
+    def bind(self, view: TrainingView) -> None:
+        """Called once by `optimize`, with the units known; validate options here."""
+
+    def decide(self, view: TrainingView):
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+class Manual(Policy):
+    """Never changes the plan by itself: `fm.freeze(...)` / `fm.unfreeze(...)` do."""
+
+    name = "manual"
+
+
+class Linear(Policy):
+    """Freeze a growing prefix of units on a linear ramp (Composer LayerFreezing; FreezeOut's idea).
+
+    From `freeze_start` (fraction of `total_steps`) to the end of training, the number of frozen units grows
+    linearly up to `freeze_level` of all units (Composer's defaults: 0.5 and 1.0); the last unit always trains.
+    """
+
+    name = "linear"
+
+    def __init__(self, total_steps: int | None = None, freeze_start: float = 0.5, freeze_level: float = 1.0):
+        if not 0.0 <= freeze_start < 1.0:
+            raise PolicyError(f"linear: freeze_start must be in [0, 1), got {freeze_start}")
+        if not 0.0 <= freeze_level <= 1.0:
+            raise PolicyError(f"linear: freeze_level must be in [0, 1], got {freeze_level}")
+        self.total_steps = total_steps
+        self.freeze_start = freeze_start
+        self.freeze_level = freeze_level
+
+    def bind(self, view):
+        self.total_steps = self.total_steps or view.total_steps
+        if not self.total_steps or self.total_steps <= 0:
+            raise PolicyError(
+                "linear needs the length of training: optimize(..., total_steps=N) or "
+                "policy=frzcompile.policies.Linear(total_steps=N)"
+            )
+
+    def target_count(self, step: int, n_units: int) -> int:
+        progress = step / self.total_steps
+        if progress < self.freeze_start:
+            return 0
+        fraction = min(1.0, (progress - self.freeze_start) / (1.0 - self.freeze_start)) * self.freeze_level
+        return min(int(math.floor(fraction * n_units)), n_units - 1)
+
+    def decide(self, view):
+        k = self.target_count(view.step, len(view.units))
+        return set(view.units[:k]) | set(view.frozen)
+
+
+class AutoFreeze(Policy):
+    """AutoFreeze (Liu et al. 2021): freeze the front units whose gradient norm has stopped changing.
+
+    Every step the L2 gradient norm of each trainable unit is accumulated; every `interval` steps the change
+    rate of its mean, |N_prev - N_now| / N_prev, is compared across trainable units, and units are frozen from
+    the front of the network while their rate is at or below the `percentile`-th percentile (prefix only: a
+    unit is frozen only if every unit before it already is). The last unit always trains.
+    """
+
+    name = "autofreeze"
+
+    def __init__(self, interval: int = 50, percentile: float = 50.0):
+        if int(interval) < 1:
+            raise PolicyError(f"autofreeze: interval must be >= 1, got {interval}")
+        if not 0.0 <= percentile <= 100.0:
+            raise PolicyError(f"autofreeze: percentile must be in [0, 100], got {percentile}")
+        self.interval = int(interval)
+        self.percentile = float(percentile)
+        self._sums: dict = {}
+        self._count = 0
+        self._previous: dict = {}
+
+    def decide(self, view):
+        frozen = set(view.frozen)
+        for u in view.units:
+            if u not in frozen:
+                self._sums[u] = self._sums.get(u, 0.0) + view.grad_norm(u)
+        self._count += 1
+        if self._count < self.interval:
+            return None
+        means = {u: s / self._count for u, s in self._sums.items()}
+        self._sums, self._count = {}, 0
+        previous, self._previous = self._previous, means
+        rates = {u: abs(previous[u] - m) / previous[u] for u, m in means.items() if previous.get(u, 0.0) > 0}
+        candidates = [u for u in view.units[:-1] if u in rates]
+        if not candidates:
+            return None
+        threshold = float(torch.quantile(torch.tensor([rates[u] for u in candidates]), self.percentile / 100.0))
+        new = set(frozen)
+        for u in view.units[:-1]:
+            if u in frozen:
+                continue
+            if u in rates and rates[u] <= threshold:
+                new.add(u)
+            else:
+                break
+        return new if new != frozen else None
+
+    def state_dict(self):
+        return {"sums": dict(self._sums), "count": self._count, "previous": dict(self._previous)}
+
+    def load_state_dict(self, state):
+        self._sums = dict(state["sums"])
+        self._count = int(state["count"])
+        self._previous = dict(state["previous"])
+
+
+POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze)}
+
+
+def make_policy(policy) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise PolicyError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)} or pass a Policy")
+        return POLICIES[policy]()
+    raise PolicyError(f"policy must be a name or a frzcompile.policies.Policy, not {type(policy).__name__}")

@@ -1,0 +1,289 @@
+"""The runtime: `FrozenModule`, the wrapped model users train.
+
+It owns the freeze plan (which units are frozen, since when), applies it to parameters (`requires_grad`,
+gradients, optimizer state) and to module modes (frozen units stay in eval mode through `train()`), asks the
+policy after every optimizer step, and runs the graph the passes built for the current plan. Graphs are keyed
+by the plan itself, so a plan change can never run a graph built for another plan.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .capture import Captured, clone_graph_module
+from .errors import InputMismatchError, PlanError
+from .passes import PassContext, run_passes
+from .policies import Policy, TrainingView
+from .units import UnitGraph
+
+log = logging.getLogger("frzcompile")
+
+FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
+_GRAPH_CACHE_SIZE = 4  # graphs kept for recent (plan, mode) keys, e.g. train and eval of the current plan
+
+
+class FrozenModule(nn.Module):
+    """A model whose frozen units cost nothing to train. Call it exactly as the model.
+
+    Its parameters, buffers and `state_dict` are the model's own (same objects, same keys): the state dict
+    loads back into the original model. The freeze plan travels separately in `freeze_state_dict()`.
+    """
+
+    def __init__(self, model: nn.Module, captured: Captured, unit_graph: UnitGraph, policy: Policy,
+                 optimizers=(), example_inputs=(), example_kwargs=None, total_steps=None):
+        super().__init__()
+        # Adopt the model's children, parameters and buffers so that names and state_dict keys are the model's.
+        for name, child in model._modules.items():
+            self._modules[name] = child
+        for name, p in model._parameters.items():
+            self._parameters[name] = p
+        for name, b in model._buffers.items():
+            self._buffers[name] = b
+        self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+        self.training = model.training
+        state = self.__dict__  # plain attributes: nn.Module.__setattr__ would register graph modules as children
+        state["_model"] = model
+        state["_captured"] = captured
+        state["_unit_graph"] = unit_graph
+        state["_policy"] = policy
+        state["_optimizers"] = list(optimizers)
+        state["_example"] = (tuple(example_inputs), dict(example_kwargs or {}))
+        state["_total_steps"] = total_steps
+        state["_frozen"] = frozenset()
+        state["_since"] = {}
+        state["_step"] = 0
+        state["_graphs"] = OrderedDict()
+        state["_last_ctx"] = None
+        state["_builds"] = 0
+        state["_build_seconds"] = 0.0
+        state["_plan_changes"] = []           # (step, frozen tuple, reason)
+        state["_unit_flops"] = None
+        state["_hooks"] = []
+        state["_initial_requires_grad"] = {id(p): p.requires_grad for p in model.parameters()}
+        self._view = TrainingView(self)
+        if self._optimizers:
+            self._hooks.append(self._optimizers[0].register_step_post_hook(lambda *a, **k: self.step()))
+            for opt in self._optimizers:
+                self._hooks.append(opt.register_step_pre_hook(self._drop_frozen_grads))
+        policy.bind(self._view)
+
+    # -- public API -------------------------------------------------------------------------------------
+    @property
+    def units(self) -> list:
+        """Unit names (module paths) in topological order."""
+        return self._unit_graph.names
+
+    @property
+    def frozen(self) -> tuple:
+        return tuple(u for u in self.units if u in self._frozen)
+
+    @property
+    def frozen_prefix(self) -> tuple:
+        return tuple(self._unit_graph.prefix(self._frozen))
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def capture_method(self) -> str:
+        return self._captured.method
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def freeze(self, *names: str) -> None:
+        self._set_plan(self._frozen | set(self._unit_graph.check(names)), reason="freeze()")
+
+    def unfreeze(self, *names: str) -> None:
+        self._set_plan(self._frozen - set(self._unit_graph.check(names)), reason="unfreeze()")
+
+    def step(self) -> None:
+        """Count one training step and let the policy decide. Called by the optimizer hook when `optimize`
+        was given an optimizer; call it yourself after each optimizer step otherwise."""
+        self._step += 1
+        decision = self._policy.decide(self._view)
+        if decision is None:
+            return
+        new = frozenset(self._unit_graph.check(decision))
+        if new != self._frozen:
+            self._set_plan(new, reason=f"policy {self._policy.name}")
+
+    def forward(self, *args, **kwargs):
+        if self._captured.method == "export":
+            self._check_call(args, kwargs)
+        self._enforce_frozen_eval()
+        return self._graph()(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._model.training = mode
+        self._enforce_frozen_eval()
+        return self
+
+    def graph_module(self):
+        """The rewritten GraphModule for the current plan and mode (what `forward` runs)."""
+        return self._graph()
+
+    def unit_flops(self) -> dict:
+        """Forward FLOPs per unit on the example inputs, counted by torch.utils.flop_counter."""
+        if self._unit_flops is None:
+            from .explain import count_unit_flops
+
+            self.__dict__["_unit_flops"] = count_unit_flops(self)
+        return dict(self._unit_flops)
+
+    # -- checkpointing -----------------------------------------------------------------------------------
+    def freeze_state_dict(self) -> dict:
+        """The freeze plan, step counter and policy state; save it beside `state_dict()` and the optimizer."""
+        return {
+            "format": FREEZE_STATE_FORMAT,
+            "units": self.units,
+            "frozen": list(self.frozen),
+            "since": dict(self._since),
+            "step": self._step,
+            "policy": {"name": self._policy.name, "state": self._policy.state_dict()},
+        }
+
+    def load_freeze_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != FREEZE_STATE_FORMAT:
+            raise PlanError("not a frzcompile freeze state (expected the dict from fm.freeze_state_dict())")
+        if list(state["units"]) != self.units:
+            raise PlanError(
+                f"the saved freeze state has units {state['units']}, this model has {self.units}; "
+                "it was saved from a different model or unit selection"
+            )
+        if state["policy"]["name"] != self._policy.name:
+            raise PlanError(f"the saved policy is {state['policy']['name']!r}, this one is {self._policy.name!r}")
+        self._policy.load_state_dict(state["policy"]["state"])
+        self.__dict__["_step"] = int(state["step"])
+        self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
+        self.__dict__["_since"] = {u: int(s) for u, s in state["since"].items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:
+            self._resync()
+        return result
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # fall back to the wrapped model's attributes (e.g. a Hugging Face model's `config`)
+            model = self.__dict__.get("_model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def _set_plan(self, frozen: frozenset, reason: str) -> None:
+        frozen = frozenset(frozen)
+        if len(frozen) == len(self.units):
+            raise PlanError(
+                f"freezing every unit ({', '.join(self.units)}) leaves nothing to train; keep at least one "
+                "unit trainable"
+            )
+        newly_frozen = frozen - self._frozen
+        thawed = self._frozen - frozen
+        units = self._unit_graph.units
+        for u in newly_frozen:
+            for p in units[u].params:
+                p.requires_grad_(False)
+                p.grad = None
+                for opt in self._optimizers:
+                    opt.state.pop(p, None)  # momentum / Adam moments of a frozen weight are dropped
+            self._since[u] = self._step
+        for u in thawed:
+            for p in units[u].params:
+                p.requires_grad_(self._initial_requires_grad.get(id(p), True))
+            for m in units[u].modules:
+                m.training = self.training
+            self._since.pop(u, None)
+        self.__dict__["_frozen"] = frozen
+        self._enforce_frozen_eval()
+        self._plan_changes.append((self._step, self.frozen, reason))
+        log.info("step %d: frozen=%s (%s)", self._step, list(self.frozen), reason)
+
+    def _enforce_frozen_eval(self) -> None:
+        units = self._unit_graph.units
+        for u in self._frozen:
+            for m in units[u].modules:
+                m.training = False
+
+    def _drop_frozen_grads(self, *args, **kwargs) -> None:
+        """Optimizer pre-step guard: a frozen parameter carries no gradient, so no optimizer touches it."""
+        units = self._unit_graph.units
+        for u in self._frozen:
+            for p in units[u].params:
+                if p.grad is not None:
+                    p.grad = None
+
+    def _graph(self):
+        key = (self._frozen, self.training)
+        gm = self._graphs.get(key)
+        if gm is None:
+            gm = self._build(key)
+            self._graphs[key] = gm
+            while len(self._graphs) > _GRAPH_CACHE_SIZE:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return gm
+
+    def _build(self, key):
+        frozen, training = key
+        start = time.perf_counter()
+        ctx = PassContext(
+            node_unit={n.name: u for n, u in self._unit_graph.node_unit.items()},
+            frozen=frozen,
+            prefix=tuple(self._unit_graph.prefix(frozen)),
+            training=training,
+            build=self._builds,
+            model_name=type(self._model).__name__,
+        )
+        gm = run_passes(clone_graph_module(self._captured.gm), ctx)
+        self.__dict__["_builds"] = self._builds + 1
+        self.__dict__["_build_seconds"] = self._build_seconds + time.perf_counter() - start
+        self.__dict__["_last_ctx"] = ctx
+        return gm
+
+    def _check_call(self, args, kwargs) -> None:
+        _, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != self._captured.in_spec:
+            raise InputMismatchError(
+                f"{type(self._model).__name__} was captured by torch.export for calls shaped like\n  "
+                f"{self._captured.in_spec}\nbut was called with\n  {spec}\nPass the same arguments (by the same "
+                "names) as example_inputs/example_kwargs, or call optimize() again with these."
+            )
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._model._parameters.update(self._parameters)
+        self._model._buffers.update(self._buffers)
+        self._resync()
+        return self
+
+    def _resync(self) -> None:
+        """Point the captured graph at the model's current tensors (after .to(), load_state_dict(assign=True))."""
+        model_tensors = dict(self._model.named_parameters(remove_duplicate=False))
+        model_tensors.update(self._model.named_buffers(remove_duplicate=False))
+        gm = self._captured.gm
+        for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
+            gm.named_buffers(remove_duplicate=False)
+        ):
+            new = model_tensors.get(name)
+            if new is not None and new is not t:
+                owner_name, _, attr = name.rpartition(".")
+                owner = gm.get_submodule(owner_name) if owner_name else gm
+                if attr in owner._parameters:
+                    owner._parameters[attr] = new
+                else:
+                    owner._buffers[attr] = new
+        self._graphs.clear()

@@ -1,0 +1,244 @@
+"""Units: the freezable pieces of a captured graph, and the DAG over them.
+
+A unit is a module path (`layer1.0`, `bert.encoder.layer.3`). Every compute node of the graph belongs to the
+unit whose module it was traced from; code between modules (a `flatten`, a residual add in the root forward)
+joins the unit of its latest input, or of its first user when it reads only graph inputs. Parameters belong to
+the unit of their module, or to the unit that first reads them. A networkx DAG records which unit feeds which.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from .errors import UnitError
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _is_block_container(m: nn.Module) -> bool:
+    """A container of repeated blocks: at least two parameterized children of one type."""
+    if not isinstance(m, _CONTAINERS):
+        return False
+    kinds = [type(c) for c in m.children() if _has_params(c)]
+    return any(kinds.count(k) >= 2 for k in set(kinds))
+
+
+def _holds_block_container(m: nn.Module) -> bool:
+    return any(_is_block_container(d) for d in m.modules())
+
+
+def auto_units(model: nn.Module) -> list[str]:
+    """Pick units from the module tree: descend from the root towards containers of repeated blocks (ResNet
+    stages, transformer layer lists) and stop at their blocks; everything else stays whole."""
+    units = []
+
+    def visit(path: str, m: nn.Module, root: bool):
+        expand = root or _is_block_container(m) or (
+            _holds_block_container(m) and not any(True for _ in m.parameters(recurse=False))
+        )
+        if not expand:
+            units.append(path)
+            return
+        for name, child in m.named_children():
+            if _has_params(child):
+                visit(f"{path}.{name}" if path else name, child, False)
+
+    visit("", model, True)
+    return units
+
+
+def _is_input_guard(node: fx.Node) -> bool:
+    """torch.export's input-shape check; it stays outside every unit."""
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
+def node_module_path(node: fx.Node) -> str | None:
+    """Dotted path of the innermost module a node was traced from ("" for the root, None if unknown)."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    if not isinstance(path, str) or path.startswith("_empty_nn_module_stack"):
+        return ""
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):].lstrip(".")
+    return path
+
+
+@dataclass
+class Unit:
+    name: str
+    nodes: list = field(default_factory=list)      # fx nodes of the captured graph, in graph order
+    param_names: list = field(default_factory=list)
+    params: list = field(default_factory=list)
+    modules: list = field(default_factory=list)    # module objects under this unit (for train/eval)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+class UnitGraph:
+    """Units in topological order, the node -> unit map, and the unit DAG."""
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, unit_names=None):
+        names = list(unit_names) if unit_names is not None else auto_units(model)
+        self._check_names(model, names)
+        self.node_unit: dict[fx.Node, str] = {}
+        self._alias = {n: n for n in names}  # requested unit name -> unit it ended up in (after merges)
+        self._assign_nodes(gm, names)
+        self._merge_cycles()
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = {}
+        for node, u in self.node_unit.items():
+            first[u] = min(first.get(u, order[node]), order[node])
+        self.dag = self._build_dag()
+        ordered = list(nx.lexicographical_topological_sort(self.dag, key=lambda u: first[u]))
+        self.units: dict[str, Unit] = {u: Unit(u) for u in ordered}
+        for node in gm.graph.nodes:
+            if node in self.node_unit:
+                self.units[self.node_unit[node]].nodes.append(node)
+        self._assign_params(model, gm)
+        for requested, name in self._alias.items():
+            if name in self.units:
+                self.units[name].modules.extend(model.get_submodule(requested).modules())
+
+    # -- construction --------------------------------------------------------------------------------
+    @staticmethod
+    def _check_names(model, names):
+        if not names:
+            raise UnitError("no units: the model has no parameters to freeze")
+        known = dict(model.named_modules())
+        for n in names:
+            if n not in known:
+                import difflib
+
+                close = difflib.get_close_matches(n, [k for k in known if k], n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise UnitError(f"units=: {n!r} is not a module path of {type(model).__name__}.{hint}")
+            if n == "":
+                raise UnitError("units=: the root module cannot be a unit (nothing would be left to train)")
+        for a in names:
+            for b in names:
+                if a != b and b.startswith(a + "."):
+                    raise UnitError(f"units=: {a!r} contains {b!r}; units must not nest")
+
+    def _unit_of_path(self, path, names):
+        if path is None:
+            return None
+        parts = path.split(".") if path else []
+        for k in range(len(parts), 0, -1):
+            cand = ".".join(parts[:k])
+            if cand in names:
+                return cand
+        return None
+
+    def _assign_nodes(self, gm, names):
+        nameset = set(names)
+        nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        order = {n: i for i, n in enumerate(nodes)}
+        for n in nodes:
+            u = self._unit_of_path(node_module_path(n), nameset)
+            if u is not None and not _is_input_guard(n):
+                self.node_unit[n] = u
+        # Glue code outside any unit joins the unit of its latest input ...
+        pending = []
+        for n in nodes:
+            if n in self.node_unit or _is_input_guard(n):
+                continue
+            ins = [a for a in n.all_input_nodes if a in self.node_unit]
+            if ins:
+                self.node_unit[n] = self.node_unit[max(ins, key=order.get)]
+            else:
+                pending.append(n)
+        # ... or, reading only graph inputs and constants, the unit of its first user.
+        for n in reversed(pending):
+            users = [u for u in n.users if u in self.node_unit]
+            if users:
+                self.node_unit[n] = self.node_unit[min(users, key=order.get)]
+
+    def _build_dag(self):
+        dag = nx.DiGraph()
+        dag.add_nodes_from(set(self.node_unit.values()))
+        for node, u in self.node_unit.items():
+            for a in node.all_input_nodes:
+                v = self.node_unit.get(a)
+                if v is not None and v != u:
+                    dag.add_edge(v, u)
+        return dag
+
+    def _merge_cycles(self):
+        """Units that feed each other (interleaved code) are merged into one unit named 'a+b'."""
+        dag = self._build_dag()
+        for scc in nx.strongly_connected_components(dag):
+            if len(scc) > 1:
+                merged = "+".join(sorted(scc))
+                self._alias.update({a: merged for a, b in self._alias.items() if b in scc})
+                for node, u in self.node_unit.items():
+                    if u in scc:
+                        self.node_unit[node] = merged
+
+    def _assign_params(self, model, gm):
+        by_id = {}
+        for name, p in model.named_parameters():
+            by_id.setdefault(id(p), (name, p))
+        # graph attribute name -> owning parameter (the graph may use another name for a tied weight)
+        graph_params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)}
+        readers = {}
+        for node in gm.graph.nodes:
+            if node in self.node_unit:
+                targets = []
+                if node.op == "get_attr":
+                    targets = [str(node.target)]
+                elif node.op == "call_module":
+                    prefix = str(node.target) + "."
+                    targets = [k for k in graph_params if k.startswith(prefix)]
+                for t in targets:
+                    p = graph_params.get(t)
+                    if p is not None:
+                        readers.setdefault(id(p), self.node_unit[node])
+        for pid, (name, p) in by_id.items():
+            owner = self._alias.get(self._unit_of_path(name.rpartition(".")[0], self._alias))
+            if owner not in self.units:  # a module outside every unit, or one the forward never calls
+                owner = readers.get(pid)
+            if owner is not None:
+                self.units[owner].param_names.append(name)
+                self.units[owner].params.append(p)
+
+    # -- queries ---------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.units)
+
+    def check(self, names) -> list[str]:
+        out = []
+        for n in names:
+            if n not in self.units:
+                import difflib
+
+                close = difflib.get_close_matches(str(n), self.names, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else f" Units are: {', '.join(self.names)}"
+                raise UnitError(f"unknown unit {n!r}.{hint}")
+            out.append(n)
+        return out
+
+    def prefix(self, frozen) -> list[str]:
+        """Frozen units all of whose ancestors are frozen too: the part that can run without autograd."""
+        frozen = set(frozen)
+        return [u for u in self.units if u in frozen and nx.ancestors(self.dag, u) <= frozen]
+
+    def frontier(self, prefix) -> list[fx.Node]:
+        """Nodes computed in the prefix and read outside it: what crosses into trainable code."""
+        inside = {n for u in prefix for n in self.units[u].nodes}
+        return [n for n in inside if any(user not in inside for user in n.users)]
