@@ -8,7 +8,7 @@ from .capture import capture
 from .errors import InputMismatchError, UnitError
 from .policies import make_policy
 from .runtime import FrozenModule
-from .units import UnitGraph
+from .units import UnitGraph, select_units
 
 
 def optimize(
@@ -61,8 +61,9 @@ def optimize(
     policy = make_policy(policy)
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
-    captured = capture(model, args, kwargs, method=capture_method)
-    unit_graph = UnitGraph(model, captured.gm, units)
+    unit_names = select_units(model, units)
+    captured = capture(model, args, kwargs, unit_names, method=capture_method)
+    unit_graph = UnitGraph(model, captured.gm, unit_names)
     return FrozenModule(
         model, captured, unit_graph, policy, optimizers,
         example_inputs=args, example_kwargs=kwargs, total_steps=total_steps,

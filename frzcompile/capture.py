@@ -66,32 +66,50 @@ def _outputs_match(a, b) -> bool:
     return True
 
 
-def _batch_dynamic_shapes(model, args, kwargs):
-    """dynamic_shapes marking dim 0 of every tensor input as a batch dimension, keyed by argument name."""
+def _dynamic_shapes(model, args, kwargs):
+    """dynamic_shapes letting export keep every dimension of every tensor input dynamic where it can (the
+    batch shrinks at the end of an epoch, sequence lengths vary), keyed by argument name."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     spec = {}
     for name, value in bound.arguments.items():
         spec[name] = pytree.tree_map(
-            lambda t: {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None, value
+            lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None,
+            value,
         )
     return spec
 
 
-def _symbolic_trace(model, args, kwargs):
-    return fx.symbolic_trace(model)
+class _UnitTracer(fx.Tracer):
+    """torch.nn modules stay leaves (call_module nodes) unless they contain units, which must be traced into."""
+
+    def __init__(self, unit_names):
+        super().__init__()
+        self.containers = {".".join(u.split(".")[:k]) for u in unit_names for k in range(1, u.count(".") + 1)}
+
+    def is_leaf_module(self, m, qualname):
+        return qualname not in self.containers and super().is_leaf_module(m, qualname)
 
 
-def _export(model, args, kwargs):
+def _symbolic_trace(model, args, kwargs, unit_names):
+    tracer = _UnitTracer(unit_names)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _export(model, args, kwargs, unit_names):
     try:
-        dynamic = _batch_dynamic_shapes(model, args, kwargs)
+        dynamic = _dynamic_shapes(model, args, kwargs)
     except TypeError:
         dynamic = None
     ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
     return ep.module()
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, method: str = "auto") -> Captured:
-    """Capture `model` as a GraphModule; `method` is "auto", "symbolic_trace" or "export"."""
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), method: str = "auto") -> Captured:
+    """Capture `model` as a GraphModule; `method` is "auto", "symbolic_trace" or "export".
+
+    `unit_names` are the module paths that will become units: symbolic_trace traces into any torch.nn module
+    that contains one, so every unit's code appears in the graph."""
     if method not in ("auto",) + METHODS:
         raise ValueError(f"capture method must be 'auto' or one of {METHODS}, not {method!r}")
     name = type(model).__name__
@@ -112,7 +130,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, method: str = "au
         for m in METHODS if method == "auto" else (method,):
             try:
                 model.train()  # capture the training graph: mode-dependent ops are rewritten per plan later
-                gm = {"symbolic_trace": _symbolic_trace, "export": _export}[m](model, args, kwargs)
+                gm = {"symbolic_trace": _symbolic_trace, "export": _export}[m](model, args, kwargs, unit_names)
                 model.eval()
                 check = clone_graph_module(gm)
                 evalize(check.graph)

@@ -7,6 +7,7 @@ the unit of their module, or to the unit that first reads them. A networkx DAG r
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -59,6 +60,26 @@ def _is_input_guard(node: fx.Node) -> bool:
     return node.op == "call_module" and node.target == "_guards_fn"
 
 
+def select_units(model: nn.Module, units=None) -> list[str]:
+    """The user's `units=` after checking them against the module tree, or the automatic choice."""
+    names = auto_units(model) if units is None else list(units)
+    if not names:
+        raise UnitError("no units: the model has no parameters to freeze")
+    known = dict(model.named_modules())
+    for n in names:
+        if n == "":
+            raise UnitError("units=: the root module cannot be a unit (nothing would be left to train)")
+        if n not in known:
+            close = difflib.get_close_matches(n, [k for k in known if k], n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise UnitError(f"units=: {n!r} is not a module path of {type(model).__name__}.{hint}")
+    for a in names:
+        for b in names:
+            if a != b and b.startswith(a + "."):
+                raise UnitError(f"units=: {a!r} contains {b!r}; units must not nest")
+    return names
+
+
 def node_module_path(node: fx.Node) -> str | None:
     """Dotted path of the innermost module a node was traced from ("" for the root, None if unknown)."""
     if node.op == "call_module":
@@ -92,9 +113,8 @@ class Unit:
 class UnitGraph:
     """Units in topological order, the node -> unit map, and the unit DAG."""
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, unit_names=None):
-        names = list(unit_names) if unit_names is not None else auto_units(model)
-        self._check_names(model, names)
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, unit_names):
+        names = list(unit_names)
         self.node_unit: dict[fx.Node, str] = {}
         self._alias = {n: n for n in names}  # requested unit name -> unit it ended up in (after merges)
         self._assign_nodes(gm, names)
@@ -115,25 +135,6 @@ class UnitGraph:
                 self.units[name].modules.extend(model.get_submodule(requested).modules())
 
     # -- construction --------------------------------------------------------------------------------
-    @staticmethod
-    def _check_names(model, names):
-        if not names:
-            raise UnitError("no units: the model has no parameters to freeze")
-        known = dict(model.named_modules())
-        for n in names:
-            if n not in known:
-                import difflib
-
-                close = difflib.get_close_matches(n, [k for k in known if k], n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise UnitError(f"units=: {n!r} is not a module path of {type(model).__name__}.{hint}")
-            if n == "":
-                raise UnitError("units=: the root module cannot be a unit (nothing would be left to train)")
-        for a in names:
-            for b in names:
-                if a != b and b.startswith(a + "."):
-                    raise UnitError(f"units=: {a!r} contains {b!r}; units must not nest")
-
     def _unit_of_path(self, path, names):
         if path is None:
             return None
@@ -225,8 +226,6 @@ class UnitGraph:
         out = []
         for n in names:
             if n not in self.units:
-                import difflib
-
                 close = difflib.get_close_matches(str(n), self.names, n=3)
                 hint = f" Did you mean {', '.join(close)}?" if close else f" Units are: {', '.join(self.names)}"
                 raise UnitError(f"unknown unit {n!r}.{hint}")

@@ -1,0 +1,102 @@
+"""Small reference models used by the examples, benchmarks and tests (and handy for trying frzcompile out)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(in_features: int = 64, hidden: int = 128, depth: int = 3, classes: int = 10) -> nn.Sequential:
+    layers, width = [], in_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(nn.Flatten(), *layers)
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU blocks with dropout, for 8x8 (digits) or 28x28 (Fashion-MNIST) images."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32, classes: int = 10, dropout: float = 0.1):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Dropout(dropout))
+
+        self.features = nn.Sequential(block(in_channels, width), block(width, width), block(width, 2 * width),
+                                      block(2 * width, 2 * width))
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (3x3 stem, stages of BasicBlocks), sized for small images."""
+
+    def __init__(self, depths=(2, 2, 2), width: int = 16, in_channels: int = 1, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, cin = [], width
+        for i, depth in enumerate(depths):
+            cout = width * 2 ** i
+            blocks = [BasicBlock(cin, cout, 1 if i == 0 else 2)] + [BasicBlock(cout, cout) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = stages[0], stages[1], stages[2]
+        self.extra = nn.ModuleList(stages[3:])
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        for stage in self.extra:
+            x = stage(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TransformerClassifier(nn.Module):
+    """Token + position embeddings, an nn.TransformerEncoder, mean pooling, a linear head."""
+
+    def __init__(self, vocab: int = 1000, d_model: int = 64, nhead: int = 4, layers: int = 4, classes: int = 2,
+                 max_len: int = 64, dropout: float = 0.1):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model)
+        self.positions = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, 4 * d_model, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.encoder(self.tokens(ids) + self.positions(pos))
+        return self.head(h.mean(dim=1))
+
+
+def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32, vocab: int = 128, **config):
+    """A Hugging Face BertForSequenceClassification built from a small config (random init, no download)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=4 * hidden, max_position_embeddings=64, num_labels=num_labels, **config)
+    return BertForSequenceClassification(cfg)

@@ -1,0 +1,179 @@
+"""Core correctness: frzcompile's training graph against eager PyTorch with the same parameters frozen."""
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import frzcompile
+from frzcompile.passes.freeze import REGION
+from tests.conftest import eager_reference, output_tensor
+
+
+class RegionProbe:
+    """Counts tensors saved for backward, and whether any was saved while the frozen region ran."""
+
+    def __init__(self, gm):
+        self.inside = False
+        self.saved_inside = 0
+        self.saved_total = 0
+        self.region_outputs = []
+        self.grad_mode = []  # torch.is_grad_enabled() as the region's graph starts
+        self.region = getattr(gm, REGION, None)
+        self.handles = []
+        if self.region is not None:
+            self.handles.append(self.region.register_forward_pre_hook(lambda m, a: self._enter()))
+            self.handles.append(self.region.register_forward_hook(lambda m, a, out: self._leave(out)))
+            inner = self.region.graph_module
+            self.handles.append(inner.register_forward_pre_hook(lambda m, a: self.grad_mode.append(torch.is_grad_enabled())))
+
+    def _enter(self):
+        self.inside = True
+
+    def _leave(self, out):
+        self.inside = False
+        self.region_outputs.extend(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+    def pack(self, t):
+        self.saved_total += 1
+        self.saved_inside += self.inside
+        return t
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _plan(units, plan):
+    half = len(units) // 2
+    return {"none": [], "prefix": units[:half], "middle": [units[half]]}[plan]
+
+
+@pytest.mark.parametrize("plan", ["none", "prefix", "middle"])
+def test_gradients_match_eager(model_case, plan):
+    name, model, args, kwargs = model_case
+    model.train()
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    frozen = _plan(fm.units, plan)
+    units = fm._unit_graph.units
+    ref = eager_reference(
+        model,
+        [m for u in frozen for m in units[u].modules],
+        [p for u in frozen for p in units[u].params],
+    )
+    if frozen:
+        fm.freeze(*frozen)
+    assert fm.frozen == tuple(frozen)
+
+    probe = RegionProbe(fm.graph_module())
+    torch.manual_seed(123)
+    with torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
+        out = output_tensor(fm(*args, **kwargs))
+    probe.close()
+    out.float().square().mean().backward()
+
+    torch.manual_seed(123)
+    ref_out = output_tensor(ref(*args, **kwargs))
+    ref_out.float().square().mean().backward()
+
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    ref_params = dict(ref.named_parameters())
+    frozen_ids = {id(p) for u in frozen for p in units[u].params}
+    checked = 0
+    for pname, p in model.named_parameters():
+        rp = ref_params[pname]
+        if id(p) in frozen_ids:
+            assert not p.requires_grad and p.grad is None, pname
+            continue
+        assert (p.grad is None) == (rp.grad is None), pname
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, rp.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{pname}: {m}")
+            checked += 1
+    assert checked > 0
+    for (bname, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, rb, msg=lambda m: f"buffer {bname}: {m}")
+
+    if plan == "prefix":
+        # the rewrite fired: a no-grad region computes the prefix, saves nothing and hands out plain tensors
+        assert probe.region is not None
+        assert probe.region_outputs and all(t.grad_fn is None for t in probe.region_outputs)
+        assert probe.saved_inside == 0 and probe.saved_total > 0
+        assert probe.grad_mode == [False]
+        assert fm.frozen_prefix == tuple(frozen)
+    else:
+        assert probe.region is None and fm.frozen_prefix == ()
+    if plan == "middle":
+        # gradients flow through the frozen middle unit into the trainable units before it
+        first = units[fm.units[0]].params
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first)
+
+
+def test_outputs_and_structure_unchanged(model_case):
+    name, model, args, kwargs = model_case
+    model.eval()
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    with torch.no_grad():
+        expected, got = model(*args, **kwargs), fm(*args, **kwargs)
+    assert type(got) is type(expected)
+    torch.testing.assert_close(output_tensor(got), output_tensor(expected))
+    assert list(fm.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in fm.named_parameters()] == [n for n, _ in model.named_parameters()]
+
+
+def test_smaller_last_batch(model_case):
+    name, model, args, kwargs = model_case
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    fm.freeze(fm.units[0])
+    small_args = tuple(a[:1] for a in args)
+    small_kwargs = {k: v[:1] for k, v in kwargs.items()}
+    fm.eval()
+    model_out = output_tensor(fm(*small_args, **small_kwargs))
+    assert model_out.shape[0] == 1
+
+
+def test_state_dict_loads_into_original_model(model_case):
+    name, model, args, kwargs = model_case
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    fm.freeze(fm.units[0])
+    with torch.no_grad():
+        for p in fm.parameters():
+            p.add_(0.5)
+    from tests.conftest import make_case
+
+    fresh = make_case(name)[0]
+    fresh.load_state_dict(fm.state_dict())
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_auto_units_follow_blocks():
+    from frzcompile import zoo
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 12, 12)
+    fm = frzcompile.optimize(zoo.ResNet(width=8), (x,))
+    assert fm.units == ["conv1", "bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "fc"]
+    assert fm.capture_method == "symbolic_trace"
+    dag = fm._unit_graph.dag
+    assert dag.has_edge("layer1.1", "layer2.0") and dag.has_edge("layer3.1", "fc")
+
+
+def test_auto_units_hugging_face_bert():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    assert fm.capture_method == "export"
+    assert fm.units == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2",
+                        "bert.pooler", "classifier"]
+    assert fm.config is model.config  # attributes fall through to the wrapped model
+
+
+def test_user_units_override():
+    from frzcompile import zoo
+
+    x = torch.randn(2, 1, 12, 12)
+    fm = frzcompile.optimize(zoo.ResNet(width=8), (x,), units=["conv1", "layer1", "layer2", "layer3", "fc"])
+    assert fm.units == ["conv1", "layer1", "layer2", "layer3", "fc"]
+    # bn1 is no unit: its parameters join the unit of the code that reads them
+    assert "bn1.weight" in fm._unit_graph.units["conv1"].param_names
+    fm.freeze("conv1", "layer1")
+    assert fm.frozen_prefix == ("conv1", "layer1")
