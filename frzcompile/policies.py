@@ -115,7 +115,7 @@ class Linear(Policy):
         if progress < self.freeze_start:
             return 0
         fraction = min(1.0, (progress - self.freeze_start) / (1.0 - self.freeze_start)) * self.freeze_level
-        return min(int(math.floor(fraction * n_units)), n_units - 1)
+        return min(int(math.floor(fraction * n_units + 1e-9)), n_units - 1)  # 1e-9: 0.6-0.5 is 0.0999...
 
     def decide(self, view):
         k = self.target_count(view.step, len(view.units))

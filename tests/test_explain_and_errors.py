@@ -1,0 +1,130 @@
+"""explain(), graph dumps, and the errors users see on bad input."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import frzcompile
+from frzcompile import zoo
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return zoo.ResNet(width=8), torch.randn(4, 1, 12, 12)
+
+
+def test_explain_table_and_flops():
+    model, x = _resnet()
+    fm = frzcompile.optimize(model, (x,))
+    fm.freeze("conv1", "bn1", "layer1.0", "layer2.1")
+    report = frzcompile.explain(fm)
+    text = str(report)
+    for needle in ("symbolic_trace", "layer1.0", "frozen-prefix", "frozen", "trainable", "fwd FLOPs", "freeze ("):
+        assert needle in text
+    statuses = {r["unit"]: r["status"] for r in report.rows}
+    assert statuses["layer1.0"] == "frozen-prefix" and statuses["layer2.1"] == "frozen"
+    assert statuses["fc"] == "trainable"
+    # per-unit FLOPs add up to what FlopCounterMode counts for the whole eager forward
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    assert sum(r["flops"] for r in report.rows) + report.outside_flops == counter.get_total_flops()
+    assert report.rows[2]["flops"] > 0
+    assert sum(r["params"] for r in report.rows) == sum(p.numel() for p in model.parameters())
+
+
+def test_explain_names_the_export_fallback():
+    model = zoo.TransformerClassifier(vocab=50, d_model=16, nhead=2, layers=2)
+    fm = frzcompile.optimize(model, (torch.randint(0, 50, (2, 6)),))
+    text = str(frzcompile.explain(fm))
+    assert "captured by export" in text and "symbolic_trace was tried first and failed" in text
+
+
+def test_debug_env_writes_each_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRZ_DEBUG", str(tmp_path))
+    model, x = _resnet()
+    fm = frzcompile.optimize(model, (x,))
+    fm.freeze("conv1", "bn1")
+    fm(x)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["ResNet.build000.00.captured.py", "ResNet.build000.01.freeze.py"]
+    after = (tmp_path / files[1]).read_text()
+    assert "frozen_prefix" in after and "frozen_prefix" not in (tmp_path / files[0]).read_text()
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        frzcompile.optimize(lambda x: x, (torch.randn(2),))
+
+
+def test_unknown_unit_names_suggest_close_ones():
+    model, x = _resnet()
+    fm = frzcompile.optimize(model, (x,))
+    with pytest.raises(frzcompile.UnitError, match=r"Did you mean .*layer1\.0"):
+        fm.freeze("layer1.O")
+    with pytest.raises(frzcompile.UnitError, match="not a module path"):
+        frzcompile.optimize(model, (x,), units=["conv1", "layer9"])
+    with pytest.raises(frzcompile.UnitError, match="must not nest"):
+        frzcompile.optimize(model, (x,), units=["layer1", "layer1.0"])
+
+
+def test_freezing_every_unit_is_refused():
+    model, x = _resnet()
+    fm = frzcompile.optimize(model, (x,))
+    with pytest.raises(frzcompile.PlanError, match="nothing to train"):
+        fm.freeze(*fm.units)
+    assert fm.frozen == ()  # the refused plan left nothing half-applied
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_example_inputs_that_do_not_match():
+    model, x = _resnet()
+    with pytest.raises(frzcompile.InputMismatchError, match="cannot run on the example inputs"):
+        frzcompile.optimize(model, (torch.randn(4, 3, 12, 12),))
+    with pytest.raises(frzcompile.InputMismatchError, match="needs example_inputs"):
+        frzcompile.optimize(model)
+    with pytest.raises(frzcompile.InputMismatchError, match="tuple"):
+        frzcompile.optimize(model, {"x": x})
+
+
+def test_export_path_rejects_calls_shaped_differently():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    with pytest.raises(frzcompile.InputMismatchError, match="captured by torch.export"):
+        fm(input_ids=kwargs["input_ids"])
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # Python control flow on a tensor value: neither tracer can capture it
+            h = h * 2
+        return self.b(h)
+
+
+def test_untraceable_model_names_both_attempts():
+    with pytest.raises(frzcompile.CaptureError) as info:
+        frzcompile.optimize(DataDependent(), (torch.randn(3, 4),))
+    message = str(info.value)
+    assert "DataDependent" in message and "symbolic_trace:" in message and "export:" in message
+    assert [m for m, _ in info.value.attempts] == ["symbolic_trace", "export"]
+
+
+def test_import_is_lean():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; before = torch.get_default_dtype(), torch.is_grad_enabled(); import frzcompile;"
+        "assert 'triton' not in sys.modules, 'triton imported';"
+        "assert not torch.cuda.is_initialized(), 'cuda initialized';"
+        "assert (torch.get_default_dtype(), torch.is_grad_enabled()) == before"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,102 @@
+"""Policies decide on controlled inputs: ramps for Linear, synthetic gradient histories for AutoFreeze."""
+import pytest
+import torch
+
+import frzcompile
+from frzcompile.policies import AutoFreeze, Linear, make_policy
+
+
+class FakeView:
+    """A TrainingView stand-in whose gradient norms the test scripts."""
+
+    def __init__(self, units, norms):
+        self.units = units
+        self.frozen = ()
+        self.step = 0
+        self.total_steps = None
+        self._norms = norms  # step -> {unit: norm}
+
+    def grad_norm(self, unit):
+        return self._norms(self.step)[unit]
+
+
+def _run(policy, view, steps):
+    decisions = []
+    for _ in range(steps):
+        view.step += 1
+        d = policy.decide(view)
+        if d is not None:
+            view.frozen = tuple(u for u in view.units if u in d)
+            decisions.append((view.step, view.frozen))
+    return decisions
+
+
+def test_autofreeze_freezes_settled_front_units_only():
+    units = ["a", "b", "c", "d", "head"]
+    # a and b settle (norm constant); c keeps changing; d settles but comes after c, so stays (prefix only)
+    def norms(step):
+        moving = 1.0 + step
+        return {"a": 1.0, "b": 2.0, "c": moving, "d": 3.0, "head": moving * 2}
+
+    view = FakeView(units, norms)
+    decisions = _run(AutoFreeze(interval=4, percentile=60), view, 12)
+    assert decisions, "expected a freeze decision"
+    assert decisions[0] == (8, ("a", "b"))  # the first interval only sets the reference
+    assert "d" not in view.frozen and "head" not in view.frozen
+
+
+def test_autofreeze_never_freezes_the_last_unit():
+    units = ["a", "b"]
+    view = FakeView(units, lambda step: {"a": 1.0, "b": 1.0})
+    _run(AutoFreeze(interval=2, percentile=100), view, 20)
+    assert view.frozen == ("a",)
+
+
+def test_autofreeze_keeps_training_while_everything_moves():
+    units = ["a", "b", "c"]
+    view = FakeView(units, lambda step: {"a": 2.0 ** step, "b": 1.0, "c": 1.0})
+    assert _run(AutoFreeze(interval=3, percentile=50), view, 30) == []
+
+
+def test_linear_ramp_targets():
+    p = Linear(total_steps=100, freeze_start=0.5, freeze_level=1.0)
+    counts = [p.target_count(s, 5) for s in (0, 49, 50, 60, 70, 80, 90, 100)]
+    assert counts == [0, 0, 0, 1, 2, 3, 4, 4]  # the last unit always trains
+    half = Linear(total_steps=100, freeze_start=0.0, freeze_level=0.5)
+    assert half.target_count(100, 10) == 5
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: Linear(freeze_start=1.0), lambda: Linear(freeze_level=2), lambda: AutoFreeze(interval=0),
+    lambda: AutoFreeze(percentile=101), lambda: make_policy("smartfreeze"), lambda: make_policy(3),
+])
+def test_bad_policy_options_raise(bad):
+    with pytest.raises(frzcompile.PolicyError):
+        bad()
+
+
+def test_linear_without_length_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    with pytest.raises(frzcompile.PolicyError, match="total_steps"):
+        frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear")
+
+
+def test_autofreeze_state_round_trip():
+    p = AutoFreeze(interval=5)
+    view = FakeView(["a", "b"], lambda s: {"a": 1.0 + s, "b": 2.0})
+    _run(p, view, 7)
+    q = AutoFreeze(interval=5)
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict()
+
+
+def test_policy_reads_real_gradient_norms():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fm = frzcompile.optimize(model, (torch.randn(3, 4),))
+    fm(torch.randn(3, 4)).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm().item()
+    assert fm._view.grad_norm("0") == pytest.approx(expected, rel=1e-6)
+    idx = torch.tensor([0, 5, 17])
+    flat = torch.cat([p.detach().flatten() for p in model[0].parameters()])
+    assert torch.equal(fm._view.weight_sample("0", idx), flat[idx])

@@ -1,0 +1,186 @@
+"""Runtime behaviour: modes, optimizer surgery, plan changes, checkpoint and resume."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import frzcompile
+from frzcompile import zoo
+from frzcompile.passes.freeze import REGION
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return zoo.SmallCNN(width=8, dropout=0.2), torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+
+
+def test_frozen_units_stay_in_eval_through_train():
+    model, x, _ = _cnn()
+    fm = frzcompile.optimize(model, (x,))
+    fm.freeze("features.0")
+    fm.train()
+    model.train()  # the user may also call train() on the original model
+    frozen_mods = list(model.features[0].modules())
+    bn = model.features[0][1]
+    before = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
+    fm(x)
+    assert all(not m.training for m in frozen_mods)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.num_batches_tracked, before[1])
+    assert model.features[1][1].num_batches_tracked.item() == 1  # a trainable BatchNorm still updates
+    fm.unfreeze("features.0")
+    assert all(m.training for m in frozen_mods)
+    fm(x)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_eval_mode_matches_eager_eval():
+    model, x, _ = _cnn()
+    fm = frzcompile.optimize(model, (x,))
+    fm.freeze("features.0", "features.1")
+    fm.eval()
+    ref = copy.deepcopy(model).eval()
+    torch.testing.assert_close(fm(x), ref(x))
+    assert (frozenset(["features.0", "features.1"]), False) in fm._graphs
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_frozen_parameters_never_move(opt_name):
+    model, x, y = _cnn()
+    params = list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1) if opt_name == "sgd"
+           else torch.optim.AdamW(params, lr=0.01, weight_decay=0.1))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt)
+
+    def train_step():
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # zero-filled gradients must not sneak momentum or decay in
+
+    for _ in range(3):
+        train_step()
+    frozen_params = list(model.features[0].parameters())
+    assert all(p in opt.state for p in frozen_params)
+    fm.freeze("features.0")
+    assert all(p not in opt.state for p in frozen_params)  # optimizer state freed
+    snapshot = [p.detach().clone() for p in frozen_params]
+    trainable_before = model.head.weight.detach().clone()
+    for _ in range(5):
+        train_step()
+    for p, s in zip(frozen_params, snapshot):
+        assert torch.equal(p, s)
+        assert p.grad is None
+        assert p not in opt.state
+    assert not torch.equal(model.head.weight, trainable_before)
+
+    fm.unfreeze("features.0")
+    assert all(p.requires_grad for p in frozen_params)
+    train_step()
+    assert any(not torch.equal(p, s) for p, s in zip(frozen_params, snapshot))
+    assert all(p in opt.state for p in frozen_params)  # fresh state after unfreezing
+    if opt_name == "adamw":
+        assert opt.state[frozen_params[0]]["step"].item() == 1
+
+
+def test_plan_change_rebuilds_and_no_stale_graph_runs():
+    model, x, y = _cnn()
+    fm = frzcompile.optimize(model, (x,))
+    g0 = fm.graph_module()
+    assert not hasattr(g0, REGION)
+    fm.freeze("features.0")
+    g1 = fm.graph_module()
+    assert g1 is not g0 and hasattr(g1, REGION)
+    fm.unfreeze("features.0")
+    nn.functional.cross_entropy(fm(x), y).backward()
+    assert model.features[0][0].weight.grad is not None  # the unfrozen unit trains again at once
+    assert fm._builds == 2 and fm.graph_module() is g0  # the cached graph of the earlier plan is reused
+
+
+def test_optimizer_hook_drives_policy_and_fm_step_without_optimizer():
+    model, x, y = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="linear", total_steps=10)
+    seen = []
+    for _ in range(10):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append(len(fm.frozen))
+    # Composer defaults: nothing before half of training, then a linear ramp, never the last unit
+    assert seen[:4] == [0, 0, 0, 0] and seen == sorted(seen) and seen[-1] == len(fm.units) - 1
+    assert fm._since["features.0"] == 6
+
+    model2, x2, _ = _cnn()
+    fm2 = frzcompile.optimize(model2, (x2,), policy=frzcompile.Linear(total_steps=4, freeze_start=0.0))
+    for _ in range(4):
+        fm2.step()
+    assert len(fm2.frozen) == len(fm2.units) - 1
+
+
+def _train(fm, opt, data, steps):
+    losses = []
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        loss = nn.functional.cross_entropy(fm(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _setup(policy):
+    torch.manual_seed(0)
+    model = zoo.ResNet(depths=(1, 1, 1), width=8)
+    data = [(torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))) for _ in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    fm = frzcompile.optimize(model, (data[0][0],), optimizer=opt, policy=policy)
+    return model, opt, fm, data
+
+
+def test_checkpoint_resume_gives_the_same_continuation(tmp_path):
+    policy = lambda: frzcompile.AutoFreeze(interval=3, percentile=60)  # noqa: E731
+    _, opt, fm, data = _setup(policy())
+    torch.manual_seed(7)
+    full = _train(fm, opt, data, 18)
+    assert fm.frozen, "the test needs freeze events"
+
+    _, opt_a, fm_a, _ = _setup(policy())
+    torch.manual_seed(7)
+    first = _train(fm_a, opt_a, data, 8)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": fm_a.state_dict(), "opt": opt_a.state_dict(), "frz": fm_a.freeze_state_dict(),
+                "rng": torch.get_rng_state()}, path)
+
+    _, opt_b, fm_b, _ = _setup(policy())
+    ckpt = torch.load(path, weights_only=False)
+    fm_b.load_state_dict(ckpt["model"])
+    fm_b.load_freeze_state_dict(ckpt["frz"])
+    opt_b.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    rest = _train(fm_b, opt_b, data, 10)
+    assert first + rest == full
+    assert fm_b.frozen == fm.frozen and fm_b._since == fm._since
+
+
+def test_freeze_state_rejects_another_model():
+    _, _, fm, _ = _setup("manual")
+    state = fm.freeze_state_dict()
+    state["units"] = state["units"][:-1]
+    with pytest.raises(frzcompile.PlanError, match="different model"):
+        fm.load_freeze_state_dict(state)
+    with pytest.raises(frzcompile.PlanError, match="not a frzcompile freeze state"):
+        fm.load_freeze_state_dict({"frozen": []})
+
+
+def test_to_dtype_keeps_graph_in_sync():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    fm.freeze(fm.units[0])
+    fm.double()
+    fm.eval()
+    out = fm(*args, **kwargs).logits
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, model(*args, **kwargs).logits)
