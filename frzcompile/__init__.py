@@ -6,6 +6,7 @@
 Pipeline: capture (capture.py) -> units (units.py) -> policy (policies.py) -> passes (passes/) -> runtime
 (runtime.py). Importing this package initializes no CUDA, needs no Triton and changes no global torch setting.
 """
+from .activation_store import CacheConfig
 from .api import optimize
 from .errors import CaptureError, FrzError, InputMismatchError, PlanError, PolicyError, UnitError
 from .explain import explain
@@ -15,6 +16,6 @@ from .runtime import FrozenModule
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "explain", "FrozenModule", "Policy", "Manual", "Linear", "AutoFreeze",
+    "optimize", "explain", "CacheConfig", "FrozenModule", "Policy", "Manual", "Linear", "AutoFreeze",
     "FrzError", "CaptureError", "InputMismatchError", "UnitError", "PlanError", "PolicyError",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .activation_store import CacheConfig
 from .capture import capture
 from .errors import InputMismatchError, UnitError
 from .policies import make_policy
@@ -21,6 +22,7 @@ def optimize(
     units=None,
     total_steps: int | None = None,
     capture_method: str = "auto",
+    cache=False,
 ) -> FrozenModule:
     """Wrap `model` so that the units a policy freezes stop costing backward work.
 
@@ -34,6 +36,8 @@ def optimize(
     units: module paths to use as units instead of the automatic choice.
     total_steps: planned number of optimizer steps (the linear schedule needs it).
     capture_method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
+    cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
+        keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
@@ -59,6 +63,12 @@ def optimize(
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(opt).__name__}")
     policy = make_policy(policy)
+    if cache is True:
+        cache = CacheConfig()
+    elif cache is False or cache is None:
+        cache = None
+    elif not isinstance(cache, CacheConfig):
+        raise TypeError(f"cache= takes True/False or a frzcompile.CacheConfig, not {type(cache).__name__}")
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     unit_names = select_units(model, units)
@@ -66,5 +76,5 @@ def optimize(
     unit_graph = UnitGraph(model, captured.gm, unit_names)
     return FrozenModule(
         model, captured, unit_graph, policy, optimizers,
-        example_inputs=args, example_kwargs=kwargs, total_steps=total_steps,
+        example_inputs=args, example_kwargs=kwargs, total_steps=total_steps, cache=cache,
     )

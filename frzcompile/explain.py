@@ -96,6 +96,7 @@ class Explanation:
         self.passes = [(r.label, r.seconds) for r in ctx.records] if ctx else []
         self.pass_stats = dict(ctx.stats) if ctx else {}
         self.frontier = [n.name for n in fm._unit_graph.frontier(fm.frozen_prefix)]
+        self.cache = fm.cache.report(fm.frozen_prefix) if fm.cache is not None else None
         self.builds = fm._builds
         self.build_seconds = fm._build_seconds
         self.plan_changes = list(fm._plan_changes)
@@ -128,6 +129,15 @@ class Explanation:
                 f"{label} ({1000 * s:.1f} ms)" for label, s in self.passes))
             for name, stats in self.pass_stats.items():
                 lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        if self.cache is not None:
+            c = self.cache
+            lines.append(f"activation cache: {c['decision']}")
+            lines.append(f"  hit rate {100 * c['hit_rate']:.1f}% ({c['hits']}/{c['lookups']} samples), "
+                         f"{c['entries']} entries, {_fmt_count(c['bytes_in_memory'])}B in memory, "
+                         f"{_fmt_count(c['bytes_on_disk'])}B spilled to disk ({c['spill_files']} files), "
+                         f"{c['reused_from_shallower']} samples computed from a shallower prefix's entries")
+        else:
+            lines.append("activation cache: off (optimize(..., cache=True) turns it on)")
         lines.append(f"graphs built: {self.builds} ({1000 * self.build_seconds:.0f} ms in all); "
                      f"plan changes: {len(self.plan_changes)}")
         for step, frozen, reason in self.plan_changes[-5:]:

@@ -15,6 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .activation_cache import ActivationCache, region_example_args
+from .activation_store import CacheConfig
 from .capture import Captured, clone_graph_module
 from .errors import InputMismatchError, PlanError
 from .passes import PassContext, run_passes
@@ -35,7 +37,8 @@ class FrozenModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, captured: Captured, unit_graph: UnitGraph, policy: Policy,
-                 optimizers=(), example_inputs=(), example_kwargs=None, total_steps=None):
+                 optimizers=(), example_inputs=(), example_kwargs=None, total_steps=None,
+                 cache: CacheConfig | None = None):
         super().__init__()
         # Adopt the model's children, parameters and buffers so that names and state_dict keys are the model's.
         for name, child in model._modules.items():
@@ -65,6 +68,7 @@ class FrozenModule(nn.Module):
         state["_unit_flops"] = None
         state["_hooks"] = []
         state["_initial_requires_grad"] = {id(p): p.requires_grad for p in model.parameters()}
+        state["_cache"] = ActivationCache(cache, self._weights_version) if cache is not None else None
         self._view = TrainingView(self)
         if self._optimizers:
             self._hooks.append(self._optimizers[0].register_step_post_hook(lambda *a, **k: self.step()))
@@ -139,6 +143,53 @@ class FrozenModule(nn.Module):
             self.__dict__["_unit_flops"] = count_unit_flops(self)
         return dict(self._unit_flops)
 
+    # -- activation cache --------------------------------------------------------------------------------
+    @property
+    def cache(self):
+        """The ActivationCache (None unless optimize(..., cache=...))."""
+        return self._cache
+
+    def sample_ids(self, ids):
+        """`with fm.sample_ids(ids): out = fm(x)` -- keys for CacheConfig(key="sample_id")."""
+        if self._cache is None:
+            raise ValueError("sample ids are only used by the activation cache: optimize(..., cache=CacheConfig(...))")
+        return self._cache.using_sample_ids(ids)
+
+    def warm_cache(self, batches, progress: bool = True) -> int:
+        """Fill the cache for the current frozen prefix from an iterable of batches (each a tensor, a tuple of
+        positional arguments, or a dict of keyword arguments), running only the frozen prefix. Returns the
+        number of samples looked at."""
+        from tqdm.auto import tqdm
+
+        if self._cache is None or not self.frozen_prefix:
+            raise ValueError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
+        gm = self._graph()
+        region = getattr(gm, "frozen_prefix")
+        if not hasattr(region, "cache"):
+            raise ValueError(f"the current prefix is not cached: {self._cache.report(self.frozen_prefix)['decision']}")
+        seen = 0
+        total = len(batches) if hasattr(batches, "__len__") else None
+        self._enforce_frozen_eval()
+        for batch in tqdm(batches, total=total, desc="filling activation cache", unit="batch",
+                          disable=not progress):
+            args, kwargs = ((), batch) if isinstance(batch, dict) else ((batch,), {}) if isinstance(
+                batch, torch.Tensor) else (tuple(batch), {})
+            region_args = region_example_args(gm, region, args, kwargs)
+            with torch.no_grad():
+                region(*region_args)
+            seen += next(a.shape[0] for a in region_args if isinstance(a, torch.Tensor) and a.dim() > 0)
+        return seen
+
+    def _weights_version(self, prefix) -> tuple:
+        """Changes whenever a weight or buffer of the prefix is replaced or changed in place (tensor version
+        counters), so the cache can never serve activations computed with other weights."""
+        units = self._unit_graph.units
+        tensors = []
+        for u in prefix:
+            tensors += units[u].params
+            tensors += [b for m in units[u].modules for b in m.buffers(recurse=False)]
+        return tuple((id(t), t._version) for t in tensors)
+
     # -- checkpointing -----------------------------------------------------------------------------------
     def freeze_state_dict(self) -> dict:
         """The freeze plan, step counter and policy state; save it beside `state_dict()` and the optimizer."""
@@ -207,6 +258,8 @@ class FrozenModule(nn.Module):
                 m.training = self.training
             self._since.pop(u, None)
         self.__dict__["_frozen"] = frozen
+        if self._cache is not None:
+            self._cache.on_plan_change(frozen)
         self._enforce_frozen_eval()
         self._plan_changes.append((self._step, self.frozen, reason))
         log.info("step %d: frozen=%s (%s)", self._step, list(self.frozen), reason)
@@ -245,6 +298,8 @@ class FrozenModule(nn.Module):
             frozen=frozen,
             prefix=tuple(self._unit_graph.prefix(frozen)),
             training=training,
+            cache=self._cache,
+            example=self._example,
             build=self._builds,
             model_name=type(self._model).__name__,
         )
@@ -287,3 +342,5 @@ class FrozenModule(nn.Module):
                 else:
                     owner._buffers[attr] = new
         self._graphs.clear()
+        if self._cache is not None:
+            self._cache.clear()  # cached tensors belong to the old device/dtype

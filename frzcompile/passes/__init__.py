@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from .cache import cache
 from .freeze import freeze
 
-PASSES = [freeze]
+PASSES = [freeze, cache]
 
 
 @dataclass
@@ -34,6 +35,8 @@ class PassContext:
     frozen: frozenset
     prefix: tuple                   # frozen units that run without autograd, in topological order
     training: bool
+    cache: object = None            # the runtime's ActivationCache, or None when caching is off
+    example: tuple = ((), {})       # example (args, kwargs) of the model
     build: int = 0                  # how many graphs this module has built before, for dump file names
     model_name: str = "model"
     records: list = field(default_factory=list)

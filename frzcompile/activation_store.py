@@ -1,0 +1,290 @@
+"""The activation store: per-sample frontier tensors of a frozen prefix, keyed by what the prefix was fed.
+
+Keys are 128-bit BLAKE2b fingerprints of each sample's actual input to the frozen prefix (its bytes, dtype and
+shape, plus any batch-wide inputs), so a changed input can never hit. Optionally the user supplies sample ids
+instead, together with an explicit promise that inputs are deterministic (`CacheConfig(key="sample_id",
+deterministic_inputs=True)`): then a sample id *is* the key, and a changed input behind the same id would be
+served stale -- that is the contract the user signs.
+
+Entries live in fixed-size chunks of preallocated CPU tensors, one set per frozen prefix ("level") and per
+per-sample shape. Memory is bounded by a byte budget; beyond it, chunks can spill to memory-mapped files in a
+private temporary folder, removed when the store is garbage-collected or the process exits. A slot is entered
+in the in-memory index only after its bytes are written, and the index is never persisted, so a crash leaves
+nothing any process could read back as a cache entry; folders left by dead processes are removed on start.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CHUNK_SLOTS = 256
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+@dataclass
+class CacheConfig:
+    """Options of the activation cache (`frzcompile.optimize(..., cache=CacheConfig(...))`).
+
+    memory_bytes: CPU memory for entries; default a quarter of the memory available when the cache starts.
+    spill_dir: folder in which a private subfolder of memory-mapped spill files is made (removed on exit);
+        None (default) means no spilling: entries beyond the memory budget are simply not stored.
+    disk_bytes: budget of the spill files.
+    storage_dtype: store floating tensors in this dtype (e.g. torch.bfloat16) and cast back when serving.
+        None (default) stores exact values.
+    key: "input" (default): fingerprint of each sample's input; "sample_id": ids given with `fm.sample_ids(...)`.
+    deterministic_inputs: must be True with key="sample_id": your promise that a sample id always comes with
+        the same input (no random augmentation, fixed tokenization).
+    min_hit_rate: below this hit rate, once the store is full (or after two passes over `dataset_size`
+        samples), the cache turns itself off and says why.
+    dataset_size: number of distinct samples per epoch, if known; lets the hit-rate check start earlier.
+    check_cost: measure whether serving a batch is cheaper than computing the frozen prefix, and stay off if
+        it is not.
+    verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
+    """
+
+    memory_bytes: int | None = None
+    spill_dir: str | None = None
+    disk_bytes: int = 8 << 30
+    storage_dtype: torch.dtype | None = None
+    key: str = "input"
+    deterministic_inputs: bool = False
+    min_hit_rate: float = 0.2
+    dataset_size: int | None = None
+    check_cost: bool = True
+    verify: bool = False
+
+    def __post_init__(self):
+        if self.key not in ("input", "sample_id"):
+            raise ValueError(f"CacheConfig.key must be 'input' or 'sample_id', not {self.key!r}")
+        if self.key == "sample_id" and not self.deterministic_inputs:
+            raise ValueError(
+                "CacheConfig(key='sample_id') serves whatever was stored under an id; set "
+                "deterministic_inputs=True to promise that an id always comes with the same input "
+                "(no random augmentation), or keep the default key='input'"
+            )
+        if self.memory_bytes is None:
+            self.memory_bytes = _available_memory() // 4
+        if self.memory_bytes < 0 or self.disk_bytes < 0:
+            raise ValueError("CacheConfig budgets must be >= 0 bytes")
+        if self.storage_dtype is not None and not self.storage_dtype.is_floating_point:
+            raise ValueError(f"storage_dtype must be a floating dtype, not {self.storage_dtype}")
+        if not 0.0 <= self.min_hit_rate <= 1.0:
+            raise ValueError(f"min_hit_rate must be in [0, 1], not {self.min_hit_rate}")
+
+
+def _as_bytes_rows(t: torch.Tensor) -> np.ndarray:
+    """(B, nbytes) uint8 view of a batch-first tensor."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.reshape(t.shape[0], -1).view(torch.uint8).numpy()
+
+
+def _describe(value) -> bytes:
+    """Bytes that identify a batch-wide (non per-sample) input: tensors by content, other values by repr."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+        return f"T{t.dtype}{tuple(t.shape)}".encode() + raw
+    return repr(value).encode()
+
+
+def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
+    """One 16-byte BLAKE2b digest per sample over its slice of every batch argument plus all shared arguments."""
+    context = hashlib.blake2b(digest_size=16)
+    for v in shared_args:
+        context.update(_describe(v))
+        context.update(b"|")
+    headers, rows = [], []
+    for t in batch_args:
+        headers.append(f"{t.dtype}{tuple(t.shape[1:])}".encode())
+        rows.append(_as_bytes_rows(t))
+    n = batch_size if batch_size is not None else (rows[0].shape[0] if rows else 0)
+    keys = []
+    for i in range(n):
+        h = context.copy()
+        for header, r in zip(headers, rows):
+            h.update(header)
+            h.update(r[i])
+        keys.append(h.digest())
+    return keys
+
+
+class _Chunks:
+    """Slots for one level and one per-sample shape signature: one tensor per frontier output per chunk."""
+
+    def __init__(self, sample_shapes, dtypes):
+        self.sample_shapes = sample_shapes
+        self.dtypes = dtypes
+        self.chunks = []        # list of [tensor per output]
+        self.on_disk = []       # whether chunk i is a memory-mapped file
+        self.used = 0
+        self.bytes_per_slot = sum(int(np.prod(s)) * torch.empty((), dtype=d).element_size()
+                                  for s, d in zip(sample_shapes, dtypes))
+
+    def capacity(self):
+        return len(self.chunks) * CHUNK_SLOTS
+
+
+class Level:
+    """Entries for one frozen prefix: the frontier tensors it hands to the trainable code, per sample."""
+
+    def __init__(self, prefix, weights_version):
+        self.prefix = tuple(prefix)
+        self.weights_version = weights_version
+        self.index: dict = {}       # key -> (shape signature, slot)
+        self.groups: dict = {}      # shape signature -> _Chunks
+        self.full = False
+
+
+class ActivationStore:
+    def __init__(self, config: CacheConfig):
+        self.config = config
+        self.levels: dict = {}      # prefix tuple -> Level
+        self.memory_used = 0
+        self.disk_used = 0
+        self.spill_files = 0
+        self._spill_dir = None
+        self._finalizer = None
+
+    # -- levels ------------------------------------------------------------------------------------------
+    def level(self, prefix, weights_version) -> Level:
+        lvl = self.levels.get(tuple(prefix))
+        if lvl is not None and lvl.weights_version != weights_version:
+            self.drop(lambda p: set(p) >= set(prefix))  # frozen weights changed under this level
+            lvl = None
+        if lvl is None:
+            lvl = self.levels[tuple(prefix)] = Level(prefix, weights_version)
+        return lvl
+
+    def drop(self, predicate) -> int:
+        """Remove every level whose prefix satisfies `predicate`; returns how many entries went."""
+        gone = 0
+        for prefix in [p for p in self.levels if predicate(p)]:
+            lvl = self.levels.pop(prefix)
+            gone += len(lvl.index)
+            for group in lvl.groups.values():
+                for chunk, disk in zip(group.chunks, group.on_disk):
+                    size = CHUNK_SLOTS * group.bytes_per_slot
+                    if disk:
+                        self.disk_used -= size
+                    else:
+                        self.memory_used -= size
+        return gone
+
+    def entries(self) -> int:
+        return sum(len(lvl.index) for lvl in self.levels.values())
+
+    # -- slots -------------------------------------------------------------------------------------------
+    def _new_chunk(self, group: _Chunks, evictable):
+        size = CHUNK_SLOTS * group.bytes_per_slot
+        while self.memory_used + size > self.config.memory_bytes and evictable:
+            self.drop(lambda p, victim=evictable.pop(0): p == victim)  # older levels make room first
+        if self.memory_used + size <= self.config.memory_bytes:
+            group.chunks.append([torch.empty((CHUNK_SLOTS,) + s, dtype=d)
+                                 for s, d in zip(group.sample_shapes, group.dtypes)])
+            group.on_disk.append(False)
+            self.memory_used += size
+            return True
+        if self.config.spill_dir is not None and self.disk_used + size <= self.config.disk_bytes:
+            group.chunks.append(self._spill_chunk(group))
+            group.on_disk.append(True)
+            self.disk_used += size
+            return True
+        return False
+
+    def _spill_chunk(self, group: _Chunks):
+        if self._spill_dir is None:
+            os.makedirs(self.config.spill_dir, exist_ok=True)
+            _remove_dead_spill_dirs(self.config.spill_dir)
+            self._spill_dir = tempfile.mkdtemp(prefix=f"frzcache-{os.getpid()}-", dir=self.config.spill_dir)
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
+        tensors = []
+        for s, d in zip(group.sample_shapes, group.dtypes):
+            nbytes = CHUNK_SLOTS * int(np.prod(s)) * torch.empty((), dtype=d).element_size()
+            path = os.path.join(self._spill_dir, f"chunk{self.spill_files:06d}.bin")
+            self.spill_files += 1
+            mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
+            tensors.append(torch.from_numpy(mm)[:nbytes].view(d).reshape((CHUNK_SLOTS,) + s))
+        return tensors
+
+    def close(self):
+        """Free every entry and remove spill files now."""
+        self.drop(lambda p: True)
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @property
+    def spill_path(self):
+        return self._spill_dir
+
+    def put(self, lvl: Level, keys, outputs, evictable=()) -> int:
+        """Store per-sample rows of `outputs` (batch-first tensors) under `keys`; returns how many were stored."""
+        if lvl.full:
+            return 0
+        sdt = self.config.storage_dtype
+        stored_dtypes = tuple(sdt if (sdt is not None and o.is_floating_point()) else o.dtype for o in outputs)
+        sig = tuple(tuple(o.shape[1:]) for o in outputs) + stored_dtypes
+        group = lvl.groups.get(sig)
+        if group is None:
+            group = lvl.groups[sig] = _Chunks(tuple(tuple(o.shape[1:]) for o in outputs), stored_dtypes)
+        evictable = list(evictable)
+        stored = 0
+        for row, key in enumerate(keys):
+            if key in lvl.index:
+                continue
+            if group.used >= group.capacity() and not self._new_chunk(group, evictable):
+                lvl.full = True
+                break
+            chunk, offset = divmod(group.used, CHUNK_SLOTS)
+            for dest, o in zip(group.chunks[chunk], outputs):
+                dest[offset].copy_(o[row])
+            group.used += 1
+            lvl.index[key] = (sig, group.used - 1)  # indexed only once written
+            stored += 1
+        return stored
+
+    def get(self, lvl: Level, keys, rows, out_tensors) -> None:
+        """Copy the entries for `keys` into `out_tensors` at batch positions `rows` (cast back if needed)."""
+        by_group: dict = {}
+        for key, row in zip(keys, rows):
+            sig, slot = lvl.index[key]
+            by_group.setdefault(sig, []).append((slot, row))
+        for sig, pairs in by_group.items():
+            group = lvl.groups[sig]
+            for chunk_id in sorted({slot // CHUNK_SLOTS for slot, _ in pairs}):
+                sel = [(slot % CHUNK_SLOTS, row) for slot, row in pairs if slot // CHUNK_SLOTS == chunk_id]
+                src_idx = torch.tensor([s for s, _ in sel])
+                dst_idx = torch.tensor([r for _, r in sel])
+                for src, dst in zip(group.chunks[chunk_id], out_tensors):
+                    dst.index_copy_(0, dst_idx.to(dst.device), src.index_select(0, src_idx).to(dst.device, dst.dtype))
+
+
+def _remove_dead_spill_dirs(folder: str) -> None:
+    """Spill folders of processes that no longer run (crashed before cleaning up) are removed unread."""
+    for name in os.listdir(folder):
+        if not name.startswith("frzcache-"):
+            continue
+        try:
+            pid = int(name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue

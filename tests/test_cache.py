@@ -1,0 +1,236 @@
+"""The activation cache: same numbers as without it, never a stale activation, bounded memory, clean spills."""
+import copy
+import gc
+import os
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import frzcompile
+from frzcompile import CacheConfig, zoo
+from frzcompile.passes.cache import CachedRegion
+
+
+def _resnet_pair(cache):
+    torch.manual_seed(0)
+    model = zoo.ResNet(depths=(1, 1, 1), width=8)
+    twin = copy.deepcopy(model)
+    x = torch.rand(8, 1, 12, 12)
+    fm = frzcompile.optimize(model, (x,), cache=cache)
+    plain = frzcompile.optimize(twin, (x,))
+    return fm, plain
+
+
+def _data(n=48, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def _train(fm, batches, epochs, shuffle_seed=None):
+    opt = torch.optim.SGD([p for p in fm.parameters()], lr=0.05, momentum=0.9)
+    losses = []
+    rng = random.Random(shuffle_seed)
+    for _ in range(epochs):
+        order = list(range(len(batches)))
+        if shuffle_seed is not None:
+            rng.shuffle(order)
+        for i in order:
+            x, y = batches[i]
+            loss = nn.functional.cross_entropy(fm(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    return losses
+
+
+def test_cached_training_is_bitwise_identical():
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1", "layer1")
+    batches = _data()
+    assert _train(fm, batches, 3) == _train(plain, batches, 3)
+    for a, b in zip(fm.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    report = fm.cache.report(fm.frozen_prefix)
+    assert isinstance(getattr(fm.graph_module(), "frozen_prefix"), CachedRegion)  # the rewrite fired
+    assert report["hits"] == 2 * 48 and report["computed"] == 48 and report["fully_served_batches"] == 12
+
+
+def test_partial_hits_match_uncached():
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1", "layer1", "layer2")
+    batches = _data()
+    # reshuffle samples across batches each epoch, so batches mix hits and misses
+    g = torch.Generator().manual_seed(3)
+    xs = torch.cat([x for x, _ in batches])
+    for _ in range(3):
+        perm = torch.randperm(len(xs), generator=g)[:20]
+        torch.testing.assert_close(fm(xs[perm]), plain(xs[perm]), rtol=1e-5, atol=1e-6)
+    assert 0 < fm.cache.stats["hits"] < fm.cache.stats["lookups"]
+
+
+def test_fuzz_random_augmentation_and_plan_changes_never_serve_stale():
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False, verify=True))
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(24, 1, 12, 12, generator=g)
+    units = fm.units
+    served = 0
+    for step in range(60):
+        if step % 7 == 0:  # random plan change: a prefix of random depth, sometimes a frozen middle unit
+            depth = rng.randrange(0, len(units) - 1)
+            wanted = set(units[:depth])
+            if rng.random() < 0.3:
+                wanted.add(units[rng.randrange(depth, len(units) - 1)])
+            for f in (fm, plain):
+                f.unfreeze(*f.frozen)
+                if wanted:
+                    f.freeze(*wanted)
+        if step == 30:  # frozen weights changed behind the cache's back (e.g. a load_state_dict)
+            with torch.no_grad():
+                for f in (fm, plain):
+                    f.model.conv1.weight.mul_(1.01)
+        idx = torch.tensor(rng.sample(range(24), 8))
+        x = base[idx].clone()
+        noisy = torch.rand(8, generator=g) < 0.5  # random augmentation on half of the samples
+        x[noisy] += 0.05 * torch.randn(int(noisy.sum()), 1, 12, 12, generator=g)
+        torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+        served = fm.cache.stats["hits"]
+    assert served > 0, "the fuzz never exercised a cache hit"
+    assert fm.cache.stats["verified_batches"] > 0
+
+
+def test_memory_budget_holds():
+    per_slot = 8 * 12 * 12 * 4  # conv1+bn1 frontier: 8 channels x 12 x 12 float32 per sample
+    budget = 2 * 256 * per_slot  # two chunks
+    fm, _ = _resnet_pair(CacheConfig(memory_bytes=budget, check_cost=False))
+    fm.freeze("conv1", "bn1")
+    for i in range(12):
+        fm(torch.rand(64, 1, 12, 12))
+    store = fm.cache.store
+    assert store.memory_used <= budget
+    assert store.entries() == 512 and list(store.levels.values())[0].full
+
+
+def test_disk_spill_round_trip_and_cleanup(tmp_path):
+    stale = tmp_path / "frzcache-999999999-dead"  # left by a process that crashed
+    stale.mkdir()
+    (stale / "chunk000000.bin").write_bytes(b"garbage")
+    fm, plain = _resnet_pair(CacheConfig(memory_bytes=0, spill_dir=str(tmp_path), check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1", "layer1")
+    x = torch.rand(16, 1, 12, 12)
+    first = fm(x)
+    second = fm(x)  # served from the memory-mapped files
+    assert torch.equal(first, second) and torch.equal(second, plain(x))
+    store = fm.cache.store
+    assert store.disk_used > 0 and store.memory_used == 0 and fm.cache.stats["hits"] == 16
+    spill = store.spill_path
+    assert os.path.isdir(spill) and os.listdir(spill)
+    assert not stale.exists()
+    del fm, store
+    gc.collect()
+    assert not os.path.exists(spill)
+
+
+def test_deepening_prefix_reuses_entries():
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1")
+    x = torch.rand(16, 1, 12, 12)
+    torch.testing.assert_close(fm(x), plain(x))  # (both run: train-mode BatchNorm statistics move alike)
+    for f in (fm, plain):
+        f.freeze("layer1", "layer2")
+    torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    stats = fm.cache.stats
+    assert stats["reused_from_shallower"] == 16 and stats["computed"] == 16  # the prefix ran only once
+    torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert stats["hits"] == 16
+    # unfreezing a unit drops every level that contains it
+    fm.unfreeze("layer2")
+    assert [tuple(lv) for lv in fm.cache.report(fm.frozen_prefix)["levels"]] == [("conv1", "bn1")]
+
+
+class BatchMixer(nn.Module):
+    """Its first unit subtracts the batch mean: a sample's output depends on the other samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+def test_batch_mixing_prefix_is_not_cached_and_explain_says_why():
+    fm = frzcompile.optimize(BatchMixer(), (torch.randn(6, 4),), cache=True)
+    fm.freeze("a")
+    fm(torch.randn(6, 4))
+    assert not isinstance(getattr(fm.graph_module(), "frozen_prefix"), CachedRegion)
+    text = str(frzcompile.explain(fm))
+    assert "mixes samples across the batch" in text
+
+
+def test_low_hit_rate_turns_cache_off():
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False, dataset_size=32))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1")
+    for _ in range(10):  # every input is new (random augmentation)
+        x = torch.rand(8, 1, 12, 12)
+        torch.testing.assert_close(fm(x), plain(x))
+    assert not fm.cache.enabled and "hit rate 0.0%" in fm.cache.off_reason
+    assert fm.cache.store.entries() == 0  # memory given back
+    assert "hit rate" in str(frzcompile.explain(fm))
+
+
+def test_sample_id_keys_need_the_promise():
+    with pytest.raises(ValueError, match="deterministic_inputs"):
+        CacheConfig(key="sample_id")
+    fm, plain = _resnet_pair(CacheConfig(key="sample_id", deterministic_inputs=True, check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1")
+    x = torch.rand(8, 1, 12, 12)
+    with pytest.raises(ValueError, match="fm.sample_ids"):
+        fm(x)
+    with fm.sample_ids(torch.arange(8)):
+        fm(x)
+    with fm.sample_ids(torch.arange(8)):
+        torch.testing.assert_close(fm(x), plain(x))
+    assert fm.cache.stats["hits"] == 8
+
+
+def test_reduced_storage_dtype():
+    fm, plain = _resnet_pair(CacheConfig(storage_dtype=torch.bfloat16, check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1")
+    x = torch.rand(8, 1, 12, 12)
+    fm(x)
+    served = fm(x)
+    assert served.dtype == torch.float32
+    torch.testing.assert_close(served, plain(x), rtol=0.05, atol=0.05)
+    group = next(iter(next(iter(fm.cache.store.levels.values())).groups.values()))
+    assert group.chunks[0][0].dtype == torch.bfloat16
+
+
+def test_warm_cache_fills_the_prefix_only():
+    fm, _ = _resnet_pair(CacheConfig(check_cost=False))
+    fm.freeze("conv1", "bn1", "layer1")
+    seen = fm.warm_cache([x for x, _ in _data()], progress=False)
+    assert seen == 48 and fm.cache.store.entries() == 48
+
+
+def test_cache_config_rejects_bad_options():
+    with pytest.raises(ValueError):
+        CacheConfig(key="hash")
+    with pytest.raises(ValueError):
+        CacheConfig(storage_dtype=torch.int8)
+    with pytest.raises(TypeError):
+        frzcompile.optimize(nn.Linear(2, 2), (torch.randn(2, 2),), cache="yes")
