@@ -11,13 +11,14 @@ stays low.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from .activation_store import ActivationStore, CacheConfig, fingerprints
+from .activation_store import ActivationStore, CacheConfig, _describe, fingerprints
 
 
 class _Stop(Exception):
@@ -68,7 +69,8 @@ class LevelPlan:
     input_names: tuple = ()               # region arguments (node names of the main graph)
     output_names: tuple = ()              # region outputs (frontier node names)
     batch_args: tuple = ()                # positions of per-sample arguments
-    output_kinds: tuple = ()              # per output: "sample" (batch-first tensor), "batch_size", ("const", v)
+    output_kinds: tuple = ()              # per output: "sample" (batch-first tensor), "shared" (batch-independent
+                                          # tensor), "batch_size", or ("const", value)
     output_dtypes: tuple = ()
     compute_ms: float = 0.0
     serve_ms: float = 0.0
@@ -150,7 +152,10 @@ class ActivationCache:
         half, flipped = run(slice(0, k)), run(perm)
         kinds, dtypes = [], []
         for name, f, h, p in zip(output_names, full, half, flipped):
-            if isinstance(f, torch.Tensor):
+            if isinstance(f, torch.Tensor) and _same(f, h, exact=True) and _same(f, p, exact=True):
+                kinds.append("shared")  # the same whatever the batch holds (e.g. a causal mask)
+                dtypes.append(f.dtype)
+            elif isinstance(f, torch.Tensor):
                 if f.dim() == 0 or f.shape[0] != batch or h.shape[0] != k:
                     return no(f"frontier tensor {name} is not batch-first (shape {tuple(f.shape)})")
                 if not _same(f[:k], h) or not _same(f[perm], p):
@@ -205,6 +210,26 @@ class ActivationCache:
         shared = [a for i, a in enumerate(args) if i not in plan.batch_args]
         return fingerprints(batch, shared)
 
+    def _shared_key(self, plan, args) -> bytes:
+        """Identifies what batch-independent outputs depend on: per-sample shapes and the batch-wide inputs."""
+        h = hashlib.blake2b(digest_size=16)
+        for i, a in enumerate(args):
+            h.update(f"{a.dtype}{tuple(a.shape[1:])}".encode() if i in plan.batch_args else _describe(a))
+        return h.digest()
+
+    @staticmethod
+    def _split(plan, out):
+        samples = [o for o, kind in zip(out, plan.output_kinds) if kind == "sample"]
+        shared = [o for o, kind in zip(out, plan.output_kinds) if kind == "shared"]
+        return samples, shared
+
+    @staticmethod
+    def _join(plan, samples, shared, batch_size):
+        """The region's outputs from per-sample tensors, batch-independent tensors and the batch size."""
+        samples, shared = iter(samples), iter(shared)
+        return [next(samples) if kind == "sample" else next(shared) if kind == "shared" else
+                batch_size if kind == "batch_size" else kind[1] for kind in plan.output_kinds]
+
     def serve(self, plan: LevelPlan, region, args):
         batch_size = args[plan.batch_args[0]].shape[0]
         if any(args[i].shape[0] != batch_size for i in plan.batch_args):
@@ -213,25 +238,35 @@ class ActivationCache:
         keys = self._keys(plan, args)
         if len(keys) != batch_size:
             raise ValueError(f"{len(keys)} sample ids for a batch of {batch_size}")
+        shared_key = self._shared_key(plan, args)
         hit_rows = [r for r, k in enumerate(keys) if k in lvl.index]
-        miss_rows = [r for r, k in enumerate(keys) if k not in lvl.index]
+        if "shared" in plan.output_kinds and shared_key not in lvl.shared:
+            hit_rows = []  # batch-independent outputs for these shapes were never stored: compute all
+        hit_set = set(hit_rows)
+        miss_rows = [r for r in range(batch_size) if r not in hit_set]
         self.stats["lookups"] += batch_size
         self.stats["hits"] += len(hit_rows)
         self.stats["batches"] += 1
         self._window[0] += batch_size
         self._window[1] += len(hit_rows)
-        computed = self._compute(plan, region, args, keys, miss_rows, lvl) if miss_rows else None
+        computed = self._compute(plan, region, args, keys, shared_key, miss_rows, lvl) if miss_rows else None
         if not hit_rows:
             result = computed
         else:
             self.stats["fully_served_batches"] += not miss_rows
-            result = self._assemble(plan, lvl, keys, hit_rows, miss_rows, computed, batch_size, args)
+            samples = self._empty_samples(plan, lvl, keys[hit_rows[0]], batch_size, args)
+            self.store.get(lvl, [keys[r] for r in hit_rows], hit_rows, samples)
+            if miss_rows:
+                index = torch.tensor(miss_rows)
+                for dst, src in zip(samples, self._split(plan, computed)[0]):
+                    dst.index_copy_(0, index.to(dst.device), src.to(dst.dtype))
+            result = self._join(plan, samples, lvl.shared.get(shared_key, ()), batch_size)
         if self.config.verify:
             self._verify(region, args, result)
         self._check_hit_rate()
         return result[0] if len(result) == 1 and len(plan.output_names) == 1 else tuple(result)
 
-    def _compute(self, plan, region, args, keys, rows, lvl):
+    def _compute(self, plan, region, args, keys, shared_key, rows, lvl):
         """Outputs for the samples at `rows` (all of them when every row missed), stored as they come."""
         everything = len(rows) == args[plan.batch_args[0]].shape[0]
         index = torch.tensor(rows)
@@ -242,7 +277,9 @@ class ActivationCache:
         if out is None:
             out = _as_list(region(*sub))
             self.stats["computed"] += len(rows)
-        samples = [o for o, kind in zip(out, plan.output_kinds) if kind == "sample"]
+        samples, shared = self._split(plan, out)
+        if shared and shared_key not in lvl.shared:
+            lvl.shared[shared_key] = shared
         older = [p for p in self.store.levels if p != plan.prefix]
         self.stats["stored"] += self.store.put(lvl, sub_keys, samples, evictable=older)
         return out
@@ -257,45 +294,23 @@ class ActivationCache:
             by_name = dict(zip(plan.input_names, sub_args))
             other_args = [by_name[n] for n in other.input_names]
             keys = sub_keys if self.config.key == "sample_id" else self._keys(other, other_args)
-            if not keys or not all(k in lvl.index for k in keys):
+            shared = lvl.shared.get(self._shared_key(other, other_args), ())
+            if not keys or not all(k in lvl.index for k in keys) or len(shared) != other.output_kinds.count("shared"):
                 continue
-            n = len(keys)
-            cached = []
-            for name, kind, dtype in zip(other.output_names, other.output_kinds, other.output_dtypes):
-                if kind == "sample":
-                    cached.append(None)
-                elif kind == "batch_size":
-                    cached.append(n)
-                else:
-                    cached.append(kind[1])
-            sample_out = self._empty_like_level(other, lvl, keys[0], n, sub_args)
-            self.store.get(lvl, keys, range(n), sample_out)
-            it = iter(sample_out)
-            cached = [next(it) if c is None else c for c in cached]
+            samples = self._empty_samples(other, lvl, keys[0], len(keys), other_args)
+            self.store.get(lvl, keys, range(len(keys)), samples)
             with torch.no_grad():
-                out = _as_list(plan.deltas[shallower](*sub_args, *cached))
-            self.stats["reused_from_shallower"] += n
+                out = _as_list(plan.deltas[shallower](*sub_args, *self._join(other, samples, shared, len(keys))))
+            self.stats["reused_from_shallower"] += len(keys)
             return out
         return None
 
-    def _empty_like_level(self, plan, lvl, key, n, args):
+    def _empty_samples(self, plan, lvl, key, n, args):
         sig, _ = lvl.index[key]
         group = lvl.groups[sig]
-        device = args[plan.batch_args[0]].device if plan.batch_args else torch.device("cpu")
+        device = args[plan.batch_args[0]].device
         dtypes = [d for d, kind in zip(plan.output_dtypes, plan.output_kinds) if kind == "sample"]
         return [torch.empty((n,) + s, dtype=d, device=device) for s, d in zip(group.sample_shapes, dtypes)]
-
-    def _assemble(self, plan, lvl, keys, hit_rows, miss_rows, computed, batch_size, args):
-        samples = self._empty_like_level(plan, lvl, keys[hit_rows[0]], batch_size, args)
-        self.store.get(lvl, [keys[r] for r in hit_rows], hit_rows, samples)
-        if miss_rows:
-            miss_index = torch.tensor(miss_rows)
-            miss_samples = [o for o, kind in zip(computed, plan.output_kinds) if kind == "sample"]
-            for dst, src in zip(samples, miss_samples):
-                dst.index_copy_(0, miss_index.to(dst.device), src.to(dst.dtype))
-        it = iter(samples)
-        return [next(it) if kind == "sample" else batch_size if kind == "batch_size" else kind[1]
-                for kind in plan.output_kinds]
 
     def _verify(self, region, args, result):
         expected = _as_list(region(*args))

@@ -150,6 +150,7 @@ class Level:
         self.weights_version = weights_version
         self.index: dict = {}       # key -> (shape signature, slot)
         self.groups: dict = {}      # shape signature -> _Chunks
+        self.shared: dict = {}      # shapes + batch-wide inputs -> batch-independent outputs (e.g. masks)
         self.full = False
 
 

