@@ -21,7 +21,6 @@ import random
 import statistics
 
 import torch
-from torch import nn
 
 import frzcompile
 from common import choose_prefixes, median_iqr, set_prefix, time_steps

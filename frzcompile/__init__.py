@@ -10,12 +10,12 @@ from .activation_store import CacheConfig
 from .api import optimize
 from .errors import CaptureError, FrzError, InputMismatchError, PlanError, PolicyError, UnitError
 from .explain import explain
-from .policies import AutoFreeze, Linear, Manual, Policy
+from .policies import AutoFreeze, Linear, Manual, Policy, SmartFRZ
 from .runtime import FrozenModule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "explain", "CacheConfig", "FrozenModule", "Policy", "Manual", "Linear", "AutoFreeze",
+    "optimize", "explain", "CacheConfig", "FrozenModule", "Policy", "SmartFRZ", "Manual", "Linear", "AutoFreeze",
     "FrzError", "CaptureError", "InputMismatchError", "UnitError", "PlanError", "PolicyError",
 ]

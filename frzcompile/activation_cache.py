@@ -315,7 +315,7 @@ class ActivationCache:
     def _verify(self, region, args, result):
         expected = _as_list(region(*args))
         tolerant = self.config.storage_dtype is not None
-        for name, e, got in zip(("output",) * len(expected), expected, result):
+        for e, got in zip(expected, result):
             if isinstance(e, torch.Tensor) and not (
                 torch.allclose(e, got, rtol=1e-2, atol=1e-2) if tolerant else _same(e, got)
             ):

@@ -181,7 +181,7 @@ class ActivationStore:
             lvl = self.levels.pop(prefix)
             gone += len(lvl.index)
             for group in lvl.groups.values():
-                for chunk, disk in zip(group.chunks, group.on_disk):
+                for disk in group.on_disk:
                     size = CHUNK_SLOTS * group.bytes_per_slot
                     if disk:
                         self.disk_used -= size
@@ -196,7 +196,8 @@ class ActivationStore:
     def _new_chunk(self, group: _Chunks, evictable):
         size = CHUNK_SLOTS * group.bytes_per_slot
         while self.memory_used + size > self.config.memory_bytes and evictable:
-            self.drop(lambda p, victim=evictable.pop(0): p == victim)  # older levels make room first
+            victim = evictable.pop(0)  # older levels make room first
+            self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
         if self.memory_used + size <= self.config.memory_bytes:
             group.chunks.append([torch.empty((CHUNK_SLOTS,) + s, dtype=d)
                                  for s, d in zip(group.sample_shapes, group.dtypes)])

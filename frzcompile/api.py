@@ -18,7 +18,7 @@ def optimize(
     *,
     example_kwargs: dict | None = None,
     optimizer=None,
-    policy="manual",
+    policy="smartfrz",
     units=None,
     total_steps: int | None = None,
     capture_method: str = "auto",
@@ -31,8 +31,9 @@ def optimize(
         **example_kwargs)`); used to capture the graph and count FLOPs. Dynamic batch sizes are supported.
     optimizer: an optimizer (or a list) over the model's parameters. Its step drives the policy, and frozen
         parameters get no update and lose their optimizer state. Without one, call `fm.step()` per step.
-    policy: "manual" (default: only fm.freeze/unfreeze), "linear" (needs total_steps), "autofreeze", or a
-        `frzcompile.policies.Policy` instance with its options.
+    policy: "smartfrz" (default: the shipped attention predictor over weight snapshots), "manual" (only
+        fm.freeze/unfreeze), "linear" (needs total_steps), "autofreeze", or a `frzcompile.policies.Policy`
+        instance with its options.
     units: module paths to use as units instead of the automatic choice.
     total_steps: planned number of optimizer steps (the linear schedule needs it).
     capture_method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".

@@ -5,12 +5,14 @@ of units that should be frozen from now on, or None to leave the plan as it is. 
 `TrainingView` the runtime hands it (step, units, per-unit parameters, gradient norms, weight samples), so a
 policy pays only for the statistics it asks for. `state_dict`/`load_state_dict` make it resumable.
 
-Shipped here: `Manual`, `Linear` (Composer LayerFreezing / FreezeOut-style ramp) and `AutoFreeze`
-(gradient-norm change rate, prefix only). A unit is never frozen if it is the last one.
+Shipped here: `SmartFRZ` (the default: an attention model over weight-snapshot windows, trained offline),
+`Manual`, `Linear` (Composer LayerFreezing / FreezeOut-style ramp) and `AutoFreeze` (gradient-norm change rate,
+prefix only). A unit is never frozen if it is the last one.
 """
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
@@ -49,11 +51,21 @@ class TrainingView:
             return 0.0
         return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
+    def numel(self, unit: str) -> int:
+        return sum(p.numel() for p in self.parameters(unit))
+
     def weight_sample(self, unit: str, indices: torch.Tensor) -> torch.Tensor:
-        """The unit's flattened parameters at fixed `indices` (for snapshot-based policies such as SmartFRZ)."""
+        """The unit's parameters, flattened and concatenated, at fixed sorted `indices` (for snapshot-based
+        policies such as SmartFRZ); gathers per parameter, without copying the weights."""
+        pieces, start = [], 0
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in self.parameters(unit)])
-            return flat[indices.to(flat.device)].float().cpu()
+            for p in self.parameters(unit):
+                n = p.numel()
+                sel = indices[(indices >= start) & (indices < start + n)] - start
+                if len(sel):
+                    pieces.append(p.detach().reshape(-1).index_select(0, sel.to(p.device)))
+                start += n
+        return torch.cat(pieces).float().cpu() if pieces else torch.zeros(0)
 
 
 class Policy:
@@ -179,7 +191,90 @@ class AutoFreeze(Policy):
         self._previous = dict(state["previous"])
 
 
-POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze)}
+class SmartFRZ(Policy):
+    """SmartFRZ (Li et al., ICLR 2023): an attention model over weight-snapshot windows decides per unit.
+
+    Every `interval` steps a fixed random sample of each trainable unit's weights is recorded; once a unit has a
+    full window, the predictor (frzcompile.predictor, trained offline on real runs and shipped) gives the
+    probability that it has converged. A unit is frozen after `votes` consecutive decisions above `threshold`
+    (hysteresis against noisy flips); with `prefix_only` (default) only the front of the network freezes, as
+    the activation cache needs. The last unit always trains.
+    """
+
+    name = "smartfrz"
+
+    def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
+                 predictor=None):
+        from .predictor import WINDOW
+
+        if int(interval) < 1 or int(votes) < 1:
+            raise PolicyError(f"smartfrz: interval and votes must be >= 1, got {interval} and {votes}")
+        if not 0.0 < threshold < 1.0:
+            raise PolicyError(f"smartfrz: threshold must be in (0, 1), got {threshold}")
+        self.interval = int(interval)
+        self.threshold = float(threshold)
+        self.votes = int(votes)
+        self.prefix_only = bool(prefix_only)
+        self._window = WINDOW
+        self._predictor = predictor
+        self._indices: dict = {}
+        self._snapshots: dict = {}
+        self._votes: dict = {}
+        self.last_probabilities: dict = {}
+
+    def bind(self, view):
+        from .predictor import load_default, sample_indices
+
+        if self._predictor is None:
+            self._predictor = load_default()
+        self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
+
+    def decide(self, view):
+        if view.step % self.interval:
+            return None
+        frozen = set(view.frozen)
+        for u in view.units:
+            if u in frozen:
+                self._snapshots.pop(u, None)
+                continue
+            history = self._snapshots.setdefault(u, [])
+            history.append(view.weight_sample(u, self._indices[u]))
+            del history[: -self._window]
+        ready = [u for u in view.units[:-1] if u not in frozen and len(self._snapshots.get(u, ())) == self._window]
+        if not ready:
+            return None
+        from .predictor import window_features
+
+        feats = [window_features(torch.stack(self._snapshots[u])) for u in ready]
+        with torch.no_grad():
+            logits = self._predictor(torch.stack([z for z, _ in feats]), torch.stack([s for _, s in feats]))
+        probs = torch.sigmoid(logits).tolist()
+        self.last_probabilities = dict(zip(ready, probs))
+        for u, p in zip(ready, probs):
+            self._votes[u] = self._votes.get(u, 0) + 1 if p > self.threshold else 0
+        settled = {u for u in ready if self._votes[u] >= self.votes}
+        new = set(frozen)
+        if self.prefix_only:
+            for u in view.units[:-1]:
+                if u in frozen:
+                    continue
+                if u not in settled:
+                    break
+                new.add(u)
+        else:
+            new |= settled
+        return new if new != frozen else None
+
+    def state_dict(self):
+        return {"snapshots": {u: torch.stack(h) for u, h in self._snapshots.items() if h},
+                "votes": dict(self._votes)}
+
+    def load_state_dict(self, state):
+        self._snapshots = {u: list(h.unbind(0)) for u, h in state["snapshots"].items()}
+        self._votes = dict(state["votes"])
+
+
+POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze, SmartFRZ)}
 
 
 def make_policy(policy) -> Policy:

@@ -164,7 +164,7 @@ class FrozenModule(nn.Module):
         if self._cache is None or not self.frozen_prefix:
             raise ValueError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
         gm = self._graph()
-        region = getattr(gm, "frozen_prefix")
+        region = gm.frozen_prefix
         if not hasattr(region, "cache"):
             raise ValueError(f"the current prefix is not cached: {self._cache.report(self.frozen_prefix)['decision']}")
         seen = 0

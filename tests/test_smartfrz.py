@@ -1,0 +1,146 @@
+"""SmartFRZ: features, the predictor, the shipped weights, and the policy's decisions on synthetic histories."""
+import pytest
+import torch
+from torch import nn
+
+import frzcompile
+from frzcompile.policies import SmartFRZ
+from frzcompile.predictor import (SAMPLE_SIZE, WEIGHTS, WINDOW, FreezePredictor, features, load_default,
+                                  normalize_window, sample_indices, window_features)
+
+
+class SyntheticView:
+    """Units whose weights either settle (noise around a point) or keep drifting, step by step."""
+
+    def __init__(self, kinds, numel=1000, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.units = list(kinds)
+        self.kinds = kinds
+        self.frozen = ()
+        self.step = 0
+        self.total_steps = None
+        self.base = {u: torch.randn(numel, generator=g) * 0.05 for u in kinds}
+        self.direction = {u: torch.randn(numel, generator=g) for u in kinds}
+        self.noise = {u: torch.Generator().manual_seed(seed + i) for i, u in enumerate(kinds)}
+        self.samples = 0
+
+    def numel(self, unit):
+        return self.base[unit].numel()
+
+    def weight_sample(self, unit, indices):
+        self.samples += 1
+        w = self.base[unit]
+        jitter = torch.randn(w.shape, generator=self.noise[unit]) * 1e-3
+        if self.kinds[unit] == "moving":
+            w = w + 5e-4 * self.step * self.direction[unit]
+        return (w + jitter)[indices]
+
+
+def _run(policy, view, steps):
+    policy.bind(view)
+    for _ in range(steps):
+        view.step += 1
+        decision = policy.decide(view)
+        if decision is not None:
+            view.frozen = tuple(u for u in view.units if u in decision)
+    return view.frozen
+
+
+class ScaleRule(nn.Module):
+    """A stand-in predictor: 'converged' when the window is noise around a point rather than a drift
+    (straightness, net movement over path length, below 0.5)."""
+
+    def forward(self, tokens, scalars):
+        return torch.where(scalars[:, 2] < 0.5, 10.0, -10.0)
+
+
+def test_features_and_predictor_shapes():
+    w = torch.randn(WINDOW, SAMPLE_SIZE)
+    z, base = normalize_window(w)
+    assert z.shape == (WINDOW, SAMPLE_SIZE) and base.shape == (4,)
+    assert torch.all(z[-1] == 0)  # displacement from the newest snapshot
+    assert torch.isclose(z.pow(2).mean(), torch.tensor(1.0), atol=1e-4)  # scale removed from the shape
+    tokens, scalars = window_features(w)
+    assert tokens.shape == (WINDOW, 3) and scalars.shape == (6,)
+    # the same trajectory at another scale gives the same inputs: one predictor for every layer
+    tokens2, scalars2 = window_features(w * 1000)
+    torch.testing.assert_close(tokens, tokens2, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(scalars, scalars2, rtol=1e-3, atol=1e-3)
+    # batched features (as in training) equal per-window features (as at run time)
+    batch_tokens, batch_scalars = features(z.unsqueeze(0).repeat(2, 1, 1), base.unsqueeze(0).repeat(2, 1))
+    torch.testing.assert_close(batch_tokens[1], tokens)
+    torch.testing.assert_close(batch_scalars[1], scalars)
+    model = FreezePredictor()
+    assert model(batch_tokens, batch_scalars).shape == (2,)
+    assert len(sample_indices(10_000)) == SAMPLE_SIZE and torch.equal(sample_indices(10), torch.arange(10))
+    assert torch.equal(sample_indices(5000, seed=3), sample_indices(5000, seed=3))
+
+
+def test_shipped_weights_load_and_are_small():
+    model = load_default()
+    assert isinstance(model, FreezePredictor) and not model.training
+    state = torch.load(WEIGHTS, weights_only=True)
+    assert state["version"] and set(state["held_out"]) >= {"resnet-fashion", "minilm-sst2"}
+    assert WEIGHTS.stat().st_size < 200_000
+    assert (WEIGHTS.parent / "MODEL_CARD.md").exists()
+
+
+def test_policy_logic_prefix_votes_and_last_unit():
+    kinds = {"a": "settled", "b": "settled", "c": "moving", "d": "settled", "head": "settled"}
+    view = SyntheticView(kinds)
+    policy = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    frozen = _run(policy, view, 10 * (WINDOW + 5))
+    assert frozen == ("a", "b")  # d settled too, but behind the moving c: prefix only
+    assert policy.last_probabilities["c"] < 0.5 and policy.last_probabilities["d"] > 0.5
+
+    anywhere = SmartFRZ(interval=10, votes=3, prefix_only=False, predictor=ScaleRule())
+    frozen = _run(anywhere, SyntheticView(kinds), 10 * (WINDOW + 5))
+    assert frozen == ("a", "b", "d")  # never the last unit, even though it settled
+
+
+def test_policy_waits_for_a_full_window_and_enough_votes():
+    kinds = {"a": "settled", "head": "moving"}
+    policy = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    view = SyntheticView(kinds)
+    assert _run(policy, view, 10 * (WINDOW - 1)) == ()  # not a full window yet
+    view2 = SyntheticView(kinds)
+    assert _run(SmartFRZ(interval=10, votes=3, predictor=ScaleRule()), view2, 10 * (WINDOW + 1)) == ()  # 2 votes
+    view3 = SyntheticView(kinds)
+    assert _run(SmartFRZ(interval=10, votes=3, predictor=ScaleRule()), view3, 10 * (WINDOW + 2)) == ("a",)
+
+
+def test_shipped_predictor_tells_settled_from_moving():
+    kinds = {"a": "settled", "b": "moving", "head": "moving"}
+    policy = SmartFRZ(interval=10)
+    frozen = _run(policy, SyntheticView(kinds), 10 * (WINDOW + 5))
+    assert frozen == ("a",)
+    assert policy.last_probabilities["b"] < 0.5
+
+
+def test_policy_cost_is_bounded():
+    kinds = {u: "moving" for u in "abcdefgh"}
+    view = SyntheticView(kinds, numel=100_000)
+    policy = SmartFRZ(interval=10, predictor=ScaleRule())
+    _run(policy, view, 1000)
+    # weights are read only every `interval` steps, at most SAMPLE_SIZE per unit, and history is bounded
+    assert view.samples == len(kinds) * (1000 // 10)
+    assert all(len(h) == WINDOW and h[0].numel() == SAMPLE_SIZE for h in policy._snapshots.values())
+
+
+def test_state_round_trip_and_default_policy():
+    kinds = {"a": "settled", "b": "moving", "head": "moving"}
+    p = SmartFRZ(predictor=ScaleRule())
+    _run(p, SyntheticView(kinds), 200)
+    q = SmartFRZ(predictor=ScaleRule())
+    q.load_state_dict(p.state_dict())
+    assert q._votes == p._votes
+    assert all(torch.equal(torch.stack(q._snapshots[u]), torch.stack(p._snapshots[u])) for u in p._snapshots)
+    fm = frzcompile.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
+    assert fm.policy.name == "smartfrz"
+
+
+def test_bad_options():
+    with pytest.raises(frzcompile.PolicyError):
+        SmartFRZ(threshold=1.5)
+    with pytest.raises(frzcompile.PolicyError):
+        SmartFRZ(votes=0)
