@@ -1,5 +1,6 @@
 """Time-to-accuracy of freezing policies, side by side on the same runs and seeds, on real data.
 
+All runs use the same seeds, data order and a cosine learning-rate schedule over the whole run.
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
 Every freezing run uses the activation cache. Workloads:
@@ -82,6 +83,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
     steps_per_epoch = n // batch
     total = epochs * steps_per_epoch
     opt = make_opt(model.parameters())
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,
                              policy=make_policy(name, total), cache=name != "full")
     policy_seconds = [0.0]
@@ -116,6 +118,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
                 flops += FLOP_SAMPLE * counter.get_total_flops()
             opt.step()
             opt.zero_grad()
+            schedule.step()
             step += 1
         train_seconds += time.perf_counter() - start
         curve.append((step, train_seconds, accuracy(fm, test)))

@@ -198,13 +198,15 @@ class SmartFRZ(Policy):
     full window, the predictor (frzcompile.predictor, trained offline on real runs and shipped) gives the
     probability that it has converged. A unit is frozen after `votes` consecutive decisions above `threshold`
     (hysteresis against noisy flips); with `prefix_only` (default) only the front of the network freezes, as
-    the activation cache needs. The last unit always trains.
+    the activation cache needs. Units with fewer than `min_weights` weights (too few to judge; the predictor was
+    trained on units of at least 256) are not judged: they freeze together with the next unit that settles.
+    The last unit always trains.
     """
 
     name = "smartfrz"
 
     def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
-                 predictor=None):
+                 min_weights: int = 256, predictor=None):
         from .predictor import WINDOW
 
         if int(interval) < 1 or int(votes) < 1:
@@ -215,6 +217,7 @@ class SmartFRZ(Policy):
         self.threshold = float(threshold)
         self.votes = int(votes)
         self.prefix_only = bool(prefix_only)
+        self.min_weights = int(min_weights)
         self._window = WINDOW
         self._predictor = predictor
         self._indices: dict = {}
@@ -255,14 +258,19 @@ class SmartFRZ(Policy):
         settled = {u for u in ready if self._votes[u] >= self.votes}
         new = set(frozen)
         if self.prefix_only:
+            pending = []  # units too small to judge (a BatchNorm's 32 weights) freeze with the next one that settles
             for u in view.units[:-1]:
                 if u in frozen:
                     continue
+                if view.numel(u) < self.min_weights:
+                    pending.append(u)
+                    continue
                 if u not in settled:
                     break
-                new.add(u)
+                new.update(pending + [u])
+                pending = []
         else:
-            new |= settled
+            new |= {u for u in settled if view.numel(u) >= self.min_weights}
         return new if new != frozen else None
 
     def state_dict(self):

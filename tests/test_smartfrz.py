@@ -144,3 +144,12 @@ def test_bad_options():
         SmartFRZ(threshold=1.5)
     with pytest.raises(frzcompile.PolicyError):
         SmartFRZ(votes=0)
+
+
+def test_tiny_units_freeze_with_the_next_settled_unit():
+    kinds = {"stem": "moving", "a": "settled", "b": "moving", "head": "moving"}
+    view = SyntheticView(kinds)
+    view.base["stem"] = view.base["stem"][:32]  # a BatchNorm-sized unit: too small to judge
+    view.direction["stem"] = view.direction["stem"][:32]
+    frozen = _run(SmartFRZ(interval=10, predictor=ScaleRule()), view, 10 * (WINDOW + 5))
+    assert frozen == ("stem", "a")

@@ -100,9 +100,14 @@ statistics (movement, net drift, straightness, last step, deceleration, mean ste
 output in a small MLP head. {meta['params']} parameters; one prediction costs well under a millisecond on a CPU.
 
 ## Source runs (real data, nothing frozen)
-| family | seed | steps | units | windows | converged | final train loss |
+| family | seed | steps | units recorded | windows | converged | final train loss |
 |---|---|---|---|---|---|---|
 {sources}
+
+Units under 256 weights (a BatchNorm, a tiny stem convolution) yield no windows. Windows in which the sampled
+weights did not move at all are dropped before training ({meta['dropped']} here: the MiniLM pooler, which the
+classifier does not use, keeps its weights while its input changes, and would teach that stillness is not
+convergence).
 
 Data: scikit-learn's bundled digits; Fashion-MNIST training images (10,000); SST-2 training sentences (GLUE
 version; words hashed into 5,000 ids for the transformer trained from scratch, the MiniLM tokenizer for
@@ -157,7 +162,9 @@ def main():
     out = Path(args.out)
     torch.save({"config": CONFIG, "model": model.state_dict(), "version": VERSION, "held_out": held_out,
                 "tau": recorded["tau"], "interval": recorded["interval"]}, out)
+    recorded_windows = sum(len(r["label"]) for r in runs)
     meta = {"date": datetime.date.today().isoformat(), "bytes": out.stat().st_size,
+            "dropped": recorded_windows - len(y),
             "params": sum(p.numel() for p in model.parameters()), "tau": recorded["tau"],
             "interval": recorded["interval"]}
     _card(out.with_name("MODEL_CARD.md"), meta, held_out, train_all, runs)
