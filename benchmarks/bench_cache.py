@@ -23,7 +23,7 @@ import time
 import torch
 
 import frzcompile
-from common import choose_prefixes, median_iqr, set_prefix, time_steps, train_step
+from common import choose_prefixes, interleaved, median_iqr, set_prefix, time_steps, train_step
 from frzcompile import data, zoo
 
 TARGETS = (0.25, 0.5, 0.75)
@@ -62,21 +62,18 @@ def part_a(model, batches, rounds, steps):
     for _, k, _ in picks:
         set_prefix(cached, k)
         cached.warm_cache([b[:-1] for b in batches], progress=False)
-    times = {("eager", 0): []}
-    for _, k, _ in picks:
-        times[("frozen", k)] = []
-        times[("cached", k)] = []
-    jobs = list(times)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(jobs)
-        for variant, k in jobs:
-            net = {"eager": eager_model, "frozen": plain, "cached": cached}[variant]
-            if variant != "eager":
-                set_prefix(net, k)
-            if variant == "cached":  # untimed: refill what a shallower plan in between invalidated
-                net.warm_cache([b[:-1] for b in batches], progress=False)
-            times[(variant, k)].append(time_steps(net, opts[variant], batches, steps))
+    jobs = [("eager", 0)] + [(variant, k) for _, k, _ in picks for variant in ("frozen", "cached")]
+
+    def measure(job):
+        variant, k = job
+        net = {"eager": eager_model, "frozen": plain, "cached": cached}[variant]
+        if variant != "eager":
+            set_prefix(net, k)
+        if variant == "cached":  # untimed: refill what a shallower plan in between invalidated
+            net.warm_cache([b[:-1] for b in batches], progress=False)
+        return time_steps(net, opts[variant], batches, steps)
+
+    times = interleaved(jobs, rounds, measure)
     base = median_iqr(times[("eager", 0)])[0]
     rows = []
     for target, k, share in picks:

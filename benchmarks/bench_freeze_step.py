@@ -17,13 +17,12 @@ import argparse
 import copy
 import json
 import platform
-import random
 import statistics
 
 import torch
 
 import frzcompile
-from common import choose_prefixes, median_iqr, set_prefix, time_steps
+from common import choose_prefixes, interleaved, median_iqr, set_prefix, time_steps
 from frzcompile import data, zoo
 
 TARGETS = (0.0, 0.25, 0.5, 0.75)
@@ -75,23 +74,19 @@ def bench(label, model, x, y, rounds, steps):
     eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.01, momentum=0.9)
     picks = choose_prefixes(fm, TARGETS)
     batches = [(x, y)]
-    times = {("eager", 0): []}
-    for _, k, _ in picks:
-        times[("frzcompile", k)] = []
-        times[("by hand", k)] = []
-    jobs = list(times)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(jobs)
-        for variant, k in jobs:
-            if variant == "eager":
-                times[(variant, k)].append(time_steps(eager_model, eager_opt, batches, steps))
-            elif variant == "frzcompile":
-                set_prefix(fm, k)
-                times[(variant, k)].append(time_steps(fm, fm_opt, batches, steps))
-            else:
-                set_by_hand(hand_model, fm, fm.units[:k])
-                times[(variant, k)].append(time_steps(hand_model, hand_opt, batches, steps))
+    jobs = [("eager", 0)] + [(variant, k) for _, k, _ in picks for variant in ("frzcompile", "by hand")]
+
+    def measure(job):
+        variant, k = job
+        if variant == "eager":
+            return time_steps(eager_model, eager_opt, batches, steps)
+        if variant == "frzcompile":
+            set_prefix(fm, k)
+            return time_steps(fm, fm_opt, batches, steps)
+        set_by_hand(hand_model, fm, fm.units[:k])
+        return time_steps(hand_model, hand_opt, batches, steps)
+
+    times = interleaved(jobs, rounds, measure)
     base = statistics.median(times[("eager", 0)])
     rows = []
     for target, k, share in picks:

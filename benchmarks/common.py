@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: prefix choice by FLOP share, plan switching, timed training steps."""
+import random
 import statistics
 import time
 
@@ -54,3 +55,16 @@ def time_steps(net, opt, batches, steps, warmup=1):
 def median_iqr(values):
     q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
     return statistics.median(values), q1, q3
+
+
+def interleaved(jobs, rounds, measure, seed=0):
+    """`measure(job)` for every job, round after round, in a fresh shuffled order each round (so drift in a
+    shared machine's speed spreads over all jobs); returns job -> list of measurements."""
+    jobs = list(jobs)
+    results = {job: [] for job in jobs}
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(jobs)
+        for job in jobs:
+            results[job].append(measure(job))
+    return results
