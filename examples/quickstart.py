@@ -1,6 +1,6 @@
 """Quickstart: train a small CNN on scikit-learn's digits, with and without frzcompile, side by side.
 
-    python examples/quickstart.py [--epochs 30] [--policy linear|autofreeze|manual]
+    python examples/quickstart.py [--epochs 30] [--policy smartfrz|linear|autofreeze|manual] [--cache]
 
 Both runs start from the same weights and see the same batches; the frzcompile run lets a policy freeze a
 growing prefix of the network. It prints time and test accuracy of both, then frzcompile.explain.
@@ -45,7 +45,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--policy", default="linear", choices=["linear", "autofreeze", "manual"])
+    parser.add_argument("--policy", default="smartfrz", choices=["smartfrz", "linear", "autofreeze", "manual"])
+    parser.add_argument("--cache", action="store_true", help="serve the frozen prefix from the activation cache")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -58,10 +59,10 @@ def main():
     plain, plain_s = train(copy.deepcopy(base), x_train, y_train, args.epochs, args.batch_size, args.seed, "plain")
 
     def make_fm(model, opt):
-        policy = {"linear": frzcompile.Linear(total_steps=steps), "autofreeze": frzcompile.AutoFreeze(interval=40),
-                  "manual": "manual"}[args.policy]
+        policy = {"smartfrz": frzcompile.SmartFRZ(), "linear": frzcompile.Linear(total_steps=steps),
+                  "autofreeze": frzcompile.AutoFreeze(interval=40), "manual": "manual"}[args.policy]
         return frzcompile.optimize(model, (x_train[: args.batch_size],), optimizer=opt, policy=policy,
-                                   total_steps=steps)
+                                   total_steps=steps, cache=args.cache)
 
     fm, fm_s = train(copy.deepcopy(base), x_train, y_train, args.epochs, args.batch_size, args.seed,
                      "frzcompile", make_fm)

@@ -11,6 +11,7 @@ prefix only). A unit is never frozen if it is the last one.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 
@@ -85,8 +86,9 @@ class Policy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def __repr__(self):
-        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+    def __repr__(self):  # the constructor's options only
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        opts = ", ".join(f"{n}={getattr(self, n)!r}" for n in names if hasattr(self, n))
         return f"{type(self).__name__}({opts})"
 
 
