@@ -31,10 +31,10 @@ FLOP_SAMPLE = 20
 POLICIES = ("full", "linear", "autofreeze", "smartfrz")
 
 
-def fashion(root, train_samples=20000, epochs=6, batch=128):
+def fashion(root, seed, train_samples=20000, epochs=6, batch=128):
     x, y = data.fashion_mnist(root, "train")
     xt, yt = data.fashion_mnist(root, "test")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = zoo.ResNet(depths=(2, 2, 2), width=16)
     train = (x[:train_samples], y[:train_samples])
     label = f"ResNet from scratch, Fashion-MNIST ({train_samples} train / 10000 test), {epochs} epochs, batch {batch}"
@@ -42,10 +42,10 @@ def fashion(root, train_samples=20000, epochs=6, batch=128):
                                                                                     weight_decay=5e-4)
 
 
-def minilm(root, train_samples=8000, epochs=2, batch=32):
+def minilm(root, seed, train_samples=8000, epochs=2, batch=32):
     texts, labels = data.sst2(root, "train")
     test_texts, test_labels = data.sst2(root, "test")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, tok = zoo.pretrained_minilm()
 
     def encode(t):
@@ -160,20 +160,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None)
     parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights (the new head's, for MiniLM) and data order")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"machine: {machine}\n")
+    print(f"machine: {machine}; seed {args.seed}\n")
     everything = {"machine": machine, "workloads": []}
     for key, load in (("fashion", fashion), ("minilm", minilm)):
         if args.only and key != args.only:
             continue
-        label, base, train, test, epochs, batch, make_opt = load(args.data)
+        label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed)
         results = []
+        suffix = "" if args.seed == 0 else f"_seed{args.seed}"
         for name in POLICIES:
-            r = run(name, base, train, test, epochs, batch, make_opt)
-            plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{name}.png"))
+            r = run(name, base, train, test, epochs, batch, make_opt, seed=args.seed)
+            plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{name}{suffix}.png"))
             results.append(r)
             print(f"  {key} {name}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
         full = results[0]
@@ -192,7 +194,7 @@ def main():
                   f"{cost} | {frozen_end}/{len(r['units'])} | {hit} |")
         print()
         everything["workloads"].append({"workload": label, "results": results})
-    with open(os.path.join(args.out, "policies.json"), "w") as f:
+    with open(os.path.join(args.out, f"policies{'' if args.seed == 0 else f'_seed{args.seed}'}.json"), "w") as f:
         json.dump(everything, f, indent=1, default=str)
 
 

@@ -113,10 +113,11 @@ class ActivationCache:
 
     # -- analysis (once per prefix) -------------------------------------------------------------------------
     def prepare(self, prefix, region, region_graph, example_args, input_names, output_names, node_unit):
+        """The analysis of `prefix`, made once; `example_args()` gives the region's arguments on the example."""
         prefix = tuple(prefix)
         if prefix in self.plans:
             return self.plans[prefix]
-        plan = self._analyze(prefix, region, list(example_args), tuple(input_names), tuple(output_names))
+        plan = self._analyze(prefix, region, list(example_args()), tuple(input_names), tuple(output_names))
         if plan.cacheable:
             for shallower, other in self.plans.items():
                 if other.cacheable and set(shallower) < set(prefix) and set(other.input_names) <= set(input_names):

@@ -37,9 +37,8 @@ def cache(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     output_node = next(n for n in region_graph.graph.nodes if n.op == "output")
     returned = output_node.args[0]
     output_names = [a.name for a in (returned if isinstance(returned, (tuple, list)) else [returned])]
-    args = region_example_args(gm, region, *ctx.example)
-    plan = store.prepare(ctx.prefix, region, region_graph, args, [a.name for a in call.args], output_names,
-                         ctx.node_unit)
+    plan = store.prepare(ctx.prefix, region, region_graph, lambda: region_example_args(gm, region, *ctx.example),
+                         [a.name for a in call.args], output_names, ctx.node_unit)
     ctx.stats["cache"] = {"cacheable": plan.cacheable, "reason": plan.reason,
                           "reuses": [list(p) for p in plan.deltas]}
     if plan.cacheable:
