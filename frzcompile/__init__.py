@@ -1,10 +1,10 @@
 """frzcompile: a PyTorch training compiler that makes frozen layers cost nothing.
 
-    fm = frzcompile.optimize(model, example_inputs=(x,), optimizer=opt, policy="linear", total_steps=N)
+    fm = frzcompile.optimize(model, example_inputs=(x,), optimizer=opt, cache=True)  # SmartFRZ decides
     print(frzcompile.explain(fm))
 
-Pipeline: capture (capture.py) -> units (units.py) -> policy (policies.py) -> passes (passes/) -> runtime
-(runtime.py). Importing this package initializes no CUDA, needs no Triton and changes no global torch setting.
+Pipeline: capture (capture.py) -> units (units.py) -> policy (policies.py, predictor/) -> passes (passes/:
+freeze, cache) -> runtime (runtime.py, activation_cache.py, activation_store.py). Importing this package initializes no CUDA, needs no Triton and changes no global torch setting.
 """
 from .activation_store import CacheConfig
 from .api import optimize
