@@ -28,7 +28,6 @@ class Captured:
     method: str                       # "symbolic_trace" or "export"
     attempts: list = field(default_factory=list)  # [(method, why it failed)] for the methods tried before
     in_spec: object = None            # pytree spec of (args, kwargs) the graph was captured with
-    dynamic_batch: bool = False
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -144,7 +143,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
                 attempts.append((m, _short(exc)))
                 continue
             _, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-            return Captured(gm=gm, method=m, attempts=attempts, in_spec=in_spec, dynamic_batch=(m == "export"))
+            return Captured(gm=gm, method=m, attempts=attempts, in_spec=in_spec)
         lines = "\n".join(f"  - {m}: {why}" for m, why in attempts)
         raise CaptureError(
             f"could not capture {name} ({type(model).__module__}.{name}) as a graph; every method failed:\n"
