@@ -23,7 +23,7 @@ import time
 import torch
 
 import frzcompile
-from common import choose_prefixes, interleaved, median_iqr, set_prefix, time_steps, train_step
+from common import choose_prefixes, interleaved, median_iqr, print_table, set_prefix, time_steps, train_step
 from frzcompile import data, zoo
 
 TARGETS = (0.25, 0.5, 0.75)
@@ -138,20 +138,17 @@ def main():
         b = part_b(copy.deepcopy(model), batches, args.epochs)
         results["workloads"].append({"workload": label, "step": a, "epoch": b})
         print(f"### {label}\nunits: {', '.join(a['units'])}\n")
-        print("| target f | frozen units | f (FLOPs) | ideal 1/(1-f) | eager ms | frozen ms | speedup | cached ms "
-              "| speedup | of ideal |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in a["rows"]:
-            fr, ca = r["frozen"], r["cached"]
-            print(f"| {r['target_f']:.2f} | {r['units_frozen']} | {r['f']:.3f} | {r['ideal_speedup']:.2f}x | "
-                  f"{r['eager_ms']:.1f} | {fr['ms']:.1f} | {fr['speedup']:.2f}x | {ca['ms']:.1f} | "
-                  f"{ca['speedup']:.2f}x | {100 * ca['of_ideal']:.0f}% |")
+        print_table(
+            ("target f", "frozen units", "f (FLOPs)", "ideal 1/(1-f)", "eager ms", "frozen ms", "speedup",
+             "cached ms", "speedup", "of ideal"),
+            [(f"{r['target_f']:.2f}", r["units_frozen"], f"{r['f']:.3f}", f"{r['ideal_speedup']:.2f}x",
+              f"{r['eager_ms']:.1f}", f"{r['frozen']['ms']:.1f}", f"{r['frozen']['speedup']:.2f}x",
+              f"{r['cached']['ms']:.1f}", f"{r['cached']['speedup']:.2f}x", f"{100 * r['cached']['of_ideal']:.0f}%")
+             for r in a["rows"]])
         print(f"\ncache at f~0.5: {a['cache']}\n")
         print(f"epochs at f = {b['f']:.3f} ({b['units_frozen']} units frozen), seconds per epoch:\n")
-        print("| variant | " + " | ".join(f"epoch {i + 1}" for i in range(args.epochs)) + " |")
-        print("|---|" + "---|" * args.epochs)
-        for variant, secs in b["epoch_seconds"].items():
-            print(f"| {variant} | " + " | ".join(f"{s:.2f}" for s in secs) + " |")
+        print_table(["variant"] + [f"epoch {i + 1}" for i in range(args.epochs)],
+                    [[variant] + [f"{s:.2f}" for s in secs] for variant, secs in b["epoch_seconds"].items()])
         print(f"\ncache: {b['cache']}\n")
     if args.out:
         with open(args.out, "w") as f:

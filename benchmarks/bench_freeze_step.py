@@ -22,7 +22,7 @@ import statistics
 import torch
 
 import frzcompile
-from common import choose_prefixes, interleaved, median_iqr, set_prefix, time_steps
+from common import choose_prefixes, interleaved, median_iqr, print_table, set_prefix, time_steps
 from frzcompile import data, zoo
 
 TARGETS = (0.0, 0.25, 0.5, 0.75)
@@ -115,14 +115,14 @@ def main():
         res = bench(label, model, x, y, args.rounds, args.steps)
         results["workloads"].append(res)
         print(f"### {label}\nunits: {', '.join(res['units'])}\n")
-        print("| target f | frozen units | f (FLOPs) | ideal speedup | eager ms | frzcompile ms | speedup | "
-              "of ideal | by hand ms | speedup | of ideal |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in res["rows"]:
-            a, b = r["frzcompile"], r["by hand"]
-            print(f"| {r['target_f']:.2f} | {r['units_frozen']} | {r['f']:.3f} | {r['ideal_speedup']:.2f}x | "
-                  f"{r['eager_ms']:.1f} | {a['ms']:.1f} | {a['speedup']:.2f}x | {100 * a['of_ideal']:.0f}% | "
-                  f"{b['ms']:.1f} | {b['speedup']:.2f}x | {100 * b['of_ideal']:.0f}% |")
+        print_table(
+            ("target f", "frozen units", "f (FLOPs)", "ideal speedup", "eager ms", "frzcompile ms", "speedup",
+             "of ideal", "by hand ms", "speedup", "of ideal"),
+            [(f"{r['target_f']:.2f}", r["units_frozen"], f"{r['f']:.3f}", f"{r['ideal_speedup']:.2f}x",
+              f"{r['eager_ms']:.1f}")
+             + tuple(x for v in (r["frzcompile"], r["by hand"])
+                     for x in (f"{v['ms']:.1f}", f"{v['speedup']:.2f}x", f"{100 * v['of_ideal']:.0f}%"))
+             for r in res["rows"]])
         print()
     if args.out:
         with open(args.out, "w") as f:

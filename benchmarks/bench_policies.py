@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
+from common import print_table
 from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
@@ -180,18 +181,19 @@ def main():
             print(f"  {key} {name}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
         full = results[0]
         print(f"\n### {label}\n")
-        print("| policy | test accuracy | vs full (pt) | train time s | speedup | train FLOPs | FLOPs saved | "
-              "policy cost | units frozen at end | cache hit rate |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        rows = []
         for r in results:
             frozen_end = len(r["timeline"][-1][1]) if r["timeline"] else 0
             hit = f"{100 * r['cache']['hit_rate']:.0f}%" if r["cache"] else "-"
             cost = f"{100 * r['policy_seconds'] / r['train_seconds']:.2f}% of time" if r["policy"] == "smartfrz" \
                 else "-"
-            print(f"| {r['policy']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - full['accuracy']):+.2f} | "
-                  f"{r['train_seconds']:.1f} | {full['train_seconds'] / r['train_seconds']:.2f}x | "
-                  f"{r['train_flops'] / 1e12:.2f} T | {100 * (1 - r['train_flops'] / full['train_flops']):.0f}% | "
-                  f"{cost} | {frozen_end}/{len(r['units'])} | {hit} |")
+            rows.append((r["policy"], f"{100 * r['accuracy']:.2f}%", f"{100 * (r['accuracy'] - full['accuracy']):+.2f}",
+                         f"{r['train_seconds']:.1f}", f"{full['train_seconds'] / r['train_seconds']:.2f}x",
+                         f"{r['train_flops'] / 1e12:.2f} T",
+                         f"{100 * (1 - r['train_flops'] / full['train_flops']):.0f}%", cost,
+                         f"{frozen_end}/{len(r['units'])}", hit))
+        print_table(("policy", "test accuracy", "vs full (pt)", "train time s", "speedup", "train FLOPs",
+                     "FLOPs saved", "policy cost", "units frozen at end", "cache hit rate"), rows)
         print()
         everything["workloads"].append({"workload": label, "results": results})
     with open(os.path.join(args.out, f"policies{'' if args.seed == 0 else f'_seed{args.seed}'}.json"), "w") as f:

@@ -68,3 +68,11 @@ def interleaved(jobs, rounds, measure, seed=0):
         for job in jobs:
             results[job].append(measure(job))
     return results
+
+
+def print_table(header, rows):
+    """Print a Markdown table (the format RESULTS.md keeps)."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")

@@ -294,7 +294,8 @@ class ActivationCache:
                 continue
             by_name = dict(zip(plan.input_names, sub_args))
             other_args = [by_name[n] for n in other.input_names]
-            keys = sub_keys if self.config.key == "sample_id" else self._keys(other, other_args)
+            same_inputs = self.config.key == "sample_id" or other.input_names == plan.input_names
+            keys = sub_keys if same_inputs else self._keys(other, other_args)  # hash each input once
             shared = lvl.shared.get(self._shared_key(other, other_args), ())
             if not keys or not all(k in lvl.index for k in keys) or len(shared) != other.output_kinds.count("shared"):
                 continue

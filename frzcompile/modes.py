@@ -44,10 +44,6 @@ _EVAL_ARGS = {
 _TRAIN_BY_DEFAULT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 
 
-def is_mode_dependent(node: fx.Node) -> bool:
-    return node.op == "call_function" and (node.target in _EVAL_ARGS or _is_bn_counter_update(node))
-
-
 def _is_bn_counter_update(node: fx.Node) -> bool:
     """`num_batches_tracked.add_(1)` that torch.export records for BatchNorm in train mode."""
     if node.op != "call_function" or node.target not in (aten.add_.Tensor, operator.iadd):

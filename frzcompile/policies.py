@@ -18,6 +18,7 @@ import zlib
 import torch
 
 from .errors import PolicyError
+from .predictor import WINDOW, load_default, sample_indices, window_features
 
 
 class TrainingView:
@@ -209,8 +210,6 @@ class SmartFRZ(Policy):
 
     def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
                  min_weights: int = 256, predictor=None):
-        from .predictor import WINDOW
-
         if int(interval) < 1 or int(votes) < 1:
             raise PolicyError(f"smartfrz: interval and votes must be >= 1, got {interval} and {votes}")
         if not 0.0 < threshold < 1.0:
@@ -228,8 +227,6 @@ class SmartFRZ(Policy):
         self.last_probabilities: dict = {}
 
     def bind(self, view):
-        from .predictor import load_default, sample_indices
-
         if self._predictor is None:
             self._predictor = load_default()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
@@ -248,8 +245,6 @@ class SmartFRZ(Policy):
         ready = [u for u in view.units[:-1] if u not in frozen and len(self._snapshots.get(u, ())) == self._window]
         if not ready:
             return None
-        from .predictor import window_features
-
         feats = [window_features(torch.stack(self._snapshots[u])) for u in ready]
         with torch.no_grad():
             logits = self._predictor(torch.stack([z for z, _ in feats]), torch.stack([s for _, s in feats]))

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from frzcompile import zoo
 
@@ -59,3 +60,15 @@ def eager_reference(model, frozen_modules, frozen_params):
     for m in frozen_modules:
         ref_modules[orig_names[id(m)]].eval()
     return ref
+
+
+def train_losses(fm, opt, batches):
+    """Plain training steps over an iterable of (x, y); the loss of each step."""
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(fm(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

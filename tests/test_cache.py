@@ -11,6 +11,7 @@ from torch import nn
 import frzcompile
 from frzcompile import CacheConfig, zoo
 from frzcompile.passes.cache import CachedRegion
+from tests.conftest import train_losses
 
 
 def _resnet_pair(cache):
@@ -32,20 +33,14 @@ def _data(n=48, batch=8, seed=0):
 
 def _train(fm, batches, epochs, shuffle_seed=None):
     opt = torch.optim.SGD([p for p in fm.parameters()], lr=0.05, momentum=0.9)
-    losses = []
     rng = random.Random(shuffle_seed)
+    order = []
     for _ in range(epochs):
-        order = list(range(len(batches)))
+        epoch = list(range(len(batches)))
         if shuffle_seed is not None:
-            rng.shuffle(order)
-        for i in order:
-            x, y = batches[i]
-            loss = nn.functional.cross_entropy(fm(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-    return losses
+            rng.shuffle(epoch)
+        order += epoch
+    return train_losses(fm, opt, (batches[i] for i in order))
 
 
 def test_cached_training_is_bitwise_identical():

@@ -8,6 +8,7 @@ from torch import nn
 import frzcompile
 from frzcompile import zoo
 from frzcompile.passes.freeze import REGION
+from tests.conftest import train_losses
 
 
 def _cnn():
@@ -118,15 +119,7 @@ def test_optimizer_hook_drives_policy_and_fm_step_without_optimizer():
 
 
 def _train(fm, opt, data, steps):
-    losses = []
-    for i in range(steps):
-        x, y = data[i % len(data)]
-        loss = nn.functional.cross_entropy(fm(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_losses(fm, opt, (data[i % len(data)] for i in range(steps)))
 
 
 def _setup(policy):

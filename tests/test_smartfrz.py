@@ -115,6 +115,9 @@ def test_shipped_predictor_tells_settled_from_moving():
     frozen = _run(policy, SyntheticView(kinds), 10 * (WINDOW + 5))
     assert frozen == ("a",)
     assert policy.last_probabilities["b"] < 0.5
+    # the one-window helper gives the probability the policy acted on
+    assert load_default().probability(torch.stack(policy._snapshots["b"])) == pytest.approx(
+        policy.last_probabilities["b"], rel=1e-5, abs=1e-7)
 
 
 def test_policy_cost_is_bounded():
