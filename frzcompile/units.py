@@ -132,6 +132,13 @@ class UnitGraph:
         for requested, name in self._alias.items():
             if name in self.units:
                 self.units[name].modules.extend(model.get_submodule(requested).modules())
+        # Glue modules (a Dropout called from the root forward between two units) belong to the unit their node
+        # joined, so that they too switch to eval mode when it freezes.
+        for node, name in self.node_unit.items():
+            if node.op == "call_module":
+                module = model.get_submodule(node.target)
+                if all(module is not m for m in self.units[name].modules):
+                    self.units[name].modules.append(module)
 
     # -- construction --------------------------------------------------------------------------------
     def _unit_of_path(self, path, names):
