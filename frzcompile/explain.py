@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import clone_graph_module
 from .modes import evalize
@@ -37,6 +36,8 @@ def _placeholder_values(fm, gm, args, kwargs):
 
 def count_unit_flops(fm) -> dict:
     """Forward FLOPs of each unit on the example inputs, attributing every graph node to its unit."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports Triton when installed: keep it off import
+
     gm = clone_graph_module(fm._captured.gm)
     evalize(gm.graph)  # count in eval mode: nothing random, no BatchNorm statistics updated
     gm.recompile()
@@ -63,6 +64,42 @@ def _fmt_count(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.0f}"
+
+
+class CompileReport:
+    """The graphs the torch.compile backend received for a model's parameters: passes, recompiles and why."""
+
+    def __init__(self, model_name: str, parameters, eager_plans=()):
+        from .backend import graphs_for
+
+        self.model = model_name
+        self.graphs = [{
+            "compile_id": r.compile_id,
+            "frozen_params": len(r.frozen),
+            "region_nodes": r.region_nodes,
+            "passes": list(r.passes),
+            "inner": r.inner,
+            "reason": r.reason,
+            "seconds": r.seconds,
+        } for r in graphs_for(parameters)]
+        self.frames = len({g["compile_id"].split("/")[0] for g in self.graphs})
+        self.recompiles = sum(g["compile_id"].split("/")[1] != "0" for g in self.graphs)
+        self.eager_plans = len(eager_plans)
+
+    def __str__(self) -> str:
+        lines = [f"torch.compile backend frzcompile: {len(self.graphs)} graphs received for {self.model} "
+                 f"({self.frames} frames, {self.recompiles} recompiles)"]
+        for g in self.graphs:
+            passes = ", ".join(f"{label} ({1000 * sec:.1f} ms)" for label, sec in g["passes"])
+            lines.append(f"  graph {g['compile_id']}: {g['frozen_params']} frozen params, {g['region_nodes']} nodes "
+                         f"in the no-grad frozen region; passes {passes}; then {g['inner']} "
+                         f"({1000 * g['seconds']:.0f} ms in all)")
+            lines.append(f"    why: {g['reason']}")
+        if self.eager_plans:
+            lines.append(f"  {self.eager_plans} plan(s) got no compiled graph (Dynamo's recompile limit) and ran eagerly")
+        return "\n".join(lines)
+
+    __repr__ = __str__
 
 
 class Explanation:
@@ -100,6 +137,9 @@ class Explanation:
         self.builds = fm._builds
         self.build_seconds = fm._build_seconds
         self.plan_changes = list(fm._plan_changes)
+        self.compiled = None
+        if fm._compile_options is not None:
+            self.compiled = CompileReport(self.model, fm.parameters(), fm.__dict__.get("_eager_plans", ()))
 
     def __str__(self) -> str:
         lines = [f"frzcompile: {self.model} captured by {self.capture_method}"]
@@ -142,16 +182,27 @@ class Explanation:
                      f"plan changes: {len(self.plan_changes)}")
         for step, frozen, reason in self.plan_changes[-5:]:
             lines.append(f"  step {step}: {reason} -> frozen {list(frozen) or 'nothing'}")
+        if self.compiled is not None:
+            lines.append(str(self.compiled))
         lines.append("graph dumps: set FRZ_DEBUG=<folder> to write every graph before and after each pass")
         return "\n".join(lines)
 
     __repr__ = __str__
 
 
-def explain(fm) -> Explanation:
+def explain(fm):
+    """An `Explanation` of a FrozenModule, or a `CompileReport` of a model compiled with
+    `torch.compile(model, backend="frzcompile")`."""
     from .runtime import FrozenModule
 
+    orig = getattr(fm, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(orig, torch.nn.Module) and not isinstance(orig, FrozenModule):
+        return CompileReport(type(orig).__name__, orig.parameters())
+    if isinstance(orig, FrozenModule):
+        fm = orig
     if not isinstance(fm, FrozenModule):
-        raise TypeError(f"explain() takes the module frzcompile.optimize returned, not {type(fm).__name__}")
-    fm.graph_module()  # make sure the current plan's graph exists, so its passes can be shown
+        raise TypeError(f"explain() takes the module frzcompile.optimize returned (or a model compiled with "
+                        f"backend='frzcompile'), not {type(fm).__name__}")
+    if fm._compile_options is None:
+        fm.graph_module()  # make sure the current plan's graph exists, so its passes can be shown
     return Explanation(fm)
