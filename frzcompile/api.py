@@ -23,6 +23,7 @@ def optimize(
     total_steps: int | None = None,
     capture_method: str = "auto",
     cache=False,
+    compile=False,
 ) -> FrozenModule:
     """Wrap `model` so that the units a policy freezes stop costing backward work.
 
@@ -39,6 +40,9 @@ def optimize(
     capture_method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
     cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
         keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
+    compile: True (or a dict of backend options, see `frzcompile.backend.DEFAULT_OPTIONS`) runs the model
+        through `torch.compile(backend="frzcompile")`; every freeze-plan change recompiles. Not combinable with
+        cache= yet.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
@@ -70,6 +74,21 @@ def optimize(
         cache = None
     elif not isinstance(cache, CacheConfig):
         raise TypeError(f"cache= takes True/False or a frzcompile.CacheConfig, not {type(cache).__name__}")
+    if compile is True:
+        compile = {}
+    elif compile is False or compile is None:
+        compile = None
+    elif isinstance(compile, dict):
+        from .backend import validate_options
+
+        validate_options(compile)
+        if "plan" in compile or "frozen" in compile:
+            raise ValueError("compile= options 'plan' and 'frozen' are set by the FrozenModule itself")
+    else:
+        raise TypeError(f"compile= takes True/False or a dict of backend options, not {type(compile).__name__}")
+    if compile is not None and cache is not None:
+        raise ValueError("compile= and cache= cannot be combined yet: the activation cache runs in frzcompile's "
+                         "own graphs, not in Dynamo's")
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     unit_names = select_units(model, units)
@@ -77,5 +96,5 @@ def optimize(
     unit_graph = UnitGraph(model, captured.gm, unit_names)
     return FrozenModule(
         model, captured, unit_graph, policy, optimizers,
-        example_inputs=args, example_kwargs=kwargs, total_steps=total_steps, cache=cache,
+        example_inputs=args, example_kwargs=kwargs, total_steps=total_steps, cache=cache, compile_options=compile,
     )

@@ -88,3 +88,19 @@ def evalize(graph: fx.Graph, nodes=None) -> int:
         if rule is not None and _set_arg(node, *rule):
             changed += 1
     return changed
+
+
+def mode_arguments(graph: fx.Graph) -> dict:
+    """node name -> the mode argument it was traced with (dropout's `training`, BatchNorm's `training`, ...).
+
+    Dynamo bakes each module's train/eval mode into these arguments, so comparing two graphs' values tells
+    which mode changes caused a recompile."""
+    out = {}
+    for node in graph.nodes:
+        rule = _EVAL_ARGS.get(node.target) if node.op == "call_function" else None
+        if rule is None:
+            continue
+        name, pos, _ = rule
+        value = node.kwargs.get(name, node.args[pos] if len(node.args) > pos else None)
+        out[node.name] = value if not isinstance(value, fx.Node) else "dynamic"
+    return out

@@ -7,8 +7,10 @@ by the plan itself, so a plan change can never run a graph built for another pla
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -29,6 +31,12 @@ FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
 _GRAPH_CACHE_SIZE = 4  # graphs kept for recent (plan, mode) keys, e.g. train and eval of the current plan
 
 
+def _hook_ids(model: nn.Module) -> tuple:
+    """Ids of every module hook registered on the model; a compiled graph is only valid for the same hooks."""
+    return tuple(k for m in model.modules() for hooks in (
+        m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks) for k in hooks)
+
+
 class FrozenModule(nn.Module):
     """A model whose frozen units cost nothing to train. Call it exactly as the model.
 
@@ -38,7 +46,7 @@ class FrozenModule(nn.Module):
 
     def __init__(self, model: nn.Module, captured: Captured, unit_graph: UnitGraph, policy: Policy,
                  optimizers=(), example_inputs=(), example_kwargs=None, total_steps=None,
-                 cache: CacheConfig | None = None):
+                 cache: CacheConfig | None = None, compile_options: dict | None = None):
         super().__init__()
         # Adopt the model's children, parameters and buffers so that names and state_dict keys are the model's.
         for name, child in model._modules.items():
@@ -69,6 +77,8 @@ class FrozenModule(nn.Module):
         state["_hooks"] = []
         state["_initial_requires_grad"] = {id(p): p.requires_grad for p in model.parameters()}
         state["_cache"] = ActivationCache(cache, self._weights_version) if cache is not None else None
+        state["_compile_options"] = compile_options  # None: run frzcompile's own graphs; else torch.compile
+        state["_compiled"] = OrderedDict()            # plan key -> torch.compile'd model for that plan
         self._view = TrainingView(self)
         if self._optimizers:
             self._hooks.append(self._optimizers[0].register_step_post_hook(lambda *a, **k: self.step()))
@@ -120,9 +130,11 @@ class FrozenModule(nn.Module):
             self._set_plan(new, reason=f"policy {self._policy.name}")
 
     def forward(self, *args, **kwargs):
+        self._enforce_frozen_eval()
+        if self._compile_options is not None:
+            return self._compiled_call(args, kwargs)
         if self._captured.method == "export":
             self._check_call(args, kwargs)
-        self._enforce_frozen_eval()
         return self._graph()(*args, **kwargs)
 
     def train(self, mode: bool = True):
@@ -308,6 +320,55 @@ class FrozenModule(nn.Module):
         self.__dict__["_build_seconds"] = self._build_seconds + time.perf_counter() - start
         self.__dict__["_last_ctx"] = ctx
         return gm
+
+    def _compiled_call(self, args, kwargs):
+        """Run the model through torch.compile with the frzcompile backend, one backend object per plan.
+
+        Dynamo keeps compiled graphs per backend object, so a new plan (frozen set, mode, or hooks added since)
+        gets a new backend and therefore a recompile that does not depend on Dynamo noticing the change itself
+        (it has missed `requires_grad` changes before, pytorch/pytorch#139476, and it ignores hooks added after
+        compiling). Returning to an earlier plan reuses its graphs."""
+        from . import backend
+
+        key = (self._frozen, self.training, _hook_ids(self._model))
+        compiled = self._compiled.get(key)
+        first_call = compiled is None
+        if first_call:
+            units = self._unit_graph.units
+            names = {id(p): n for n, p in self._model.named_parameters()}
+            frozen = [names[id(p)] for u in self._frozen for p in units[u].params if id(p) in names]
+            options = {**self._compile_options, "plan": key, "frozen": frozen}
+            compiled = torch.compile(self._model, backend=functools.partial(backend.frzcompile_backend,
+                                                                            options=options))
+            self._compiled[key] = compiled
+            while len(self._compiled) > _GRAPH_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+            return compiled(*args, **kwargs)
+        before = sum(r.plan == key for r in backend.compile_log)
+        raising = self._compile_options.get("on_budget") == "raise"
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=raising):
+                out = compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            del self._compiled[key]
+            if isinstance(e.inner_exception, backend.RecompileBudgetError):
+                raise e.inner_exception from None
+            raise
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            del self._compiled[key]
+            raise backend.RecompileBudgetError(
+                f"no graph could be compiled for the plan frozen={list(self.frozen)}: Dynamo hit "
+                f"torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit})") from e
+        if sum(r.plan == key for r in backend.compile_log) == before:
+            self.__dict__.setdefault("_eager_plans", []).append(key)
+            warnings.warn(
+                f"frzcompile: Dynamo compiled no graph for the plan frozen={list(self.frozen)} (it hit "
+                f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}, or skipped the frame)"
+                "; this plan runs eagerly: correct, but without compiled kernels",
+                backend.RecompileBudgetWarning, stacklevel=3)
+        return out
 
     def _check_call(self, args, kwargs) -> None:
         _, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))

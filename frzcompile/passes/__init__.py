@@ -35,6 +35,7 @@ class PassContext:
     frozen: frozenset
     prefix: tuple                   # frozen units that run without autograd, in topological order
     training: bool
+    evalize: bool = True            # rewrite baked-in train-mode constants of frozen units (not for Dynamo graphs)
     cache: object = None            # the runtime's ActivationCache, or None when caching is off
     example: tuple = ((), {})       # example (args, kwargs) of the model
     build: int = 0                  # how many graphs this module has built before, for dump file names

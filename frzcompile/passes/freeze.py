@@ -32,7 +32,7 @@ class NoGradRegion(nn.Module):
 def freeze(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     frozen_nodes = [n for n in gm.graph.nodes if ctx.unit_of(n) in ctx.frozen]
     eval_nodes = frozen_nodes if ctx.training else list(gm.graph.nodes)
-    rewritten = evalize(gm.graph, eval_nodes)
+    rewritten = evalize(gm.graph, eval_nodes) if ctx.evalize else 0
 
     prefix = set(ctx.prefix)
     region_nodes = [n for n in gm.graph.nodes if ctx.unit_of(n) in prefix]

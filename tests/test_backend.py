@@ -1,0 +1,220 @@
+"""The torch.compile backend: registration, options, numerics against eager, recompiles, explain."""
+import copy
+import importlib.metadata
+
+import pytest
+import torch
+from torch import nn
+
+import frzcompile
+from frzcompile import backend
+from frzcompile.explain import CompileReport
+
+
+class Net(nn.Module):
+    def __init__(self, graph_break=False):
+        super().__init__()
+        self.graph_break = graph_break
+        self.stem = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.mid = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.mid(self.stem(x))
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.head(x)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Dynamo's caches are per code object and shared by every Net in the process; start each test clean.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def saved_bytes(fn):
+    """Bytes autograd saves for backward while running fn()."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
+
+
+def test_registered_through_entry_point():
+    names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")]
+    assert "frzcompile" in names
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("frzcompile") is backend.frzcompile_backend
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="unknown frzcompile backend option.*'bogus'"):
+        backend.validate_options({"bogus": 1})
+    with pytest.raises(ValueError, match="inner"):
+        backend.validate_options({"inner": "tvm"})
+    with pytest.raises(ValueError, match="on_budget"):
+        backend.validate_options({"on_budget": "ignore"})
+    x, _ = data()
+    compiled = torch.compile(Net(), backend="frzcompile", options={"inerr": "eager"})
+    with pytest.raises(Exception, match="unknown frzcompile backend option.*'inerr'"):
+        compiled(x)
+    with pytest.raises(ValueError, match="unknown frzcompile backend option"):
+        frzcompile.optimize(Net(), (x,), policy="manual", compile={"bogus": 1})
+    with pytest.raises(ValueError, match="cannot be combined"):
+        frzcompile.optimize(Net(), (x,), policy="manual", compile=True, cache=True)
+
+
+def test_source_names():
+    assert backend.source_to_name("L['self']._modules['layer1']._modules['0']._parameters['weight']") == \
+        "layer1.0.weight"
+    assert backend.source_to_name("L['fn'].stem[0]") == "stem.0"
+    assert backend.source_to_name("G['torch']") is None
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "eager"])
+def test_plain_compile_matches_eager_with_requires_grad_frozen(inner):
+    torch.manual_seed(0)
+    model = Net()
+    for p in model.stem.parameters():
+        p.requires_grad_(False)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="frzcompile", options={"inner": inner})
+    x, y = data()
+    loss_fn = nn.CrossEntropyLoss()
+    loss = loss_fn(compiled(x), y)
+    loss.backward()
+    ref_loss = loss_fn(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    # eager semantics are kept: the BatchNorm of the requires_grad=False stem still updates its statistics
+    torch.testing.assert_close(model.stem[1].running_mean, ref.stem[1].running_mean)
+    record = backend.graphs_for(model.parameters())[-1]
+    assert record.frozen == {"stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"}
+    assert record.region_nodes >= 3 and hasattr(record.gm, "frozen_prefix")  # the rewrite fired
+
+
+def train_pair(compile_options, events, steps=8):
+    """Train a FrozenModule compiled with the backend and an eager copy frozen by hand; return both losses."""
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    x, y = data()
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", compile=compile_options)
+    loss_fn = nn.CrossEntropyLoss()
+    losses, ref_losses = [], []
+    for step in range(steps):
+        for unit, action in events.get(step, []):
+            getattr(fm, action)(unit)
+            module = ref.get_submodule(unit)
+            for p in module.parameters():
+                p.requires_grad_(action == "unfreeze")
+                p.grad = None
+                ref_opt.state.pop(p, None)
+        frozen = set(fm.frozen)
+        for name in ("stem", "mid", "head"):
+            ref.get_submodule(name).train(name not in frozen)
+        xb, yb = data(seed=step)
+        loss = loss_fn(fm(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref_loss = loss_fn(ref(xb), yb)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        losses.append(loss.item())
+        ref_losses.append(ref_loss.item())
+    return fm, losses, ref_losses
+
+
+EVENTS = {2: [("stem", "freeze")], 4: [("mid", "freeze")], 6: [("mid", "unfreeze")]}
+
+
+def test_optimize_compile_trains_like_eager_and_recompiles_once_per_new_plan():
+    fm, losses, ref_losses = train_pair({"inner": "aot_eager"}, EVENTS)
+    assert fm.units == ["stem", "mid", "head"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    graphs = backend.graphs_for(fm.parameters())
+    # plans: {} -> {stem} -> {stem, mid} -> {stem} again (its graph is reused): three graphs, two recompiles
+    assert [g.compile_id for g in graphs] == ["0/0", "0/1", "0/2"]
+    assert [len(g.frozen) for g in graphs] == [0, 4, 6]
+    assert "freeze plan changed" in graphs[1].reason and "stem.0.weight" in graphs[1].reason
+    report = frzcompile.explain(fm)
+    assert report.compiled.recompiles == 2 and len(report.compiled.graphs) == 3
+    assert "why: recompile: freeze plan changed" in str(report)
+
+
+def test_optimize_compile_with_inductor():
+    fm, losses, ref_losses = train_pair(True, {2: [("stem", "freeze")]}, steps=4)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    graphs = backend.graphs_for(fm.parameters())
+    assert [g.inner for g in graphs] == ["inductor", "inductor"] and graphs[1].region_nodes > 0
+
+
+def test_frozen_region_saves_nothing_for_backward():
+    torch.manual_seed(0)
+    x, _ = data()
+    model = Net()
+    fm = frzcompile.optimize(model, (x,), policy="manual", compile={"inner": "aot_eager"})
+    dense, _ = saved_bytes(lambda: fm(x))
+    fm.freeze("stem", "mid")
+    frozen, out = saved_bytes(lambda: fm(x))
+    # what the trainable head alone saves when run eagerly on the frozen part's output
+    head_input = fm.model.mid(fm.model.stem(x)).detach()
+    head_only, _ = saved_bytes(lambda: fm.model.head(head_input))
+    assert frozen < dense
+    assert frozen <= head_only
+    assert out.requires_grad
+
+
+def test_freeze_decisions_survive_graph_breaks():
+    torch.manual_seed(0)
+    x, y = data()
+    model = Net(graph_break=True)
+    ref = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), policy="manual", capture_method="export", compile={"inner": "aot_eager"})
+    fm.freeze("stem", "mid")
+    out = fm(x)
+    nn.functional.cross_entropy(out, y).backward()
+    graphs = backend.graphs_for(fm.parameters())
+    assert len({g.frame for g in graphs}) == 2  # the graph break split the forward in two frames
+    before_break = next(g for g in graphs if "stem.0.weight" in g.params)
+    after_break = next(g for g in graphs if "head.weight" in g.params)
+    assert before_break.region_nodes > 0 and {"stem.0.weight", "mid.0.weight"} <= before_break.frozen
+    assert after_break.frozen == frozenset() and after_break.region_nodes == 0
+    for p in list(ref.stem.parameters()) + list(ref.mid.parameters()):
+        p.requires_grad_(False)
+    ref.stem.eval()
+    ref.mid.eval()
+    ref_out = ref(x)
+    nn.functional.cross_entropy(ref_out, y).backward()
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(model.head.weight.grad, ref.head.weight.grad)
+
+
+def test_explain_a_plain_compiled_model():
+    x, _ = data()
+    compiled = torch.compile(Net(), backend="frzcompile", options={"inner": "eager"})
+    compiled(x)
+    report = frzcompile.explain(compiled)
+    assert isinstance(report, CompileReport) and "1 graphs received for Net" in str(report)
+    assert len(report.graphs) == 1 and report.graphs[0]["reason"] == "first graph of this frame"
