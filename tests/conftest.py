@@ -1,4 +1,9 @@
 import copy
+import os
+
+# Triton's interpreter runs the kernels on CPU tensors. It must be on before anything imports Triton (which
+# torch.utils.flop_counter does), because triton.jit decides at decoration time, for Triton's own helpers too.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

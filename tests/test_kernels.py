@@ -1,8 +1,8 @@
 """The kernel layer: each Triton kernel against its PyTorch reference, and when each path runs.
 
-Without a GPU the Triton paths run on CPU tensors in Triton's interpreter. `triton.jit` reads TRITON_INTERPRET when
-the kernel modules are imported, so it is set for that import only; the tests that run kernels set it again for
-their own duration (the wrappers check it at call time), and every other test file sees the environment unchanged.
+Without a GPU the Triton paths run on CPU tensors in Triton's interpreter: conftest.py sets TRITON_INTERPRET=1
+before anything imports Triton (`triton.jit` reads it at decoration time), and the wrappers check it again at
+call time.
 """
 import copy
 import os
@@ -13,16 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    from frzcompile import kernels
-    from frzcompile.kernels import block_sparse_matmul as bsm
-    from frzcompile.kernels import gather_cast as gc
-    from frzcompile.kernels import row_fingerprint as rf
-finally:
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
+from frzcompile import kernels
+from frzcompile.kernels import block_sparse_matmul as bsm
+from frzcompile.kernels import gather_cast as gc
+from frzcompile.kernels import row_fingerprint as rf
 
 M, N, K = 37, 100, 129  # none a multiple of the blocks: every kernel masks its edges
 
@@ -32,7 +26,7 @@ def interpret(monkeypatch):
     """Run the Triton paths on CPU tensors, in Triton's interpreter."""
     pytest.importorskip("triton")
     if not kernels._interpreted(bsm._block_sparse_mm_kernel):
-        pytest.skip("the kernel modules were imported before this file could set TRITON_INTERPRET=1")
+        pytest.skip("the kernel modules were imported without TRITON_INTERPRET=1 (see conftest.py)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernels.reset_path_counts()
 
