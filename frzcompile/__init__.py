@@ -4,7 +4,10 @@
     print(frzcompile.explain(fm))
 
 Pipeline: capture (capture.py) -> units (units.py) -> policy (policies.py, predictor/) -> passes (passes/:
-freeze, cache) -> runtime (runtime.py, activation_cache.py, activation_store.py). Importing this package initializes no CUDA, needs no Triton and changes no global torch setting.
+sparsify, freeze, cache) -> runtime (runtime.py, activation_cache.py, activation_store.py, sparsity/), and
+kernels/ for the rewritten hot regions on GPU. `torch.compile(model, backend="frzcompile")` runs the passes
+on Dynamo's graphs (backend.py). Importing this package initializes no CUDA, needs no Triton and changes no
+global torch setting.
 """
 from .activation_store import CacheConfig
 from .api import optimize
@@ -12,10 +15,13 @@ from .errors import CaptureError, FrzError, InputMismatchError, PlanError, Polic
 from .explain import explain
 from .policies import AutoFreeze, Linear, Manual, Policy, SmartFRZ
 from .runtime import FrozenModule
+from .sparsity import IndexedDataset, SieveSampler
+from .sparsity.training import EarlyBirdConfig, SparsityConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "optimize", "explain", "CacheConfig", "FrozenModule", "Policy", "SmartFRZ", "Manual", "Linear", "AutoFreeze",
+    "SparsityConfig", "EarlyBirdConfig", "SieveSampler", "IndexedDataset",
     "FrzError", "CaptureError", "InputMismatchError", "UnitError", "PlanError", "PolicyError",
 ]

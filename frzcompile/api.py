@@ -24,6 +24,7 @@ def optimize(
     capture_method: str = "auto",
     cache=False,
     compile=False,
+    sparsity=None,
 ) -> FrozenModule:
     """Wrap `model` so that the units a policy freezes stop costing backward work.
 
@@ -43,6 +44,9 @@ def optimize(
     compile: True (or a dict of backend options, see `frzcompile.backend.DEFAULT_OPTIONS`) runs the model
         through `torch.compile(backend="frzcompile")`; every freeze-plan change recompiles. Not combinable with
         cache= yet.
+    sparsity: a fraction (0.8: magnitude masks at 80 percent on every Linear and Conv weight outside the last
+        unit) or a `frzcompile.SparsityConfig` (mask source, structure, schedule, early-bird, data sieving).
+        Masked weights stay exactly zero through every optimizer step; frozen units keep their masks.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
@@ -86,6 +90,16 @@ def optimize(
             raise ValueError("compile= options 'plan' and 'frozen' are set by the FrozenModule itself")
     else:
         raise TypeError(f"compile= takes True/False or a dict of backend options, not {type(compile).__name__}")
+    if sparsity is not None:
+        from .sparsity.training import SparsityConfig
+
+        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+            sparsity = SparsityConfig(float(sparsity))
+        if not isinstance(sparsity, SparsityConfig):
+            raise TypeError(f"sparsity= takes a fraction or a frzcompile.SparsityConfig, not {type(sparsity).__name__}")
+        sparsity.validate()
+        if compile is not None:
+            raise ValueError("compile= and sparsity= cannot be combined yet: masks live in frzcompile's own graphs")
     if compile is not None and cache is not None:
         raise ValueError("compile= and cache= cannot be combined yet: the activation cache runs in frzcompile's "
                          "own graphs, not in Dynamo's")
@@ -97,4 +111,5 @@ def optimize(
     return FrozenModule(
         model, captured, unit_graph, policy, optimizers,
         example_inputs=args, example_kwargs=kwargs, total_steps=total_steps, cache=cache, compile_options=compile,
+        sparsity=sparsity,
     )

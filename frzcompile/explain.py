@@ -114,6 +114,8 @@ class Explanation:
         prefix = set(fm.frozen_prefix)
         flops = fm.unit_flops()
         total = sum(flops.values()) or 1
+        self.sparse = fm.sparsity.report() if fm.sparsity is not None else None
+        per_unit = fm.sparsity.sparsity_per_unit() if fm.sparsity is not None else {}
         self.rows = []
         for u in fm.units:
             unit = fm._unit_graph.units[u]
@@ -126,6 +128,7 @@ class Explanation:
                 "flops": flops.get(u, 0),
                 "flops_share": flops.get(u, 0) / total,
                 "nodes": len(unit.nodes),
+                "sparsity": per_unit[u][0] / per_unit[u][1] if u in per_unit else None,
             })
         self.outside_flops = flops.get("(outside units)", 0)
         self.frozen_flops_share = sum(r["flops_share"] for r in self.rows if r["status"] != "trainable")
@@ -146,16 +149,20 @@ class Explanation:
         for method, why in self.capture_attempts:
             lines.append(f"  ({method} was tried first and failed: {why})")
         lines.append(f"policy {self.policy}, step {self.step}")
-        header = ("#", "unit", "status", "since", "params", "fwd FLOPs", "share")
+        header = ("#", "unit", "status", "since", "params", "fwd FLOPs", "share", "sparsity")
         table = [header]
         for i, r in enumerate(self.rows):
             table.append((
                 str(i), r["unit"], r["status"], "" if r["since"] is None else str(r["since"]),
                 _fmt_count(r["params"]), _fmt_count(r["flops"]), f"{100 * r['flops_share']:.1f}%",
+                "" if r["sparsity"] is None else f"{100 * r['sparsity']:.1f}%",
             ))
+        if self.sparse is None:
+            table = [row[:-1] for row in table]
+            header = header[:-1]
         widths = [max(len(row[c]) for row in table) for c in range(len(header))]
         for k, row in enumerate(table):
-            lines.append("  ".join(cell.rjust(w) if c in (0, 4, 5, 6) else cell.ljust(w)
+            lines.append("  ".join(cell.rjust(w) if c in (0, 4, 5, 6, 7) else cell.ljust(w)
                                    for c, (cell, w) in enumerate(zip(row, widths))).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
@@ -169,6 +176,22 @@ class Explanation:
                 f"{label} ({1000 * s:.1f} ms)" for label, s in self.passes))
             for name, stats in self.pass_stats.items():
                 lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        if self.sparse is not None:
+            sp = self.sparse
+            last = "" if sp["last_update_step"] is None else f", last at step {sp['last_update_step']}"
+            lines.append(f"sparse training: {sp['source']} {sp['structure']} masks on {sp['targets']} weights, "
+                         f"sparsity {100 * sp['sparsity']:.1f}% of them; {sp['mask_updates']} mask updates{last}")
+            eb = sp["early_bird"]
+            if eb is not None:
+                distances = ", ".join(f"{d:.3f}" for d in eb["last_distances"]) or "none yet"
+                lines.append(f"  early-bird: ticket found at step {eb['found_at']}, pruned to it" if eb["found"] else
+                             f"  early-bird: searching ({eb['observations']} masks drawn, distances of the newest "
+                             f"to the others: {distances})")
+            sv = sp["sieve"]
+            if sv is not None:
+                lines.append(f"  sieving: {sv['active']} of {sv['num_samples']} samples active (keep ratio "
+                             f"{sv['keep_ratio']:.2f}), {sv['refreshes']} refreshes swapped {sv['swapped']}, "
+                             f"{sv['forgetting_events']} forgetting events")
         if self.cache is not None:
             c = self.cache
             lines.append(f"activation cache: {c['decision']}")

@@ -46,7 +46,7 @@ class FrozenModule(nn.Module):
 
     def __init__(self, model: nn.Module, captured: Captured, unit_graph: UnitGraph, policy: Policy,
                  optimizers=(), example_inputs=(), example_kwargs=None, total_steps=None,
-                 cache: CacheConfig | None = None, compile_options: dict | None = None):
+                 cache: CacheConfig | None = None, compile_options: dict | None = None, sparsity=None):
         super().__init__()
         # Adopt the model's children, parameters and buffers so that names and state_dict keys are the model's.
         for name, child in model._modules.items():
@@ -79,6 +79,12 @@ class FrozenModule(nn.Module):
         state["_cache"] = ActivationCache(cache, self._weights_version) if cache is not None else None
         state["_compile_options"] = compile_options  # None: run frzcompile's own graphs; else torch.compile
         state["_compiled"] = OrderedDict()            # plan key -> torch.compile'd model for that plan
+        state["_sparsity"] = None
+        state["_dense_grads"] = {}                    # RigL: dense gradients of masked weights, this step
+        if sparsity is not None:
+            from .sparsity.training import SparseTraining
+
+            state["_sparsity"] = SparseTraining(sparsity, model, unit_graph, total_steps, self._optimizers)
         self._view = TrainingView(self)
         if self._optimizers:
             self._hooks.append(self._optimizers[0].register_step_post_hook(lambda *a, **k: self.step()))
@@ -122,6 +128,13 @@ class FrozenModule(nn.Module):
         """Count one training step and let the policy decide. Called by the optimizer hook when `optimize`
         was given an optimizer; call it yourself after each optimizer step otherwise."""
         self._step += 1
+        if self._sparsity is not None:
+            from .passes.sparsify import DENSE_GRAD_SINKS
+
+            for t in self._sparsity.targets.values():
+                DENSE_GRAD_SINKS.pop(id(t.mask), None)
+            self._sparsity.after_step(self._step, self._dense_grads)
+            self._dense_grads.clear()
         decision = self._policy.decide(self._view)
         if decision is None:
             return
@@ -131,6 +144,11 @@ class FrozenModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._enforce_frozen_eval()
+        if self._sparsity is not None and self.training and self._sparsity.wants_dense_grads(self._step):
+            from .passes.sparsify import DENSE_GRAD_SINKS
+
+            for name, t in self._sparsity.trainable().items():
+                DENSE_GRAD_SINKS[id(t.mask)] = (self._dense_grads, name)
         if self._compile_options is not None:
             return self._compiled_call(args, kwargs)
         if self._captured.method == "export":
@@ -156,6 +174,16 @@ class FrozenModule(nn.Module):
         return dict(self._unit_flops)
 
     # -- activation cache --------------------------------------------------------------------------------
+    @property
+    def sparsity(self):
+        """The SparseTraining (masks, schedule, early-bird state; None unless optimize(..., sparsity=...))."""
+        return self._sparsity
+
+    @property
+    def sieve(self):
+        """The SieveSampler given in SparsityConfig(sieve=...), or None."""
+        return self._sparsity.config.sieve if self._sparsity is not None else None
+
     @property
     def cache(self):
         """The ActivationCache (None unless optimize(..., cache=...))."""
@@ -212,6 +240,7 @@ class FrozenModule(nn.Module):
             "since": dict(self._since),
             "step": self._step,
             "policy": {"name": self._policy.name, "state": self._policy.state_dict()},
+            "sparsity": self._sparsity.state_dict() if self._sparsity is not None else None,
         }
 
     def load_freeze_state_dict(self, state: dict) -> None:
@@ -224,7 +253,12 @@ class FrozenModule(nn.Module):
             )
         if state["policy"]["name"] != self._policy.name:
             raise PlanError(f"the saved policy is {state['policy']['name']!r}, this one is {self._policy.name!r}")
+        if (state.get("sparsity") is None) != (self._sparsity is None):
+            raise PlanError("the saved freeze state and this module disagree on sparsity= (one has masks, the "
+                            "other not)")
         self._policy.load_state_dict(state["policy"]["state"])
+        if self._sparsity is not None:
+            self._sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_step"] = int(state["step"])
         self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
         self.__dict__["_since"] = {u: int(s) for u, s in state["since"].items()}
@@ -263,7 +297,11 @@ class FrozenModule(nn.Module):
                 for opt in self._optimizers:
                     opt.state.pop(p, None)  # momentum / Adam moments of a frozen weight are dropped
             self._since[u] = self._step
+            if self._sparsity is not None:
+                self._sparsity.fold({id(p) for p in units[u].params})
         for u in thawed:
+            if self._sparsity is not None:
+                self._sparsity.unfold({id(p) for p in units[u].params})
             for p in units[u].params:
                 p.requires_grad_(self._initial_requires_grad.get(id(p), True))
             for m in units[u].modules:
@@ -311,6 +349,7 @@ class FrozenModule(nn.Module):
             prefix=tuple(self._unit_graph.prefix(frozen)),
             training=training,
             cache=self._cache,
+            sparsity=self._sparsity,
             example=self._example,
             build=self._builds,
             model_name=type(self._model).__name__,

@@ -16,8 +16,9 @@ from torch import fx
 
 from .cache import cache
 from .freeze import freeze
+from .sparsify import sparsify
 
-PASSES = [freeze, cache]
+PASSES = [sparsify, freeze, cache]
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PassContext:
     training: bool
     evalize: bool = True            # rewrite baked-in train-mode constants of frozen units (not for Dynamo graphs)
     cache: object = None            # the runtime's ActivationCache, or None when caching is off
+    sparsity: object = None         # the runtime's SparseTraining, or None when no weight is masked
     example: tuple = ((), {})       # example (args, kwargs) of the model
     build: int = 0                  # how many graphs this module has built before, for dump file names
     model_name: str = "model"

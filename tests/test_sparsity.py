@@ -1,0 +1,326 @@
+"""Sparse training inside frzcompile: the sparsify pass, mask schedules, early-bird, sieving, and freezing."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
+
+import frzcompile
+from frzcompile import zoo
+from frzcompile.sparsity import IndexedDataset, SieveSampler
+from frzcompile.sparsity.training import EarlyBirdConfig, SparsityConfig
+
+
+class Mask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask.clone())
+
+    def forward(self, w):
+        return w * self.mask
+
+
+def cnn_case():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return zoo.SmallCNN(width=8, dropout=0.0), torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,),
+                                                                                                       generator=g)
+
+
+def mlp_case():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return zoo.mlp(in_features=32, hidden=48, depth=3), torch.randn(6, 32, generator=g), torch.randint(0, 10, (6,),
+                                                                                                       generator=g)
+
+
+def masked_reference(model, fm):
+    """An eager copy of `model` whose target weights are parametrized as weight * mask (fm's current masks)."""
+    ref = copy.deepcopy(model)
+    for name, t in fm.sparsity.targets.items():
+        module = ref.get_submodule(name.rpartition(".")[0])
+        parametrize.register_parametrization(module, t.attr, Mask(t.mask))
+    return ref
+
+
+@pytest.mark.parametrize("case", [cnn_case, mlp_case])
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-1),
+], ids=["sgd-momentum-wd", "adamw"])
+def test_masked_weights_stay_zero_and_train_like_eager(case, make_opt):
+    model, x, y = case()
+    opt = make_opt(model.parameters())
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=0.8)
+    ref = masked_reference(model, fm)
+    ref_opt = make_opt(ref.parameters())
+    zeros = {n: ~t.mask.clone() for n, t in fm.sparsity.targets.items()}
+    for _ in range(25):
+        loss = nn.functional.cross_entropy(fm(x), y)
+        loss.backward()
+        for n, t in fm.sparsity.targets.items():
+            assert torch.all(t.weight.grad[zeros[n]] == 0), n  # the gradient is masked
+        opt.step()
+        opt.zero_grad()
+        ref_loss = nn.functional.cross_entropy(ref(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    for n, t in fm.sparsity.targets.items():
+        assert torch.all(t.weight[zeros[n]] == 0), n
+        assert torch.equal(~t.mask, zeros[n])
+    assert fm._last_ctx.stats["sparsify"]["masked_uses"] == len(fm.sparsity.targets)  # the rewrite fired
+
+
+def test_default_targets_exclude_the_head_and_hit_the_target_exactly():
+    model, x, _ = cnn_case()
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=0.8)
+    targets = fm.sparsity.targets
+    assert "head.weight" not in targets and len(targets) == 4
+    assert all(isinstance(t.module, nn.Conv2d) for t in targets.values())
+    total = sum(t.weight.numel() for t in targets.values())
+    zeros = sum(int((t.weight == 0).sum()) for t in targets.values())
+    assert zeros == round(0.8 * total)
+    state = fm.state_dict()
+    assert all(f"{n}_mask" in state for n in targets)  # masks travel with the state dict
+    fm2 = frzcompile.optimize(model, (x,), policy="manual", sparsity=SparsityConfig(0.5, include_head=True,
+                                                                                    scope="layer"))
+    assert "head.weight" in fm2.sparsity.targets
+    for t in fm2.sparsity.targets.values():
+        assert int((~t.mask).sum()) == round(0.5 * t.mask.numel())
+
+
+def test_export_graph_is_masked_too():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = zoo.tiny_bert(layers=2)
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids}, policy="manual", capture_method="export",
+                             sparsity=0.5)
+    out = fm(input_ids=ids)
+    logits = out["logits"] if isinstance(out, dict) else out.logits
+    logits.sum().backward()
+    stats = fm._last_ctx.stats["sparsify"]
+    assert stats["masked_uses"] == len(fm.sparsity.targets) > 0
+    for n, t in fm.sparsity.targets.items():
+        assert torch.all(t.weight.grad[~t.mask] == 0), n
+        assert torch.all(t.weight[~t.mask] == 0), n
+
+
+@pytest.mark.parametrize("source", ["mest", "rigl"])
+def test_prune_and_grow_keeps_the_sparsity_exactly(source):
+    model, x, y = mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = SparsityConfig(0.7, source=source, update_interval=3, scope="layer")
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg, total_steps=40)
+    counts = {n: int(t.mask.sum()) for n, t in fm.sparsity.targets.items()}
+    first = {n: t.mask.clone() for n, t in fm.sparsity.targets.items()}
+    for _ in range(24):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for n, t in fm.sparsity.targets.items():
+            assert int(t.mask.sum()) == counts[n]
+            assert torch.all(t.weight[~t.mask] == 0)
+    assert fm.sparsity.updates == 8
+    assert any(not torch.equal(first[n], t.mask) for n, t in fm.sparsity.targets.items())
+
+
+def test_gradual_schedule_reaches_the_target_at_the_end_of_the_ramp():
+    model, x, y = mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = SparsityConfig(0.9, schedule="gradual", ramp=(0.0, 0.5), update_interval=5)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg, total_steps=40)
+    seen = []
+    for _ in range(30):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append(fm.sparsity.report()["sparsity"])
+    assert seen[0] == 0.0 and 0 < seen[4] < seen[9] < seen[14] < 0.9
+    assert seen[19] == pytest.approx(0.9, abs=1e-3) and seen[-1] == seen[19]
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_early_bird_prunes_once_the_mask_settles(structure):
+    model, x, y = mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights never move: every drawn mask is the same
+    cfg = SparsityConfig(0.5, structure=structure, early_bird=EarlyBirdConfig(interval=2, fifo=5, threshold=0.1))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg)
+    for step in range(1, 13):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        report = fm.sparsity.report()
+        if step < 10:
+            assert not report["early_bird"]["found"] and report["sparsity"] == 0.0
+    assert report["early_bird"]["found_at"] == 10  # the 5th draw (every 2 steps) fills the FIFO
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.02)
+    if structure == "channel":
+        for t in fm.sparsity.targets.values():
+            rows = t.mask.reshape(t.mask.shape[0], -1)
+            assert torch.all(rows.all(1) | ~rows.any(1))  # whole output channels kept or pruned
+
+
+def test_early_bird_waits_while_the_mask_keeps_moving():
+    model, x, y = mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = SparsityConfig(0.5, early_bird=EarlyBirdConfig(interval=1, fifo=3, threshold=0.05))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        with torch.no_grad():  # reshuffle the weights between draws: masks 50 percent apart
+            for t in fm.sparsity.targets.values():
+                t.weight.copy_(t.weight.flatten()[torch.randperm(t.weight.numel(), generator=g)].view_as(t.weight))
+        opt.zero_grad()
+    assert not fm.sparsity.early_bird.found
+    assert min(fm.sparsity.early_bird.last_distances) > 0.05
+
+
+def test_a_frozen_sparse_unit_keeps_its_mask_and_weights():
+    model, x, y = mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = SparsityConfig(0.7, source="mest", update_interval=2, scope="layer")
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg, total_steps=40)
+    first = fm.units[0]
+    fm.freeze(first)
+    frozen = {n: (t.mask.clone(), t.weight.detach().clone()) for n, t in fm.sparsity.targets.items()
+              if t.unit == first}
+    others = {n: t.mask.clone() for n, t in fm.sparsity.targets.items() if t.unit != first}
+    assert frozen and others
+    for _ in range(10):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for n, (mask, weight) in frozen.items():
+        t = fm.sparsity.targets[n]
+        assert torch.equal(t.mask, mask) and torch.equal(t.weight, weight)
+    assert any(not torch.equal(fm.sparsity.targets[n].mask, m) for n, m in others.items())
+    assert fm._last_ctx.stats["sparsify"]["frozen_uses"] == len(frozen)
+
+
+def sieve_loop(fm, opt, loader, sampler, epochs, start_epoch=0):
+    losses = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        sampler.set_epoch(epoch)
+        for idx, xb, yb in loader:
+            out = fm(xb)
+            loss = nn.functional.cross_entropy(out, yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sampler.record(idx, out.argmax(1) == yb)
+            losses.append(loss.item())
+    return losses
+
+
+def test_save_and_resume_keep_masks_sieve_and_freeze_state(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+
+    def build():
+        model, x, _ = mlp_case()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sampler = SieveSampler(len(data), keep_ratio=0.75, refresh=0.25)
+        cfg = SparsityConfig(0.6, source="mest", update_interval=3, sieve=sampler)
+        fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg, total_steps=60)
+        loader = DataLoader(IndexedDataset(data), batch_size=16, sampler=sampler)
+        return fm, opt, sampler, loader
+
+    fm, opt, sampler, loader = build()
+    sieve_loop(fm, opt, loader, sampler, epochs=2)
+    fm.freeze(fm.units[0])
+    sieve_loop(fm, opt, loader, sampler, epochs=1, start_epoch=2)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": fm.state_dict(), "opt": opt.state_dict(), "frz": fm.freeze_state_dict()}, path)
+    expected = sieve_loop(fm, opt, loader, sampler, epochs=2, start_epoch=3)
+    assert sampler.summary()["refreshes"] >= 4
+
+    fm2, opt2, sampler2, loader2 = build()
+    ckpt = torch.load(path, weights_only=False)
+    fm2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    fm2.load_freeze_state_dict(ckpt["frz"])
+    assert fm2.frozen == (fm2.units[0],)
+    resumed = sieve_loop(fm2, opt2, loader2, sampler2, epochs=2, start_epoch=3)
+    assert resumed == expected
+    for n, t in fm.sparsity.targets.items():
+        assert torch.equal(t.mask, fm2.sparsity.targets[n].mask)
+    assert sampler2.active_indices == sampler.active_indices
+
+
+def test_explain_shows_sparsity_early_bird_and_sieve():
+    model, x, y = mlp_case()
+    sampler = SieveSampler(100, keep_ratio=0.6)
+    cfg = SparsityConfig(0.5, early_bird=EarlyBirdConfig(interval=1), sieve=sampler)
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=cfg)
+    fm(x)
+    fm.step()
+    report = frzcompile.explain(fm)
+    text = str(report)
+    assert "sparsity" in text and "early-bird: searching (1 masks drawn" in text
+    assert "sieving: 60 of 100 samples active (keep ratio 0.60)" in text
+    assert [r["sparsity"] for r in report.rows][-1] is None  # the head is not masked
+
+
+def test_bad_sparsity_configs_raise_clearly():
+    model, x, _ = mlp_case()
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        frzcompile.optimize(model, (x,), policy="manual", sparsity=1.5)
+    with pytest.raises(ValueError, match="needs total_steps"):
+        frzcompile.optimize(model, (x,), policy="manual", sparsity=SparsityConfig(0.5, source="rigl"))
+    with pytest.raises(ValueError, match="source='user' needs masks"):
+        frzcompile.optimize(model, (x,), policy="manual", sparsity=SparsityConfig(0.5, source="user"))
+    with pytest.raises(ValueError, match="not masked weights"):
+        frzcompile.optimize(model, (x,), policy="manual",
+                            sparsity=SparsityConfig(source="user", masks={"nope.weight": torch.ones(2, 2)}))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        frzcompile.optimize(model, (x,), policy="manual", sparsity=0.5, compile=True)
+    with pytest.raises(TypeError, match="sparsity= takes"):
+        frzcompile.optimize(model, (x,), policy="manual", sparsity="lots")
+
+
+def test_user_masks_are_used_as_given():
+    model, x, y = mlp_case()
+    fm_probe = frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual", sparsity=0.5)
+    name = next(iter(fm_probe.sparsity.targets))
+    shape = fm_probe.sparsity.targets[name].weight.shape
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=SparsityConfig(source="user", masks={name: mask}))
+    t = fm.sparsity.targets[name]
+    assert torch.equal(t.mask, mask) and torch.all(t.weight[~mask] == 0)
+
+
+@pytest.mark.parametrize("frozen_unit", [0, 1], ids=["prefix", "middle"])
+def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit):
+    from frzcompile import kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(5, 128)
+    cfg = SparsityConfig(0.5, structure="block", block=(64, 64), scope="layer")
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=cfg, units=["0", "2", "4"])
+    ref = copy.deepcopy(model)  # its weights are already masked (zeroed) by optimize
+    name = fm.units[frozen_unit]
+    fm.freeze(name)
+    for p in ref.get_submodule(name).parameters():
+        p.requires_grad_(False)
+    kernels.reset_path_counts()
+    out = fm(x)
+    assert fm._last_ctx.stats["sparsify"]["block_sparse"] == [f"{name}.weight"]  # the rewrite fired
+    # on CPU the Triton kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1)
+    assert kernels.last_path["block_sparse_linear"] == ("triton" if kernels.triton_available() else "reference")
+    ref_out = ref(x)
+    torch.testing.assert_close(out, ref_out)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:  # trainable masked weights get the masked gradient
+            mask = fm.sparsity.targets[n].mask if n in fm.sparsity.targets else 1
+            torch.testing.assert_close(p.grad, q.grad * mask, msg=n)
