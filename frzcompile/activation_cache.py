@@ -184,7 +184,8 @@ class ActivationCache:
 
     def _time(self, region, args, outputs, plan):
         """Best of three: the prefix on the batch, and fingerprinting plus a store round trip of its outputs."""
-        scratch = ActivationStore(CacheConfig(memory_bytes=1 << 40, storage_dtype=self.config.storage_dtype))
+        scratch = ActivationStore(CacheConfig(memory_bytes=1 << 40, storage_dtype=self.config.storage_dtype,
+                                              device=self.config.device))
         samples = [o for o, kind in zip(outputs, plan.output_kinds) if kind == "sample"]
         compute, serve = [], []
         for i in range(3):

@@ -1,12 +1,15 @@
 """The activation store: per-sample frontier tensors of a frozen prefix, keyed by what the prefix was fed.
 
 Keys are 128-bit BLAKE2b fingerprints of each sample's actual input to the frozen prefix (its bytes, dtype and
-shape, plus any batch-wide inputs), so a changed input can never hit. Optionally the user supplies sample ids
+shape, plus any batch-wide inputs), so a changed input can never hit. A GPU input is not copied to the host to
+be hashed: the row-fingerprint kernel reduces each of its rows to 128 bits on the GPU first (a single changed
+bit always changes it; otherwise it is well mixed but not cryptographic), and BLAKE2b hashes those. Optionally the user supplies sample ids
 instead, together with an explicit promise that inputs are deterministic (`CacheConfig(key="sample_id",
 deterministic_inputs=True)`): then a sample id *is* the key, and a changed input behind the same id would be
 served stale -- that is the contract the user signs.
 
-Entries live in fixed-size chunks of preallocated CPU tensors, one set per frozen prefix ("level") and per
+Entries live in fixed-size chunks of preallocated tensors (CPU memory, or `CacheConfig(device=...)`, e.g. the
+GPU, from which the gather-and-cast kernel serves them), one set per frozen prefix ("level") and per
 per-sample shape. Memory is bounded by a byte budget; beyond it, chunks can spill to memory-mapped files in a
 private temporary folder, removed when the store is garbage-collected or the process exits. A slot is entered
 in the in-memory index only after its bytes are written, and the index is never persisted, so a crash leaves
@@ -25,9 +28,14 @@ import numpy as np
 import torch
 
 CHUNK_SLOTS = 256
+# Inputs and entries on these devices go through the Triton kernels (row fingerprint, gather-and-cast) where
+# they are; tests add "cpu" to run them in Triton's interpreter.
+KERNEL_DEVICES = {"cuda"}
 
 
-def _available_memory() -> int:
+def _available_memory(device=None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -38,7 +46,10 @@ def _available_memory() -> int:
 class CacheConfig:
     """Options of the activation cache (`frzcompile.optimize(..., cache=CacheConfig(...))`).
 
-    memory_bytes: CPU memory for entries; default a quarter of the memory available when the cache starts.
+    memory_bytes: memory for entries; default a quarter of the memory available (on `device`) when the cache
+        starts.
+    device: where entries live: None (default) is CPU memory; e.g. "cuda" keeps them on the GPU, where serving a
+        batch is one gather-and-cast kernel (no spilling then).
     spill_dir: folder in which a private subfolder of memory-mapped spill files is made (removed on exit);
         None (default) means no spilling: entries beyond the memory budget are simply not stored.
     disk_bytes: budget of the spill files.
@@ -59,6 +70,7 @@ class CacheConfig:
     spill_dir: str | None = None
     disk_bytes: int = 8 << 30
     storage_dtype: torch.dtype | None = None
+    device: str | torch.device | None = None
     key: str = "input"
     deterministic_inputs: bool = False
     min_hit_rate: float = 0.2
@@ -75,8 +87,15 @@ class CacheConfig:
                 "deterministic_inputs=True to promise that an id always comes with the same input "
                 "(no random augmentation), or keep the default key='input'"
             )
+        if self.device is not None:
+            self.device = torch.device(self.device)
+            if self.device.type == "cpu":
+                self.device = None
+        if self.device is not None and self.spill_dir is not None:
+            raise ValueError("spill_dir= spills CPU entries to disk; it cannot be combined with device="
+                             f"{str(self.device)!r}")
         if self.memory_bytes is None:
-            self.memory_bytes = _available_memory() // 4
+            self.memory_bytes = _available_memory(self.device) // 4
         if self.memory_bytes < 0 or self.disk_bytes < 0:
             raise ValueError("CacheConfig budgets must be >= 0 bytes")
         if self.storage_dtype is not None and not self.storage_dtype.is_floating_point:
@@ -113,8 +132,14 @@ def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
         context.update(b"|")
     headers, rows = [], []
     for t in batch_args:
-        headers.append(f"{t.dtype}{tuple(t.shape[1:])}".encode())
-        rows.append(_as_bytes_rows(t))
+        if t.device.type in KERNEL_DEVICES:
+            from .kernels.row_fingerprint import row_fingerprint
+
+            headers.append(f"fp{t.dtype}{tuple(t.shape[1:])}".encode())
+            rows.append(row_fingerprint(t.detach()).cpu().numpy().view(np.uint8))  # (B, 16)
+        else:
+            headers.append(f"{t.dtype}{tuple(t.shape[1:])}".encode())
+            rows.append(_as_bytes_rows(t))
     n = batch_size if batch_size is not None else (rows[0].shape[0] if rows else 0)
     keys = []
     for i in range(n):
@@ -199,7 +224,7 @@ class ActivationStore:
             victim = evictable.pop(0)  # older levels make room first
             self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
         if self.memory_used + size <= self.config.memory_bytes:
-            group.chunks.append([torch.empty((CHUNK_SLOTS,) + s, dtype=d)
+            group.chunks.append([torch.empty((CHUNK_SLOTS,) + s, dtype=d, device=self.config.device)
                                  for s, d in zip(group.sample_shapes, group.dtypes)])
             group.on_disk.append(False)
             self.memory_used += size
@@ -275,7 +300,17 @@ class ActivationStore:
                 src_idx = torch.tensor([s for s, _ in sel])
                 dst_idx = torch.tensor([r for _, r in sel])
                 for src, dst in zip(group.chunks[chunk_id], out_tensors):
-                    dst.index_copy_(0, dst_idx.to(dst.device), src.index_select(0, src_idx).to(dst.device, dst.dtype))
+                    dst.index_copy_(0, dst_idx.to(dst.device), _gather_cast(src, src_idx, dst))
+
+
+def _gather_cast(src: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `src` in `like`'s dtype and on its device: the gather-and-cast kernel when the entries
+    already live on a GPU, else gather where they are, move, then cast."""
+    if src.device == like.device and src.device.type in KERNEL_DEVICES:
+        from .kernels.gather_cast import gather_cast
+
+        return gather_cast(src, index.to(src.device), like.dtype)
+    return src.index_select(0, index).to(like.device).to(like.dtype)
 
 
 def _remove_dead_spill_dirs(folder: str) -> None:
