@@ -324,3 +324,27 @@ def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit):
         if p.grad is not None:  # trainable masked weights get the masked gradient
             mask = fm.sparsity.targets[n].mask if n in fm.sparsity.targets else 1
             torch.testing.assert_close(p.grad, q.grad * mask, msg=n)
+
+
+def test_ops_named_by_the_user_are_masked_too():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(50, 16))
+            self.embed = nn.Embedding(50, 16)
+            self.body = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            h = nn.functional.embedding(ids, self.table) + self.embed(ids)
+            return self.head(torch.relu(self.body(h)).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 7))
+    cfg = SparsityConfig(0.5, scope="layer", ops=(nn.functional.embedding, nn.Embedding))
+    fm = frzcompile.optimize(Tagger(), (ids,), policy="manual", sparsity=cfg, units=["embed", "body", "head"])
+    assert set(fm.sparsity.targets) == {"table", "embed.weight", "body.weight"}
+    fm(ids).sum().backward()
+    assert fm._last_ctx.stats["sparsify"]["masked_uses"] == 3
+    for n, t in fm.sparsity.targets.items():
+        assert torch.all(t.weight.grad[~t.mask] == 0) and int((~t.mask).sum()) == t.mask.numel() // 2, n

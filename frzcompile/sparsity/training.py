@@ -171,6 +171,10 @@ class SparseTraining:
                 param_unit[id(p)] = u
         head = unit_graph.names[-1]
         extra_types = tuple(op for op in cfg.ops if isinstance(op, type))
+        extra_ops = {op for op in cfg.ops if not isinstance(op, type)}
+        # parameters read directly (get_attr) by a call of one of the named ops
+        op_params = {str(i.target) for node in unit_graph.node_unit if node.op == "call_function"
+                     and node.target in extra_ops for i in node.all_input_nodes if i.op == "get_attr"}
         candidates = {}
         for path, module in model.named_modules():
             for attr, p in module.named_parameters(recurse=False):
@@ -178,7 +182,8 @@ class SparseTraining:
                 if cfg.include is not None:
                     wanted = name in cfg.include or path in cfg.include
                 else:
-                    wanted = (attr == "weight" and isinstance(module, MASKED_MODULES + extra_types)
+                    layer_weight = attr == "weight" and isinstance(module, MASKED_MODULES + extra_types)
+                    wanted = ((layer_weight or name in op_params)
                               and (cfg.include_head or param_unit.get(id(p)) != head))
                 if wanted and name not in cfg.exclude:
                     if p.dim() < 2:
