@@ -3,10 +3,10 @@
 Keys are 128-bit BLAKE2b fingerprints of each sample's actual input to the frozen prefix (its bytes, dtype and
 shape, plus any batch-wide inputs), so a changed input can never hit. A GPU input is not copied to the host to
 be hashed: the row-fingerprint kernel reduces each of its rows to 128 bits on the GPU first (a single changed
-bit always changes it; otherwise it is well mixed but not cryptographic), and BLAKE2b hashes those. Optionally the user supplies sample ids
-instead, together with an explicit promise that inputs are deterministic (`CacheConfig(key="sample_id",
-deterministic_inputs=True)`): then a sample id *is* the key, and a changed input behind the same id would be
-served stale -- that is the contract the user signs.
+bit always changes it; otherwise it is well mixed but not cryptographic), and BLAKE2b hashes those.
+Optionally the user supplies sample ids instead, together with an explicit promise that inputs are
+deterministic (`CacheConfig(key="sample_id", deterministic_inputs=True)`): then a sample id *is* the key, and a
+changed input behind the same id would be served stale -- that is the contract the user signs.
 
 Entries live in fixed-size chunks of preallocated tensors (CPU memory, or `CacheConfig(device=...)`, e.g. the
 GPU, from which the gather-and-cast kernel serves them), one set per frozen prefix ("level") and per

@@ -96,7 +96,8 @@ class CompileReport:
                          f"({1000 * g['seconds']:.0f} ms in all)")
             lines.append(f"    why: {g['reason']}")
         if self.eager_plans:
-            lines.append(f"  {self.eager_plans} plan(s) got no compiled graph (Dynamo's recompile limit) and ran eagerly")
+            lines.append(f"  {self.eager_plans} plan(s) got no compiled graph (Dynamo's recompile limit) and ran "
+                         "eagerly")
         return "\n".join(lines)
 
     __repr__ = __str__

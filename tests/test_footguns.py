@@ -94,7 +94,8 @@ def test_train_eval_toggles(x):
     ref.train()
     ref.stem.eval()
     torch.testing.assert_close(fm(x), ref(x))
-    assert [g.reason for g in graphs(fm)] == ["first graph of this frame", "recompile: FrozenModule switched to train mode"]
+    assert [g.reason for g in graphs(fm)] == ["first graph of this frame",
+                                              "recompile: FrozenModule switched to train mode"]
 
 
 def test_batchnorm_and_dropout_in_a_frozen_region(x):

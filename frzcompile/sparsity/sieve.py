@@ -50,7 +50,8 @@ class SieveSampler(Sampler[int]):
             raise ValueError(f"refresh must be in [0, 1], got {refresh!r}")
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        self.num_samples, self.keep_ratio, self.refresh, self.interval, self.seed = n, keep_ratio, refresh, interval, seed
+        self.num_samples, self.keep_ratio, self.refresh = n, keep_ratio, refresh
+        self.interval, self.seed = interval, seed
         size = max(1, round(keep_ratio * n))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         self._active = perm[:size].sort().values
