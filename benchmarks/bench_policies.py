@@ -13,11 +13,9 @@ writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm] [--out DIR]
 """
-import argparse
 import copy
 import json
 import os
-import platform
 import time
 
 import torch
@@ -25,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
-from common import print_table
+from common import print_table, workload_args
 from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
@@ -158,16 +156,8 @@ def plot_timeline(result, label, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
-    parser.add_argument("--seed", type=int, default=0, help="initial weights (the new head's, for MiniLM) and data order")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"machine: {machine}; seed {args.seed}\n")
-    everything = {"machine": machine, "workloads": []}
+    args = workload_args(__doc__)
+    everything = {"machine": args.machine, "workloads": []}
     for key, load in (("fashion", fashion), ("minilm", minilm)):
         if args.only and key != args.only:
             continue

@@ -17,11 +17,9 @@ not read the weight and stays dense, so the sparse figure is conservative.
 
     python benchmarks/bench_sparse.py [--data PATH] [--only fashion|minilm] [--out DIR]
 """
-import argparse
 import copy
 import json
 import os
-import platform
 import time
 
 import torch
@@ -30,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
 from bench_policies import accuracy, fashion, minilm
-from common import print_table
+from common import print_table, workload_args
 from frzcompile.sparsity import SieveSampler
 from frzcompile.sparsity.training import EarlyBirdConfig, SparsityConfig
 
@@ -135,16 +133,8 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or $FRZ_DATA)")
-    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"machine: {machine}; seed {args.seed}\n")
-    everything = {"machine": machine, "workloads": []}
+    args = workload_args(__doc__)
+    everything = {"machine": args.machine, "workloads": []}
     for key, load in (("fashion", fashion), ("minilm", minilm)):
         if args.only and key != args.only:
             continue

@@ -1,4 +1,7 @@
 """Helpers shared by the benchmarks: prefix choice by FLOP share, plan switching, timed training steps."""
+import argparse
+import os
+import platform
 import random
 import statistics
 import time
@@ -76,3 +79,20 @@ def print_table(header, rows):
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def workload_args(doc):
+    """Command line of the benchmarks that train on real workloads (Fashion-MNIST, SST-2); prints the machine."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or $FRZ_DATA)")
+    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights (the new head's, for MiniLM) and data order")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    args.machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"machine: {args.machine}; seed {args.seed}\n")
+    return args
