@@ -156,3 +156,21 @@ def test_tiny_units_freeze_with_the_next_settled_unit():
     view.direction["stem"] = view.direction["stem"][:32]
     frozen = _run(SmartFRZ(interval=10, predictor=ScaleRule()), view, 10 * (WINDOW + 5))
     assert frozen == ("stem", "a")
+
+
+
+def test_features_ignore_weights_pruned_to_zero():
+    """Sparse training leaves most sampled weights at exactly 0. Every feature is a ratio of per-coordinate RMS
+    values, so constant zero coordinates cancel out: they cannot make a moving unit look converged."""
+    g = torch.Generator().manual_seed(0)
+    drift = torch.randn(SAMPLE_SIZE, generator=g)
+    steps = torch.arange(WINDOW, dtype=torch.float32).view(-1, 1)
+    window = 0.05 * torch.randn(SAMPLE_SIZE, generator=g) + 1e-3 * steps * drift \
+        + 1e-3 * torch.randn(WINDOW, SAMPLE_SIZE, generator=g)
+    keep = torch.rand(SAMPLE_SIZE, generator=g) < 0.2
+    pruned = window * keep
+    tokens, scalars = window_features(window[:, keep])
+    tokens_p, scalars_p = window_features(pruned)
+    torch.testing.assert_close(tokens_p, tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scalars_p, scalars, rtol=1e-4, atol=1e-5)
+    assert load_default().probability(pruned) == pytest.approx(load_default().probability(window[:, keep]), rel=1e-4)
