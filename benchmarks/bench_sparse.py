@@ -6,6 +6,7 @@ Runs, all with the same seed, data order and cosine learning-rate schedule:
   sparse 80 +freeze   the same, with SmartFRZ freezing and the activation cache
   sparse 80 +freeze +sieve   and data sieving (keep ratio 0.8, 10 percent swapped per epoch)
   early-bird 80       dense until the early-bird ticket at 80 percent is found, then sparse on it
+  sparse 80 gradual   (only with --runs) magnitude pruning ramped up cubically over the first half, no regrowth
 Workloads: a ResNet-style CNN trained from scratch on Fashion-MNIST, and the pretrained all-MiniLM-L6-v2
 fine-tuned on SST-2 (tested on the 872 labelled GLUE dev sentences).
 
@@ -15,7 +16,7 @@ dense matmuls) and as a sparse kernel would run them: every matmul or convolutio
 that reads a masked weight is scaled by that weight's density. A Linear layer's weight-gradient matmul does
 not read the weight and stays dense, so the sparse figure is conservative.
 
-    python benchmarks/bench_sparse.py [--data PATH] [--only fashion|minilm] [--out DIR]
+    python benchmarks/bench_sparse.py [--data PATH] [--only fashion|minilm] [--runs "dense,sparse 80"] [--out DIR]
 """
 import copy
 import json
@@ -35,24 +36,29 @@ from frzcompile.sparsity.training import EarlyBirdConfig, SparsityConfig
 FLOP_SAMPLE = 20
 RUNS = ("dense", "sparse 50", "sparse 80", "sparse 90", "sparse 80 +freeze", "sparse 80 +freeze +sieve",
         "early-bird 80")
+OPTIONAL_RUNS = ("sparse 80 gradual",)
 
 
 class SparseFlopCounter(FlopCounterMode):
     """FlopCounterMode that also sums FLOPs scaled by the density of a masked-weight operand.
 
     Overrides FlopCounterMode._count_flops (torch 2.13), which sees every op with its real arguments. The
-    sparsify pass feeds ops `weight * mask`, a new tensor, so the density follows the product of a mul."""
+    sparsify pass feeds ops `weight * mask`, a new tensor, so the density follows the product of a mul; the
+    counter holds on to those products until it exits, so their memory cannot be reused by another tensor
+    (which would then be mistaken for a masked weight) while it counts."""
 
     def __init__(self, densities):
         super().__init__(display=False)
         self.densities = densities  # storage pointer of a masked weight -> its density
         self.sparse_flops = 0
+        self._products = []
 
     def _count_flops(self, func_packet, out, args, kwargs):
         if func_packet is torch.ops.aten.mul and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
             density = self.densities.get(args[0].untyped_storage().data_ptr())
             if density is not None:
                 self.densities[out.untyped_storage().data_ptr()] = density
+                self._products.append(out)
         if func_packet in self.flop_registry:
             flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
             density = 1.0
@@ -69,6 +75,8 @@ def sparsity_config(name, steps_per_epoch, sieve):
     if name.startswith("early-bird"):
         return SparsityConfig(0.8, early_bird=EarlyBirdConfig(interval=max(1, steps_per_epoch // 10)))
     level = int(name.split()[1]) / 100
+    if "gradual" in name:
+        return SparsityConfig(level, schedule="gradual", ramp=(0.0, 0.5), update_interval=max(1, steps_per_epoch // 4))
     return SparsityConfig(level, source="mest", update_interval=max(1, steps_per_epoch // 2), sieve=sieve)
 
 
@@ -133,18 +141,26 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
 
 
 def main():
-    args = workload_args(__doc__)
+    def runs_option(parser):
+        parser.add_argument("--runs", default=",".join(RUNS),
+                            help=f"comma-separated runs, the first is the reference; from {RUNS + OPTIONAL_RUNS}")
+
+    args = workload_args(__doc__, runs_option)
+    runs = [r.strip() for r in args.runs.split(",")]
+    unknown = set(runs) - set(RUNS + OPTIONAL_RUNS)
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUNS + OPTIONAL_RUNS}")
     everything = {"machine": args.machine, "workloads": []}
     for key, load in (("fashion", fashion), ("minilm", minilm)):
         if args.only and key != args.only:
             continue
         label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed)
         results = []
-        for name in RUNS:
+        for name in runs:
             r = run(name, base, train, test, epochs, batch, make_opt, seed=args.seed)
             results.append(r)
             print(f"  {key} {name}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
-        dense = results[0]
+        dense = results[0]  # the reference run
         print(f"\n### {label}\n")
         rows = []
         for r in results:
@@ -165,7 +181,8 @@ def main():
                      "early-bird ticket"), rows)
         print()
         everything["workloads"].append({"workload": label, "results": results})
-    with open(os.path.join(args.out, f"sparse{'' if args.seed == 0 else f'_seed{args.seed}'}.json"), "w") as f:
+    name = "sparse" + ("" if args.seed == 0 else f"_seed{args.seed}") + ("" if runs == list(RUNS) else "_subset")
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(everything, f, indent=1, default=str)
 
 

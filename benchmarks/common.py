@@ -81,8 +81,9 @@ def print_table(header, rows):
         print("| " + " | ".join(str(c) for c in row) + " |")
 
 
-def workload_args(doc):
-    """Command line of the benchmarks that train on real workloads (Fashion-MNIST, SST-2); prints the machine."""
+def workload_args(doc, add_arguments=None):
+    """Command line of the benchmarks that train on real workloads (Fashion-MNIST, SST-2); prints the machine.
+    `add_arguments(parser)` adds a benchmark's own options."""
     import torch
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +92,8 @@ def workload_args(doc):
     parser.add_argument("--seed", type=int, default=0,
                         help="initial weights (the new head's, for MiniLM) and data order")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     args.machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -1,6 +1,7 @@
 """Quickstart: train a small CNN on scikit-learn's digits, with and without frzcompile, side by side.
 
     python examples/quickstart.py [--epochs 30] [--policy smartfrz|linear|autofreeze|manual] [--cache]
+                                  [--sparsity 0.8] [--compile]
 
 Both runs start from the same weights and see the same batches; the frzcompile run lets a policy freeze a
 growing prefix of the network. It prints time and test accuracy of both, then frzcompile.explain.
@@ -47,6 +48,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--policy", default="smartfrz", choices=["smartfrz", "linear", "autofreeze", "manual"])
     parser.add_argument("--cache", action="store_true", help="serve the frozen prefix from the activation cache")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="also train sparse: MEST masks on this fraction of every conv weight")
+    parser.add_argument("--compile", action="store_true", help="run through torch.compile(backend='frzcompile')")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -61,8 +65,11 @@ def main():
     def make_fm(model, opt):
         policy = {"smartfrz": frzcompile.SmartFRZ(), "linear": frzcompile.Linear(total_steps=steps),
                   "autofreeze": frzcompile.AutoFreeze(interval=40), "manual": "manual"}[args.policy]
+        sparsity = None
+        if args.sparsity is not None:
+            sparsity = frzcompile.SparsityConfig(args.sparsity, source="mest", update_interval=100)
         return frzcompile.optimize(model, (x_train[: args.batch_size],), optimizer=opt, policy=policy,
-                                   total_steps=steps, cache=args.cache)
+                                   total_steps=steps, cache=args.cache, sparsity=sparsity, compile=args.compile)
 
     fm, fm_s = train(copy.deepcopy(base), x_train, y_train, args.epochs, args.batch_size, args.seed,
                      "frzcompile", make_fm)

@@ -7,6 +7,7 @@ by the plan itself, so a plan change can never run a graph built for another pla
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -388,7 +389,8 @@ class FrozenModule(nn.Module):
         before = sum(r.plan == key for r in backend.compile_log)
         raising = self._compile_options.get("on_budget") == "raise"
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=raising):
+            # on_budget="raise": Dynamo must fail rather than fall back to eager for this plan
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True) if raising else contextlib.nullcontext():
                 out = compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             del self._compiled[key]
