@@ -143,7 +143,7 @@ class Explanation:
         self.plan_changes = list(fm._plan_changes)
         self.compiled = None
         if fm._compile_options is not None:
-            self.compiled = CompileReport(self.model, fm.parameters(), fm.__dict__.get("_eager_plans", ()))
+            self.compiled = CompileReport(self.model, fm.parameters(), fm._eager_plans)
 
     def __str__(self) -> str:
         lines = [f"frzcompile: {self.model} captured by {self.capture_method}"]

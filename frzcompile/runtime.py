@@ -80,6 +80,7 @@ class FrozenModule(nn.Module):
         state["_cache"] = ActivationCache(cache, self._weights_version) if cache is not None else None
         state["_compile_options"] = compile_options  # None: run frzcompile's own graphs; else torch.compile
         state["_compiled"] = OrderedDict()            # plan key -> torch.compile'd model for that plan
+        state["_eager_plans"] = []                    # plan keys Dynamo compiled no graph for (recompile limit)
         state["_sparsity"] = None
         state["_dense_grads"] = {}                    # RigL: dense gradients of masked weights, this step
         if sparsity is not None:
@@ -372,20 +373,17 @@ class FrozenModule(nn.Module):
 
         key = (self._frozen, self.training, _hook_ids(self._model))
         compiled = self._compiled.get(key)
-        first_call = compiled is None
-        if first_call:
-            units = self._unit_graph.units
-            names = {id(p): n for n, p in self._model.named_parameters()}
-            frozen = [names[id(p)] for u in self._frozen for p in units[u].params if id(p) in names]
-            options = {**self._compile_options, "plan": key, "frozen": frozen}
-            compiled = torch.compile(self._model, backend=functools.partial(backend.frzcompile_backend,
-                                                                            options=options))
-            self._compiled[key] = compiled
-            while len(self._compiled) > _GRAPH_CACHE_SIZE:
-                self._compiled.popitem(last=False)
-        else:
+        if compiled is not None:
             self._compiled.move_to_end(key)
             return compiled(*args, **kwargs)
+        units = self._unit_graph.units
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        frozen = [names[id(p)] for u in self._frozen for p in units[u].params if id(p) in names]
+        options = {**self._compile_options, "plan": key, "frozen": frozen}
+        compiled = torch.compile(self._model, backend=functools.partial(backend.frzcompile_backend, options=options))
+        self._compiled[key] = compiled
+        while len(self._compiled) > _GRAPH_CACHE_SIZE:
+            self._compiled.popitem(last=False)
         before = sum(r.plan == key for r in backend.compile_log)
         raising = self._compile_options.get("on_budget") == "raise"
         try:
@@ -403,7 +401,7 @@ class FrozenModule(nn.Module):
                 f"no graph could be compiled for the plan frozen={list(self.frozen)}: Dynamo hit "
                 f"torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit})") from e
         if sum(r.plan == key for r in backend.compile_log) == before:
-            self.__dict__.setdefault("_eager_plans", []).append(key)
+            self._eager_plans.append(key)
             warnings.warn(
                 f"frzcompile: Dynamo compiled no graph for the plan frozen={list(self.frozen)} (it hit "
                 f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}, or skipped the frame)"
