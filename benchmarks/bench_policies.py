@@ -13,7 +13,6 @@ writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm] [--out DIR]
 """
-import copy
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
-from common import print_table, workload_args
+from common import fresh_run, print_table, workload_args
 from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
@@ -76,13 +75,8 @@ def make_policy(name, total_steps):
 
 
 def run(name, base, train, test, epochs, batch, make_opt, seed=0):
-    model = copy.deepcopy(base)
-    *inputs, labels = train
+    model, inputs, labels, steps_per_epoch, total, opt, schedule = fresh_run(base, train, epochs, batch, make_opt)
     n = len(labels)
-    steps_per_epoch = n // batch
-    total = epochs * steps_per_epoch
-    opt = make_opt(model.parameters())
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,
                              policy=make_policy(name, total), cache=name != "full")
     policy_seconds = [0.0]

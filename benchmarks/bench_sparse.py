@@ -18,7 +18,6 @@ not read the weight and stays dense, so the sparse figure is conservative.
 
     python benchmarks/bench_sparse.py [--data PATH] [--only fashion|minilm] [--runs "dense,sparse 80"] [--out DIR]
 """
-import copy
 import json
 import os
 import time
@@ -29,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
 from bench_policies import accuracy, fashion, minilm
-from common import print_table, workload_args
+from common import fresh_run, print_table, workload_args
 from frzcompile.sparsity import SieveSampler
 from frzcompile.sparsity.training import EarlyBirdConfig, SparsityConfig
 
@@ -81,13 +80,8 @@ def sparsity_config(name, steps_per_epoch, sieve):
 
 
 def run(name, base, train, test, epochs, batch, make_opt, seed=0):
-    model = copy.deepcopy(base)
-    *inputs, labels = train
+    model, inputs, labels, steps_per_epoch, total, opt, schedule = fresh_run(base, train, epochs, batch, make_opt)
     n = len(labels)
-    steps_per_epoch = n // batch
-    total = epochs * steps_per_epoch
-    opt = make_opt(model.parameters())
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     freezing = "+freeze" in name
     sieve = SieveSampler(n, keep_ratio=0.8, refresh=0.1, seed=seed) if "+sieve" in name else None
     fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: prefix choice by FLOP share, plan switching, timed training steps."""
 import argparse
+import copy
 import os
 import platform
 import random
@@ -99,3 +100,16 @@ def workload_args(doc, add_arguments=None):
     args.machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"machine: {args.machine}; seed {args.seed}\n")
     return args
+
+
+def fresh_run(base, train, epochs, batch, make_opt):
+    """A copy of `base` with its optimizer and a cosine schedule over the whole run, for one training run of a
+    workload: (model, inputs, labels, steps_per_epoch, total_steps, optimizer, schedule)."""
+    import torch
+
+    model = copy.deepcopy(base)
+    *inputs, labels = train
+    steps_per_epoch = len(labels) // batch
+    total = epochs * steps_per_epoch
+    opt = make_opt(model.parameters())
+    return model, inputs, labels, steps_per_epoch, total, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .early_bird import EarlyBird
-from .masks import GROW_METHODS, SCOPES, STRUCTURES, magnitude_masks, prune_and_grow, update_fraction
+from .masks import GROW_METHODS, SCOPES, STRUCTURES, density, magnitude_masks, prune_and_grow, update_fraction
 from .sieve import SieveSampler
 
 SOURCES = ("magnitude", "user") + GROW_METHODS
@@ -325,15 +325,13 @@ class SparseTraining:
         return out
 
     def report(self) -> dict:
-        zeros = sum(int((~t.mask).sum()) for t in self.targets.values())
-        size = sum(t.mask.numel() for t in self.targets.values())
         eb = None
         if self.early_bird is not None:
             eb = {"found": self.early_bird.found, "found_at": self.early_bird.found_at,
                   "observations": self.early_bird.observations,
                   "last_distances": [round(d, 4) for d in self.early_bird.last_distances]}
         return {"source": self.config.source, "structure": self.config.structure, "targets": len(self.targets),
-                "sparsity": zeros / max(size, 1), "mask_updates": self.updates,
+                "sparsity": 1.0 - density(self.masks), "mask_updates": self.updates,
                 "last_update_step": self.last_update_step, "early_bird": eb,
                 "sieve": self.config.sieve.summary() if self.config.sieve is not None else None}
 
