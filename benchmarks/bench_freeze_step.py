@@ -57,12 +57,12 @@ def set_by_hand(model, fm, prefix):
     params = dict(model.named_parameters())
     modules = {id(m): n for n, m in fm.model.named_modules()}
     own = dict(model.named_modules())
-    frozen = {names[id(p)] for u in prefix for p in fm._unit_graph.units[u].params}
+    frozen = {names[id(p)] for u in prefix for p in fm.unit_graph.units[u].params}
     for n, p in params.items():
         p.requires_grad_(n not in frozen)
     model.train()
     for u in prefix:
-        for m in fm._unit_graph.units[u].modules:
+        for m in fm.unit_graph.units[u].modules:
             own[modules[id(m)]].eval()
 
 

@@ -115,7 +115,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
             step += 1
         train_seconds += time.perf_counter() - start
         curve.append((step, train_seconds, accuracy(fm, test)))
-    timeline = [(s, list(frozen)) for s, frozen, _ in fm._plan_changes]
+    timeline = [(s, list(frozen)) for s, frozen, _ in fm.plan.changes]
     return {"policy": name, "steps": step, "train_seconds": train_seconds, "accuracy": curve[-1][2],
             "curve": curve, "train_flops": flops, "timeline": timeline, "units": fm.units,
             "policy_seconds": policy_seconds[0],

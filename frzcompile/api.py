@@ -1,14 +1,18 @@
-"""`frzcompile.optimize`: capture, cut into units, attach a policy, return a FrozenModule."""
+"""`frzcompile.optimize`: capture for analysis, cut into units, attach a policy and services, return a
+FrozenModule."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .activation_store import CacheConfig
+from .backend import CompileConfig
+from .cache import CacheConfig
 from .capture import capture
-from .errors import InputMismatchError, UnitError
+from .errors import ConfigError, InputMismatchError, UnitError
 from .policies import make_policy
 from .runtime import FrozenModule
+from .runtime.steps import unwrap_optimizer
+from .sparsity.training import SparsityConfig
 from .units import UnitGraph, select_units
 
 
@@ -28,30 +32,31 @@ def optimize(
 ) -> FrozenModule:
     """Wrap `model` so that the units a policy freezes stop costing backward work.
 
-    model: the nn.Module to train. It is not copied: the returned module shares its parameters and buffers.
-    example_inputs / example_kwargs: one batch, exactly as you call the model (`model(*example_inputs,
-        **example_kwargs)`); used to capture the graph and count FLOPs. Dynamic batch sizes are supported.
-    optimizer: an optimizer (or a list) over the model's parameters. Its step drives the policy, and frozen
-        parameters get no update and lose their optimizer state. Without one, call `fm.step()` per step.
+    model: the nn.Module to train. It is not copied: the returned module is the model with a freeze plan (same
+        parameters, buffers, submodules and state dict), and calling it runs the model's own forward.
+    example_inputs / example_kwargs: one batch, as you call the model (`model(*example_inputs, **example_kwargs)`);
+        used once, to capture a graph for analysis (units, FLOPs). Calls may later use any batch size, length,
+        optional argument or keyword the model accepts.
+    optimizer: an optimizer (or a list; accelerate's wrapped optimizers are fine) over the model's parameters, so
+        that freezing also drops their optimizer state at once. Optional: any torch optimizer that steps the
+        model's parameters drives the policy, including one created later.
     policy: "smartfrz" (default: the shipped attention predictor over weight snapshots), "manual" (only
-        fm.freeze/unfreeze), "linear" (needs total_steps), "autofreeze", or a `frzcompile.policies.Policy`
-        instance with its options.
+        fm.freeze/unfreeze), "linear" (needs total_steps), "autofreeze", or a `frzcompile.Policy` instance.
     units: module paths to use as units instead of the automatic choice.
     total_steps: planned number of optimizer steps (the linear schedule needs it).
     capture_method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
     cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
         keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
-    compile: True (or a dict of backend options, see `frzcompile.backend.DEFAULT_OPTIONS`) runs the model
-        through `torch.compile(backend="frzcompile")`; every freeze-plan change recompiles. Not combinable with
-        cache= yet.
+    compile: True (or a `frzcompile.CompileConfig`) runs the model through `torch.compile(backend="frzcompile")`;
+        every freeze-plan change recompiles. Not combinable with cache= or sparsity= yet.
     sparsity: a fraction (0.8: magnitude masks at 80 percent on every Linear and Conv weight outside the last
         unit) or a `frzcompile.SparsityConfig` (mask source, structure, schedule, early-bird, data sieving).
         Masked weights stay exactly zero through every optimizer step; frozen units keep their masks.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
+        raise ConfigError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
     if isinstance(model, FrozenModule):
-        raise TypeError("this module was already returned by frzcompile.optimize; pass the original model")
+        raise ConfigError("this module was already returned by frzcompile.optimize; pass the original model")
     if example_inputs is None and not example_kwargs:
         raise InputMismatchError(
             "optimize() needs example_inputs (a tuple: one batch exactly as you pass it to the model) "
@@ -69,47 +74,45 @@ def optimize(
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")
     optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     for opt in optimizers:
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(opt).__name__}")
+        if not isinstance(unwrap_optimizer(opt), torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, not {type(opt).__name__}")
     policy = make_policy(policy)
-    if cache is True:
-        cache = CacheConfig()
-    elif cache is False or cache is None:
-        cache = None
-    elif not isinstance(cache, CacheConfig):
-        raise TypeError(f"cache= takes True/False or a frzcompile.CacheConfig, not {type(cache).__name__}")
-    if compile is True:
-        compile = {}
-    elif compile is False or compile is None:
-        compile = None
-    elif isinstance(compile, dict):
-        from .backend import validate_options
-
-        validate_options(compile)
-        if "plan" in compile or "frozen" in compile:
-            raise ValueError("compile= options 'plan' and 'frozen' are set by the FrozenModule itself")
-    else:
-        raise TypeError(f"compile= takes True/False or a dict of backend options, not {type(compile).__name__}")
-    if sparsity is not None:
-        from .sparsity.training import SparsityConfig
-
-        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
-            sparsity = SparsityConfig(float(sparsity))
-        if not isinstance(sparsity, SparsityConfig):
-            raise TypeError(f"sparsity= takes a fraction or a frzcompile.SparsityConfig, not {type(sparsity).__name__}")
-        sparsity.validate()
-        if compile is not None:
-            raise ValueError("compile= and sparsity= cannot be combined yet: masks live in frzcompile's own graphs")
+    cache = _option(cache, CacheConfig, "cache")
+    compile = _option(compile, CompileConfig, "compile")
+    if sparsity is not None and not isinstance(sparsity, bool) and isinstance(sparsity, (int, float)):
+        sparsity = SparsityConfig(float(sparsity))
+    if sparsity is not None and not isinstance(sparsity, SparsityConfig):
+        raise ConfigError(f"sparsity= takes a fraction or a frzcompile.SparsityConfig, not {type(sparsity).__name__}")
+    if compile is not None and sparsity is not None:
+        raise ConfigError("compile= and sparsity= cannot be combined yet: the gradient masks are tensor hooks on the "
+                          "weights, which the compiled graphs do not run")
     if compile is not None and cache is not None:
-        raise ValueError("compile= and cache= cannot be combined yet: the activation cache runs in frzcompile's "
-                         "own graphs, not in Dynamo's")
+        raise ConfigError("compile= and cache= cannot be combined yet: the activation cache serves the model's own "
+                          "module calls, which Dynamo's graphs inline")
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     unit_names = select_units(model, units)
     captured = capture(model, args, kwargs, unit_names, method=capture_method)
     unit_graph = UnitGraph(model, captured.gm, unit_names)
-    return FrozenModule(
-        model, captured, unit_graph, policy, optimizers,
-        example_inputs=args, example_kwargs=kwargs, total_steps=total_steps, cache=cache, compile_options=compile,
-        sparsity=sparsity,
-    )
+    fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
+                      compile_config=compile)
+    if sparsity is not None:
+        from .sparsity.training import SparseTraining
+
+        fm.add_service(SparseTraining(sparsity, model, unit_graph, total_steps, optimizers=fm.optimizers))
+    if cache is not None:
+        from .cache.service import ActivationCache
+
+        fm.add_service(ActivationCache(cache, model, unit_graph, fm.state_version))
+    return fm
+
+
+def _option(value, config_type, name):
+    """None for False/None, a default config for True, the config itself; anything else is refused."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return config_type()
+    if isinstance(value, config_type):
+        return value
+    raise ConfigError(f"{name}= takes True/False or a frzcompile.{config_type.__name__}, not {type(value).__name__}")

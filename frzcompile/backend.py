@@ -1,49 +1,87 @@
 """The torch.compile backend: `torch.compile(model, backend="frzcompile", options={...})`.
 
 Dynamo hands the backend one FX graph per compiled frame (several after graph breaks), with the model's
-parameters and buffers lifted to placeholders. The backend reads each placeholder's Dynamo source
-(`L['self']._modules['layer1']._parameters['weight']`) to name it, so freeze decisions are keyed by parameter
-name and survive graph breaks; it runs frzcompile's passes on the graph and hands the result to Inductor (or
-to `aot_eager`, or runs it as is for debugging).
+parameters and buffers lifted to placeholders. Dynamo guards each graph on what it read (module modes, hooks,
+attributes, shapes, `requires_grad`), so the graph that runs is faithful to the model. The backend reads each
+placeholder's Dynamo source (`L['self']._modules['layer1']._parameters['weight']`) to name it, so freeze
+decisions are keyed by parameter name and survive graph breaks; it runs frzcompile's freeze pass on the graph
+and hands the result to Inductor (or to `aot_eager`, or runs it as is for debugging).
 
-A parameter is frozen when it does not require grad, or when the plan of a `FrozenModule` compiled with
-`optimize(..., compile=True)` names it. The freeze pass fuses everything that is computed from frozen
-parameters and from nothing that requires grad into a `frozen_prefix` region run under `torch.no_grad()`, so
-no autograd state is built or saved for it.
+A parameter is frozen when it does not require grad, or when `CompileConfig.frozen` (or the plan of a
+FrozenModule compiled with `optimize(..., compile=True)`) names it. The freeze pass fuses everything computed
+from frozen parameters and from nothing that requires grad into a `frozen_prefix` region run under
+`torch.no_grad()`, so no autograd state is built or saved for it.
 
-Every graph received is logged (see `compile_log`), with the passes applied and, for a recompile, what changed
-since the previous graph of the same frame; `frzcompile.explain` reads that log. Dynamo falls back to eager
-without telling the backend once a frame hits `torch._dynamo.config.recompile_limit`, so the backend warns
-on the last recompile that the limit allows, and `FrozenModule` checks after each plan change that a graph was
-really compiled for it.
+Every graph compiled leaves a `GraphCompile` record on the callable the backend returns (so it lives as long as
+Dynamo keeps the graph), and in the FrozenModule's own log when one asked for it; `frzcompile.explain` and
+`graphs_for` read them. Dynamo falls back to eager without telling the backend once a frame hits
+`torch._dynamo.config.recompile_limit`, so the backend warns on the last recompile that the limit allows, and a
+FrozenModule checks after each plan change that a graph was really compiled for it.
 """
 from __future__ import annotations
 
-import itertools
 import re
 import time
 import warnings
 import weakref
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import fx
 
-from .errors import FrzError
+from . import torch_private
+from .errors import ConfigError, FrzError
 from .modes import mode_arguments
 
-DEFAULT_OPTIONS = {
-    # what compiles the rewritten graph: "inductor", "aot_eager", or "eager" (run it as is, for debugging)
-    "inner": "inductor",
-    # parameter names to treat as frozen in addition to those with requires_grad=False
-    "frozen": (),
-    # recompiles a frame may use before frzcompile reports it; None: torch._dynamo.config.recompile_limit
-    "recompile_budget": None,
-    # "warn" or "raise" when a recompile uses up the budget
-    "on_budget": "warn",
-}
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+RECORD_ATTRIBUTE = "frzcompile_record"
+
+
+@dataclass
+class CompileConfig:
+    """Options of the frzcompile torch.compile backend, checked when built.
+
+    `optimize(model, ..., compile=frzcompile.CompileConfig(inner="aot_eager"))`, or for plain torch.compile
+    `torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})` (the same names).
+
+    inner: what compiles the rewritten graph: "inductor" (default), "aot_eager", or "eager" (run it as is).
+    frozen: parameter names to treat as frozen in addition to those with requires_grad=False.
+    recompile_budget: compiles a frame may use before frzcompile reports it; None means
+        torch._dynamo.config.recompile_limit.
+    on_budget: "warn" (RecompileBudgetWarning) or "raise" (RecompileBudgetError) when that budget is used up.
+    """
+
+    inner: str = "inductor"
+    frozen: frozenset = frozenset()
+    recompile_budget: int | None = None
+    on_budget: str = "warn"
+
+    def __post_init__(self):
+        if self.inner not in INNER_COMPILERS:
+            raise ConfigError(f"CompileConfig.inner must be one of {INNER_COMPILERS}, not {self.inner!r}")
+        if isinstance(self.frozen, str) or not all(isinstance(n, str) for n in self.frozen):
+            raise ConfigError("CompileConfig.frozen takes a list of parameter names, e.g. ['layer1.0.weight']")
+        self.frozen = frozenset(self.frozen)
+        budget = self.recompile_budget
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+            raise ConfigError(f"CompileConfig.recompile_budget must be a non-negative int or None, not {budget!r}")
+        if self.on_budget not in ("warn", "raise"):
+            raise ConfigError(f"CompileConfig.on_budget must be 'warn' or 'raise', not {self.on_budget!r}")
+
+    @classmethod
+    def from_options(cls, options) -> CompileConfig:
+        """A config from torch.compile's `options=` dict (or a CompileConfig, returned as is)."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, dict):
+            raise ConfigError(f"frzcompile backend options must be a dict, not {type(options).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown frzcompile backend option(s) {unknown}; accepted: {known}")
+        return cls(**options)
 
 
 class RecompileBudgetWarning(UserWarning):
@@ -51,29 +89,7 @@ class RecompileBudgetWarning(UserWarning):
 
 
 class RecompileBudgetError(FrzError):
-    """Raised instead of RecompileBudgetWarning with options={"on_budget": "raise"}."""
-
-
-def validate_options(options: dict | None) -> dict:
-    """Defaults filled in; unknown keys and bad values raise ValueError naming what is accepted."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS) - {"plan"})
-    if unknown:
-        raise ValueError(
-            f"unknown frzcompile backend option(s) {unknown}; accepted: {sorted(DEFAULT_OPTIONS)}"
-        )
-    merged = {**DEFAULT_OPTIONS, **options}
-    if merged["inner"] not in INNER_COMPILERS:
-        raise ValueError(f"options['inner'] must be one of {INNER_COMPILERS}, not {merged['inner']!r}")
-    if isinstance(merged["frozen"], str) or not all(isinstance(n, str) for n in merged["frozen"]):
-        raise ValueError("options['frozen'] takes a list of parameter names, e.g. ['layer1.0.weight']")
-    merged["frozen"] = frozenset(merged["frozen"])
-    budget = merged["recompile_budget"]
-    if budget is not None and (not isinstance(budget, int) or budget < 0):
-        raise ValueError(f"options['recompile_budget'] must be a non-negative int or None, not {budget!r}")
-    if merged["on_budget"] not in ("warn", "raise"):
-        raise ValueError(f"options['on_budget'] must be 'warn' or 'raise', not {merged['on_budget']!r}")
-    return merged
+    """Raised instead of RecompileBudgetWarning with on_budget="raise"."""
 
 
 @dataclass
@@ -89,15 +105,15 @@ class GraphCompile:
     region_nodes: int               # nodes moved into the no-grad frozen region
     passes: list                    # (pass name, seconds)
     inner: str
-    reason: str                     # why this graph was compiled
     plan: object = None             # the FrozenModule plan key it was compiled for, if any
     seconds: float = 0.0
+    created: int = 0                # time.monotonic_ns() when received, to order records
     gm: fx.GraphModule | None = field(default=None, repr=False)  # the rewritten graph, for inspection
 
+    def live_param_ids(self) -> set:
+        # weak references: a record must not keep a model alive, and a dead model's ids may be reused
+        return {id(p) for p in (ref() for ref in self.params.values()) if p is not None}
 
-# Every graph compiled by this backend in this process, newest last (bounded: compiled models come and go).
-compile_log: deque = deque(maxlen=512)
-_fallback_frames = itertools.count(10**6)  # frame ids when no Dynamo compile context is active (direct calls)
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
 
@@ -122,9 +138,8 @@ def _placeholder_names(gm: fx.GraphModule, example_inputs) -> dict:
     out = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
-        grapharg = node.meta.get("grapharg")
-        name = source_to_name(grapharg.source.name) if grapharg is not None and grapharg.source is not None else None
-        out[node] = (name, example)
+        source = torch_private.placeholder_source(node)
+        out[node] = (source_to_name(source) if source is not None else None, example)
     return out
 
 
@@ -153,12 +168,17 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
     return region
 
 
-def _recompile_reason(record: GraphCompile) -> str:
+def recompile_reason(record: GraphCompile, earlier) -> str:
+    """Why `record` was compiled, from the records compiled before it (any order; newest wins)."""
     if record.attempt == 0:
         return "first graph of this frame"
-    # Dynamo shares a frame among all instances of a class, so compare with the same model's last graph.
-    previous = next((r for r in reversed(compile_log)
-                     if r.frame == record.frame and _live_ids(r) & _live_ids(record)), None)
+    # Dynamo shares a frame among all instances of a class, so compare with the same model's previous graph.
+    ids = record.live_param_ids()
+    previous = None
+    for r in earlier:
+        if r.frame == record.frame and r.created < record.created and r.live_param_ids() & ids:
+            if previous is None or r.created > previous.created:
+                previous = r
     if previous is None:
         return "recompile: first graph of this frame for these parameters (another instance compiled it before)"
     changes = []
@@ -182,10 +202,10 @@ def _short(names, limit=4) -> str:
     return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_budget(record: GraphCompile, options: dict) -> None:
-    budget = options["recompile_budget"]
+def _check_budget(record: GraphCompile, config: CompileConfig) -> None:
+    budget = config.recompile_budget
     if budget is None:
-        budget = int(torch._dynamo.config.recompile_limit)
+        budget = torch_private.recompile_limit()
     if record.attempt + 1 < budget:
         return
     message = (
@@ -193,39 +213,34 @@ def _check_budget(record: GraphCompile, options: dict) -> None:
         "frame; further freeze-plan or mode changes will make Dynamo run this frame eagerly (correct, but without "
         "frzcompile's rewrites). Raise torch._dynamo.config.recompile_limit, or change the plan less often."
     )
-    if options["on_budget"] == "raise":
+    if config.on_budget == "raise":
         raise RecompileBudgetError(message)
     warnings.warn(message, RecompileBudgetWarning, stacklevel=2)
 
 
-def _compile_id() -> tuple[int, int]:
-    from torch._guards import CompileContext
+def frzcompile_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None, *,
+                       plan=None, log: list | None = None):
+    """The Dynamo backend registered as "frzcompile" (entry point `torch_dynamo_backends`).
 
-    cid = CompileContext.current_compile_id()
-    if cid is None or cid.frame_id is None:
-        return next(_fallback_frames), 0
-    return int(cid.frame_id), int(cid.frame_compile_id or 0)
-
-
-def frzcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """The Dynamo backend registered as "frzcompile" (entry point `torch_dynamo_backends`)."""
+    `options` are torch.compile's (a dict of CompileConfig fields, or a CompileConfig); `plan` and `log` are set
+    by a FrozenModule: the plan key this graph is compiled for, and a list that receives its GraphCompile."""
     from .passes import PassContext, run_passes
     from .passes.freeze import freeze
 
     if mode is not None:
-        raise ValueError("the frzcompile backend takes no mode=; use options={'inner': ...}")
-    options = validate_options(options)
+        raise ConfigError("the frzcompile backend takes no mode=; use options={'inner': ...}")
+    config = CompileConfig.from_options(options)
     start = time.perf_counter()
-    frame, attempt = _compile_id()
+    frame, attempt = torch_private.current_compile_id() or (-1, 0)
     placeholders = _placeholder_names(gm, example_inputs)
     params = {name: weakref.ref(t) for name, t in placeholders.values()
               if name is not None and isinstance(t, torch.nn.Parameter)}
     frozen = frozenset(
         name for name, t in placeholders.values()
         if name is not None and isinstance(t, torch.nn.Parameter)
-        and (not t.requires_grad or name in options["frozen"])
+        and (not t.requires_grad or name in config.frozen)
     )
-    stale = sorted(n for n in options["frozen"] & set(params) if params[n]().requires_grad)
+    stale = sorted(n for n in config.frozen & set(params) if params[n]().requires_grad)
     if stale:
         raise FrzError(f"parameters {_short(stale)} are in the frozen plan but still require grad; freeze them "
                        "with FrozenModule.freeze(), which also clears their gradients and optimizer state")
@@ -235,50 +250,44 @@ def frzcompile_backend(gm: fx.GraphModule, example_inputs, options: dict | None 
         node_unit={name: "frozen" for name in region},
         frozen=frozenset({"frozen"}) if region else frozenset(),
         prefix=("frozen",) if region else (),
-        training=True,
-        evalize=False,  # Dynamo traced each module in its current mode; nothing is baked in to rewrite
         build=attempt,
         model_name=f"dynamo_frame{frame}",
     )
-    # AOTAutograd reads each placeholder's `_dynamo_source`, a plain attribute that graph surgery (fusing
-    # re-creates nodes) does not carry over, so it is restored by name afterwards.
-    sources = {n.name: n._dynamo_source for n in gm.graph.nodes if hasattr(n, "_dynamo_source")}
+    sources = torch_private.saved_dynamo_sources(gm)
     gm = run_passes(gm, ctx, passes=[freeze])
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if node.name in sources:
-            node._dynamo_source = sources[node.name]
+    torch_private.restore_dynamo_sources(gm, sources)
     record = GraphCompile(
         compile_id=f"{frame}/{attempt}", frame=frame, attempt=attempt, params=params, frozen=frozen,
         modes=modes, region_nodes=len(region),
-        passes=[(r.label, r.seconds) for r in ctx.records[1:]], inner=options["inner"], reason="",
-        plan=options.get("plan"), gm=gm,
+        passes=[(r.label, r.seconds) for r in ctx.records[1:]], inner=config.inner,
+        plan=plan, created=time.monotonic_ns(), gm=gm,
     )
-    record.reason = _recompile_reason(record)
-    compile_log.append(record)
-    _check_budget(record, options)
-    compiled = _inner_compile(gm, example_inputs, options["inner"])
+    if log is not None:
+        log.append(record)
+    _check_budget(record, config)
+    compiled = _inner_compile(gm, example_inputs, config.inner)
     record.seconds = time.perf_counter() - start
-    return compiled
+
+    def run(*args):
+        return compiled(*args)
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)  # Inductor's callables take one list of inputs
+    setattr(run, RECORD_ATTRIBUTE, record)
+    return run
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
-        from torch._dynamo.backends.registry import lookup_backend
-
-        return lookup_backend("aot_eager")(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
+        return torch_private.aot_eager_compile(gm, example_inputs)
+    return torch_private.inductor_compile(gm, example_inputs)
 
 
-def _live_ids(record: GraphCompile) -> set:
-    # weak references: a logged graph must not keep a model alive, and a dead model's ids may be reused
-    return {id(p) for p in (ref() for ref in record.params.values()) if p is not None}
-
-
-def graphs_for(parameters) -> list:
-    """The logged graphs that read any of these parameters (what `explain` shows for a compiled model)."""
-    ids = {id(p) for p in parameters}
-    return [r for r in compile_log if ids & _live_ids(r)]
+def graphs_for(model: torch.nn.Module) -> list:
+    """The GraphCompile records of the graphs Dynamo compiled with this backend that read `model`'s parameters,
+    oldest first (what `explain` shows for a compiled model)."""
+    ids = {id(p) for p in model.parameters()}
+    records = {id(r): r for r in (getattr(fn, RECORD_ATTRIBUTE)
+                                  for fn in torch_private.compiled_callables(model, RECORD_ATTRIBUTE))}
+    return sorted((r for r in records.values() if ids & r.live_param_ids()), key=lambda r: r.created)

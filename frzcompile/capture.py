@@ -1,9 +1,13 @@
-"""Capture: turn an nn.Module into a torch.fx GraphModule that shares the model's parameters.
+"""Capture, for analysis: one torch.fx GraphModule of the model, from which units, the unit DAG, the frozen
+prefix and its frontier, and FLOPs are read. What runs when you call the FrozenModule is the model itself, never
+this graph, so the graph only has to describe the model's structure, not every call it will see.
 
-`torch.fx.symbolic_trace` is tried first (it keeps torch.nn modules as call_module nodes, so the model's own
-modules run); `torch.export.export(strict=False)` with a dynamic batch dimension is the fallback (the only path
-that captures Hugging Face models on transformers 5). Either way the graph is captured with the model in train
-mode, and checked against eager on the example inputs before it is used.
+`torch.fx.symbolic_trace` is tried first (torch.nn modules stay call_module nodes); `torch.export.export(
+strict=False)` is the fallback (the only path that captures Hugging Face models on transformers 5). The model
+is captured in eval mode (deterministic, no BatchNorm statistics moved; a Python `if self.training:` simply
+takes its eval branch), with `use_cache=False` when its forward takes `use_cache` and the example does not set it
+(decoders' key/value caches are not tensors a graph can return). The graph is checked against the model on the
+example inputs, within the measured numerical noise (`numerics.py`), before it is used.
 """
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx
 
-from .errors import CaptureError, InputMismatchError
-from .modes import evalize
+from .errors import CaptureError, ConfigError, InputMismatchError
+from .numerics import tree_agree, tree_noise
+from .torch_private import tree_map
 
 METHODS = ("symbolic_trace", "export")
 
@@ -27,7 +31,8 @@ class Captured:
     gm: fx.GraphModule
     method: str                       # "symbolic_trace" or "export"
     attempts: list = field(default_factory=list)  # [(method, why it failed)] for the methods tried before
-    in_spec: object = None            # pytree spec of (args, kwargs) the graph was captured with
+    args: tuple = ()                  # the example the graph was captured with (analysis arguments included)
+    kwargs: dict = field(default_factory=dict)
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -42,36 +47,29 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
+def short_error(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _outputs_match(a, b) -> bool:
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    if len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            if x.is_floating_point() and not torch.allclose(x, y, rtol=1e-4, atol=1e-5):
-                return False
-            if not x.is_floating_point() and not torch.equal(x, y):
-                return False
-    return True
+def analysis_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
+    """The example's keyword arguments, plus `use_cache=False` for models whose forward takes `use_cache`."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if "use_cache" in params and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return dict(kwargs)
 
 
 def _dynamic_shapes(model, args, kwargs):
-    """dynamic_shapes letting export keep every dimension of every tensor input dynamic where it can (the
-    batch shrinks at the end of an epoch, sequence lengths vary), keyed by argument name."""
+    """dynamic_shapes letting export keep every dimension of every tensor input dynamic where it can, keyed by
+    argument name (so one graph describes other batch sizes and lengths too)."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     spec = {}
     for name, value in bound.arguments.items():
-        spec[name] = pytree.tree_map(
+        spec[name] = tree_map(
             lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None,
             value,
         )
@@ -105,50 +103,47 @@ def _export(model, args, kwargs, unit_names):
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), method: str = "auto") -> Captured:
-    """Capture `model` as a GraphModule; `method` is "auto", "symbolic_trace" or "export".
+    """Capture `model` as a GraphModule for analysis; `method` is "auto", "symbolic_trace" or "export".
 
     `unit_names` are the module paths that will become units: symbolic_trace traces into any torch.nn module
     that contains one, so every unit's code appears in the graph."""
     if method not in ("auto",) + METHODS:
-        raise ValueError(f"capture method must be 'auto' or one of {METHODS}, not {method!r}")
+        raise ConfigError(f"capture_method must be 'auto' or one of {METHODS}, not {method!r}")
     name = type(model).__name__
+    kwargs = analysis_kwargs(model, kwargs)
     was_training = {m: m.training for m in model.modules()}
     try:
-        # The reference run: eval mode, so it is deterministic and leaves BatchNorm statistics alone.
         model.eval()
         try:
             with torch.no_grad():
                 expected = model(*args, **kwargs)
+                again = model(*args, **kwargs)
         except Exception as exc:
             raise InputMismatchError(
-                f"{name} cannot run on the example inputs: {_short(exc)}. Pass example_inputs (and "
+                f"{name} cannot run on the example inputs: {short_error(exc)}. Pass example_inputs (and "
                 f"example_kwargs) shaped like one training batch, exactly as you call the model."
             ) from None
+        noise = tree_noise(again, expected)
 
         attempts = []
         for m in METHODS if method == "auto" else (method,):
             try:
-                model.train()  # capture the training graph: mode-dependent ops are rewritten per plan later
                 gm = {"symbolic_trace": _symbolic_trace, "export": _export}[m](model, args, kwargs, unit_names)
-                model.eval()
-                check = clone_graph_module(gm)
-                evalize(check.graph)
-                check.recompile()
-                check.eval()
-                with torch.no_grad():
-                    got = check(*args, **kwargs)
-                if not _outputs_match(expected, got):
-                    raise RuntimeError("the captured graph's outputs differ from eager on the example inputs")
+                with torch.no_grad():  # (the model is in eval mode: symbolic_trace's leaf modules are its own)
+                    got = gm(*args, **kwargs)
+                if not tree_agree(got, expected, noise):
+                    raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "
+                                       "(beyond the numerical noise of running the model twice)")
             except Exception as exc:  # each failure is reported, together, if no method works
-                attempts.append((m, _short(exc)))
+                attempts.append((m, short_error(exc)))
                 continue
-            _, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-            return Captured(gm=gm, method=m, attempts=attempts, in_spec=in_spec)
+            return Captured(gm=gm, method=m, attempts=attempts, args=tuple(args), kwargs=kwargs)
         lines = "\n".join(f"  - {m}: {why}" for m, why in attempts)
         raise CaptureError(
-            f"could not capture {name} ({type(model).__module__}.{name}) as a graph; every method failed:\n"
-            f"{lines}\nMake the failing code traceable (no data-dependent Python control flow), or pass "
-            f"capture='symbolic_trace' / 'export' to see one method's error alone.",
+            f"could not capture {name} ({type(model).__module__}.{name}) as a graph for analysis; every method "
+            f"failed:\n{lines}\nfrzcompile reads units and FLOPs from one graph of the model (the model itself is "
+            "what runs). Pass capture_method='symbolic_trace' or capture_method='export' to see one method's full "
+            "error, and make that part of the forward traceable by it.",
             attempts,
         ) from None
     finally:

@@ -1,62 +1,11 @@
-"""`frzcompile.explain(fm)`: what was captured, the units, the plan, and what the passes did."""
+"""`frzcompile.explain(fm)`: what was captured, the units, the plan, what the passes decided, and what runs."""
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
-from torch import fx
 
-from .capture import clone_graph_module
-from .modes import evalize
-
-OUTSIDE = "(outside units)"
-
-
-class _FlopsPerNode(fx.Interpreter):
-    def __init__(self, gm, counter):
-        super().__init__(gm)
-        self.counter = counter
-        self.flops = {}
-
-    def run_node(self, n):
-        before = self.counter.get_total_flops()
-        result = super().run_node(n)
-        self.flops[n.name] = self.counter.get_total_flops() - before
-        return result
-
-
-def _placeholder_values(fm, gm, args, kwargs):
-    if getattr(gm, "_in_spec", None) is not None:  # torch.export: flattened (args, kwargs) leaves
-        return pytree.tree_leaves((tuple(args), dict(kwargs)))
-    import inspect
-
-    bound = inspect.signature(fm.model.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return list(bound.arguments.values())
-
-
-def count_unit_flops(fm) -> dict:
-    """Forward FLOPs of each unit on the example inputs, attributing every graph node to its unit."""
-    from torch.utils.flop_counter import FlopCounterMode  # imports Triton when installed: keep it off import
-
-    gm = clone_graph_module(fm._captured.gm)
-    evalize(gm.graph)  # count in eval mode: nothing random, no BatchNorm statistics updated
-    gm.recompile()
-    args, kwargs = fm._example
-    modes = {m: m.training for m in fm.model.modules()}
-    try:
-        fm.model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            interp = _FlopsPerNode(gm, counter)
-            interp.run(*_placeholder_values(fm, gm, args, kwargs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    per_unit = {u: 0 for u in fm.units}
-    node_unit = {n.name: u for n, u in fm._unit_graph.node_unit.items()}
-    for name, flops in interp.flops.items():
-        unit = node_unit.get(name, OUTSIDE)
-        per_unit[unit] = per_unit.get(unit, 0) + flops
-    return per_unit
+from . import backend
+from .runtime import FrozenModule
+from .runtime.analysis import OUTSIDE
 
 
 def _fmt_count(x: float) -> str:
@@ -67,11 +16,10 @@ def _fmt_count(x: float) -> str:
 
 
 class CompileReport:
-    """The graphs the torch.compile backend received for a model's parameters: passes, recompiles and why."""
+    """The graphs the torch.compile backend compiled for a model: passes, recompiles and why."""
 
-    def __init__(self, model_name: str, parameters, eager_plans=()):
-        from .backend import graphs_for
-
+    def __init__(self, model_name: str, records, eager_plans=()):
+        records = list(records)
         self.model = model_name
         self.graphs = [{
             "compile_id": r.compile_id,
@@ -79,9 +27,9 @@ class CompileReport:
             "region_nodes": r.region_nodes,
             "passes": list(r.passes),
             "inner": r.inner,
-            "reason": r.reason,
+            "reason": backend.recompile_reason(r, records),
             "seconds": r.seconds,
-        } for r in graphs_for(parameters)]
+        } for r in records]
         self.frames = len({g["compile_id"].split("/")[0] for g in self.graphs})
         self.recompiles = sum(g["compile_id"].split("/")[1] != "0" for g in self.graphs)
         self.eager_plans = len(eager_plans)
@@ -106,44 +54,71 @@ class CompileReport:
 class Explanation:
     """A report on a FrozenModule; `str()` renders it as a table, the attributes hold the same facts."""
 
-    def __init__(self, fm):
+    def __init__(self, fm: FrozenModule):
         self.model = type(fm.model).__name__
         self.capture_method = fm.capture_method
-        self.capture_attempts = list(fm._captured.attempts)
+        self.capture_attempts = list(fm.analysis.captured.attempts)
         self.policy = repr(fm.policy)
-        self.step = fm._step
+        self.step = fm.step_count
+        plan = fm.plan
         prefix = set(fm.frozen_prefix)
         flops = fm.unit_flops()
         total = sum(flops.values()) or 1
-        self.sparse = fm.sparsity.report() if fm.sparsity is not None else None
-        per_unit = fm.sparsity.sparsity_per_unit() if fm.sparsity is not None else {}
+        sparsity = fm.sparsity
+        self.sparse = sparsity.report() if sparsity is not None else None
+        per_unit = sparsity.sparsity_per_unit() if sparsity is not None else {}
         self.rows = []
         for u in fm.units:
-            unit = fm._unit_graph.units[u]
+            unit = fm.unit_graph.units[u]
             status = "frozen-prefix" if u in prefix else "frozen" if u in fm.frozen else "trainable"
             self.rows.append({
                 "unit": u,
                 "status": status,
-                "since": fm._since.get(u),
+                "since": plan.since.get(u),
                 "params": unit.num_params,
                 "flops": flops.get(u, 0),
                 "flops_share": flops.get(u, 0) / total,
                 "nodes": len(unit.nodes),
                 "sparsity": per_unit[u][0] / per_unit[u][1] if u in per_unit else None,
             })
-        self.outside_flops = flops.get("(outside units)", 0)
+        self.outside_flops = flops.get(OUTSIDE, 0)
         self.frozen_flops_share = sum(r["flops_share"] for r in self.rows if r["status"] != "trainable")
-        ctx = fm._last_ctx
+        ctx = fm.analysis.last
         self.passes = [(r.label, r.seconds) for r in ctx.records] if ctx else []
         self.pass_stats = dict(ctx.stats) if ctx else {}
-        self.frontier = [n.name for n in fm._unit_graph.frontier(fm.frozen_prefix)]
-        self.cache = fm.cache.report(fm.frozen_prefix) if fm.cache is not None else None
-        self.builds = fm._builds
-        self.build_seconds = fm._build_seconds
-        self.plan_changes = list(fm._plan_changes)
+        self.frontier = [n.name for n in fm.unit_graph.frontier(fm.frozen_prefix)]
+        self.cache = fm.cache.report() if fm.cache is not None else None
+        self.builds = fm.analysis.builds
+        self.build_seconds = fm.analysis.seconds
+        self.plan_changes = list(plan.changes)
+        self.frozen_params = sum(p.numel() for p in plan.frozen_params())
+        self.eval_modules = sum(len(fm.unit_graph.units[u].modules) for u in fm.frozen)
         self.compiled = None
-        if fm._compile_options is not None:
-            self.compiled = CompileReport(self.model, fm.parameters(), fm._eager_plans)
+        if fm.compiled is not None:
+            self.compiled = CompileReport(self.model, fm.compiled.log, fm.compiled.eager_plans)
+        self.runs = self._runs(fm)
+
+    def _runs(self, fm) -> list:
+        """What a call of the FrozenModule does, in words."""
+        lines = []
+        if self.compiled is not None:
+            lines.append("torch.compile(backend='frzcompile') of the model, one compiled model per plan "
+                         "(the freeze pass runs on each of Dynamo's graphs)")
+        else:
+            lines.append("the model's own forward (eager), with the plan applied to it")
+        if fm.frozen:
+            lines.append(f"{_fmt_count(self.frozen_params)} frozen parameters: requires_grad=False, no gradient, "
+                         f"no optimizer state; {self.eval_modules} modules of frozen units held in eval mode")
+        if fm.frozen_prefix:
+            lines.append(f"frozen prefix ({len(fm.frozen_prefix)} units) runs without autograd whenever no input "
+                         "to it requires grad")
+        if self.sparse is not None:
+            routes = self.sparse["block_sparse_routes"]
+            lines.append(f"{self.sparse['gradient_masks']} weights with masked gradients (tensor hooks)"
+                         + (f"; block-sparse kernel for {', '.join(routes)}" if routes else ""))
+        if self.cache is not None and self.cache["served_calls"]:
+            lines.append(f"activation cache serves the outputs of {', '.join(self.cache['served_calls'])}")
+        return lines
 
     def __str__(self) -> str:
         lines = [f"frzcompile: {self.model} captured by {self.capture_method}"]
@@ -195,14 +170,18 @@ class Explanation:
                              f"{sv['forgetting_events']} forgetting events")
         if self.cache is not None:
             c = self.cache
-            lines.append(f"activation cache: {c['decision']}")
+            lines.append(f"activation cache: {c['decision']} ({c['cacheable_signatures']} of {c['signatures']} call "
+                         "signatures cacheable)")
+            for why, calls in c["steps_aside"].items():
+                lines.append(f"  stepped aside for {calls} calls: {why}")
             lines.append(f"  hit rate {100 * c['hit_rate']:.1f}% ({c['hits']}/{c['lookups']} samples), "
                          f"{c['entries']} entries, {_fmt_count(c['bytes_in_memory'])}B in memory, "
                          f"{_fmt_count(c['bytes_on_disk'])}B spilled to disk ({c['spill_files']} files), "
                          f"{c['reused_from_shallower']} samples computed from a shallower prefix's entries")
         else:
             lines.append("activation cache: off (optimize(..., cache=True) turns it on)")
-        lines.append(f"graphs built: {self.builds} ({1000 * self.build_seconds:.0f} ms in all); "
+        lines.append("what runs: " + "; ".join(self.runs))
+        lines.append(f"analysis graphs built: {self.builds} ({1000 * self.build_seconds:.0f} ms in all); "
                      f"plan changes: {len(self.plan_changes)}")
         for step, frozen, reason in self.plan_changes[-5:]:
             lines.append(f"  step {step}: {reason} -> frozen {list(frozen) or 'nothing'}")
@@ -217,16 +196,13 @@ class Explanation:
 def explain(fm):
     """An `Explanation` of a FrozenModule, or a `CompileReport` of a model compiled with
     `torch.compile(model, backend="frzcompile")`."""
-    from .runtime import FrozenModule
-
     orig = getattr(fm, "_orig_mod", None)  # torch.compile's OptimizedModule
     if isinstance(orig, torch.nn.Module) and not isinstance(orig, FrozenModule):
-        return CompileReport(type(orig).__name__, orig.parameters())
+        return CompileReport(type(orig).__name__, backend.graphs_for(orig))
     if isinstance(orig, FrozenModule):
         fm = orig
     if not isinstance(fm, FrozenModule):
         raise TypeError(f"explain() takes the module frzcompile.optimize returned (or a model compiled with "
                         f"backend='frzcompile'), not {type(fm).__name__}")
-    if fm._compile_options is None:
-        fm.graph_module()  # make sure the current plan's graph exists, so its passes can be shown
+    fm.graph_module()  # make sure the current plan's analysis exists, so its passes can be shown
     return Explanation(fm)

@@ -1,14 +1,10 @@
-"""Train/eval semantics inside a captured graph.
+"""Train/eval mode as Dynamo bakes it into a graph.
 
-Leaf modules kept as call_module nodes (symbolic_trace) follow their own `.training` flag. Everything else was
-traced in train mode and has the mode baked in as a constant argument: `aten.dropout(x, p, True)` after
-torch.export, `F.dropout(x, p, training=True)` after symbolic_trace of code that reads `self.training`, the
-dropout probability of scaled-dot-product attention, BatchNorm's `training` flag and its
-`num_batches_tracked += 1`. `evalize` rewrites those constants so the given nodes behave as in eval mode.
+Dynamo traces each module in its current mode and records it as constant arguments: dropout's `training`, the
+dropout probability of scaled-dot-product attention, BatchNorm's `training`. `mode_arguments` reads them back,
+so comparing two graphs of one frame tells which mode change made Dynamo recompile.
 """
 from __future__ import annotations
-
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +13,7 @@ from torch import fx
 aten = torch.ops.aten
 
 # target -> (argument name, position, value in eval mode)
-_EVAL_ARGS = {
+MODE_ARGS = {
     aten.dropout.default: ("train", 2, False),
     aten.feature_dropout.default: ("train", 2, False),
     aten.alpha_dropout.default: ("train", 2, False),
@@ -40,56 +36,6 @@ _EVAL_ARGS = {
     F.rrelu: ("training", 3, False),
 }
 
-# Functional calls whose default is train mode when the argument is not passed at all.
-_TRAIN_BY_DEFAULT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
-
-
-def _is_bn_counter_update(node: fx.Node) -> bool:
-    """`num_batches_tracked.add_(1)` that torch.export records for BatchNorm in train mode."""
-    if node.op != "call_function" or node.target not in (aten.add_.Tensor, operator.iadd):
-        return False
-    target = node.args[0]
-    return isinstance(target, fx.Node) and target.op == "get_attr" and str(target.target).endswith(
-        "num_batches_tracked"
-    )
-
-
-def _set_arg(node: fx.Node, name: str, pos: int, value) -> bool:
-    """Set an argument given by keyword or position; returns whether anything changed."""
-    if name in node.kwargs:
-        if node.kwargs[name] == value:
-            return False
-        node.update_kwarg(name, value)
-        return True
-    if len(node.args) > pos:
-        if node.args[pos] == value:
-            return False
-        node.update_arg(pos, value)
-        return True
-    if node.target in _TRAIN_BY_DEFAULT:
-        node.update_kwarg(name, value)
-        return True
-    return False  # the default is already the eval behaviour
-
-
-def evalize(graph: fx.Graph, nodes=None) -> int:
-    """Rewrite `nodes` (default: all) of `graph` to eval-mode semantics; returns how many nodes changed."""
-    selected = set(graph.nodes) if nodes is None else set(nodes)
-    changed = 0
-    for node in list(graph.nodes):
-        if node not in selected or node.op != "call_function":
-            continue
-        if _is_bn_counter_update(node):
-            if not node.users:
-                graph.erase_node(node)
-                changed += 1
-            continue
-        rule = _EVAL_ARGS.get(node.target)
-        if rule is not None and _set_arg(node, *rule):
-            changed += 1
-    return changed
-
-
 def mode_arguments(graph: fx.Graph) -> dict:
     """node name -> the mode argument it was traced with (dropout's `training`, BatchNorm's `training`, ...).
 
@@ -97,7 +43,7 @@ def mode_arguments(graph: fx.Graph) -> dict:
     which mode changes caused a recompile."""
     out = {}
     for node in graph.nodes:
-        rule = _EVAL_ARGS.get(node.target) if node.op == "call_function" else None
+        rule = MODE_ARGS.get(node.target) if node.op == "call_function" else None
         if rule is None:
             continue
         name, pos, _ = rule

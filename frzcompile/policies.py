@@ -29,11 +29,11 @@ class TrainingView:
 
     @property
     def step(self) -> int:
-        return self._fm._step
+        return self._fm.step_count
 
     @property
     def total_steps(self):
-        return self._fm._total_steps
+        return self._fm.total_steps
 
     @property
     def units(self) -> list:
@@ -44,7 +44,7 @@ class TrainingView:
         return self._fm.frozen
 
     def parameters(self, unit: str) -> list:
-        return list(self._fm._unit_graph.units[unit].params)
+        return list(self._fm.unit_graph.units[unit].params)
 
     def grad_norm(self, unit: str) -> float:
         """L2 norm of the unit's current gradients (0.0 when it has none)."""
@@ -77,6 +77,10 @@ class Policy:
 
     def bind(self, view: TrainingView) -> None:
         """Called once by `optimize`, with the units known; validate options here."""
+
+    def rebind(self, view: TrainingView) -> None:
+        """Called when the model's structure changed (a submodule or parameter replaced): units keep their names,
+        but their parameters may be new."""
 
     def decide(self, view: TrainingView):
         return None
@@ -230,6 +234,16 @@ class SmartFRZ(Policy):
         if self._predictor is None:
             self._predictor = load_default()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
+        self._numel = {u: view.numel(u) for u in view.units}
+
+    def rebind(self, view):
+        """A unit whose size changed (a new head) starts its snapshot window again."""
+        for u in view.units:
+            if view.numel(u) != self._numel.get(u):
+                self._numel[u] = view.numel(u)
+                self._indices[u] = sample_indices(view.numel(u), seed=zlib.crc32(u.encode()))
+                self._snapshots.pop(u, None)
+                self._votes.pop(u, None)
 
     def decide(self, view):
         if view.step % self.interval:

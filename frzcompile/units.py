@@ -128,17 +128,33 @@ class UnitGraph:
         for node in gm.graph.nodes:
             if node in self.node_unit:
                 self.units[self.node_unit[node]].nodes.append(node)
-        self._assign_params(model, gm)
+        self._param_owner = self._param_owners(model, gm)  # parameter name -> unit, fixed at capture
+        self.bind(model)
+
+    def bind(self, model: nn.Module) -> None:
+        """Point every unit at the model's current parameters and modules, by path: after a submodule or a
+        parameter of the model was replaced, units keep their meaning (a swapped head is still the head unit).
+        A unit's modules are the modules under its path, exactly what `model.get_submodule(path).eval()` would
+        switch; glue modules called from a parent's forward between units belong to no unit."""
+        for unit in self.units.values():
+            unit.param_names, unit.params, unit.modules = [], [], []
+        seen = set()
+        for name, p in model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            owner = self._alias.get(self._unit_of_path(name.rpartition(".")[0], self._alias))
+            if owner not in self.units:
+                owner = self._param_owner.get(name)
+            if owner is not None:
+                self.units[owner].param_names.append(name)
+                self.units[owner].params.append(p)
         for requested, name in self._alias.items():
             if name in self.units:
-                self.units[name].modules.extend(model.get_submodule(requested).modules())
-        # Glue modules (a Dropout called from the root forward between two units) belong to the unit their node
-        # joined, so that they too switch to eval mode when it freezes.
-        for node, name in self.node_unit.items():
-            if node.op == "call_module":
-                module = model.get_submodule(node.target)
-                if all(module is not m for m in self.units[name].modules):
-                    self.units[name].modules.append(module)
+                try:
+                    self.units[name].modules.extend(model.get_submodule(requested).modules())
+                except AttributeError:
+                    pass  # the module was deleted: the unit has nothing left to switch
 
     # -- construction --------------------------------------------------------------------------------
     def _unit_of_path(self, path, names):
@@ -196,11 +212,9 @@ class UnitGraph:
                     if u in scc:
                         self.node_unit[node] = merged
 
-    def _assign_params(self, model, gm):
-        by_id = {}
-        for name, p in model.named_parameters():
-            by_id.setdefault(id(p), (name, p))
-        # graph attribute name -> owning parameter (the graph may use another name for a tied weight)
+    def _param_owners(self, model, gm) -> dict:
+        """Parameter name -> unit: the unit whose module path holds it, else the unit that first reads it (a
+        parameter of the root, or of a module outside every unit)."""
         graph_params = {n: p for n, p in gm.named_parameters(remove_duplicate=False)}
         readers = {}
         for node in gm.graph.nodes:
@@ -215,18 +229,23 @@ class UnitGraph:
                     p = graph_params.get(t)
                     if p is not None:
                         readers.setdefault(id(p), self.node_unit[node])
-        for pid, (name, p) in by_id.items():
+        owners = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
             owner = self._alias.get(self._unit_of_path(name.rpartition(".")[0], self._alias))
-            if owner not in self.units:  # a module outside every unit, or one the forward never calls
-                owner = readers.get(pid)
+            if owner not in self.units:
+                owner = readers.get(id(p))
             if owner is not None:
-                self.units[owner].param_names.append(name)
-                self.units[owner].params.append(p)
+                owners[name] = owner
+        return owners
 
     # -- queries ---------------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
         return list(self.units)
+
+    def paths(self, unit: str) -> list[str]:
+        """The module paths a unit stands for (several when cycles merged them into one unit)."""
+        return [requested for requested, name in self._alias.items() if name == unit]
 
     def check(self, names) -> list[str]:
         out = []

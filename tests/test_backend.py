@@ -61,19 +61,19 @@ def test_registered_through_entry_point():
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="unknown frzcompile backend option.*'bogus'"):
-        backend.validate_options({"bogus": 1})
-    with pytest.raises(ValueError, match="inner"):
-        backend.validate_options({"inner": "tvm"})
-    with pytest.raises(ValueError, match="on_budget"):
-        backend.validate_options({"on_budget": "ignore"})
+    with pytest.raises(frzcompile.ConfigError, match="unknown frzcompile backend option.*'bogus'"):
+        frzcompile.CompileConfig.from_options({"bogus": 1})
+    with pytest.raises(frzcompile.ConfigError, match="inner"):
+        frzcompile.CompileConfig(inner="tvm")
+    with pytest.raises(frzcompile.ConfigError, match="on_budget"):
+        frzcompile.CompileConfig(on_budget="ignore")
     x, _ = data()
     compiled = torch.compile(Net(), backend="frzcompile", options={"inerr": "eager"})
     with pytest.raises(Exception, match="unknown frzcompile backend option.*'inerr'"):
         compiled(x)
-    with pytest.raises(ValueError, match="unknown frzcompile backend option"):
-        frzcompile.optimize(Net(), (x,), policy="manual", compile={"bogus": 1})
-    with pytest.raises(ValueError, match="cannot be combined"):
+    with pytest.raises(frzcompile.ConfigError, match="compile= takes True/False or a frzcompile.CompileConfig"):
+        frzcompile.optimize(Net(), (x,), policy="manual", compile={"inner": "eager"})
+    with pytest.raises(frzcompile.ConfigError, match="cannot be combined"):
         frzcompile.optimize(Net(), (x,), policy="manual", compile=True, cache=True)
 
 
@@ -105,7 +105,7 @@ def test_plain_compile_matches_eager_with_requires_grad_frozen(inner):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
     # eager semantics are kept: the BatchNorm of the requires_grad=False stem still updates its statistics
     torch.testing.assert_close(model.stem[1].running_mean, ref.stem[1].running_mean)
-    record = backend.graphs_for(model.parameters())[-1]
+    record = backend.graphs_for(model)[-1]
     assert record.frozen == {"stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"}
     assert record.region_nodes >= 3 and hasattr(record.gm, "frozen_prefix")  # the rewrite fired
 
@@ -118,7 +118,8 @@ def train_pair(compile_options, events, steps=8):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     x, y = data()
-    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", compile=compile_options)
+    config = compile_options if compile_options is True else frzcompile.CompileConfig(**compile_options)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", compile=config)
     loss_fn = nn.CrossEntropyLoss()
     losses, ref_losses = [], []
     for step in range(steps):
@@ -153,11 +154,13 @@ def test_optimize_compile_trains_like_eager_and_recompiles_once_per_new_plan():
     fm, losses, ref_losses = train_pair({"inner": "aot_eager"}, EVENTS)
     assert fm.units == ["stem", "mid", "head"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    graphs = backend.graphs_for(fm.parameters())
+    graphs = fm.compiled.log
+    assert backend.graphs_for(fm.model) == graphs  # the records also live with Dynamo's compiled graphs
     # plans: {} -> {stem} -> {stem, mid} -> {stem} again (its graph is reused): three graphs, two recompiles
     assert [g.compile_id for g in graphs] == ["0/0", "0/1", "0/2"]
     assert [len(g.frozen) for g in graphs] == [0, 4, 6]
-    assert "freeze plan changed" in graphs[1].reason and "stem.0.weight" in graphs[1].reason
+    reason = backend.recompile_reason(graphs[1], graphs)
+    assert "freeze plan changed" in reason and "stem.0.weight" in reason
     report = frzcompile.explain(fm)
     assert report.compiled.recompiles == 2 and len(report.compiled.graphs) == 3
     assert "why: recompile: freeze plan changed" in str(report)
@@ -166,7 +169,7 @@ def test_optimize_compile_trains_like_eager_and_recompiles_once_per_new_plan():
 def test_optimize_compile_with_inductor():
     fm, losses, ref_losses = train_pair(True, {2: [("stem", "freeze")]}, steps=4)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
-    graphs = backend.graphs_for(fm.parameters())
+    graphs = fm.compiled.log
     assert [g.inner for g in graphs] == ["inductor", "inductor"] and graphs[1].region_nodes > 0
 
 
@@ -174,7 +177,7 @@ def test_frozen_region_saves_nothing_for_backward():
     torch.manual_seed(0)
     x, _ = data()
     model = Net()
-    fm = frzcompile.optimize(model, (x,), policy="manual", compile={"inner": "aot_eager"})
+    fm = frzcompile.optimize(model, (x,), policy="manual", compile=frzcompile.CompileConfig(inner="aot_eager"))
     dense, _ = saved_bytes(lambda: fm(x))
     fm.freeze("stem", "mid")
     frozen, out = saved_bytes(lambda: fm(x))
@@ -191,11 +194,12 @@ def test_freeze_decisions_survive_graph_breaks():
     x, y = data()
     model = Net(graph_break=True)
     ref = copy.deepcopy(model)
-    fm = frzcompile.optimize(model, (x,), policy="manual", capture_method="export", compile={"inner": "aot_eager"})
+    fm = frzcompile.optimize(model, (x,), policy="manual", capture_method="export",
+                             compile=frzcompile.CompileConfig(inner="aot_eager"))
     fm.freeze("stem", "mid")
     out = fm(x)
     nn.functional.cross_entropy(out, y).backward()
-    graphs = backend.graphs_for(fm.parameters())
+    graphs = fm.compiled.log
     assert len({g.frame for g in graphs}) == 2  # the graph break split the forward in two frames
     before_break = next(g for g in graphs if "stem.0.weight" in g.params)
     after_break = next(g for g in graphs if "head.weight" in g.params)

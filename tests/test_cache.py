@@ -10,7 +10,6 @@ from torch import nn
 
 import frzcompile
 from frzcompile import CacheConfig, zoo
-from frzcompile.passes.cache import CachedRegion
 from tests.conftest import train_losses
 
 
@@ -52,7 +51,7 @@ def test_cached_training_is_bitwise_identical():
     for a, b in zip(fm.parameters(), plain.parameters()):
         assert torch.equal(a, b)
     report = fm.cache.report(fm.frozen_prefix)
-    assert isinstance(fm.graph_module().frozen_prefix, CachedRegion)  # the rewrite fired
+    assert report["served_calls"] == ["layer1"]  # the frozen prefix's output, served from the store
     assert report["hits"] == 2 * 48 and report["computed"] == 48 and report["fully_served_batches"] == 12
 
 
@@ -152,26 +151,54 @@ def test_deepening_prefix_reuses_entries():
     assert [tuple(lv) for lv in fm.cache.report(fm.frozen_prefix)["levels"]] == [("conv1", "bn1")]
 
 
-class BatchMixer(nn.Module):
-    """Its first unit subtracts the batch mean: a sample's output depends on the other samples."""
+class Centre(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the other samples."""
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(4, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0, keepdim=True)
+
+
+class BatchMixer(nn.Module):
+    def __init__(self, mix_in_unit):
+        super().__init__()
+        self.mix_in_unit = mix_in_unit
+        self.a = Centre() if mix_in_unit else nn.Linear(4, 4)
         self.b = nn.Linear(4, 2)
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(h - h.mean(0, keepdim=True))
+        if not self.mix_in_unit:  # the same mixing, in the code between the units: it runs on every call
+            h = h - h.mean(0, keepdim=True)
+        return self.b(h)
 
 
 def test_batch_mixing_prefix_is_not_cached_and_explain_says_why():
-    fm = frzcompile.optimize(BatchMixer(), (torch.randn(6, 4),), cache=True)
+    fm = frzcompile.optimize(BatchMixer(mix_in_unit=True), (torch.randn(6, 4),), cache=True)
     fm.freeze("a")
-    fm(torch.randn(6, 4))
-    assert not isinstance(fm.graph_module().frozen_prefix, CachedRegion)
+    x = torch.randn(6, 4)
+    fm(x)
+    assert torch.equal(fm(x), fm.model(x))
+    assert fm.cache.stats["hits"] == 0 and not fm.cache.report()["served_calls"]
     text = str(frzcompile.explain(fm))
     assert "mixes samples across the batch" in text
+
+
+def test_mixing_between_units_runs_live_and_the_unit_is_cached():
+    torch.manual_seed(0)
+    fm = frzcompile.optimize(BatchMixer(mix_in_unit=False), (torch.randn(6, 4),),
+                             cache=CacheConfig(check_cost=False, verify=True))
+    fm.freeze("a")
+    x = torch.randn(6, 4)
+    first = fm(x)
+    for idx in (torch.arange(6), torch.tensor([5, 0, 3, 1, 4, 2]), torch.arange(3)):
+        torch.testing.assert_close(fm(x[idx]), fm.model(x[idx]))  # the batch mean of *this* batch
+    torch.testing.assert_close(first, fm.model(x))
+    assert fm.cache.report()["served_calls"] == ["a"] and fm.cache.stats["hits"] == 6 + 6 + 3
 
 
 def test_low_hit_rate_turns_cache_off():
@@ -217,7 +244,8 @@ def test_reduced_storage_dtype():
 
 def test_kernel_keys_and_serving_path(monkeypatch):
     """The GPU path (row-fingerprint keys, gather-and-cast serving), run on CPU in Triton's interpreter."""
-    from frzcompile import activation_store, kernels
+    from frzcompile import kernels
+    from frzcompile.cache import store as activation_store
 
     pytest.importorskip("triton")
     monkeypatch.setattr(activation_store, "KERNEL_DEVICES", {"cpu"})
@@ -269,7 +297,7 @@ def test_hugging_face_bert_prefix_is_cached():
         f.eval()
     for _ in range(2):
         torch.testing.assert_close(fm(**kwargs).logits, plain(**kwargs).logits)
-    assert isinstance(fm.graph_module().frozen_prefix, CachedRegion)
+    assert fm.cache.report()["served_calls"] == ["bert.encoder.layer.0"]
     assert fm.cache.stats["hits"] == 4 and fm.cache.stats["computed"] == 4
     other = dict(kwargs, attention_mask=kwargs["attention_mask"].flip(0))  # same tokens, other masks: no hit
     torch.testing.assert_close(fm(**other).logits, plain(**other).logits)

@@ -1,4 +1,4 @@
-"""Core correctness: frzcompile's training graph against eager PyTorch with the same parameters frozen."""
+"""Core correctness: frzcompile's training step against eager PyTorch with the same parameters frozen."""
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -9,32 +9,30 @@ from tests.conftest import eager_reference, output_tensor
 
 
 class RegionProbe:
-    """Counts tensors saved for backward, and whether any was saved while the frozen region ran."""
+    """Counts tensors saved for backward, and whether any was saved while a frozen-prefix module ran (hooks on
+    the model's own prefix modules: what runs is the model)."""
 
-    def __init__(self, gm):
-        self.inside = False
+    def __init__(self, fm):
+        self.depth = 0
         self.saved_inside = 0
         self.saved_total = 0
         self.region_outputs = []
-        self.grad_mode = []  # torch.is_grad_enabled() as the region's graph starts
-        self.region = getattr(gm, REGION, None)
         self.handles = []
-        if self.region is not None:
-            self.handles.append(self.region.register_forward_pre_hook(lambda m, a: self._enter()))
-            self.handles.append(self.region.register_forward_hook(lambda m, a, out: self._leave(out)))
-            inner = self.region.graph_module
-            self.handles.append(inner.register_forward_pre_hook(lambda m, a: self.grad_mode.append(torch.is_grad_enabled())))
+        self.modules = [fm.model.get_submodule(path) for u in fm.frozen_prefix for path in fm.unit_graph.paths(u)]
+        for m in self.modules:
+            self.handles.append(m.register_forward_pre_hook(lambda m, a: self._enter()))
+            self.handles.append(m.register_forward_hook(lambda m, a, out: self._leave(out)))
 
     def _enter(self):
-        self.inside = True
+        self.depth += 1
 
     def _leave(self, out):
-        self.inside = False
+        self.depth -= 1
         self.region_outputs.extend(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
     def pack(self, t):
         self.saved_total += 1
-        self.saved_inside += self.inside
+        self.saved_inside += self.depth > 0
         return t
 
     def close(self):
@@ -53,7 +51,7 @@ def test_gradients_match_eager(model_case, plan):
     model.train()
     fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
     frozen = _plan(fm.units, plan)
-    units = fm._unit_graph.units
+    units = fm.unit_graph.units
     ref = eager_reference(
         model,
         [m for u in frozen for m in units[u].modules],
@@ -63,7 +61,7 @@ def test_gradients_match_eager(model_case, plan):
         fm.freeze(*frozen)
     assert fm.frozen == tuple(frozen)
 
-    probe = RegionProbe(fm.graph_module())
+    probe = RegionProbe(fm)
     torch.manual_seed(123)
     with torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
         out = output_tensor(fm(*args, **kwargs))
@@ -92,14 +90,15 @@ def test_gradients_match_eager(model_case, plan):
         torch.testing.assert_close(b, rb, msg=lambda m, bname=bname: f"buffer {bname}: {m}")
 
     if plan == "prefix":
-        # the rewrite fired: a no-grad region computes the prefix, saves nothing and hands out plain tensors
-        assert probe.region is not None
-        assert probe.region_outputs and all(t.grad_fn is None for t in probe.region_outputs)
+        # the plan took effect: the prefix saves nothing for backward and hands out plain tensors, and the
+        # freeze pass shows it as the no-grad region of the analysis graph
+        assert probe.modules and probe.region_outputs
+        assert all(t.grad_fn is None for t in probe.region_outputs)
         assert probe.saved_inside == 0 and probe.saved_total > 0
-        assert probe.grad_mode == [False]
         assert fm.frozen_prefix == tuple(frozen)
+        assert hasattr(fm.graph_module(), REGION)
     else:
-        assert probe.region is None and fm.frozen_prefix == ()
+        assert fm.frozen_prefix == () and not hasattr(fm.graph_module(), REGION)
     if plan == "middle":
         # gradients flow through the frozen middle unit into the trainable units before it
         first = units[fm.units[0]].params
@@ -152,7 +151,7 @@ def test_auto_units_follow_blocks():
     fm = frzcompile.optimize(zoo.ResNet(width=8), (x,))
     assert fm.units == ["conv1", "bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "fc"]
     assert fm.capture_method == "symbolic_trace"
-    dag = fm._unit_graph.dag
+    dag = fm.unit_graph.dag
     assert dag.has_edge("layer1.1", "layer2.0") and dag.has_edge("layer3.1", "fc")
 
 
@@ -174,6 +173,6 @@ def test_user_units_override():
     fm = frzcompile.optimize(zoo.ResNet(width=8), (x,), units=["conv1", "layer1", "layer2", "layer3", "fc"])
     assert fm.units == ["conv1", "layer1", "layer2", "layer3", "fc"]
     # bn1 is no unit: its parameters join the unit of the code that reads them
-    assert "bn1.weight" in fm._unit_graph.units["conv1"].param_names
+    assert "bn1.weight" in fm.unit_graph.units["conv1"].param_names
     fm.freeze("conv1", "layer1")
     assert fm.frozen_prefix == ("conv1", "layer1")

@@ -1,9 +1,14 @@
-"""Graph passes, applied in the one order declared in `PASSES`.
+"""Graph passes, applied in the one order declared in `PASSES`: how a freeze plan becomes execution.
 
-A pass is a plain function `(gm, ctx) -> gm` over a fresh copy of the captured graph, with `requires` and
-`provides` attributes stating its contract. `run_passes` keeps every intermediate graph (labelled with the
-pass that made it and the time it took) on `ctx.records`, and writes them as readable code to the folder named
-by the environment variable `FRZ_DEBUG` when it is set.
+A pass is a plain function `(gm, ctx) -> gm` with `requires` and `provides` attributes stating its contract.
+They run on two kinds of graph:
+  - the analysis graph captured from the model, once per plan: the rewritten graph shows what the plan does
+    (the no-grad frozen region, masked weights, the cached frontier), and the decisions the runtime carries out
+    on the model's own modules are read from `ctx.decisions` (e.g. which frozen Linears take the block-sparse
+    kernel);
+  - each graph Dynamo hands the torch.compile backend: there the rewritten graph is what runs.
+`run_passes` keeps every intermediate graph (labelled with the pass that made it and the time it took) on
+`ctx.records`, and writes them as readable code to the folder named by the environment variable `FRZ_DEBUG`.
 """
 from __future__ import annotations
 
@@ -30,20 +35,19 @@ class GraphRecord:
 
 @dataclass
 class PassContext:
-    """What a pass may read: the unit map (by node name), the freeze plan and the mode."""
+    """What a pass may read (the unit map by node name, the freeze plan, the services on) and where it writes."""
 
-    node_unit: dict                 # node name -> unit name, for nodes of the captured graph
+    node_unit: dict                 # node name -> unit name, for nodes of the graph
     frozen: frozenset
     prefix: tuple                   # frozen units that run without autograd, in topological order
-    training: bool
-    evalize: bool = True            # rewrite baked-in train-mode constants of frozen units (not for Dynamo graphs)
-    cache: object = None            # the runtime's ActivationCache, or None when caching is off
+    cache: bool = False             # whether the activation cache serves the frozen prefix
     sparsity: object = None         # the runtime's SparseTraining, or None when no weight is masked
-    example: tuple = ((), {})       # example (args, kwargs) of the model
+    modules: dict = field(default_factory=dict)  # module path -> the model's module (for type checks)
     build: int = 0                  # how many graphs this module has built before, for dump file names
     model_name: str = "model"
     records: list = field(default_factory=list)
-    stats: dict = field(default_factory=dict)  # per pass: what it did, for explain and tests
+    stats: dict = field(default_factory=dict)      # per pass: what it did, for explain and tests
+    decisions: dict = field(default_factory=dict)  # what the runtime carries out on the model's modules
 
     def unit_of(self, node: fx.Node):
         return self.node_unit.get(node.name)

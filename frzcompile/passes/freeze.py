@@ -1,18 +1,18 @@
-"""Freeze pass: frozen units run in eval mode, and the frozen prefix runs without autograd.
+"""Freeze pass: the frozen prefix runs without autograd.
 
 requires: the unit of every node, the frozen set and its prefix.
 provides: a `frozen_prefix` submodule (a `NoGradRegion`) computing the frontier tensors under `torch.no_grad()`,
-so no autograd graph is recorded and nothing is saved for backward there; eval-mode constants (dropout off,
-BatchNorm on running statistics, no statistics update) in every frozen unit, or everywhere in eval mode.
-Parameter state (`requires_grad`, optimizer state) is the runtime's job, not the graph's.
+so no autograd graph is recorded and nothing is saved for backward there. On a Dynamo graph this is what runs.
+On the analysis graph it shows what the model's own forward does once the prefix's parameters stop requiring
+grad (the runtime's job, with the frozen modules' eval mode and the optimizer surgery): autograd records
+nothing there as long as no input of the prefix requires grad.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
-from ..modes import evalize
+from ..torch_private import fuse_by_partitions
 
 REGION = "frozen_prefix"
 
@@ -30,10 +30,6 @@ class NoGradRegion(nn.Module):
 
 
 def freeze(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    frozen_nodes = [n for n in gm.graph.nodes if ctx.unit_of(n) in ctx.frozen]
-    eval_nodes = frozen_nodes if ctx.training else list(gm.graph.nodes)
-    rewritten = evalize(gm.graph, eval_nodes) if ctx.evalize else 0
-
     prefix = set(ctx.prefix)
     region_nodes = [n for n in gm.graph.nodes if ctx.unit_of(n) in prefix]
     if region_nodes:
@@ -44,9 +40,10 @@ def freeze(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         for n in gm.graph.nodes:
             if n.op == "call_module" and n.target == REGION + "_0":
                 n.target = REGION
-    ctx.stats["freeze"] = {"eval_rewrites": rewritten, "region_nodes": len(region_nodes)}
+    frozen_nodes = sum(ctx.unit_of(n) in ctx.frozen for n in gm.graph.nodes)
+    ctx.stats["freeze"] = {"region_nodes": len(region_nodes), "frozen_nodes_outside_region": frozen_nodes}
     return gm
 
 
 freeze.requires = ("node units", "frozen set", "frozen prefix")
-freeze.provides = (REGION + " submodule run under no_grad", "eval-mode constants in frozen units")
+freeze.provides = (REGION + " submodule run under no_grad",)

@@ -1,11 +1,13 @@
-"""Sparsify pass: weight masks inside the graph, and frozen sparse weights routed to the block-sparse kernel.
+"""Sparsify pass: weight masks, and frozen sparse weights routed to the block-sparse kernel.
 
-requires: `ctx.sparsity` (the runtime's SparseTraining; without it the pass does nothing) and the node units.
-provides: in trainable units every use of a masked weight reads `masked_weight(weight, mask)` (weight * mask, so
-its gradient is masked as well); in frozen units the weight is read as is, because the runtime folded the mask
-into it when the unit froze; a frozen Linear weight with enough empty blocks calls `block_sparse_linear`
-(Triton on GPU, its PyTorch reference elsewhere). Runs before `freeze`, and new nodes join the unit of the node
-they replace, so masked and routed nodes of the frozen prefix end up inside the no-grad region.
+requires: `ctx.sparsity` (the runtime's SparseTraining; without it the pass does nothing), the node units and
+`ctx.modules`.
+provides: in trainable units every use of a masked weight reads `masked_weight(weight, mask)` (weight * mask);
+at run time the runtime keeps masked weights at exactly zero and masks their gradient with a tensor hook, which
+is the same computation. In frozen units the weight is read as is (the runtime folded the mask into it when the
+unit froze). A frozen nn.Linear whose weight has enough empty blocks calls `block_sparse_linear` (Triton on GPU,
+its PyTorch reference elsewhere); its weight name goes to `ctx.decisions["block_sparse"]`, and the runtime
+routes that module's forward there. Runs before `freeze`, and new nodes join the unit of the node they replace.
 """
 from __future__ import annotations
 
@@ -17,29 +19,9 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
-# id(mask) -> (dict, name): where the dense gradient of a masked weight goes while RigL asks for it.
-DENSE_GRAD_SINKS: dict = {}
-
-
-class _MaskedWeight(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, mask):
-        ctx.sink = DENSE_GRAD_SINKS.get(id(mask))
-        ctx.save_for_backward(mask)
-        return weight * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        if ctx.sink is not None:  # RigL grows where this dense gradient is largest
-            store, name = ctx.sink
-            store[name] = store[name] + grad if name in store else grad.detach().clone()
-        return grad * mask, None
-
-
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """weight * mask; the backward masks the gradient (and can record the dense one, see DENSE_GRAD_SINKS)."""
-    return _MaskedWeight.apply(weight, mask)
+    """weight * mask: the weight a masked layer computes with, and the gradient it gets."""
+    return weight * mask
 
 
 def _conv_call(module, x, weight, bias):
@@ -57,6 +39,7 @@ def _attr_name(param: str) -> str:
 def sparsify(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     sp = ctx.sparsity
     stats = {"masked_uses": 0, "frozen_uses": 0, "block_sparse": []}
+    ctx.decisions["block_sparse"] = stats["block_sparse"]
     if sp is None:
         ctx.stats["sparsify"] = stats
         return gm
@@ -147,9 +130,9 @@ class BlockSparseLinear(nn.Module):
 
 
 def _route_block_sparse(gm, node, name, bias, sp, stats, new_node, unit) -> None:
-    """Replace a frozen Linear (call_module, or aten.linear on a get_attr weight) by a BlockSparseLinear when its
-    folded weight has at least `block_sparse_threshold` empty kernel blocks now."""
-    if sp.block_sparse_weight(name) is None:
+    """Replace a frozen nn.Linear's call (call_module, or aten.linear on a get_attr weight) by a BlockSparseLinear
+    when its folded weight has at least `block_sparse_threshold` empty kernel blocks now."""
+    if sp.block_sparse_weight(name) is None or not isinstance(sp.targets[name].module, nn.Linear):
         return
     attr = "block_sparse_" + re.sub(r"\W", "_", name)
     gm.add_module(attr, BlockSparseLinear(sp, name, bias if isinstance(bias, str) else None))

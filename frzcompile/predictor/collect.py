@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import data, optimize, zoo
+from ..policies import TrainingView
 from . import SAMPLE_SIZE, WINDOW, normalize_window, sample_indices
 
 INTERVAL = 10   # steps between snapshots, in source runs and in the SmartFRZ policy's default
@@ -113,7 +114,8 @@ def record(family: str, seed: int, make, progress=True) -> dict:
     fm = optimize(model, tuple(t[:batch] for t in inputs), policy="manual")
     opt = make_opt(model.parameters())
     units = [u for u in fm.units[:-1] if "+" not in u]  # the last unit never freezes
-    indices = {u: sample_indices(fm._view.numel(u), seed=zlib.crc32(u.encode())) for u in units}
+    view = TrainingView(fm)
+    indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in units}
     snaps = {u: [] for u in units}
     grams = {u: [] for u in units}
     outputs = {}
@@ -122,7 +124,7 @@ def record(family: str, seed: int, make, progress=True) -> dict:
 
     def snapshot():
         for u in units:
-            snaps[u].append(fm._view.weight_sample(u, indices[u]))
+            snaps[u].append(view.weight_sample(u, indices[u]))
         model.eval()
         with torch.no_grad():
             model(*probe)  # eager, so the unit modules' hooks see their outputs

@@ -5,6 +5,7 @@ from collections import deque
 
 import torch
 
+from ..errors import ConfigError
 from .masks import mask_distance
 
 
@@ -20,9 +21,9 @@ class EarlyBird:
 
     def __init__(self, fifo=5, threshold=0.1):
         if not isinstance(fifo, int) or fifo < 2:
-            raise ValueError(f"fifo must be an int >= 2 (the newest masks are compared with older ones), got {fifo!r}")
+            raise ConfigError(f"fifo must be an int >= 2 (the newest masks are compared with older ones), got {fifo!r}")
         if not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+            raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}")
         self.fifo, self.threshold = fifo, threshold
         self._masks = deque(maxlen=fifo)
         self.observations = 0
@@ -49,7 +50,7 @@ class EarlyBird:
 
     def load_state_dict(self, state) -> None:
         if len(state["masks"]) > self.fifo:
-            raise ValueError(f"the state holds {len(state['masks'])} masks but this EarlyBird's fifo is {self.fifo}")
+            raise ConfigError(f"the state holds {len(state['masks'])} masks but this EarlyBird's fifo is {self.fifo}")
         self._masks = deque(({k: m.to(torch.bool) for k, m in entry.items()} for entry in state["masks"]),
                             maxlen=self.fifo)
         self.observations = int(state["observations"])

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ..errors import ConfigError
+
 STRUCTURES = ("unstructured", "block", "nm", "channel")
 SCOPES = ("global", "layer")
 GROW_METHODS = ("mest", "rigl")
@@ -39,9 +41,9 @@ def magnitude_masks(weights, sparsity, *, structure="unstructured", block=(4, 4)
     """
     _check_tensor_dict(weights, "weights")
     if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
+        raise ConfigError(f"unknown structure {structure!r}; use one of {STRUCTURES}")
     if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; use one of {SCOPES}")
+        raise ConfigError(f"unknown scope {scope!r}; use one of {SCOPES}")
     if scores is None:
         scores = {k: w.detach().abs().float() for k, w in weights.items()}
     else:
@@ -50,7 +52,7 @@ def magnitude_masks(weights, sparsity, *, structure="unstructured", block=(4, 4)
     if structure == "nm":
         return _nm_masks(scores, sparsity, nm)
     if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
 
     if structure == "unstructured":
         units = {k: _Units(s.reshape(-1), None, s.shape) for k, s in scores.items()}
@@ -102,15 +104,15 @@ def prune_and_grow(weights, masks, fraction, *, method="mest", grads=None, gener
     """
     _check_tensor_dict(masks, "masks")
     if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+        raise ConfigError(f"fraction must be a number in [0, 1], got {fraction!r}")
     if method not in GROW_METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {GROW_METHODS}")
+        raise ConfigError(f"unknown method {method!r}; use one of {GROW_METHODS}")
     if method == "rigl" and grads is None:
-        raise ValueError("method='rigl' grows where |grad| is largest: pass grads={name: gradient}")
+        raise ConfigError("method='rigl' grows where |grad| is largest: pass grads={name: gradient}")
     new_masks, grown = {}, {}
     for name, mask in masks.items():
         if mask.dtype != torch.bool:
-            raise ValueError(f"mask {name!r} must be a bool tensor, got {mask.dtype}")
+            raise ConfigError(f"mask {name!r} must be a bool tensor, got {mask.dtype}")
         w = _matching(weights, name, mask, "weights")
         active = mask.reshape(-1)
         k = round(fraction * int(active.count_nonzero()))
@@ -137,11 +139,11 @@ def update_fraction(step, total_steps, initial=0.3, schedule="cosine") -> float:
     total_steps); "constant": initial.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
+        raise ConfigError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
     if total_steps <= 0 or step < 0:
-        raise ValueError(f"need total_steps > 0 and step >= 0, got step={step}, total_steps={total_steps}")
+        raise ConfigError(f"need total_steps > 0 and step >= 0, got step={step}, total_steps={total_steps}")
     if not 0 <= initial <= 1:
-        raise ValueError(f"initial must be in [0, 1], got {initial}")
+        raise ConfigError(f"initial must be in [0, 1], got {initial}")
     if step >= total_steps:
         return 0.0
     progress = step / total_steps
@@ -166,7 +168,7 @@ class _Units:
 
 def _block_units(name, score, block):
     if score.dim() < 2:
-        raise ValueError(f"structured pruning needs weights with 2 or more dims; {name!r} has shape "
+        raise ConfigError(f"structured pruning needs weights with 2 or more dims; {name!r} has shape "
                          f"{tuple(score.shape)}: prune it unstructured or leave it out")
     mat = score.reshape(score.shape[0], -1)
     rows, cols = mat.shape
@@ -189,15 +191,15 @@ def _block_units(name, score, block):
 
 def _nm_masks(scores, sparsity, nm):
     if not (len(nm) == 2 and all(isinstance(v, int) for v in nm) and 0 < nm[0] <= nm[1]):
-        raise ValueError(f"nm must be (N, M) with 0 < N <= M, got {nm!r}")
+        raise ConfigError(f"nm must be (N, M) with 0 < N <= M, got {nm!r}")
     n, m = nm
     if sparsity is not None and not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
-        raise ValueError(f"{n}:{m} sparsity is {1 - n / m:g}, which conflicts with sparsity={sparsity!r}; "
+        raise ConfigError(f"{n}:{m} sparsity is {1 - n / m:g}, which conflicts with sparsity={sparsity!r}; "
                          "pass sparsity=None or the matching value")
     masks = {}
     for name, s in scores.items():
         if s.dim() < 2 or s[0].numel() % m:
-            raise ValueError(f"{n}:{m} sparsity needs a 2-D view whose input dim is a multiple of {m}; "
+            raise ConfigError(f"{n}:{m} sparsity needs a 2-D view whose input dim is a multiple of {m}; "
                              f"{name!r} has shape {tuple(s.shape)}: leave it out or prune it another way")
         groups = s.reshape(s.shape[0], -1, m)
         top = groups.sort(dim=-1, descending=True, stable=True).indices[..., :n]
@@ -235,31 +237,31 @@ def _lowest(scores, k):
 
 def _check_block(block):
     if not (len(block) == 2 and all(isinstance(v, int) and (v > 0 or v == -1) for v in block)):
-        raise ValueError(f"block must be (rows, cols) of positive ints or -1 (full extent), got {block!r}")
+        raise ConfigError(f"block must be (rows, cols) of positive ints or -1 (full extent), got {block!r}")
     return tuple(block)
 
 
 def _check_tensor_dict(d, what):
     if not isinstance(d, dict) or not d:
-        raise ValueError(f"{what} must be a non-empty dict of name -> tensor")
+        raise ConfigError(f"{what} must be a non-empty dict of name -> tensor")
     for k, v in d.items():
         if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{what}[{k!r}] is a {type(v).__name__}, not a tensor")
+            raise ConfigError(f"{what}[{k!r}] is a {type(v).__name__}, not a tensor")
 
 
 def _check_same_layout(a, b, name_a, name_b):
     _check_tensor_dict(a, name_a)
     _check_tensor_dict(b, name_b)
     if a.keys() != b.keys():
-        raise ValueError(f"{name_a} and {name_b} have different names: {sorted(a.keys() ^ b.keys())}")
+        raise ConfigError(f"{name_a} and {name_b} have different names: {sorted(a.keys() ^ b.keys())}")
     for k in a:
         if a[k].shape != b[k].shape:
-            raise ValueError(f"{k!r}: {name_a} has shape {tuple(a[k].shape)}, {name_b} {tuple(b[k].shape)}")
+            raise ConfigError(f"{k!r}: {name_a} has shape {tuple(a[k].shape)}, {name_b} {tuple(b[k].shape)}")
 
 
 def _matching(d, name, mask, what):
     if name not in d:
-        raise ValueError(f"{what} has no entry for mask {name!r}")
+        raise ConfigError(f"{what} has no entry for mask {name!r}")
     if d[name].shape != mask.shape:
-        raise ValueError(f"{what}[{name!r}] has shape {tuple(d[name].shape)}, mask {tuple(mask.shape)}")
+        raise ConfigError(f"{what}[{name!r}] has shape {tuple(d[name].shape)}, mask {tuple(mask.shape)}")
     return d[name]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import ConfigError
+
 
 class IndexedDataset(Dataset):
     """Wraps a dataset so each item carries its index: `(index, *item)` for tuple/list items, else `(index, item)`.
@@ -43,13 +45,13 @@ class SieveSampler(Sampler[int]):
     def __init__(self, data_source_or_length, keep_ratio=0.8, refresh=0.1, interval=1, seed=0):
         n = data_source_or_length if isinstance(data_source_or_length, int) else len(data_source_or_length)
         if n < 1:
-            raise ValueError("SieveSampler needs at least one sample")
+            raise ConfigError("SieveSampler needs at least one sample")
         if not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+            raise ConfigError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
         if not 0 <= refresh <= 1:
-            raise ValueError(f"refresh must be in [0, 1], got {refresh!r}")
+            raise ConfigError(f"refresh must be in [0, 1], got {refresh!r}")
         if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+            raise ConfigError(f"interval must be an int >= 1, got {interval!r}")
         self.num_samples, self.keep_ratio, self.refresh = n, keep_ratio, refresh
         self.interval, self.seed = interval, seed
         size = max(1, round(keep_ratio * n))
@@ -90,11 +92,11 @@ class SieveSampler(Sampler[int]):
         idx = torch.as_tensor(indices).detach().reshape(-1).cpu().long()
         ok = torch.as_tensor(correct).detach().reshape(-1).cpu()
         if ok.dtype != torch.bool:
-            raise ValueError(f"correct must be a bool tensor, got {ok.dtype}")
+            raise ConfigError(f"correct must be a bool tensor, got {ok.dtype}")
         if idx.numel() != ok.numel():
-            raise ValueError(f"{idx.numel()} indices but {ok.numel()} correct flags")
+            raise ConfigError(f"{idx.numel()} indices but {ok.numel()} correct flags")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_samples):
-            raise ValueError(f"sample indices must be in [0, {self.num_samples}), got {idx.min()}..{idx.max()}")
+            raise ConfigError(f"sample indices must be in [0, {self.num_samples}), got {idx.min()}..{idx.max()}")
         # Presentations of one sample must be applied in order: take each index's first occurrence per round.
         while idx.numel():
             uniq, inverse = torch.unique(idx, return_inverse=True)
@@ -152,9 +154,9 @@ class SieveSampler(Sampler[int]):
 
     def load_state_dict(self, state) -> None:
         if state["num_samples"] != self.num_samples:
-            raise ValueError(f"the state is for {state['num_samples']} samples, this sampler has {self.num_samples}")
+            raise ConfigError(f"the state is for {state['num_samples']} samples, this sampler has {self.num_samples}")
         if state["active"].numel() != self._active.numel():
-            raise ValueError(f"the state has {state['active'].numel()} active samples, but keep_ratio="
+            raise ConfigError(f"the state has {state['active'].numel()} active samples, but keep_ratio="
                              f"{self.keep_ratio} gives {self._active.numel()}: use the keep_ratio it was saved with")
         self.epoch = int(state["epoch"])
         self.refreshes, self.swapped = int(state["refreshes"]), int(state["swapped"])

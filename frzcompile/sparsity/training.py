@@ -1,20 +1,28 @@
 """Sparse training at run time: which weights are masked, how the masks evolve, and how they meet freezing.
 
-`SparseTraining` owns one boolean mask per target weight, registered as a buffer `<attr>_mask` on the module
-that owns the weight (so masks travel with `state_dict`). The sparsify pass multiplies each weight by its mask
-inside the graph, which masks the gradient too; after every optimizer step the runtime calls `after_step`,
-which zeroes the masked weights again (so momentum or a stale gradient cannot revive them) and updates the masks
-on schedule: a cubic sparsity ramp, MEST or RigL prune-and-grow, or early-bird ticket detection. Weights of
-frozen units are left alone: when a unit freezes its masks are folded into its weights once (`fold`), and
-no later update touches them (SpFDE's freezing stage).
+`SparseTraining` (a runtime service) owns one boolean mask per target weight, registered as a buffer
+`<attr>_mask` on the module that owns the weight (so masks travel with `state_dict`). The model's own forward
+computes with the weight itself, which is kept at exactly zero where masked: masks are applied when set, and
+after every optimizer step `after_step` zeroes the masked weights again (so momentum or weight decay cannot
+revive them). A tensor hook on each target weight masks its gradient, so a step is that of `weight * mask`,
+which the sparsify pass shows in the analysis graph; for RigL the same hook keeps the dense gradient of the
+step before an update. Masks change on schedule: a cubic sparsity ramp, MEST or RigL prune-and-grow, or
+early-bird ticket detection. Weights of frozen units are left alone: when a unit freezes its masks are folded
+into its weights once (`fold`), and no later update touches them (SpFDE's freezing stage); a frozen nn.Linear
+the sparsify pass routes to the block-sparse kernel gets a `BlockSparseForward` as its `forward` while frozen.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ConfigError
+from ..runtime.services import FORWARD_MARK, Service
 
 from .early_bird import EarlyBird
 from .masks import GROW_METHODS, SCOPES, STRUCTURES, density, magnitude_masks, prune_and_grow, update_fraction
@@ -35,6 +43,13 @@ class EarlyBirdConfig:
     fifo: int = 5
     threshold: float = 0.1
     structure: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"EarlyBirdConfig.interval must be an int >= 1, got {self.interval!r}")
+        if self.structure is not None and self.structure not in STRUCTURES:
+            raise ConfigError(f"EarlyBirdConfig.structure must be one of {STRUCTURES} or None, not {self.structure!r}")
+        EarlyBird(fifo=self.fifo, threshold=self.threshold)  # checks fifo and threshold
 
 
 @dataclass
@@ -78,38 +93,40 @@ class SparsityConfig:
     ops: tuple = ()
     seed: int = 0
     block_sparse_threshold: float = 0.5
-    _checked: bool = field(default=False, repr=False)
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> SparsityConfig:
+        """Check the options (done when the config is built, and again when it is used)."""
         if self.source not in SOURCES:
-            raise ValueError(f"SparsityConfig.source must be one of {SOURCES}, not {self.source!r}")
+            raise ConfigError(f"SparsityConfig.source must be one of {SOURCES}, not {self.source!r}")
         if self.structure not in STRUCTURES:
-            raise ValueError(f"SparsityConfig.structure must be one of {STRUCTURES}, not {self.structure!r}")
+            raise ConfigError(f"SparsityConfig.structure must be one of {STRUCTURES}, not {self.structure!r}")
         if self.scope not in SCOPES:
-            raise ValueError(f"SparsityConfig.scope must be one of {SCOPES}, not {self.scope!r}")
+            raise ConfigError(f"SparsityConfig.scope must be one of {SCOPES}, not {self.scope!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"SparsityConfig.schedule must be one of {SCHEDULES}, not {self.schedule!r}")
+            raise ConfigError(f"SparsityConfig.schedule must be one of {SCHEDULES}, not {self.schedule!r}")
         if self.structure != "nm" and self.source != "user" and not (
                 isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
-            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+            raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if self.source == "user" and not self.masks:
-            raise ValueError("source='user' needs masks={parameter name: bool tensor}")
+            raise ConfigError("source='user' needs masks={parameter name: bool tensor}")
         if self.masks and self.source != "user":
-            raise ValueError("masks= are only used with source='user'")
+            raise ConfigError("masks= are only used with source='user'")
         if self.source in GROW_METHODS and self.structure != "unstructured":
-            raise ValueError(f"{self.source} prune-and-grow works on unstructured masks; structure must be "
+            raise ConfigError(f"{self.source} prune-and-grow works on unstructured masks; structure must be "
                              "'unstructured'")
         if self.early_bird is True:
             self.early_bird = EarlyBirdConfig()
         if self.early_bird and self.source != "magnitude":
-            raise ValueError("early_bird draws magnitude masks: use it with source='magnitude'")
+            raise ConfigError("early_bird draws magnitude masks: use it with source='magnitude'")
         if self.early_bird and self.schedule != "oneshot":
-            raise ValueError("early_bird decides when to prune; schedule must stay 'oneshot'")
+            raise ConfigError("early_bird decides when to prune; schedule must stay 'oneshot'")
         if not isinstance(self.update_interval, int) or self.update_interval < 1:
-            raise ValueError(f"update_interval must be an int >= 1, got {self.update_interval!r}")
+            raise ConfigError(f"update_interval must be an int >= 1, got {self.update_interval!r}")
         if self.sieve is not None and not isinstance(self.sieve, SieveSampler):
-            raise ValueError(f"sieve= takes a frzcompile.SieveSampler, not {type(self.sieve).__name__}")
-        self._checked = True
+            raise ConfigError(f"sieve= takes a frzcompile.SieveSampler, not {type(self.sieve).__name__}")
         return self
 
 
@@ -129,22 +146,62 @@ class Target:
         return getattr(self.module, self.attr + "_mask")
 
 
-class SparseTraining:
-    """The masks of one FrozenModule and their schedule; see the module docstring."""
+class BlockSparseForward:
+    """`forward` of a frozen masked nn.Linear while it is routed to the block-sparse kernel: y = x W^T + b over the
+    weight's nonzero blocks. The layout is rebuilt whenever the weight changes, and F.linear runs when too few
+    blocks are empty. Self-contained (it reads its own module's weight), so a deep copy of the model stays right."""
 
-    def __init__(self, config: SparsityConfig, model: nn.Module, unit_graph, total_steps=None, optimizers=()):
-        self.config = config if config._checked else config.validate()
+    def __init__(self, module: nn.Linear, threshold: float):
+        self.module = module
+        self.threshold = threshold
+        self._key, self._layout = None, None
+        setattr(self, FORWARD_MARK, True)
+
+    def layout(self):
+        from ..kernels.block_sparse_matmul import BlockSparseWeight
+
+        w = self.module.weight
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if key != self._key:
+            layout = BlockSparseWeight.from_dense(w.detach())
+            self._key, self._layout = key, layout if layout.block_sparsity >= self.threshold else None
+        return self._layout
+
+    def __call__(self, input):
+        from ..kernels.block_sparse_matmul import block_sparse_linear
+
+        layout = self.layout()
+        if layout is None:
+            return F.linear(input, self.module.weight, self.module.bias)
+        return block_sparse_linear(input, layout, self.module.bias)
+
+
+class SparseTraining(Service):
+    """The masks of one FrozenModule and their schedule; see the module docstring.
+
+    optimizers: a callable returning the optimizers training the model now (their state is masked too)."""
+
+    name = "sparsity"
+
+    def __init__(self, config: SparsityConfig, model: nn.Module, unit_graph, total_steps=None,
+                 optimizers=lambda: ()):
+        self.config = config.validate()
         self.total_steps = total_steps
-        self.optimizers = list(optimizers)
+        self.optimizers = optimizers
+        self.step = 0
+        self.dense_grads: dict = {}  # RigL: dense gradients of masked weights, for the step before an update
+        self._record_dense = False
+        self._grad_hooks: dict = {}  # name -> (weight, hook handle)
+        self.routes: dict = {}       # name -> BlockSparseForward installed on its module
         self.generator = torch.Generator().manual_seed(config.seed)
         self.targets = self._select_targets(model, unit_graph)
         if not self.targets:
-            raise ValueError("sparsity= found no weight to mask: no Linear/Conv weight outside the head "
-                             "(pass include=[...] or include_head=True)")
+            raise ConfigError("sparsity= found no weight to mask: no Linear/Conv weight outside the head "
+                              "(pass include=[...] or include_head=True)")
         needs_total = (config.source in GROW_METHODS or config.schedule == "gradual")
         if needs_total and not total_steps:
-            raise ValueError(f"sparsity source={config.source!r} schedule={config.schedule!r} needs total_steps "
-                             "in optimize() to plan its updates")
+            raise ConfigError(f"sparsity source={config.source!r} schedule={config.schedule!r} needs total_steps "
+                              "in optimize() to plan its updates")
         self.early_bird = None
         if config.early_bird:
             eb = config.early_bird
@@ -161,6 +218,90 @@ class SparseTraining:
         elif config.source in GROW_METHODS or (config.source == "magnitude" and config.schedule == "oneshot"
                                                and not config.early_bird):
             self._set_masks(self._draw(config.sparsity, structure=config.structure))
+        self._hook_gradients()
+        handles = self._grad_hooks
+        weakref.finalize(self, lambda: [h.remove() for _, h in handles.values()])
+
+    # -- hook points (see frzcompile.runtime.services) ---------------------------------------------------
+    def call(self, run, args, kwargs):
+        self._record_dense = torch.is_grad_enabled() and self.wants_dense_grads(self.step)
+        return run(args, kwargs)
+
+    def on_plan(self, change, analysis) -> None:
+        units = {n: t.unit for n, t in self.targets.items()}
+        self.fold({id(self.targets[n].weight) for n, u in units.items() if u in change.newly_frozen})
+        self.unfold({id(self.targets[n].weight) for n, u in units.items() if u in change.thawed})
+        for name in [n for n in self.routes if units[n] not in change.frozen]:
+            self._unroute(name)
+        if any(isinstance(self.targets[n].module, nn.Linear) for n, u in units.items() if u in change.frozen):
+            for name in dict.fromkeys(analysis().decisions.get("block_sparse", ())):
+                if name not in self.routes:
+                    self._route(name)
+
+    def after_step(self, step: int) -> None:
+        self.step = step
+        self.after_step_update(step, self.dense_grads)
+        self.dense_grads.clear()
+
+    def on_structure_change(self) -> None:
+        for name, t in self.targets.items():
+            try:
+                t.weight
+                t.mask
+            except AttributeError:
+                raise ConfigError(f"the masked weight {name} (or its mask) was removed from the model after "
+                                  "optimize(..., sparsity=...); call optimize() again") from None
+        self._hook_gradients()
+
+    def on_tensors_moved(self) -> None:
+        self._block_sparse.clear()
+        self._hook_gradients()
+
+    def close(self) -> None:
+        for _, handle in self._grad_hooks.values():
+            handle.remove()
+        self._grad_hooks.clear()
+        for name in list(self.routes):
+            self._unroute(name)
+
+    # -- gradient masks and routing ------------------------------------------------------------------------
+    def _hook_gradients(self) -> None:
+        """A tensor hook on each target weight masks its gradient (re-hooked when a weight object changed)."""
+        me = weakref.ref(self)
+        for name, t in self.targets.items():
+            weight = t.weight
+            current = self._grad_hooks.get(name)
+            if current is not None and current[0] is weight:
+                continue
+            if current is not None:
+                current[1].remove()
+
+            def mask_grad(grad, name=name):
+                sp = me()
+                return grad if sp is None else sp._mask_grad(name, grad)
+
+            self._grad_hooks[name] = (weight, weight.register_hook(mask_grad))
+
+    def _mask_grad(self, name, grad):
+        if self._record_dense:  # RigL grows where this dense gradient is largest
+            prev = self.dense_grads.get(name)
+            self.dense_grads[name] = grad.detach().clone() if prev is None else prev + grad
+        return grad * self.targets[name].mask
+
+    def _route(self, name) -> None:
+        module = self.targets[name].module
+        own = module.__dict__.get("forward")
+        if own is not None and not getattr(own, FORWARD_MARK, False):
+            return  # someone else replaced this module's forward: leave it alone
+        forward = BlockSparseForward(module, self.config.block_sparse_threshold)
+        module.__dict__["forward"] = forward
+        self.routes[name] = forward
+
+    def _unroute(self, name) -> None:
+        forward = self.routes.pop(name)
+        module = forward.module
+        if module.__dict__.get("forward") is forward:
+            del module.__dict__["forward"]
 
     # -- targets ---------------------------------------------------------------------------------------
     def _select_targets(self, model, unit_graph) -> dict:
@@ -187,23 +328,23 @@ class SparseTraining:
                               and (cfg.include_head or param_unit.get(id(p)) != head))
                 if wanted and name not in cfg.exclude:
                     if p.dim() < 2:
-                        raise ValueError(f"{name} has {p.dim()} dimension(s): only weights of 2 or more are masked")
+                        raise ConfigError(f"{name} has {p.dim()} dimension(s): only weights of 2 or more are masked")
                     candidates[name] = Target(name, module, attr, param_unit.get(id(p), "(outside units)"))
         if cfg.include is not None:
             missing = set(cfg.include) - set(candidates) - {t.name.rpartition(".")[0] for t in candidates.values()}
             if missing:
-                raise ValueError(f"include= names not found among the model's parameters: {sorted(missing)}")
+                raise ConfigError(f"include= names not found among the model's parameters: {sorted(missing)}")
         return candidates
 
     def _user_masks(self) -> dict:
         masks = self.config.masks
         unknown = set(masks) - set(self.targets)
         if unknown:
-            raise ValueError(f"masks given for {sorted(unknown)}, which are not masked weights; targets are "
+            raise ConfigError(f"masks given for {sorted(unknown)}, which are not masked weights; targets are "
                              f"{sorted(self.targets)[:8]}...")
         for name, m in masks.items():
             if tuple(m.shape) != tuple(self.targets[name].weight.shape):
-                raise ValueError(f"mask for {name} has shape {tuple(m.shape)}, the weight "
+                raise ConfigError(f"mask for {name} has shape {tuple(m.shape)}, the weight "
                                  f"{tuple(self.targets[name].weight.shape)}")
         return masks
 
@@ -230,7 +371,7 @@ class SparseTraining:
             t = self.targets[name]
             t.mask.copy_(mask.to(t.mask.device))
             t.weight.mul_(t.mask)  # pruned weights are zero, and grown ones start from zero (RigL)
-            for opt in self.optimizers:
+            for opt in self.optimizers():
                 for value in opt.state.get(t.weight, {}).values():
                     if torch.is_tensor(value) and value.shape == t.weight.shape:
                         value.mul_(t.mask)  # no momentum carried into pruned or regrown positions
@@ -256,8 +397,8 @@ class SparseTraining:
                 self.frozen_params.discard(name)
 
     def block_sparse_weight(self, name: str):
-        """The block-sparse layout of a frozen weight, or None when too few of its kernel blocks are empty (or
-        the kernel layer is unavailable). Built once per weight version."""
+        """The block-sparse layout of a frozen weight, or None when too few of its kernel blocks are empty.
+        Built once per weight version (the sparsify pass's decision)."""
         from ..kernels import block_sparse_matmul as bsm
 
         t = self.targets[name]
@@ -278,8 +419,8 @@ class SparseTraining:
     def _updating(self, step: int) -> bool:
         return step < self.config.update_until * self.total_steps
 
-    def after_step(self, step: int, dense_grads: dict | None = None) -> None:
-        """Called after optimizer step number `step` (1-based)."""
+    def after_step_update(self, step: int, dense_grads: dict | None = None) -> None:
+        """Masked weights back to zero and the mask schedule, after optimizer step number `step` (1-based)."""
         cfg = self.config
         self.enforce()
         due = step % (cfg.early_bird.interval if self.early_bird else cfg.update_interval) == 0
@@ -333,10 +474,11 @@ class SparseTraining:
         return {"source": self.config.source, "structure": self.config.structure, "targets": len(self.targets),
                 "sparsity": 1.0 - density(self.masks), "mask_updates": self.updates,
                 "last_update_step": self.last_update_step, "early_bird": eb,
+                "gradient_masks": len(self._grad_hooks), "block_sparse_routes": sorted(self.routes),
                 "sieve": self.config.sieve.summary() if self.config.sieve is not None else None}
 
     def state_dict(self) -> dict:
-        return {"frozen_params": sorted(self.frozen_params), "updates": self.updates,
+        return {"frozen_params": sorted(self.frozen_params), "updates": self.updates, "step": self.step,
                 "ramp_progress": self.ramp_progress,
                 "last_update_step": self.last_update_step, "generator": self.generator.get_state(),
                 "early_bird": self.early_bird.state_dict() if self.early_bird is not None else None,
@@ -344,15 +486,16 @@ class SparseTraining:
 
     def load_state_dict(self, state: dict) -> None:
         self.frozen_params = set(state["frozen_params"])
+        self.step = int(state.get("step", 0))
         self.updates = int(state["updates"])
         self.ramp_progress = float(state["ramp_progress"])
         self.last_update_step = state["last_update_step"]
         self.generator.set_state(state["generator"])
         if (state["early_bird"] is None) != (self.early_bird is None):
-            raise ValueError("the saved sparsity state and this SparsityConfig disagree on early_bird")
+            raise ConfigError("the saved sparsity state and this SparsityConfig disagree on early_bird")
         if self.early_bird is not None:
             self.early_bird.load_state_dict(state["early_bird"])
         if state["sieve"] is not None:
             if self.config.sieve is None:
-                raise ValueError("the saved state has a sieve sampler: pass SparsityConfig(sieve=SieveSampler(...))")
+                raise ConfigError("the saved state has a sieve sampler: pass SparsityConfig(sieve=SieveSampler(...))")
             self.config.sieve.load_state_dict(state["sieve"])

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 CHUNK_SLOTS = 256
 # Inputs and entries on these devices go through the Triton kernels (row fingerprint, gather-and-cast) where
 # they are; tests add "cpu" to run them in Triton's interpreter.
@@ -80,9 +82,9 @@ class CacheConfig:
 
     def __post_init__(self):
         if self.key not in ("input", "sample_id"):
-            raise ValueError(f"CacheConfig.key must be 'input' or 'sample_id', not {self.key!r}")
+            raise ConfigError(f"CacheConfig.key must be 'input' or 'sample_id', not {self.key!r}")
         if self.key == "sample_id" and not self.deterministic_inputs:
-            raise ValueError(
+            raise ConfigError(
                 "CacheConfig(key='sample_id') serves whatever was stored under an id; set "
                 "deterministic_inputs=True to promise that an id always comes with the same input "
                 "(no random augmentation), or keep the default key='input'"
@@ -92,16 +94,16 @@ class CacheConfig:
             if self.device.type == "cpu":
                 self.device = None
         if self.device is not None and self.spill_dir is not None:
-            raise ValueError("spill_dir= spills CPU entries to disk; it cannot be combined with device="
+            raise ConfigError("spill_dir= spills CPU entries to disk; it cannot be combined with device="
                              f"{str(self.device)!r}")
         if self.memory_bytes is None:
             self.memory_bytes = _available_memory(self.device) // 4
         if self.memory_bytes < 0 or self.disk_bytes < 0:
-            raise ValueError("CacheConfig budgets must be >= 0 bytes")
+            raise ConfigError("CacheConfig budgets must be >= 0 bytes")
         if self.storage_dtype is not None and not self.storage_dtype.is_floating_point:
-            raise ValueError(f"storage_dtype must be a floating dtype, not {self.storage_dtype}")
+            raise ConfigError(f"storage_dtype must be a floating dtype, not {self.storage_dtype}")
         if not 0.0 <= self.min_hit_rate <= 1.0:
-            raise ValueError(f"min_hit_rate must be in [0, 1], not {self.min_hit_rate}")
+            raise ConfigError(f"min_hit_rate must be in [0, 1], not {self.min_hit_rate}")
 
 
 def _as_bytes_rows(t: torch.Tensor) -> np.ndarray:
@@ -133,7 +135,7 @@ def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
     headers, rows = [], []
     for t in batch_args:
         if t.device.type in KERNEL_DEVICES:
-            from .kernels.row_fingerprint import row_fingerprint
+            from ..kernels.row_fingerprint import row_fingerprint
 
             headers.append(f"fp{t.dtype}{tuple(t.shape[1:])}".encode())
             rows.append(row_fingerprint(t.detach()).cpu().numpy().view(np.uint8))  # (B, 16)
@@ -307,7 +309,7 @@ def _gather_cast(src: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> 
     """Rows `index` of `src` in `like`'s dtype and on its device: the gather-and-cast kernel when the entries
     already live on a GPU, else gather where they are, move, then cast."""
     if src.device == like.device and src.device.type in KERNEL_DEVICES:
-        from .kernels.gather_cast import gather_cast
+        from ..kernels.gather_cast import gather_cast
 
         return gather_cast(src, index.to(src.device), like.dtype)
     return src.index_select(0, index).to(like.device).to(like.dtype)

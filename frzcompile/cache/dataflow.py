@@ -1,0 +1,204 @@
+"""What the rest of the model really reads from the frozen prefix: a dataflow probe over one eager forward.
+
+While the model runs (with the prefix's calls intercepted, see intercept.py), a TorchFunctionMode sees every
+torch operation. Operations inside a prefix call make "internal" tensors; the outputs of the prefix's top-level
+calls are its "leaves"; operations outside make the rest. A backward liveness pass from the model's output (and
+from every in-place operation, every operation returning a Python value, which may steer control flow) then
+says which leaves are read by anything that matters: only those are cached. The other leaves only feed other
+prefix calls, which the cache serves too, so a placeholder of the right shape stands in for them. Shape and
+dtype queries do not count as reads.
+
+The probe also finds what would make serving unfaithful: an internal tensor that leaves the prefix other than
+as a call's output (a key/value cache object filled inside), random numbers drawn inside the prefix, a prefix
+input that requires grad, state changed in place by the prefix, or by the code running before the prefix ends
+(which prefix-only runs would repeat).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..torch_private import tree_flatten
+
+_T = torch.Tensor
+_METADATA = {_T.size, _T.dim, _T.numel, _T.__len__, _T.stride, _T.is_floating_point, _T.is_complex,
+             _T.is_contiguous, _T.element_size, _T.nelement, _T.ndimension, _T.get_device, _T.storage_offset}
+_METADATA_PROPERTIES = {_T.shape, _T.dtype, _T.device, _T.ndim, _T.requires_grad, _T.is_cuda, _T.layout,
+                        _T.is_sparse, _T.is_quantized, _T.is_meta, _T.is_leaf}
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                    "__imatmul__"}
+
+
+def _is_metadata(func) -> bool:
+    return func in _METADATA or getattr(func, "__self__", None) in _METADATA_PROPERTIES
+
+
+def _mutates(func, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS or "out" in kwargs
+
+
+def _tensors(obj):
+    leaves, _ = tree_flatten(obj)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def deep_tensors(obj, limit: int = 6):
+    """Tensors inside `obj`: pytree containers and also plain objects' attributes (a DynamicCache in an output)."""
+    found, seen, stack = [], set(), [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if id(value) in seen or depth > limit:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, torch.nn.Module) or isinstance(value, (str, bytes, int, float, bool, type(None))):
+            continue
+        elif hasattr(value, "__dict__"):
+            stack.extend((v, depth + 1) for v in vars(value).values())
+    return found
+
+
+class ProbeResult:
+    def __init__(self):
+        self.needed: set = set()        # (key, leaf index) of prefix outputs the rest of the model reads
+        self.problems: list = []        # why serving would not be faithful (empty: fine)
+
+
+class DataflowProbe(TorchFunctionMode):
+    """Use as `with Interception(..., watch=probe) as ic: probe.interception = ic; with probe: model(...)`."""
+
+    def __init__(self, state_tensors=()):
+        super().__init__()
+        self.interception = None
+        self._state = {id(t) for t in state_tensors}  # parameters and buffers of the model
+        self._serials: dict = {}      # id(tensor) -> (weakref, serial)
+        self._next = 0
+        self._internal: set = set()   # serials of tensors made inside prefix calls
+        self._leaves: dict = {}       # serial -> [(key, leaf index)]
+        self._ops: list = []          # outside prefix calls: (input serials, output serials, sink)
+        self._last_prefix_op = -1     # index into _ops when the last prefix call returned
+        self._state_changed_early: list = []  # op indexes that changed model state outside prefix calls
+        self._rng = None
+        self._busy = False            # the probe's own bookkeeping is not the model's
+        self.problems: list = []
+
+    # -- tensor identities (ids are reused once a tensor dies, serials never are) --------------------------
+    def _serial(self, t, new=False) -> int:
+        entry = self._serials.get(id(t))
+        if entry is not None and not new and entry[0]() is t:
+            return entry[1]
+        serial = self._next
+        self._next += 1
+        self._serials[id(t)] = (weakref.ref(t), serial)
+        return serial
+
+    def _known(self, t) -> int | None:
+        entry = self._serials.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    # -- the mode ---------------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._busy or _is_metadata(func):
+            return out
+        inputs = _tensors((args, kwargs))
+        input_ids = {id(t) for t in inputs}
+        outputs = _tensors(out)
+        mutates = _mutates(func, kwargs)
+        inside = self.interception is not None and self.interception.depth > 0
+        if inside:
+            if mutates and inputs and self._known(inputs[0]) not in self._internal:
+                name = getattr(func, "__name__", str(func))
+                self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
+                              "serving from the cache would skip")
+            for t in outputs:
+                if id(t) not in input_ids:
+                    self._internal.add(self._serial(t, new=True))
+            return out
+        ins = tuple(self._serial(t) for t in inputs)
+        outs = tuple(self._serial(t, new=id(t) not in input_ids) for t in outputs)
+        sink = mutates or not outputs
+        if mutates and inputs and id(inputs[0]) in self._state:
+            self._state_changed_early.append(len(self._ops))
+        self._ops.append((ins, outs, sink))
+        return out
+
+    # -- told by the Interception ---------------------------------------------------------------------------
+    def enter(self, key, args, kwargs) -> None:
+        self._busy = True
+        try:
+            if any(t.requires_grad for t in _tensors((args, kwargs))):
+                self._problem("an input of the frozen prefix requires grad (gradients must flow through it)")
+            self._rng = _rng_state()
+        finally:
+            self._busy = False
+
+    def leave(self, key, out) -> None:
+        self._busy = True
+        try:
+            if not _same_rng(self._rng, _rng_state()):
+                self._problem(f"the frozen prefix draws random numbers (in {key[0]}), which serving from the "
+                              "cache would skip")
+            self._register(key, out)
+        finally:
+            self._busy = False
+
+    def served(self, key, out) -> None:
+        """A call served from a shallower prefix's entries: its outputs are leaves like any other call's."""
+        self._busy = True
+        try:
+            self._register(key, out)
+        finally:
+            self._busy = False
+
+    def _register(self, key, out) -> None:
+        leaves, _ = tree_flatten(out)
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                self._leaves.setdefault(self._serial(leaf), []).append((key, i))
+        self._last_prefix_op = len(self._ops)
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+
+    # -- after the call ---------------------------------------------------------------------------------
+    def result(self, model_output) -> ProbeResult:
+        res = ProbeResult()
+        res.problems = list(self.problems)
+        live = {s for s in (self._known(t) for t in deep_tensors(model_output)) if s is not None}
+        for ins, outs, sink in reversed(self._ops):
+            if sink or any(o in live for o in outs):
+                live.update(ins)
+        for serial in live:
+            if serial in self._leaves:
+                res.needed.update(self._leaves[serial])
+            elif serial in self._internal:
+                res.problems.append("a tensor computed inside the frozen prefix leaves it other than as a unit's "
+                                    "output (e.g. a key/value cache filled inside)")
+                break
+        if any(i < self._last_prefix_op for i in self._state_changed_early):
+            res.problems.append("code running before the frozen prefix ends changes a parameter or buffer in "
+                                "place (e.g. a BatchNorm outside every unit), which prefix-only runs would repeat")
+        return res
+
+
+def _rng_state():
+    state = [torch.default_generator.get_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state += [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return state
+
+
+def _same_rng(a, b) -> bool:
+    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

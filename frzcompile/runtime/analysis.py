@@ -1,0 +1,114 @@
+"""The analysis side of the runtime: the captured graph, the passes' graph per plan, and FLOPs per unit.
+
+Nothing here runs when the model is called. For each plan the passes rewrite a copy of the captured graph
+(what `explain`, `fm.graph_module()` and the `FRZ_DEBUG` dumps show) and leave their decisions on the context
+(`ctx.decisions`), which services carry out on the model's own modules.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from collections import OrderedDict
+
+import torch
+from torch import fx
+
+from ..capture import Captured, clone_graph_module
+from ..passes import PassContext, run_passes
+from ..torch_private import tree_leaves
+from ..units import UnitGraph
+
+OUTSIDE = "(outside units)"
+_KEEP = 4  # analysed plans kept
+
+
+class Analysis:
+    def __init__(self, model: torch.nn.Module, captured: Captured, unit_graph: UnitGraph):
+        self.model = model
+        self.captured = captured
+        self.unit_graph = unit_graph
+        self.builds = 0
+        self.seconds = 0.0
+        self.last: PassContext | None = None
+        self._plans: OrderedDict = OrderedDict()   # frozen set -> (GraphModule, PassContext)
+        self._flops: dict | None = None
+
+    def invalidate(self) -> None:
+        """Forget analysed plans (their decisions read weights that may have changed since)."""
+        self._plans.clear()
+
+    def for_plan(self, frozen: frozenset, prefix: tuple, *, cache: bool, sparsity) -> tuple:
+        """(rewritten GraphModule, PassContext) for this plan, built on first use."""
+        entry = self._plans.get(frozen)
+        if entry is not None:
+            self._plans.move_to_end(frozen)
+            self.last = entry[1]
+            return entry
+        start = time.perf_counter()
+        ctx = PassContext(
+            node_unit={n.name: u for n, u in self.unit_graph.node_unit.items()},
+            frozen=frozen,
+            prefix=tuple(prefix),
+            cache=cache,
+            sparsity=sparsity,
+            modules=dict(self.model.named_modules()),
+            build=self.builds,
+            model_name=type(self.model).__name__,
+        )
+        gm = run_passes(clone_graph_module(self.captured.gm), ctx)
+        self.builds += 1
+        self.seconds += time.perf_counter() - start
+        self._plans[frozen] = (gm, ctx)
+        while len(self._plans) > _KEEP:
+            self._plans.popitem(last=False)
+        self.last = ctx
+        return gm, ctx
+
+    def unit_flops(self) -> dict:
+        """Forward FLOPs of each unit on the example inputs (eval mode), counted by torch.utils.flop_counter and
+        attributed node by node to units; FLOPs of nodes outside every unit under OUTSIDE."""
+        if self._flops is None:
+            self._flops = self._count_flops()
+        return dict(self._flops)
+
+    def _count_flops(self) -> dict:
+        from torch.utils.flop_counter import FlopCounterMode  # imports Triton when installed: keep it off import
+
+        gm = self.captured.gm
+        args, kwargs = self.captured.args, self.captured.kwargs
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()  # symbolic_trace graphs call the model's own leaf modules
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                interp = _FlopsPerNode(gm, counter)
+                interp.run(*_placeholder_values(self.model, gm, args, kwargs))
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        per_unit = {u: 0 for u in self.unit_graph.names}
+        node_unit = {n.name: u for n, u in self.unit_graph.node_unit.items()}
+        for name, flops in interp.flops.items():
+            unit = node_unit.get(name, OUTSIDE)
+            per_unit[unit] = per_unit.get(unit, 0) + flops
+        return per_unit
+
+
+class _FlopsPerNode(fx.Interpreter):
+    def __init__(self, gm, counter):
+        super().__init__(gm)
+        self.counter = counter
+        self.flops = {}
+
+    def run_node(self, n):
+        before = self.counter.get_total_flops()
+        result = super().run_node(n)
+        self.flops[n.name] = self.counter.get_total_flops() - before
+        return result
+
+
+def _placeholder_values(model, gm, args, kwargs):
+    if getattr(gm, "_in_spec", None) is not None:  # torch.export: flattened (args, kwargs) leaves
+        return tree_leaves((tuple(args), dict(kwargs)))
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())

@@ -1,0 +1,364 @@
+"""`FrozenModule`: the module users train. It is the user's model minus the frozen work.
+
+Calling it runs the model's own forward (or, with `compile=`, Dynamo's graphs of it), so modes, hooks,
+attributes, submodules swapped after `optimize()`, any arguments and shapes, input gradients and random numbers
+are exactly the model's. What frzcompile adds is the plan: frozen units' parameters stop requiring grad and
+lose gradient and optimizer state, their modules stay in eval mode through `model.train()`, the policy decides
+after every optimizer step, and optional services (the activation cache, sparse training) hook into the call.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from ..capture import Captured
+from ..errors import PlanError
+from ..policies import Manual, Policy, TrainingView
+from ..units import UnitGraph
+from .analysis import Analysis
+from .plan import FreezePlan, PlanChange
+from .services import Service, chain
+from .steps import StepDriver
+
+FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
+NO_STEP_WARNING_CALLS = 100  # training calls without an optimizer step before frzcompile warns
+
+
+class NoStepWarning(UserWarning):
+    """Training calls keep coming but no optimizer step was seen, so the policy never runs."""
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Ids of every module and parameter of the model: changes when a submodule or parameter is replaced."""
+    out, stack = [], [model]
+    while stack:
+        m = stack.pop()
+        out.append(id(m))
+        out.extend(id(p) for p in m._parameters.values())
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
+
+
+class FrozenModule(nn.Module):
+    """A model whose frozen units cost nothing to train. Call it exactly as the model.
+
+    Its parameters, buffers, submodules and `state_dict` are the model's own (the same objects and keys), and
+    setting a submodule or attribute on it sets it on the model. The freeze plan travels separately in
+    `freeze_state_dict()`.
+    """
+
+    def __init__(self, model: nn.Module, captured: Captured, unit_graph: UnitGraph, policy: Policy,
+                 optimizers=(), total_steps=None, compile_config=None):
+        super().__init__()
+        state = self.__dict__  # plain attributes: nn.Module.__setattr__ would register modules as children
+        # The model's own dicts, not copies: a submodule, parameter or buffer set on either is set on both.
+        state["_modules"] = model._modules
+        state["_parameters"] = model._parameters
+        state["_buffers"] = model._buffers
+        state["_non_persistent_buffers_set"] = model._non_persistent_buffers_set
+        state["_model"] = model
+        state["_captured"] = captured
+        state["_unit_graph"] = unit_graph
+        state["_plan"] = FreezePlan(unit_graph)
+        state["_analysis"] = Analysis(model, captured, unit_graph)
+        state["_policy"] = policy
+        state["_total_steps"] = total_steps
+        state["_step"] = 0
+        state["_services"] = []
+        state["_run"] = chain((), self._call_model)
+        state["_structure"] = _structure(model)
+        state["_calls_since_step"] = 0
+        state["_compiled"] = None
+        if compile_config is not None:
+            from .compiled import CompiledExecutor
+
+            state["_compiled"] = CompiledExecutor(model, compile_config)
+        state["_driver"] = StepDriver(model.parameters(), self._before_optimizer_step, self.step, optimizers)
+        state["_view"] = TrainingView(self)
+        policy.bind(self._view)
+
+    def add_service(self, service: Service) -> None:
+        """Join an optional service (see frzcompile.runtime.services); services added later run inside the
+        earlier ones' `call`."""
+        self._services.append(service)
+        self.__dict__["_run"] = chain(self._services, self._call_model)
+        service.on_plan(PlanChange(self._plan.frozen, self._plan.frozen, frozenset(), self._plan.prefix, self._step,
+                                   "service added"), self._current_analysis)
+
+    # -- what the model is ---------------------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        model = self.__dict__.get("_model")
+        return self.__dict__.get("_training", True) if model is None else model.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_model")
+        if model is None:
+            self.__dict__["_training"] = mode  # nn.Module.__init__, before the model is attached
+        else:
+            model.training = mode
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def units(self) -> list:
+        """Unit names (module paths) in topological order."""
+        return self._unit_graph.names
+
+    @property
+    def unit_graph(self) -> UnitGraph:
+        return self._unit_graph
+
+    @property
+    def frozen(self) -> tuple:
+        return self._plan.ordered()
+
+    @property
+    def frozen_prefix(self) -> tuple:
+        return self._plan.prefix
+
+    @property
+    def plan(self) -> FreezePlan:
+        return self._plan
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def step_count(self) -> int:
+        """Training steps counted so far (optimizer steps, or calls of `step()`)."""
+        return self._step
+
+    @property
+    def total_steps(self):
+        return self._total_steps
+
+    @property
+    def capture_method(self) -> str:
+        return self._captured.method
+
+    @property
+    def analysis(self) -> Analysis:
+        return self._analysis
+
+    @property
+    def services(self) -> list:
+        return list(self._services)
+
+    @property
+    def compiled(self):
+        """The compiled path (`optimize(..., compile=...)`), or None."""
+        return self._compiled
+
+    @property
+    def cache(self):
+        """The ActivationCache (None unless optimize(..., cache=...))."""
+        return self._service("cache")
+
+    @property
+    def sparsity(self):
+        """The SparseTraining (masks, schedule, early-bird state; None unless optimize(..., sparsity=...))."""
+        return self._service("sparsity")
+
+    @property
+    def sieve(self):
+        """The SieveSampler given in SparsityConfig(sieve=...), or None."""
+        return self.sparsity.config.sieve if self.sparsity is not None else None
+
+    def _service(self, name: str):
+        return next((s for s in self._services if s.name == name), None)
+
+    def optimizers(self) -> list:
+        """The optimizers seen training the model's parameters (given to optimize(), or seen stepping)."""
+        return self._driver.optimizers
+
+    # -- the plan ------------------------------------------------------------------------------------------
+    def freeze(self, *names: str) -> None:
+        self._set_plan(self._plan.frozen | set(self._unit_graph.check(names)), reason="freeze()")
+
+    def unfreeze(self, *names: str) -> None:
+        self._set_plan(self._plan.frozen - set(self._unit_graph.check(names)), reason="unfreeze()")
+
+    def step(self) -> None:
+        """Count one training step and let the policy decide. Called after each optimizer step that trains the
+        model (any torch optimizer, see frzcompile.runtime.steps); call it yourself with another optimizer."""
+        self.__dict__["_step"] = self._step + 1
+        self.__dict__["_calls_since_step"] = 0
+        for service in self._services:
+            service.after_step(self._step)
+        decision = self._policy.decide(self._view)
+        if decision is None:
+            return
+        new = frozenset(self._unit_graph.check(decision))
+        if new != self._plan.frozen:
+            self._set_plan(new, reason=f"policy {self._policy.name}")
+
+    def _set_plan(self, frozen: frozenset, reason: str) -> None:
+        change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
+                                  reason=reason)
+        if self.sparsity is not None:
+            self._analysis.invalidate()  # the sparsify pass reads the weights
+        for service in self._services:
+            service.on_plan(change, self._current_analysis)
+        if os.environ.get("FRZ_DEBUG"):
+            self._current_analysis()  # write the new plan's graphs now
+
+    def _current_analysis(self):
+        return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, cache=self.cache is not None,
+                                       sparsity=self.sparsity)[1]
+
+    def _before_optimizer_step(self, optimizer) -> None:
+        self._plan.drop_frozen_grads()
+
+    # -- calling ---------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self._before_call()
+        if self._compiled is not None:
+            names = self._frozen_param_names()
+            return self._compiled(args, kwargs, self._plan.frozen, names)
+        return self._run(args, kwargs)
+
+    def _call_model(self, args, kwargs):
+        return self._model(*args, **kwargs)
+
+    def _before_call(self) -> None:
+        structure = _structure(self._model)
+        if structure != self._structure:
+            self._on_structure_change(structure)
+        self._plan.enforce_eval()
+        if self.training and torch.is_grad_enabled():
+            self._driver.saw_forward()
+            calls = self._calls_since_step + 1
+            self.__dict__["_calls_since_step"] = calls
+            if calls == NO_STEP_WARNING_CALLS and not isinstance(self._policy, Manual):
+                warnings.warn(
+                    f"frzcompile: {calls} training calls and no optimizer step seen, so the {self._policy.name} "
+                    "policy has not run. frzcompile counts steps of torch.optim optimizers holding the model's "
+                    "parameters; with another optimizer, call fm.step() after each step.", NoStepWarning,
+                    stacklevel=4)
+
+    def _on_structure_change(self, structure) -> None:
+        self.__dict__["_structure"] = structure
+        self._plan.rebind(self._model, self.training)
+        self._driver.update_parameters(self._model.parameters())
+        self._analysis.invalidate()
+        self._policy.rebind(self._view)
+        for service in self._services:
+            service.on_structure_change()
+
+    def _frozen_param_names(self) -> list:
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        return [names[id(p)] for p in self._plan.frozen_params() if id(p) in names]
+
+    def train(self, mode: bool = True):
+        self._model.train(mode)
+        self._plan.enforce_eval()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        self._model._apply(fn, recurse)
+        for service in self._services:
+            service.on_tensors_moved()
+        return self
+
+    # -- analysis and inspection -----------------------------------------------------------------------------
+    def graph_module(self):
+        """The analysis graph rewritten by the passes for the current plan (what `explain` and the FRZ_DEBUG
+        dumps show). The model itself is what runs."""
+        return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, cache=self.cache is not None,
+                                       sparsity=self.sparsity)[0]
+
+    def unit_flops(self) -> dict:
+        """Forward FLOPs per unit on the example inputs, counted by torch.utils.flop_counter."""
+        return self._analysis.unit_flops()
+
+    def state_version(self, prefix) -> tuple:
+        """Changes whenever a weight or buffer of the prefix's units is replaced or changed in place (tensor
+        version counters), so the activation cache never serves activations computed with other weights."""
+        units = self._unit_graph.units
+        tensors = []
+        for u in prefix:
+            tensors += units[u].params
+            tensors += [b for m in units[u].modules for b in m.buffers(recurse=False)]
+        return tuple((id(t), t._version) for t in tensors)
+
+    # -- the activation cache ---------------------------------------------------------------------------------
+    def sample_ids(self, ids):
+        """`with fm.sample_ids(ids): out = fm(x)` -- keys for CacheConfig(key="sample_id")."""
+        if self.cache is None:
+            raise ValueError("sample ids are only used by the activation cache: optimize(..., cache=CacheConfig(...))")
+        return self.cache.using_sample_ids(ids)
+
+    def warm_cache(self, batches, progress: bool = True) -> int:
+        """Fill the cache for the current frozen prefix from an iterable of batches (each a tensor, a tuple of
+        positional arguments, or a dict of keyword arguments), running only the frozen prefix. Returns the
+        number of samples looked at."""
+        if self.cache is None or not self.frozen_prefix:
+            raise ValueError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
+        self._before_call()
+        return self.cache.warm(batches, self.training, progress=progress)
+
+    # -- checkpointing --------------------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        return self._model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def freeze_state_dict(self) -> dict:
+        """The freeze plan, step counter, policy and service state; save it beside `state_dict()` and the
+        optimizer's."""
+        return {
+            "format": FREEZE_STATE_FORMAT,
+            "units": self.units,
+            "frozen": list(self.frozen),
+            "since": dict(self._plan.since),
+            "step": self._step,
+            "policy": {"name": self._policy.name, "state": self._policy.state_dict()},
+            "sparsity": self.sparsity.state_dict() if self.sparsity is not None else None,
+        }
+
+    def load_freeze_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != FREEZE_STATE_FORMAT:
+            raise PlanError("not a frzcompile freeze state (expected the dict from fm.freeze_state_dict())")
+        if list(state["units"]) != self.units:
+            raise PlanError(
+                f"the saved freeze state has units {state['units']}, this model has {self.units}; "
+                "it was saved from a different model or unit selection"
+            )
+        if state["policy"]["name"] != self._policy.name:
+            raise PlanError(f"the saved policy is {state['policy']['name']!r}, this one is {self._policy.name!r}")
+        if (state.get("sparsity") is None) != (self.sparsity is None):
+            raise PlanError("the saved freeze state and this module disagree on sparsity= (one has masks, the "
+                            "other not)")
+        self._policy.load_state_dict(state["policy"]["state"])
+        if self.sparsity is not None:
+            self.sparsity.load_state_dict(state["sparsity"])
+        self.__dict__["_step"] = int(state["step"])
+        self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
+        self._plan.since = {u: int(s) for u, s in state["since"].items()}
+
+    # -- attributes fall through to the model ---------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None:
+                raise
+            return getattr(model, name)  # e.g. a Hugging Face model's `config`
+
+    def __setattr__(self, name, value):
+        model = self.__dict__.get("_model")
+        if (model is not None and name not in self.__dict__ and not hasattr(type(self), name)
+                and hasattr(model, name)):
+            setattr(model, name, value)  # a temperature, a swapped head: the model runs with it
+            return
+        super().__setattr__(name, value)

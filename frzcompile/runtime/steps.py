@@ -1,0 +1,94 @@
+"""Optimizer steps drive the policy: any torch optimizer that updates the model's parameters, whenever it was
+made (before or after `optimize()`, a second one for a later phase, or the one inside a wrapper such as
+accelerate's `AcceleratedOptimizer`).
+
+torch calls global optimizer step hooks (`torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`,
+public API) around every optimizer's step; frzcompile registers one pair per FrozenModule, through weak
+references, so a FrozenModule that is garbage-collected unregisters itself. An optimizer "holds" the model
+when one of its parameter groups contains one of the model's parameters. One training step is counted per
+iteration: the first step of such an optimizer after a forward of the FrozenModule counts, a second optimizer
+stepping in the same iteration (split parameter groups, a GAN's two players) does not, and the same optimizer
+stepping again counts again (a loop that calls the model some other way). All of them get the optimizer
+surgery (no gradient or state for frozen parameters).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+
+def unwrap_optimizer(opt):
+    """The torch optimizer inside a wrapper (accelerate's AcceleratedOptimizer keeps it in `.optimizer`)."""
+    for _ in range(4):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        opt = inner
+    return opt
+
+
+class StepDriver:
+    """Calls `before_step(opt)` before each step of an optimizer holding the model, and `after_step()` after each
+    counted step (see the module docstring)."""
+
+    def __init__(self, parameters, before_step, after_step, optimizers=()):
+        self._param_ids = {id(p) for p in parameters}
+        self._before, self._after = before_step, after_step
+        self._holds = weakref.WeakKeyDictionary()   # optimizer -> (number of parameters, holds ours)
+        self._known = weakref.WeakSet()              # every optimizer seen holding our parameters
+        self._stepped = set()                         # ids of optimizers that stepped since the last forward
+        for opt in optimizers:
+            self._known.add(unwrap_optimizer(opt))
+        me = weakref.ref(self)
+
+        def pre(opt, args, kwargs):
+            driver = me()
+            if driver is not None:
+                driver._pre(opt)
+
+        def post(opt, args, kwargs):
+            driver = me()
+            if driver is not None:
+                driver._post(opt)
+
+        handles = (register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post))
+        weakref.finalize(self, lambda: [h.remove() for h in handles])
+        self.steps_seen = 0
+
+    @property
+    def optimizers(self) -> list:
+        """The optimizers holding the model's parameters seen so far (for optimizer surgery)."""
+        return list(self._known)
+
+    def update_parameters(self, parameters) -> None:
+        self._param_ids = {id(p) for p in parameters}
+        self._holds = weakref.WeakKeyDictionary()
+
+    def _holds_ours(self, opt) -> bool:
+        count = sum(len(g["params"]) for g in opt.param_groups)
+        memo = self._holds.get(opt)
+        if memo is None or memo[0] != count:
+            holds = any(id(p) in self._param_ids for g in opt.param_groups for p in g["params"])
+            memo = self._holds[opt] = (count, holds)
+        return memo[1]
+
+    def _pre(self, opt) -> None:
+        if self._holds_ours(opt):
+            self._known.add(opt)
+            self._before(opt)
+
+    def saw_forward(self) -> None:
+        """The FrozenModule ran a training forward: the next optimizer step starts a new iteration."""
+        self._stepped.clear()
+
+    def _post(self, opt) -> None:
+        if not self._holds_ours(opt):
+            return
+        if self._stepped and id(opt) not in self._stepped:
+            self._stepped.add(id(opt))  # another optimizer of the same iteration
+            return
+        self._stepped = {id(opt)}
+        self.steps_seen += 1
+        self._after()

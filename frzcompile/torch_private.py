@@ -1,0 +1,151 @@
+"""Every private torch API frzcompile relies on, in one place, each with the torch version it was checked on.
+
+Private APIs change between releases without notice. When moving to a new torch, check each entry below (the
+tests exercise all of them) and update `CHECKED_ON`. Public APIs are used directly elsewhere. Dynamo and
+Inductor are imported inside the functions that need them, so `import frzcompile` stays light.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+
+CHECKED_ON = "2.13.0"
+
+# -- torch.utils._pytree (checked on 2.13.0): nested outputs, Hugging Face ModelOutput included ------------
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402,F401
+
+# -- module hooks (checked on 2.13.0): nn.Module keeps them in these private dicts ----------------------------
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def hook_ids(modules) -> tuple:
+    """Ids of every call hook (forward, pre-forward, backward) registered on these modules."""
+    return tuple(k for m in modules for name in _CALL_HOOKS for k in getattr(m, name, ()))
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _CALL_HOOKS)
+
+
+def global_module_hooks() -> bool:
+    """Whether a hook registered with torch.nn.modules.module.register_module_forward_hook (and friends) is active:
+    it fires for every module call."""
+    import torch.nn.modules.module as mod
+
+    return any(getattr(mod, name, None) for name in _GLOBAL_HOOKS)
+
+
+@contextlib.contextmanager
+def forward_hooks_suspended(modules):
+    """Forward and pre-forward hooks of `modules` do not fire inside the block (they are restored after), for
+    runs frzcompile makes for itself, which the user's hooks must not see."""
+    saved = []
+    for m in modules:
+        for name in _FORWARD_HOOKS:
+            hooks = getattr(m, name)
+            if hooks:
+                saved.append((m, name, hooks))
+                setattr(m, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
+# -- torch.fx (checked on 2.13.0) -----------------------------------------------------------------------------
+def fuse_by_partitions(gm, partitions, prefix):
+    from torch.fx.passes.utils.fuser_utils import fuse_by_partitions as fuse
+
+    return fuse(gm, partitions, prefix=prefix)
+
+
+# -- Dynamo and Inductor (checked on 2.13.0) -------------------------------------------------------------------
+def recompile_limit() -> int:
+    import torch._dynamo
+
+    return int(torch._dynamo.config.recompile_limit)
+
+
+def failing_on_recompile_limit():
+    """A context in which Dynamo raises instead of silently running a frame eagerly at its recompile limit."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
+def dynamo_exceptions():
+    """(BackendCompilerFailed, FailOnRecompileLimitHit)."""
+    import torch._dynamo.exc as exc
+
+    return exc.BackendCompilerFailed, exc.FailOnRecompileLimitHit
+
+
+def current_compile_id() -> tuple[int, int] | None:
+    """Dynamo's (frame id, compile attempt) of the graph being compiled, or None outside a compile."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None or cid.frame_id is None:
+        return None
+    return int(cid.frame_id), int(cid.frame_compile_id or 0)
+
+
+def placeholder_source(node) -> str | None:
+    """Dynamo's source of a graph input, e.g. "L['self']._modules['stem']._parameters['weight']"."""
+    grapharg = node.meta.get("grapharg")
+    return grapharg.source.name if grapharg is not None and grapharg.source is not None else None
+
+
+def saved_dynamo_sources(gm) -> dict:
+    """AOTAutograd reads each placeholder's `_dynamo_source`, a plain attribute that graph surgery does not carry
+    over; save them by node name here and give them back with `restore_dynamo_sources`."""
+    return {n.name: n._dynamo_source for n in gm.graph.nodes if hasattr(n, "_dynamo_source")}
+
+
+def restore_dynamo_sources(gm, sources: dict) -> None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if node.name in sources:
+            node._dynamo_source = sources[node.name]
+
+
+def inductor_compile(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def aot_eager_compile(gm, example_inputs):
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def compiled_callables(model: torch.nn.Module, attribute: str) -> list:
+    """Objects carrying `attribute` among the graphs Dynamo compiled for `model`'s module classes.
+
+    Dynamo installs each compiled graph in the globals of the frame it compiled, as `__compiled_fn_<n>_...`,
+    wrapped (functools.wraps) around what the backend returned; so the backend's own objects are found by
+    unwrapping those globals."""
+    seen, found = set(), []
+    for m in model.modules():
+        forward = getattr(type(m), "forward", None)
+        namespace = getattr(forward, "__globals__", None)
+        if namespace is None or id(namespace) in seen:
+            continue
+        seen.add(id(namespace))
+        for name, value in list(namespace.items()):
+            if not name.startswith("__compiled_fn"):
+                continue
+            for _ in range(8):
+                if value is None or hasattr(value, attribute):
+                    break
+                value = getattr(value, "__wrapped__", None)
+            if value is not None and hasattr(value, attribute):
+                found.append(value)
+    return found
