@@ -23,12 +23,13 @@ M, N, K = 37, 100, 129  # none a multiple of the blocks: every kernel masks its 
 
 @pytest.fixture
 def interpret(monkeypatch):
-    """Run the Triton paths on CPU tensors, in Triton's interpreter."""
+    """Run the Triton paths on CPU tensors, in Triton's interpreter; yields the log of the paths taken."""
     pytest.importorskip("triton")
     if not kernels._interpreted(bsm._block_sparse_mm_kernel):
         pytest.skip("the kernel modules were imported without TRITON_INTERPRET=1 (see conftest.py)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels.reset_path_counts()
+    with kernels.recording_paths() as log:
+        yield log
 
 
 def masked_weight(n, k, block, density, dtype=torch.float32, seed=0):
@@ -63,9 +64,9 @@ def test_block_sparse_reference_fallback():
     w = masked_weight(N, K, (16, 32), 0.5)
     bsw = bsm.BlockSparseWeight.from_dense(w, block=(16, 32))
     x, bias = torch.randn(M, K), torch.randn(N)
-    kernels.reset_path_counts()
-    torch.testing.assert_close(bsm.block_sparse_linear(x, bsw, bias, force_reference=True), F.linear(x, w, bias))
-    assert kernels.last_path["block_sparse_linear"] == "reference"
+    with kernels.recording_paths() as log:
+        torch.testing.assert_close(bsm.block_sparse_linear(x, bsw, bias, force_reference=True), F.linear(x, w, bias))
+    assert log.last["block_sparse_linear"] == "reference"
     assert bsm.eligibility(x, bsw, force_reference=True) == (False, "force_reference=True")
     if not kernels.triton_available():
         assert bsm.eligibility(x, bsw) == (False, "triton is not installed")
@@ -112,7 +113,7 @@ def test_block_sparse_matches_reference(interpret, dtype, tol, block, density):
     x = torch.randn(3, 13, K, dtype=dtype, requires_grad=True)  # 39 rows, not a multiple of the row tile
     bias = torch.randn(N, dtype=dtype, requires_grad=True)
     y = bsm.block_sparse_linear(x, bsw, bias)
-    assert kernels.path_counts["block_sparse_linear", "triton"] == 1 and y.shape == (3, 13, N)
+    assert interpret.counts["block_sparse_linear", "triton"] == 1 and y.shape == (3, 13, N)
     grad = torch.randn_like(y)
     gx, gb = torch.autograd.grad(y, (x, bias), grad)
     y_ref = bsm.reference_block_sparse_linear(x, w, bias)
@@ -132,7 +133,7 @@ def test_block_sparse_gradcheck(interpret):
     # Linear in x and bias, so float32 finite differences are exact up to rounding.
     assert torch.autograd.gradcheck(lambda x, b: bsm.block_sparse_linear(x, bsw, b), (x, bias), eps=1e-2,
                                     atol=1e-3, rtol=1e-3, fast_mode=True)
-    assert kernels.path_counts["block_sparse_linear", "reference"] == 0
+    assert interpret.counts["block_sparse_linear", "reference"] == 0
 
 
 def test_block_sparse_triton_path_really_runs(interpret, monkeypatch):
@@ -141,7 +142,7 @@ def test_block_sparse_triton_path_really_runs(interpret, monkeypatch):
     monkeypatch.setattr(bsm, "reference_block_sparse_linear", lambda *a: pytest.fail("reference ran"))
     monkeypatch.setattr(F, "linear", lambda *a: pytest.fail("F.linear ran"))
     bsm.block_sparse_linear(torch.randn(M, K), bsw)
-    assert kernels.last_path["block_sparse_linear"] == "triton"
+    assert interpret.last["block_sparse_linear"] == "triton"
 
 
 def test_block_sparse_bfloat16_falls_back_in_the_interpreter(interpret):
@@ -150,16 +151,17 @@ def test_block_sparse_bfloat16_falls_back_in_the_interpreter(interpret):
     x = torch.randn(M, K, dtype=torch.bfloat16)
     assert "bfloat16" in bsm.eligibility(x, bsw)[1]
     torch.testing.assert_close(bsm.block_sparse_linear(x, bsw), F.linear(x, w))
-    assert kernels.last_path["block_sparse_linear"] == "reference"
+    assert interpret.last["block_sparse_linear"] == "reference"
 
 
 # -- gather and cast ---------------------------------------------------------------------------------------------
 
 def test_gather_cast_reference():
     src, index = torch.randn(10, 3, 7), torch.tensor([4, 0, 4, 9])
-    out = gc.gather_cast(src, index, torch.float16, force_reference=True)
+    with kernels.recording_paths() as log:
+        out = gc.gather_cast(src, index, torch.float16, force_reference=True)
     assert out.dtype == torch.float16 and torch.equal(out, src[index].half())
-    assert kernels.last_path["gather_cast"] == "reference"
+    assert log.last["gather_cast"] == "reference"
     assert gc.eligibility(src, index, torch.float16, force_reference=True) == (False, "force_reference=True")
 
 
@@ -180,7 +182,7 @@ def test_gather_cast_matches_reference(interpret, src_dtype, out_dtype, row_shap
     src = torch.randn(9, *row_shape).to(src_dtype)
     for index in (torch.tensor([8, 0, 3, 3, 5]), torch.tensor([2, 7], dtype=torch.int32), torch.zeros(0).long()):
         out = gc.gather_cast(src, index, out_dtype)
-        assert kernels.last_path["gather_cast"] == "triton"
+        assert interpret.last["gather_cast"] == "triton"
         assert out.dtype == out_dtype and torch.equal(out, gc.reference_gather_cast(src, index.long(), out_dtype))
 
 
@@ -224,7 +226,7 @@ def test_row_fingerprint_hashes_bytes_and_length():
 ], ids=["f32", "f16-odd", "u8-odd", "bool", "long-rows", "empty", "no-rows", "strided", "misaligned"])
 def test_row_fingerprint_bitwise_equals_reference(interpret, x):
     got = rf.row_fingerprint(x)
-    assert kernels.last_path["row_fingerprint"] == "triton"
+    assert interpret.last["row_fingerprint"] == "triton"
     assert torch.equal(got, rf.reference_row_fingerprint(x))
 
 
@@ -257,11 +259,12 @@ from frzcompile.kernels import block_sparse_matmul as bsm, gather_cast as gc, ro
 assert not k.triton_available() and not torch.cuda.is_initialized()
 w = torch.zeros(40, 40); w[:16, :16] = 1
 x = torch.randn(3, 40)
-assert torch.equal(bsm.block_sparse_linear(x, bsm.BlockSparseWeight.from_dense(w)), x @ w.T)
-assert bsm.eligibility(x, bsm.BlockSparseWeight.from_dense(w)) == (False, "triton is not installed")
-assert gc.gather_cast(x, torch.tensor([2, 0]), torch.float16).dtype == torch.float16
-assert rf.row_fingerprint(x).shape == (3, 2)
-assert k.last_path == {"block_sparse_linear": "reference", "gather_cast": "reference", "row_fingerprint": "reference"}
+with k.recording_paths() as log:
+    assert torch.equal(bsm.block_sparse_linear(x, bsm.BlockSparseWeight.from_dense(w)), x @ w.T)
+    assert bsm.eligibility(x, bsm.BlockSparseWeight.from_dense(w)) == (False, "triton is not installed")
+    assert gc.gather_cast(x, torch.tensor([2, 0]), torch.float16).dtype == torch.float16
+    assert rf.row_fingerprint(x).shape == (3, 2)
+assert log.last == {"block_sparse_linear": "reference", "gather_cast": "reference", "row_fingerprint": "reference"}
 """
     lean = "import sys, frzcompile, frzcompile.kernels; assert 'triton' not in sys.modules"
     run_python(code)

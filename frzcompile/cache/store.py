@@ -32,7 +32,7 @@ from ..errors import ConfigError
 CHUNK_SLOTS = 256
 # Inputs and entries on these devices go through the Triton kernels (row fingerprint, gather-and-cast) where
 # they are; tests add "cpu" to run them in Triton's interpreter.
-KERNEL_DEVICES = {"cuda"}
+KERNEL_DEVICES = frozenset({"cuda"})
 
 
 def _available_memory(device=None) -> int:

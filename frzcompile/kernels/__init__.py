@@ -11,18 +11,39 @@ both when the kernel module is imported (`triton.jit` reads it then) and when th
 
 Import the wrappers from their files (`from frzcompile.kernels.gather_cast import gather_cast`); importing this
 package imports neither Triton nor a kernel module.
-`last_path` and `path_counts` record which path eager calls took (calls traced by torch.compile are not counted).
+`with kernels.recording_paths() as log:` records which path the eager calls inside took (`log.counts`,
+`log.last`); calls traced by torch.compile are not counted.
 """
 import collections
+import contextlib
+import contextvars
 import functools
 
 import torch
 
-# kernel name -> "triton" | "reference" for the latest eager call, and (kernel name, path) -> number of eager calls
-last_path: dict[str, str] = {}
-path_counts: collections.Counter = collections.Counter()
+__all__ = ["triton_available", "recording_paths", "PathLog"]
 
-__all__ = ["triton_available", "last_path", "path_counts", "reset_path_counts"]
+
+class PathLog:
+    """Which path eager kernel calls took: `counts[kernel, "triton" | "reference"]` and `last[kernel]`."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.last: dict = {}
+
+
+# the PathLog of the innermost `recording_paths()` block of this thread or task, if any
+_RECORDING: contextvars.ContextVar = contextvars.ContextVar("frzcompile_kernel_paths", default=None)
+
+
+@contextlib.contextmanager
+def recording_paths():
+    log = PathLog()
+    token = _RECORDING.set(log)
+    try:
+        yield log
+    finally:
+        _RECORDING.reset(token)
 
 
 @functools.cache
@@ -35,18 +56,16 @@ def triton_available() -> bool:
     return True
 
 
-def reset_path_counts() -> None:
-    last_path.clear()
-    path_counts.clear()
-
-
 def _record(kernel: str, used_triton: bool) -> None:
     # Under torch.compile this would run once at trace time, not once per call: count eager calls only.
     if torch.compiler.is_compiling():
         return
+    log = _RECORDING.get()
+    if log is None:
+        return
     path = "triton" if used_triton else "reference"
-    last_path[kernel] = path
-    path_counts[kernel, path] += 1
+    log.last[kernel] = path
+    log.counts[kernel, path] += 1
 
 
 def _interpreted(jit_fn) -> bool:

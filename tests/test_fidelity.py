@@ -1,0 +1,393 @@
+"""The fidelity contract: `fm` behaves exactly as the user's model does with the same parameters frozen (and the
+frozen units' modules in eval mode), on a traced model, Hugging Face BERT and a Llama decoder with its default
+use_cache=True: modes, hooks, attributes read at call time, swapped submodules, input gradients and double
+backward, any batch size / length / keyword, and the same random numbers as eager."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import frzcompile
+from frzcompile import numerics
+from tests.conftest import output_tensor
+
+
+class Net(nn.Module):
+    """A traced model with BatchNorm, dropout in a unit and between units, an attribute and a root buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 3)
+        self.temperature = 1.0
+        self.register_buffer("offset", torch.zeros(8))
+
+    def forward(self, x):
+        h = self.block2(self.block1(self.stem(x - self.offset)))
+        return self.head(self.drop(h)) / self.temperature
+
+
+def llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False, attention_dropout=0.2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def make(name):
+    """(model, args, kwargs, call) -- `call(batch_size, length)` makes new inputs of that shape."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "traced":
+        return Net(), (torch.randn(6, 8, generator=g),), {}, lambda b, n: ((torch.randn(b, 8, generator=g),), {})
+    if name == "bert":
+        from frzcompile import zoo
+
+        pytest.importorskip("transformers")
+        model = zoo.tiny_bert(layers=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    else:
+        model = llama()
+
+    def call(b, n):
+        ids = torch.randint(0, 64, (b, n), generator=g)
+        mask = torch.ones(b, n, dtype=torch.long)
+        mask[0, n // 2:] = 0
+        return (), {"input_ids": ids, "attention_mask": mask}
+
+    return (model,) + call(4, 12) + (call,)
+
+
+MODELS = ["traced", "bert", "llama"]
+
+
+def frozen_half(fm):
+    return fm.units[: len(fm.units) // 2]
+
+
+def reference(model, fm, frozen):
+    """A deep copy frozen by hand the plain-PyTorch way: requires_grad=False and eval() on the frozen units."""
+    ref = copy.deepcopy(model)
+    for u in frozen:
+        for path in fm.unit_graph.paths(u):
+            for p in ref.get_submodule(path).parameters():
+                p.requires_grad_(False)
+    return ref
+
+
+def by_hand_modes(ref, fm, frozen, training):
+    ref.train(training)
+    for u in frozen:
+        for path in fm.unit_graph.paths(u):
+            ref.get_submodule(path).eval()
+
+
+def same(a, b):
+    torch.testing.assert_close(output_tensor(a), output_tensor(b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_modes_set_on_the_users_model_take_effect(name):
+    model, args, kwargs, _ = make(name)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
+    frozen = frozen_half(fm)
+    fm.freeze(*frozen)
+    ref = reference(model, fm, frozen)
+    for step, (who, mode) in enumerate([(model, False), (model, True), (fm, False), (model, True), (fm, True)]):
+        who.train(mode)  # the user's own variable or fm: either takes effect
+        by_hand_modes(ref, fm, frozen, mode)
+        torch.manual_seed(step)
+        got = fm(*args, **kwargs)
+        torch.manual_seed(step)
+        same(got, ref(*args, **kwargs))
+        assert fm.training == model.training == mode
+    # and the frozen units stay in eval mode through it all
+    assert all(not m.training for u in frozen for m in fm.unit_graph.units[u].modules)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_draws_the_same_random_numbers_as_eager(name):
+    model, args, kwargs, call = make(name)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
+    frozen = frozen_half(fm)
+    fm.freeze(*frozen)
+    ref = reference(model, fm, frozen)
+    by_hand_modes(ref, fm, frozen, True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        a, k = call(4, 12 - step)
+        torch.manual_seed(100 + step)
+        loss = output_tensor(fm(*a, **k)).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        torch.manual_seed(100 + step)
+        ref_loss = output_tensor(ref(*a, **k)).float().square().mean()
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert loss.item() == ref_loss.item()  # bitwise: the same ops, the same dropout masks
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hooks_on_any_module_fire(name):
+    model, args, kwargs, _ = make(name)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=True)
+    frozen = frozen_half(fm)
+    fm.freeze(*frozen)
+    inside = fm.unit_graph.units[frozen[-1]].modules[-1]   # deep inside the frozen prefix
+    trainable = fm.unit_graph.units[fm.units[-1]].modules[0]
+    seen = []
+    handles = [inside.register_forward_hook(lambda m, a, out: seen.append("inside")),
+               trainable.register_forward_hook(lambda m, a, out: seen.append("trainable")),
+               trainable.register_full_backward_hook(lambda m, gi, go: seen.append("backward")),
+               fm.model.register_forward_pre_hook(lambda m, a, k: seen.append("root"), with_kwargs=True)]
+    for _ in range(2):  # the second call could be served from the cache: the hook inside must still fire
+        output_tensor(fm(*args, **kwargs)).float().sum().backward()
+    assert seen.count("inside") == seen.count("trainable") == seen.count("backward") == seen.count("root") == 2
+    assert fm.cache.stats["hits"] == 0 and any("hooks" in why for why in fm.cache.steps_aside)
+    for h in handles:
+        h.remove()
+    output_tensor(fm(*args, **kwargs))
+    assert len(seen) == 8
+
+
+def test_attributes_buffers_and_swapped_submodules_are_read_at_call_time():
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("stem", "block1")
+    fm.eval()
+    base = fm(x)
+    model.temperature = 2.0                          # an attribute set on the user's variable
+    torch.testing.assert_close(fm(x), base / 2)
+    fm.temperature = 4.0                             # or on fm: it is set on the model
+    assert model.temperature == 4.0 and "temperature" not in fm.__dict__
+    torch.testing.assert_close(fm(x), base / 4)
+    model.offset = torch.ones(8)                     # a root buffer reassigned
+    torch.testing.assert_close(fm(x), model(x))
+    new_head = nn.Linear(16, 3)
+    model.head = new_head                            # a head swapped after optimize()
+    torch.testing.assert_close(fm(x), model(x))
+    assert fm.head is new_head and fm.unit_graph.units["head"].params[0] is new_head.weight
+    new_block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.ReLU())
+    fm.block1 = new_block                            # a frozen unit replaced: the new one is frozen too
+    assert model.block1 is new_block
+    fm.train()
+    out = fm(x)
+    assert not new_block.training and not any(p.requires_grad for p in new_block.parameters())
+    out.sum().backward()
+    assert new_block[0].weight.grad is None and new_head.weight.grad is not None
+    assert fm.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["traced", "bert"])
+def test_input_gradients_flow_and_double_backward_works(name):
+    model, args, kwargs, _ = make(name)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=True)
+    frozen = frozen_half(fm)
+    fm.freeze(*frozen)
+    ref = reference(model, fm, frozen)
+    fm.eval()
+    by_hand_modes(ref, fm, frozen, False)
+    if name == "traced":
+        x, rx = args[0].clone().requires_grad_(), args[0].clone().requires_grad_()
+        run, ref_run = (lambda: fm(x)), (lambda: ref(rx))
+    else:  # gradients with respect to the input embeddings (saliency, adversarial training)
+        emb = model.get_input_embeddings()(kwargs["input_ids"]).detach()
+        x, rx = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+        mask = kwargs["attention_mask"]
+        run = lambda: fm(inputs_embeds=x, attention_mask=mask).logits  # noqa: E731
+        ref_run = lambda: ref(inputs_embeds=rx, attention_mask=mask).logits  # noqa: E731
+    # (torch has no double backward for CPU scaled-dot-product attention, eager or not: BERT stops at one)
+    double = name == "traced"
+    for _ in range(2):  # (the cache steps aside: an input requires grad)
+        out, ref_out = run(), ref_run()
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=double, retain_graph=True)
+        (rg,) = torch.autograd.grad(ref_out.square().sum(), rx, create_graph=double, retain_graph=True)
+        torch.testing.assert_close(g, rg)
+        if double:
+            g.square().sum().backward()                  # a gradient penalty: double backward
+            rg.square().sum().backward()
+        else:
+            out.square().sum().backward()
+            ref_out.square().sum().backward()
+    trained = [(p, q) for p, q in zip(model.parameters(), ref.parameters()) if p.requires_grad]
+    assert trained and all(p.grad is not None for p, _ in trained)
+    for p, q in trained:
+        torch.testing.assert_close(p.grad, q.grad)
+    assert fm.cache.stats["lookups"] == 0 and "an input requires grad" in fm.cache.steps_aside
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_any_batch_size_length_and_keyword_the_model_accepts(name):
+    model, args, kwargs, call = make(name)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=True)
+    fm.freeze(*frozen_half(fm))
+    fm.eval()
+    ids = kwargs["input_ids"]
+    calls = [{"input_ids": ids}, {"input_ids": ids[:1, :5]}, {"input_ids": ids[:, :3]}, call(7, 20)[1],
+             dict(kwargs, output_hidden_states=True), dict(kwargs, return_dict=False)]
+    calls.append(dict(kwargs, labels=torch.tensor([0, 1, 0, 1]) if name == "bert" else ids))
+    if name == "llama":
+        calls.append(dict(kwargs, use_cache=False))
+    with torch.no_grad():
+        for k in calls:
+            for _ in range(2):  # twice: the second may be served from the cache
+                got, expected = fm(**k), model(**k)
+                assert type(got) is type(expected)
+                for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+                    if isinstance(a, torch.Tensor):
+                        torch.testing.assert_close(a, b)
+
+
+def test_decoder_with_its_default_use_cache():
+    model, args, kwargs, _ = make("llama")
+    assert model.config.use_cache
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=frzcompile.CacheConfig(check_cost=False))
+    assert fm.units == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.norm",
+                        "lm_head"]
+    fm.freeze(*fm.units[:3])
+    out = fm(**kwargs)
+    assert out.past_key_values is not None  # use_cache=True, as the model does
+    # the key/value cache is filled inside the frozen layers: serving them would leave it empty, so no caching
+    assert "key/value cache" in fm.cache.report()["decision"]
+    for _ in range(2):
+        fm(**kwargs, use_cache=False)
+    assert fm.cache.report()["decision"].startswith("on") and fm.cache.stats["hits"] == 4
+
+
+def test_linear_probe_keeps_the_dropout_before_the_classifier():
+    model, args, kwargs, _ = make("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
+    fm.freeze(*fm.units[:-1])  # everything but the classifier
+    assert model.dropout.training and not model.bert.encoder.layer[0].training
+    torch.manual_seed(0)
+    a = fm(**kwargs).logits
+    b = fm(**kwargs).logits
+    assert not torch.equal(a, b)  # the dropout in front of the classifier is still on, as by hand
+
+
+def test_an_optimizer_made_after_optimize_drives_the_policy():
+    model, (x,), _, _ = make("traced")
+    y = torch.randint(0, 3, (6,))
+    fm = frzcompile.optimize(model, (x,), policy=frzcompile.Linear(total_steps=8, freeze_start=0.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)  # made after optimize(), never given to it
+    frozen = []
+    for _ in range(4):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        frozen.append(len(fm.frozen))
+    assert fm.step_count == 4 and frozen == [0, 1, 1, 2]
+    assert all(p not in opt.state for p in fm.plan.frozen_params())  # its state was dropped when freezing
+    second = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # a second phase
+    for _ in range(4):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        second.step()
+        second.zero_grad()
+    assert fm.step_count == 8 and len(fm.frozen) == len(fm.units) - 1
+
+
+def test_two_optimizers_in_one_step_count_once_and_wrapped_optimizers_work():
+    model, (x,), _, _ = make("traced")
+    y = torch.randint(0, 3, (6,))
+
+    class Wrapped(torch.optim.Optimizer):  # accelerate's AcceleratedOptimizer: the real one in .optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none)
+
+    body = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("head")], lr=0.01)
+    head = Wrapped(torch.optim.SGD(model.head.parameters(), lr=0.01))
+    fm = frzcompile.optimize(model, (x,), optimizer=[body, head], policy="manual")
+    for _ in range(3):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        body.step()
+        head.step()
+        body.zero_grad()
+        head.zero_grad()
+    assert fm.step_count == 3
+
+
+def test_training_without_a_torch_optimizer_warns_that_the_policy_never_runs():
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy=frzcompile.Linear(total_steps=10))
+    with pytest.warns(frzcompile.NoStepWarning, match="fm.step()"):
+        for _ in range(frzcompile.runtime.module.NO_STEP_WARNING_CALLS):
+            fm(x).sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.001 * p.grad
+                    p.grad = None
+
+
+def test_the_cache_keeps_the_random_numbers_of_eager():
+    """Prefix-only runs of the cache (filling misses, its analysis) fork the random number generator."""
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=frzcompile.CacheConfig(check_cost=False))
+    fm.freeze("stem", "block1")
+    ref = reference(model, fm, ["stem", "block1"])
+    by_hand_modes(ref, fm, ["stem", "block1"], True)
+    xs = torch.randn(12, 8, generator=torch.Generator().manual_seed(5))
+    for step, idx in enumerate([slice(0, 6), slice(3, 9), slice(0, 6), slice(6, 12)]):  # misses, partial, hits
+        torch.manual_seed(step)
+        got = fm(xs[idx])
+        torch.manual_seed(step)
+        same(got, ref(xs[idx]))
+    assert fm.cache.stats["hits"] == 3 + 6 + 3 and fm.cache.report()["served_calls"] == ["block1"]
+
+
+def test_numerical_checks_hold_in_reduced_precision():
+    """Capture and the cache's per-sample analysis compare within measured noise, so bf16 autocast (and TF32 on
+    GPUs) does not make them fail; a real batch dependence is still caught."""
+    from tests.test_cache import BatchMixer
+
+    model, args, kwargs, _ = make("bert")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=True)
+        fm.freeze(*fm.units[:2])
+        fm.eval()
+        for _ in range(2):
+            fm(**kwargs)
+    assert fm.cache.report()["decision"].startswith("on") and fm.cache.stats["hits"] == 4
+    mixer = frzcompile.optimize(BatchMixer(mix_in_unit=True), (torch.randn(6, 4),), cache=True)
+    mixer.freeze("a")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer(torch.randn(8, 4))
+    assert "mixes samples" in mixer.cache.report()["decision"]
+    # the precision floors: TF32 matmuls on a GPU are allowed ~1e-2 relative, float32 on CPU ~1e-5
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert numerics.floor(torch.float32, torch.device("cuda")) == pytest.approx(1e-2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert numerics.floor(torch.float32, torch.device("cpu")) < 1e-4
+    a = torch.randn(1000, dtype=torch.float64)
+    assert numerics.agree(a + 1e-9 * torch.randn(1000, dtype=torch.float64), a, noise=1e-9)
+    assert not numerics.agree(a + 1e-3, a, noise=1e-9)
+
+
+def test_no_warning_on_a_plain_training_loop():
+    model, (x,), _, _ = make("traced")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="autofreeze")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            fm(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
