@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 
 def default_data_root() -> Path | None:
     candidates = []
@@ -57,7 +59,7 @@ def _idx(path: Path) -> np.ndarray:
 def fashion_mnist(root=None, split: str = "train"):
     """Fashion-MNIST from the original idx .gz files as (images float (N, 1, 28, 28) in [0, 1], labels)."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', not {split!r}")
     folder = _resolve(root, "fashion-mnist")
     prefix = "train" if split == "train" else "t10k"
     images = _idx(folder / f"{prefix}-images-idx3-ubyte.gz")
@@ -69,7 +71,7 @@ def fashion_mnist(root=None, split: str = "train"):
 def sst2(root=None, split: str = "train"):
     """SST-2 sentences and labels from the GLUE-style TSV files (`sentence<TAB>label`)."""
     if split not in ("train", "dev", "test"):
-        raise ValueError(f"split must be 'train', 'dev' or 'test', not {split!r}")
+        raise ConfigError(f"split must be 'train', 'dev' or 'test', not {split!r}")
     folder = _resolve(root, "sst2")
     texts, labels = [], []
     with open(folder / f"{split}.tsv", encoding="utf-8") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import backend
+from .errors import ConfigError
 from .runtime import FrozenModule
 from .runtime.analysis import OUTSIDE
 
@@ -202,7 +203,7 @@ def explain(fm):
     if isinstance(orig, FrozenModule):
         fm = orig
     if not isinstance(fm, FrozenModule):
-        raise TypeError(f"explain() takes the module frzcompile.optimize returned (or a model compiled with "
+        raise ConfigError(f"explain() takes the module frzcompile.optimize returned (or a model compiled with "
                         f"backend='frzcompile'), not {type(fm).__name__}")
     fm.graph_module()  # make sure the current plan's analysis exists, so its passes can be shown
     return Explanation(fm)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import torch_private
-from ..errors import CacheError
+from ..errors import CacheError, ConfigError, InputMismatchError
 from ..numerics import agree, relative_difference
 from ..runtime.services import FORWARD_MARK, Service
 from ..torch_private import tree_flatten, tree_unflatten
@@ -176,7 +176,7 @@ class ActivationCache(Service):
     @contextlib.contextmanager
     def using_sample_ids(self, ids):
         if self.config.key != "sample_id":
-            raise ValueError("sample ids are only used with CacheConfig(key='sample_id', deterministic_inputs=True)")
+            raise ConfigError("sample ids are only used with CacheConfig(key='sample_id', deterministic_inputs=True)")
         self.sample_ids = torch.as_tensor(ids).reshape(-1).tolist()
         try:
             yield
@@ -417,9 +417,9 @@ class ActivationCache(Service):
     def _keys(self, sig) -> list:
         if self.config.key == "sample_id":
             if self.sample_ids is None:
-                raise ValueError("CacheConfig(key='sample_id'): call the model inside `with fm.sample_ids(ids):`")
+                raise ConfigError("CacheConfig(key='sample_id'): call the model inside `with fm.sample_ids(ids):`")
             if len(self.sample_ids) != sig.batch:
-                raise ValueError(f"{len(self.sample_ids)} sample ids for a batch of {sig.batch}")
+                raise InputMismatchError(f"{len(self.sample_ids)} sample ids for a batch of {sig.batch}")
             return [hashlib.blake2b(sig.digest + int(i).to_bytes(8, "little", signed=True), digest_size=16).digest()
                     for i in self.sample_ids]
         return fingerprints(sig.tensors(sig.batch_leaves), [sig.digest] + sig.shared_tensors())
@@ -599,7 +599,7 @@ class ActivationCache(Service):
 
         prefix = self.prefix
         if not prefix:
-            raise ValueError("warm_cache needs a frozen prefix")
+            raise ConfigError("warm_cache needs a frozen prefix")
         top, _, _ = self._modules(prefix)
         seen = 0
         total = len(batches) if hasattr(batches, "__len__") else None
@@ -615,7 +615,7 @@ class ActivationCache(Service):
                 seen += sig.batch
                 continue
             if not plan.cacheable:
-                raise ValueError(f"the current prefix is not cached: {plan.reason}")
+                raise ConfigError(f"the current prefix is not cached: {plan.reason}")
             outputs = self._prefix_run(plan.calls, top, args, kwargs)
             self._store_outputs(plan, sig, outputs, None)
             seen += sig.batch

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..capture import Captured
-from ..errors import PlanError
+from ..errors import ConfigError, PlanError
 from ..policies import Manual, Policy, TrainingView
 from ..units import UnitGraph
 from .analysis import Analysis
@@ -293,7 +293,7 @@ class FrozenModule(nn.Module):
     def sample_ids(self, ids):
         """`with fm.sample_ids(ids): out = fm(x)` -- keys for CacheConfig(key="sample_id")."""
         if self.cache is None:
-            raise ValueError("sample ids are only used by the activation cache: optimize(..., cache=CacheConfig(...))")
+            raise ConfigError("sample ids are only used by the activation cache: optimize(..., cache=CacheConfig(...))")
         return self.cache.using_sample_ids(ids)
 
     def warm_cache(self, batches, progress: bool = True) -> int:
@@ -301,7 +301,7 @@ class FrozenModule(nn.Module):
         positional arguments, or a dict of keyword arguments), running only the frozen prefix. Returns the
         number of samples looked at."""
         if self.cache is None or not self.frozen_prefix:
-            raise ValueError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
+            raise ConfigError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
         self._before_call()
         return self.cache.warm(batches, self.training, progress=progress)
 
