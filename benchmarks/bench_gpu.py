@@ -69,8 +69,10 @@ def workloads(preset):
 
     def tokens(b, n, vocab, labels):
         ids = torch.randint(0, vocab, (b, n), generator=g)
-        lab = ids if labels == "lm" else torch.randint(0, labels, (b,), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones(b, n, dtype=torch.long), "labels": lab}
+        if labels == "lm":  # training a decoder: no key/value cache wanted (the activation cache refuses one)
+            return {"input_ids": ids, "labels": ids, "use_cache": False}
+        return {"input_ids": ids, "attention_mask": torch.ones(b, n, dtype=torch.long),
+                "labels": torch.randint(0, labels, (b,), generator=g)}
 
     def images(b, size, classes):
         return torch.randn(b, 3, size, size, generator=g), torch.randint(0, classes, (b,), generator=g)
@@ -128,7 +130,7 @@ def workloads(preset):
 
 def to_device(batch, device):
     if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return tuple(t.to(device) for t in batch)
 
 

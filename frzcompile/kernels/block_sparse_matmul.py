@@ -14,6 +14,7 @@ Skipping a zero block also skips the NaN/Inf it would have produced from a NaN/I
 import torch
 import torch.nn.functional as F
 
+from ..torch_private import tensor_version
 from . import _device_reason, _interpreted, _record
 
 try:
@@ -39,7 +40,7 @@ class BlockSparseWeight:
         self.col_ptr = col_ptr      # (K-blocks + 1,) int32: entries col_ptr[j]:col_ptr[j+1] below are block column j
         self.row_idx = row_idx      # (nnz,) int32: their block rows
         self.block_id = block_id    # (nnz,) int32: their index in `blocks`
-        self.version = dense._version
+        self.version = tensor_version(dense)
 
     @classmethod
     @torch.no_grad()
@@ -66,7 +67,7 @@ class BlockSparseWeight:
     def __setstate__(self, state):
         # A copy (deepcopy, pickle) holds new tensors, whose version counters start again.
         self.__dict__.update(state)
-        self.version = self.dense._version
+        self.version = tensor_version(self.dense)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -141,7 +142,7 @@ def eligibility(x: torch.Tensor, bsw: BlockSparseWeight, bias=None, *,
 def block_sparse_linear(x: torch.Tensor, bsw: BlockSparseWeight, bias=None, *,
                         force_reference: bool = False) -> torch.Tensor:
     """F.linear(x, W, bias) for the W that `bsw` was built from, reading only its nonzero blocks."""
-    if not torch.compiler.is_compiling() and bsw.dense._version != bsw.version:
+    if not torch.compiler.is_compiling() and tensor_version(bsw.dense) != bsw.version:
         raise RuntimeError("the weight changed in place after its BlockSparseWeight was built; rebuild the layout")
     ok, _ = eligibility(x, bsw, bias, force_reference=force_reference)
     _record("block_sparse_linear", ok)

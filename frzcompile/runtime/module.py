@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import torch_private
 from ..capture import Captured
 from ..errors import ConfigError, PlanError
 from ..policies import Manual, Policy, TrainingView
@@ -31,17 +32,6 @@ class NoStepWarning(UserWarning):
     """Training calls keep coming but no optimizer step was seen, so the policy never runs."""
 
 
-def _structure(model: nn.Module) -> tuple:
-    """Ids of every module and parameter of the model: changes when a submodule or parameter is replaced."""
-    out, stack = [], [model]
-    while stack:
-        m = stack.pop()
-        out.append(id(m))
-        out.extend(id(p) for p in m._parameters.values())
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
-
-
 class FrozenModule(nn.Module):
     """A model whose frozen units cost nothing to train. Call it exactly as the model.
 
@@ -53,12 +43,8 @@ class FrozenModule(nn.Module):
     def __init__(self, model: nn.Module, captured: Captured, unit_graph: UnitGraph, policy: Policy,
                  optimizers=(), total_steps=None, compile_config=None):
         super().__init__()
+        torch_private.share_module_state(self, model)  # a submodule or parameter set on either is set on both
         state = self.__dict__  # plain attributes: nn.Module.__setattr__ would register modules as children
-        # The model's own dicts, not copies: a submodule, parameter or buffer set on either is set on both.
-        state["_modules"] = model._modules
-        state["_parameters"] = model._parameters
-        state["_buffers"] = model._buffers
-        state["_non_persistent_buffers_set"] = model._non_persistent_buffers_set
         state["_model"] = model
         state["_captured"] = captured
         state["_unit_graph"] = unit_graph
@@ -69,7 +55,7 @@ class FrozenModule(nn.Module):
         state["_step"] = 0
         state["_services"] = []
         state["_run"] = chain((), self._call_model)
-        state["_structure"] = _structure(model)
+        state["_structure"] = torch_private.structure_ids(model)
         state["_calls_since_step"] = 0
         state["_compiled"] = None
         if compile_config is not None:
@@ -229,7 +215,7 @@ class FrozenModule(nn.Module):
         return self._model(*args, **kwargs)
 
     def _before_call(self) -> None:
-        structure = _structure(self._model)
+        structure = torch_private.structure_ids(self._model)
         if structure != self._structure:
             self._on_structure_change(structure)
         self._plan.enforce_eval()
@@ -263,7 +249,7 @@ class FrozenModule(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
-        self._model._apply(fn, recurse)
+        torch_private.apply_to_tensors(self._model, fn, recurse)
         for service in self._services:
             service.on_tensors_moved()
         return self
@@ -287,7 +273,7 @@ class FrozenModule(nn.Module):
         for u in prefix:
             tensors += units[u].params
             tensors += [b for m in units[u].modules for b in m.buffers(recurse=False)]
-        return tuple((id(t), t._version) for t in tensors)
+        return tuple((id(t), torch_private.tensor_version(t)) for t in tensors)
 
     # -- the activation cache ---------------------------------------------------------------------------------
     def sample_ids(self, ids):

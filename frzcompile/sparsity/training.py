@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..runtime.services import FORWARD_MARK, Service
+from ..torch_private import tensor_version
 
 from .early_bird import EarlyBird
 from .masks import GROW_METHODS, SCOPES, STRUCTURES, density, magnitude_masks, prune_and_grow, update_fraction
@@ -161,7 +162,7 @@ class BlockSparseForward:
         from ..kernels.block_sparse_matmul import BlockSparseWeight
 
         w = self.module.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        key = (tensor_version(w), w.data_ptr(), w.dtype, w.device)
         if key != self._key:
             layout = BlockSparseWeight.from_dense(w.detach())
             self._key, self._layout = key, layout if layout.block_sparsity >= self.threshold else None
@@ -402,7 +403,7 @@ class SparseTraining(Service):
         from ..kernels import block_sparse_matmul as bsm
 
         t = self.targets[name]
-        key = (t.weight._version, t.weight.device, t.weight.dtype, t.weight.data_ptr())
+        key = (tensor_version(t.weight), t.weight.device, t.weight.dtype, t.weight.data_ptr())
         cached = self._block_sparse.get(name)
         if cached is None or cached[0] != key:
             layout = bsm.BlockSparseWeight.from_dense(t.weight.detach())
