@@ -97,13 +97,15 @@ def optimize(
     fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
                       compile_config=compile)
     if sparsity is not None:
+        from .runtime.module import weak_method
         from .sparsity.training import SparseTraining
 
-        fm.add_service(SparseTraining(sparsity, model, unit_graph, total_steps, optimizers=fm.optimizers))
+        fm.add_service(SparseTraining(sparsity, model, unit_graph, total_steps,
+                                      optimizers=weak_method(fm.optimizers)))
     if cache is not None:
         from .cache.service import ActivationCache
 
-        fm.add_service(ActivationCache(cache, model, unit_graph, fm.state_version))
+        fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan.state_version))
     return fm
 
 

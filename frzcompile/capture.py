@@ -90,7 +90,9 @@ class _UnitTracer(fx.Tracer):
 def _symbolic_trace(model, args, kwargs, unit_names):
     tracer = _UnitTracer(unit_names)
     graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    tracer.root = None  # the graph keeps its tracer (a reference cycle): it must not keep the model alive
+    return gm
 
 
 def _export(model, args, kwargs, unit_names):
@@ -112,6 +114,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     name = type(model).__name__
     kwargs = analysis_kwargs(model, kwargs)
     was_training = {m: m.training for m in model.modules()}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # the random number generators are forked: capturing leaves the user's seeded run as it would be without it
+    with torch.random.fork_rng(devices=devices):
+        return _capture(model, args, kwargs, unit_names, method, name, was_training)
+
+
+def _capture(model, args, kwargs, unit_names, method, name, was_training) -> Captured:
     try:
         model.eval()
         try:

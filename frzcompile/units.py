@@ -103,6 +103,7 @@ class Unit:
     param_names: list = field(default_factory=list)
     params: list = field(default_factory=list)
     modules: list = field(default_factory=list)    # module objects under this unit (for train/eval)
+    roots: list = field(default_factory=list)      # the module at each of its paths (eval() is called on them)
 
     @property
     def num_params(self) -> int:
@@ -137,7 +138,7 @@ class UnitGraph:
         A unit's modules are the modules under its path, exactly what `model.get_submodule(path).eval()` would
         switch; glue modules called from a parent's forward between units belong to no unit."""
         for unit in self.units.values():
-            unit.param_names, unit.params, unit.modules = [], [], []
+            unit.param_names, unit.params, unit.modules, unit.roots = [], [], [], []
         seen = set()
         for name, p in model.named_parameters():
             if id(p) in seen:
@@ -152,9 +153,11 @@ class UnitGraph:
         for requested, name in self._alias.items():
             if name in self.units:
                 try:
-                    self.units[name].modules.extend(model.get_submodule(requested).modules())
+                    root = model.get_submodule(requested)
                 except AttributeError:
-                    pass  # the module was deleted: the unit has nothing left to switch
+                    continue  # the module was deleted: the unit has nothing left to switch
+                self.units[name].roots.append(root)
+                self.units[name].modules.extend(root.modules())
 
     # -- construction --------------------------------------------------------------------------------
     def _unit_of_path(self, path, names):

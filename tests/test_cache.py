@@ -319,3 +319,238 @@ def test_hugging_face_bert_deepening_reuses_entries():
         f.freeze(f.units[2])
     torch.testing.assert_close(fm(**kwargs).logits, plain(**kwargs).logits)
     assert fm.cache.stats["reused_from_shallower"] == 4
+
+
+# -- serving stays faithful to the model's own forward (each case found by review, kept as a test) -------------
+
+class Blk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.l(x))
+
+
+def _chain(forward, units, extra=None):
+    """A model of three Blk units and a head whose forward is `forward(model, x)`."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.ModuleList([Blk() for _ in range(3)])
+            self.head = nn.Linear(16, 4)
+            if extra is not None:
+                extra(self)
+
+        def forward(self, x):
+            return forward(self, x)
+
+    torch.manual_seed(0)
+    model = Chain()
+    x = torch.randn(8, 16)
+    return model, x, frzcompile.optimize(model, (x,), policy="manual", units=units,
+                                         cache=CacheConfig(check_cost=False))
+
+
+def _uncached(fm, *args):
+    enabled, fm.cache.enabled = fm.cache.enabled, False
+    try:
+        return fm(*args)
+    finally:
+        fm.cache.enabled = enabled
+
+
+def test_outputs_are_stored_as_they_were_returned():
+    def forward(m, x):
+        h = m.b[0](x)
+        h.mul_(1.01)  # the code after the frozen unit changes its output in place
+        return m.head(m.b[2](m.b[1](h)))
+
+    model, x, fm = _chain(forward, ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0")
+    with torch.no_grad():
+        outs = [fm(x) for _ in range(3)]
+        expected = _uncached(fm, x)
+    assert fm.cache.stats["hits"] == 16
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_state_read_before_the_prefix_ends_keys_the_entries():
+    def forward(m, x):
+        h = x - m.mean  # a root buffer (in no unit) that the frozen prefix reads through its input
+        for b in m.b:
+            h = b(h)
+        return m.head(h)
+
+    model, x, fm = _chain(forward, ["b.0", "b.1", "b.2", "head"],
+                          extra=lambda m: m.register_buffer("mean", torch.zeros(16)))
+    fm.freeze("b.0")
+    with torch.no_grad():
+        fm(x)
+        fm(x)
+        model.mean.add_(1.0)
+        torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+
+
+def test_a_cast_of_the_users_model_drops_the_entries():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.b, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.b(self.emb(ids))))
+
+    model, ids = Tagger(), torch.randint(0, 50, (8, 5))
+    fm = frzcompile.optimize(model, (ids,), policy="manual", units=["emb", "b", "head"],
+                             cache=CacheConfig(check_cost=False))
+    fm.freeze("emb")
+    with torch.no_grad():
+        fm(ids)
+        fm(ids)
+        model.to(torch.float64)  # on the user's own variable, same token-id inputs: the same call signature
+        out = fm(ids)
+    assert out.dtype == torch.float64 and fm.cache.stats["hits"] == 8
+
+
+def test_in_place_changes_inside_the_prefix_are_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16, 16)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.l(self.act(x))  # changes the caller's tensor: serving would skip that
+
+    def forward(m, x):
+        z = x * 1.0
+        h = m.b[0](z)
+        return m.head(h + z)
+
+    model, x, fm = _chain(forward, ["b.0", "head"], extra=lambda m: m.b.__setitem__(0, InPlace()))
+    fm.freeze("b.0")
+    with torch.no_grad():
+        first, second = fm(x), fm(x)
+        expected = _uncached(fm, x)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    assert "in place" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
+
+
+def test_hooks_around_the_prefix_make_the_cache_step_aside():
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0")
+    with torch.no_grad():
+        fm(x)
+        handle = model.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))  # input scaling added later
+        y = torch.cat([x[:4], torch.randn(4, 16)])  # half hits, half misses
+        torch.testing.assert_close(fm(y), _uncached(fm, y), rtol=0, atol=0)
+        assert any("hooks" in why for why in fm.cache.steps_aside)
+        handle.remove()
+        fm(x)
+    assert fm.cache.stats["hits"] == 8
+
+
+def test_served_outputs_keep_their_memory_layout():
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(6, 16)
+
+        def forward(self, x):
+            return self.l(x).transpose(1, 2)  # (B, 16, T) seen through a transpose
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16 * 6, 4)
+
+        def forward(self, h):
+            return self.l(h.transpose(1, 2).view(h.shape[0], -1))  # view: needs the original strides
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.f = Transposed(), Flat()
+
+        def forward(self, x):
+            return self.f(self.e(x))
+
+    x = torch.randn(8, 6, 6)
+    fm = frzcompile.optimize(M(), (x,), policy="manual", units=["e", "f"], cache=CacheConfig(check_cost=False))
+    fm.freeze("e")
+    with torch.no_grad():
+        first, second = fm(x), fm(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == 8
+
+
+def test_a_batch_statistic_is_not_served_as_a_constant():
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.l(x), x.abs().amax()  # per-sample states and the batch's largest value
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.b, self.head = Emb(), Blk(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h, scale = self.e(x)
+            return self.head(self.b(h / scale))
+
+    x = torch.randn(8, 16)
+    x[0, 0] = 10.0  # the maximum sits in the first half, so the first half alone would not tell
+    fm = frzcompile.optimize(Scaled(), (x,), policy="manual", units=["e", "b", "head"],
+                             cache=CacheConfig(check_cost=False))
+    fm.freeze("e")
+    with torch.no_grad():
+        fm(x)
+        y = torch.randn(8, 16) * 0.5
+        fm(y)
+        torch.testing.assert_close(fm(y), _uncached(fm, y), rtol=0, atol=0)
+    assert "whole batch" in fm.cache.report()["decision"]
+
+
+def test_attributes_set_by_the_forward_are_refused():
+    class Stash(Blk):
+        def forward(self, x):
+            y = super().forward(x)
+            self.last = y  # e.g. attention maps kept for a visualisation
+            return y
+
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"],
+                          extra=lambda m: m.b.__setitem__(0, Stash()))
+    fm.freeze("b.0")
+    with torch.no_grad():
+        fm(x)
+        y = torch.randn(8, 16)
+        fm(y)
+        assert torch.equal(model.b[0].last, torch.relu(model.b[0].l(y)))  # as the model itself would leave it
+    assert "sets attributes" in fm.cache.report()["decision"]
+
+
+def test_outputs_read_by_code_the_probe_cannot_see_are_stored():
+    class Opaque(nn.Module):  # stands for a C++ extension reading its input outside torch's dispatch
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16, 16)
+
+        def forward(self, x):
+            with torch._C.DisableTorchFunction():
+                y = torch.tanh(x)
+            return self.l(y)
+
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"],
+                          extra=lambda m: m.b.__setitem__(2, Opaque()))
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        fm(x)
+        torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+    assert fm.cache.report()["served_calls"] == ["b.1"] and fm.cache.stats["hits"] == 8

@@ -391,3 +391,95 @@ def test_no_warning_on_a_plain_training_loop():
             fm(x).sum().backward()
             opt.step()
             opt.zero_grad()
+
+
+def test_optimize_draws_no_random_numbers():
+    model, args, kwargs, _ = make("bert")
+    state = torch.get_rng_state()
+    frzcompile.optimize(model, args, example_kwargs=kwargs, cache=True)  # the default policy, with the cache
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_every_optimizer_keeps_masked_weights_at_zero():
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=0.5)
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    first, second = torch.optim.AdamW(vectors, lr=1e-2), torch.optim.SGD(matrices, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        fm(x).square().mean().backward()
+        first.step()
+        second.step()  # steps after the counted one are masked too
+        first.zero_grad()
+        second.zero_grad()
+    assert fm.step_count == 3
+    for t in fm.sparsity.targets.values():
+        assert torch.all(t.weight[~t.mask] == 0)
+
+
+def test_a_plan_decided_at_a_step_waits_for_the_iteration_to_end():
+    """With two optimizers, the one stepping second still updates a unit the policy froze at the first's step,
+    as when freezing by hand between iterations."""
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy=frzcompile.Linear(total_steps=2, freeze_start=0.0))
+    stem = list(model.stem.parameters())
+    first = torch.optim.SGD([p for p in model.parameters() if all(p is not q for q in stem)], lr=0.1)
+    second = torch.optim.SGD(stem, lr=0.1)
+    fm(x).sum().backward()
+    first.step()
+    before = [p.detach().clone() for p in stem]
+    second.step()
+    assert any(not torch.equal(p, b) for p, b in zip(stem, before))
+    assert "stem" in fm.frozen and all(not p.requires_grad for p in stem)
+
+
+def test_weights_frozen_before_optimize_and_sparsity():
+    model, (x,), _, _ = make("traced")
+    model.block1[0].weight.requires_grad_(False)
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=0.5)
+    fm(x).sum().backward()
+    assert model.block1[0].weight.grad is None and model.block2[0].weight.grad is not None
+
+
+def test_functional_call_leaves_the_callers_tensors_alone():
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("stem")
+    fm.eval()
+    params = {n: p.detach().clone().requires_grad_() for n, p in fm.named_parameters()}
+    out = torch.func.functional_call(fm, params, (x,))
+    assert all(t.requires_grad for t in params.values())
+    torch.testing.assert_close(out, torch.func.functional_call(model, params, (x,)))
+    assert not model.stem[0].weight.requires_grad and fm.frozen == ("stem",)
+
+
+def test_the_module_face():
+    import gc
+    import inspect
+    import pickle
+    import weakref
+
+    model, args, kwargs, _ = make("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
+    assert inspect.signature(fm.forward) == inspect.signature(model.forward)  # what HF Trainer reads
+    assert next(iter(fm.modules())) is model and len(list(fm.modules())) == len(list(model.modules()))
+    with pytest.raises(frzcompile.ConfigError, match="copy the model"):
+        copy.deepcopy(fm)
+    with pytest.raises(frzcompile.ConfigError, match="pickled"):
+        pickle.dumps(fm)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: calls.append(type(m).__name__))
+    try:
+        fm(**kwargs)
+    finally:
+        handle.remove()
+    assert calls.count(type(model).__name__) == 1 and "FrozenModule" not in calls  # one model call, as without fm
+    traced, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(traced, (x,), policy="smartfrz", cache=True)
+    ref = weakref.ref(traced)
+    gc.disable()
+    try:
+        del fm, traced
+        assert ref() is None  # no reference cycle keeps the model (and its GPU memory) alive
+    finally:
+        gc.enable()

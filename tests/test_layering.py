@@ -86,7 +86,9 @@ def test_no_module_level_mutable_state():
     mutable_calls = {"dict", "list", "set", "deque", "Counter", "OrderedDict", "defaultdict"}
     found = []
     for name, path, _ in module_names():
-        for node in ast.parse(path.read_text()).body:
+        tree = ast.parse(path.read_text())
+        found += [f"frzcompile.{name}: global {', '.join(n.names)}" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+        for node in tree.body:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
                 node, ast.AnnAssign) and node.value is not None else []
             value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None

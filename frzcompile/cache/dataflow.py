@@ -15,6 +15,7 @@ input that requires grad, state changed in place by the prefix, or by the code r
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -36,7 +37,8 @@ def _is_metadata(func) -> bool:
     return func in _METADATA or getattr(func, "__self__", None) in _METADATA_PROPERTIES
 
 
-def _mutates(func, kwargs) -> bool:
+def _by_name(func, kwargs) -> bool:
+    """In place by name (the version check below also sees `inplace=True` functionals and custom ops)."""
     name = getattr(func, "__name__", "")
     return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS or "out" in kwargs
 
@@ -69,8 +71,10 @@ def deep_tensors(obj, limit: int = 6):
 
 class ProbeResult:
     def __init__(self):
-        self.needed: set = set()        # (key, leaf index) of prefix outputs the rest of the model reads
+        self.needed: set = set()        # (key, leaf index) of prefix outputs the cache must store
+        self.standins: set = set()      # (key, leaf index) of outputs read only on the way to other prefix calls
         self.problems: list = []        # why serving would not be faithful (empty: fine)
+        self.state: list = []           # parameters and buffers read inside the prefix or before it ends
 
 
 class DataflowProbe(TorchFunctionMode):
@@ -87,6 +91,8 @@ class DataflowProbe(TorchFunctionMode):
         self._ops: list = []          # outside prefix calls: (input serials, output serials, sink)
         self._last_prefix_op = -1     # index into _ops when the last prefix call returned
         self._state_changed_early: list = []  # op indexes that changed model state outside prefix calls
+        self._state_reads: list = []  # (op index or -1 inside the prefix, tensor) for model state read
+        self._seen_read: set = set()  # serials read outside prefix calls (by an operation or as a call's argument)
         self._rng = None
         self._busy = False            # the probe's own bookkeeping is not the model's
         self.problems: list = []
@@ -108,16 +114,22 @@ class DataflowProbe(TorchFunctionMode):
     # -- the mode ---------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         if self._busy or _is_metadata(func):
-            return out
+            return func(*args, **kwargs)
         inputs = _tensors((args, kwargs))
+        versions = [t._version for t in inputs]
+        out = func(*args, **kwargs)
+        changed = [t for t, v in zip(inputs, versions) if t._version != v]
+        if _by_name(func, kwargs) and inputs and not changed:
+            changed = [inputs[0]]
         input_ids = {id(t) for t in inputs}
         outputs = _tensors(out)
-        mutates = _mutates(func, kwargs)
         inside = self.interception is not None and self.interception.depth > 0
+        for t in inputs:
+            if id(t) in self._state:
+                self._state_reads.append((-1 if inside else len(self._ops), t))
         if inside:
-            if mutates and inputs and self._known(inputs[0]) not in self._internal:
+            if any(self._known(t) not in self._internal for t in changed):
                 name = getattr(func, "__name__", str(func))
                 self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
                               "serving from the cache would skip")
@@ -126,9 +138,10 @@ class DataflowProbe(TorchFunctionMode):
                     self._internal.add(self._serial(t, new=True))
             return out
         ins = tuple(self._serial(t) for t in inputs)
+        self._seen_read.update(ins)
         outs = tuple(self._serial(t, new=id(t) not in input_ids) for t in outputs)
-        sink = mutates or not outputs
-        if mutates and inputs and id(inputs[0]) in self._state:
+        sink = bool(changed) or not outputs
+        if any(id(t) in self._state for t in changed):
             self._state_changed_early.append(len(self._ops))
         self._ops.append((ins, outs, sink))
         return out
@@ -137,8 +150,10 @@ class DataflowProbe(TorchFunctionMode):
     def enter(self, key, args, kwargs) -> None:
         self._busy = True
         try:
-            if any(t.requires_grad for t in _tensors((args, kwargs))):
+            tensors = _tensors((args, kwargs))
+            if any(t.requires_grad for t in tensors):
                 self._problem("an input of the frozen prefix requires grad (gradients must flow through it)")
+            self._seen_read.update(s for s in (self._known(t) for t in tensors) if s is not None)
             self._rng = _rng_state()
         finally:
             self._busy = False
@@ -161,12 +176,25 @@ class DataflowProbe(TorchFunctionMode):
         finally:
             self._busy = False
 
+    def fed(self, args, kwargs) -> None:
+        """Tensors handed to a served prefix call (they count as fed to the prefix, like a real call's)."""
+        self._seen_read.update(s for s in (self._known(t) for t in _tensors((args, kwargs))) if s is not None)
+
     def _register(self, key, out) -> None:
         leaves, _ = tree_flatten(out)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
                 self._leaves.setdefault(self._serial(leaf), []).append((key, i))
         self._last_prefix_op = len(self._ops)
+
+    @contextlib.contextmanager
+    def muted(self):
+        """Operations inside are the cache's own (copying outputs), not the model's."""
+        busy, self._busy = self._busy, True
+        try:
+            yield
+        finally:
+            self._busy = busy
 
     def _problem(self, text: str) -> None:
         if text not in self.problems:
@@ -180,16 +208,22 @@ class DataflowProbe(TorchFunctionMode):
         for ins, outs, sink in reversed(self._ops):
             if sink or any(o in live for o in outs):
                 live.update(ins)
-        for serial in live:
-            if serial in self._leaves:
-                res.needed.update(self._leaves[serial])
-            elif serial in self._internal:
-                res.problems.append("a tensor computed inside the frozen prefix leaves it other than as a unit's "
-                                    "output (e.g. a key/value cache filled inside)")
-                break
+        for serial, leaves in self._leaves.items():
+            if serial in live or serial not in self._seen_read:
+                res.needed.update(leaves)
+            else:
+                res.standins.update(leaves)
+        if any(serial in self._internal and serial not in self._leaves for serial in live):
+            res.problems.append("a tensor computed inside the frozen prefix leaves it other than as a unit's "
+                                "output (e.g. a key/value cache filled inside)")
         if any(i < self._last_prefix_op for i in self._state_changed_early):
             res.problems.append("code running before the frozen prefix ends changes a parameter or buffer in "
                                 "place (e.g. a BatchNorm outside every unit), which prefix-only runs would repeat")
+        seen = set()
+        for i, t in self._state_reads:
+            if (i < 0 or i < self._last_prefix_op) and id(t) not in seen:
+                seen.add(id(t))
+                res.state.append(t)
         return res
 
 

@@ -3,21 +3,25 @@ model's own forward.
 
 Per frozen prefix and per call signature (the structure of the arguments, per-sample shapes and dtypes,
 non-tensor arguments, train/eval, autocast), the first call runs the model for real under a dataflow probe
-(dataflow.py), which finds the prefix calls whose outputs the rest of the model reads. The prefix is then run
-alone (intercept.py: the run stops after the prefix's last call) on the same batch again, on its first half and
-reversed: each read output must be deterministic, and either the same whatever the batch holds ("shared", e.g.
-an attention mask of these shapes) or batch-first with each sample's rows depending on that sample alone
-("sample"), all within the measured numerical noise (numerics.py). Serving must also cost less than computing
-(both timed). Then, per call: fingerprint each sample's inputs; serve hits from the store by intercepting the
-prefix's calls (their forwards do not run); compute misses with a prefix-only run on the missing rows (or, when
-all miss, within the real call) and store them; when the prefix has just deepened, serve the shallower prefix's
-entries and run only the newly frozen units.
+(dataflow.py), which finds the prefix outputs the rest of the model reads and what would make serving unfaithful.
+The prefix is then run alone (intercept.py: the run stops after the prefix's last call) on the same batch again,
+on its first and second halves and reversed: each stored output must be either the same whatever the batch
+holds ("shared", e.g. an attention mask of these shapes) or batch-first with each sample's rows depending on that
+sample alone ("sample"), within the measured numerical noise (numerics.py), and serving must cost less than
+computing (both timed). Then, per call: fingerprint each sample's inputs; serve hits from the store by
+intercepting the prefix's calls (their forwards do not run); compute misses with a prefix-only run on the
+missing rows (or, when all miss, within the real call) and store them; when the prefix has just deepened, serve
+the shallower prefix's entries and run only the newly frozen units.
+
+Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
+buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
 
 The cache steps aside, for that call, whenever serving could differ from running: no frozen prefix, inference
-mode, an input that requires grad, hooks on a module inside the prefix (or global module hooks), a prefix
-module whose forward someone else replaced. It turns itself off, and says why, when the hit rate stays low.
-Every internal run (analysis, prefix-only) runs without autograd, with the random number generators forked
-and the user's forward hooks suspended, so the user's run sees nothing of it.
+mode, an input that requires grad, forward hooks on any module that is not inside a trainable unit (the prefix,
+its parents, the code between units) or global module hooks, a prefix module whose forward someone else
+replaced. It turns itself off, and says why, when the hit rate stays low. Every internal run (analysis,
+prefix-only) runs without autograd, with the random number generators forked and the user's forward hooks
+suspended, and stops before any trainable unit, so the user's run sees nothing of it.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch
 
 from .. import torch_private
 from ..errors import CacheError, ConfigError, InputMismatchError
-from ..numerics import agree, relative_difference
+from ..numerics import agree, floor, relative_difference
 from ..runtime.services import FORWARD_MARK, Service
 from ..torch_private import tree_flatten, tree_unflatten
 from .dataflow import DataflowProbe
@@ -38,8 +42,8 @@ from .intercept import Interception, Stop, UnexpectedCall
 from .store import ActivationStore, CacheConfig, _describe, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
-MAX_NOISE = 0.05     # relative difference between two runs of the prefix on one batch beyond which it is random
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+_MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Signature:
     batch_leaves: tuple          # positions of tensor arguments whose leading size is the batch
     digest: bytes
     unsupported: str = ""        # why these arguments cannot be keyed, if they cannot
+    _shared: bytes | None = None
 
     @classmethod
     def of(cls, args, kwargs, training: bool) -> Signature:
@@ -77,8 +82,15 @@ class Signature:
     def tensors(self, positions):
         return [self.leaves[i] for i in positions]
 
-    def shared_tensors(self):
-        return [t for i, t in enumerate(self.leaves) if isinstance(t, torch.Tensor) and i not in self.batch_leaves]
+    def shared_digest(self) -> bytes:
+        """The signature plus the contents of the arguments that are not per sample (computed once)."""
+        if self._shared is None:
+            h = hashlib.blake2b(self.digest, digest_size=16)
+            for i, t in enumerate(self.leaves):
+                if isinstance(t, torch.Tensor) and i not in self.batch_leaves:
+                    h.update(_describe(t))
+            self._shared = h.digest()
+        return self._shared
 
     def select(self, args, kwargs, index):
         """(args, kwargs) with every batch-first tensor argument cut to rows `index`."""
@@ -97,17 +109,14 @@ class CallPlan:
     reason: str                              # why not, or how it pays
     calls: tuple = ()                        # keys of the prefix's top-level calls, in order
     templates: dict = field(default_factory=dict)  # key -> (TreeSpec, [leaf recipe])
-    sample_meta: list = field(default_factory=list)  # per served per-sample tensor: (dtype, device)
+    sample_meta: list = field(default_factory=list)  # per stored per-sample tensor: (dtype, device, layout order)
     shared_count: int = 0
+    keep: dict = field(default_factory=dict)  # key -> leaf indexes stored (copied when a real call returns)
     compute_ms: float = 0.0
     serve_ms: float = 0.0
     noise: float = 0.0
 
-    @property
-    def last_call(self):
-        return self.calls[-1]
-
-    def needed_slots(self):
+    def stored(self):
         """(key, leaf index, kind, slot) of every output the cache stores, in slot order."""
         out = []
         for key in self.calls:
@@ -118,7 +127,7 @@ class CallPlan:
 
 
 def _forked_rng():
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
 
 
@@ -129,19 +138,49 @@ def _sync(tensors):
             return
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """The order of `t`'s dimensions in memory, outermost first (channels-last, transposed views...)."""
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+
+
+def _alloc(shape, dtype, device, order) -> torch.Tensor:
+    """An empty tensor of `shape` laid out in memory in dimension order `order`."""
+    physical = torch.empty([shape[d] for d in order], dtype=dtype, device=device)
+    inverse = [order.index(d) for d in range(len(order))]
+    return physical.permute(inverse)
+
+
+def _attributes(modules) -> dict:
+    """What a forward could change on its modules besides tensors' contents: plain attributes, by value or id."""
+    out = {}
+    for m in modules:
+        for name, value in vars(m).items():
+            if name in _MODULE_FIELDS:
+                continue
+            if isinstance(value, torch.Tensor):
+                token = (id(value), torch_private.tensor_version(value))
+            elif isinstance(value, _SCALARS):
+                token = value
+            else:
+                token = id(value)
+            out[(id(m), name)] = (m, token)
+    return out
+
+
 class ActivationCache(Service):
     """The activation cache of one FrozenModule (see the module docstring)."""
 
     name = "cache"
 
-    def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, weights_version):
+    def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, state_version):
         self.config = config
         self.model = model
         self.unit_graph = unit_graph
-        self.weights_version = weights_version    # callable: prefix -> hashable version of its weights
+        self.state_version = state_version        # callable: (prefix, extra tensors) -> hashable version
         self.store = ActivationStore(config)
         self.prefix: tuple = ()
         self.plans: dict = {}                     # (prefix, signature digest) -> CallPlan
+        self.extra_state: dict = {}               # prefix -> further parameters/buffers its calls read
         self.enabled = True
         self.off_reason = ""
         self.sample_ids = None
@@ -168,6 +207,7 @@ class ActivationCache(Service):
     def clear(self) -> None:
         self.store.drop(lambda prefix: True)
         self.plans.clear()
+        self.extra_state.clear()
         self._modules_cache.clear()
 
     def close(self) -> None:
@@ -186,22 +226,21 @@ class ActivationCache(Service):
     def call(self, run, args, kwargs):
         prefix = self.prefix
         why = self._step_aside(prefix, args, kwargs)
-        if why:
-            self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
-            return run(args, kwargs)
-        sig = Signature.of(args, kwargs, self.model.training)
-        why = sig.unsupported or ("" if sig.batch else "no batched tensor argument")
+        sig = None
+        if not why:
+            sig = Signature.of(args, kwargs, self.model.training)
+            why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
+                                      "" if sig.batch else "no batched tensor argument")
         if not why and sig.batch < 2 and (prefix, sig.digest) not in self.plans:
             why = "a batch of one sample cannot be analysed (the next larger batch will be)"
+        if not why and (prefix, sig.digest) not in self.plans and sum(
+                p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
+            why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
         if why:
             self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
             return run(args, kwargs)
         plan = self.plans.get((prefix, sig.digest))
         if plan is None:
-            if sum(p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
-                why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
-                self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
-                return run(args, kwargs)
             return self._probe(prefix, sig, run, args, kwargs)
         self.last_plan = plan
         if not plan.cacheable:
@@ -210,18 +249,17 @@ class ActivationCache(Service):
 
     # -- when to step aside -------------------------------------------------------------------------------
     def _modules(self, prefix) -> tuple:
-        """(path -> module of each prefix unit, every module inside the prefix, other units' path -> module)."""
+        """(path -> module of each prefix unit, the modules whose hooks must see every call: all but those inside
+        trainable units, other units' path -> module)."""
         cached = self._modules_cache.get(prefix)
         if cached is None:
             units = self.unit_graph.units
-            top = {}
-            for u in prefix:
-                for path in self.unit_graph.paths(u):
-                    top[path] = self.model.get_submodule(path)
-            inside = [m for u in prefix for m in units[u].modules]
+            top = {path: self.model.get_submodule(path) for u in prefix for path in self.unit_graph.paths(u)}
+            trainable = {id(m) for u in units if u not in prefix for m in units[u].modules}
+            guarded = [m for m in self.model.modules() if id(m) not in trainable]
             others = {path: self.model.get_submodule(path) for u in units if u not in prefix
                       for path in self.unit_graph.paths(u)}
-            cached = self._modules_cache[prefix] = (top, inside, others)
+            cached = self._modules_cache[prefix] = (top, guarded, others)
         return cached
 
     def _step_aside(self, prefix, args, kwargs) -> str:
@@ -236,9 +274,9 @@ class ActivationCache(Service):
         leaves, _ = tree_flatten((tuple(args), dict(kwargs)))
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
-        top, inside, _ = self._modules(prefix)
-        if torch_private.global_module_hooks() or any(torch_private.has_call_hooks(m) for m in inside):
-            return "hooks on a module inside the frozen prefix must see it run"
+        top, guarded, _ = self._modules(prefix)
+        if torch_private.global_module_hooks() or any(torch_private.has_call_hooks(m) for m in guarded):
+            return "hooks on the frozen prefix, its parents or the code between units must see every call"
         for m in top.values():
             own = m.__dict__.get("forward")
             if own is not None and not getattr(own, FORWARD_MARK, False):
@@ -246,28 +284,29 @@ class ActivationCache(Service):
         return ""
 
     # -- internal runs ----------------------------------------------------------------------------------
-    def _prefix_run(self, plan_calls, top, args, kwargs, select=None):
-        """Run the model only as far as the prefix's last call, on all rows or rows `select`; returns
-        key -> output for the prefix's calls. Nothing of it is visible to the user's run."""
-        sig_args, sig_kwargs = args, kwargs
-        if select is not None:
-            sig_args, sig_kwargs = select
+    def _prefix_run(self, prefix, calls, args, kwargs, select=None, keep=False):
+        """Run the model only as far as the prefix's last call (`calls[-1]`), on all rows or on (args, kwargs)
+        `select`; returns (key -> output of the prefix's calls, whether the run got to the last call). Nothing
+        of it is visible to the user's run."""
+        top, _, others = self._modules(prefix)
+        call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(_forked_rng())
             stack.enter_context(torch_private.forward_hooks_suspended(self.model.modules()))
-            ic = stack.enter_context(Interception(top, stop_after=plan_calls[-1]))
+            ic = stack.enter_context(Interception(top, keep=keep, stop_after=calls[-1], others=others))
             try:
-                self.model(*sig_args, **sig_kwargs)
+                self.model(*call_args, **call_kwargs)
             except Stop:
                 pass
-        return ic.outputs
+        complete = ic.stopped and all(key in ic.outputs for key in calls)
+        return ic.outputs, complete
 
     # -- analysis (once per prefix and signature) -------------------------------------------------------------
     def _probe(self, prefix, sig, run, args, kwargs):
         """The first call of a signature: run it for real under the dataflow probe (serving a shallower prefix's
         entries when they cover the batch), analyse, and store its outputs when the verdict is to cache."""
-        top, _, others = self._modules(prefix)
+        top, guarded, others = self._modules(prefix)
         state = list(self.model.parameters()) + list(self.model.buffers())
         probe = DataflowProbe(state)
         keys = self._keys(sig)
@@ -278,39 +317,31 @@ class ActivationCache(Service):
             served = self._build(other, sig, lvl, keys, list(range(sig.batch)))
             shallow_top, _, _ = self._modules(other.prefix)
             real = [path for path in top if path not in shallow_top]
-        with Interception(top, watch=probe, others=others, serve=served, real=real) as ic:
+        attributes = _attributes(guarded)
+        with Interception(top, watch=probe, others=others, serve=served, real=real, keep=True) as ic:
             probe.interception = ic
             with probe:
                 out = run(args, kwargs)
         result = probe.result(out)
-        plan = self._analyse(prefix, sig, ic, result, top, args, kwargs)
+        after = _attributes(guarded)
+        changed = sorted({key[1] for key, (_, token) in after.items() if key not in attributes
+                          or attributes[key][1] != token})
+        if changed:
+            result.problems.append(f"the forward sets attributes ({', '.join(changed)}) of the frozen prefix or "
+                                   "the modules around it, which serving (or the cache's own runs) would not do alike")
+        plan = self._analyse(prefix, sig, ic, result, args, kwargs)
         self.plans[(prefix, sig.digest)] = plan
         self.stats["analysed_signatures"] += 1
         self.last_plan = plan
         if plan.cacheable:
+            extra = self.extra_state.setdefault(prefix, [])
+            known = {id(t) for t in extra}
+            extra += [t for t in result.state if id(t) not in known]
             self._store_outputs(plan, sig, ic.outputs, keys)
-            if shallower is not None:
-                self.stats["reused_from_shallower"] += sig.batch
-            else:
-                self.stats["computed"] += sig.batch
+            self.stats["reused_from_shallower" if shallower is not None else "computed"] += sig.batch
         return out
 
-    def _shallower_cover(self, prefix, sig, keys):
-        """(CallPlan, level) of the deepest shallower prefix whose entries cover every row of this batch."""
-        for shallower in sorted((p for p in self.store.levels if set(p) < set(prefix)), key=len, reverse=True):
-            other = self.plans.get((shallower, sig.digest))
-            lvl = self.store.levels.get(shallower)
-            if other is None or not other.cacheable or lvl is None:
-                continue
-            if lvl.weights_version != self.weights_version(shallower):
-                continue
-            if other.shared_count and self._shared_key(sig) not in lvl.shared:
-                continue
-            if all(key in lvl.index for key in keys):
-                return other, lvl
-        return None
-
-    def _analyse(self, prefix, sig, ic, result, top, args, kwargs) -> CallPlan:
+    def _analyse(self, prefix, sig, ic, result, args, kwargs) -> CallPlan:
         def no(reason):
             return CallPlan(prefix, False, reason)
 
@@ -323,68 +354,76 @@ class ActivationCache(Service):
         first_other = next((i for i, (kind, _) in enumerate(ic.order) if kind == "other"), len(ic.order))
         if first_other < last:
             return no("a trainable unit runs before the frozen prefix's last call")
-        batch = sig.batch
+        batch, k = sig.batch, sig.batch // 2
         first = ic.outputs
+        perm = torch.arange(batch - 1, -1, -1)
         try:
             start = time.perf_counter()
-            again = self._prefix_run(calls, top, args, kwargs)
+            again, ok = self._prefix_run(prefix, calls, args, kwargs)
             _sync(tree_flatten(again)[0])
             compute_ms = 1000 * (time.perf_counter() - start)
-            k = batch // 2
-            half = self._prefix_run(calls, top, args, kwargs, select=sig.select(args, kwargs, slice(0, k)))
-            perm = torch.arange(batch - 1, -1, -1)
-            flipped = self._prefix_run(calls, top, args, kwargs, select=sig.select(args, kwargs, perm))
+            runs = [again]
+            for rows in (slice(0, k), slice(k, batch), perm):
+                out, done = self._prefix_run(prefix, calls, args, kwargs, select=sig.select(args, kwargs, rows))
+                runs.append(out)
+                ok = ok and done
         except Exception as exc:  # noqa: BLE001 -- a prefix that cannot run on part of a batch is not cached
             return no(f"the frozen prefix cannot run on part of the batch ({type(exc).__name__}: {exc})"[:300])
-        if any(key not in run_out for key in calls for run_out in (again, half, flipped)):
+        if not ok:
             return no("the frozen prefix makes other calls on part of the batch (data-dependent control flow)")
         noise = 0.0  # of the prefix run twice on the same batch: the tolerance of every comparison below
         for key, i in result.needed:
             a, b = tree_flatten(again[key])[0][i], tree_flatten(first[key])[0][i]
             if isinstance(a, torch.Tensor) and a.is_floating_point():
-                noise = max(noise, relative_difference(a, b))
-        if noise > MAX_NOISE:
-            return no(f"the frozen prefix is not deterministic (two runs on the same batch differ by "
-                      f"{100 * noise:.1f}%)")
-        templates, sample_meta, shared_count = {}, [], 0
+                difference = relative_difference(a, b)
+                if difference > floor(a.dtype, a.device):
+                    return no(f"the frozen prefix is not deterministic: two runs of {key[0]} on the same batch differ "
+                              f"by {difference:.2g} (relative), beyond {a.dtype}'s noise")
+                noise = max(noise, difference)
+        templates, sample_meta, shared_count, keep = {}, [], 0, {}
+        sizes = (batch, k, batch - k, batch)
         for key in calls:
             leaves, spec = tree_flatten(first[key])
-            other = [tree_flatten(o[key])[0] for o in (again, half, flipped)]
+            other = [tree_flatten(o[key])[0] for o in runs]
             if any(len(o) != len(leaves) for o in other):
                 return no(f"the output of {key[0]} changes structure with the batch")
             recipes = []
             for i, f in enumerate(leaves):
-                a, h, p = (o[i] for o in other)
-                needed = (key, i) in result.needed
+                versions = [f] + [o[i] for o in other]  # full, again, first half, second half, reversed
                 if isinstance(f, torch.Tensor):
-                    same_shape = h.shape == f.shape and p.shape == f.shape
-                    batch_first = f.dim() > 0 and f.shape[0] == batch and h.shape[0] == k and p.shape[0] == batch
-                    if not needed:
+                    same_shape = all(v.shape == f.shape for v in versions)
+                    batch_first = f.dim() > 0 and all(v.dim() > 0 and v.shape[0] == n
+                                                      for v, n in zip(versions[:1] + versions[2:], sizes))
+                    if (key, i) in result.standins:
                         if batch_first:
-                            recipes.append(("empty", f.dtype, f.device, tuple(f.shape[1:]), True))
+                            recipes.append(("standin", f.dtype, f.device, tuple(f.shape[1:]), True))
                         elif same_shape:
-                            recipes.append(("empty", f.dtype, f.device, tuple(f.shape), False))
+                            recipes.append(("standin", f.dtype, f.device, tuple(f.shape), False))
                         else:
                             return no(f"an output of {key[0]} has a shape that follows the batch in an unknown way")
-                    elif same_shape and agree(h, f, noise) and agree(p, f, noise):
+                    elif same_shape and all(agree(v, f, noise) for v in versions[2:]):
                         recipes.append(("shared", shared_count))
                         shared_count += 1
+                        keep.setdefault(key, set()).add(i)
                     elif batch_first:
-                        if not (agree(f[:k], h, noise) and agree(f[perm], p, noise)):
+                        _, _, h1, h2, p = versions
+                        if not (agree(f[:k], h1, noise) and agree(f[k:], h2, noise) and agree(f[perm], p, noise)):
                             return no(f"an output of {key[0]} mixes samples across the batch (a sample's output "
                                       "depends on the others, e.g. BatchNorm on batch statistics)")
                         recipes.append(("sample", len(sample_meta)))
-                        sample_meta.append((f.dtype, f.device))
+                        sample_meta.append((f.dtype, f.device, _layout(f)))
+                        keep.setdefault(key, set()).add(i)
                     else:
-                        return no(f"an output of {key[0]} (shape {tuple(f.shape)}) is not batch-first")
-                elif isinstance(f, int) and not isinstance(f, bool) and f == batch and h == k and p == batch:
+                        return no(f"an output of {key[0]} (shape {tuple(f.shape)}) depends on the whole batch")
+                elif isinstance(f, int) and not isinstance(f, bool) and all(v == n for v, n in zip(
+                        versions[:1] + versions[2:], sizes)):
                     recipes.append(("batch_size",))
-                elif isinstance(f, _SCALARS) and f == a == h == p:
+                elif isinstance(f, _SCALARS) and all(v == f for v in versions):
                     recipes.append(("const", f))
                 else:
                     return no(f"an output of {key[0]} ({type(f).__name__}) depends on the batch in an unknown way")
             templates[key] = (spec, recipes)
-        plan = CallPlan(prefix, True, "", calls, templates, sample_meta, shared_count, compute_ms=compute_ms,
+        plan = CallPlan(prefix, True, "", calls, templates, sample_meta, shared_count, keep, compute_ms=compute_ms,
                         noise=noise)
         plan.serve_ms = self._serve_cost(plan, sig, first)
         if self.config.check_cost and plan.serve_ms >= plan.compute_ms:
@@ -396,16 +435,16 @@ class ActivationCache(Service):
         return plan
 
     def _serve_cost(self, plan, sig, outputs) -> float:
-        """Best of three: fingerprinting the batch and a store round trip of its per-sample outputs."""
+        """Best of three: fingerprinting the batch and fetching its per-sample outputs from a store."""
         scratch = ActivationStore(CacheConfig(memory_bytes=1 << 40, storage_dtype=self.config.storage_dtype,
-                                              device=self.config.device))
+                                              device=self.config.device), chunk_slots=max(sig.batch, 1))
+        lvl = scratch.level(("scratch",), 0)
         samples = self._samples_of(plan, outputs)
+        scratch.put(lvl, self._keys(sig), samples)
         best = float("inf")
-        for i in range(3):
+        for _ in range(3):
             start = time.perf_counter()
             keys = self._keys(sig)
-            lvl = scratch.level(("scratch", i), 0)
-            scratch.put(lvl, keys, samples)
             dest = [torch.empty_like(o) for o in samples]
             scratch.get(lvl, keys, range(len(keys)), dest)
             _sync(dest)
@@ -414,6 +453,9 @@ class ActivationCache(Service):
         return 1000 * best
 
     # -- keys and entries -----------------------------------------------------------------------------------
+    def _version(self, prefix):
+        return self.state_version(prefix, self.extra_state.get(prefix, ()))
+
     def _keys(self, sig) -> list:
         if self.config.key == "sample_id":
             if self.sample_ids is None:
@@ -422,37 +464,24 @@ class ActivationCache(Service):
                 raise InputMismatchError(f"{len(self.sample_ids)} sample ids for a batch of {sig.batch}")
             return [hashlib.blake2b(sig.digest + int(i).to_bytes(8, "little", signed=True), digest_size=16).digest()
                     for i in self.sample_ids]
-        return fingerprints(sig.tensors(sig.batch_leaves), [sig.digest] + sig.shared_tensors())
-
-    def _shared_key(self, sig) -> bytes:
-        h = hashlib.blake2b(sig.digest, digest_size=16)
-        for t in sig.shared_tensors():
-            h.update(_describe(t))
-        return h.digest()
+        return fingerprints(sig.tensors(sig.batch_leaves), [sig.shared_digest()])
 
     @staticmethod
     def _samples_of(plan, outputs):
         """The per-sample tensors among the prefix calls' outputs, in slot order."""
-        out = []
-        for key, i, kind, _ in plan.needed_slots():
-            if kind == "sample":
-                out.append(tree_flatten(outputs[key])[0][i])
-        return out
+        return [tree_flatten(outputs[key])[0][i] for key, i, kind, _ in plan.stored() if kind == "sample"]
 
     @staticmethod
     def _shared_of(plan, outputs):
-        out = []
-        for key, i, kind, _ in plan.needed_slots():
-            if kind == "shared":
-                out.append(tree_flatten(outputs[key])[0][i].detach().clone())
-        return out
+        return [tree_flatten(outputs[key])[0][i].detach().clone() for key, i, kind, _ in plan.stored()
+                if kind == "shared"]
 
     def _store_outputs(self, plan, sig, outputs, keys, rows_keys=None):
-        """Store the needed outputs of a real run (`outputs`: key -> output over the batch's rows `rows_keys`)."""
-        keys = keys if keys is not None else self._keys(sig)
-        lvl = self.store.level(plan.prefix, self.weights_version(plan.prefix))
+        """Store the stored outputs of a run (`outputs`: key -> output, as copied when each call returned) under
+        `rows_keys` (default: every row's key)."""
+        lvl = self.store.level(plan.prefix, self._version(plan.prefix))
         if plan.shared_count:
-            lvl.shared.setdefault(self._shared_key(sig), self._shared_of(plan, outputs))
+            lvl.shared.setdefault(sig.shared_digest(), self._shared_of(plan, outputs))
         older = [p for p in self.store.levels if p != plan.prefix]
         samples = [s.detach() for s in self._samples_of(plan, outputs)]
         self.stats["stored"] += self.store.put(lvl, rows_keys if rows_keys is not None else keys, samples,
@@ -462,18 +491,18 @@ class ActivationCache(Service):
         """key -> output of every prefix call, from the store (rows `hit_rows`) and from `fresh` outputs of a
         prefix-only run (rows `miss_rows`)."""
         batch = sig.batch
-        sig0 = lvl.index[keys[hit_rows[0]]][0] if hit_rows else None
-        shapes = lvl.groups[sig0].sample_shapes if sig0 is not None else [
+        group_sig = lvl.index[keys[hit_rows[0]]][0] if hit_rows else None
+        shapes = lvl.groups[group_sig].sample_shapes if group_sig is not None else [
             tuple(s.shape[1:]) for s in self._samples_of(plan, fresh)]
-        samples = [torch.empty((batch,) + tuple(shape), dtype=dtype, device=device)
-                   for shape, (dtype, device) in zip(shapes, plan.sample_meta)]
+        samples = [_alloc((batch,) + tuple(shape), dtype, device, order)
+                   for shape, (dtype, device, order) in zip(shapes, plan.sample_meta)]
         if hit_rows:
             self.store.get(lvl, [keys[r] for r in hit_rows], hit_rows, samples)
         if miss_rows:
             index = torch.tensor(miss_rows)
             for dst, src in zip(samples, self._samples_of(plan, fresh)):
                 dst.index_copy_(0, index.to(dst.device), src.to(dst.dtype))
-        shared = lvl.shared.get(self._shared_key(sig), ()) if plan.shared_count else ()
+        shared = lvl.shared.get(sig.shared_digest(), ()) if plan.shared_count else ()
         served = {}
         for key in plan.calls:
             spec, recipes = plan.templates[key]
@@ -488,10 +517,12 @@ class ActivationCache(Service):
                     leaves.append(batch)
                 elif kind == "const":
                     leaves.append(recipe[1])
-                else:  # a stand-in nothing reads: right shape, dtype and device, no memory
+                else:  # only fed to other (served) prefix calls: the right shape, dtype and device, no memory;
+                    # NaN, so that a read nothing should make shows in the result
                     _, dtype, device, shape, batch_first = recipe
-                    full = (batch,) + shape if batch_first else shape
-                    leaves.append(torch.empty((), dtype=dtype, device=device).expand(full))
+                    fill = float("nan") if dtype.is_floating_point or dtype.is_complex else 0
+                    leaves.append(torch.full((), fill, dtype=dtype, device=device).expand(
+                        (batch,) + shape if batch_first else shape))
             served[key] = tree_unflatten(leaves, spec)
         return served
 
@@ -499,9 +530,9 @@ class ActivationCache(Service):
     def _serve(self, plan, sig, run, args, kwargs):
         top, _, _ = self._modules(plan.prefix)
         batch = sig.batch
-        lvl = self.store.level(plan.prefix, self.weights_version(plan.prefix))
+        lvl = self.store.level(plan.prefix, self._version(plan.prefix))
         keys = self._keys(sig)
-        shared_ready = not plan.shared_count or self._shared_key(sig) in lvl.shared
+        shared_ready = not plan.shared_count or sig.shared_digest() in lvl.shared
         hit_rows = [r for r, key in enumerate(keys) if key in lvl.index] if shared_ready else []
         hit_set = set(hit_rows)
         miss_rows = [r for r in range(batch) if r not in hit_set]
@@ -510,41 +541,62 @@ class ActivationCache(Service):
         self.stats["batches"] += 1
         self._window[0] += batch
         self._window[1] += len(hit_rows)
+        served, fresh = None, None
+        if hit_rows and miss_rows:
+            index = torch.tensor(miss_rows)
+            fresh, complete = self._prefix_run(plan.prefix, plan.calls, args, kwargs,
+                                               select=sig.select(args, kwargs, index), keep=plan.keep)
+            if not complete:  # the missing rows make other calls: run this batch for real
+                self.stats["hits"] -= len(hit_rows)
+                self._window[1] -= len(hit_rows)
+                hit_rows, fresh = [], None
         if not hit_rows:
             out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys)
             if out is None:
-                with Interception(top) as ic:
+                with Interception(top, keep=plan.keep) as ic:
                     out = run(args, kwargs)
                 self._store_outputs(plan, sig, ic.outputs, keys)
                 self.stats["computed"] += batch
-            served = None
         else:
-            fresh = None
-            if miss_rows:
-                index = torch.tensor(miss_rows)
-                fresh = self._prefix_run(plan.calls, top, args, kwargs, select=sig.select(args, kwargs, index))
+            if fresh is not None:
                 self._store_outputs(plan, sig, fresh, keys, rows_keys=[keys[r] for r in miss_rows])
                 self.stats["computed"] += len(miss_rows)
             else:
                 self.stats["fully_served_batches"] += 1
-            served = self._build(plan, sig, lvl, keys, hit_rows, fresh, miss_rows)
-            out, _ = self._run_served(top, served, run, args, kwargs)
+            served = self._build(plan, sig, lvl, keys, hit_rows, fresh, miss_rows if fresh is not None else None)
+            out, _ = self._run_served(plan, served, run, args, kwargs)
         if self.config.verify and served is not None:
-            self._verify(plan, top, served, args, kwargs)
+            self._verify(plan, served, args, kwargs)
         self._check_hit_rate()
         return out
 
-    @staticmethod
-    def _run_served(top, served, run, args, kwargs, real=()):
+    def _run_served(self, plan, served, run, args, kwargs, real=(), keep=False):
+        top, _, _ = self._modules(plan.prefix)
         try:
-            with Interception(top, serve=served, real=real) as ic:
+            with Interception(top, serve=served, real=real, keep=keep) as ic:
                 out = run(args, kwargs)
         except UnexpectedCall as exc:
-            raise CacheError(
-                f"the model called {exc.args[0][0]} (call {exc.args[0][1]}) where the activation cache had seen "
-                "other calls for the same arguments (control flow that depends on values). Call optimize() "
-                "without cache=, or freeze a prefix without such code.") from None
+            plan.cacheable = False
+            plan.reason = (f"the model called {exc.args[0][0]} (call {exc.args[0][1]}) where the first calls with "
+                           "these arguments did not (control flow that depends on values)")
+            raise CacheError(f"the activation cache could not serve this call: {plan.reason}. It is off for such "
+                             "calls from now on; this call cannot be completed (run it again).") from None
         return out, ic
+
+    def _shallower_cover(self, prefix, sig, keys):
+        """(CallPlan, level) of the deepest shallower prefix whose entries cover every row of this batch."""
+        for shallower in sorted((p for p in self.store.levels if set(p) < set(prefix)), key=len, reverse=True):
+            other = self.plans.get((shallower, sig.digest))
+            lvl = self.store.levels.get(shallower)
+            if other is None or not other.cacheable or lvl is None:
+                continue
+            if lvl.weights_version != self._version(shallower):
+                continue
+            if other.shared_count and sig.shared_digest() not in lvl.shared:
+                continue
+            if all(key in lvl.index for key in keys):
+                return other, lvl
+        return None
 
     def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys):
         """When every row is cached for a shallower prefix: serve it, run only the newly frozen units, and
@@ -557,15 +609,15 @@ class ActivationCache(Service):
         top, _, _ = self._modules(plan.prefix)
         shallow_top, _, _ = self._modules(other.prefix)
         newly = [path for path in top if path not in shallow_top]
-        out, ic = self._run_served(top, served, run, args, kwargs, real=newly)
+        out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=plan.keep)
         self._store_outputs(plan, sig, ic.outputs, keys)
         self.stats["reused_from_shallower"] += sig.batch
         return out
 
-    def _verify(self, plan, top, served, args, kwargs):
-        expected = self._prefix_run(plan.calls, top, args, kwargs)
+    def _verify(self, plan, served, args, kwargs):
+        expected, _ = self._prefix_run(plan.prefix, plan.calls, args, kwargs)
         tolerant = self.config.storage_dtype is not None
-        for key, i, _, _ in plan.needed_slots():
+        for key, i, _, _ in plan.stored():
             e = tree_flatten(expected[key])[0][i]
             got = tree_flatten(served[key])[0][i]
             ok = (torch.allclose(e, got.to(e.dtype), rtol=1e-2, atol=1e-2) if tolerant
@@ -594,20 +646,21 @@ class ActivationCache(Service):
     # -- filling ahead of time -----------------------------------------------------------------------------
     def warm(self, batches, training: bool, progress: bool = True) -> int:
         """Fill the cache for the current prefix from batches (each a tensor, a tuple of positional arguments, or
-        a dict of keyword arguments), running only the frozen prefix. Returns the number of samples looked at."""
+        a dict of keyword arguments), running only the frozen prefix (the whole model once per new signature,
+        leaving no trace). Returns the number of samples looked at."""
         from tqdm.auto import tqdm
 
         prefix = self.prefix
         if not prefix:
             raise ConfigError("warm_cache needs a frozen prefix")
-        top, _, _ = self._modules(prefix)
         seen = 0
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc="filling activation cache", unit="batch", disable=not progress):
             args, kwargs = ((), batch) if isinstance(batch, dict) else ((batch,), {}) if isinstance(
                 batch, torch.Tensor) else (tuple(batch), {})
+            why = self._step_aside(prefix, args, kwargs)
             sig = Signature.of(args, kwargs, training)
-            if sig.unsupported or not sig.batch:
+            if why or sig.unsupported or not sig.batch or sig.batch < 2:
                 continue
             plan = self.plans.get((prefix, sig.digest))
             if plan is None:
@@ -616,8 +669,9 @@ class ActivationCache(Service):
                 continue
             if not plan.cacheable:
                 raise ConfigError(f"the current prefix is not cached: {plan.reason}")
-            outputs = self._prefix_run(plan.calls, top, args, kwargs)
-            self._store_outputs(plan, sig, outputs, None)
+            outputs, complete = self._prefix_run(prefix, plan.calls, args, kwargs, keep=plan.keep)
+            if complete:
+                self._store_outputs(plan, sig, outputs, self._keys(sig))
             seen += sig.batch
         return seen
 
@@ -647,7 +701,7 @@ class ActivationCache(Service):
                          ("on: " if plan.cacheable else "off: ") + plan.reason),
             "signatures": len(verdicts),
             "cacheable_signatures": sum(p.cacheable for p in verdicts),
-            "served_calls": sorted({key[0] for p in verdicts if p.cacheable for key, _, _, _ in p.needed_slots()}),
+            "served_calls": sorted({key[0] for p in verdicts if p.cacheable for key, _, _, _ in p.stored()}),
             "steps_aside": dict(self.steps_aside),
             "hit_rate": s["hits"] / s["lookups"] if s["lookups"] else 0.0,
             "entries": self.store.entries(),

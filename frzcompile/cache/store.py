@@ -156,7 +156,8 @@ def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
 class _Chunks:
     """Slots for one level and one per-sample shape signature: one tensor per frontier output per chunk."""
 
-    def __init__(self, sample_shapes, dtypes):
+    def __init__(self, sample_shapes, dtypes, slots=CHUNK_SLOTS):
+        self.slots = slots
         self.sample_shapes = sample_shapes
         self.dtypes = dtypes
         self.chunks = []        # list of [tensor per output]
@@ -166,7 +167,7 @@ class _Chunks:
                                   for s, d in zip(sample_shapes, dtypes))
 
     def capacity(self):
-        return len(self.chunks) * CHUNK_SLOTS
+        return len(self.chunks) * self.slots
 
 
 class Level:
@@ -182,8 +183,9 @@ class Level:
 
 
 class ActivationStore:
-    def __init__(self, config: CacheConfig):
+    def __init__(self, config: CacheConfig, chunk_slots: int = CHUNK_SLOTS):
         self.config = config
+        self.chunk_slots = chunk_slots
         self.levels: dict = {}      # prefix tuple -> Level
         self.memory_used = 0
         self.disk_used = 0
@@ -209,7 +211,7 @@ class ActivationStore:
             gone += len(lvl.index)
             for group in lvl.groups.values():
                 for disk in group.on_disk:
-                    size = CHUNK_SLOTS * group.bytes_per_slot
+                    size = group.slots * group.bytes_per_slot
                     if disk:
                         self.disk_used -= size
                     else:
@@ -221,12 +223,12 @@ class ActivationStore:
 
     # -- slots -------------------------------------------------------------------------------------------
     def _new_chunk(self, group: _Chunks, evictable):
-        size = CHUNK_SLOTS * group.bytes_per_slot
+        size = group.slots * group.bytes_per_slot
         while self.memory_used + size > self.config.memory_bytes and evictable:
             victim = evictable.pop(0)  # older levels make room first
             self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
         if self.memory_used + size <= self.config.memory_bytes:
-            group.chunks.append([torch.empty((CHUNK_SLOTS,) + s, dtype=d, device=self.config.device)
+            group.chunks.append([torch.empty((group.slots,) + s, dtype=d, device=self.config.device)
                                  for s, d in zip(group.sample_shapes, group.dtypes)])
             group.on_disk.append(False)
             self.memory_used += size
@@ -246,11 +248,11 @@ class ActivationStore:
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
         tensors = []
         for s, d in zip(group.sample_shapes, group.dtypes):
-            nbytes = CHUNK_SLOTS * int(np.prod(s)) * torch.empty((), dtype=d).element_size()
+            nbytes = group.slots * int(np.prod(s)) * torch.empty((), dtype=d).element_size()
             path = os.path.join(self._spill_dir, f"chunk{self.spill_files:06d}.bin")
             self.spill_files += 1
             mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
-            tensors.append(torch.from_numpy(mm)[:nbytes].view(d).reshape((CHUNK_SLOTS,) + s))
+            tensors.append(torch.from_numpy(mm)[:nbytes].view(d).reshape((group.slots,) + s))
         return tensors
 
     def close(self):
@@ -272,7 +274,8 @@ class ActivationStore:
         sig = tuple(tuple(o.shape[1:]) for o in outputs) + stored_dtypes
         group = lvl.groups.get(sig)
         if group is None:
-            group = lvl.groups[sig] = _Chunks(tuple(tuple(o.shape[1:]) for o in outputs), stored_dtypes)
+            group = lvl.groups[sig] = _Chunks(tuple(tuple(o.shape[1:]) for o in outputs), stored_dtypes,
+                                              self.chunk_slots)
         evictable = list(evictable)
         stored = 0
         for row, key in enumerate(keys):
@@ -281,7 +284,7 @@ class ActivationStore:
             if group.used >= group.capacity() and not self._new_chunk(group, evictable):
                 lvl.full = True
                 break
-            chunk, offset = divmod(group.used, CHUNK_SLOTS)
+            chunk, offset = divmod(group.used, group.slots)
             for dest, o in zip(group.chunks[chunk], outputs):
                 dest[offset].copy_(o[row])
             group.used += 1
@@ -297,8 +300,8 @@ class ActivationStore:
             by_group.setdefault(sig, []).append((slot, row))
         for sig, pairs in by_group.items():
             group = lvl.groups[sig]
-            for chunk_id in sorted({slot // CHUNK_SLOTS for slot, _ in pairs}):
-                sel = [(slot % CHUNK_SLOTS, row) for slot, row in pairs if slot // CHUNK_SLOTS == chunk_id]
+            for chunk_id in sorted({slot // group.slots for slot, _ in pairs}):
+                sel = [(slot % group.slots, row) for slot, row in pairs if slot // group.slots == chunk_id]
                 src_idx = torch.tensor([s for s, _ in sel])
                 dst_idx = torch.tensor([r for _, r in sel])
                 for src, dst in zip(group.chunks[chunk_id], out_tensors):

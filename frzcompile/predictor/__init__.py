@@ -116,18 +116,15 @@ class FreezePredictor(nn.Module):
         return float(torch.sigmoid(self(tokens.unsqueeze(0), scalars.unsqueeze(0)))[0])
 
 
-_DEFAULT = None
 
 
 def load_default() -> FreezePredictor:
-    """The predictor shipped with frzcompile (see MODEL_CARD.md beside this file)."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        if not WEIGHTS.exists():
-            raise FileNotFoundError(f"the shipped SmartFRZ weights are missing: {WEIGHTS}")
-        state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    """The predictor shipped with frzcompile (see MODEL_CARD.md beside this file), loaded anew (a few
+    milliseconds) without drawing from the user's random number generator."""
+    if not WEIGHTS.exists():
+        raise FileNotFoundError(f"the shipped SmartFRZ weights are missing: {WEIGHTS}")
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten at once
         model = FreezePredictor(**state["config"])
-        model.load_state_dict(state["model"])
-        model.eval()
-        _DEFAULT = model
-    return _DEFAULT
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -8,8 +8,11 @@ after every optimizer step, and optional services (the activation cache, sparse 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -26,6 +29,22 @@ from .steps import StepDriver
 
 FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
 NO_STEP_WARNING_CALLS = 100  # training calls without an optimizer step before frzcompile warns
+
+
+def _call_model(model, args, kwargs):
+    return model(*args, **kwargs)
+
+
+def weak_method(method):
+    """A function calling `method` while its object lives (and returning None after): callbacks held by the
+    model, the optimizers or global hooks must not keep a FrozenModule alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 class NoStepWarning(UserWarning):
@@ -54,23 +73,33 @@ class FrozenModule(nn.Module):
         state["_total_steps"] = total_steps
         state["_step"] = 0
         state["_services"] = []
-        state["_run"] = chain((), self._call_model)
+        state["_run"] = chain((), functools.partial(_call_model, model))
         state["_structure"] = torch_private.structure_ids(model)
         state["_calls_since_step"] = 0
+        state["_pending"] = None  # a plan decided at the last step, applied before the next call (see _settle)
         state["_compiled"] = None
         if compile_config is not None:
             from .compiled import CompiledExecutor
 
             state["_compiled"] = CompiledExecutor(model, compile_config)
-        state["_driver"] = StepDriver(model.parameters(), self._before_optimizer_step, self.step, optimizers)
-        state["_view"] = TrainingView(self)
+        state["_driver"] = StepDriver(model.parameters(), weak_method(self._before_optimizer_step),
+                                      weak_method(self._after_optimizer_step), weak_method(self._count_step),
+                                      optimizers)
+        state["_view"] = TrainingView(weakref.proxy(self))
         policy.bind(self._view)
+        # `inspect.signature(fm.forward)` is the model's (Hugging Face Trainer reads it to pick input columns)
+        forward = functools.partial(FrozenModule.forward, weakref.proxy(self))
+        try:
+            forward.__signature__ = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            pass
+        state["forward"] = forward
 
     def add_service(self, service: Service) -> None:
         """Join an optional service (see frzcompile.runtime.services); services added later run inside the
         earlier ones' `call`."""
         self._services.append(service)
-        self.__dict__["_run"] = chain(self._services, self._call_model)
+        self.__dict__["_run"] = chain(self._services, functools.partial(_call_model, self._model))
         service.on_plan(PlanChange(self._plan.frozen, self._plan.frozen, frozenset(), self._plan.prefix, self._step,
                                    "service added"), self._current_analysis)
 
@@ -103,14 +132,17 @@ class FrozenModule(nn.Module):
 
     @property
     def frozen(self) -> tuple:
+        self._settle()
         return self._plan.ordered()
 
     @property
     def frozen_prefix(self) -> tuple:
+        self._settle()
         return self._plan.prefix
 
     @property
     def plan(self) -> FreezePlan:
+        self._settle()
         return self._plan
 
     @property
@@ -167,24 +199,41 @@ class FrozenModule(nn.Module):
 
     # -- the plan ------------------------------------------------------------------------------------------
     def freeze(self, *names: str) -> None:
+        self._settle()
         self._set_plan(self._plan.frozen | set(self._unit_graph.check(names)), reason="freeze()")
 
     def unfreeze(self, *names: str) -> None:
+        self._settle()
         self._set_plan(self._plan.frozen - set(self._unit_graph.check(names)), reason="unfreeze()")
 
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
         model (any torch optimizer, see frzcompile.runtime.steps); call it yourself with another optimizer."""
+        self._count_step()
+        self._settle()
+
+    def _count_step(self) -> None:
+        """One training step: services update (the sparsity schedule), the policy decides now (gradients and
+        weights of this step are there), and its plan waits for `_settle`, so every optimizer of this iteration
+        (split parameter groups, a second optimizer) still steps under the plan the step began with, as it would
+        when freezing by hand between iterations."""
+        self._settle()
         self.__dict__["_step"] = self._step + 1
         self.__dict__["_calls_since_step"] = 0
         for service in self._services:
             service.after_step(self._step)
         decision = self._policy.decide(self._view)
-        if decision is None:
+        if decision is not None:
+            self.__dict__["_pending"] = frozenset(self._unit_graph.check(decision))
+
+    def _settle(self) -> None:
+        """Apply the plan the policy decided at the last step (before the next call, or when asked about it)."""
+        pending = self.__dict__.get("_pending")
+        if pending is None:
             return
-        new = frozenset(self._unit_graph.check(decision))
-        if new != self._plan.frozen:
-            self._set_plan(new, reason=f"policy {self._policy.name}")
+        self.__dict__["_pending"] = None
+        if pending != self._plan.frozen:
+            self._set_plan(pending, reason=f"policy {self._policy.name}")
 
     def _set_plan(self, frozen: frozenset, reason: str) -> None:
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
@@ -203,22 +252,35 @@ class FrozenModule(nn.Module):
     def _before_optimizer_step(self, optimizer) -> None:
         self._plan.drop_frozen_grads()
 
+    def _after_optimizer_step(self, optimizer) -> None:
+        for service in self._services:
+            service.on_optimizer_step(optimizer)
+
     # -- calling ---------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        # Without hooks of its own, fm is not a module call of its own: global module hooks see the model's call
+        # once, as they would without frzcompile.
+        if torch_private.has_call_hooks(self):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
     def forward(self, *args, **kwargs):
-        self._before_call()
+        self._sync()
+        self._count_training_call()
         if self._compiled is not None:
-            names = self._frozen_param_names()
-            return self._compiled(args, kwargs, self._plan.frozen, names)
+            return self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
         return self._run(args, kwargs)
 
-    def _call_model(self, args, kwargs):
-        return self._model(*args, **kwargs)
-
-    def _before_call(self) -> None:
+    def _sync(self) -> None:
+        """Before a call: the pending plan applied, units re-bound if the model's structure changed, frozen units
+        back in eval mode."""
+        self._settle()
         structure = torch_private.structure_ids(self._model)
         if structure != self._structure:
             self._on_structure_change(structure)
         self._plan.enforce_eval()
+
+    def _count_training_call(self) -> None:
         if self.training and torch.is_grad_enabled():
             self._driver.saw_forward()
             calls = self._calls_since_step + 1
@@ -239,13 +301,17 @@ class FrozenModule(nn.Module):
         for service in self._services:
             service.on_structure_change()
 
-    def _frozen_param_names(self) -> list:
-        names = {id(p): n for n, p in self._model.named_parameters()}
-        return [names[id(p)] for p in self._plan.frozen_params() if id(p) in names]
-
     def train(self, mode: bool = True):
         self._model.train(mode)
         self._plan.enforce_eval()
+        return self
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """The model's modules (the model first), as `model.named_modules()` gives them."""
+        return self._model.named_modules(memo, prefix, remove_duplicate)
+
+    def apply(self, fn):
+        self._model.apply(fn)
         return self
 
     def _apply(self, fn, recurse=True):
@@ -265,16 +331,6 @@ class FrozenModule(nn.Module):
         """Forward FLOPs per unit on the example inputs, counted by torch.utils.flop_counter."""
         return self._analysis.unit_flops()
 
-    def state_version(self, prefix) -> tuple:
-        """Changes whenever a weight or buffer of the prefix's units is replaced or changed in place (tensor
-        version counters), so the activation cache never serves activations computed with other weights."""
-        units = self._unit_graph.units
-        tensors = []
-        for u in prefix:
-            tensors += units[u].params
-            tensors += [b for m in units[u].modules for b in m.buffers(recurse=False)]
-        return tuple((id(t), torch_private.tensor_version(t)) for t in tensors)
-
     # -- the activation cache ---------------------------------------------------------------------------------
     def sample_ids(self, ids):
         """`with fm.sample_ids(ids): out = fm(x)` -- keys for CacheConfig(key="sample_id")."""
@@ -288,7 +344,7 @@ class FrozenModule(nn.Module):
         number of samples looked at."""
         if self.cache is None or not self.frozen_prefix:
             raise ConfigError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
-        self._before_call()
+        self._sync()
         return self.cache.warm(batches, self.training, progress=progress)
 
     # -- checkpointing --------------------------------------------------------------------------------------
@@ -301,6 +357,7 @@ class FrozenModule(nn.Module):
     def freeze_state_dict(self) -> dict:
         """The freeze plan, step counter, policy and service state; save it beside `state_dict()` and the
         optimizer's."""
+        self._settle()
         return {
             "format": FREEZE_STATE_FORMAT,
             "units": self.units,
@@ -327,6 +384,7 @@ class FrozenModule(nn.Module):
         self._policy.load_state_dict(state["policy"]["state"])
         if self.sparsity is not None:
             self.sparsity.load_state_dict(state["sparsity"])
+        self.__dict__["_pending"] = None
         self.__dict__["_step"] = int(state["step"])
         self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
         self._plan.since = {u: int(s) for u, s in state["since"].items()}
@@ -343,8 +401,23 @@ class FrozenModule(nn.Module):
 
     def __setattr__(self, name, value):
         model = self.__dict__.get("_model")
-        if (model is not None and name not in self.__dict__ and not hasattr(type(self), name)
-                and hasattr(model, name)):
+        if model is not None and name not in self.__dict__ and not hasattr(type(self), name):
             setattr(model, name, value)  # a temperature, a swapped head: the model runs with it
             return
         super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        model = self.__dict__.get("_model")
+        if model is not None and name not in self.__dict__ and not hasattr(type(self), name):
+            delattr(model, name)
+            return
+        super().__delattr__(name)
+
+    def __deepcopy__(self, memo):
+        raise ConfigError("a FrozenModule cannot be copied yet: copy the model (fm.model) and call "
+                          "frzcompile.optimize on the copy; to checkpoint, save fm.state_dict() and "
+                          "fm.freeze_state_dict()")
+
+    def __reduce_ex__(self, protocol):
+        raise ConfigError("a FrozenModule cannot be pickled yet (torch.save(fm)): save fm.state_dict() and "
+                          "fm.freeze_state_dict(), or pickle the model (fm.model)")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
+from .. import torch_private
 from ..errors import PlanError
 from ..units import UnitGraph
 
@@ -38,6 +41,8 @@ class FreezePlan:
         self.changes: list = []  # (step, frozen units in order, reason)
         self._initial_requires_grad = {id(p): p.requires_grad for u in unit_graph.units.values() for p in u.params}
         self._frozen_modules: list = []
+        self._eval_flags: tuple = ()      # the frozen modules' flags right after the last eval() of their units
+        self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
 
     @property
     def units(self) -> list:
@@ -74,11 +79,12 @@ class FreezePlan:
         for u in thawed:
             for p in units[u].params:
                 p.requires_grad_(self._initial_requires_grad.get(id(p), True))
-            for m in units[u].modules:
-                m.training = training
+            for root in units[u].roots:
+                root.train(training)
             self.since.pop(u, None)
         self.frozen = frozen
         self._frozen_modules = [m for u in self.ordered() for m in units[u].modules]
+        self._eval_flags = None
         self.enforce_eval()
         change = PlanChange(frozen, newly, thawed, self.prefix, step, reason)
         self.changes.append((step, self.ordered(), reason))
@@ -87,24 +93,52 @@ class FreezePlan:
 
     def rebind(self, model, training: bool) -> None:
         """After the model's structure changed: units re-read their parameters and modules by path, and the
-        plan is applied to the new ones (a new parameter in a frozen unit is frozen too)."""
+        plan is applied to the new ones (a new parameter in a frozen unit is frozen too). Tensors that are not
+        nn.Parameters (torch.func.functional_call's) are the caller's: their requires_grad is left alone."""
         self.unit_graph.bind(model)
         units = self.unit_graph.units
         for u, unit in units.items():
             for p in unit.params:
                 if id(p) not in self._initial_requires_grad:
                     self._initial_requires_grad[id(p)] = p.requires_grad
-                if u in self.frozen:
+                if u in self.frozen and isinstance(p, torch.nn.Parameter):
                     p.requires_grad_(False)
                     p.grad = None
         self._frozen_modules = [m for u in self.ordered() for m in units[u].modules]
+        self._eval_flags = None
+        self._param_names = None
         self.enforce_eval()
 
     def enforce_eval(self) -> None:
-        """Frozen units' modules back in eval mode (the user's `model.train()` may have switched them)."""
-        for m in self._frozen_modules:
-            if m.training:
-                m.training = False
+        """Frozen units back in eval mode through `eval()` on each unit's module, as freezing by hand does (the
+        user's `model.train()` may have switched them); a no-op while nothing changed since the last time."""
+        flags = tuple(m.training for m in self._frozen_modules)
+        if flags == self._eval_flags:
+            return
+        units = self.unit_graph.units
+        for u in self.ordered():
+            for root in units[u].roots:
+                root.eval()
+        self._eval_flags = tuple(m.training for m in self._frozen_modules)
+
+    def state_version(self, prefix, extra=()) -> tuple:
+        """Changes whenever a parameter or buffer of the prefix's units, or one of `extra`, is replaced, changed
+        in place (version counter) or moved (storage, dtype, device), so the activation cache never serves
+        activations computed with other weights."""
+        units = self.unit_graph.units
+        tensors = []
+        for u in prefix:
+            tensors += units[u].params
+            tensors += [b for m in units[u].modules for b in m.buffers(recurse=False)]
+        tensors += list(extra)
+        return tuple((id(t), torch_private.tensor_version(t), t.dtype, t.device, t.data_ptr()) for t in tensors)
+
+    def frozen_param_names(self, model) -> list:
+        """Names of the frozen parameters (computed once per plan)."""
+        if self._param_names is None or self._param_names[0] != self.frozen:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self._param_names = (self.frozen, [names[id(p)] for p in self.frozen_params() if id(p) in names])
+        return self._param_names[1]
 
     def drop_frozen_grads(self) -> None:
         """A frozen parameter carries no gradient, so no optimizer touches it."""

@@ -4,9 +4,11 @@ A service overrides only what it needs; every default does nothing. The FrozenMo
   - `call(run, args, kwargs)` around every call of the model (`run(args, kwargs)` runs the rest of the chain);
   - `on_plan(change, analysis)` after each plan change (`analysis()` gives the passes' context for the new plan,
     built on first use);
-  - `after_step(step)` after each counted optimizer step, before the policy decides;
-  - `on_structure_change()` when a submodule or parameter of the model was replaced;
-  - `on_tensors_moved()` after `.to()`, `.half()` or `load_state_dict(assign=True)`;
+  - `on_optimizer_step(optimizer)` after the step of every optimizer holding the model's parameters;
+  - `after_step(step)` after each counted training step, before the policy decides;
+  - `on_structure_change()` when a submodule or parameter of the model was replaced (also by
+    `load_state_dict(assign=True)`), seen before the next call;
+  - `on_tensors_moved()` after `fm.to()`, `fm.half()` and the like;
   - `state_dict()` / `load_state_dict(state)` with the freeze state, `report()` for `explain`, `close()`.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ class Service:
         return run(args, kwargs)
 
     def on_plan(self, change, analysis) -> None:
+        pass
+
+    def on_optimizer_step(self, optimizer) -> None:
         pass
 
     def after_step(self, step: int) -> None:

@@ -30,12 +30,12 @@ def unwrap_optimizer(opt):
 
 
 class StepDriver:
-    """Calls `before_step(opt)` before each step of an optimizer holding the model, and `after_step()` after each
-    counted step (see the module docstring)."""
+    """Calls `before_step(opt)` and `after_step(opt)` around each step of an optimizer holding the model, and
+    `counted()` after each counted step (see the module docstring)."""
 
-    def __init__(self, parameters, before_step, after_step, optimizers=()):
+    def __init__(self, parameters, before_step, after_step, counted, optimizers=()):
         self._param_ids = {id(p) for p in parameters}
-        self._before, self._after = before_step, after_step
+        self._before, self._after, self._counted = before_step, after_step, counted
         self._holds = weakref.WeakKeyDictionary()   # optimizer -> (number of parameters, holds ours)
         self._known = weakref.WeakSet()              # every optimizer seen holding our parameters
         self._stepped = set()                         # ids of optimizers that stepped since the last forward
@@ -86,9 +86,10 @@ class StepDriver:
     def _post(self, opt) -> None:
         if not self._holds_ours(opt):
             return
+        self._after(opt)
         if self._stepped and id(opt) not in self._stepped:
             self._stepped.add(id(opt))  # another optimizer of the same iteration
             return
         self._stepped = {id(opt)}
         self.steps_seen += 1
-        self._after()
+        self._counted()

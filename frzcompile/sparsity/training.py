@@ -234,10 +234,14 @@ class SparseTraining(Service):
         self.unfold({id(self.targets[n].weight) for n, u in units.items() if u in change.thawed})
         for name in [n for n in self.routes if units[n] not in change.frozen]:
             self._unroute(name)
+        self._hook_gradients()  # thawed weights require grad again
         if any(isinstance(self.targets[n].module, nn.Linear) for n, u in units.items() if u in change.frozen):
             for name in dict.fromkeys(analysis().decisions.get("block_sparse", ())):
                 if name not in self.routes:
                     self._route(name)
+
+    def on_optimizer_step(self, optimizer) -> None:
+        self.enforce()  # whichever optimizer stepped, masked weights are zero again
 
     def after_step(self, step: int) -> None:
         self.step = step
@@ -272,8 +276,8 @@ class SparseTraining(Service):
         for name, t in self.targets.items():
             weight = t.weight
             current = self._grad_hooks.get(name)
-            if current is not None and current[0] is weight:
-                continue
+            if (current is not None and current[0] is weight) or not weight.requires_grad:
+                continue  # (a weight that needs no gradient is hooked once it does: on_plan after a thaw)
             if current is not None:
                 current[1].remove()
 
@@ -291,6 +295,8 @@ class SparseTraining(Service):
 
     def _route(self, name) -> None:
         module = self.targets[name].module
+        if type(module).forward is not nn.Linear.forward:
+            return  # a subclass computes more than x W^T + b
         own = module.__dict__.get("forward")
         if own is not None and not getattr(own, FORWARD_MARK, False):
             return  # someone else replaced this module's forward: leave it alone
@@ -372,7 +378,7 @@ class SparseTraining(Service):
             t = self.targets[name]
             t.mask.copy_(mask.to(t.mask.device))
             t.weight.mul_(t.mask)  # pruned weights are zero, and grown ones start from zero (RigL)
-            for opt in self.optimizers():
+            for opt in self.optimizers() or ():
                 for value in opt.state.get(t.weight, {}).values():
                     if torch.is_tensor(value) and value.shape == t.weight.shape:
                         value.mul_(t.mask)  # no momentum carried into pruned or regrown positions
