@@ -3,7 +3,8 @@ prefix and its frontier, and FLOPs are read. What runs when you call the FrozenM
 this graph, so the graph only has to describe the model's structure, not every call it will see.
 
 `torch.fx.symbolic_trace` is tried first (torch.nn modules stay call_module nodes); `torch.export.export(
-strict=False)` is the fallback (the only path that captures Hugging Face models on transformers 5). The model
+strict=False)` with static shapes is the fallback (the only path that captures Hugging Face models on
+transformers 5). The model
 is captured in eval mode (deterministic, no BatchNorm statistics moved; a Python `if self.training:` simply
 takes its eval branch), with `use_cache=False` when its forward takes `use_cache` and the example does not set it
 (decoders' key/value caches are not tensors a graph can return). The graph is checked against the model on the
@@ -21,7 +22,6 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import tree_map
 
 METHODS = ("symbolic_trace", "export")
 
@@ -63,19 +63,6 @@ def analysis_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
     return dict(kwargs)
 
 
-def _dynamic_shapes(model, args, kwargs):
-    """dynamic_shapes letting export keep every dimension of every tensor input dynamic where it can, keyed by
-    argument name (so one graph describes other batch sizes and lengths too)."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    spec = {}
-    for name, value in bound.arguments.items():
-        spec[name] = tree_map(
-            lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None,
-            value,
-        )
-    return spec
-
-
 class _UnitTracer(fx.Tracer):
     """torch.nn modules stay leaves (call_module nodes) unless they contain units, which must be traced into."""
 
@@ -96,11 +83,9 @@ def _symbolic_trace(model, args, kwargs, unit_names):
 
 
 def _export(model, args, kwargs, unit_names):
-    try:
-        dynamic = _dynamic_shapes(model, args, kwargs)
-    except TypeError:
-        dynamic = None
-    ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
+    # Static shapes: the graph describes the example only (it is analysed, never run on other calls), and
+    # symbolic shapes can take minutes to solve (Swin's window partition).
+    ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     return ep.module()
 
 

@@ -554,3 +554,41 @@ def test_outputs_read_by_code_the_probe_cannot_see_are_stored():
         fm(x)
         torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
     assert fm.cache.report()["served_calls"] == ["b.1"] and fm.cache.stats["hits"] == 8
+
+
+def test_python_state_around_the_prefix_keys_the_entries():
+    class Tempered(Blk):
+        def __init__(self):
+            super().__init__()
+            self.temperature = 1.0
+
+        def forward(self, x):
+            return torch.relu(self.l(x) / self.temperature)
+
+    def forward(m, x):
+        hs = []
+        for b in m.b:
+            x = b(x)
+            hs.append(x)
+        out = m.head(x)
+        if m.use_aux:  # deep supervision switched on mid-training reads a frozen unit's output it did not read
+            out = out + m.aux(hs[0])
+        return out
+
+    def extra(m):
+        m.b[0] = Tempered()
+        m.aux = nn.Linear(16, 4)
+        m.use_aux = False
+
+    model, x, fm = _chain(forward, ["b.0", "b.1", "b.2", "head", "aux"], extra=extra)
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        for change in (None, ("use_aux", True), ("temperature", 3.0)):
+            if change is not None and change[0] == "use_aux":
+                model.use_aux = True
+            elif change is not None and change[0] == "temperature":
+                model.b[0].temperature = 3.0
+            fm(x)
+            torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == 3 * 8
+    assert fm.cache.stats["analysed_signatures"] == 3  # each change of state was analysed anew

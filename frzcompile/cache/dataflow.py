@@ -75,6 +75,7 @@ class ProbeResult:
         self.standins: set = set()      # (key, leaf index) of outputs read only on the way to other prefix calls
         self.problems: list = []        # why serving would not be faithful (empty: fine)
         self.state: list = []           # parameters and buffers read inside the prefix or before it ends
+        self.random_between = False     # code between prefix calls drew random numbers
 
 
 class DataflowProbe(TorchFunctionMode):
@@ -94,6 +95,8 @@ class DataflowProbe(TorchFunctionMode):
         self._state_reads: list = []  # (op index or -1 inside the prefix, tensor) for model state read
         self._seen_read: set = set()  # serials read outside prefix calls (by an operation or as a call's argument)
         self._rng = None
+        self._rng_left = None         # the generators' state when the last prefix call returned
+        self.random_between = False   # whether code between prefix calls drew random numbers
         self._busy = False            # the probe's own bookkeeping is not the model's
         self.problems: list = []
 
@@ -155,13 +158,16 @@ class DataflowProbe(TorchFunctionMode):
                 self._problem("an input of the frozen prefix requires grad (gradients must flow through it)")
             self._seen_read.update(s for s in (self._known(t) for t in tensors) if s is not None)
             self._rng = _rng_state()
+            if self._rng_left is not None and not _same_rng(self._rng_left, self._rng):
+                self.random_between = True
         finally:
             self._busy = False
 
     def leave(self, key, out) -> None:
         self._busy = True
         try:
-            if not _same_rng(self._rng, _rng_state()):
+            self._rng_left = _rng_state()
+            if not _same_rng(self._rng, self._rng_left):
                 self._problem(f"the frozen prefix draws random numbers (in {key[0]}), which serving from the "
                               "cache would skip")
             self._register(key, out)
@@ -204,6 +210,7 @@ class DataflowProbe(TorchFunctionMode):
     def result(self, model_output) -> ProbeResult:
         res = ProbeResult()
         res.problems = list(self.problems)
+        res.random_between = self.random_between
         live = {s for s in (self._known(t) for t in deep_tensors(model_output)) if s is not None}
         for ins, outs, sink in reversed(self._ops):
             if sink or any(o in live for o in outs):

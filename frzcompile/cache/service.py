@@ -2,7 +2,8 @@
 model's own forward.
 
 Per frozen prefix and per call signature (the structure of the arguments, per-sample shapes and dtypes,
-non-tensor arguments, train/eval, autocast), the first call runs the model for real under a dataflow probe
+non-tensor arguments, train/eval, autocast, and the plain attributes of the prefix's modules and of the modules
+around it, which may switch its code paths), the first call runs the model for real under a dataflow probe
 (dataflow.py), which finds the prefix outputs the rest of the model reads and what would make serving unfaithful.
 The prefix is then run alone (intercept.py: the run stops after the prefix's last call) on the same batch again,
 on its first and second halves and reversed: each stored output must be either the same whatever the batch
@@ -26,6 +27,7 @@ suspended, and stops before any trainable unit, so the user's run sees nothing o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -42,20 +44,61 @@ from .intercept import Interception, Stop, UnexpectedCall
 from .store import ActivationStore, CacheConfig, _describe, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
+MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 
 
+class PythonState:
+    """A digest of the Python state the forward of some modules may read besides tensors' contents: train/eval,
+    plain attributes (a temperature, LayerNorm's eps, a flag switching a code path), tensors held as plain
+    attributes (by identity, version, dtype, device, storage), and the plain fields of objects they hold (a Hugging
+    Face config's output_hidden_states or attention implementation). The attribute names of each module are
+    listed once, and again whenever its number of attributes changes."""
+
+    def __init__(self, modules):
+        self.modules = list(modules)
+        self._names = [(-1, ()) for _ in self.modules]
+
+    def digest(self) -> bytes:
+        tokens, objects = [], {}
+        for i, m in enumerate(self.modules):
+            d = m.__dict__
+            size, names = self._names[i]
+            if size != len(d):
+                names = tuple(k for k in d if k not in _MODULE_FIELDS)
+                self._names[i] = (len(d), names)
+            tokens.append(m.training)
+            for name in names:
+                value = d.get(name)
+                if isinstance(value, _SCALARS):
+                    tokens.append(value)
+                elif isinstance(value, torch.Tensor):
+                    tokens.append((id(value), torch_private.tensor_version(value), value.dtype, value.data_ptr()))
+                elif isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
+                    tokens.append(id(value))
+                else:  # an object such as a config: its plain fields, once per object
+                    tokens.append(id(value))
+                    if id(value) not in objects:
+                        objects[id(value)] = [(k, v) for k, v in vars(value).items() if isinstance(v, _SCALARS)]
+        return hashlib.blake2b(repr((tokens, objects)).encode(), digest_size=16).digest()
+
+
 @dataclass
 class Signature:
-    """One call's arguments, reduced to what decides how the model's forward runs."""
+    """One call's arguments, reduced to what decides how the model's forward runs (`digest`), and the Python state
+    of the modules around the frozen prefix (`state`, a PythonState digest); entries are keyed by both."""
 
     leaves: list
     batch: int | None            # the first tensor argument's leading size
     batch_leaves: tuple          # positions of tensor arguments whose leading size is the batch
     digest: bytes
     unsupported: str = ""        # why these arguments cannot be keyed, if they cannot
+    state: bytes = b""
     _shared: bytes | None = None
+
+    def with_state(self, state: bytes) -> Signature:
+        return dataclasses.replace(self, state=state, _shared=None)
 
     @classmethod
     def of(cls, args, kwargs, training: bool) -> Signature:
@@ -83,9 +126,10 @@ class Signature:
         return [self.leaves[i] for i in positions]
 
     def shared_digest(self) -> bytes:
-        """The signature plus the contents of the arguments that are not per sample (computed once)."""
+        """The signature, the Python state and the contents of the arguments that are not per sample (computed
+        once)."""
         if self._shared is None:
-            h = hashlib.blake2b(self.digest, digest_size=16)
+            h = hashlib.blake2b(self.digest + self.state, digest_size=16)
             for i, t in enumerate(self.leaves):
                 if isinstance(t, torch.Tensor) and i not in self.batch_leaves:
                     h.update(_describe(t))
@@ -112,6 +156,7 @@ class CallPlan:
     sample_meta: list = field(default_factory=list)  # per stored per-sample tensor: (dtype, device, layout order)
     shared_count: int = 0
     keep: dict = field(default_factory=dict)  # key -> leaf indexes stored (copied when a real call returns)
+    state: bytes = b""                       # the Python state it was analysed with
     compute_ms: float = 0.0
     serve_ms: float = 0.0
     noise: float = 0.0
@@ -186,6 +231,7 @@ class ActivationCache(Service):
         self.sample_ids = None
         self.last_plan: CallPlan | None = None
         self.steps_aside: dict = {}               # reason -> calls the cache stepped aside for
+        self.state_changes: dict = {}             # (prefix, signature digest) -> re-analyses for a new state
         self.stats = dict(lookups=0, hits=0, reused_from_shallower=0, computed=0, stored=0, batches=0,
                           fully_served_batches=0, verified_batches=0, analysed_signatures=0)
         self._window = [0, 0]                     # lookups, hits since the last hit-rate check
@@ -207,6 +253,7 @@ class ActivationCache(Service):
     def clear(self) -> None:
         self.store.drop(lambda prefix: True)
         self.plans.clear()
+        self.state_changes.clear()
         self.extra_state.clear()
         self._modules_cache.clear()
 
@@ -228,7 +275,7 @@ class ActivationCache(Service):
         why = self._step_aside(prefix, args, kwargs)
         sig = None
         if not why:
-            sig = Signature.of(args, kwargs, self.model.training)
+            sig = Signature.of(args, kwargs, self.model.training).with_state(self._modules(prefix)[3].digest())
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
                                       "" if sig.batch else "no batched tensor argument")
         if not why and sig.batch < 2 and (prefix, sig.digest) not in self.plans:
@@ -240,6 +287,15 @@ class ActivationCache(Service):
             self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
             return run(args, kwargs)
         plan = self.plans.get((prefix, sig.digest))
+        if plan is not None and plan.state != sig.state and plan.cacheable:
+            changes = self.state_changes.get((prefix, sig.digest), 0) + 1
+            self.state_changes[(prefix, sig.digest)] = changes
+            if changes <= MAX_STATE_CHANGES:
+                plan = None  # an attribute or mode around the prefix changed: analyse again
+            else:
+                plan.cacheable = False
+                plan.reason = (f"the Python state of the frozen prefix's modules (or the modules around it) changed "
+                               f"more than {MAX_STATE_CHANGES} times")
         if plan is None:
             return self._probe(prefix, sig, run, args, kwargs)
         self.last_plan = plan
@@ -250,7 +306,7 @@ class ActivationCache(Service):
     # -- when to step aside -------------------------------------------------------------------------------
     def _modules(self, prefix) -> tuple:
         """(path -> module of each prefix unit, the modules whose hooks must see every call: all but those inside
-        trainable units, other units' path -> module)."""
+        trainable units, other units' path -> module, the PythonState of those guarded modules)."""
         cached = self._modules_cache.get(prefix)
         if cached is None:
             units = self.unit_graph.units
@@ -259,7 +315,7 @@ class ActivationCache(Service):
             guarded = [m for m in self.model.modules() if id(m) not in trainable]
             others = {path: self.model.get_submodule(path) for u in units if u not in prefix
                       for path in self.unit_graph.paths(u)}
-            cached = self._modules_cache[prefix] = (top, guarded, others)
+            cached = self._modules_cache[prefix] = (top, guarded, others, PythonState(guarded))
         return cached
 
     def _step_aside(self, prefix, args, kwargs) -> str:
@@ -274,7 +330,7 @@ class ActivationCache(Service):
         leaves, _ = tree_flatten((tuple(args), dict(kwargs)))
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
-        top, guarded, _ = self._modules(prefix)
+        top, guarded, _, _ = self._modules(prefix)
         if torch_private.global_module_hooks() or any(torch_private.has_call_hooks(m) for m in guarded):
             return "hooks on the frozen prefix, its parents or the code between units must see every call"
         for m in top.values():
@@ -288,7 +344,7 @@ class ActivationCache(Service):
         """Run the model only as far as the prefix's last call (`calls[-1]`), on all rows or on (args, kwargs)
         `select`; returns (key -> output of the prefix's calls, whether the run got to the last call). Nothing
         of it is visible to the user's run."""
-        top, _, others = self._modules(prefix)
+        top, _, others, _ = self._modules(prefix)
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
@@ -306,16 +362,16 @@ class ActivationCache(Service):
     def _probe(self, prefix, sig, run, args, kwargs):
         """The first call of a signature: run it for real under the dataflow probe (serving a shallower prefix's
         entries when they cover the batch), analyse, and store its outputs when the verdict is to cache."""
-        top, guarded, others = self._modules(prefix)
+        top, guarded, others, _ = self._modules(prefix)
         state = list(self.model.parameters()) + list(self.model.buffers())
         probe = DataflowProbe(state)
         keys = self._keys(sig)
-        shallower = self._shallower_cover(prefix, sig, keys)
+        shallower = self._shallower_cover(prefix, sig)
         served, real = None, ()
         if shallower is not None:
-            other, lvl = shallower
-            served = self._build(other, sig, lvl, keys, list(range(sig.batch)))
-            shallow_top, _, _ = self._modules(other.prefix)
+            other, lvl, other_sig, other_keys = shallower
+            served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
+            shallow_top = self._modules(other.prefix)[0]
             real = [path for path in top if path not in shallow_top]
         attributes = _attributes(guarded)
         with Interception(top, watch=probe, others=others, serve=served, real=real, keep=True) as ic:
@@ -330,6 +386,7 @@ class ActivationCache(Service):
             result.problems.append(f"the forward sets attributes ({', '.join(changed)}) of the frozen prefix or "
                                    "the modules around it, which serving (or the cache's own runs) would not do alike")
         plan = self._analyse(prefix, sig, ic, result, args, kwargs)
+        plan.state = sig.state
         self.plans[(prefix, sig.digest)] = plan
         self.stats["analysed_signatures"] += 1
         self.last_plan = plan
@@ -377,6 +434,10 @@ class ActivationCache(Service):
             if isinstance(a, torch.Tensor) and a.is_floating_point():
                 difference = relative_difference(a, b)
                 if difference > floor(a.dtype, a.device):
+                    if result.random_between:
+                        return no(f"the output of {key[0]} depends on random numbers drawn between the frozen units "
+                                  "(e.g. a dropout outside every unit, such as an embedding dropout in the parent's "
+                                  "forward)")
                     return no(f"the frozen prefix is not deterministic: two runs of {key[0]} on the same batch differ "
                               f"by {difference:.2g} (relative), beyond {a.dtype}'s noise")
                 noise = max(noise, difference)
@@ -409,7 +470,8 @@ class ActivationCache(Service):
                         _, _, h1, h2, p = versions
                         if not (agree(f[:k], h1, noise) and agree(f[k:], h2, noise) and agree(f[perm], p, noise)):
                             return no(f"an output of {key[0]} mixes samples across the batch (a sample's output "
-                                      "depends on the others, e.g. BatchNorm on batch statistics)")
+                                      "depends on the others, e.g. BatchNorm on batch statistics; or the batch is "
+                                      "not the first dimension of the inputs)")
                         recipes.append(("sample", len(sample_meta)))
                         sample_meta.append((f.dtype, f.device, _layout(f)))
                         keep.setdefault(key, set()).add(i)
@@ -435,15 +497,18 @@ class ActivationCache(Service):
         return plan
 
     def _serve_cost(self, plan, sig, outputs) -> float:
-        """Best of three: fingerprinting the batch and fetching its per-sample outputs from a store."""
+        """Best of three: the signature's Python state, fingerprinting the batch and fetching its per-sample
+        outputs from a store."""
         scratch = ActivationStore(CacheConfig(memory_bytes=1 << 40, storage_dtype=self.config.storage_dtype,
                                               device=self.config.device), chunk_slots=max(sig.batch, 1))
         lvl = scratch.level(("scratch",), 0)
         samples = self._samples_of(plan, outputs)
         scratch.put(lvl, self._keys(sig), samples)
         best = float("inf")
+        state = self._modules(plan.prefix)[3]
         for _ in range(3):
             start = time.perf_counter()
+            state.digest()
             keys = self._keys(sig)
             dest = [torch.empty_like(o) for o in samples]
             scratch.get(lvl, keys, range(len(keys)), dest)
@@ -462,8 +527,8 @@ class ActivationCache(Service):
                 raise ConfigError("CacheConfig(key='sample_id'): call the model inside `with fm.sample_ids(ids):`")
             if len(self.sample_ids) != sig.batch:
                 raise InputMismatchError(f"{len(self.sample_ids)} sample ids for a batch of {sig.batch}")
-            return [hashlib.blake2b(sig.digest + int(i).to_bytes(8, "little", signed=True), digest_size=16).digest()
-                    for i in self.sample_ids]
+            return [hashlib.blake2b(sig.digest + sig.state + int(i).to_bytes(8, "little", signed=True),
+                                    digest_size=16).digest() for i in self.sample_ids]
         return fingerprints(sig.tensors(sig.batch_leaves), [sig.shared_digest()])
 
     @staticmethod
@@ -528,7 +593,7 @@ class ActivationCache(Service):
 
     # -- serving ------------------------------------------------------------------------------------------
     def _serve(self, plan, sig, run, args, kwargs):
-        top, _, _ = self._modules(plan.prefix)
+        top = self._modules(plan.prefix)[0]
         batch = sig.batch
         lvl = self.store.level(plan.prefix, self._version(plan.prefix))
         keys = self._keys(sig)
@@ -571,7 +636,7 @@ class ActivationCache(Service):
         return out
 
     def _run_served(self, plan, served, run, args, kwargs, real=(), keep=False):
-        top, _, _ = self._modules(plan.prefix)
+        top = self._modules(plan.prefix)[0]
         try:
             with Interception(top, serve=served, real=real, keep=keep) as ic:
                 out = run(args, kwargs)
@@ -583,31 +648,34 @@ class ActivationCache(Service):
                              "calls from now on; this call cannot be completed (run it again).") from None
         return out, ic
 
-    def _shallower_cover(self, prefix, sig, keys):
-        """(CallPlan, level) of the deepest shallower prefix whose entries cover every row of this batch."""
+    def _shallower_cover(self, prefix, sig):
+        """(CallPlan, level, its signature, its keys) of the deepest shallower prefix whose entries cover every row
+        of this batch, or None."""
         for shallower in sorted((p for p in self.store.levels if set(p) < set(prefix)), key=len, reverse=True):
             other = self.plans.get((shallower, sig.digest))
             lvl = self.store.levels.get(shallower)
             if other is None or not other.cacheable or lvl is None:
                 continue
-            if lvl.weights_version != self._version(shallower):
+            other_sig = sig.with_state(self._modules(shallower)[3].digest())
+            if other.state != other_sig.state or lvl.weights_version != self._version(shallower):
                 continue
-            if other.shared_count and sig.shared_digest() not in lvl.shared:
+            if other.shared_count and other_sig.shared_digest() not in lvl.shared:
                 continue
+            keys = self._keys(other_sig)
             if all(key in lvl.index for key in keys):
-                return other, lvl
+                return other, lvl, other_sig, keys
         return None
 
     def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys):
         """When every row is cached for a shallower prefix: serve it, run only the newly frozen units, and
         store this prefix's outputs. Returns None when no shallower prefix has them all."""
-        shallower = self._shallower_cover(plan.prefix, sig, keys)
+        shallower = self._shallower_cover(plan.prefix, sig)
         if shallower is None:
             return None
-        other, lvl = shallower
-        served = self._build(other, sig, lvl, keys, list(range(sig.batch)))
-        top, _, _ = self._modules(plan.prefix)
-        shallow_top, _, _ = self._modules(other.prefix)
+        other, lvl, other_sig, other_keys = shallower
+        served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
+        top = self._modules(plan.prefix)[0]
+        shallow_top = self._modules(other.prefix)[0]
         newly = [path for path in top if path not in shallow_top]
         out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=plan.keep)
         self._store_outputs(plan, sig, ic.outputs, keys)
@@ -659,11 +727,11 @@ class ActivationCache(Service):
             args, kwargs = ((), batch) if isinstance(batch, dict) else ((batch,), {}) if isinstance(
                 batch, torch.Tensor) else (tuple(batch), {})
             why = self._step_aside(prefix, args, kwargs)
-            sig = Signature.of(args, kwargs, training)
+            sig = Signature.of(args, kwargs, training).with_state(self._modules(prefix)[3].digest())
             if why or sig.unsupported or not sig.batch or sig.batch < 2:
                 continue
             plan = self.plans.get((prefix, sig.digest))
-            if plan is None:
+            if plan is None or plan.state != sig.state:
                 self._dry_probe(prefix, sig, args, kwargs)
                 seen += sig.batch
                 continue
