@@ -105,8 +105,8 @@ def workloads(preset):
                      lambda: tokens(4, 64, 30522, 2), _hf_loss),
             Workload("ViT (6 x 256, patch 8), 16 x 3x64x64", lambda: tf.ViTForImageClassification(tf.ViTConfig(
                 image_size=64, patch_size=8, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
-                intermediate_size=1024, num_labels=10)), lambda: dict(zip(("pixel_values", "labels"), images(16, 64, 10))),
-                _hf_loss),
+                intermediate_size=1024, num_labels=10)),
+                lambda: dict(zip(("pixel_values", "labels"), images(16, 64, 10))), _hf_loss),
             Workload("GPT-2 (6 x 384), 4 x 128 tokens", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
                 n_embd=384, n_layer=6, n_head=6)), lambda: tokens(4, 128, 50257, "lm"), _hf_loss, units=gpt2_units(6)),
         ]

@@ -91,13 +91,18 @@ def same(a, b):
     torch.testing.assert_close(output_tensor(a), output_tensor(b), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_modes_set_on_the_users_model_take_effect(name):
-    model, args, kwargs, _ = make(name)
-    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
+def half_frozen(name, **options):
+    """(model, args, kwargs, call, fm with its first half frozen, the frozen units, the by-hand reference)."""
+    model, args, kwargs, call = make(name)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", **options)
     frozen = frozen_half(fm)
     fm.freeze(*frozen)
-    ref = reference(model, fm, frozen)
+    return model, args, kwargs, call, fm, frozen, reference(model, fm, frozen)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_modes_set_on_the_users_model_take_effect(name):
+    model, args, kwargs, _, fm, frozen, ref = half_frozen(name)
     for step, (who, mode) in enumerate([(model, False), (model, True), (fm, False), (model, True), (fm, True)]):
         who.train(mode)  # the user's own variable or fm: either takes effect
         by_hand_modes(ref, fm, frozen, mode)
@@ -112,11 +117,7 @@ def test_modes_set_on_the_users_model_take_effect(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_training_draws_the_same_random_numbers_as_eager(name):
-    model, args, kwargs, call = make(name)
-    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
-    frozen = frozen_half(fm)
-    fm.freeze(*frozen)
-    ref = reference(model, fm, frozen)
+    model, args, kwargs, call, fm, frozen, ref = half_frozen(name)
     by_hand_modes(ref, fm, frozen, True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
@@ -190,11 +191,7 @@ def test_attributes_buffers_and_swapped_submodules_are_read_at_call_time():
 
 @pytest.mark.parametrize("name", ["traced", "bert"])
 def test_input_gradients_flow_and_double_backward_works(name):
-    model, args, kwargs, _ = make(name)
-    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=True)
-    frozen = frozen_half(fm)
-    fm.freeze(*frozen)
-    ref = reference(model, fm, frozen)
+    model, args, kwargs, _, fm, frozen, ref = half_frozen(name, cache=True)
     fm.eval()
     by_hand_modes(ref, fm, frozen, False)
     if name == "traced":
