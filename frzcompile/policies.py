@@ -7,7 +7,7 @@ policy pays only for the statistics it asks for. `state_dict`/`load_state_dict` 
 
 Shipped here: `SmartFRZ` (the default: an attention model over weight-snapshot windows, trained offline),
 `Manual`, `Linear` (Composer LayerFreezing / FreezeOut-style ramp) and `AutoFreeze` (gradient-norm change rate,
-prefix only). A unit is never frozen if it is the last one.
+prefix only). A policy never freezes the last unit that has parameters, nor any unit after it (`view.freezable`).
 """
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ class TrainingView:
     @property
     def frozen(self) -> tuple:
         return self._fm.frozen
+
+    @property
+    def freezable(self) -> list:
+        """The units a policy may freeze, in order: those before the last unit that has parameters of its own (a
+        plan must leave something to train; a tied head that only reads the embedding's weight trains nothing)."""
+        return self._fm.unit_graph.freezable
 
     def parameters(self, unit: str) -> list:
         return list(self._fm.unit_graph.units[unit].params)
@@ -137,8 +143,9 @@ class Linear(Policy):
         return min(int(math.floor(fraction * n_units + 1e-9)), n_units - 1)  # 1e-9: 0.6-0.5 is 0.0999...
 
     def decide(self, view):
-        k = self.target_count(view.step, len(view.units))
-        return set(view.units[:k]) | set(view.frozen)
+        freezable = view.freezable
+        k = self.target_count(view.step, len(freezable) + 1)
+        return set(freezable[:k]) | set(view.frozen)
 
 
 class AutoFreeze(Policy):
@@ -175,12 +182,12 @@ class AutoFreeze(Policy):
         self._sums, self._count = {}, 0
         previous, self._previous = self._previous, means
         rates = {u: abs(previous[u] - m) / previous[u] for u, m in means.items() if previous.get(u, 0.0) > 0}
-        candidates = [u for u in view.units[:-1] if u in rates]
+        candidates = [u for u in view.freezable if u in rates]
         if not candidates:
             return None
         threshold = float(torch.quantile(torch.tensor([rates[u] for u in candidates]), self.percentile / 100.0))
         new = set(frozen)
-        for u in view.units[:-1]:
+        for u in view.freezable:
             if u in frozen:
                 continue
             if u in rates and rates[u] <= threshold:
@@ -256,7 +263,7 @@ class SmartFRZ(Policy):
             history = self._snapshots.setdefault(u, [])
             history.append(view.weight_sample(u, self._indices[u]))
             del history[: -self._window]
-        ready = [u for u in view.units[:-1] if u not in frozen and len(self._snapshots.get(u, ())) == self._window]
+        ready = [u for u in view.freezable if u not in frozen and len(self._snapshots.get(u, ())) == self._window]
         if not ready:
             return None
         feats = [window_features(torch.stack(self._snapshots[u])) for u in ready]
@@ -270,7 +277,7 @@ class SmartFRZ(Policy):
         new = set(frozen)
         if self.prefix_only:
             pending = []  # units too small to judge (a BatchNorm's 32 weights) freeze with the next one that settles
-            for u in view.units[:-1]:
+            for u in view.freezable:
                 if u in frozen:
                     continue
                 if view.numel(u) < self.min_weights:

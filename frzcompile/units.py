@@ -1,9 +1,17 @@
 """Units: the freezable pieces of a captured graph, and the DAG over them.
 
-A unit is a module path (`layer1.0`, `bert.encoder.layer.3`). Every compute node of the graph belongs to the
-unit whose module it was traced from; code between modules (a `flatten`, a residual add in the root forward)
-joins the unit of its latest input, or of its first user when it reads only graph inputs. Parameters belong to
-the unit of their module, or to the unit that first reads them. A networkx DAG records which unit feeds which.
+A unit is a module path (`layer1.0`, `bert.encoder.layer.3`): by default one per block of a container of
+repeated blocks (a transformer's layer list, a ResNet stage), the embeddings first and the head last. Every
+compute node of the graph belongs to the unit whose module it was traced from (a module registered under two
+paths, like T5's shared embedding, is one unit); code between modules (a `flatten`, a residual add in the root
+forward) joins the unit of its latest input, or of its first user when it reads only graph inputs. Reading a
+parameter is not data flow: a tied head reading the embedding's weight does not make the embedding depend on
+the head. A networkx DAG records which unit feeds which; units that feed each other (interleaved code) are
+merged, and the merge is explained.
+
+Parameters belong to the unit of the module that registers them first (`model.named_parameters()` order: a weight
+tied between the embedding and the head belongs to the embedding, so freezing the embedding freezes it for the
+head too, as `requires_grad=False` would), else to the unit that first reads them (a root-level parameter).
 """
 from __future__ import annotations
 
@@ -22,11 +30,17 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
+def _is_composite(m: nn.Module) -> bool:
+    """A block, not a single layer: it has children with parameters."""
+    return any(_has_params(c) for c in m.children())
+
+
 def _is_block_container(m: nn.Module) -> bool:
-    """A container of repeated blocks: at least two parameterized children of one type."""
+    """A container of repeated blocks: at least two parameterized children of one type that are blocks
+    themselves (`nn.Sequential(Linear, GELU, Linear)` is a block's MLP, not a container of blocks)."""
     if not isinstance(m, _CONTAINERS):
         return False
-    kinds = [type(c) for c in m.children() if _has_params(c)]
+    kinds = [type(c) for c in m.children() if _has_params(c) and _is_composite(c)]
     return any(kinds.count(k) >= 2 for k in set(kinds))
 
 
@@ -34,23 +48,36 @@ def _holds_block_container(m: nn.Module) -> bool:
     return any(_is_block_container(d) for d in m.modules())
 
 
+def _own_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False))
+
+
 def auto_units(model: nn.Module) -> list[str]:
     """Pick units from the module tree: descend from the root towards containers of repeated blocks (ResNet
-    stages, transformer layer lists) and stop at their blocks; everything else stays whole."""
-    units = []
+    stages, transformer layer lists) and stop at their blocks (one unit per block, never split); a model wrapped
+    once more (Hugging Face's `XForY.x`) is opened to its parts (embeddings, encoder, pooler); everything else
+    stays whole. A module registered under two paths is taken once, at the first."""
+    units, seen = [], set()
 
-    def visit(path: str, m: nn.Module, root: bool):
-        expand = root or _is_block_container(m) or (
-            _holds_block_container(m) and not any(True for _ in m.parameters(recurse=False))
-        )
-        if not expand:
-            units.append(path)
+    def visit(path: str, m: nn.Module, depth: int, block: bool):
+        if id(m) in seen:
             return
-        for name, child in m.named_children():
-            if _has_params(child):
-                visit(f"{path}.{name}" if path else name, child, False)
+        seen.add(id(m))
+        if not block:
+            parts = [c for c in m.children() if _has_params(c)]
+            wrapper = (depth == 1 and not isinstance(m, _CONTAINERS) and len(parts) >= 2
+                       and any(_is_composite(c) for c in parts))
+            expand = depth == 0 or _is_block_container(m) or (
+                not _own_params(m) and (_holds_block_container(m) or wrapper))
+            if expand:
+                container = _is_block_container(m)
+                for name, child in m.named_children():
+                    if _has_params(child):
+                        visit(f"{path}.{name}" if path else name, child, depth + 1, container)
+                return
+        units.append(path)
 
-    visit("", model, True)
+    visit("", model, 0, False)
     return units
 
 
@@ -63,7 +90,12 @@ def select_units(model: nn.Module, units=None) -> list[str]:
     """The user's `units=` after checking them against the module tree, or the automatic choice."""
     names = auto_units(model) if units is None else list(units)
     if not names:
-        raise UnitError("no units: the model has no parameters to freeze")
+        if any(True for _ in model.parameters()):
+            raise UnitError(
+                f"{type(model).__name__} has no submodules with parameters, only parameters of its own: frzcompile "
+                "freezes some blocks of a model while the others train, and a single layer has nothing to freeze "
+                "beside what trains. Optimize the model this layer is part of.")
+        raise UnitError(f"{type(model).__name__} has no parameters: there is nothing to train or freeze")
     known = dict(model.named_modules())
     for n in names:
         if n == "":
@@ -117,6 +149,8 @@ class UnitGraph:
         names = list(unit_names)
         self.node_unit: dict[fx.Node, str] = {}
         self._alias = {n: n for n in names}  # requested unit name -> unit it ended up in (after merges)
+        self._paths = self._all_paths(model, names)  # every module path of a unit root, aliases included
+        self.merges: dict = {}                        # merged unit -> why
         self._assign_nodes(gm, names)
         self._merge_cycles()
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -160,13 +194,29 @@ class UnitGraph:
                 self.units[name].modules.extend(root.modules())
 
     # -- construction --------------------------------------------------------------------------------
-    def _unit_of_path(self, path, names):
+    @staticmethod
+    def _all_paths(model, names) -> dict:
+        """module path -> requested unit name, for each unit's module under every path it is registered at."""
+        roots = {}
+        for n in names:
+            try:
+                roots[id(model.get_submodule(n))] = n
+            except AttributeError:
+                continue
+        paths = {n: n for n in names}
+        for path, module in model.named_modules(remove_duplicate=False):
+            if id(module) in roots:
+                paths.setdefault(path, roots[id(module)])
+        return paths
+
+    def _unit_of_path(self, path, names=None):
+        """The requested unit whose module holds `path` (through any of its paths), or None."""
         if path is None:
             return None
         parts = path.split(".") if path else []
         for k in range(len(parts), 0, -1):
-            cand = ".".join(parts[:k])
-            if cand in names:
+            cand = self._paths.get(".".join(parts[:k]))
+            if cand is not None and (names is None or cand in names):
                 return cand
         return None
 
@@ -175,6 +225,8 @@ class UnitGraph:
         nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         order = {n: i for i, n in enumerate(nodes)}
         for n in nodes:
+            if n.op == "get_attr":
+                continue  # a parameter read joins its first reader's unit (below): reading is not data flow
             u = self._unit_of_path(node_module_path(n), nameset)
             if u is not None and not _is_input_guard(n):
                 self.node_unit[n] = u
@@ -200,8 +252,8 @@ class UnitGraph:
         for node, u in self.node_unit.items():
             for a in node.all_input_nodes:
                 v = self.node_unit.get(a)
-                if v is not None and v != u:
-                    dag.add_edge(v, u)
+                if v is not None and v != u and a.op != "get_attr":
+                    dag.add_edge(v, u, via=(a.name, node.name))
         return dag
 
     def _merge_cycles(self):
@@ -210,6 +262,10 @@ class UnitGraph:
         for scc in nx.strongly_connected_components(dag):
             if len(scc) > 1:
                 merged = "+".join(sorted(scc))
+                cycle = nx.find_cycle(dag.subgraph(scc))
+                flows = "; ".join(f"{a} -> {b} ({dag.edges[a, b]['via'][0]} read by {dag.edges[a, b]['via'][1]})"
+                                  for a, b in cycle)
+                self.merges[merged] = f"data flows both ways between these modules: {flows}"
                 self._alias.update({a: merged for a, b in self._alias.items() if b in scc})
                 for node, u in self.node_unit.items():
                     if u in scc:
@@ -246,9 +302,41 @@ class UnitGraph:
     def names(self) -> list[str]:
         return list(self.units)
 
+    @property
+    def freezable(self) -> list[str]:
+        """Units before the last one that has parameters of its own: what a policy may freeze."""
+        with_params = [i for i, u in enumerate(self.units.values()) if u.params]
+        return self.names[: with_params[-1]] if with_params else []
+
     def paths(self, unit: str) -> list[str]:
         """The module paths a unit stands for (several when cycles merged them into one unit)."""
         return [requested for requested, name in self._alias.items() if name == unit]
+
+    def resolve(self, names) -> list[str]:
+        """Unit names for `names`, each a unit or any module path: a path holding units stands for all of them
+        (`fm.freeze("bert.encoder")`); a path inside a unit, or an unknown one, is refused with the nearest
+        names."""
+        out = []
+        for n in names:
+            n = str(n)
+            if n in self.units:
+                out.append(n)
+                continue
+            under = [u for u in self.units if any(p == n or p.startswith(n + ".") for p in self.paths(u))
+                     or any(alias == n or alias.startswith(n + ".") for alias, req in self._paths.items()
+                            if self._alias.get(req) == u)]
+            if under:
+                out += under
+                continue
+            inside = self._alias.get(self._unit_of_path(n))
+            if inside in self.units:
+                raise UnitError(f"{n!r} is inside unit {inside!r}: units freeze whole; freeze {inside!r}, or pass "
+                                "units=[...] to optimize() with finer units")
+            choices = self.names + [p for p in self._paths if p not in self.units]
+            close = difflib.get_close_matches(n, choices, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else f" Units are: {', '.join(self.names)}"
+            raise UnitError(f"unknown unit or module path {n!r}.{hint}")
+        return list(dict.fromkeys(out))
 
     def check(self, names) -> list[str]:
         out = []

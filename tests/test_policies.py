@@ -16,6 +16,10 @@ class FakeView:
         self.total_steps = None
         self._norms = norms  # step -> {unit: norm}
 
+    @property
+    def freezable(self):
+        return self.units[:-1]  # every unit has parameters: all but the last may freeze
+
     def grad_norm(self, unit):
         return self._norms(self.step)[unit]
 

@@ -24,6 +24,10 @@ class SyntheticView:
         self.noise = {u: torch.Generator().manual_seed(seed + i) for i, u in enumerate(kinds)}
         self.samples = 0
 
+    @property
+    def freezable(self):
+        return self.units[:-1]  # every unit has parameters: all but the last may freeze
+
     def numel(self, unit):
         return self.base[unit].numel()
 

@@ -199,12 +199,13 @@ class FrozenModule(nn.Module):
 
     # -- the plan ------------------------------------------------------------------------------------------
     def freeze(self, *names: str) -> None:
+        """Freeze units, each named by its unit name or by any module path holding units (`"bert.encoder"`)."""
         self._settle()
-        self._set_plan(self._plan.frozen | set(self._unit_graph.check(names)), reason="freeze()")
+        self._set_plan(self._plan.frozen | set(self._unit_graph.resolve(names)), reason="freeze()")
 
     def unfreeze(self, *names: str) -> None:
         self._settle()
-        self._set_plan(self._plan.frozen - set(self._unit_graph.check(names)), reason="unfreeze()")
+        self._set_plan(self._plan.frozen - set(self._unit_graph.resolve(names)), reason="unfreeze()")
 
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the

@@ -62,12 +62,12 @@ class FreezePlan:
 
     def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str) -> PlanChange:
         frozen = frozenset(frozen)
-        if len(frozen) == len(self.units):
-            raise PlanError(
-                f"freezing every unit ({', '.join(self.units)}) leaves nothing to train; keep at least one "
-                "unit trainable"
-            )
         units = self.unit_graph.units
+        if len(frozen) == len(self.units) or all(u in frozen for u, unit in units.items() if unit.params):
+            raise PlanError(
+                f"freezing {', '.join(self.ordered(frozen))} leaves nothing to train (the units left hold no "
+                "parameters of their own); keep at least one unit with parameters trainable"
+            )
         newly, thawed = frozen - self.frozen, self.frozen - frozen
         for u in newly:
             for p in units[u].params:
