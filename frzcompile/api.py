@@ -73,9 +73,15 @@ def optimize(
     if units is not None and (isinstance(units, str) or not all(isinstance(u, str) for u in units)):
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")
     optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    model_params = {id(p) for p in model.parameters()}
     for opt in optimizers:
-        if not isinstance(unwrap_optimizer(opt), torch.optim.Optimizer):
+        inner = unwrap_optimizer(opt)
+        if not isinstance(inner, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, not {type(opt).__name__}")
+        if not any(id(p) in model_params for group in inner.param_groups for p in group["params"]):
+            raise ConfigError(f"the {type(inner).__name__} given as optimizer= holds none of the model's parameters "
+                              "(was it made for another model, or for a copy of this one?): make it over "
+                              "model.parameters()")
     policy = make_policy(policy)
     cache = _option(cache, CacheConfig, "cache")
     compile = _option(compile, CompileConfig, "compile")

@@ -98,6 +98,15 @@ class Explanation:
         if fm.compiled is not None:
             self.compiled = CompileReport(self.model, fm.compiled.log, fm.compiled.eager_plans)
         self.runs = self._runs(fm)
+        self.merges = dict(fm.unit_graph.merges)
+        # units whose forward reads parameters another unit owns (a tied head reading the embedding's weight)
+        owner = {id(p): u for u in fm.units for p in fm.unit_graph.units[u].params}
+        self.shared_weights = {}
+        for u in fm.units:
+            for root in fm.unit_graph.units[u].roots:
+                for name, p in root.named_parameters():
+                    if owner.get(id(p), u) != u:
+                        self.shared_weights.setdefault(u, set()).add(owner[id(p)])
 
     def _runs(self, fm) -> list:
         """What a call of the FrozenModule does, in words."""
@@ -126,6 +135,11 @@ class Explanation:
         for method, why in self.capture_attempts:
             lines.append(f"  ({method} was tried first and failed: {why})")
         lines.append(f"policy {self.policy}, step {self.step}")
+        for merged, why in self.merges.items():
+            lines.append(f"merged unit {merged}: {why}")
+        for u, owners in self.shared_weights.items():
+            lines.append(f"unit {u} uses weights owned by {', '.join(sorted(owners))} (tied): they freeze with "
+                         f"{'it' if len(owners) == 1 else 'them'}")
         header = ("#", "unit", "status", "since", "params", "fwd FLOPs", "share", "sparsity")
         table = [header]
         for i, r in enumerate(self.rows):

@@ -135,3 +135,18 @@ def test_import_is_lean():
         "assert (torch.get_default_dtype(), torch.is_grad_enabled()) == before"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_explain_says_why_units_were_merged():
+    class Interleaved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.a(self.b(self.a(x))))  # a, then b, then a again: they feed each other
+
+    fm = frzcompile.optimize(Interleaved(), (torch.randn(3, 4),), policy="manual")
+    assert fm.units == ["a+b", "head"]
+    text = str(frzcompile.explain(fm))
+    assert "merged unit a+b: data flows both ways" in text and "a -> b" in text and "b -> a" in text

@@ -63,10 +63,12 @@ class FreezePlan:
     def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str) -> PlanChange:
         frozen = frozenset(frozen)
         units = self.unit_graph.units
-        if len(frozen) == len(self.units) or all(u in frozen for u, unit in units.items() if unit.params):
+        trainable = [u for u, unit in units.items()
+                     if any(self._initial_requires_grad.get(id(p), p.requires_grad) for p in unit.params)]
+        if frozen and (len(frozen) == len(self.units) or all(u in frozen for u in trainable)):
             raise PlanError(
                 f"freezing {', '.join(self.ordered(frozen))} leaves nothing to train (the units left hold no "
-                "parameters of their own); keep at least one unit with parameters trainable"
+                "trainable parameters of their own); keep at least one unit with trainable parameters"
             )
         newly, thawed = frozen - self.frozen, self.frozen - frozen
         for u in newly:
