@@ -65,6 +65,8 @@ def workloads(preset):
     """The workloads of a preset: "gpu" (the issue's sizes), "cpu" (what 2 CPU cores time in minutes), "tiny"."""
     import transformers as tf
 
+    from frzcompile import zoo
+
     g = torch.Generator().manual_seed(0)
 
     def tokens(b, n, vocab, labels):
@@ -95,8 +97,6 @@ def workloads(preset):
                      lambda: tokens(16, 256, 50257, "lm"), _hf_loss, units=gpt2_units(12)),
         ]
     if preset == "cpu":
-        from frzcompile import zoo
-
         return [
             Workload("ResNet (3x2 BasicBlocks, width 16), 64 x 1x28x28", lambda: zoo.ResNet(depths=(2, 2, 2), width=16),
                      lambda: (torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)),
@@ -110,8 +110,6 @@ def workloads(preset):
             Workload("GPT-2 (6 x 384), 4 x 128 tokens", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
                 n_embd=384, n_layer=6, n_head=6)), lambda: tokens(4, 128, 50257, "lm"), _hf_loss, units=gpt2_units(6)),
         ]
-    from frzcompile import zoo
-
     return [
         Workload("tiny ResNet", lambda: zoo.ResNet(depths=(1, 1, 1), width=4),
                  lambda: (torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)), _ce_loss),

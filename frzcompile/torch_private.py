@@ -14,7 +14,15 @@ import torch
 CHECKED_ON = "2.13.0"
 
 # -- torch.utils._pytree (checked on 2.13.0): nested outputs, Hugging Face ModelOutput included ------------
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402,F401
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten  # noqa: E402
+
+__all__ = [
+    "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "share_module_state", "structure_ids",
+    "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
+    "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
+    "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
+    "inductor_compile", "aot_eager_compile", "compiled_callables"
+]
 
 # -- tensors (checked on 2.13.0) ------------------------------------------------------------------------------
 def tensor_version(t: torch.Tensor) -> int:
