@@ -592,3 +592,26 @@ def test_python_state_around_the_prefix_keys_the_entries():
             torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
     assert fm.cache.stats["hits"] == 3 * 8
     assert fm.cache.stats["analysed_signatures"] == 3  # each change of state was analysed anew
+
+
+def test_a_dataset_larger_than_the_memory_budget_keeps_its_cache():
+    per_sample = 8 * 12 * 12 * 4  # conv1+bn1 frontier: 8 channels x 12 x 12 float32
+    fm, plain = _resnet_pair(CacheConfig(memory_bytes=7 * 256 * per_sample, check_cost=False))
+    for f in (fm, plain):
+        f.freeze("conv1", "bn1")
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(2048, 1, 12, 12, generator=g)  # 7 of 8 chunks' worth fit: 87.5% of the samples
+    with torch.no_grad():
+        for epoch in range(3):
+            for i in torch.randperm(2048, generator=g).split(64):
+                fm(data[i])
+    report = fm.cache.report()
+    assert fm.cache.enabled, report["decision"]
+    assert report["entries"] == 7 * 256 and report["hit_rate"] > 0.5
+
+
+def test_cache_config_checks_the_spill_folder(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(frzcompile.ConfigError, match="not a folder"):
+        CacheConfig(spill_dir=str(not_a_folder))

@@ -235,6 +235,7 @@ class ActivationCache(Service):
         self.stats = dict(lookups=0, hits=0, reused_from_shallower=0, computed=0, stored=0, batches=0,
                           fully_served_batches=0, verified_batches=0, analysed_signatures=0)
         self._window = [0, 0]                     # lookups, hits since the last hit-rate check
+        self._full_at = None                      # lookups when the store first became full
         self._modules_cache: dict = {}
 
     # -- hook points ------------------------------------------------------------------------------------
@@ -695,12 +696,20 @@ class ActivationCache(Service):
         self.stats["verified_batches"] += 1
 
     def _check_hit_rate(self):
-        lookups, hits = self._window
+        """Turn the cache off when inputs rarely repeat. Judged only once samples had the chance to repeat: after
+        two passes over `dataset_size` samples, or, once the store is full, after as many further lookups as it
+        holds entries (a dataset larger than the memory budget keeps its cache while what is stored gets hits).
+        `min_hit_rate=0` keeps it on whatever happens."""
         size = self.config.dataset_size
         full = any(lvl.full for lvl in self.store.levels.values())
-        due = (full and lookups >= 1024) or (size is not None and self.stats["lookups"] >= 2 * size
-                                               and lookups >= size)
-        if not due:
+        if full and self._full_at is None:
+            self._full_at = self.stats["lookups"]
+            self._window = [0, 0]  # the misses that filled the store say nothing about repeats
+        lookups, hits = self._window
+        since_full = self.stats["lookups"] - self._full_at if full else 0
+        due = (full and since_full >= max(1024, self.store.entries())) or (
+            size is not None and self.stats["lookups"] >= 2 * size and lookups >= size)
+        if not due or not lookups:
             return
         self._window = [0, 0]
         if hits / lookups < self.config.min_hit_rate:

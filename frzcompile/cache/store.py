@@ -60,8 +60,9 @@ class CacheConfig:
     key: "input" (default): fingerprint of each sample's input; "sample_id": ids given with `fm.sample_ids(...)`.
     deterministic_inputs: must be True with key="sample_id": your promise that a sample id always comes with
         the same input (no random augmentation, fixed tokenization).
-    min_hit_rate: below this hit rate, once the store is full (or after two passes over `dataset_size`
-        samples), the cache turns itself off and says why.
+    min_hit_rate: below this hit rate, judged once samples could repeat (after the store is full, over as many
+        further lookups as it holds entries; or after two passes over `dataset_size` samples), the cache turns
+        itself off and says why; 0 keeps it on.
     dataset_size: number of distinct samples per epoch, if known; lets the hit-rate check start earlier.
     check_cost: measure whether serving a batch is cheaper than computing the frozen prefix, and stay off if
         it is not.
@@ -93,6 +94,9 @@ class CacheConfig:
             self.device = torch.device(self.device)
             if self.device.type == "cpu":
                 self.device = None
+        if self.spill_dir is not None and os.path.exists(self.spill_dir) and not os.path.isdir(self.spill_dir):
+            raise ConfigError(f"spill_dir={self.spill_dir!r} exists and is not a folder: give a folder (it is made "
+                              "if missing) for the cache's spill files")
         if self.device is not None and self.spill_dir is not None:
             raise ConfigError("spill_dir= spills CPU entries to disk; it cannot be combined with device="
                              f"{str(self.device)!r}")
