@@ -22,6 +22,7 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
+from .torch_private import forked_rng
 
 METHODS = ("symbolic_trace", "export")
 
@@ -99,9 +100,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     name = type(model).__name__
     kwargs = analysis_kwargs(model, kwargs)
     was_training = {m: m.training for m in model.modules()}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     # the random number generators are forked: capturing leaves the user's seeded run as it would be without it
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng():
         return _capture(model, args, kwargs, unit_names, method, name, was_training)
 
 

@@ -17,7 +17,7 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "share_module_state", "structure_ids",
+    "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "forked_rng", "share_module_state", "structure_ids",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
@@ -28,6 +28,13 @@ __all__ = [
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter autograd bumps on every in-place change (not on `.data` edits)."""
     return t._version
+
+
+def forked_rng():
+    """A context in which random draws leave the user's generators (CPU and every initialised GPU) as they were.
+    (torch.random.fork_rng is public; it is here so that capture and the cache fork the same devices.)"""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 # -- nn.Module internals (checked on 2.13.0) ------------------------------------------------------------------

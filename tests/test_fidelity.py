@@ -480,3 +480,26 @@ def test_the_module_face():
         assert ref() is None  # no reference cycle keeps the model (and its GPU memory) alive
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("name", ["traced", "bert"])
+def test_autocast_training_matches_eager(name):
+    model, args, kwargs, call, fm, frozen, ref = half_frozen(name, cache=frzcompile.CacheConfig(check_cost=False))
+    by_hand_modes(ref, fm, frozen, True)
+    a, k = call(6, 10)
+    for step in range(3):  # the same batch again: from the second step the cache serves the frozen half
+        torch.manual_seed(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = output_tensor(fm(*a, **k))
+        out.float().square().mean().backward()
+        torch.manual_seed(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_out = output_tensor(ref(*a, **k))
+        ref_out.float().square().mean().backward()
+        assert out.dtype == ref_out.dtype
+        same(out, ref_out)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+    assert fm.cache.stats["hits"] == 2 * 6  # the rewrite fired: served under autocast, exactly as eager computes

@@ -59,8 +59,10 @@ class PythonState:
     def __init__(self, modules):
         self.modules = list(modules)
         self._names = [(-1, ()) for _ in self.modules]
+        self._names_repr = None
 
-    def digest(self) -> bytes:
+    def _collect(self) -> tuple:
+        """(flat tokens in the order of `_names`, object id -> its plain fields)."""
         tokens, objects = [], {}
         for i, m in enumerate(self.modules):
             d = m.__dict__
@@ -68,6 +70,7 @@ class PythonState:
             if size != len(d):
                 names = tuple(k for k in d if k not in _MODULE_FIELDS)
                 self._names[i] = (len(d), names)
+                self._names_repr = None
             tokens.append(m.training)
             for name in names:
                 value = d.get(name)
@@ -81,7 +84,23 @@ class PythonState:
                     tokens.append(id(value))
                     if id(value) not in objects:
                         objects[id(value)] = [(k, v) for k, v in vars(value).items() if isinstance(v, _SCALARS)]
-        return hashlib.blake2b(repr((tokens, objects)).encode(), digest_size=16).digest()
+        return tokens, objects
+
+    def digest(self) -> bytes:
+        tokens, objects = self._collect()
+        if self._names_repr is None:
+            self._names_repr = repr([names for _, names in self._names])
+        return hashlib.blake2b((self._names_repr + repr(tokens) + repr(objects)).encode(), digest_size=16).digest()
+
+    def named(self) -> dict:
+        """(module index, attribute or "training") -> token: what `digest` hashes, for telling what changed."""
+        tokens, _ = self._collect()
+        flat, out = iter(tokens), {}
+        for i, (_, names) in enumerate(self._names):
+            out[i, "training"] = next(flat)
+            for name in names:
+                out[i, name] = next(flat)
+        return out
 
 
 @dataclass
@@ -101,8 +120,9 @@ class Signature:
         return dataclasses.replace(self, state=state, _shared=None)
 
     @classmethod
-    def of(cls, args, kwargs, training: bool) -> Signature:
-        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+    def of(cls, args, kwargs, training: bool, flat=None) -> Signature:
+        """`flat`: `tree_flatten((tuple(args), dict(kwargs)))` when the caller has it already."""
+        leaves, spec = flat if flat is not None else tree_flatten((tuple(args), dict(kwargs)))
         tensors = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
         batch = next((t.shape[0] for _, t in tensors if t.dim() > 0), None)
         batch_leaves = tuple(i for i, t in tensors if t.dim() > 0 and t.shape[0] == batch)
@@ -171,11 +191,6 @@ class CallPlan:
         return out
 
 
-def _forked_rng():
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
-
-
 def _sync(tensors):
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
@@ -195,21 +210,14 @@ def _alloc(shape, dtype, device, order) -> torch.Tensor:
     return physical.permute(inverse)
 
 
-def _attributes(modules) -> dict:
-    """What a forward could change on its modules besides tensors' contents: plain attributes, by value or id."""
-    out = {}
-    for m in modules:
-        for name, value in vars(m).items():
-            if name in _MODULE_FIELDS:
-                continue
-            if isinstance(value, torch.Tensor):
-                token = (id(value), torch_private.tensor_version(value))
-            elif isinstance(value, _SCALARS):
-                token = value
-            else:
-                token = id(value)
-            out[(id(m), name)] = (m, token)
-    return out
+@dataclass
+class PrefixModules:
+    """The modules that matter for serving one frozen prefix."""
+
+    top: dict          # path -> module of each prefix unit (their calls are intercepted)
+    guarded: list      # every module but those inside trainable units: hooks on them must see each call
+    others: dict       # path -> module of the other units (prefix-only runs stop before them)
+    state: PythonState  # the Python state of the guarded modules
 
 
 class ActivationCache(Service):
@@ -273,10 +281,12 @@ class ActivationCache(Service):
 
     def call(self, run, args, kwargs):
         prefix = self.prefix
-        why = self._step_aside(prefix, args, kwargs)
+        flat = tree_flatten((tuple(args), dict(kwargs)))
+        why = self._step_aside(prefix, flat[0])
         sig = None
         if not why:
-            sig = Signature.of(args, kwargs, self.model.training).with_state(self._modules(prefix)[3].digest())
+            sig = Signature.of(args, kwargs, self.model.training, flat).with_state(
+                self._modules(prefix).state.digest())
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
                                       "" if sig.batch else "no batched tensor argument")
         if not why and sig.batch < 2 and (prefix, sig.digest) not in self.plans:
@@ -305,9 +315,7 @@ class ActivationCache(Service):
         return self._serve(plan, sig, run, args, kwargs)
 
     # -- when to step aside -------------------------------------------------------------------------------
-    def _modules(self, prefix) -> tuple:
-        """(path -> module of each prefix unit, the modules whose hooks must see every call: all but those inside
-        trainable units, other units' path -> module, the PythonState of those guarded modules)."""
+    def _modules(self, prefix) -> PrefixModules:
         cached = self._modules_cache.get(prefix)
         if cached is None:
             units = self.unit_graph.units
@@ -316,10 +324,11 @@ class ActivationCache(Service):
             guarded = [m for m in self.model.modules() if id(m) not in trainable]
             others = {path: self.model.get_submodule(path) for u in units if u not in prefix
                       for path in self.unit_graph.paths(u)}
-            cached = self._modules_cache[prefix] = (top, guarded, others, PythonState(guarded))
+            cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others, PythonState(guarded))
         return cached
 
-    def _step_aside(self, prefix, args, kwargs) -> str:
+    def _step_aside(self, prefix, leaves) -> str:
+        """Why the cache must run this call uncached (`leaves`: the call's flattened arguments), or ''."""
         if not self.enabled:
             return "the cache is off"
         if not prefix:
@@ -328,13 +337,12 @@ class ActivationCache(Service):
             return "inference mode"
         if torch.compiler.is_compiling():
             return "inside torch.compile"
-        leaves, _ = tree_flatten((tuple(args), dict(kwargs)))
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
-        top, guarded, _, _ = self._modules(prefix)
-        if torch_private.global_module_hooks() or any(torch_private.has_call_hooks(m) for m in guarded):
+        mods = self._modules(prefix)
+        if torch_private.global_module_hooks() or any(torch_private.has_call_hooks(m) for m in mods.guarded):
             return "hooks on the frozen prefix, its parents or the code between units must see every call"
-        for m in top.values():
+        for m in mods.top.values():
             own = m.__dict__.get("forward")
             if own is not None and not getattr(own, FORWARD_MARK, False):
                 return "a frozen module's forward was replaced by other code"
@@ -345,13 +353,13 @@ class ActivationCache(Service):
         """Run the model only as far as the prefix's last call (`calls[-1]`), on all rows or on (args, kwargs)
         `select`; returns (key -> output of the prefix's calls, whether the run got to the last call). Nothing
         of it is visible to the user's run."""
-        top, _, others, _ = self._modules(prefix)
+        mods = self._modules(prefix)
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            stack.enter_context(_forked_rng())
+            stack.enter_context(torch_private.forked_rng())
             stack.enter_context(torch_private.forward_hooks_suspended(self.model.modules()))
-            ic = stack.enter_context(Interception(top, keep=keep, stop_after=calls[-1], others=others))
+            ic = stack.enter_context(Interception(mods.top, keep=keep, stop_after=calls[-1], others=mods.others))
             try:
                 self.model(*call_args, **call_kwargs)
             except Stop:
@@ -363,7 +371,8 @@ class ActivationCache(Service):
     def _probe(self, prefix, sig, run, args, kwargs):
         """The first call of a signature: run it for real under the dataflow probe (serving a shallower prefix's
         entries when they cover the batch), analyse, and store its outputs when the verdict is to cache."""
-        top, guarded, others, _ = self._modules(prefix)
+        mods = self._modules(prefix)
+        top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
         probe = DataflowProbe(state)
         keys = self._keys(sig)
@@ -372,17 +381,17 @@ class ActivationCache(Service):
         if shallower is not None:
             other, lvl, other_sig, other_keys = shallower
             served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
-            shallow_top = self._modules(other.prefix)[0]
+            shallow_top = self._modules(other.prefix).top
             real = [path for path in top if path not in shallow_top]
-        attributes = _attributes(guarded)
-        with Interception(top, watch=probe, others=others, serve=served, real=real, keep=True) as ic:
+        before = mods.state.named()
+        with Interception(top, watch=probe, others=mods.others, serve=served, real=real, keep=True) as ic:
             probe.interception = ic
             with probe:
                 out = run(args, kwargs)
         result = probe.result(out)
-        after = _attributes(guarded)
-        changed = sorted({key[1] for key, (_, token) in after.items() if key not in attributes
-                          or attributes[key][1] != token})
+        after = mods.state.named()
+        changed = sorted({key[1] for key, token in after.items() if before.get(key, token) != token
+                          or key not in before})
         if changed:
             result.problems.append(f"the forward sets attributes ({', '.join(changed)}) of the frozen prefix or "
                                    "the modules around it, which serving (or the cache's own runs) would not do alike")
@@ -506,7 +515,7 @@ class ActivationCache(Service):
         samples = self._samples_of(plan, outputs)
         scratch.put(lvl, self._keys(sig), samples)
         best = float("inf")
-        state = self._modules(plan.prefix)[3]
+        state = self._modules(plan.prefix).state
         for _ in range(3):
             start = time.perf_counter()
             state.digest()
@@ -594,7 +603,7 @@ class ActivationCache(Service):
 
     # -- serving ------------------------------------------------------------------------------------------
     def _serve(self, plan, sig, run, args, kwargs):
-        top = self._modules(plan.prefix)[0]
+        top = self._modules(plan.prefix).top
         batch = sig.batch
         lvl = self.store.level(plan.prefix, self._version(plan.prefix))
         keys = self._keys(sig)
@@ -637,7 +646,7 @@ class ActivationCache(Service):
         return out
 
     def _run_served(self, plan, served, run, args, kwargs, real=(), keep=False):
-        top = self._modules(plan.prefix)[0]
+        top = self._modules(plan.prefix).top
         try:
             with Interception(top, serve=served, real=real, keep=keep) as ic:
                 out = run(args, kwargs)
@@ -657,7 +666,7 @@ class ActivationCache(Service):
             lvl = self.store.levels.get(shallower)
             if other is None or not other.cacheable or lvl is None:
                 continue
-            other_sig = sig.with_state(self._modules(shallower)[3].digest())
+            other_sig = sig.with_state(self._modules(shallower).state.digest())
             if other.state != other_sig.state or lvl.weights_version != self._version(shallower):
                 continue
             if other.shared_count and other_sig.shared_digest() not in lvl.shared:
@@ -675,8 +684,8 @@ class ActivationCache(Service):
             return None
         other, lvl, other_sig, other_keys = shallower
         served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
-        top = self._modules(plan.prefix)[0]
-        shallow_top = self._modules(other.prefix)[0]
+        top = self._modules(plan.prefix).top
+        shallow_top = self._modules(other.prefix).top
         newly = [path for path in top if path not in shallow_top]
         out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=plan.keep)
         self._store_outputs(plan, sig, ic.outputs, keys)
@@ -735,8 +744,9 @@ class ActivationCache(Service):
         for batch in tqdm(batches, total=total, desc="filling activation cache", unit="batch", disable=not progress):
             args, kwargs = ((), batch) if isinstance(batch, dict) else ((batch,), {}) if isinstance(
                 batch, torch.Tensor) else (tuple(batch), {})
-            why = self._step_aside(prefix, args, kwargs)
-            sig = Signature.of(args, kwargs, training).with_state(self._modules(prefix)[3].digest())
+            flat = tree_flatten((tuple(args), dict(kwargs)))
+            why = self._step_aside(prefix, flat[0])
+            sig = Signature.of(args, kwargs, training, flat).with_state(self._modules(prefix).state.digest())
             if why or sig.unsupported or not sig.batch or sig.batch < 2:
                 continue
             plan = self.plans.get((prefix, sig.digest))
@@ -756,7 +766,7 @@ class ActivationCache(Service):
         """The analysis run of `warm`: the whole model without autograd, leaving no trace (RNG forked, buffers
         restored, hooks suspended)."""
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        with torch.no_grad(), _forked_rng(), torch_private.forward_hooks_suspended(self.model.modules()):
+        with torch.no_grad(), torch_private.forked_rng(), torch_private.forward_hooks_suspended(self.model.modules()):
             try:
                 self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs)
             finally:

@@ -132,8 +132,8 @@ class BlockSparseLinear(nn.Module):
 def _route_block_sparse(gm, node, name, bias, sp, stats, new_node, unit) -> None:
     """Replace a frozen nn.Linear's call (call_module, or aten.linear on a get_attr weight) by a BlockSparseLinear
     when its folded weight has at least `block_sparse_threshold` empty kernel blocks now."""
-    if sp.block_sparse_weight(name) is None or type(sp.targets[name].module).forward is not nn.Linear.forward:
-        return  # (a subclass of nn.Linear may compute more than x W^T + b)
+    if type(sp.targets[name].module).forward is not nn.Linear.forward or sp.block_sparse_weight(name) is None:
+        return  # (only a plain nn.Linear: a subclass may compute more than x W^T + b)
     attr = "block_sparse_" + re.sub(r"\W", "_", name)
     gm.add_module(attr, BlockSparseLinear(sp, name, bias if isinstance(bias, str) else None))
     graph = gm.graph

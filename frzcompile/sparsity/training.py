@@ -208,7 +208,7 @@ class SparseTraining(Service):
             eb = config.early_bird
             self.early_bird = EarlyBird(fifo=eb.fifo, threshold=eb.threshold)
         self.frozen_params: set = set()
-        self._block_sparse = {}     # name -> (weight version key, BlockSparseWeight or None)
+        self._layouts = {}          # name -> BlockSparseForward: its frozen Linear's layout, rebuilt per weight version
         self.updates = 0            # mask updates applied (prune-and-grow, ramp steps, tickets)
         self.ramp_progress = 0.0    # schedule="gradual": how far the cubic ramp has gone
         self.last_update_step = None
@@ -259,7 +259,7 @@ class SparseTraining(Service):
         self._hook_gradients()
 
     def on_tensors_moved(self) -> None:
-        self._block_sparse.clear()
+        self._layouts.clear()
         self._hook_gradients()
 
     def close(self) -> None:
@@ -300,7 +300,7 @@ class SparseTraining(Service):
         own = module.__dict__.get("forward")
         if own is not None and not getattr(own, FORWARD_MARK, False):
             return  # someone else replaced this module's forward: leave it alone
-        forward = BlockSparseForward(module, self.config.block_sparse_threshold)
+        forward = self._forward_of(name)
         module.__dict__["forward"] = forward
         self.routes[name] = forward
 
@@ -404,18 +404,16 @@ class SparseTraining(Service):
                 self.frozen_params.discard(name)
 
     def block_sparse_weight(self, name: str):
-        """The block-sparse layout of a frozen weight, or None when too few of its kernel blocks are empty.
-        Built once per weight version (the sparsify pass's decision)."""
-        from ..kernels import block_sparse_matmul as bsm
+        """The block-sparse layout of a frozen nn.Linear weight, or None when too few of its kernel blocks are
+        empty (the sparsify pass's decision); the same object later runs as the module's forward."""
+        return self._forward_of(name).layout()
 
-        t = self.targets[name]
-        key = (tensor_version(t.weight), t.weight.device, t.weight.dtype, t.weight.data_ptr())
-        cached = self._block_sparse.get(name)
-        if cached is None or cached[0] != key:
-            layout = bsm.BlockSparseWeight.from_dense(t.weight.detach())
-            ok = layout.block_sparsity >= self.config.block_sparse_threshold
-            cached = self._block_sparse[name] = (key, layout if ok else None)
-        return cached[1]
+    def _forward_of(self, name: str) -> BlockSparseForward:
+        forward = self._layouts.get(name)
+        if forward is None or forward.module is not self.targets[name].module:
+            forward = self._layouts[name] = BlockSparseForward(self.targets[name].module,
+                                                               self.config.block_sparse_threshold)
+        return forward
 
     # -- schedule --------------------------------------------------------------------------------------
     def wants_dense_grads(self, step: int) -> bool:
