@@ -42,7 +42,6 @@ class PassContext:
     prefix: tuple                   # frozen units that run without autograd, in topological order
     cache: bool = False             # whether the activation cache serves the frozen prefix
     sparsity: object = None         # the runtime's SparseTraining, or None when no weight is masked
-    modules: dict = field(default_factory=dict)  # module path -> the model's module (for type checks)
     build: int = 0                  # how many graphs this module has built before, for dump file names
     model_name: str = "model"
     records: list = field(default_factory=list)

@@ -1,7 +1,6 @@
 """Sparsify pass: weight masks, and frozen sparse weights routed to the block-sparse kernel.
 
-requires: `ctx.sparsity` (the runtime's SparseTraining; without it the pass does nothing), the node units and
-`ctx.modules`.
+requires: `ctx.sparsity` (the runtime's SparseTraining; without it the pass does nothing) and the node units.
 provides: in trainable units every use of a masked weight reads `masked_weight(weight, mask)` (weight * mask);
 at run time the runtime keeps masked weights at exactly zero and masks their gradient with a tensor hook, which
 is the same computation. In frozen units the weight is read as is (the runtime folded the mask into it when the

@@ -51,7 +51,6 @@ class Analysis:
             prefix=tuple(prefix),
             cache=cache,
             sparsity=sparsity,
-            modules=dict(self.model.named_modules()),
             build=self.builds,
             model_name=type(self.model).__name__,
         )

@@ -4,12 +4,13 @@ frzcompile backend, one compiled model per plan.
 Dynamo keeps compiled graphs per backend object, so a new plan (frozen set, train/eval, or hooks added since)
 gets a new backend object and therefore a recompile that does not depend on Dynamo noticing the change itself
 (it has missed `requires_grad` changes before, pytorch/pytorch#139476, and it ignores hooks added after
-compiling). Returning to an earlier plan reuses its graphs. Dynamo's own guards cover everything else the model
-reads (attributes, shapes, submodules).
+compiling). Returning to one of the last four plans reuses its graphs (within Dynamo's per-frame recompile
+limit). Dynamo's own guards cover everything else the model reads (attributes, shapes, submodules).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections import OrderedDict
@@ -35,9 +36,7 @@ class CompiledExecutor:
         if compiled is not None:
             self._compiled.move_to_end(key)
             return compiled(*args, **kwargs)
-        config = backend.CompileConfig(inner=self.config.inner, frozen=self.config.frozen | set(frozen_names),
-                                       recompile_budget=self.config.recompile_budget,
-                                       on_budget=self.config.on_budget)
+        config = dataclasses.replace(self.config, frozen=self.config.frozen | set(frozen_names))
         compiled = torch.compile(self.model, backend=functools.partial(
             backend.frzcompile_backend, options=config, plan=key, log=self.log))
         self._compiled[key] = compiled
