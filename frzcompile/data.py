@@ -81,3 +81,18 @@ def sst2(root=None, split: str = "train"):
             texts.append(text.strip())
             labels.append(int(label))
     return texts, torch.tensor(labels)
+
+
+def trec(root=None, split: str = "train"):
+    """TREC question classification (6 classes; 5,452 train / 500 test) from the `sentence-classification`
+    folder (Kim 2014 preprocessing: `label sentence` per line)."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', not {split!r}")
+    folder = _resolve(root, "sentence-classification")
+    texts, labels = [], []
+    with open(folder / f"TREC.{split}.all", encoding="latin-1") as f:
+        for line in f:
+            label, text = line.rstrip("\n").split(" ", 1)
+            texts.append(text.strip())
+            labels.append(int(label))
+    return texts, torch.tensor(labels)

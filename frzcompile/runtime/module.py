@@ -47,6 +47,54 @@ def weak_method(method):
     return call
 
 
+class AttachedForward:
+    """The model's `forward` while a FrozenModule is attached: a call of the model runs through the FrozenModule
+    (or straight to the model's previous forward when made from inside the FrozenModule's own call, or after
+    the FrozenModule is gone). A copy of the model (deepcopy, pickle) gets its class's plain forward back."""
+
+    def __init__(self, fm, model):
+        self._fm = weakref.ref(fm)
+        self._model = weakref.ref(model)
+        self._previous = model.__dict__.get("forward")  # an instance forward set before (None: the class's)
+        self.original = model.forward
+        functools.update_wrapper(self, self.original)
+        try:
+            self.__signature__ = inspect.signature(self.original)
+        except (TypeError, ValueError):
+            pass
+        model.__dict__["forward"] = self
+
+    def __call__(self, *args, **kwargs):
+        fm = self._fm() if self._fm is not None else None
+        if fm is None or fm.__dict__["_inside"]:
+            return self.original(*args, **kwargs)
+        return fm._call(args, kwargs, fm.__dict__["_run_attached"])
+
+    def call_original(self, args, kwargs):
+        return self.original(*args, **kwargs)
+
+    def remove(self) -> None:
+        self._fm = None  # a wrapper set on top of this one since (accelerate's autocast) now passes straight through
+        model = self._model()
+        if model is not None and model.__dict__.get("forward") is self:
+            if self._previous is None:
+                del model.__dict__["forward"]
+            else:
+                model.__dict__["forward"] = self._previous
+
+    def __deepcopy__(self, memo):
+        model = self._model()
+        copy_ = memo.get(id(model)) if model is not None else None
+        return _plain_forward(copy_) if copy_ is not None else self.original
+
+    def __reduce__(self):
+        return (_plain_forward, (self._model(),))
+
+
+def _plain_forward(model):
+    return type(model).forward.__get__(model)
+
+
 class NoStepWarning(UserWarning):
     """Training calls keep coming but no optimizer step was seen, so the policy never runs."""
 
@@ -74,6 +122,9 @@ class FrozenModule(nn.Module):
         state["_step"] = 0
         state["_services"] = []
         state["_run"] = chain((), functools.partial(_call_model, model))
+        state["_attached"] = None   # the AttachedForward set as the model's forward by attach(), or None
+        state["_run_attached"] = None
+        state["_inside"] = False    # inside a call of fm: the model's own call runs its original forward
         state["_structure"] = torch_private.structure_ids(model)
         state["_calls_since_step"] = 0
         state["_pending"] = None  # a plan decided at the last step, applied before the next call (see _settle)
@@ -99,9 +150,15 @@ class FrozenModule(nn.Module):
         """Join an optional service (see frzcompile.runtime.services); services added later run inside the
         earlier ones' `call`."""
         self._services.append(service)
-        self.__dict__["_run"] = chain(self._services, functools.partial(_call_model, self._model))
+        self._build_chains()
         service.on_plan(PlanChange(self._plan.frozen, self._plan.frozen, frozenset(), self._plan.prefix, self._step,
                                    "service added"), self._current_analysis)
+
+    def _build_chains(self) -> None:
+        state = self.__dict__
+        state["_run"] = chain(self._services, functools.partial(_call_model, self._model))
+        attached = state["_attached"]
+        state["_run_attached"] = None if attached is None else chain(self._services, attached.call_original)
 
     # -- what the model is ---------------------------------------------------------------------------------
     @property
@@ -266,11 +323,49 @@ class FrozenModule(nn.Module):
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
+        if self._compiled is not None:
+            self._sync()
+            self._count_training_call()
+            return self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
+        return self._call(args, kwargs, self._run)
+
+    def _call(self, args, kwargs, run):
+        state = self.__dict__
         self._sync()
         self._count_training_call()
+        state["_inside"] = True
+        try:
+            return run(args, kwargs)
+        finally:
+            state["_inside"] = False
+
+    # -- calls of the model itself -----------------------------------------------------------------------------
+    def attach(self) -> "FrozenModule":
+        """Make calls of the model itself (`model(...)`) run as `fm(...)` does (plan settled, frozen units in
+        eval mode, services such as the activation cache), for training loops that hold the model rather than
+        `fm`: the Hugging Face Trainer, Lightning, DDP (frzcompile.integrations attach for you). It sets the
+        model's `forward` as an instance attribute (as accelerate's autocast wrapper does), with the model's
+        signature; the model's hooks run as before. `detach()` restores the model's own forward."""
         if self._compiled is not None:
-            return self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
-        return self._run(args, kwargs)
+            raise ConfigError("attach() does not combine with compile=: call fm (the compiled module) instead")
+        state = self.__dict__
+        if state["_attached"] is None:
+            state["_attached"] = AttachedForward(self, self._model)
+            self._build_chains()
+        return self
+
+    def detach(self) -> "FrozenModule":
+        """Undo `attach()`: `model(...)` runs the model's own forward again (the plan stays as it is)."""
+        attached = self.__dict__["_attached"]
+        if attached is not None:
+            attached.remove()
+            self.__dict__["_attached"] = None
+            self._build_chains()
+        return self
+
+    @property
+    def attached(self) -> bool:
+        return self.__dict__["_attached"] is not None
 
     def _sync(self) -> None:
         """Before a call: the pending plan applied, units re-bound if the model's structure changed, frozen units

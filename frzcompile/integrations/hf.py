@@ -1,0 +1,83 @@
+"""Layer freezing inside an unchanged Hugging Face `Trainer` run:
+
+    from frzcompile.integrations.hf import FreezeCallback
+    trainer = Trainer(model=model, args=args, train_dataset=..., callbacks=[FreezeCallback(policy="smartfrz")])
+
+At the model's first training call the callback runs `frzcompile.optimize` on the Trainer's model (the first
+batch is the example; `total_steps` defaults to the run's `max_steps`) and attaches it, so the Trainer's own
+`model(**inputs)` calls run the plan: frozen parameters lose gradient and optimizer state in the Trainer's
+optimizer (accelerate's wrapper included), frozen units stay in eval mode through the Trainer's `model.train()`,
+and `cache=True` serves the frozen prefix. The freeze state is saved in every checkpoint folder
+(`frzcompile_freeze_state.pt`) and restored by `trainer.train(resume_from_checkpoint=...)`. The number of frozen
+units is added to the Trainer's logs (`frozen_units`). `callback.fm` is the FrozenModule once training started:
+`frzcompile.explain(callback.fm)`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from transformers import TrainerCallback
+
+from .lazy import OptimizeAtFirstCall, check_options
+
+STATE_FILE = "frzcompile_freeze_state.pt"
+
+
+class FreezeCallback(TrainerCallback):
+    """policy: as in `frzcompile.optimize` ("smartfrz", "linear", "autofreeze", "manual" or a Policy);
+    options: any other keyword argument of `optimize` (`cache=True`, `units=[...]`, `total_steps=...`)."""
+
+    def __init__(self, policy="smartfrz", **options):
+        check_options(options, "FreezeCallback")
+        self.policy = policy
+        self.options = options
+        self.fm = None
+        self._pending = None
+        self._resume_state = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._resume_state = None
+        if state.global_step > 0:  # resumed: the Trainer restored its state from checkpoint-<global_step>
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if isinstance(args.resume_from_checkpoint, str) and os.path.isdir(args.resume_from_checkpoint):
+                folder = args.resume_from_checkpoint
+            path = os.path.join(folder, STATE_FILE)
+            if os.path.isfile(path):
+                self._resume_state = torch.load(path, weights_only=True)
+            else:
+                warnings.warn(f"frzcompile: resuming at step {state.global_step} without a freeze state ({path} "
+                              "is missing): the plan starts again with nothing frozen", stacklevel=2)
+        if self.fm is not None and self.fm.model is model:  # a second train() on the same model
+            if self._resume_state is not None:
+                self.fm.load_freeze_state_dict(self._resume_state)
+            self.fm.attach()
+            return
+        options = {"policy": self.policy, "optimizer": optimizer, **self.options}
+        if options.get("total_steps") is None and state.max_steps and state.max_steps > 0:
+            options["total_steps"] = state.max_steps
+        self._pending = OptimizeAtFirstCall(model, options, self._ready)
+
+    def _ready(self, fm) -> None:
+        self.fm = fm
+        if self._resume_state is not None:
+            fm.load_freeze_state_dict(self._resume_state)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.fm is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.fm.freeze_state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.fm is not None and logs is not None:
+            logs["frozen_units"] = len(self.fm.frozen)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self.fm is not None:
+            self.fm.detach()  # the model is a plain model again; frozen parameters stay frozen, as by hand

@@ -1,0 +1,48 @@
+"""`optimize()` at a module's first training call: training loops that own the model (Trainer, Lightning) give no
+example batch up front, and drawing one from their data loader would consume its random numbers."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..api import optimize
+from ..errors import ConfigError
+
+# optimize()'s keyword arguments that a callback fills in itself
+_FILLED = ("model", "example_inputs", "example_kwargs")
+
+
+def check_options(options: dict, owner: str) -> None:
+    """Refuse an option `optimize()` does not take, naming the ones it does."""
+    known = [n for n in inspect.signature(optimize).parameters if n not in _FILLED]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ConfigError(f"{owner} got {', '.join(map(repr, unknown))}: it takes optimize()'s options "
+                          f"({', '.join(known)})")
+
+
+class OptimizeAtFirstCall:
+    """Registers a forward pre-hook on `module`; at the module's first call in training mode with grad enabled it
+    removes itself, runs `optimize(module, example_inputs=args, example_kwargs=kwargs, **options)`, attaches the
+    result and hands it to `ready(fm)`. That first call itself runs the model's own forward (torch looks the
+    forward up before the pre-hooks run) with the plan `ready` may have loaded already applied."""
+
+    def __init__(self, module: torch.nn.Module, options: dict, ready):
+        self.options = dict(options)
+        self.ready = ready
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        self.cancel()
+        fm = optimize(module, example_inputs=tuple(args), example_kwargs=dict(kwargs), **self.options)
+        fm.attach()
+        self.ready(fm)
+        return None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

@@ -1,0 +1,125 @@
+"""The Hugging Face Trainer callback: an unchanged Trainer run freezes by policy, equals freezing by hand, saves and
+restores the freeze state with Trainer checkpoints, and can use the activation cache."""
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+import frzcompile  # noqa: E402
+from frzcompile.integrations.hf import STATE_FILE, FreezeCallback  # noqa: E402
+
+
+class Schedule(frzcompile.Policy):
+    """Freezes the given units after the given steps (step -> the whole frozen set)."""
+
+    name = "schedule"
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def decide(self, view):
+        return self.plan.get(view.step)
+
+
+PLAN = {3: {"bert.embeddings", "bert.encoder.layer.0"},
+        6: {"bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"}}
+
+
+class FreezeByHand(TrainerCallback):
+    """What a user would write: after the optimizer step of step s, requires_grad=False, no gradient and no
+    optimizer state for the parameters of the planned units."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        units = self.plan.get(state.global_step)
+        if units is None:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for name, p in model.named_parameters():
+            if any(name.startswith(u + ".") for u in units):
+                p.requires_grad_(False)
+                p.grad = None
+                inner.state.pop(p, None)
+
+
+def data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 10, (1,), generator=g))
+        out.append({"input_ids": torch.randint(1, 100, (length,), generator=g),
+                    "labels": int(torch.randint(0, 3, (1,), generator=g))})
+    return out
+
+
+def collate(batch):  # dynamic padding, as DataCollatorWithPadding does
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.zeros(len(batch), n, dtype=torch.long)
+    mask = torch.zeros(len(batch), n, dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, :len(b["input_ids"])] = b["input_ids"]
+        mask[i, :len(b["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([b["labels"] for b in batch])}
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                     num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def run(tmp_path, callback, max_steps=10, resume=None, the_model=None, **args):
+    m = the_model if the_model is not None else model()
+    targs = TrainingArguments(str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, report_to=[],
+                              use_cpu=True, seed=0, disable_tqdm=True, logging_steps=5, save_strategy="steps",
+                              save_steps=5, **args)
+    trainer = Trainer(model=m, args=targs, train_dataset=data(), data_collator=collate, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def weights(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_callback_equals_freezing_by_hand(tmp_path, cache):
+    by_hand = run(tmp_path / "hand", FreezeByHand(PLAN), gradient_accumulation_steps=2)
+    cb = FreezeCallback(policy=Schedule(PLAN), cache=cache)
+    ours = run(tmp_path / "ours", cb, gradient_accumulation_steps=2)
+    assert cb.fm is not None and cb.fm.frozen == ("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1")
+    assert [step for step, *_ in cb.fm.plan.changes] == [3, 6]
+    a, b = weights(by_hand.model), weights(ours.model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the frozen weights did not move after their freeze, and the unfrozen ones did
+    assert not ours.model.bert.encoder.layer[1].attention.self.query.weight.requires_grad
+    assert ours.model.bert.encoder.layer[2].attention.self.query.weight.requires_grad
+    assert "forward" not in ours.model.__dict__  # detached at the end of training: a plain model again
+    if cache:
+        report = cb.fm.cache.report()
+        assert report["enabled"] and report["stored"] > 0
+
+
+def test_resume_from_checkpoint_restores_the_plan(tmp_path):
+    full_cb = FreezeCallback(policy="linear")
+    full = run(tmp_path, full_cb)
+    assert os.path.isfile(tmp_path / "checkpoint-5" / STATE_FILE)
+    assert len(full_cb.fm.frozen) >= 2 and full_cb.fm.total_steps == 10
+    resumed_cb = FreezeCallback(policy="linear")
+    resumed = run(tmp_path, resumed_cb, resume=str(tmp_path / "checkpoint-5"))
+    assert resumed_cb.fm.step_count == 10 and resumed_cb.fm.frozen == full_cb.fm.frozen
+    a, b = weights(full.model), weights(resumed.model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(frzcompile.ConfigError, match="optimize"):
+        FreezeCallback(polcy="linear")
