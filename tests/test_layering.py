@@ -15,7 +15,7 @@ LAYERS = [
     ["runtime"],
     ["cache", "sparsity.training"],
     ["explain", "api"],
-    ["", "predictor.collect", "predictor.train"],  # the package itself and the offline scripts
+    ["", "predictor.collect", "predictor.train", "integrations"],  # the package, offline scripts, integrations
 ]
 
 
