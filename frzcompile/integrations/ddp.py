@@ -1,0 +1,104 @@
+"""DistributedDataParallel for a FrozenModule: correct freezing mid-run without `find_unused_parameters`, and
+frozen parameters that cost no communication.
+
+    fm = frzcompile.optimize(model, (x,), optimizer=opt)
+    ddp = frzcompile.integrations.ddp.DistributedDataParallel(fm, device_ids=[rank])   # DDP's own arguments
+    for x, y in loader: loss_fn(ddp(x), y).backward(); opt.step(); opt.zero_grad()
+
+Plain DDP builds its gradient buckets, and the autograd hooks that fill them, once, over the parameters that
+require grad at wrapping time: a parameter frozen later leaves its bucket waiting forever (DDP raises at the next
+step, or with `find_unused_parameters=True` all-reduces it anyway, a graph walk per step for nothing), and a
+parameter thawed later is never all-reduced again. This wrapper
+  - makes every replica follow rank 0's plan: before each training call that starts a new step, rank 0's target
+    plan (its pending policy decision, or its current plan) is broadcast, a few bytes, so replicas never diverge
+    even if a policy or a manual `fm.freeze` saw different numbers on different ranks;
+  - rebuilds the inner `torch.nn.parallel.DistributedDataParallel` over the trainable parameters whenever that
+    set changes (without its initial broadcast: the replicas are already equal), re-registering any comm hook
+    registered through `register_comm_hook`. Frozen parameters are in no bucket: no bytes, no hook, no wait.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime import FrozenModule
+
+
+class DistributedDataParallel(nn.Module):
+    """`torch.nn.parallel.DistributedDataParallel` over a FrozenModule, rebuilt when the trainable parameters
+    change. `ddp.module` is the model, `ddp.fm` the FrozenModule, `ddp.ddp` the current torch DDP; `rebuilds`
+    counts the rebuilds."""
+
+    def __init__(self, fm: FrozenModule, **ddp_kwargs):
+        super().__init__()
+        if not isinstance(fm, FrozenModule):
+            raise ConfigError("frzcompile's DistributedDataParallel wraps the module returned by frzcompile.optimize "
+                              f"(got {type(fm).__name__}); call optimize(model, ...) first")
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConfigError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
+        if ddp_kwargs.get("find_unused_parameters"):
+            raise ConfigError("find_unused_parameters=True is not needed here (frozen parameters are left out of the "
+                              "buckets) and would walk the autograd graph every step; leave it out")
+        self.module = fm.model  # registered, so state_dict keys are "module.<name>", as with torch's DDP
+        state = self.__dict__
+        state["fm"] = fm
+        state["_kwargs"] = dict(ddp_kwargs)
+        state["_group"] = ddp_kwargs.get("process_group")
+        state["_comm_hook"] = None
+        state["_agreed_step"] = None
+        state["rebuilds"] = 0
+        state["ddp"] = None
+        state["_trainable"] = None
+        self._agree()
+        self._build(init_sync=ddp_kwargs.pop("init_sync", True))
+
+    def _trainable_ids(self) -> tuple:
+        return tuple(id(p) for p in self.module.parameters() if p.requires_grad)
+
+    def _build(self, init_sync: bool) -> None:
+        state = self.__dict__
+        state["ddp"] = None  # the old reducer (and its autograd hooks) goes before the new one is made
+        kwargs = dict(self._kwargs, init_sync=init_sync)
+        state["ddp"] = torch.nn.parallel.DistributedDataParallel(self.fm, **kwargs)
+        if self._comm_hook is not None:
+            self.ddp.register_comm_hook(*self._comm_hook)
+        state["_trainable"] = self._trainable_ids()
+
+    def _agree(self) -> None:
+        """All ranks take rank 0's target plan (once per training step)."""
+        fm = self.fm
+        step = fm.step_count
+        if step == self._agreed_step:
+            return
+        self.__dict__["_agreed_step"] = step
+        units = fm.units
+        pending = fm.__dict__.get("_pending")
+        target = pending if pending is not None else frozenset(fm.frozen)
+        device = next(iter(self.module.parameters())).device
+        if dist.get_backend(self._group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        mask = torch.tensor([u in target for u in units], dtype=torch.uint8, device=device)
+        dist.broadcast(mask, src=dist.get_global_rank(self._group, 0) if self._group is not None else 0,
+                       group=self._group)
+        agreed = frozenset(u for u, keep in zip(units, mask.tolist()) if keep)
+        if agreed != target or pending is not None:
+            fm.__dict__["_pending"] = agreed  # applied by fm before the call (see FrozenModule._settle)
+
+    def forward(self, *args, **kwargs):
+        if self.module.training and torch.is_grad_enabled():
+            self._agree()
+            self.fm._settle()  # the agreed plan applied now, before the buckets are checked
+            if self._trainable_ids() != self._trainable:
+                self._build(init_sync=False)
+                self.__dict__["rebuilds"] = self.rebuilds + 1
+        return self.ddp(*args, **kwargs)
+
+    def register_comm_hook(self, state, hook) -> None:
+        """As torch's `register_comm_hook`; kept across rebuilds."""
+        self.__dict__["_comm_hook"] = (state, hook)
+        self.ddp.register_comm_hook(state, hook)
+
+    def no_sync(self):
+        return self.ddp.no_sync()

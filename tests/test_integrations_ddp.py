@@ -1,0 +1,120 @@
+"""frzcompile's DistributedDataParallel: 2 processes (gloo, CPU) with a freeze and an unfreeze mid-run end with the
+weights of 1-process training on the same global batches, without find_unused_parameters, and frozen parameters
+are not all-reduced."""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import frzcompile
+
+STEPS = 9
+GLOBAL_BATCH = 16
+
+
+class Schedule(frzcompile.Policy):
+    """Freezes units 0 and 1 after step 3, thaws unit 1 after step 6."""
+
+    name = "schedule"
+
+    def decide(self, view):
+        units = view.units
+        return {3: {units[0], units[1]}, 6: {units[0]}}.get(view.step)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(12, 32), nn.Tanh()), nn.Sequential(nn.Linear(32, 32), nn.Tanh()),
+                         nn.Sequential(nn.Linear(32, 32), nn.Tanh()), nn.Linear(32, 4))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 12, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
+def train(net, fm, opt, rank=0, world=1, on_step=None):
+    for x, y in batches():
+        part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        loss = nn.functional.cross_entropy(net(x[part]), y[part])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if on_step is not None:
+            on_step()
+
+
+def worker(rank, world, folder, policy_on_rank0_only):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        from frzcompile.integrations.ddp import DistributedDataParallel
+
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        # with policy_on_rank0_only, the other ranks never decide anything: rank 0's plan reaches them
+        policy = Schedule() if rank == 0 or not policy_on_rank0_only else "manual"
+        fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=policy)
+        ddp = DistributedDataParallel(fm)
+        sent = {}
+
+        def counting_hook(state, bucket):
+            step = fm.step_count
+            sent[step] = sent.get(step, 0) + bucket.buffer().numel() * bucket.buffer().element_size()
+            return default_hooks.allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        train(ddp, fm, opt, rank, world)
+        if rank == 0:
+            torch.save({"weights": model.state_dict(), "sent": sent, "frozen": fm.frozen, "rebuilds": ddp.rebuilds},
+                       f"{folder}/result.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{folder}/error-{rank}.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_two(folder, policy_on_rank0_only):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, 2, str(folder), policy_on_rank0_only)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    errors = [open(folder / f).read() for f in os.listdir(folder) if f.startswith("error-")]
+    assert not errors, errors[0]
+    assert not hung, "a DDP process hung"
+    assert all(p.exitcode == 0 for p in procs)
+    return torch.load(folder / "result.pt")
+
+
+@pytest.mark.parametrize("policy_on_rank0_only", [False, True])
+def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, policy_on_rank0_only):
+    result = run_two(tmp_path, policy_on_rank0_only)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=Schedule())
+    train(fm, fm, opt)
+    assert result["frozen"] == fm.frozen == ("0",)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(result["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # bytes all-reduced per step: everything, then units 2 and 3 only while 0 and 1 are frozen, then 1 again
+    sizes = {u: sum(p.numel() * 4 for p in fm.unit_graph.units[u].params) for u in fm.units}
+    total = sum(sizes.values())
+    sent = result["sent"]
+    assert sent[0] == total
+    assert sent[3] == total - sizes["0"] - sizes["1"] < total
+    assert sent[6] == total - sizes["0"]
+    assert result["rebuilds"] == 2
