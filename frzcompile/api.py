@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import torch_private
 from .backend import CompileConfig
 from .cache import CacheConfig
 from .capture import capture
@@ -72,6 +73,9 @@ def optimize(
         raise InputMismatchError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
     if units is not None and (isinstance(units, str) or not all(isinstance(u, str) for u in units)):
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")
+    if any(torch_private.is_dtensor(p) for p in model.parameters()):
+        raise ConfigError("the model's parameters are already sharded (DTensor): call frzcompile.optimize before "
+                          "fully_shard / distribute_module, then shard the model (fm follows the new parameters)")
     optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model_params = {id(p) for p in model.parameters()}
     for opt in optimizers:

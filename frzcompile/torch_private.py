@@ -46,6 +46,12 @@ def share_module_state(target: torch.nn.Module, model: torch.nn.Module) -> None:
         state[name] = getattr(model, name)
 
 
+def is_dtensor(t) -> bool:
+    """Whether `t` is a torch.distributed DTensor (an FSDP2 / tensor-parallel shard), without importing
+    torch.distributed."""
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
 def structure_ids(model: torch.nn.Module) -> tuple:
     """Ids of every module and parameter of the model: changes when a submodule or parameter is replaced.
     Walks the private dicts directly: about 60 microseconds for BERT-base on a slow CPU core."""

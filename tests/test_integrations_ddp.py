@@ -83,9 +83,9 @@ def worker(rank, world, folder, policy_on_rank0_only):
         raise
 
 
-def run_two(folder, policy_on_rank0_only):
+def run_two(folder, target, flag):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, 2, str(folder), policy_on_rank0_only)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, str(folder), flag)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -102,7 +102,7 @@ def run_two(folder, policy_on_rank0_only):
 
 @pytest.mark.parametrize("policy_on_rank0_only", [False, True])
 def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, policy_on_rank0_only):
-    result = run_two(tmp_path, policy_on_rank0_only)
+    result = run_two(tmp_path, worker, policy_on_rank0_only)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=Schedule())
@@ -118,3 +118,51 @@ def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, policy_
     assert sent[3] == total - sizes["0"] - sizes["1"] < total
     assert sent[6] == total - sizes["0"]
     assert result["rebuilds"] == 2
+
+
+def fsdp_worker(rank, world, folder, shard_first):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        from torch.distributed.fsdp import fully_shard
+
+        model = make_model()
+        if shard_first:
+            fully_shard(model)
+            try:
+                frzcompile.optimize(model, (torch.randn(2, 12),))
+            except frzcompile.ConfigError as e:
+                torch.save({"error": str(e)}, f"{folder}/result.pt") if rank == 0 else None
+            dist.destroy_process_group()
+            return
+        fm = frzcompile.optimize(model, (torch.randn(2, 12),), policy=Schedule())  # first optimize, then shard
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        train(fm, fm, opt, rank, world)
+        weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save({"weights": weights, "frozen": fm.frozen}, f"{folder}/result.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{folder}/error-{rank}.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_fsdp2_fully_shard_after_optimize(tmp_path):
+    """FSDP2: optimize() first, then fully_shard (each block, then the model): a freeze and an unfreeze mid-run
+    equal 1-process training. Sharding first is refused with a message saying so."""
+    result = run_two(tmp_path, fsdp_worker, True)
+    assert "before fully_shard" in result["error"]
+    folder = tmp_path / "second"
+    folder.mkdir()
+    result = run_two(folder, fsdp_worker, False)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=Schedule())
+    train(fm, fm, opt)
+    assert result["frozen"] == fm.frozen == ("0",)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(result["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
