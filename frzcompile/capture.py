@@ -100,9 +100,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     name = type(model).__name__
     kwargs = analysis_kwargs(model, kwargs)
     was_training = {m: m.training for m in model.modules()}
-    # the random number generators are forked: capturing leaves the user's seeded run as it would be without it
-    with forked_rng():
-        return _capture(model, args, kwargs, unit_names, method, name, was_training)
+    # A `forward` set on the instance (accelerate's autocast wrapper, frzcompile's attach) is set aside: the
+    # analysis reads the class's forward, whose structure it shares (autocast would hide the units from export).
+    instance_forward = model.__dict__.pop("forward", None)
+    try:
+        # the random number generators are forked: capturing leaves the user's seeded run as without it
+        with forked_rng():
+            return _capture(model, args, kwargs, unit_names, method, name, was_training)
+    finally:
+        if instance_forward is not None:
+            model.__dict__["forward"] = instance_forward
 
 
 def _capture(model, args, kwargs, unit_names, method, name, was_training) -> Captured:

@@ -57,7 +57,7 @@ class FreezeCallback(TrainerCallback):
         options = {"policy": self.policy, "optimizer": optimizer, **self.options}
         if options.get("total_steps") is None and state.max_steps and state.max_steps > 0:
             options["total_steps"] = state.max_steps
-        self._pending = OptimizeAtFirstCall(model, options, self._ready)
+        self._pending = OptimizeAtFirstCall(model, lambda: options, self._ready)
 
     def _ready(self, fm) -> None:
         self.fm = fm

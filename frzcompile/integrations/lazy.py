@@ -24,20 +24,25 @@ def check_options(options: dict, owner: str) -> None:
 
 class OptimizeAtFirstCall:
     """Registers a forward pre-hook on `module`; at the module's first call in training mode with grad enabled it
-    removes itself, runs `optimize(module, example_inputs=args, example_kwargs=kwargs, **options)`, attaches the
-    result and hands it to `ready(fm)`. That first call itself runs the model's own forward (torch looks the
+    removes itself, runs `optimize(module, example_inputs=args, example_kwargs=kwargs, **options())` (the
+    options are read then: the loop's optimizer exists by that time), attaches the result and hands it to
+    `ready(fm)`. That first call itself runs the model's own forward (torch looks the
     forward up before the pre-hooks run) with the plan `ready` may have loaded already applied."""
 
-    def __init__(self, module: torch.nn.Module, options: dict, ready):
-        self.options = dict(options)
+    def __init__(self, module: torch.nn.Module, options, ready):
+        self.options = options
         self.ready = ready
         self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    @property
+    def waiting(self) -> bool:
+        return self.handle is not None
 
     def _hook(self, module, args, kwargs):
         if not (module.training and torch.is_grad_enabled()):
             return None
         self.cancel()
-        fm = optimize(module, example_inputs=tuple(args), example_kwargs=dict(kwargs), **self.options)
+        fm = optimize(module, example_inputs=tuple(args), example_kwargs=dict(kwargs), **self.options())
         fm.attach()
         self.ready(fm)
         return None

@@ -1,0 +1,91 @@
+"""Layer freezing by policy in a Lightning run, in the shape of Lightning's `BaseFinetuning` callback:
+
+    from frzcompile.integrations.lightning import FreezeCallback
+    trainer = lightning.Trainer(..., callbacks=[FreezeCallback(policy="smartfrz", module="model")])
+
+`module` is the attribute path of the network your `training_step` calls (`self.model(x)` -> "model"); by default
+the LightningModule itself (for a `training_step` that calls `self(x)`). At that module's first training call the
+callback runs `frzcompile.optimize` on it (the call's arguments are the example; `total_steps` defaults to the
+trainer's estimated stepping batches, the optimizers are the trainer's) and attaches it, so your
+`training_step` runs the plan unchanged. The freeze state is part of the callback's `state_dict`, saved in
+Lightning checkpoints and restored by `trainer.fit(..., ckpt_path=...)`. `frozen_units` is logged every step.
+`callback.fm` is the FrozenModule once training started.
+"""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+
+from ..errors import ConfigError
+from .lazy import OptimizeAtFirstCall, check_options
+
+
+class FreezeCallback(Callback):
+    """policy: as in `frzcompile.optimize`; module: the attribute path of the network `training_step` calls
+    (None: the LightningModule); options: any other keyword argument of `optimize` (`cache=True`, `units=`)."""
+
+    def __init__(self, policy="smartfrz", module: str | None = None, **options):
+        check_options(options, "FreezeCallback")
+        self.policy = policy
+        self.module = module
+        self.options = options
+        self.fm = None
+        self._pending = None
+        self._loaded = None
+
+    def _target(self, pl_module):
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError as e:
+            raise ConfigError(f"FreezeCallback(module={self.module!r}): {type(pl_module).__name__} has no such "
+                              "submodule; give the attribute path of the network training_step calls") from e
+
+    def on_fit_start(self, trainer, pl_module):
+        target = self._target(pl_module)
+        if self.fm is not None and self.fm.model is target:  # a second fit() on the same module
+            self.fm.attach()
+            return
+
+        def options():
+            out = {"policy": self.policy, "optimizer": list(trainer.optimizers), **self.options}
+            if out.get("total_steps") is None:
+                steps = trainer.estimated_stepping_batches
+                if isinstance(steps, int) and steps > 0:
+                    out["total_steps"] = steps
+            return out
+
+        self._pending = OptimizeAtFirstCall(target, options, self._ready)
+
+    def _ready(self, fm) -> None:
+        self.fm = fm
+        if self._loaded is not None:
+            fm.load_freeze_state_dict(self._loaded)
+            self._loaded = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.fm is None:
+            if self._pending is not None and self._pending.waiting:
+                name = "the LightningModule" if self.module is None else repr(self.module)
+                raise ConfigError(f"FreezeCallback: {name} was not called during training_step, so nothing can be "
+                                  "frozen; pass module='<attribute>' naming the network training_step calls "
+                                  "(e.g. module='model' for self.model(x))")
+            return
+        pl_module.log("frozen_units", float(len(self.fm.frozen)), on_step=True, prog_bar=False, logger=True)
+
+    def on_fit_end(self, trainer, pl_module):
+        if self._pending is not None:
+            self._pending.cancel()
+        if self.fm is not None:
+            self.fm.detach()  # a plain module again; frozen parameters stay frozen, as BaseFinetuning leaves them
+
+    def state_dict(self):
+        if self.fm is not None:
+            return {"freeze_state": self.fm.freeze_state_dict()}
+        return {"freeze_state": self._loaded}
+
+    def load_state_dict(self, state_dict):
+        self._loaded = state_dict.get("freeze_state")
+        if self._loaded is not None and self.fm is not None:
+            self.fm.load_freeze_state_dict(self._loaded)
+            self._loaded = None

@@ -1,0 +1,108 @@
+"""The Lightning callback: freezing by policy inside an unchanged LightningModule equals freezing by hand, the
+freeze state travels in Lightning checkpoints, and a module that training_step never calls is reported."""
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import frzcompile  # noqa: E402
+from frzcompile.integrations.lightning import FreezeCallback  # noqa: E402
+
+
+class Schedule(frzcompile.Policy):
+    name = "schedule"
+
+    def decide(self, view):
+        return {3: set(view.units[:2]), 6: set(view.units[:3])}.get(view.step)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, call_self=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)], nn.Linear(16, 3))
+        self.call_self = call_self
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x) if self.call_self else self.model(x)
+        return nn.functional.cross_entropy(out, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class FreezeByHand(pl.Callback):
+    """BaseFinetuning's way, by hand: requires_grad=False and no optimizer state after the planned steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        count = {3: 2, 6: 3}.get(trainer.global_step)
+        if count is None:
+            return
+        opt = trainer.optimizers[0]
+        for block in pl_module.model[:count]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+                opt.state.pop(p, None)
+
+
+def loader():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(80, 16, generator=g), torch.randint(0, 3, (80,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
+                                       generator=torch.Generator().manual_seed(1))
+
+
+def fit(module, callback, max_steps=10, **kwargs):
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback], **kwargs)
+    trainer.fit(module, loader())
+    return trainer
+
+
+@pytest.mark.parametrize("module_path", [None, "model"])
+def test_callback_equals_freezing_by_hand(tmp_path, module_path):
+    by_hand = Classifier()
+    fit(by_hand, FreezeByHand(), enable_checkpointing=False)
+    cb = FreezeCallback(policy=Schedule(), module=module_path)
+    ours = Classifier(call_self=module_path is None)
+    fit(ours, cb, enable_checkpointing=False)
+    assert cb.fm.frozen == (("0", "1", "2") if module_path else ("model.0", "model.1", "model.2"))
+    assert [step for step, *_ in cb.fm.plan.changes] == [3, 6]
+    for (k, a), b in zip(by_hand.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+    assert "forward" not in cb.fm.model.__dict__
+
+
+def test_checkpoint_restores_the_plan(tmp_path):
+    cb = FreezeCallback(policy="linear", module="model")
+    full = Classifier(call_self=False)
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path,
+                         enable_checkpointing=False)
+    trainer.fit(full, loader())
+    assert len(cb.fm.frozen) >= 2
+    # the same run, stopped at step 6 with a checkpoint, then resumed in a fresh trainer, callback and module
+    half = Classifier(call_self=False)
+    first = FreezeCallback(policy="linear", module="model", total_steps=10)
+    t1 = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[first], enable_checkpointing=False)
+    t1.fit(half, loader())
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    resumed_cb = FreezeCallback(policy="linear", module="model", total_steps=10)
+    resumed = Classifier(call_self=False)
+    t2 = pl.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[resumed_cb], enable_checkpointing=False)
+    t2.fit(resumed, loader(), ckpt_path=tmp_path / "half.ckpt")
+    assert resumed_cb.fm.step_count == 10 and resumed_cb.fm.frozen == cb.fm.frozen
+
+
+def test_a_module_never_called_is_reported():
+    cb = FreezeCallback(policy="linear")  # the LightningModule, but training_step calls self.model
+    with pytest.raises(frzcompile.ConfigError, match="module='model'"):
+        fit(Classifier(call_self=False), cb, enable_checkpointing=False)
