@@ -515,7 +515,51 @@ def test_a_batch_statistic_is_not_served_as_a_constant():
         y = torch.randn(8, 16) * 0.5
         fm(y)
         torch.testing.assert_close(fm(y), _uncached(fm, y), rtol=0, atol=0)
-    assert "whole batch" in fm.cache.report()["decision"]
+    assert "mixes samples across the batch: aten.amax" in fm.cache.report()["decision"]
+
+
+class BatchMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.l(x / x.abs().amax())  # scaled by the batch's largest value
+
+
+class MaskMin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.l(x) * (x > -3).amin(0)  # a feature kept only where every sample of the batch allows it
+
+
+@pytest.mark.parametrize("unit, op", [(BatchMax, "aten.amax"), (MaskMin, "aten.amin")])
+def test_mixing_that_the_example_batch_hides_is_found_from_the_operations(unit, op):
+    """The example batch hides the mixing (the maximum sits in both halves; no value is below -3), so comparing
+    outputs on it passes; the operations show it, and a later batch is computed, not served."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.b, self.head = unit(), Blk(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.b(self.e(x)))
+
+    x = torch.rand(8, 16)
+    x[0, 0] = x[4, 0] = x[7, 0] = 5.0  # in the first half, the second half and the reversed batch alike
+    fm = frzcompile.optimize(Net(), (x,), policy="manual", units=["e", "b", "head"],
+                             cache=CacheConfig(check_cost=False))
+    fm.freeze("e")
+    with torch.no_grad():
+        fm(x)
+        decision = fm.cache.report()["decision"]
+        assert f"mixes samples across the batch: {op}" in decision, decision
+        y = x.clone()
+        y[1:, :] = -8.0 * torch.rand(7, 16)  # the same first sample, in a batch that changes it
+        torch.testing.assert_close(fm(y), _uncached(fm, y), rtol=0, atol=0)
 
 
 def test_attributes_set_by_the_forward_are_refused():

@@ -123,3 +123,14 @@ def test_resume_from_checkpoint_restores_the_plan(tmp_path):
 def test_unknown_option_is_refused():
     with pytest.raises(frzcompile.ConfigError, match="optimize"):
         FreezeCallback(polcy="linear")
+
+
+def test_trainer_takes_fm_itself(tmp_path):
+    """Without the callback, fm itself as the Trainer's model: column pruning reads the model's signature, any
+    batch (labels or not, another length) is accepted, and the Trainer's steps drive the policy."""
+    m = model()
+    fm = frzcompile.optimize(m, example_kwargs=collate(data()[:4]), policy="linear", total_steps=8)
+    targs = TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                              save_strategy="no", disable_tqdm=True)
+    Trainer(model=fm, args=targs, train_dataset=data(), data_collator=collate).train()
+    assert fm.step_count == 8 and len(fm.frozen) >= 3

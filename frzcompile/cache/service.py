@@ -39,6 +39,7 @@ from ..errors import CacheError, ConfigError, InputMismatchError
 from ..numerics import agree, floor, relative_difference
 from ..runtime.services import FORWARD_MARK, Service
 from ..torch_private import tree_flatten, tree_unflatten
+from .batch_dims import OpRecorder, batch_mixing
 from .dataflow import DataflowProbe
 from .intercept import Interception, Stop, UnexpectedCall
 from .store import ActivationStore, CacheConfig, _describe, fingerprints
@@ -349,10 +350,10 @@ class ActivationCache(Service):
         return ""
 
     # -- internal runs ----------------------------------------------------------------------------------
-    def _prefix_run(self, prefix, calls, args, kwargs, select=None, keep=False):
+    def _prefix_run(self, prefix, calls, args, kwargs, select=None, keep=False, record=None):
         """Run the model only as far as the prefix's last call (`calls[-1]`), on all rows or on (args, kwargs)
         `select`; returns (key -> output of the prefix's calls, whether the run got to the last call). Nothing
-        of it is visible to the user's run."""
+        of it is visible to the user's run. `record`: an OpRecorder to run it under."""
         mods = self._modules(prefix)
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
@@ -360,6 +361,8 @@ class ActivationCache(Service):
             stack.enter_context(torch_private.forked_rng())
             stack.enter_context(torch_private.forward_hooks_suspended(self.model.modules()))
             ic = stack.enter_context(Interception(mods.top, keep=keep, stop_after=calls[-1], others=mods.others))
+            if record is not None:
+                stack.enter_context(record)
             try:
                 self.model(*call_args, **call_kwargs)
             except Stop:
@@ -430,14 +433,20 @@ class ActivationCache(Service):
             _sync(tree_flatten(again)[0])
             compute_ms = 1000 * (time.perf_counter() - start)
             runs = [again]
-            for rows in (slice(0, k), slice(k, batch), perm):
-                out, done = self._prefix_run(prefix, calls, args, kwargs, select=sig.select(args, kwargs, rows))
+            # the operations of the reversed batch and of its first half, for the graph check below
+            recorders = {0: OpRecorder(), 2: OpRecorder()}
+            for j, rows in enumerate((slice(0, k), slice(k, batch), perm)):
+                out, done = self._prefix_run(prefix, calls, args, kwargs, select=sig.select(args, kwargs, rows),
+                                             record=recorders.get(j))
                 runs.append(out)
                 ok = ok and done
         except Exception as exc:  # noqa: BLE001 -- a prefix that cannot run on part of a batch is not cached
             return no(f"the frozen prefix cannot run on part of the batch ({type(exc).__name__}: {exc})"[:300])
         if not ok:
             return no("the frozen prefix makes other calls on part of the batch (data-dependent control flow)")
+        mixing = batch_mixing(recorders[2].ops, recorders[0].ops)
+        if mixing:
+            return no(f"the frozen prefix mixes samples across the batch: {mixing}")
         noise = 0.0  # of the prefix run twice on the same batch: the tolerance of every comparison below
         for key, i in result.needed:
             a, b = tree_flatten(again[key])[0][i], tree_flatten(first[key])[0][i]
