@@ -115,7 +115,7 @@ def optimize(
     if cache is not None:
         from .cache.service import ActivationCache
 
-        fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan.state_version))
+        fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan))
     return fm
 
 

@@ -192,6 +192,18 @@ class CallPlan:
         return out
 
 
+def content_digest(tensors) -> bytes:
+    """The sum of each tensor's values (floating ones accumulated in float32), as bytes: changes when a value
+    changes through any route, `.data` included, unless an edit keeps every sum exactly (a permutation of a
+    tensor's elements). One read of each tensor; one transfer to the host per device."""
+    by_device: dict = {}
+    for t in tensors:
+        t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+        total = t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum()
+        by_device.setdefault(t.device, []).append(total.to(torch.float64))
+    return b"".join(torch.stack(sums).cpu().numpy().tobytes() for sums in by_device.values())
+
+
 def _sync(tensors):
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
@@ -226,11 +238,12 @@ class ActivationCache(Service):
 
     name = "cache"
 
-    def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, state_version):
+    def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, plan):
         self.config = config
         self.model = model
         self.unit_graph = unit_graph
-        self.state_version = state_version        # callable: (prefix, extra tensors) -> hashable version
+        self.plan = plan                          # the FreezePlan: state_version, state_tensors
+        self._digests: dict = {}                  # (prefix, extra count) -> content digest, for this call only
         self.store = ActivationStore(config)
         self.prefix: tuple = ()
         self.plans: dict = {}                     # (prefix, signature digest) -> CallPlan
@@ -281,6 +294,7 @@ class ActivationCache(Service):
             self.sample_ids = None
 
     def call(self, run, args, kwargs):
+        self._digests.clear()  # weights may have changed since the last call (through .data, too)
         prefix = self.prefix
         flat = tree_flatten((tuple(args), dict(kwargs)))
         why = self._step_aside(prefix, flat[0])
@@ -528,6 +542,8 @@ class ActivationCache(Service):
         for _ in range(3):
             start = time.perf_counter()
             state.digest()
+            self._digests.clear()
+            self._version(plan.prefix)
             keys = self._keys(sig)
             dest = [torch.empty_like(o) for o in samples]
             scratch.get(lvl, keys, range(len(keys)), dest)
@@ -538,7 +554,15 @@ class ActivationCache(Service):
 
     # -- keys and entries -----------------------------------------------------------------------------------
     def _version(self, prefix):
-        return self.state_version(prefix, self.extra_state.get(prefix, ()))
+        extra = self.extra_state.get(prefix, ())
+        version = self.plan.state_version(prefix, extra)
+        if not self.config.watch_data:
+            return version
+        key = (prefix, len(extra))  # the analysis may add tensors the prefix reads during a call
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = self._digests[key] = content_digest(self.plan.state_tensors(prefix, extra))
+        return version, digest
 
     def _keys(self, sig) -> list:
         if self.config.key == "sample_id":

@@ -67,6 +67,10 @@ class CacheConfig:
     check_cost: measure whether serving a batch is cheaper than computing the frozen prefix, and stay off if
         it is not.
     verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
+    watch_data: at every call, compare a content digest (the sum of each tensor's values) of the frozen prefix's
+        weights and buffers and of everything else it reads: catches `.data` edits (EMA, pruning, loading weights
+        through `.data`), which move no version counter. It reads those tensors once per call (the cost is
+        part of the serving cost the cache measures). False trusts version counters alone.
     """
 
     memory_bytes: int | None = None
@@ -80,6 +84,7 @@ class CacheConfig:
     dataset_size: int | None = None
     check_cost: bool = True
     verify: bool = False
+    watch_data: bool = True
 
     def __post_init__(self):
         if self.key not in ("input", "sample_id"):

@@ -123,17 +123,22 @@ class FreezePlan:
                 root.eval()
         self._eval_flags = tuple(m.training for m in self._frozen_modules)
 
-    def state_version(self, prefix, extra=()) -> tuple:
-        """Changes whenever a parameter or buffer of the prefix's units, or one of `extra`, is replaced, changed
-        in place (version counter) or moved (storage, dtype, device), so the activation cache never serves
-        activations computed with other weights."""
+    def state_tensors(self, prefix, extra=()) -> list:
+        """The parameters and buffers of the prefix's units, then `extra`."""
         units = self.unit_graph.units
         tensors = []
         for u in prefix:
             tensors += units[u].params
             tensors += [b for m in units[u].modules for b in m.buffers(recurse=False)]
-        tensors += list(extra)
-        return tuple((id(t), torch_private.tensor_version(t), t.dtype, t.device, t.data_ptr()) for t in tensors)
+        return tensors + list(extra)
+
+    def state_version(self, prefix, extra=()) -> tuple:
+        """Changes whenever a parameter or buffer of the prefix's units, or one of `extra`, is replaced, changed
+        in place (version counter) or moved (storage, dtype, device), so the activation cache never serves
+        activations computed with other weights. (`.data` edits move no version counter: see the cache's
+        content digest.)"""
+        return tuple((id(t), torch_private.tensor_version(t), t.dtype, t.device, t.data_ptr())
+                     for t in self.state_tensors(prefix, extra))
 
     def frozen_param_names(self, model) -> list:
         """Names of the frozen parameters (computed once per plan)."""
