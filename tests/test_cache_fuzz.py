@@ -103,6 +103,18 @@ def test_every_served_batch_equals_an_uncached_recomputation(seed):
     assert all(n > 0 for n in done.values()), done
 
 
+def test_an_empty_batch_runs_as_in_eager():
+    model = Net()
+    fm = frzcompile.optimize(model, (torch.randn(8, 12),), policy="manual", units=["stem", "block", "head"],
+                             cache=CacheConfig(check_cost=False))
+    fm.freeze("stem", "block")
+    fm.eval()
+    with torch.no_grad():
+        fm(torch.randn(8, 12))
+        assert fm(torch.randn(0, 12)).shape == (0, 3) == model(torch.randn(0, 12)).shape
+    assert fm.cache.report()["steps_aside"].get("an empty batch") == 1
+
+
 def test_a_data_edit_is_seen_and_watch_data_false_trusts_version_counters():
     x = torch.randn(8, 12)
     for watch in (True, False):
@@ -117,3 +129,61 @@ def test_a_data_edit_is_seen_and_watch_data_false_trusts_version_counters():
             model.block.lin.weight.data.mul_(0.5)  # moves no version counter
             stale = not torch.equal(fm(x), _uncached(fm, x))
         assert stale == (not watch)
+
+
+def _bert_batches():
+    """Dynamic padding: batches of 4 sentences padded to their own longest (6, 9 or 12 tokens), each seen twice."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for length in (6, 9, 12):
+        ids = torch.randint(1, 128, (4, length), generator=g)
+        mask = torch.ones(4, length, dtype=torch.long)
+        mask[0, length - 2:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_any_length_autocast_inference_mode_empty_batch_and_batch_of_one():
+    """One cached BERT through what a run meets: a sanity check under inference mode first (Lightning's), dynamic
+    padding, autocast on and off on the same samples, an empty batch and a batch of one; every output equals the
+    uncached run, in its own dtype, and the cache served."""
+    pytest.importorskip("transformers")
+    from frzcompile import zoo
+
+    torch.manual_seed(0)  # no dropout: training-mode outputs are compared with an uncached run
+    model = zoo.tiny_bert(layers=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    batches = _bert_batches()
+    fm = frzcompile.optimize(model, example_kwargs=batches[0], policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze(*fm.units[:3])
+    opt = torch.optim.SGD([p for p in fm.parameters() if p.requires_grad], lr=0.01)
+
+    def uncached(**kw):
+        enabled, fm.cache.enabled = fm.cache.enabled, False
+        try:
+            return fm(**kw).logits
+        finally:
+            fm.cache.enabled = enabled
+
+    with torch.inference_mode():  # first touch: the cache steps aside, and stores nothing made in this mode
+        fm.eval()
+        fm(**batches[0])
+    fm.train()
+    for autocast in (False, True, False, True):
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = fm(**batch).logits
+                with torch.no_grad():
+                    want = uncached(**batch)
+            assert out.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+            torch.testing.assert_close(out.detach(), want)
+            out.float().sum().backward()  # a training step on top of served activations
+            opt.step()
+            opt.zero_grad()
+    report = fm.cache.report()
+    assert report["steps_aside"].get("inference mode") == 1
+    assert report["fully_served_batches"] >= 6 and report["signatures"] >= 6  # 3 lengths x autocast on/off
+    with torch.no_grad():
+        one = {k: v[1:2] for k, v in batches[1].items()}
+        hits = fm.cache.stats["hits"]
+        torch.testing.assert_close(fm(**one).logits, uncached(**one))
+        assert fm.cache.stats["hits"] == hits + 1  # a batch of one is served from what a larger batch stored
