@@ -10,8 +10,13 @@ Workloads (both on real data and, for MiniLM, real pretrained weights):
 Part A times steps for f near 0.25 / 0.5 / 0.75: eager (nothing frozen), frozen without cache, frozen with a
 warm cache, interleaved in rounds. Part B times whole epochs over the same samples at f near 0.5: eager, frozen
 without cache, frozen with cache (its first epoch fills the cache), epochs interleaved across variants.
+Part C (serving cost) puts the cost of serving a batch from the cache (Python state, input fingerprints, content
+digest of the frozen weights, fetching the outputs) beside computing the frozen prefix, with the first half of
+the units frozen, on BERT-base (SST-2 sentences, 128 tokens), ViT-B/16 and ResNet-50 (Fashion-MNIST images
+scaled to 224 x 224, three channels), built from their Hugging Face configs; the aim is at most 10%.
 
     python benchmarks/bench_cache.py [--data PATH] [--rounds 5] [--steps 3] [--epochs 3] [--out FILE.json]
+                                     [--device cpu|cuda] [--only fashion|minilm|serving]
 """
 import argparse
 import copy
@@ -116,20 +121,75 @@ def part_b(model, batches, epochs):
             "cache": {key: report[key] for key in ("decision", "hit_rate", "entries", "bytes_in_memory")}}
 
 
+def serving_models(root, batch):
+    """(name, model, keyword inputs) for part C, on real data."""
+    import torch.nn.functional as F
+    from transformers import (BertConfig, BertForSequenceClassification, ResNetConfig, ResNetForImageClassification,
+                              ViTConfig, ViTForImageClassification)
+
+    texts, _ = data.sst2(root, "train")
+    _, tokenizer = zoo.pretrained_minilm()  # BERT's uncased vocabulary
+    text = dict(tokenizer(texts[:batch], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+    images, _ = data.fashion_mnist(root, "train")
+    pixels = F.interpolate(images[:batch], size=224, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
+    torch.manual_seed(0)
+    yield "BERT-base", BertForSequenceClassification(BertConfig(num_labels=2)), text
+    torch.manual_seed(0)
+    yield "ViT-B/16", ViTForImageClassification(ViTConfig(num_labels=10)), {"pixel_values": pixels}
+    torch.manual_seed(0)
+    yield "ResNet-50", ResNetForImageClassification(ResNetConfig(num_labels=10)), {"pixel_values": pixels}
+
+
+def part_c(root, device, batch, rounds):
+    rows = []
+    for name, model, inputs in serving_models(root, batch):
+        model = model.to(device).eval()
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        config = frzcompile.CacheConfig(check_cost=False, device=device if device.type == "cuda" else None)
+        fm = frzcompile.optimize(model, example_kwargs=inputs, policy="manual", cache=config)
+        _, k, share = choose_prefixes(fm, (0.5,))[0]
+        set_prefix(fm, k)
+        with torch.no_grad():
+            fm(**inputs)  # analysed and stored
+            fm(**inputs)  # served
+        m = fm.cache.measure((), inputs, rounds)
+        rows.append({"model": name, "units_frozen": k, "f": share, "batch": batch, **m,
+                     "ratio": m["serve_ms"] / m["compute_ms"], "decision": fm.cache.report()["decision"],
+                     "hit_rate": fm.cache.report()["hit_rate"]})
+        del fm, model
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="data folder holding fashion-mnist/ and sst2/")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
+    parser.add_argument("--only", choices=["fashion", "minilm", "serving"], default=None)
+    parser.add_argument("--device", default="cpu", help="device of part C (serving cost)")
+    parser.add_argument("--serving-batch", type=int, default=None, help="part C batch (default 8 on CPU, 64 on GPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if device.type == "cuda":
+        machine += f"; {torch.cuda.get_device_name(device)}"
     print(f"machine: {machine}; part A: {args.rounds} rounds x {args.steps} steps; part B: {args.epochs} epochs\n")
     results = {"machine": machine, "workloads": []}
     loaders = {"fashion": lambda: fashion_workload(args.data, 2048, 128),
                "minilm": lambda: minilm_workload(args.data, 512, 32)}
+    if args.only in (None, "serving"):
+        batch = args.serving_batch or (64 if device.type == "cuda" else 8)
+        rows = part_c(args.data, device, batch, args.rounds)
+        results["serving"] = rows
+        print(f"### Part C: serving a batch from the cache vs computing the frozen prefix ({device}, batch {batch}, "
+              f"medians of {args.rounds})\n")
+        print_table(("model", "frozen units", "f (FLOPs)", "compute prefix ms", "serve ms", "serve / compute",
+                     "cache decision"),
+                    [(r["model"], r["units_frozen"], f"{r['f']:.2f}", f"{r['compute_ms']:.1f}", f"{r['serve_ms']:.2f}",
+                      f"{100 * r['ratio']:.1f}%", r["decision"]) for r in rows])
+        print()
     for name, load in loaders.items():
         if args.only and name != args.only:
             continue

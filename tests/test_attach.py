@@ -97,3 +97,15 @@ def test_attach_refuses_compile():
     fm = frzcompile.optimize(model, (torch.randn(2, 8),), policy="manual", compile=True)
     with pytest.raises(frzcompile.ConfigError, match="compile"):
         fm.attach()
+
+
+def test_warm_cache_while_attached():
+    model = net()
+    x = torch.randn(6, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=frzcompile.CacheConfig(check_cost=False)).attach()
+    fm.freeze("0")
+    fm.eval()
+    assert fm.warm_cache([x, x + 1], progress=False) == 12
+    with torch.no_grad():
+        model(x + 1)
+    assert fm.cache.report()["hits"] == 6

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -529,9 +530,9 @@ class ActivationCache(Service):
             plan.reason = f"pays: {plan.compute_ms:.2f} ms to compute vs {plan.serve_ms:.2f} ms to serve a batch"
         return plan
 
-    def _serve_cost(self, plan, sig, outputs) -> float:
-        """Best of three: the signature's Python state, fingerprinting the batch and fetching its per-sample
-        outputs from a store."""
+    def _serve_cost(self, plan, sig, outputs, rounds: int = 3) -> float:
+        """Best of `rounds`: the signature's Python state, fingerprinting the batch, the content digest and
+        fetching its per-sample outputs from a store."""
         scratch = ActivationStore(CacheConfig(memory_bytes=1 << 40, storage_dtype=self.config.storage_dtype,
                                               device=self.config.device), chunk_slots=max(sig.batch, 1))
         lvl = scratch.level(("scratch",), 0)
@@ -539,7 +540,7 @@ class ActivationCache(Service):
         scratch.put(lvl, self._keys(sig), samples)
         best = float("inf")
         state = self._modules(plan.prefix).state
-        for _ in range(3):
+        for _ in range(rounds):
             start = time.perf_counter()
             state.digest()
             self._digests.clear()
@@ -551,6 +552,27 @@ class ActivationCache(Service):
             best = min(best, time.perf_counter() - start)
         scratch.close()
         return 1000 * best
+
+    def measure(self, args, kwargs, rounds: int = 5) -> dict:
+        """Median milliseconds over `rounds` on this batch, for the current prefix (after a call of this signature
+        has been analysed): computing the frozen prefix alone, and serving it from a store (the Python state,
+        the input fingerprints, the content digest, fetching the per-sample outputs). For benchmarks."""
+        prefix = self.prefix
+        flat = tree_flatten((tuple(args), dict(kwargs)))
+        sig = Signature.of(args, kwargs, self.model.training, flat).with_state(self._modules(prefix).state.digest())
+        plan = self.plans.get((prefix, sig.digest))
+        if plan is None or not plan.cacheable:
+            raise CacheError("measure() needs a call of this signature that the cache analysed and serves: "
+                             + (plan.reason if plan is not None else "none was made yet"))
+        compute, outputs = [], None
+        for _ in range(rounds):
+            start = time.perf_counter()
+            outputs, _ = self._prefix_run(prefix, plan.calls, args, kwargs, keep=True)
+            _sync(tree_flatten(outputs)[0])
+            compute.append(1000 * (time.perf_counter() - start))
+        serve = [self._serve_cost(plan, sig, outputs, rounds=1) for _ in range(rounds)]
+        return {"compute_ms": statistics.median(compute), "serve_ms": statistics.median(serve),
+                "batch": sig.batch}
 
     # -- keys and entries -----------------------------------------------------------------------------------
     def _version(self, prefix):

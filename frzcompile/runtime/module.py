@@ -8,6 +8,7 @@ after every optimizer step, and optional services (the activation cache, sparse 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -330,20 +331,26 @@ class FrozenModule(nn.Module):
         return self._call(args, kwargs, self._run)
 
     def _call(self, args, kwargs, run):
-        state = self.__dict__
         self._sync()
         self._count_training_call()
-        state["_inside"] = True
-        try:
+        with self._inside_call():
             return run(args, kwargs)
+
+    @contextlib.contextmanager
+    def _inside_call(self):
+        """While set, a call of the attached model (the services' own runs of it) goes straight to its forward."""
+        state = self.__dict__
+        outer, state["_inside"] = state["_inside"], True
+        try:
+            yield
         finally:
-            state["_inside"] = False
+            state["_inside"] = outer
 
     # -- calls of the model itself -----------------------------------------------------------------------------
     def attach(self) -> "FrozenModule":
         """Make calls of the model itself (`model(...)`) run as `fm(...)` does (plan settled, frozen units in
         eval mode, services such as the activation cache), for training loops that hold the model rather than
-        `fm`: the Hugging Face Trainer, Lightning, DDP (frzcompile.integrations attach for you). It sets the
+        `fm` (the Hugging Face and Lightning callbacks of frzcompile.integrations attach for you). It sets the
         model's `forward` as an instance attribute (as accelerate's autocast wrapper does), with the model's
         signature; the model's hooks run as before. `detach()` restores the model's own forward."""
         if self._compiled is not None:
@@ -441,7 +448,8 @@ class FrozenModule(nn.Module):
         if self.cache is None or not self.frozen_prefix:
             raise ConfigError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
         self._sync()
-        return self.cache.warm(batches, self.training, progress=progress)
+        with self._inside_call():
+            return self.cache.warm(batches, self.training, progress=progress)
 
     # -- checkpointing --------------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
