@@ -153,6 +153,9 @@ def part_c(root, device, batch, rounds):
             fm(**inputs)  # analysed and stored
             fm(**inputs)  # served
         m = fm.cache.measure((), inputs, rounds)
+        fm.cache.config.watch_data = False  # the same, without the content digest of the frozen weights
+        m["serve_without_digest_ms"] = fm.cache.measure((), inputs, rounds)["serve_ms"]
+        fm.cache.config.watch_data = True
         rows.append({"model": name, "units_frozen": k, "f": share, "batch": batch, **m,
                      "ratio": m["serve_ms"] / m["compute_ms"], "decision": fm.cache.report()["decision"],
                      "hit_rate": fm.cache.report()["hit_rate"]})
@@ -186,9 +189,9 @@ def main():
         print(f"### Part C: serving a batch from the cache vs computing the frozen prefix ({device}, batch {batch}, "
               f"medians of {args.rounds})\n")
         print_table(("model", "frozen units", "f (FLOPs)", "compute prefix ms", "serve ms", "serve / compute",
-                     "cache decision"),
+                     "serve ms without the digest", "cache decision"),
                     [(r["model"], r["units_frozen"], f"{r['f']:.2f}", f"{r['compute_ms']:.1f}", f"{r['serve_ms']:.2f}",
-                      f"{100 * r['ratio']:.1f}%", r["decision"]) for r in rows])
+                      f"{100 * r['ratio']:.1f}%", f"{r['serve_without_digest_ms']:.2f}", r["decision"]) for r in rows])
         print()
     for name, load in loaders.items():
         if args.only and name != args.only:
