@@ -60,6 +60,7 @@ class Explanation:
         self.capture_method = fm.capture_method
         self.capture_attempts = list(fm.analysis.captured.attempts)
         self.policy = repr(fm.policy)
+        self.policy_report = fm.policy.report() if hasattr(fm.policy, "report") else []
         self.step = fm.step_count
         plan = fm.plan
         prefix = set(fm.frozen_prefix)
@@ -135,6 +136,7 @@ class Explanation:
         for method, why in self.capture_attempts:
             lines.append(f"  ({method} was tried first and failed: {why})")
         lines.append(f"policy {self.policy}, step {self.step}")
+        lines += [f"  {line}" for line in self.policy_report]
         for merged, why in self.merges.items():
             lines.append(f"merged unit {merged}: {why}")
         for u, owners in self.shared_weights.items():

@@ -19,6 +19,7 @@ import torch
 
 from .errors import PolicyError
 from .predictor import WINDOW, load_default, sample_indices, window_features
+from .safety import Safeguard
 
 
 class TrainingView:
@@ -51,6 +52,10 @@ class TrainingView:
 
     def parameters(self, unit: str) -> list:
         return list(self._fm.unit_graph.units[unit].params)
+
+    def losses(self) -> list:
+        """The training loss, one value per step so far (None where none was seen): see frzcompile.runtime.loss."""
+        return self._fm.losses()
 
     def grad_norm(self, unit: str) -> float:
         """L2 norm of the unit's current gradients (0.0 when it has none)."""
@@ -214,15 +219,23 @@ class SmartFRZ(Policy):
     (hysteresis against noisy flips); with `prefix_only` (default) only the front of the network freezes, as
     the activation cache needs. Units with fewer than `min_weights` weights (too few to judge; the predictor was
     trained on units of at least 256) are not judged: they freeze together with the next unit that settles.
-    The last unit always trains.
+    The last unit always trains. A decision freezes at most one judged unit, and every decision passes the
+    safety rules of `safeguard` (frzcompile.safety.Safeguard: learning has started, a gap between freezes, a
+    rollback when the loss rises after a freeze); `safeguard=None` turns them off.
     """
 
     name = "smartfrz"
 
     def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
-                 min_weights: int = 256, predictor=None):
+                 min_weights: int = 256, predictor=None, safeguard="default"):
         if int(interval) < 1 or int(votes) < 1:
             raise PolicyError(f"smartfrz: interval and votes must be >= 1, got {interval} and {votes}")
+        if safeguard == "default":
+            safeguard = Safeguard(min_gap=int(interval) * int(votes))
+        if safeguard is not None and not isinstance(safeguard, Safeguard):
+            raise PolicyError(f"smartfrz: safeguard must be a frzcompile.safety.Safeguard or None, not "
+                              f"{type(safeguard).__name__}")
+        self.safeguard = safeguard
         if not 0.0 < threshold < 1.0:
             raise PolicyError(f"smartfrz: threshold must be in (0, 1), got {threshold}")
         self.interval = int(interval)
@@ -256,6 +269,13 @@ class SmartFRZ(Policy):
         if view.step % self.interval:
             return None
         frozen = set(view.frozen)
+        if self.safeguard is not None:
+            thaw = self.safeguard.review(view, frozen)
+            if thaw:
+                for u in thaw:
+                    self._votes[u] = 0
+                first = min(view.units.index(u) for u in thaw)  # a prefix stays a prefix
+                return {u for u in frozen - thaw if not self.prefix_only or view.units.index(u) < first}
         for u in view.units:
             if u in frozen:
                 self._snapshots.pop(u, None)
@@ -286,18 +306,29 @@ class SmartFRZ(Policy):
                 if u not in settled:
                     break
                 new.update(pending + [u])
-                pending = []
+                break  # one judged unit per decision
         else:
-            new |= {u for u in settled if view.numel(u) >= self.min_weights}
+            new |= set([u for u in view.freezable if u in settled and view.numel(u) >= self.min_weights][:1])
+        if new != frozen and self.safeguard is not None:
+            judged = [u for u in view.units if u in new - frozen and u in self.last_probabilities]
+            why = ", ".join(f"{u} p={self.last_probabilities[u]:.2f} x{self._votes[u]}" for u in judged)
+            new = self.safeguard.admit(view, frozen, new, f"predictor says converged ({why})")
         return new if new != frozen else None
+
+    def report(self) -> list:
+        """What explain shows: the safety rules' last events."""
+        return self.safeguard.report() if self.safeguard is not None else []
 
     def state_dict(self):
         return {"snapshots": {u: torch.stack(h) for u, h in self._snapshots.items() if h},
-                "votes": dict(self._votes)}
+                "votes": dict(self._votes),
+                "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
         self._snapshots = {u: list(h.unbind(0)) for u, h in state["snapshots"].items()}
         self._votes = dict(state["votes"])
+        if self.safeguard is not None and state.get("safeguard") is not None:
+            self.safeguard.load_state_dict(state["safeguard"])
 
 
 POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze, SmartFRZ)}

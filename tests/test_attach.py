@@ -109,3 +109,22 @@ def test_warm_cache_while_attached():
     with torch.no_grad():
         model(x + 1)
     assert fm.cache.report()["hits"] == 6
+
+
+def test_a_new_frozen_module_attaches_over_one_never_detached():
+    """An interrupted run leaves its FrozenModule attached; optimizing the model again takes over (and refuses
+    while the first one is still attached and alive)."""
+    model = net()
+    x = torch.randn(4, 8)
+    first = frzcompile.optimize(model, (x,), policy="manual").attach()
+    second = frzcompile.optimize(model, (x,), policy="manual")
+    with pytest.raises(frzcompile.ConfigError, match="detach"):
+        second.attach()
+    del first
+    second.attach()
+    second.freeze("0")
+    model.train()
+    model(x)
+    assert not model[0].training  # the second FrozenModule runs the calls
+    second.detach()
+    assert "forward" not in model.__dict__

@@ -40,6 +40,8 @@ PER_SAMPLE = {
     "class token": lambda t: t[:, 0] * 2,
     "identity index by arange (HF masks)": lambda t: t[torch.arange(t.shape[0])[:, None], torch.arange(5)[None]],
     "a branch on a batch-wide value": lambda t: t * 2 if bool((t > -100).all()) else t * 2,
+    "repeat along features": lambda t: t.repeat(1, 2, 1),
+    "per-sample matmul": lambda t: t @ torch.ones(16, 4),
 }
 MIXING = {
     "total": (lambda t: t.sum() + t, "reduces across the batch"),
@@ -57,6 +59,12 @@ MIXING = {
     "roll(0)": (lambda t: t.roll(1, 0), "roll over dim [0]"),
     "boolean selection": (lambda t: t[t > 0].sum() + t, "indexes along the batch"),
     "a batch-wide value used as a tensor": (lambda t: t * (t > 0).all(), "aten.all"),
+    "a batch-wide number used in arithmetic": (lambda t: t / t.abs().max().item(), "aten.max"),
+    "flip over two dims": (lambda t: t.flip(2, 0), "flip over dim [0]"),
+    "roll over two dims": (lambda t: t.roll((1, 1), (2, 0)), "roll over dim [0]"),
+    "unfold along the batch": (lambda t: t.unfold(0, 2, 1).sum(-1) + 0, "unfold over dim [0]"),
+    "a matrix over the batch": (lambda t: torch.ones(t.shape[0], t.shape[0]) @ t.flatten(1), "contracts over the batch"),
+    "amax over two dims": (lambda t: t - t.amax(dim=(1, 0), keepdim=True), "aten.amax"),
 }
 
 
@@ -69,6 +77,10 @@ def test_per_sample_code_passes(name):
 def test_mixing_is_named(name):
     f, expected = MIXING[name]
     assert expected in mixing(f, torch.randn(8, 5, 16))
+
+
+def test_repeat_along_the_batch():
+    assert "repeats along the batch" in mixing(lambda t: t.repeat(2, 1, 1), torch.randn(8, 5, 16))
 
 
 def test_code_that_depends_on_the_batch_size():

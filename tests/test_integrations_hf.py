@@ -1,6 +1,7 @@
 """The Hugging Face Trainer callback: an unchanged Trainer run freezes by policy, equals freezing by hand, saves and
 restores the freeze state with Trainer checkpoints, and can use the activation cache."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -118,6 +119,13 @@ def test_resume_from_checkpoint_restores_the_plan(tmp_path):
     a, b = weights(full.model), weights(resumed.model)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    # a checkpoint moved out of output_dir: the Trainer does not say where it resumed from, resume_from= does
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "checkpoint-5", moved)
+    shutil.rmtree(tmp_path / "checkpoint-5")
+    moved_cb = FreezeCallback(policy="linear", resume_from=str(moved))
+    run(tmp_path / "again", moved_cb, resume=str(moved))
+    assert moved_cb.fm.frozen == full_cb.fm.frozen
 
 
 def test_unknown_option_is_refused():

@@ -11,7 +11,7 @@ ROOT = Path(__file__).parents[1] / "frzcompile"
 LAYERS = [
     ["errors", "torch_private", "numerics", "modes", "zoo", "data"],
     ["kernels", "sparsity.masks", "sparsity.early_bird", "sparsity.sieve", "sparsity", "predictor"],
-    ["capture", "units", "passes", "policies", "backend"],
+    ["capture", "units", "passes", "policies", "safety", "backend"],
     ["runtime"],
     ["cache", "sparsity.training"],
     ["explain", "api"],

@@ -28,6 +28,10 @@ class SyntheticView:
     def freezable(self):
         return self.units[:-1]  # every unit has parameters: all but the last may freeze
 
+    def losses(self):
+        """A run that learned in its first 100 steps and has been flat since (the safety rules let it freeze)."""
+        return [2.0 * 0.98 ** min(i, 100) for i in range(self.step)]
+
     def numel(self, unit):
         return self.base[unit].numel()
 
@@ -98,7 +102,7 @@ def test_policy_logic_prefix_votes_and_last_unit():
     assert policy.last_probabilities["c"] < 0.5 and policy.last_probabilities["d"] > 0.5
 
     anywhere = SmartFRZ(interval=10, votes=3, prefix_only=False, predictor=ScaleRule())
-    frozen = _run(anywhere, SyntheticView(kinds), 10 * (WINDOW + 5))
+    frozen = _run(anywhere, SyntheticView(kinds), 10 * (WINDOW + 10))  # one unit per decision, 30 steps apart
     assert frozen == ("a", "b", "d")  # never the last unit, even though it settled
 
 

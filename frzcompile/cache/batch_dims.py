@@ -71,7 +71,9 @@ class OpRecorder(TorchDispatchMode):
                 value = argument.default_value
             else:
                 continue
-            for leaf in value if isinstance(value, (list, tuple)) else [value]:
+            # a list of tensors (cat's, index's) is one entry per tensor; any other list (dims, sizes) stays whole
+            split = isinstance(value, (list, tuple)) and "Tensor" in str(argument.type)
+            for leaf in value if split else [value]:
                 names.append(argument.name)
                 values.append(_shape(leaf) if isinstance(leaf, torch.Tensor) else leaf)
                 sources.append(self._made_by.get(leaf) if isinstance(leaf, torch.Tensor) else None)
@@ -97,9 +99,15 @@ _ALONG_DIM = {
                           "scatter_add", "scatter_reduce", "index_add", "index_copy", "index_fill", "index_reduce",
                           "select", "narrow", "unbind", "split", "split_with_sizes", "chunk", "tensor_split",
                           "unsafe_split", "unsafe_chunk", "cat", "concat", "concatenate", "diff",
-                          "renorm", "glu", "unfold", "repeat_interleave")},
+                          "renorm", "glu", "repeat_interleave")},
     **{p: "dims" for p in ("flip", "roll")},
+    "unfold": "dimension",
 }
+# contractions: (first operand, second operand, its contracted dimension) by argument name; the first operand
+# always contracts its last dimension
+_CONTRACTED = {"mm": ("self", "mat2", 0), "bmm": ("self", "mat2", 1), "matmul": ("self", "other", -2),
+               "addmm": ("mat1", "mat2", 0), "baddbmm": ("batch1", "batch2", 1), "addbmm": ("batch1", "batch2", 1),
+               "linear": ("input", "weight", -1)}
 # reductions whose missing `dim` means every dimension
 _FULL_WHEN_NO_DIM = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "prod",
                      "argmax", "argmin", "any", "all", "norm", "linalg_vector_norm", "nansum", "nanmean",
@@ -145,7 +153,7 @@ def batch_mixing(full: list, half: list) -> str:
     return ""
 
 
-_PYTHON_VALUE = {"_local_scalar_dense", "is_nonzero", "equal", "item"}
+_PYTHON_VALUE = {"is_nonzero", "equal"}  # and `.item()` of a bool: values that can only steer a branch
 
 
 def _only_steers(i: int, full: list, half: list, consumers: dict) -> bool:
@@ -164,7 +172,8 @@ def _only_steers(i: int, full: list, half: list, consumers: dict) -> bool:
                 continue
             seen.add(k)
             op = full[k]
-            if op.packet in _PYTHON_VALUE:
+            if op.packet in _PYTHON_VALUE or (op.packet == "_local_scalar_dense" and op.args
+                                              and isinstance(op.args[0], Shape) and op.args[0].dtype == torch.bool):
                 continue
             if any(_batch_dims(a, b) for a, b in zip(op.outputs, half[k].outputs)):
                 return False
@@ -218,6 +227,16 @@ def _mixes(x: OpCall, y: OpCall, ops: list) -> str:
         most_in = max(len(d) for d in in_batch.values())
         if any(len(d) > most_in for d in out_batch):
             return "contracts samples against each other (e.g. x @ x.T across the batch)"
+        if x.packet in _CONTRACTED:
+            first_name, second_name, dim = _CONTRACTED[x.packet]
+            pairs = {n: (a, b) for n, a, b in zip(x.arg_names, x.args, y.args) if isinstance(a, Shape)}
+            if first_name in pairs and second_name in pairs:
+                (a1, b1), (a2, b2) = pairs[first_name], pairs[second_name]
+                d1 = _batch_dims(a1, b1)
+                d2 = _batch_dims(a2, b2)
+                k2 = (dim if len(a2.size) >= 2 else 0) % max(len(a2.size), 1)
+                if (a1.size and (len(a1.size) - 1) in d1) or (a2.size and k2 in d2):
+                    return "contracts over the batch dimension (sums over samples)"
         return ""
     argument = _ALONG_DIM.get(x.packet)
     if argument is not None:

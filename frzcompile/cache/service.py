@@ -459,7 +459,10 @@ class ActivationCache(Service):
             return no(f"the frozen prefix cannot run on part of the batch ({type(exc).__name__}: {exc})"[:300])
         if not ok:
             return no("the frozen prefix makes other calls on part of the batch (data-dependent control flow)")
-        mixing = batch_mixing(recorders[2].ops, recorders[0].ops)
+        try:
+            mixing = batch_mixing(recorders[2].ops, recorders[0].ops)
+        except Exception as exc:  # noqa: BLE001 -- an operation the check cannot read: do not cache
+            mixing = f"(the operation check could not read an operation: {type(exc).__name__}: {exc})"[:300]
         if mixing:
             return no(f"the frozen prefix mixes samples across the batch: {mixing}")
         noise = 0.0  # of the prefix run twice on the same batch: the tolerance of every comparison below
@@ -557,6 +560,7 @@ class ActivationCache(Service):
         """Median milliseconds over `rounds` on this batch, for the current prefix (after a call of this signature
         has been analysed): computing the frozen prefix alone, and serving it from a store (the Python state,
         the input fingerprints, the content digest, fetching the per-sample outputs). For benchmarks."""
+        self._digests.clear()
         prefix = self.prefix
         flat = tree_flatten((tuple(args), dict(kwargs)))
         sig = Signature.of(args, kwargs, self.model.training, flat).with_state(self._modules(prefix).state.digest())
@@ -794,6 +798,7 @@ class ActivationCache(Service):
         prefix = self.prefix
         if not prefix:
             raise ConfigError("warm_cache needs a frozen prefix")
+        self._digests.clear()  # the weights may have changed since the last call
         seen = 0
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc="filling activation cache", unit="batch", disable=not progress):

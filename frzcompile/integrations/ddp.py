@@ -52,6 +52,7 @@ class DistributedDataParallel(nn.Module):
         state["ddp"] = None
         state["_trainable"] = None
         self._agree()
+        fm._settle()  # rank 0's plan, before the first buckets are built
         self._build(init_sync=ddp_kwargs.pop("init_sync", True))
 
     def _trainable_ids(self) -> tuple:
@@ -63,7 +64,8 @@ class DistributedDataParallel(nn.Module):
         kwargs = dict(self._kwargs, init_sync=init_sync)
         state["ddp"] = torch.nn.parallel.DistributedDataParallel(self.fm, **kwargs)
         if self._comm_hook is not None:
-            self.ddp.register_comm_hook(*self._comm_hook)
+            make_state, hook = self._comm_hook
+            self.ddp.register_comm_hook(make_state(), hook)
         state["_trainable"] = self._trainable_ids()
 
     def _agree(self) -> None:
@@ -96,9 +98,12 @@ class DistributedDataParallel(nn.Module):
         return self.ddp(*args, **kwargs)
 
     def register_comm_hook(self, state, hook) -> None:
-        """As torch's `register_comm_hook`; kept across rebuilds."""
-        self.__dict__["_comm_hook"] = (state, hook)
-        self.ddp.register_comm_hook(state, hook)
+        """As torch's `register_comm_hook`, kept across rebuilds. The buckets change at a rebuild, so a hook whose
+        state follows the buckets (PowerSGD's error feedback) needs a fresh state each time: pass a function
+        making it (`lambda: PowerSGDState(...)`) instead of the state."""
+        make_state = state if callable(state) and not isinstance(state, dist.ProcessGroup) else (lambda: state)
+        self.__dict__["_comm_hook"] = (make_state, hook)
+        self.ddp.register_comm_hook(make_state(), hook)
 
     def no_sync(self):
         return self.ddp.no_sync()

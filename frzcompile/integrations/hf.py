@@ -20,6 +20,7 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
+from ..errors import ConfigError
 from .lazy import OptimizeAtFirstCall, check_options
 
 STATE_FILE = "frzcompile_freeze_state.pt"
@@ -27,28 +28,42 @@ STATE_FILE = "frzcompile_freeze_state.pt"
 
 class FreezeCallback(TrainerCallback):
     """policy: as in `frzcompile.optimize` ("smartfrz", "linear", "autofreeze", "manual" or a Policy);
+    resume_from: the checkpoint folder `trainer.train(resume_from_checkpoint=...)` resumes from, when it is not
+        `<output_dir>/checkpoint-<step>` (the Trainer does not tell its callbacks);
     options: any other keyword argument of `optimize` (`cache=True`, `units=[...]`, `total_steps=...`)."""
 
-    def __init__(self, policy="smartfrz", **options):
+    def __init__(self, policy="smartfrz", resume_from: str | None = None, **options):
         check_options(options, "FreezeCallback")
         self.policy = policy
+        self.resume_from = resume_from
         self.options = options
         self.fm = None
         self._pending = None
         self._resume_state = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.world_size > 1 or args.n_gpu > 1:
+            raise ConfigError(
+                f"FreezeCallback runs on one process and one device; this run has {args.world_size} processes and "
+                f"{args.n_gpu} GPUs per process. The Trainer wraps the model in torch's DistributedDataParallel or "
+                "DataParallel, whose gradient buckets a freeze would break: use one device, or a loop with "
+                "frzcompile.integrations.ddp.DistributedDataParallel")
         self._resume_state = None
-        if state.global_step > 0:  # resumed: the Trainer restored its state from checkpoint-<global_step>
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if isinstance(args.resume_from_checkpoint, str) and os.path.isdir(args.resume_from_checkpoint):
-                folder = args.resume_from_checkpoint
-            path = os.path.join(folder, STATE_FILE)
-            if os.path.isfile(path):
-                self._resume_state = torch.load(path, weights_only=True)
+        if state.global_step > 0:  # resumed: the Trainer restored its state from a checkpoint of this step
+            candidates = [self.resume_from, args.resume_from_checkpoint,
+                          os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+            paths = [os.path.join(c, STATE_FILE) for c in candidates if isinstance(c, str)]
+            found = [p for p in paths if os.path.isfile(p)]
+            if found:
+                self._resume_state = torch.load(found[0], weights_only=True)
+                if self._resume_state.get("step") != state.global_step:
+                    raise ConfigError(f"{found[0]} holds the freeze state of step {self._resume_state.get('step')}, "
+                                      f"but the Trainer resumes at step {state.global_step}: pass "
+                                      "FreezeCallback(resume_from=<the checkpoint folder>)")
             else:
-                warnings.warn(f"frzcompile: resuming at step {state.global_step} without a freeze state ({path} "
-                              "is missing): the plan starts again with nothing frozen", stacklevel=2)
+                warnings.warn(f"frzcompile: resuming at step {state.global_step} without a freeze state (none of "
+                              f"{paths}); the plan starts again with nothing frozen. Pass "
+                              "FreezeCallback(resume_from=<the checkpoint folder>)", stacklevel=2)
         if self.fm is not None and self.fm.model is model:  # a second train() on the same model
             if self._resume_state is not None:
                 self.fm.load_freeze_state_dict(self._resume_state)
@@ -70,6 +85,9 @@ class FreezeCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             torch.save(self.fm.freeze_state_dict(), os.path.join(folder, STATE_FILE))
+        else:  # (hyperparameter search saves into per-trial folders)
+            warnings.warn(f"frzcompile: no checkpoint folder {folder}: the freeze state of step {state.global_step} "
+                          "was not saved", stacklevel=2)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.fm is not None and logs is not None:

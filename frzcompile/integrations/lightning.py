@@ -42,6 +42,10 @@ class FreezeCallback(Callback):
                               "submodule; give the attribute path of the network training_step calls") from e
 
     def on_fit_start(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            raise ConfigError(f"FreezeCallback runs on one process and one device; this run has {trainer.world_size}: "
+                              "Lightning wraps the module in torch's DistributedDataParallel, whose gradient buckets "
+                              "a freeze would break")
         target = self._target(pl_module)
         if self.fm is not None and self.fm.model is target:  # a second fit() on the same module
             self.fm.attach()

@@ -24,6 +24,7 @@ from ..errors import ConfigError, PlanError
 from ..policies import Manual, Policy, TrainingView
 from ..units import UnitGraph
 from .analysis import Analysis
+from .loss import LossSignal
 from .plan import FreezePlan, PlanChange
 from .services import Service, chain
 from .steps import StepDriver
@@ -54,11 +55,18 @@ class AttachedForward:
     the FrozenModule is gone). A copy of the model (deepcopy, pickle) gets its class's plain forward back."""
 
     def __init__(self, fm, model):
+        previous = model.__dict__.get("forward")  # an instance forward set before (None: the class's)
+        if isinstance(previous, AttachedForward):  # left by a FrozenModule never detached (an interrupted run)
+            owner = previous._fm() if previous._fm is not None else None
+            if owner is not None and owner.__dict__.get("_attached") is previous:
+                raise ConfigError("another FrozenModule is attached to this model: call .detach() on it first")
+            previous.remove()
+            previous = model.__dict__.get("forward")
         self._fm = weakref.ref(fm)
         self._model = weakref.ref(model)
-        self._previous = model.__dict__.get("forward")  # an instance forward set before (None: the class's)
+        self._previous = previous
         self.original = model.forward
-        functools.update_wrapper(self, self.original)
+        functools.update_wrapper(self, self.original, updated=())  # name, doc, __wrapped__; not its __dict__
         try:
             self.__signature__ = inspect.signature(self.original)
         except (TypeError, ValueError):
@@ -129,6 +137,7 @@ class FrozenModule(nn.Module):
         state["_structure"] = torch_private.structure_ids(model)
         state["_calls_since_step"] = 0
         state["_pending"] = None  # a plan decided at the last step, applied before the next call (see _settle)
+        state["_loss"] = LossSignal()
         state["_compiled"] = None
         if compile_config is not None:
             from .compiled import CompiledExecutor
@@ -279,6 +288,7 @@ class FrozenModule(nn.Module):
         self._settle()
         self.__dict__["_step"] = self._step + 1
         self.__dict__["_calls_since_step"] = 0
+        self._loss.end_step()
         for service in self._services:
             service.after_step(self._step)
         decision = self._policy.decide(self._view)
@@ -326,15 +336,30 @@ class FrozenModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self._compiled is not None:
             self._sync()
-            self._count_training_call()
-            return self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
+            training = self._count_training_call()
+            out = self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
+            if training:
+                self._loss.observe_output(out)
+            return out
         return self._call(args, kwargs, self._run)
 
     def _call(self, args, kwargs, run):
         self._sync()
-        self._count_training_call()
+        training = self._count_training_call()
         with self._inside_call():
-            return run(args, kwargs)
+            out = run(args, kwargs)
+        if training:
+            self._loss.observe_output(out)
+        return out
+
+    def observe_loss(self, loss) -> None:
+        """Give the policy this step's training loss (a tensor or a number). Optional: without it the policy
+        reads the loss the model returns, or a proxy from the gradient reaching the model's output."""
+        self._loss.observe_loss(loss)
+
+    def losses(self) -> list:
+        """The training-loss signal, one value per counted step (see frzcompile.runtime.loss)."""
+        return self._loss.floats()
 
     @contextlib.contextmanager
     def _inside_call(self):
@@ -383,7 +408,8 @@ class FrozenModule(nn.Module):
             self._on_structure_change(structure)
         self._plan.enforce_eval()
 
-    def _count_training_call(self) -> None:
+    def _count_training_call(self) -> bool:
+        """Counts a call made in training mode with grad enabled; returns whether it was one."""
         if self.training and torch.is_grad_enabled():
             self._driver.saw_forward()
             calls = self._calls_since_step + 1
@@ -394,6 +420,8 @@ class FrozenModule(nn.Module):
                     "policy has not run. frzcompile counts steps of torch.optim optimizers holding the model's "
                     "parameters; with another optimizer, call fm.step() after each step.", NoStepWarning,
                     stacklevel=4)
+            return True
+        return False
 
     def _on_structure_change(self, structure) -> None:
         self.__dict__["_structure"] = structure
@@ -469,6 +497,7 @@ class FrozenModule(nn.Module):
             "since": dict(self._plan.since),
             "step": self._step,
             "policy": {"name": self._policy.name, "state": self._policy.state_dict()},
+            "losses": self._loss.state_dict(),
             "sparsity": self.sparsity.state_dict() if self.sparsity is not None else None,
         }
 
@@ -486,6 +515,8 @@ class FrozenModule(nn.Module):
             raise PlanError("the saved freeze state and this module disagree on sparsity= (one has masks, the "
                             "other not)")
         self._policy.load_state_dict(state["policy"]["state"])
+        if state.get("losses") is not None:
+            self._loss.load_state_dict(state["losses"])
         if self.sparsity is not None:
             self.sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_pending"] = None

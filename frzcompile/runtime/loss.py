@@ -1,0 +1,97 @@
+"""The training loss, one value per training step, for the policies' safety rules (frzcompile/safety.py).
+
+Where it comes from, per step (the first that is there):
+  1. `fm.observe_loss(loss)`: the loss your loop computed (the Lightning callback passes the training_step's);
+  2. the loss the model returns (a Hugging Face output's `.loss` when labels are given, a dict's "loss");
+  3. otherwise a proxy that needs nothing from the loop: the root-mean-square, per output row, of the gradient
+     reaching the model's main output (a tensor hook). For cross-entropy with mean reduction that is the RMS
+     of softmax(output) - one_hot(label), for a squared error it is proportional to the RMS error: it falls as
+     the loss falls. (With a float16 GradScaler its scale moves it: give the loss with observe_loss.)
+Values stay tensors until a policy reads them (`floats()`), so a GPU is synchronised once per read, not per step.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from ..torch_private import tree_flatten
+
+KINDS = ("observed", "returned", "output gradient")
+
+
+def _returned_loss(out):
+    loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+        return loss
+    return None
+
+
+def _main_output(out):
+    """The first floating tensor of the output that needs grad (logits, hidden states)."""
+    for t in tree_flatten(out)[0]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad and t.numel() > 0:
+            return t
+    return None
+
+
+class LossSignal:
+    def __init__(self):
+        self._step = {kind: [] for kind in KINDS}   # this step's readings, by source
+        self._values: list = []                     # per finished step: a tensor, a float or None
+        self.kind = None                            # the source of the last step's value
+
+    def observe_output(self, out) -> None:
+        """A training call returned `out`: keep its loss, or hook its main output's gradient."""
+        loss = _returned_loss(out)
+        if loss is not None:
+            self._step["returned"].append(loss.detach().float().reshape(()))
+            return
+        t = _main_output(out)
+        if t is None:
+            return
+        rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
+        scale = math.sqrt(max(rows, 1))
+        me = weakref.ref(self)
+
+        def hook(grad):
+            signal = me()
+            if signal is not None:
+                signal._step["output gradient"].append(grad.detach().float().norm() * scale)
+
+        t.register_hook(hook)
+
+    def observe_loss(self, loss) -> None:
+        value = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._step["observed"].append(value)
+
+    def end_step(self) -> None:
+        for kind in KINDS:
+            readings = self._step[kind]
+            if readings:
+                self._values.append(torch.stack([r.to(readings[0].device) for r in readings]).mean())
+                self.kind = kind
+                break
+        else:
+            self._values.append(None)
+        self._step = {kind: [] for kind in KINDS}
+
+    def floats(self) -> list:
+        """One value per training step so far (None where none was seen)."""
+        pending = [i for i, v in enumerate(self._values) if isinstance(v, torch.Tensor)]
+        if pending:
+            by_device: dict = {}
+            for i in pending:
+                by_device.setdefault(self._values[i].device, []).append(i)
+            for indices in by_device.values():
+                for i, v in zip(indices, torch.stack([self._values[i] for i in indices]).tolist()):
+                    self._values[i] = v
+        return list(self._values)
+
+    def state_dict(self) -> dict:
+        return {"values": self.floats(), "kind": self.kind}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._values = list(state["values"])
+        self.kind = state["kind"]

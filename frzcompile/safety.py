@@ -1,0 +1,139 @@
+"""Rules no freezing decision may break, whatever a predictor says (SmartFRZ applies them to every decision).
+
+A predictor that sees only weight snapshots cannot tell convergence from a plateau before learning: both look
+like weights that stopped moving. These rules read the training loss instead (`TrainingView.losses()`: the loss
+the model returns, one given to `fm.observe_loss`, or else a proxy measured from the gradient reaching the
+model's output, see frzcompile.runtime.loss), averaged over `window` steps:
+
+  1. Learning has started and is not in a steep descent: no freeze until the recent loss is at least `min_drop`
+     (relative) below the loss of the first `window` steps, nor while it fell by more than `max_fall`
+     (relative) from the window before (a network still learning fast would lose what its frozen units had
+     not learned yet).
+  2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
+     steps pass between two freezes.
+  3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) above
+     where it was just before the freeze, the unit is thawed again and held back for `backoff` steps (as Egeria
+     checks a frozen layer's plasticity against a reference).
+Every decision, hold-back and rollback is logged (`events`) for `explain`.
+"""
+from __future__ import annotations
+
+import math
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+class Safeguard:
+    def __init__(self, min_gap: int = 30, min_drop: float = 0.1, max_fall: float = 0.03, window: int = 20,
+                 watch: int = 40, tolerance: float = 0.05, backoff: int = 200):
+        self.min_gap, self.min_drop, self.max_fall, self.window = int(min_gap), float(min_drop), float(max_fall), \
+            int(window)
+        self.watch, self.tolerance, self.backoff = int(watch), float(tolerance), int(backoff)
+        self.last_freeze = None        # step of the last freeze
+        self.watching: list = []       # [unit, step frozen, loss before] of freezes still being watched
+        self.held: dict = {}           # unit -> step until which it may not freeze again
+        self.events: list = []         # (step, text), newest last
+        self.blocked = ""              # why the last candidate was held back ('' if none was)
+
+    def __repr__(self):
+        return (f"Safeguard(min_gap={self.min_gap}, min_drop={self.min_drop}, max_fall={self.max_fall}, "
+                f"window={self.window}, "
+                f"watch={self.watch}, tolerance={self.tolerance}, backoff={self.backoff})")
+
+    # -- the loss, from the view -------------------------------------------------------------------------
+    def _level(self, losses, end=None) -> float:
+        end = len(losses) if end is None else end
+        return _mean(losses[max(0, end - self.window):end])
+
+    def learning_started(self, losses) -> tuple[bool, str]:
+        known = [v for v in losses if v is not None]
+        if len(known) < 2 * self.window:
+            return False, (f"not enough loss readings yet ({len(known)} of {2 * self.window}); with a loop that "
+                           "returns no loss and whose output gets no gradient, call fm.observe_loss(loss)")
+        start, now = _mean(known[:self.window]), _mean(known[-self.window:])
+        need = start * (1.0 - self.min_drop)
+        if not now <= need:
+            return False, (f"learning has not started: loss {now:.4g} against {start:.4g} at the start (needs "
+                           f"<= {need:.4g}, {100 * self.min_drop:.0f}% lower)")
+        before = _mean(known[-2 * self.window:-self.window])
+        if now < before * (1.0 - self.max_fall):
+            return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
+                           f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
+        return True, ""
+
+    # -- the rules -----------------------------------------------------------------------------------------
+    def review(self, view, frozen: set):
+        """Rule 3: the units to thaw now (a freeze after which the loss rose), or an empty set."""
+        losses, step = view.losses(), view.step
+        thaw = set()
+        still = []
+        for unit, at, before in self.watching:
+            if unit not in frozen:
+                continue
+            if step - at < self.watch:
+                still.append([unit, at, before])
+                continue
+            after = self._level(losses)
+            if math.isfinite(before) and math.isfinite(after) and after > before * (1.0 + self.tolerance):
+                thaw.add(unit)
+                self.held[unit] = step + self.backoff
+                self.events.append((step, f"rolled back {unit} (frozen at step {at}): loss {after:.4g} against "
+                                          f"{before:.4g} before the freeze (+{100 * (after / before - 1):.1f}%); "
+                                          f"held back until step {step + self.backoff}"))
+            else:
+                self.events.append((step, f"kept {unit} frozen: loss {after:.4g} against {before:.4g} before "
+                                          "the freeze"))
+        self.watching = still
+        return thaw
+
+    def admit(self, view, frozen: set, proposed: set, reason: str) -> set:
+        """Rules 1 and 2 on a proposed frozen set: the set allowed now (the old one when nothing new is)."""
+        new = proposed - frozen
+        if not new:
+            return proposed
+        step = view.step
+        held = sorted(u for u in new if self.held.get(u, -1) > step)
+        if held:
+            return self._hold(frozen, step, f"{', '.join(held)} held back after a rollback (until step "
+                                            f"{max(self.held[u] for u in held)})")
+        if self.last_freeze is not None and step - self.last_freeze < self.min_gap:
+            return self._hold(frozen, step, f"{self.min_gap} steps between freezes (last at step "
+                                            f"{self.last_freeze})")
+        losses = view.losses()
+        ok, why = self.learning_started(losses)
+        if not ok:
+            return self._hold(frozen, step, why)
+        self.blocked = ""
+        self.last_freeze = step
+        before = self._level(losses)
+        for unit in sorted(new):
+            self.watching.append([unit, step, before])
+        self.events.append((step, f"froze {', '.join(u for u in view.units if u in new)}: {reason}; loss "
+                                  f"{before:.4g}"))
+        return proposed
+
+    def _hold(self, frozen: set, step: int, why: str) -> set:
+        if why != self.blocked:  # log a reason once, not every decision
+            self.events.append((step, f"held back: {why}"))
+        self.blocked = why
+        return set(frozen)
+
+    def report(self, last: int = 6) -> list:
+        lines = [f"step {s}: {text}" for s, text in self.events[-last:]]
+        if self.blocked:
+            lines.append(f"now held back: {self.blocked}")
+        return lines
+
+    def state_dict(self) -> dict:
+        return {"last_freeze": self.last_freeze, "watching": [list(w) for w in self.watching],
+                "held": dict(self.held), "events": list(self.events), "blocked": self.blocked}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_freeze = state["last_freeze"]
+        self.watching = [list(w) for w in state["watching"]]
+        self.held = dict(state["held"])
+        self.events = [tuple(e) for e in state["events"]]
+        self.blocked = state["blocked"]

@@ -1,0 +1,167 @@
+"""The default policy's safety rules (frzcompile/safety.py): whatever the predictor says, no freeze before learning
+has started or during a steep descent, one unit at a time with a gap, and a rollback when the loss rises after a
+freeze; and the loss signal they read (frzcompile/runtime/loss.py)."""
+import pytest
+import torch
+from torch import nn
+
+import frzcompile
+from frzcompile import data
+from frzcompile.policies import SmartFRZ
+from frzcompile.predictor import WINDOW
+from frzcompile.safety import Safeguard
+from tests.test_smartfrz import ScaleRule, SyntheticView
+
+
+class LossView(SyntheticView):
+    """Every unit settled (the predictor says converged for all); the loss follows `curve(step)`."""
+
+    def __init__(self, curve, units=("a", "b", "c", "head")):
+        super().__init__({u: "settled" for u in units})
+        self.curve = curve
+
+    def losses(self):
+        return [self.curve(i) for i in range(self.step)]
+
+
+def run(view, steps, policy=None):
+    policy = policy or SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    policy.bind(view)
+    history = []
+    for _ in range(steps):
+        view.step += 1
+        decision = policy.decide(view)
+        if decision is not None:
+            view.frozen = tuple(u for u in view.units if u in decision)
+            history.append((view.step, view.frozen))
+    return history, policy
+
+
+def test_a_plateau_before_learning_freezes_nothing():
+    history, policy = run(LossView(lambda i: 2.30 + 0.01 * (i % 3)), 600)
+    assert history == []
+    assert "learning has not started" in policy.safeguard.blocked
+    # the same predictor without the rules would have frozen everything it may at once
+    unsafe, _ = run(LossView(lambda i: 2.30), 600, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
+                                                             safeguard=None))
+    assert unsafe and len(unsafe[0][1]) == 1 and unsafe[-1][1] == ("a", "b", "c")
+
+
+def test_no_freeze_while_the_loss_falls_fast():
+    history, policy = run(LossView(lambda i: 2.0 * 0.99 ** i), 600)  # -18% every 20 steps, all along
+    assert history == [] and "still falling fast" in policy.safeguard.blocked
+
+
+def test_one_unit_per_decision_and_a_gap_between_freezes():
+    history, policy = run(LossView(lambda i: 2.0 * 0.98 ** min(i, 100)), 10 * (WINDOW + 12))
+    first = 10 * (WINDOW + 2)  # a full window, then three votes
+    assert history == [(first, ("a",)), (first + 30, ("a", "b")), (first + 60, ("a", "b", "c"))]
+    assert any("froze a: predictor says converged" in e for _, e in policy.safeguard.events)
+
+
+def test_a_freeze_after_which_the_loss_rises_is_rolled_back_and_held_back():
+    first = 10 * (WINDOW + 2)
+    def curve(i):  # learned, flat, then 30% higher right after the first freeze
+        return 2.0 * 0.98 ** min(i, 100) * (1.3 if i >= first else 1.0)
+
+    view = LossView(curve, units=("a", "head"))
+    history, policy = run(view, first + 200)
+    assert history[0] == (first, ("a",))
+    assert history[1] == (first + 40, ())  # watched for 40 steps, then thawed
+    assert len(history) == 2  # held back since (and its snapshot window starts again)
+    assert any("rolled back a" in e for _, e in policy.safeguard.events)
+
+
+def test_safeguard_state_round_trip():
+    _, policy = run(LossView(lambda i: 2.0 * 0.98 ** min(i, 100)), 10 * (WINDOW + 5))
+    other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    other.load_state_dict(policy.state_dict())
+    assert other.safeguard.state_dict() == policy.safeguard.state_dict()
+    with pytest.raises(frzcompile.PolicyError):
+        SmartFRZ(safeguard="strict")
+
+
+# -- the loss signal ---------------------------------------------------------------------------------------------
+def _fit(fm, opt, x, y, steps, observe=False):
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(fm(x), y)
+        loss.backward()
+        if observe:
+            fm.observe_loss(loss * 10)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_loss_signal_from_the_output_gradient_falls_with_the_loss_and_observe_loss_wins():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    x = torch.randn(64, 8)
+    y = x[:, :4].argmax(1)  # learnable
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+    _fit(fm, opt, x, y, 60)
+    signal = fm.losses()
+    assert len(signal) == 60 and all(v is not None for v in signal)
+    assert signal[-1] < 0.5 * signal[0]  # RMS of softmax - one_hot per row falls as the model fits
+    _fit(fm, opt, x, y, 3, observe=True)
+    loss = nn.functional.cross_entropy(model(x), y).item()
+    assert fm.losses()[-1] == pytest.approx(10 * loss, rel=0.05)  # what observe_loss gave
+
+
+def test_loss_signal_reads_a_returned_loss():
+    pytest.importorskip("transformers")
+    from frzcompile import zoo
+
+    torch.manual_seed(0)
+    model = zoo.tiny_bert(num_labels=3, layers=2)
+    ids = torch.randint(1, 128, (4, 8))
+    labels = torch.tensor([0, 1, 2, 1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "labels": labels}, optimizer=opt,
+                             policy="manual")
+    out = fm(input_ids=ids, labels=labels)
+    out.loss.backward()
+    opt.step()
+    assert fm.losses()[-1] == pytest.approx(out.loss.item())
+
+
+def test_a_plain_cnn_that_learns_late_is_not_wrecked():
+    """The reported case: a CNN without normalization, from scratch, SGD with momentum on digits, whose loss stays
+    flat for ~300 of 750 steps. Without the rules SmartFRZ froze every convolution at once during the plateau."""
+    x, y, xt, yt = data.digits(seed=0)
+
+    def cnn():
+        torch.manual_seed(0)
+        def conv(i, o, *more):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), *more)
+        m = nn.Sequential(conv(1, 16), conv(16, 16, nn.MaxPool2d(2)), conv(16, 32), conv(32, 32, nn.MaxPool2d(2)),
+                          conv(32, 64), conv(64, 64, nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(64, 10))
+        for c in m.modules():
+            if isinstance(c, nn.Conv2d):
+                nn.init.kaiming_normal_(c.weight, nonlinearity="relu")
+                nn.init.zeros_(c.bias)
+        return m
+
+    def train(policy):
+        model = cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+        net = model if policy is None else frzcompile.optimize(model, (x[:32],), optimizer=opt, policy=policy)
+        g, step = torch.Generator().manual_seed(0), 0
+        while step < 750:
+            for idx in torch.randperm(len(x), generator=g).split(32):
+                nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+                step += 1
+                if step == 750:
+                    break
+        model.eval()
+        with torch.no_grad():
+            return 100 * (model(xt).argmax(1) == yt).float().mean().item(), net
+
+    full, _ = train(None)
+    unsafe, _ = train(SmartFRZ(safeguard=None))
+    safe, fm = train("smartfrz")
+    assert unsafe < full - 10  # the catastrophe the rules exist for
+    assert safe >= full - 3, (safe, full, fm.policy.report())
+    assert fm.frozen  # and it still froze something once learning had settled
