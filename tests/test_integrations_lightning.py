@@ -106,3 +106,12 @@ def test_a_module_never_called_is_reported():
     cb = FreezeCallback(policy="linear")  # the LightningModule, but training_step calls self.model
     with pytest.raises(frzcompile.ConfigError, match="module='model'"):
         fit(Classifier(call_self=False), cb, enable_checkpointing=False)
+
+
+def test_the_training_step_loss_reaches_the_policy():
+    cb = FreezeCallback(policy="manual", module="model")
+    module = Classifier(call_self=False)
+    fit(module, cb, max_steps=6, enable_checkpointing=False)
+    losses = cb.fm.losses()
+    assert len(losses) == 6 and cb.fm._loss.kind == "observed"
+    assert 0.5 < losses[0] < 3.0  # a cross-entropy over 3 classes, not the gradient proxy

@@ -8,7 +8,8 @@ the LightningModule itself (for a `training_step` that calls `self(x)`). At that
 callback runs `frzcompile.optimize` on it (the call's arguments are the example; `total_steps` defaults to the
 trainer's estimated stepping batches, the optimizers are the trainer's) and attaches it, so your
 `training_step` runs the plan unchanged. The freeze state is part of the callback's `state_dict`, saved in
-Lightning checkpoints and restored by `trainer.fit(..., ckpt_path=...)`. `frozen_units` is logged every step.
+Lightning checkpoints and restored by `trainer.fit(..., ckpt_path=...)`. The training_step's loss goes to the
+policy (`fm.observe_loss`). `frozen_units` is logged every step.
 `callback.fm` is the FrozenModule once training started.
 """
 from __future__ import annotations
@@ -66,6 +67,10 @@ class FreezeCallback(Callback):
         if self._loaded is not None:
             fm.load_freeze_state_dict(self._loaded)
             self._loaded = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self.fm is not None:
+            self.fm.observe_loss(loss)  # the safety rules of the policy read the training loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.fm is None:
