@@ -6,8 +6,9 @@
 Pipeline: capture (capture.py, for analysis) -> units (units.py) -> policy (policies.py, predictor/) -> passes
 (passes/: sparsify, freeze, cache) -> runtime (runtime/: the model's own forward with the plan applied, and the
 services cache/ and sparsity/), and kernels/ for the hot regions on GPU. `torch.compile(model,
-backend="frzcompile")` runs the passes on Dynamo's graphs (backend.py). Importing this package initializes no
-CUDA, needs no Triton and changes no global torch setting.
+backend="frzcompile")` runs the passes on Dynamo's graphs (backend.py); integrations/ (Hugging Face Trainer,
+Lightning, DDP) are imported only when used. Importing this package initializes no CUDA, needs no Triton and
+changes no global torch setting.
 """
 from .api import optimize
 from .backend import CompileConfig

@@ -7,12 +7,12 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
 
   1. Learning has started and is not in a steep descent: no freeze until the recent loss is at least `min_drop`
      (relative) below the loss of the first `window` steps, nor while it fell by more than `max_fall`
-     (relative) from the window before (a network still learning fast would lose what its frozen units had
-     not learned yet).
+     (relative) from the window before, beyond the noise of the per-step losses (a network still learning
+     fast would lose what its frozen units had not learned yet).
   2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
      steps pass between two freezes.
-  3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) above
-     where it was just before the freeze, the unit is thawed again and held back for `backoff` steps (as Egeria
+  3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and
+     beyond the noise above where it was just before the freeze, the unit is thawed again and held back for `backoff` steps (as Egeria
      checks a frozen layer's plasticity against a reference).
 Every decision, hold-back and rollback is logged (`events`) for `explain`.
 """
@@ -20,10 +20,27 @@ from __future__ import annotations
 
 import math
 
+MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
+
 
 def _mean(values) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else float("nan")
+
+
+def _error(values) -> float:
+    """Standard error of the mean of `values` (per-step losses are noisy: a difference of two window means
+    counts only when it is larger than twice the noise of that difference)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return float("inf")
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def _beyond_noise(a, b) -> bool:
+    """Whether the means of windows a and b differ by more than twice the standard error of their difference."""
+    return abs(_mean(a) - _mean(b)) > 2.0 * math.hypot(_error(a), _error(b))
 
 
 class Safeguard:
@@ -58,8 +75,9 @@ class Safeguard:
         if not now <= need:
             return False, (f"learning has not started: loss {now:.4g} against {start:.4g} at the start (needs "
                            f"<= {need:.4g}, {100 * self.min_drop:.0f}% lower)")
-        before = _mean(known[-2 * self.window:-self.window])
-        if now < before * (1.0 - self.max_fall):
+        previous, recent = known[-2 * self.window:-self.window], known[-self.window:]
+        before = _mean(previous)
+        if now < before * (1.0 - self.max_fall) and _beyond_noise(previous, recent):
             return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
                            f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
         return True, ""
@@ -77,7 +95,9 @@ class Safeguard:
                 still.append([unit, at, before])
                 continue
             after = self._level(losses)
-            if math.isfinite(before) and math.isfinite(after) and after > before * (1.0 + self.tolerance):
+            around = losses[max(0, at - self.window):at], losses[max(0, len(losses) - self.window):]
+            if math.isfinite(before) and math.isfinite(after) and after > before * (1.0 + self.tolerance) \
+                    and _beyond_noise(*around):
                 thaw.add(unit)
                 self.held[unit] = step + self.backoff
                 self.events.append((step, f"rolled back {unit} (frozen at step {at}): loss {after:.4g} against "
@@ -116,9 +136,10 @@ class Safeguard:
         return proposed
 
     def _hold(self, frozen: set, step: int, why: str) -> set:
-        if why != self.blocked:  # log a reason once, not every decision
+        if why.split(":")[0] != self.blocked.split(":")[0]:  # log a kind of reason once, not every decision
             self.events.append((step, f"held back: {why}"))
         self.blocked = why
+        del self.events[:-MAX_EVENTS]
         return set(frozen)
 
     def report(self, last: int = 6) -> list:

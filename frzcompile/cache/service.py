@@ -785,7 +785,7 @@ class ActivationCache(Service):
             why = "the store is full" if full else f"after {self.stats['lookups']} lookups"
             self.off_reason = (f"hit rate {100 * hits / lookups:.1f}% over the last {lookups} samples is below "
                                f"{100 * self.config.min_hit_rate:.0f}% ({why}); inputs rarely repeat (random "
-                               "augmentation?)")
+                               "augmentation?). CacheConfig(min_hit_rate=0) keeps it on")
             self.store.close()
 
     # -- filling ahead of time -----------------------------------------------------------------------------
