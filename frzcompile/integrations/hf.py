@@ -56,10 +56,11 @@ class FreezeCallback(TrainerCallback):
             found = [p for p in paths if os.path.isfile(p)]
             if found:
                 self._resume_state = torch.load(found[0], weights_only=True)
-                if self._resume_state.get("step") != state.global_step:
-                    raise ConfigError(f"{found[0]} holds the freeze state of step {self._resume_state.get('step')}, "
-                                      f"but the Trainer resumes at step {state.global_step}: pass "
-                                      "FreezeCallback(resume_from=<the checkpoint folder>)")
+                if self._resume_state.get("step") != state.global_step:  # (a float16 run skips overflowed steps)
+                    warnings.warn(f"frzcompile: {found[0]} was saved at frzcompile step "
+                                  f"{self._resume_state.get('step')}, the Trainer resumes at step {state.global_step}; "
+                                  "if this is another run's checkpoint, pass FreezeCallback(resume_from=<folder>)",
+                                  stacklevel=2)
             else:
                 warnings.warn(f"frzcompile: resuming at step {state.global_step} without a freeze state (none of "
                               f"{paths}); the plan starts again with nothing frozen. Pass "
