@@ -126,7 +126,10 @@ class Explanation:
         if self.sparse is not None:
             routes = self.sparse["block_sparse_routes"]
             lines.append(f"{self.sparse['gradient_masks']} weights with masked gradients (tensor hooks)"
-                         + (f"; block-sparse kernel for {', '.join(routes)}" if routes else ""))
+                         + (f"; routed to the block-sparse kernel where it is faster: {', '.join(routes)}"
+                            if routes else ""))
+            for name, paths in self.sparse.get("block_sparse_paths", {}).items():
+                lines += [f"  {name}: {p}" for p in paths] or [f"  {name}: not called yet"]
         if self.cache is not None and self.cache["served_calls"]:
             lines.append(f"activation cache serves the outputs of {', '.join(self.cache['served_calls'])}")
         return lines

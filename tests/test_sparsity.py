@@ -304,9 +304,13 @@ def test_user_masks_are_used_as_given():
 
 
 @pytest.mark.parametrize("frozen_unit", [0, 1], ids=["prefix", "middle"])
-def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit):
+def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit, monkeypatch):
     from frzcompile import kernels
+    from frzcompile.sparsity import training
 
+    # the cost model picks the kernel only where it measures it faster: here a timer that says so (Triton's
+    # interpreter is far slower than dense on CPU; see test_the_cost_model_keeps_dense_where_it_is_faster)
+    monkeypatch.setattr(training, "time_ms", lambda fn: 1.0 if "block_sparse_linear" in fn.__code__.co_freevars else 2.0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     x = torch.randn(5, 128)
@@ -322,7 +326,11 @@ def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit):
     assert sparsify_stats(fm)["block_sparse"] == [f"{name}.weight"]  # the pass routed it
     assert fm.sparsity.report()["block_sparse_routes"] == [f"{name}.weight"]  # and the runtime did
     # on CPU the Triton kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1)
-    assert log.last["block_sparse_linear"] == ("triton" if kernels.triton_available() else "reference")
+    if kernels.triton_available():
+        assert log.last["block_sparse_linear"] == "triton"
+        assert "kernel (" in "".join(fm.sparsity.report()["block_sparse_paths"][f"{name}.weight"])
+    else:
+        assert "cannot run here" in "".join(fm.sparsity.report()["block_sparse_paths"][f"{name}.weight"])
     ref_out = ref(x)
     torch.testing.assert_close(out, ref_out)
     out.square().sum().backward()
@@ -332,6 +340,28 @@ def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit):
         if p.grad is not None:  # trainable masked weights get the masked gradient
             mask = fm.sparsity.targets[n].mask if n in fm.sparsity.targets else 1
             torch.testing.assert_close(p.grad, q.grad * mask, msg=n)
+
+
+def test_the_cost_model_keeps_dense_where_it_is_faster():
+    """No frozen layer runs slower than dense: the first call of each kind times both paths on its own input and
+    keeps the faster (on CPU, Triton's interpreter is much slower than F.linear), and explain says why."""
+    from frzcompile import kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(5, 128)
+    cfg = SparsityConfig(0.5, structure="block", block=(64, 64), scope="layer")
+    fm = frzcompile.optimize(model, (x,), policy="manual", sparsity=cfg, units=["0", "2"])
+    fm.freeze("0")
+    with kernels.recording_paths() as log:
+        out = fm(x)
+        fm(x)
+    torch.testing.assert_close(out, model(x))
+    paths = fm.sparsity.report()["block_sparse_paths"]["0.weight"]
+    assert len(paths) == 1 and ": dense (" in paths[0], paths
+    if kernels.triton_available():  # timed once (warm-up + 3), then never again: only F.linear runs
+        assert log.counts["block_sparse_linear", "triton"] == 4 and "kernel" in paths[0] and "dense" in paths[0]
+    assert "0.weight: <= 8 rows" in str(frzcompile.explain(fm))
 
 
 def test_ops_named_by_the_user_are_masked_too():

@@ -14,6 +14,7 @@ the sparsify pass routes to the block-sparse kernel gets a `BlockSparseForward` 
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -147,15 +148,40 @@ class Target:
         return getattr(self.module, self.attr + "_mask")
 
 
+def time_ms(fn, rounds: int = 3) -> float:
+    """Median milliseconds of `fn()` over `rounds` after one warm-up, without autograd, the device synchronised."""
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    times = []
+    with torch.no_grad():
+        fn()
+        for _ in range(rounds):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
 class BlockSparseForward:
     """`forward` of a frozen masked nn.Linear while it is routed to the block-sparse kernel: y = x W^T + b over the
     weight's nonzero blocks. The layout is rebuilt whenever the weight changes, and F.linear runs when too few
-    blocks are empty. Self-contained (it reads its own module's weight), so a deep copy of the model stays right."""
+    blocks are empty. Self-contained (it reads its own module's weight), so a deep copy of the model stays right.
+
+    A measured cost model picks the path, so that a frozen layer never runs slower than dense: for each kind of
+    call (rows rounded up to a power of two, dtype, device, autocast) the first call times the kernel and F.linear
+    on its own input (forward, median of 3) and keeps the faster; where the kernel cannot run (no GPU, a dtype it
+    does not take) F.linear runs. `paths` holds each decision with its reason, for explain."""
 
     def __init__(self, module: nn.Linear, threshold: float):
         self.module = module
         self.threshold = threshold
         self._key, self._layout = None, None
+        self.paths: dict = {}   # call kind -> (path "kernel" or "dense", why)
+        self.timer = time_ms
         setattr(self, FORWARD_MARK, True)
 
     def layout(self):
@@ -166,15 +192,42 @@ class BlockSparseForward:
         if key != self._key:
             layout = BlockSparseWeight.from_dense(w.detach())
             self._key, self._layout = key, layout if layout.block_sparsity >= self.threshold else None
+            self.paths = {}  # another weight: measure again
         return self._layout
 
     def __call__(self, input):
         from ..kernels.block_sparse_matmul import block_sparse_linear
 
         layout = self.layout()
-        if layout is None:
+        if layout is None or self._path(input, layout) == "dense":
             return F.linear(input, self.module.weight, self.module.bias)
         return block_sparse_linear(input, layout, self.module.bias)
+
+    def _path(self, x, layout) -> str:
+        from ..kernels.block_sparse_matmul import block_sparse_linear, eligibility
+
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        kind = (1 << max(rows - 1, 0).bit_length(), x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+        choice = self.paths.get(kind)
+        if choice is None:
+            ok, why = eligibility(x, layout, self.module.bias)
+            if not ok:
+                choice = ("dense", f"the kernel cannot run here: {why}")
+            elif torch.compiler.is_compiling():
+                return "kernel"
+            else:
+                w, b = self.module.weight, self.module.bias
+                dense = self.timer(lambda: F.linear(x, w, b))
+                kernel = self.timer(lambda: block_sparse_linear(x, layout, b))
+                path = "kernel" if kernel < dense else "dense"
+                choice = (path, f"{rows} rows, {100 * layout.block_sparsity:.0f}% empty blocks: kernel "
+                                f"{kernel:.3f} ms, dense {dense:.3f} ms")
+            self.paths[kind] = choice
+        return choice[0]
+
+    def describe(self) -> list:
+        return [f"<= {kind[0]} rows, {str(kind[1]).replace('torch.', '')} on {kind[2]}: {path} ({why})"
+                for kind, (path, why) in self.paths.items()]
 
 
 class SparseTraining(Service):
@@ -480,6 +533,7 @@ class SparseTraining(Service):
                 "sparsity": 1.0 - density(self.masks), "mask_updates": self.updates,
                 "last_update_step": self.last_update_step, "early_bird": eb,
                 "gradient_masks": len(self._grad_hooks), "block_sparse_routes": sorted(self.routes),
+                "block_sparse_paths": {name: forward.describe() for name, forward in sorted(self.routes.items())},
                 "sieve": self.config.sieve.summary() if self.config.sieve is not None else None}
 
     def state_dict(self) -> dict:
