@@ -23,6 +23,18 @@ import math
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
 
+def _known(losses, count: int, from_end: bool) -> list:
+    """The first (or last) `count` known values of `losses`, in order, without walking the whole history."""
+    out = []
+    indices = range(len(losses) - 1, -1, -1) if from_end else range(len(losses))
+    for i in indices:
+        if losses[i] is not None:
+            out.append(losses[i])
+            if len(out) == count:
+                break
+    return out[::-1] if from_end else out
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else float("nan")
@@ -66,11 +78,12 @@ class Safeguard:
         return _mean(losses[max(0, end - self.window):end])
 
     def learning_started(self, losses) -> tuple[bool, str]:
-        known = [v for v in losses if v is not None]
-        if len(known) < 2 * self.window:
+        first = _known(losses, self.window, from_end=False)
+        known = _known(losses, 2 * self.window, from_end=True)
+        if len(first) < self.window or len(known) < 2 * self.window:
             return False, (f"not enough loss readings yet ({len(known)} of {2 * self.window}); with a loop that "
                            "returns no loss and whose output gets no gradient, call fm.observe_loss(loss)")
-        start, now = _mean(known[:self.window]), _mean(known[-self.window:])
+        start, now = _mean(first), _mean(known[-self.window:])
         need = start * (1.0 - self.min_drop)
         if not now <= need:
             return False, (f"learning has not started: loss {now:.4g} against {start:.4g} at the start (needs "

@@ -39,7 +39,8 @@ def _main_output(out):
 class LossSignal:
     def __init__(self):
         self._step = {kind: [] for kind in KINDS}   # this step's readings, by source
-        self._values: list = []                     # per finished step: a tensor, a float or None
+        self._values: list = []                     # per finished step: a float or None (tensors until read)
+        self._unread = 0                            # values from this index on may still be tensors
         self.kind = None                            # the source of the last step's value
 
     def observe_output(self, out) -> None:
@@ -78,8 +79,9 @@ class LossSignal:
         self._step = {kind: [] for kind in KINDS}
 
     def floats(self) -> list:
-        """One value per training step so far (None where none was seen)."""
-        pending = [i for i, v in enumerate(self._values) if isinstance(v, torch.Tensor)]
+        """One value per training step so far (None where none was seen). The list itself, not a copy: read it,
+        do not change it (a policy reads it every few steps over runs of any length)."""
+        pending = [i for i in range(self._unread, len(self._values)) if isinstance(self._values[i], torch.Tensor)]
         if pending:
             by_device: dict = {}
             for i in pending:
@@ -87,11 +89,13 @@ class LossSignal:
             for indices in by_device.values():
                 for i, v in zip(indices, torch.stack([self._values[i] for i in indices]).tolist()):
                     self._values[i] = v
-        return list(self._values)
+        self._unread = len(self._values)
+        return self._values
 
     def state_dict(self) -> dict:
-        return {"values": self.floats(), "kind": self.kind}
+        return {"values": list(self.floats()), "kind": self.kind}
 
     def load_state_dict(self, state: dict) -> None:
         self._values = list(state["values"])
+        self._unread = 0
         self.kind = state["kind"]
