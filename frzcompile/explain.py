@@ -61,6 +61,7 @@ class Explanation:
         self.capture_attempts = list(fm.analysis.captured.attempts)
         self.policy = repr(fm.policy)
         self.policy_report = fm.policy.report() if hasattr(fm.policy, "report") else []
+        self.loss_source = fm.loss_source()
         self.step = fm.step_count
         plan = fm.plan
         prefix = set(fm.frozen_prefix)
@@ -140,6 +141,8 @@ class Explanation:
             lines.append(f"  ({method} was tried first and failed: {why})")
         lines.append(f"policy {self.policy}, step {self.step}")
         lines += [f"  {line}" for line in self.policy_report]
+        if self.policy_report:
+            lines.append(f"  loss signal: {self.loss_source}")
         for merged, why in self.merges.items():
             lines.append(f"merged unit {merged}: {why}")
         for u, owners in self.shared_weights.items():
@@ -203,6 +206,8 @@ class Explanation:
         lines.append("what runs: " + "; ".join(self.runs))
         lines.append(f"analysis graphs built: {self.builds} ({1000 * self.build_seconds:.0f} ms in all); "
                      f"plan changes: {len(self.plan_changes)}")
+        if len(self.plan_changes) > 5:
+            lines.append(f"  (the last 5 of {len(self.plan_changes)}; all in fm.plan.changes)")
         for step, frozen, reason in self.plan_changes[-5:]:
             lines.append(f"  step {step}: {reason} -> frozen {list(frozen) or 'nothing'}")
         if self.compiled is not None:

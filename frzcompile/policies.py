@@ -316,8 +316,14 @@ class SmartFRZ(Policy):
         return new if new != frozen else None
 
     def report(self) -> list:
-        """What explain shows: the safety rules' last events."""
-        return self.safeguard.report() if self.safeguard is not None else []
+        """What explain shows: whether the predictor has judged yet, and the safety rules' last events."""
+        lines = []
+        if not self.last_probabilities:
+            have = max((len(h) for h in self._snapshots.values()), default=0)
+            lines.append(f"no unit judged yet: the predictor needs {self._window} weight snapshots, one every "
+                         f"{self.interval} steps (first judgement at step {self._window * self.interval}); {have} "
+                         "so far")
+        return lines + (self.safeguard.report() if self.safeguard is not None else [])
 
     def state_dict(self):
         return {"snapshots": {u: torch.stack(h) for u, h in self._snapshots.items() if h},

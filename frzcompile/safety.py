@@ -156,7 +156,9 @@ class Safeguard:
         return set(frozen)
 
     def report(self, last: int = 6) -> list:
-        lines = [f"step {s}: {text}" for s, text in self.events[-last:]]
+        lines = [f"({len(self.events) - last} earlier events in fm.policy.safeguard.events)"] \
+            if len(self.events) > last else []
+        lines += [f"step {s}: {text}" for s, text in self.events[-last:]]
         if self.blocked:
             lines.append(f"now held back: {self.blocked}")
         return lines

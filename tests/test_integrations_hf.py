@@ -142,3 +142,28 @@ def test_trainer_takes_fm_itself(tmp_path):
                               save_strategy="no", disable_tqdm=True)
     Trainer(model=fm, args=targs, train_dataset=data(), data_collator=collate).train()
     assert fm.step_count == 8 and len(fm.frozen) >= 3
+
+
+def test_a_run_that_failed_leaves_no_trap(tmp_path):
+    """A Trainer run that raised never reached on_train_end: the model is still attached. A new run with a new
+    callback takes over (with a warning) instead of failing."""
+    m = model()
+    first = FreezeCallback(policy="linear")
+
+    def broken(batch):
+        out = collate(batch)
+        if broken.calls == 2:
+            raise RuntimeError("a bad batch")
+        broken.calls += 1
+        return out
+
+    broken.calls = 0
+    targs = TrainingArguments(str(tmp_path), max_steps=6, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                              save_strategy="no", disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        Trainer(model=m, args=targs, train_dataset=data(), data_collator=broken, callbacks=[first]).train()
+    assert first.fm is not None and first.fm.attached
+    second = FreezeCallback(policy="linear")
+    with pytest.warns(UserWarning, match="still attached"):
+        Trainer(model=m, args=targs, train_dataset=data(), data_collator=collate, callbacks=[second]).train()
+    assert not first.fm.attached and second.fm.step_count == 6

@@ -165,3 +165,33 @@ def test_a_plain_cnn_that_learns_late_is_not_wrecked():
     assert unsafe < full - 10  # the catastrophe the rules exist for
     assert safe >= full - 3, (safe, full, fm.policy.report())
     assert fm.frozen  # and it still froze something once learning had settled
+
+
+def test_dict_outputs_use_the_output_that_gets_a_gradient_and_no_loss_warns():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return {"aux": h * 2, "logits": self.b(h)}  # the loss reads only the second
+
+    torch.manual_seed(0)
+    model = Two()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt)
+    for _ in range(3):
+        nn.functional.cross_entropy(fm(x)["logits"], y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(v is not None for v in fm.losses()) and "proxy" in fm.loss_source()
+    assert "no unit judged yet" in str(frzcompile.explain(fm))
+    # nothing that could carry a loss: after 50 steps a warning says what to do
+    fm2 = frzcompile.optimize(Two(), (x,), optimizer=None)
+    with pytest.warns(frzcompile.NoLossWarning, match="observe_loss"):
+        for _ in range(50):
+            with torch.no_grad():
+                fm2(x)
+            fm2.step()

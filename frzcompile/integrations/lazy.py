@@ -3,11 +3,13 @@ example batch up front, and drawing one from their data loader would consume its
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
 from ..api import optimize
 from ..errors import ConfigError
+from ..runtime import attached_to
 
 # optimize()'s keyword arguments that a callback fills in itself
 _FILLED = ("model", "example_inputs", "example_kwargs")
@@ -42,6 +44,11 @@ class OptimizeAtFirstCall:
         if not (module.training and torch.is_grad_enabled()):
             return None
         self.cancel()
+        earlier = attached_to(module)
+        if earlier is not None:  # an earlier run that ended with an error never detached
+            warnings.warn("frzcompile: a FrozenModule from an earlier run was still attached to the model (the run "
+                          "did not end normally); detaching it and starting a new one", stacklevel=2)
+            earlier.detach()
         fm = optimize(module, example_inputs=tuple(args), example_kwargs=dict(kwargs), **self.options())
         fm.attach()
         self.ready(fm)

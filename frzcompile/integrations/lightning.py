@@ -80,7 +80,8 @@ class FreezeCallback(Callback):
                                   "frozen; pass module='<attribute>' naming the network training_step calls "
                                   "(e.g. module='model' for self.model(x))")
             return
-        pl_module.log("frozen_units", float(len(self.fm.frozen)), on_step=True, prog_bar=False, logger=True)
+        if trainer.logger is not None:
+            pl_module.log("frozen_units", float(len(self.fm.frozen)), on_step=True, prog_bar=False, logger=True)
 
     def on_fit_end(self, trainer, pl_module):
         if self._pending is not None:

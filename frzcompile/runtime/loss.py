@@ -4,7 +4,8 @@ Where it comes from, per step (the first that is there):
   1. `fm.observe_loss(loss)`: the loss your loop computed (the Lightning callback passes the training_step's);
   2. the loss the model returns (a Hugging Face output's `.loss` when labels are given, a dict's "loss");
   3. otherwise a proxy that needs nothing from the loop: the root-mean-square, per output row, of the gradient
-     reaching the model's main output (a tensor hook). For cross-entropy with mean reduction that is the RMS
+     reaching the model's output (tensor hooks on its first few floating tensors; the first of them that gets a
+     gradient counts). For cross-entropy with mean reduction that is the RMS
      of softmax(output) - one_hot(label), for a squared error it is proportional to the RMS error: it falls as
      the loss falls. (With a float16 GradScaler its scale moves it: give the loss with observe_loss.)
 Values stay tensors until a policy reads them (`floats()`), so a GPU is synchronised once per read, not per step.
@@ -28,17 +29,20 @@ def _returned_loss(out):
     return None
 
 
-def _main_output(out):
-    """The first floating tensor of the output that needs grad (logits, hidden states)."""
-    for t in tree_flatten(out)[0]:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad and t.numel() > 0:
-            return t
-    return None
+MAX_HOOKED = 4  # output tensors watched per call
+
+
+def _outputs(out) -> list:
+    """The floating tensors of the output that need grad (logits, hidden states), the first MAX_HOOKED."""
+    found = [t for t in tree_flatten(out)[0]
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad and t.numel() > 0]
+    return found[:MAX_HOOKED]
 
 
 class LossSignal:
     def __init__(self):
         self._step = {kind: [] for kind in KINDS}   # this step's readings, by source
+        self._gradients: list = []                  # (output position, reading) of this step's output gradients
         self._values: list = []                     # per finished step: a float or None (tensors until read)
         self._unread = 0                            # values from this index on may still be tensors
         self.kind = None                            # the source of the last step's value
@@ -49,25 +53,26 @@ class LossSignal:
         if loss is not None:
             self._step["returned"].append(loss.detach().float().reshape(()))
             return
-        t = _main_output(out)
-        if t is None:
-            return
-        rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
-        scale = math.sqrt(max(rows, 1))
         me = weakref.ref(self)
+        for position, t in enumerate(_outputs(out)):  # the first of them that gets a gradient counts
+            rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
 
-        def hook(grad):
-            signal = me()
-            if signal is not None:
-                signal._step["output gradient"].append(grad.detach().float().norm() * scale)
+            def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):
+                signal = me()
+                if signal is not None:
+                    signal._gradients.append((position, grad.detach().float().norm() * scale))
 
-        t.register_hook(hook)
+            t.register_hook(hook)
 
     def observe_loss(self, loss) -> None:
         value = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._step["observed"].append(value)
 
     def end_step(self) -> None:
+        if self._gradients:
+            first = min(position for position, _ in self._gradients)
+            self._step["output gradient"] = [r for position, r in self._gradients if position == first]
+            self._gradients = []
         for kind in KINDS:
             readings = self._step[kind]
             if readings:

@@ -31,6 +31,7 @@ from .steps import StepDriver
 
 FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
 NO_STEP_WARNING_CALLS = 100  # training calls without an optimizer step before frzcompile warns
+NO_LOSS_WARNING_STEPS = 50    # steps without any loss signal before frzcompile warns
 
 
 def _call_model(model, args, kwargs):
@@ -104,8 +105,21 @@ def _plain_forward(model):
     return type(model).forward.__get__(model)
 
 
+def attached_to(model):
+    """The FrozenModule attached to `model` (see FrozenModule.attach), or None."""
+    forward = model.__dict__.get("forward")
+    if not isinstance(forward, AttachedForward) or forward._fm is None:
+        return None
+    fm = forward._fm()
+    return fm if fm is not None and fm.__dict__.get("_attached") is forward else None
+
+
 class NoStepWarning(UserWarning):
     """Training calls keep coming but no optimizer step was seen, so the policy never runs."""
+
+
+class NoLossWarning(UserWarning):
+    """Training steps keep coming but no training loss was seen, so a policy with safety rules never freezes."""
 
 
 class FrozenModule(nn.Module):
@@ -289,6 +303,12 @@ class FrozenModule(nn.Module):
         self.__dict__["_step"] = self._step + 1
         self.__dict__["_calls_since_step"] = 0
         self._loss.end_step()
+        if self._step == NO_LOSS_WARNING_STEPS and hasattr(self._policy, "safeguard") and \
+                self._policy.safeguard is not None and not any(v is not None for v in self._loss.floats()):
+            warnings.warn(f"frzcompile: {self._step} training steps and no training loss seen, so the "
+                          f"{self._policy.name} policy will never freeze (its safety rules read the loss). Call "
+                          "fm.observe_loss(loss) after computing it, or return it from the model.", NoLossWarning,
+                          stacklevel=3)
         for service in self._services:
             service.after_step(self._step)
         decision = self._policy.decide(self._view)
@@ -360,6 +380,14 @@ class FrozenModule(nn.Module):
     def losses(self) -> list:
         """The training-loss signal, one value per counted step (see frzcompile.runtime.loss)."""
         return self._loss.floats()
+
+    def loss_source(self) -> str:
+        """Where the last step's loss signal came from."""
+        return {"observed": "the loss given to fm.observe_loss",
+                "returned": "the loss the model returns",
+                "output gradient": "a proxy: RMS per output row of the gradient reaching the model's output "
+                                   "(fm.observe_loss(loss) gives the loss itself)",
+                None: "none seen yet"}[self._loss.kind]
 
     @contextlib.contextmanager
     def _inside_call(self):
