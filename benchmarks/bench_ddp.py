@@ -102,7 +102,8 @@ def worker(rank, world, folder, args):
             results[variant].append(run_variant(variant, args, rank, world))
     if rank == 0:
         torch.save(results, f"{folder}/results.pt")
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # gloo's threads can abort the interpreter's teardown; the results are written
 
 
 def main():

@@ -3,6 +3,7 @@ weights of 1-process training on the same global batches, without find_unused_pa
 are not all-reduced."""
 import datetime
 import os
+import sys
 import traceback
 
 import pytest
@@ -76,11 +77,20 @@ def worker(rank, world, folder, policy_on_rank0_only):
         if rank == 0:
             torch.save({"weights": model.state_dict(), "sent": sent, "frozen": fm.frozen, "rebuilds": ddp.rebuilds},
                        f"{folder}/result.pt")
-        dist.destroy_process_group()
+        finish()
     except BaseException:
         with open(f"{folder}/error-{rank}.txt", "w") as f:
             f.write(traceback.format_exc())
         raise
+
+
+def finish():
+    """Both ranks done, then exit at once: gloo's threads can abort the interpreter's own teardown ("terminate
+    called without an active exception"), which would fail a run whose results are already written."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_two(folder, target, flag):
@@ -133,8 +143,7 @@ def fsdp_worker(rank, world, folder, shard_first):
                 frzcompile.optimize(model, (torch.randn(2, 12),))
             except frzcompile.ConfigError as e:
                 torch.save({"error": str(e)}, f"{folder}/result.pt") if rank == 0 else None
-            dist.destroy_process_group()
-            return
+            finish()
         fm = frzcompile.optimize(model, (torch.randn(2, 12),), policy=Schedule())  # first optimize, then shard
         for block in model:
             fully_shard(block)
@@ -144,7 +153,7 @@ def fsdp_worker(rank, world, folder, shard_first):
         weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save({"weights": weights, "frozen": fm.frozen}, f"{folder}/result.pt")
-        dist.destroy_process_group()
+        finish()
     except BaseException:
         with open(f"{folder}/error-{rank}.txt", "w") as f:
             f.write(traceback.format_exc())
