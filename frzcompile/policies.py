@@ -253,6 +253,9 @@ class SmartFRZ(Policy):
     def bind(self, view):
         if self._predictor is None:
             self._predictor = load_default()
+        self._snapshots, self._votes, self.last_probabilities = {}, {}, {}  # a new run (an instance reused)
+        if self.safeguard is not None:
+            self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
         self._numel = {u: view.numel(u) for u in view.units}
 

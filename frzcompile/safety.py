@@ -61,6 +61,10 @@ class Safeguard:
         self.min_gap, self.min_drop, self.max_fall, self.window = int(min_gap), float(min_drop), float(max_fall), \
             int(window)
         self.watch, self.tolerance, self.backoff = int(watch), float(tolerance), int(backoff)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the run (a policy bound to a new one)."""
         self.last_freeze = None        # step of the last freeze
         self.watching: list = []       # [unit, step frozen, loss before] of freezes still being watched
         self.held: dict = {}           # unit -> step until which it may not freeze again
@@ -84,13 +88,13 @@ class Safeguard:
             return False, (f"not enough loss readings yet ({len(known)} of {2 * self.window}); with a loop that "
                            "returns no loss and whose output gets no gradient, call fm.observe_loss(loss)")
         start, now = _mean(first), _mean(known[-self.window:])
-        need = start * (1.0 - self.min_drop)
+        need = start - abs(start) * self.min_drop  # (abs: a loss may be negative, an NLL or ELBO)
         if not now <= need:
             return False, (f"learning has not started: loss {now:.4g} against {start:.4g} at the start (needs "
                            f"<= {need:.4g}, {100 * self.min_drop:.0f}% lower)")
         previous, recent = known[-2 * self.window:-self.window], known[-self.window:]
         before = _mean(previous)
-        if now < before * (1.0 - self.max_fall) and _beyond_noise(previous, recent):
+        if now < before - abs(before) * self.max_fall and _beyond_noise(previous, recent):
             return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
                            f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
         return True, ""
@@ -109,7 +113,7 @@ class Safeguard:
                 continue
             after = self._level(losses)
             around = losses[max(0, at - self.window):at], losses[max(0, len(losses) - self.window):]
-            if math.isfinite(before) and math.isfinite(after) and after > before * (1.0 + self.tolerance) \
+            if math.isfinite(before) and math.isfinite(after) and after > before + abs(before) * self.tolerance \
                     and _beyond_noise(*around):
                 thaw.add(unit)
                 self.held[unit] = step + self.backoff

@@ -98,7 +98,7 @@ def test_loss_signal_from_the_output_gradient_falls_with_the_loss_and_observe_lo
     x = torch.randn(64, 8)
     y = x[:, :4].argmax(1)  # learnable
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+    fm = frzcompile.optimize(model, (x,), optimizer=opt)  # SmartFRZ: its safety rules read the loss
     _fit(fm, opt, x, y, 60)
     signal = fm.losses()
     assert len(signal) == 60 and all(v is not None for v in signal)
@@ -106,6 +106,32 @@ def test_loss_signal_from_the_output_gradient_falls_with_the_loss_and_observe_lo
     _fit(fm, opt, x, y, 3, observe=True)
     loss = nn.functional.cross_entropy(model(x), y).item()
     assert fm.losses()[-1] == pytest.approx(10 * loss, rel=0.05)  # what observe_loss gave
+    _fit(fm, opt, x, y, 2)
+    assert fm.losses()[-2:] == [None, None]  # once the loss was given, the proxy is not mixed into the series
+    # a policy without safety rules reads no loss: nothing is collected
+    quiet = frzcompile.optimize(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), (x,), policy="linear", total_steps=10)
+    nn.functional.cross_entropy(quiet(x), y).backward()
+    quiet.step()
+    assert quiet.losses() == [None]
+
+
+def test_a_model_returning_its_loss():
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x, y):
+            logits = self.b(torch.tanh(self.a(x)))
+            return nn.functional.cross_entropy(logits, y), logits
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    fm = frzcompile.optimize(WithLoss(), (x, y))
+    loss, _ = fm(x, y)
+    loss.backward()
+    fm.step()
+    assert fm.losses() == [pytest.approx(loss.item())] and "returns" in fm.loss_source()
 
 
 def test_loss_signal_reads_a_returned_loss():
@@ -117,8 +143,7 @@ def test_loss_signal_reads_a_returned_loss():
     ids = torch.randint(1, 128, (4, 8))
     labels = torch.tensor([0, 1, 2, 1])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "labels": labels}, optimizer=opt,
-                             policy="manual")
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "labels": labels}, optimizer=opt)
     out = fm(input_ids=ids, labels=labels)
     out.loss.backward()
     opt.step()

@@ -310,7 +310,8 @@ def test_frozen_block_sparse_linear_runs_the_block_sparse_kernel(frozen_unit, mo
 
     # the cost model picks the kernel only where it measures it faster: here a timer that says so (Triton's
     # interpreter is far slower than dense on CPU; see test_the_cost_model_keeps_dense_where_it_is_faster)
-    monkeypatch.setattr(training, "time_ms", lambda fn: 1.0 if "block_sparse_linear" in fn.__code__.co_freevars else 2.0)
+    monkeypatch.setattr(training, "time_ms",
+                        lambda fn, device=None: 1.0 if "block_sparse_linear" in fn.__code__.co_freevars else 2.0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     x = torch.randn(5, 128)

@@ -22,11 +22,19 @@ from ..torch_private import tree_flatten
 KINDS = ("observed", "returned", "output gradient")
 
 
+def _is_scalar(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()
+
+
 def _returned_loss(out):
+    """The loss in a model's output: `.loss` / ["loss"], the output itself when it is a scalar, or the scalar
+    first element of a tuple (Hugging Face with return_dict=False)."""
+    if _is_scalar(out):
+        return out
+    if isinstance(out, (tuple, list)) and out and _is_scalar(out[0]):
+        return out[0]
     loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
-    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
-        return loss
-    return None
+    return loss if _is_scalar(loss) else None
 
 
 MAX_HOOKED = 4  # output tensors watched per call
@@ -35,7 +43,7 @@ MAX_HOOKED = 4  # output tensors watched per call
 def _outputs(out) -> list:
     """The floating tensors of the output that need grad (logits, hidden states), the first MAX_HOOKED."""
     found = [t for t in tree_flatten(out)[0]
-             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad and t.numel() > 0]
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad and t.numel() > 1]
     return found[:MAX_HOOKED]
 
 
@@ -46,9 +54,12 @@ class LossSignal:
         self._values: list = []                     # per finished step: a float or None (tensors until read)
         self._unread = 0                            # values from this index on may still be tensors
         self.kind = None                            # the source of the last step's value
+        self.enabled = True                         # False: nothing is read (no policy uses the loss)
 
     def observe_output(self, out) -> None:
         """A training call returned `out`: keep its loss, or hook its main output's gradient."""
+        if not self.enabled:
+            return
         loss = _returned_loss(out)
         if loss is not None:
             self._step["returned"].append(loss.detach().float().reshape(()))
@@ -60,11 +71,14 @@ class LossSignal:
             def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):
                 signal = me()
                 if signal is not None:
-                    signal._gradients.append((position, grad.detach().float().norm() * scale))
+                    signal._gradients.append(
+                        (position, torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) * scale))
 
             t.register_hook(hook)
 
     def observe_loss(self, loss) -> None:
+        if not self.enabled:
+            return
         value = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._step["observed"].append(value)
 
@@ -73,7 +87,9 @@ class LossSignal:
             first = min(position for position, _ in self._gradients)
             self._step["output gradient"] = [r for position, r in self._gradients if position == first]
             self._gradients = []
-        for kind in KINDS:
+        # once a better source was seen it is the only one read: a series never mixes a loss and the proxy
+        best = KINDS.index(self.kind) if self.kind is not None else len(KINDS)
+        for kind in KINDS[:best + 1]:
             readings = self._step[kind]
             if readings:
                 self._values.append(torch.stack([r.to(readings[0].device) for r in readings]).mean())

@@ -162,6 +162,8 @@ class FrozenModule(nn.Module):
                                       optimizers)
         state["_view"] = TrainingView(weakref.proxy(self))
         policy.bind(self._view)
+        # the loss signal is read by policies with safety rules only
+        self._loss.enabled = getattr(policy, "safeguard", None) is not None
         # `inspect.signature(fm.forward)` is the model's (Hugging Face Trainer reads it to pick input columns)
         forward = functools.partial(FrozenModule.forward, weakref.proxy(self))
         try:
@@ -545,6 +547,8 @@ class FrozenModule(nn.Module):
         self._policy.load_state_dict(state["policy"]["state"])
         if state.get("losses") is not None:
             self._loss.load_state_dict(state["losses"])
+        else:  # saved before the loss signal existed: one unknown value per step keeps steps and values aligned
+            self._loss.load_state_dict({"values": [None] * int(state["step"]), "kind": None})
         if self.sparsity is not None:
             self.sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_pending"] = None

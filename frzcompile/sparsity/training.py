@@ -148,11 +148,11 @@ class Target:
         return getattr(self.module, self.attr + "_mask")
 
 
-def time_ms(fn, rounds: int = 3) -> float:
-    """Median milliseconds of `fn()` over `rounds` after one warm-up, without autograd, the device synchronised."""
+def time_ms(fn, rounds: int = 3, device=None) -> float:
+    """Median milliseconds of `fn()` over `rounds` after one warm-up, without autograd, `device` synchronised."""
     def sync():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     times = []
     with torch.no_grad():
@@ -207,7 +207,8 @@ class BlockSparseForward:
         from ..kernels.block_sparse_matmul import block_sparse_linear, eligibility
 
         rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        kind = (1 << max(rows - 1, 0).bit_length(), x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+        autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        kind = (1 << max(rows - 1, 0).bit_length(), x.dtype, x.device, autocast)
         choice = self.paths.get(kind)
         if choice is None:
             ok, why = eligibility(x, layout, self.module.bias)
@@ -217,8 +218,8 @@ class BlockSparseForward:
                 return "kernel"
             else:
                 w, b = self.module.weight, self.module.bias
-                dense = self.timer(lambda: F.linear(x, w, b))
-                kernel = self.timer(lambda: block_sparse_linear(x, layout, b))
+                dense = self.timer(lambda: F.linear(x, w, b), device=x.device)
+                kernel = self.timer(lambda: block_sparse_linear(x, layout, b), device=x.device)
                 path = "kernel" if kernel < dense else "dense"
                 choice = (path, f"{rows} rows, {100 * layout.block_sparsity:.0f}% empty blocks: kernel "
                                 f"{kernel:.3f} ms, dense {dense:.3f} ms")
