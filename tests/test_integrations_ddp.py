@@ -40,15 +40,13 @@ def batches():
             for _ in range(STEPS)]
 
 
-def train(net, fm, opt, rank=0, world=1, on_step=None):
+def train(net, opt, rank=0, world=1):
     for x, y in batches():
         part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         loss = nn.functional.cross_entropy(net(x[part]), y[part])
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if on_step is not None:
-            on_step()
 
 
 def worker(rank, world, folder, policy_on_rank0_only):
@@ -73,7 +71,7 @@ def worker(rank, world, folder, policy_on_rank0_only):
             return default_hooks.allreduce_hook(None, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
-        train(ddp, fm, opt, rank, world)
+        train(ddp, opt, rank, world)
         if rank == 0:
             torch.save({"weights": model.state_dict(), "sent": sent, "frozen": fm.frozen, "rebuilds": ddp.rebuilds},
                        f"{folder}/result.pt")
@@ -110,16 +108,23 @@ def run_two(folder, target, flag):
     return torch.load(folder / "result.pt")
 
 
-@pytest.mark.parametrize("policy_on_rank0_only", [False, True])
-def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, policy_on_rank0_only):
-    result = run_two(tmp_path, worker, policy_on_rank0_only)
+def assert_equal_to_one_process(result):
+    """The 2-process run's final weights and plan equal 1-process training on the same global batches; returns
+    the 1-process FrozenModule."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=Schedule())
-    train(fm, fm, opt)
+    train(fm, opt)
     assert result["frozen"] == fm.frozen == ("0",)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(result["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    return fm
+
+
+@pytest.mark.parametrize("policy_on_rank0_only", [False, True])
+def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, policy_on_rank0_only):
+    result = run_two(tmp_path, worker, policy_on_rank0_only)
+    fm = assert_equal_to_one_process(result)
     # bytes all-reduced per step: everything, then units 2 and 3 only while 0 and 1 are frozen, then 1 again
     sizes = {u: sum(p.numel() * 4 for p in fm.unit_graph.units[u].params) for u in fm.units}
     total = sum(sizes.values())
@@ -149,7 +154,7 @@ def fsdp_worker(rank, world, folder, shard_first):
             fully_shard(block)
         fully_shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        train(fm, fm, opt, rank, world)
+        train(fm, opt, rank, world)
         weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save({"weights": weights, "frozen": fm.frozen}, f"{folder}/result.pt")
@@ -167,11 +172,4 @@ def test_fsdp2_fully_shard_after_optimize(tmp_path):
     assert "before fully_shard" in result["error"]
     folder = tmp_path / "second"
     folder.mkdir()
-    result = run_two(folder, fsdp_worker, False)
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=Schedule())
-    train(fm, fm, opt)
-    assert result["frozen"] == fm.frozen == ("0",)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(result["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert_equal_to_one_process(run_two(folder, fsdp_worker, False))

@@ -20,6 +20,11 @@ import torch
 from ..torch_private import tree_flatten
 
 KINDS = ("observed", "returned", "output gradient")
+DESCRIPTIONS = {"observed": "the loss given to fm.observe_loss",
+                "returned": "the loss the model returns",
+                "output gradient": "a proxy: RMS per output row of the gradient reaching the model's output "
+                                   "(fm.observe_loss(loss) gives the loss itself)",
+                None: "none seen yet"}
 
 
 def _is_scalar(t) -> bool:

@@ -24,7 +24,7 @@ from ..errors import ConfigError, PlanError
 from ..policies import Manual, Policy, TrainingView
 from ..units import UnitGraph
 from .analysis import Analysis
-from .loss import LossSignal
+from .loss import DESCRIPTIONS as LOSS_SOURCES, LossSignal
 from .plan import FreezePlan, PlanChange
 from .services import Service, chain
 from .steps import StepDriver
@@ -385,11 +385,7 @@ class FrozenModule(nn.Module):
 
     def loss_source(self) -> str:
         """Where the last step's loss signal came from."""
-        return {"observed": "the loss given to fm.observe_loss",
-                "returned": "the loss the model returns",
-                "output gradient": "a proxy: RMS per output row of the gradient reaching the model's output "
-                                   "(fm.observe_loss(loss) gives the loss itself)",
-                None: "none seen yet"}[self._loss.kind]
+        return LOSS_SOURCES[self._loss.kind]
 
     @contextlib.contextmanager
     def _inside_call(self):
