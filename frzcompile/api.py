@@ -10,7 +10,7 @@ from .backend import CompileConfig
 from .cache import CacheConfig
 from .capture import capture
 from .errors import ConfigError, InputMismatchError, UnitError
-from .policies import make_policy
+from .policies import ALaST, make_policy
 from .runtime import FrozenModule
 from .runtime.steps import unwrap_optimizer
 from .sparsity.training import SparsityConfig
@@ -42,7 +42,9 @@ def optimize(
         that freezing also drops their optimizer state at once. Optional: any torch optimizer that steps the
         model's parameters drives the policy, including one created later.
     policy: "smartfrz" (default: the shipped attention predictor over weight snapshots), "manual" (only
-        fm.freeze/unfreeze), "linear" (needs total_steps), "autofreeze", or a `frzcompile.Policy` instance.
+        fm.freeze/unfreeze), "linear" (needs total_steps), "autofreeze", "alast" (per-step token budgets and
+        layer selection for transformer fine-tuning; `frzcompile.ALaST(budget=..., k=...)` sets its options),
+        or a `frzcompile.Policy` instance.
     units: module paths to use as units instead of the automatic choice.
     total_steps: planned number of optimizer steps (the linear schedule needs it).
     capture_method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
@@ -99,6 +101,13 @@ def optimize(
     if compile is not None and cache is not None:
         raise ConfigError("compile= and cache= cannot be combined yet: the activation cache serves the model's own "
                           "module calls, which Dynamo's graphs inline")
+    if isinstance(policy, ALaST):
+        others = [name for name, value in (("cache", cache), ("compile", compile), ("sparsity", sparsity))
+                  if value is not None]
+        if others:
+            raise ConfigError(f"policy='alast' does not combine with {', '.join(o + '=' for o in others)} yet: its "
+                              "token selection changes what each layer computes every step (and compile= would "
+                              "need the kept-token count as a dynamic shape); use it alone")
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     unit_names = select_units(model, units)
@@ -112,6 +121,10 @@ def optimize(
 
         fm.add_service(SparseTraining(sparsity, model, unit_graph, total_steps,
                                       optimizers=weak_method(fm.optimizers)))
+    if isinstance(policy, ALaST):
+        from .tokens.service import LayerBudgets
+
+        fm.add_service(LayerBudgets(policy, model, unit_graph, fm.plan))
     if cache is not None:
         from .cache.service import ActivationCache
 

@@ -340,7 +340,134 @@ class SmartFRZ(Policy):
             self.safeguard.load_state_dict(state["safeguard"])
 
 
-POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze, SmartFRZ)}
+class ALaST(Policy):
+    """ALaST-style adaptive layer budgets for transformer fine-tuning (after Devoto et al., "Adaptive Layer
+    Selection for Efficient Vision Transformer Fine-Tuning", 2024). Every training step:
+      - each transformer layer's importance is how much it moves the class token, delta_l = ||CLS_l - CLS_l-1||^2
+        (batch mean; the class token is computed anyway);
+      - budgets b_l in [min_budget, 1] move by `rate` toward targets proportional to the deltas, normalised across
+        layers and scaled so the targets average to `budget` over the layers after the first (the paper's own
+        update barely moves budgets at its step size; this normalisation and the one global knob are this
+        project's departure, hence "ALaST-style");
+      - a layer runs on the class token plus the ceil(b_l * (n - 1)) tokens the class token attended to most in
+        the last layer that saw them; the others skip it unchanged (frzcompile.tokens). The first layer runs on
+        every token (no class-token attention exists before it), so its budget stays 1;
+      - only `k` layers, drawn in proportion to their budgets from the policy's own generator (the user's random
+        stream is untouched), get weight gradients for the step; the others are frozen for that step only and
+        keep their optimizer state.
+    Budgets start at 1 (the first steps are full fine-tuning) and reach their targets in about 1 / rate steps. In
+    eval mode or without grad the model runs on every token. It never changes the freeze plan: `fm.freeze` still
+    freezes units for good (they then leave the draw).
+
+    budget: mean token budget over the layers after the first, in (0, 1]. k: layers trained per step (default: half, rounded up).
+    layers: unit names of the transformer layers (default: the units whose modules repeat one class, e.g. every
+    BertLayer). history: keep per-step budgets, tokens kept and layers trained (for explain and plots).
+    """
+
+    name = "alast"
+
+    def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.1,
+                 layers=None, seed: int = 0, history: bool = True):
+        if not 0.0 < budget <= 1.0:
+            raise PolicyError(f"alast: budget must be in (0, 1], got {budget}")
+        if not 0.0 < rate <= 1.0:
+            raise PolicyError(f"alast: rate must be in (0, 1], got {rate}")
+        if not 0.0 < min_budget <= budget:
+            raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise PolicyError(f"alast: k must be a positive int (layers trained per step) or None, got {k!r}")
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise PolicyError("alast: layers= takes a list of unit names, e.g. ['bert.encoder.layer.0', ...]")
+        self.budget, self.k, self.rate, self.min_budget = float(budget), k, float(rate), float(min_budget)
+        self.layers = None if layers is None else list(layers)
+        self.seed = seed
+        self.history = history
+        self._generator = torch.Generator().manual_seed(seed)
+        self.budgets: list = []      # per layer, in [min_budget, 1]
+        self.trained: tuple = ()     # indices of the layers trained this step
+        self.log: list = []          # (step, budgets, kept token fraction per layer, trained layers)
+
+    def start(self, layers: list) -> None:
+        """Called by the runtime once it knows the layers (their unit names, in order)."""
+        if self.k is not None and self.k > len(layers):
+            raise PolicyError(f"alast: k={self.k} but the model has {len(layers)} layers")
+        self.layers = list(layers)
+        if len(self.budgets) != len(layers):
+            self.budgets = [1.0] * len(layers)
+            self.trained = self._draw(frozenset())
+
+    @property
+    def layers_per_step(self) -> int:
+        return self.k if self.k is not None else math.ceil(len(self.layers) / 2)
+
+    def targets(self, deltas) -> list:
+        """Budgets proportional to the normalised deltas, clamped to [min_budget, 1], averaging `budget`."""
+        d = torch.tensor(deltas, dtype=torch.float64).clamp_min(0)
+        if d.sum() <= 0 or self.budget >= 1.0:
+            return [self.budget] * len(deltas)
+        w = d / d.sum()
+        lo, hi = 0.0, 1.0 / float(w[w > 0].min())  # at hi every layer with a delta reaches 1
+        for _ in range(50):  # the mean of clamp(c * w) grows with c: bisect for mean == budget
+            c = (lo + hi) / 2
+            if float((c * w).clamp(self.min_budget, 1.0).mean()) < self.budget:
+                lo = c
+            else:
+                hi = c
+        return (hi * w).clamp(self.min_budget, 1.0).tolist()
+
+    def observe(self, step: int, deltas, kept, excluded=frozenset()) -> None:
+        """End of a training step: the mean class-token change per layer (None where a layer did not run), the
+        kept token fraction per layer; budgets move, the next step's trained layers are drawn."""
+        seen = [d for d in deltas[1:] if d is not None]
+        if seen:  # the first layer keeps budget 1: it runs on every token whatever its budget
+            filled = [d if d is not None else min(seen) for d in deltas[1:]]
+            t = [1.0] + self.targets(filled)
+            self.budgets = [b + self.rate * (tb - b) for b, tb in zip(self.budgets, t)]
+        if self.history:
+            self.log.append((step, list(self.budgets), list(kept), list(self.trained)))
+        self.trained = self._draw(excluded)
+
+    def redraw(self, excluded) -> None:
+        """Draw this step's trained layers again, leaving out `excluded` (units the freeze plan holds)."""
+        self.trained = self._draw(excluded)
+
+    def _draw(self, excluded) -> tuple:
+        """The layers that get weight gradients next step: k drawn without replacement in proportion to budgets
+        (all of them when k covers every layer left)."""
+        free = [i for i in range(len(self.layers)) if self.layers[i] not in excluded]
+        k = min(self.layers_per_step, len(free))
+        if k >= len(free):
+            return tuple(free)
+        weights = torch.tensor([self.budgets[i] for i in free], dtype=torch.float64)
+        picked = torch.multinomial(weights, k, replacement=False, generator=self._generator)
+        return tuple(sorted(free[i] for i in picked.tolist()))
+
+    def report(self) -> list:
+        if not self.layers:
+            return []
+        lines = [f"ALaST-style budgets (mean target {self.budget:g}, {self.layers_per_step} of {len(self.layers)} "
+                 f"layers trained per step; the first layer runs on every token):"]
+        recent = self.log[-50:]
+        for i, name in enumerate(self.layers):
+            kept = [r[2][i] for r in recent if r[2][i] is not None]
+            trained = sum(i in r[3] for r in recent)
+            lines.append(f"  {name}: budget {self.budgets[i]:.2f}, tokens kept "
+                         + (f"{100 * sum(kept) / len(kept):.0f}%" if kept else "n/a")
+                         + f" and trained {trained}/{len(recent)} of the last {len(recent)} steps")
+        return lines
+
+    def state_dict(self):
+        return {"budgets": list(self.budgets), "trained": list(self.trained), "log": list(self.log),
+                "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.budgets = list(state["budgets"])
+        self.trained = tuple(state["trained"])
+        self.log = list(state["log"])
+        self._generator.set_state(state["generator"])
+
+
+POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze, SmartFRZ, ALaST)}
 
 
 def make_policy(policy) -> Policy:

@@ -102,6 +102,18 @@ def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32, vocab: int
     return BertForSequenceClassification(cfg)
 
 
+def tiny_vit(num_labels: int = 10, layers: int = 3, hidden: int = 32, image_size: int = 28, patch_size: int = 7,
+             channels: int = 1, **config):
+    """A Hugging Face ViTForImageClassification built from a small config (random init, no download); the class
+    token is the first token."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=channels, hidden_size=hidden,
+                    num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * hidden,
+                    num_labels=num_labels, **config)
+    return ViTForImageClassification(cfg)
+
+
 class SentenceClassifier(nn.Module):
     """A Hugging Face encoder, attention-masked mean pooling (as sentence-transformers does), a linear head."""
 

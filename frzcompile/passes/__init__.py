@@ -21,9 +21,10 @@ from torch import fx
 
 from .cache import cache
 from .freeze import freeze
+from .select_tokens import select_tokens
 from .sparsify import sparsify
 
-PASSES = [sparsify, freeze, cache]
+PASSES = [select_tokens, sparsify, freeze, cache]
 
 
 @dataclass
@@ -42,6 +43,7 @@ class PassContext:
     prefix: tuple                   # frozen units that run without autograd, in topological order
     cache: bool = False             # whether the activation cache serves the frozen prefix
     sparsity: object = None         # the runtime's SparseTraining, or None when no weight is masked
+    token_layers: tuple = ()        # transformer layers whose tokens the runtime selects (the ALaST policy)
     build: int = 0                  # how many graphs this module has built before, for dump file names
     model_name: str = "model"
     records: list = field(default_factory=list)

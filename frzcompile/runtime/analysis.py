@@ -37,7 +37,7 @@ class Analysis:
         """Forget analysed plans (their decisions read weights that may have changed since)."""
         self._plans.clear()
 
-    def for_plan(self, frozen: frozenset, prefix: tuple, *, cache: bool, sparsity) -> tuple:
+    def for_plan(self, frozen: frozenset, prefix: tuple, *, cache: bool, sparsity, token_layers=()) -> tuple:
         """(rewritten GraphModule, PassContext) for this plan, built on first use."""
         entry = self._plans.get(frozen)
         if entry is not None:
@@ -51,6 +51,7 @@ class Analysis:
             prefix=tuple(prefix),
             cache=cache,
             sparsity=sparsity,
+            token_layers=tuple(token_layers),
             build=self.builds,
             model_name=type(self.model).__name__,
         )

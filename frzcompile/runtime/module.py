@@ -337,11 +337,17 @@ class FrozenModule(nn.Module):
             self._current_analysis()  # write the new plan's graphs now
 
     def _current_analysis(self):
-        return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, cache=self.cache is not None,
-                                       sparsity=self.sparsity)[1]
+        return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, **self._pass_options())[1]
+
+    def _pass_options(self) -> dict:
+        budgets = self._service("alast")
+        return {"cache": self.cache is not None, "sparsity": self.sparsity,
+                "token_layers": budgets.layers if budgets is not None else ()}
 
     def _before_optimizer_step(self, optimizer) -> None:
         self._plan.drop_frozen_grads()
+        for service in self._services:
+            service.before_optimizer_step(optimizer)
 
     def _after_optimizer_step(self, optimizer) -> None:
         for service in self._services:
@@ -481,8 +487,7 @@ class FrozenModule(nn.Module):
     def graph_module(self):
         """The analysis graph rewritten by the passes for the current plan (what `explain` and the FRZ_DEBUG
         dumps show). The model itself is what runs."""
-        return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, cache=self.cache is not None,
-                                       sparsity=self.sparsity)[0]
+        return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, **self._pass_options())[0]
 
     def unit_flops(self) -> dict:
         """Forward FLOPs per unit on the example inputs, counted by torch.utils.flop_counter."""

@@ -80,7 +80,7 @@ class FreezePlan:
             self.since[u] = step
         for u in thawed:
             for p in units[u].params:
-                p.requires_grad_(self._initial_requires_grad.get(id(p), True))
+                p.requires_grad_(self.trainable_by_default(p))
             for root in units[u].roots:
                 root.train(training)
             self.since.pop(u, None)
@@ -92,6 +92,10 @@ class FreezePlan:
         self.changes.append((step, self.ordered(), reason))
         log.info("step %d: frozen=%s (%s)", step, list(self.ordered()), reason)
         return change
+
+    def trainable_by_default(self, p) -> bool:
+        """Whether `p` required grad before any plan (what thawing gives back)."""
+        return self._initial_requires_grad.get(id(p), True)
 
     def rebind(self, model, training: bool) -> None:
         """After the model's structure changed: units re-read their parameters and modules by path, and the

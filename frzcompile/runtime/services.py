@@ -4,6 +4,7 @@ A service overrides only what it needs; every default does nothing. The FrozenMo
   - `call(run, args, kwargs)` around every call of the model (`run(args, kwargs)` runs the rest of the chain);
   - `on_plan(change, analysis)` after each plan change (`analysis()` gives the passes' context for the new plan,
     built on first use);
+  - `before_optimizer_step(optimizer)` before the step of every optimizer holding the model's parameters;
   - `on_optimizer_step(optimizer)` after the step of every optimizer holding the model's parameters;
   - `after_step(step)` after each counted training step, before the policy decides;
   - `on_structure_change()` when a submodule or parameter of the model was replaced (also by
@@ -25,6 +26,9 @@ class Service:
         return run(args, kwargs)
 
     def on_plan(self, change, analysis) -> None:
+        pass
+
+    def before_optimizer_step(self, optimizer) -> None:
         pass
 
     def on_optimizer_step(self, optimizer) -> None:

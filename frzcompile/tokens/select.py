@@ -1,0 +1,76 @@
+"""Token selection for ALaST-style budgets: which tokens a layer runs on, and moving them in and out.
+
+A layer with budget b runs on the class token (position 0) plus the ceil(b * (n - 1)) other tokens that the class
+token attended to most in the last layer that saw them; the other tokens skip the layer and reach the next one
+unchanged. Gathering and scattering keep token order, so the kept sequence is a subsequence of the full one and
+position-dependent code inside the layer (none in BERT or ViT layers) would see the same relative order.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_count(budget: float, n_tokens: int) -> int:
+    """Tokens a layer with this budget runs on: the class token plus ceil(budget * (n - 1)) others."""
+    if n_tokens <= 1:
+        return n_tokens
+    return min(n_tokens, 1 + math.ceil(budget * (n_tokens - 1) - 1e-9))
+
+
+def select_tokens(scores: torch.Tensor, keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, keep) indices, ascending, always starting with the class token 0: the `keep - 1` highest-scoring of
+    the others, padding (valid False) only once every real token is in."""
+    s = scores.detach().float().clone()
+    if valid is not None:
+        s = s.masked_fill(~valid, -1.0)  # scores are attention weights in [0, 1]: padding ranks below any token
+    s[:, 0] = float("inf")
+    idx = s.topk(keep, dim=1, sorted=False).indices
+    return idx.sort(dim=1).values
+
+
+def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """hidden (B, n, d) -> (B, keep, d) at `idx`."""
+    return hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def scatter_tokens(full: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`full` with the rows at `idx` replaced by `kept` (out of place: gradients reach both)."""
+    return full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), kept.to(full.dtype))
+
+
+def gather_mask(mask: torch.Tensor, idx: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """An attention mask (B or 1, heads or 1, n or 1, n) restricted to the kept tokens, as queries and keys."""
+    batch = idx.shape[0]
+    if mask.shape[-1] == n_tokens:
+        i = idx.view(batch, 1, 1, -1).expand(batch, mask.shape[1], mask.shape[2], -1)
+        mask = mask.expand(batch, *mask.shape[1:]).gather(3, i)
+    if mask.shape[-2] == n_tokens:
+        i = idx.view(batch, 1, -1, 1).expand(batch, mask.shape[1], -1, mask.shape[3])
+        mask = mask.gather(2, i)
+    return mask
+
+
+def valid_tokens(mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
+    """(B, n) bool: the tokens the class token may attend to under a 4-d attention mask (bool: True = attend;
+    float: additive, 0 = attend), or None when every token is valid."""
+    if mask is None or mask.dim() != 4 or mask.shape[-1] != n_tokens:
+        return None
+    row = mask[:, 0, 0, :]
+    if row.dtype == torch.bool:
+        return row
+    return row > torch.finfo(row.dtype).min / 2
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n): the class token's attention to each token, averaged over heads, from the layer's query (B, n, d)
+    and key (B, n, d) projections (the layer computed them anyway; this costs B * n * d)."""
+    b, n, d = k.shape
+    dh = d // heads
+    q0 = q[:, 0].detach().float().view(b, heads, 1, dh)
+    kh = k.detach().float().view(b, n, heads, dh).transpose(1, 2)
+    logits = (q0 @ kh.transpose(-1, -2)).squeeze(2) / math.sqrt(dh)  # (B, heads, n)
+    if valid is not None:
+        logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    return logits.softmax(-1).mean(1)

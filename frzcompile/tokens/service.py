@@ -1,0 +1,272 @@
+"""The runtime side of the ALaST policy (`optimize(model, ..., policy="alast")`), carried out on the model's own
+transformer layers through module hooks:
+
+  - before a layer (forward pre-hook): its kept tokens are gathered from the hidden states, and its 4-d attention
+    mask restricted to them (`frzcompile.tokens.select`);
+  - after it (forward hook): the layer's outputs are scattered back into the full hidden states, so skipped
+    tokens reach the next layer unchanged, and the class token's change (the layer's importance) is recorded;
+  - the layer's query and key projections (forward hooks) give the class token's attention to the tokens it
+    ran on, which ranks tokens for the layers after it;
+  - after each optimizer step the policy updates budgets and draws the layers trained next step; the others get
+    `requires_grad=False` for one step (their optimizer state is kept).
+
+The hooks act only inside a training call of the FrozenModule (training mode, grad enabled); any other call of
+the model, eval included, runs on every token. The `select_tokens` pass shows the same gather and scatter on
+the analysis graph.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime.services import Service
+from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatter_tokens, select_tokens, valid_tokens
+
+QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "wq")
+KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
+HEAD_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
+
+
+def find_layers(unit_graph) -> list:
+    """The transformer layers: the units whose one root module is of the class most units share (>= 2)."""
+    by_class: dict = {}
+    for u in unit_graph.names:
+        roots = unit_graph.units[u].roots
+        if len(roots) == 1:
+            by_class.setdefault(type(roots[0]), []).append(u)
+    groups = sorted((g for g in by_class.values() if len(g) >= 2), key=len, reverse=True)
+    return groups[0] if groups else []
+
+
+def find_attention(layer: nn.Module, model: nn.Module):
+    """(query Linear, key Linear, heads) inside a layer, or None when there is not exactly one of each."""
+    named = dict(layer.named_modules())
+    q = [m for n, m in named.items() if n.rsplit(".", 1)[-1] in QUERY_NAMES and isinstance(m, nn.Linear)]
+    k = [m for n, m in named.items() if n.rsplit(".", 1)[-1] in KEY_NAMES and isinstance(m, nn.Linear)]
+    if len(q) != 1 or len(k) != 1 or q[0].out_features != k[0].out_features:
+        return None
+    heads = next((v for m in named.values() for a in HEAD_ATTRIBUTES
+                  if isinstance(v := vars(m).get(a), int) and v > 0), None)
+    heads = heads or getattr(getattr(model, "config", None), "num_attention_heads", None) or 1
+    if q[0].out_features % heads:
+        heads = 1
+    return q[0], k[0], heads
+
+
+class _Call:
+    """What one training call of the model has seen so far."""
+
+    def __init__(self):
+        self.scores = None          # (B, n) class-token attention, the latest each token got
+        self.valid = None           # (B, n) bool, or None: every token is real
+        self.valid_read = False
+        self.running = None         # (layer index, full hidden states, kept indices or None, class token in)
+        self.q = self.k = None
+
+
+def _weak(method):
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        return None if bound is None else bound(*args)
+
+    return call
+
+
+class LayerBudgets(Service):
+    name = "alast"
+
+    def __init__(self, policy, model: nn.Module, unit_graph, plan):
+        self.policy = policy
+        self.model = model
+        self.unit_graph = unit_graph
+        self.plan = plan
+        names = list(policy.layers) if policy.layers else find_layers(unit_graph)
+        if len(names) < 2:
+            raise ConfigError("policy='alast' needs the model's transformer layers as units (two or more of one "
+                              f"class); found {names or 'none'} among {unit_graph.names}. Pass "
+                              "frzcompile.ALaST(layers=[...unit names...]) or units=[...]")
+        unknown = [n for n in names if n not in unit_graph.units]
+        if unknown:
+            raise ConfigError(f"ALaST layers {unknown} are not units of this model (units: {unit_graph.names})")
+        self.layers = names
+        self._call = None
+        self._handles = []
+        self._reset_step()
+        self._hook()
+        if not any(a is not None for a in self.attention):
+            raise ConfigError("policy='alast' ranks tokens by the class token's attention, but no layer has one "
+                              f"query and one key projection (nn.Linear named one of {QUERY_NAMES} / {KEY_NAMES})")
+        policy.start(names)
+        self._apply_selection()
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def _hook(self) -> None:
+        self._unhook()
+        self.modules, self.attention = [], []
+        for i, name in enumerate(self.layers):
+            roots = self.unit_graph.units[name].roots
+            if len(roots) != 1:
+                raise ConfigError(f"ALaST layer {name} must be one module (it has {len(roots)} roots)")
+            layer = roots[0]
+            self.modules.append(layer)
+            attention = find_attention(layer, self.model)
+            self.attention.append(attention)
+            pre, post = _weak(self._before_layer), _weak(self._after_layer)
+            self._handles.append(layer.register_forward_pre_hook(
+                lambda m, a, kw, i=i: pre(i, a, kw), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(
+                lambda m, a, kw, out, i=i: post(i, out), with_kwargs=True))
+            if attention is not None and i + 1 < len(self.layers):
+                seen = _weak(self._projection)
+                self._handles.append(attention[0].register_forward_hook(lambda m, a, out, i=i: seen(i, "q", out)))
+                self._handles.append(attention[1].register_forward_hook(lambda m, a, out, i=i: seen(i, "k", out)))
+        handles = self._handles
+        weakref.finalize(self, lambda: [h.remove() for h in handles])
+
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def call(self, run, args, kwargs):
+        if not (self.model.training and torch.is_grad_enabled()):
+            return run(args, kwargs)
+        self._call = _Call()
+        try:
+            return run(args, kwargs)
+        finally:
+            self._call = None
+
+    def _before_layer(self, i, args, kwargs):
+        c = self._call
+        if c is None:
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return None
+        n = hidden.shape[1]
+        others = [(pos, t) for pos, t in list(enumerate(args))[1:] + list(kwargs.items())
+                  if isinstance(t, torch.Tensor) and t is not hidden]
+        masks = [(pos, t) for pos, t in others if t.dim() == 4 and t.shape[-1] == n]
+        if not c.valid_read:
+            c.valid = valid_tokens(masks[0][1], n) if masks else None
+            c.valid_read = True
+        keep = keep_count(self.policy.budgets[i], n)
+        # any other tensor with a token dimension: the layer cannot safely run on a subset
+        unsafe = any(n in t.shape[1:] for pos, t in others if all(t is not m for _, m in masks))
+        scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
+        idx = select_tokens(c.scores, keep, c.valid) if keep < n and scores_ok and not unsafe else None
+        c.running = (i, hidden, idx, hidden[:, 0].detach())
+        c.q = c.k = None
+        self._kept[i] += (keep if idx is not None else n) / max(n, 1)
+        self._calls[i] += 1
+        if idx is None:
+            return None
+        args, kwargs = list(args), dict(kwargs)
+        if args:
+            args[0] = gather_tokens(hidden, idx)
+        else:
+            kwargs["hidden_states"] = gather_tokens(hidden, idx)
+        for pos, mask in masks:
+            if isinstance(pos, int):
+                args[pos] = gather_mask(mask, idx, n)
+            else:
+                kwargs[pos] = gather_mask(mask, idx, n)
+        return tuple(args), kwargs
+
+    def _projection(self, i, which, out):
+        c = self._call
+        if c is not None and c.running is not None and c.running[0] == i and isinstance(out, torch.Tensor):
+            setattr(c, which, out)
+
+    def _after_layer(self, i, out):
+        c = self._call
+        if c is None or c.running is None or c.running[0] != i:
+            return None
+        _, hidden, idx, cls_in = c.running
+        c.running = None
+        h = out if isinstance(out, torch.Tensor) else out[0]
+        if idx is not None:
+            if h.shape[:2] != idx.shape:
+                raise ConfigError(f"ALaST layer {self.layers[i]} returned hidden states of shape {tuple(h.shape)} "
+                                  f"for {idx.shape[1]} kept tokens: it must map (B, n, d) to (B, n, d)")
+            h = scatter_tokens(hidden, idx, h)
+            out = h if isinstance(out, torch.Tensor) else (h,) + tuple(out[1:])
+        with torch.no_grad():
+            delta = (h[:, 0].float() - cls_in.float()).pow(2).sum(-1).mean()
+            self._delta[i] = delta if self._delta[i] is None else self._delta[i] + delta
+            ran = h.shape[:2] if idx is None else idx.shape
+            if c.q is not None and c.k is not None and c.k.shape[:2] == ran:
+                valid = c.valid if c.valid is None or idx is None else c.valid.gather(1, idx)
+                attention = cls_attention(c.q, c.k, self.attention[i][2], valid)
+                if idx is None:
+                    c.scores = attention
+                else:  # scaled to the attention mass these tokens had, so stale and fresh scores compare
+                    mass = c.scores.gather(1, idx).sum(1, keepdim=True)
+                    c.scores = c.scores.scatter(1, idx, attention * mass)
+        c.q = c.k = None
+        return out if idx is not None else None
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        n = len(self.layers)
+        self._delta = [None] * n
+        self._kept = [0.0] * n
+        self._calls = [0] * n
+
+    def after_step(self, step: int) -> None:
+        known = [i for i, d in enumerate(self._delta) if d is not None]
+        values = torch.stack([self._delta[i] for i in known]).tolist() if known else []  # one sync per step
+        deltas = [None] * len(self.layers)
+        for i, v in zip(known, values):
+            deltas[i] = v / self._calls[i]
+        kept = [self._kept[i] / self._calls[i] if self._calls[i] else None for i in range(len(self.layers))]
+        self.policy.observe(step, deltas, kept, excluded=self.plan.frozen)
+        self._reset_step()
+        self._apply_selection()
+
+    def _trained_this_step(self, i) -> bool:
+        return i in self.policy.trained and self.layers[i] not in self.plan.frozen
+
+    def _apply_selection(self) -> None:
+        """Layers not drawn for this step stop requiring grad; drawn ones get their plan's setting back."""
+        units = self.unit_graph.units
+        for i, name in enumerate(self.layers):
+            if name in self.plan.frozen:
+                continue
+            trained = self._trained_this_step(i)
+            for p in units[name].params:
+                p.requires_grad_(self.plan.trainable_by_default(p) if trained else False)
+
+    def before_optimizer_step(self, optimizer) -> None:
+        # a zero gradient left by zero_grad(set_to_none=False) would still move Adam's moments and weight decay
+        units = self.unit_graph.units
+        for i, name in enumerate(self.layers):
+            if not self._trained_this_step(i):
+                for p in units[name].params:
+                    p.grad = None
+
+    def on_plan(self, change, analysis) -> None:
+        if change.newly_frozen or change.thawed:
+            self.policy.redraw(self.plan.frozen)
+        self._apply_selection()
+
+    def on_structure_change(self) -> None:
+        self._hook()
+        self._apply_selection()
+
+    def report(self):
+        return {"layers": list(self.layers), "attention": [a is not None for a in self.attention]}
+
+    def close(self) -> None:
+        self._unhook()
+        units = self.unit_graph.units
+        for name in self.layers:
+            if name not in self.plan.frozen:
+                for p in units[name].params:
+                    p.requires_grad_(self.plan.trainable_by_default(p))

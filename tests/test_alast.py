@@ -1,0 +1,274 @@
+"""The ALaST policy: token selection, scatter-back, budgets, per-step layer freezing, and its graph pass."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import frzcompile
+from frzcompile import zoo
+from frzcompile.errors import ConfigError, PolicyError
+from frzcompile.passes.select_tokens import kept_token_index
+from frzcompile.tokens import gather_mask, gather_tokens, keep_count, scatter_tokens, select_tokens
+
+pytest.importorskip("transformers")
+
+
+def _batch(seed=0, b=4, n=12, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    if pad:
+        mask[1, 7:] = 0
+    return ids, mask, torch.randint(0, 3, (b,), generator=g)
+
+
+def _bert(seed=0, layers=4, dropout=0.1):
+    torch.manual_seed(seed)
+    return zoo.tiny_bert(num_labels=3, layers=layers, hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)
+
+
+def _train(model, fm, opt, steps, zero_to_none=True):
+    losses = []
+    for s in range(steps):
+        ids, mask, y = _batch(s)
+        out = (fm or model)(input_ids=ids, attention_mask=mask, labels=y)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=zero_to_none)
+        losses.append(out.loss.item())
+    return losses
+
+
+# -- the token arithmetic ----------------------------------------------------------------------------------------
+def test_select_keeps_class_token_and_count():
+    scores = torch.tensor([[0.0, 0.1, 0.5, 0.2, 0.9, 0.3], [0.9, 0.8, 0.1, 0.7, 0.0, 0.2]])
+    idx = select_tokens(scores, 3)
+    assert idx.tolist() == [[0, 2, 4], [0, 1, 3]]   # class token first although it scores lowest; ascending
+    for budget, n in [(0.0, 6), (0.2, 6), (0.5, 11), (1.0, 9), (0.3, 1)]:
+        k = keep_count(budget, n)
+        assert k == min(n, 1 + -(-round(budget * (n - 1) * 1e6) // 1_000_000)) and 1 <= k <= n
+    valid = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    idx = select_tokens(scores, 4, valid)
+    assert idx[1].tolist()[:3] == [0, 1, 2] and idx[1, 3] >= 3   # padding only once every real token is in
+    assert select_tokens(scores, 3, valid)[1].tolist() == [0, 1, 2]
+
+
+def test_scatter_back_is_exact_and_differentiable():
+    h = torch.randn(3, 10, 8, requires_grad=True)
+    idx = select_tokens(torch.rand(3, 10), 4)
+    kept = gather_tokens(h, idx)
+    assert torch.equal(kept, torch.stack([h[b, idx[b]] for b in range(3)]))
+    new = kept * 2 + 1
+    out = scatter_tokens(h, idx, new)
+    for b in range(3):
+        skipped = [t for t in range(10) if t not in idx[b].tolist()]
+        assert torch.equal(out[b, skipped], h[b, skipped])      # skipped tokens pass unchanged
+        assert torch.equal(out[b, idx[b]], new[b])              # kept tokens carry the layer's output
+    out.sum().backward()
+    expected = torch.ones(3, 10, 8)
+    for b in range(3):
+        expected[b, idx[b]] = 2.0                                # d(2x+1)/dx through the kept tokens
+    assert torch.equal(h.grad, expected)
+
+
+def test_gather_mask_restricts_queries_and_keys():
+    idx = torch.tensor([[0, 2, 3], [0, 1, 4]])
+    full = torch.arange(2 * 5 * 5).view(2, 1, 5, 5)
+    g = gather_mask(full, idx, 5)
+    assert g.shape == (2, 1, 3, 3)
+    assert g[1, 0].tolist() == [[full[1, 0, i, j].item() for j in (0, 1, 4)] for i in (0, 1, 4)]
+    row = torch.arange(2 * 5).view(2, 1, 1, 5)
+    assert gather_mask(row, idx, 5)[:, 0, 0].tolist() == [[0, 2, 3], [5, 6, 9]]
+
+
+# -- the policy on a model -----------------------------------------------------------------------------------------
+def test_budget_one_all_layers_equals_full_fine_tuning():
+    model = _bert()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=1.0, k=4))
+    ref2 = _bert()
+    opt2 = torch.optim.AdamW(ref2.parameters(), 1e-3)
+    torch.manual_seed(123)  # the same dropout stream for both
+    ref_losses = _train(ref2, None, opt2, 6)
+    torch.manual_seed(123)
+    losses = _train(model, fm, opt, 6)
+    assert losses == ref_losses
+    for (n, p), q in zip(model.named_parameters(), ref2.parameters()):
+        assert torch.equal(p, q), n
+    log = fm.policy.log
+    assert len(log) == 6 and all(kept == [1.0] * 4 and trained == [0, 1, 2, 3] for _, _, kept, trained in log)
+
+
+def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
+    model = _bert(dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, y = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.3, rate=1.0, min_budget=0.1))
+    seen = {}
+    for i, layer in enumerate(model.bert.encoder.layer):
+        layer.attention.self.query.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.shape[1]))
+    _train(model, fm, opt, 2)
+    budgets = list(fm.policy.budgets)  # what the next step runs with
+    assert budgets[0] == 1.0 and abs(sum(budgets[1:]) / 3 - 0.3) < 1e-6   # rate 1: exactly the targets
+    _train(model, fm, opt, 1)
+    assert seen[0] == 12 and all(seen[i] == keep_count(budgets[i], 12) for i in (1, 2, 3))
+    assert any(seen[i] < 12 for i in (1, 2, 3))
+    kept = fm.policy.log[-1][2]
+    assert kept[0] == 1.0 and all(kept[i] == keep_count(budgets[i], 12) / 12 for i in (1, 2, 3))
+    # eval mode and no-grad calls run every token: the model's own outputs
+    fm.eval()
+    with torch.no_grad():
+        out = fm(input_ids=ids, attention_mask=mask).logits
+        fm.train()
+        out_nograd = fm(input_ids=ids, attention_mask=mask).logits
+    fm.detach()
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(out, plain) and seen[3] == 12
+    assert torch.equal(out_nograd, plain)
+
+
+def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens():
+    model = _bert(dropout=0.0, layers=2)
+    ids, mask, y = _batch(pad=False)
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                             policy=frzcompile.ALaST(budget=0.4, rate=1.0, k=2))
+    fm.policy.budgets = [1.0, 0.4]
+    layer = model.bert.encoder.layer[1]
+    inputs, outputs = {}, {}
+    layer.register_forward_pre_hook(lambda m, a: inputs.update(h=a[0]))
+    layer.register_forward_hook(lambda m, a, o: outputs.update(h=o))  # runs after frzcompile's scatter
+    fm(input_ids=ids, attention_mask=mask)
+    full, out = inputs["h"], outputs["h"]
+    keep = keep_count(0.4, 12)
+    assert keep < 12 and full.shape[1] == keep and out.shape == (4, 12, 32)  # the layer saw the kept tokens
+    # recompute: the kept tokens' rows of `out` equal the layer run on those tokens alone
+    h_in = model.bert.encoder.layer[0](model.bert.embeddings(input_ids=ids))
+    diff = (out - h_in).abs().sum(-1) > 0
+    assert diff.sum(1).tolist() == [keep] * 4 and diff[:, 0].all()
+    idx = diff.nonzero()[:, 1].view(4, keep)
+    with torch.no_grad():
+        alone = layer(gather_tokens(h_in, idx))
+    torch.testing.assert_close(gather_tokens(out, idx), alone, rtol=1e-5, atol=1e-6)
+
+
+def test_k_layers_trained_per_step_others_keep_weights_and_optimizer_state():
+    model = _bert(layers=4)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.5, k=2))
+    layers = model.bert.encoder.layer
+    for step in range(8):
+        trained = set(fm.policy.trained)
+        assert len(trained) == 2
+        assert all(p.requires_grad == (i in trained) for i, layer in enumerate(layers) for p in layer.parameters())
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        moments = [[opt.state[p]["exp_avg"].clone() if p in opt.state else None for p in layer.parameters()]
+                   for layer in layers]
+        _train(model, fm, opt, 1, zero_to_none=(step % 2 == 0))  # zero_grad(set_to_none=False) too
+        for i, layer in enumerate(layers):
+            moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
+            assert moved == (i in trained), (step, i)
+            if i not in trained:
+                for p, m in zip(layer.parameters(), moments[i]):
+                    assert (m is None and p not in opt.state) or torch.equal(opt.state[p]["exp_avg"], m)
+    assert model.classifier.weight.requires_grad and model.bert.embeddings.word_embeddings.weight.requires_grad
+    counts = [sum(i in r[3] for r in fm.policy.log) for i in range(4)]
+    assert sum(counts) == 16 and all(c > 0 for c in counts)
+
+
+def test_draws_use_their_own_generator_and_resume():
+    model = _bert()
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                             policy=frzcompile.ALaST(budget=0.5, k=2, seed=3))
+    rng = torch.get_rng_state()
+    for _ in range(5):
+        fm.step()
+    assert torch.equal(torch.get_rng_state(), rng)   # the user's random stream is untouched
+    state = fm.freeze_state_dict()
+    nxt = [fm.step() or fm.policy.trained for _ in range(5)]
+    model2 = _bert()
+    fm2 = frzcompile.optimize(model2, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                              policy=frzcompile.ALaST(budget=0.5, k=2, seed=3))
+    fm2.load_freeze_state_dict(state)
+    assert [fm2.step() or fm2.policy.trained for _ in range(5)] == nxt
+
+
+def test_manual_freeze_takes_layers_out_of_the_draw():
+    model = _bert(layers=4)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.5, k=3))
+    fm.freeze("bert.embeddings", "bert.encoder.layer.0")
+    for _ in range(4):
+        _train(model, fm, opt, 1)
+        assert 0 not in fm.policy.trained and len(fm.policy.trained) == 3
+        assert not any(p.requires_grad for p in model.bert.encoder.layer[0].parameters())
+    fm.unfreeze("bert.encoder.layer.0")
+    _train(model, fm, opt, 1)
+    trained = set(fm.policy.trained)
+    assert all(p.requires_grad == (1 in trained) for p in model.bert.encoder.layer[1].parameters())
+
+
+def test_vit_budgets_move_and_class_token_is_kept():
+    torch.manual_seed(0)
+    model = zoo.tiny_vit(layers=4)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(budget=0.3, rate=0.5))
+    assert fm._service("alast").layers == [f"vit.layers.{i}" for i in range(4)]
+    lengths = []
+    model.vit.layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    for _ in range(6):
+        F.cross_entropy(fm(x).logits, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert lengths[0] == 17 and lengths[-1] < 17
+    assert fm.policy.budgets != [1.0] * 4
+    text = str(frzcompile.explain(fm))
+    assert "ALaST-style budgets" in text and "vit.layers.3: budget" in text
+    assert "select_tokens: layers=3, gathers=3" in text
+
+
+def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():
+    model = _bert(layers=3, dropout=0.0)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                             policy="alast")
+    gm = fm.graph_module()
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls.count(kept_token_index) == 2 and calls.count(gather_tokens) == 2
+    assert calls.count(scatter_tokens) == 2 and calls.count(gather_mask) == 2
+    captured = fm.analysis.captured
+    stats = fm.analysis.last.stats["select_tokens"]
+    assert stats["not_rewritten"] == [] and stats["layers"] == 2
+    # the rewritten graph keeps every token (the runtime supplies the real indices): same numbers as captured
+    from frzcompile.runtime.analysis import _placeholder_values
+    values = _placeholder_values(model, captured.gm, captured.args, captured.kwargs)
+    with torch.no_grad():
+        a = torch.fx.Interpreter(captured.gm).run(*values)
+        b = torch.fx.Interpreter(gm).run(*values)
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_refusals():
+    with pytest.raises(PolicyError, match="budget"):
+        frzcompile.ALaST(budget=1.5)
+    with pytest.raises(PolicyError, match="k must"):
+        frzcompile.ALaST(k=0)
+    model = _bert()
+    ids, mask, _ = _batch()
+    kw = {"input_ids": ids, "attention_mask": mask}
+    with pytest.raises(ConfigError, match="cache="):
+        frzcompile.optimize(model, example_kwargs=kw, policy="alast", cache=True)
+    with pytest.raises(PolicyError, match="k=9"):
+        frzcompile.optimize(model, example_kwargs=kw, policy=frzcompile.ALaST(k=9))
+    with pytest.raises(ConfigError, match="class token.s attention"):
+        frzcompile.optimize(zoo.mlp(in_features=8, hidden=8, depth=1), (torch.randn(2, 8),), policy="alast")
