@@ -82,14 +82,14 @@ def print_table(header, rows):
         print("| " + " | ".join(str(c) for c in row) + " |")
 
 
-def workload_args(doc, add_arguments=None):
+def workload_args(doc, add_arguments=None, workloads=("fashion", "minilm")):
     """Command line of the benchmarks that train on real workloads (Fashion-MNIST, SST-2); prints the machine.
     `add_arguments(parser)` adds a benchmark's own options."""
     import torch
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or $FRZ_DATA)")
-    parser.add_argument("--only", choices=["fashion", "minilm"], default=None)
+    parser.add_argument("--only", choices=list(workloads), default=None)
     parser.add_argument("--seed", type=int, default=0,
                         help="initial weights (the new head's, for MiniLM) and data order")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))

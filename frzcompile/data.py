@@ -1,4 +1,5 @@
-"""Real data for the examples and benchmarks: scikit-learn's bundled digits, Fashion-MNIST and SST-2 files.
+"""Real data for the examples and benchmarks: scikit-learn's bundled digits, Fashion-MNIST, MNIST's test images, SST-2
+and TREC files.
 
 Paths are arguments. The default data folder is `$FRZ_DATA` if set, else a `shared/data` folder beside the
 checkout (this workplace's layout) when one exists; nothing is ever downloaded.
@@ -66,6 +67,16 @@ def fashion_mnist(root=None, split: str = "train"):
     labels = _idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
     x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def mnist(root=None, split: str = "test"):
+    """MNIST from the original idx .gz files as (images float (N, 1, 28, 28) in [0, 1], labels). This data folder
+    holds only the 10,000 test images (see its README), so only split="test" exists here."""
+    if split != "test":
+        raise ConfigError("only MNIST's test split (10,000 images) is in this data folder; split it yourself")
+    folder = _resolve(root, "mnist")
+    x = torch.from_numpy(_idx(folder / "t10k-images-idx3-ubyte.gz").copy()).float().div_(255.0).unsqueeze(1)
+    return x, torch.from_numpy(_idx(folder / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
 
 
 def sst2(root=None, split: str = "train"):

@@ -47,9 +47,9 @@ def test_debug_env_writes_each_graph(tmp_path, monkeypatch):
     fm.freeze("conv1", "bn1")
     fm(x)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["ResNet.build000.00.captured.py", "ResNet.build000.01.sparsify.py",
-                     "ResNet.build000.02.freeze.py", "ResNet.build000.03.cache.py"]
-    after = (tmp_path / files[2]).read_text()
+    assert files == ["ResNet.build000.00.captured.py", "ResNet.build000.01.select_tokens.py",
+                     "ResNet.build000.02.sparsify.py", "ResNet.build000.03.freeze.py", "ResNet.build000.04.cache.py"]
+    after = (tmp_path / files[3]).read_text()
     assert "frozen_prefix" in after and "frozen_prefix" not in (tmp_path / files[0]).read_text()
 
 

@@ -343,7 +343,9 @@ def test_the_cache_keeps_the_random_numbers_of_eager():
         torch.manual_seed(step)
         got = fm(xs[idx])
         torch.manual_seed(step)
-        same(got, ref(xs[idx]))
+        # misses are computed on the rows that missed, not on the whole batch: on some CPUs (AMD EPYC here) a
+        # matmul's rounding depends on the batch size (1 ulp); a different dropout mask would differ by ~0.1
+        torch.testing.assert_close(got, ref(xs[idx]), rtol=1e-5, atol=1e-6)
     assert fm.cache.stats["hits"] == 3 + 6 + 3 and fm.cache.report()["served_calls"] == ["block1"]
 
 

