@@ -51,7 +51,7 @@ def optimize(
     cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
         keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
     compile: True (or a `frzcompile.CompileConfig`) runs the model through `torch.compile(backend="frzcompile")`;
-        every freeze-plan change recompiles. Not combinable with cache= or sparsity= yet.
+        every freeze-plan change recompiles. With policy="alast", each transformer layer is compiled on its own. Not combinable with cache= or sparsity= yet.
     sparsity: a fraction (0.8: magnitude masks at 80 percent on every Linear and Conv weight outside the last
         unit) or a `frzcompile.SparsityConfig` (mask source, structure, schedule, early-bird, data sieving).
         Masked weights stay exactly zero through every optimizer step; frozen units keep their masks.
@@ -102,19 +102,18 @@ def optimize(
         raise ConfigError("compile= and cache= cannot be combined yet: the activation cache serves the model's own "
                           "module calls, which Dynamo's graphs inline")
     if isinstance(policy, ALaST):
-        others = [name for name, value in (("cache", cache), ("compile", compile), ("sparsity", sparsity))
-                  if value is not None]
+        others = [name for name, value in (("cache", cache), ("sparsity", sparsity)) if value is not None]
         if others:
             raise ConfigError(f"policy='alast' does not combine with {', '.join(o + '=' for o in others)} yet: its "
-                              "token selection changes what each layer computes every step (and compile= would "
-                              "need the kept-token count as a dynamic shape); use it alone")
+                              "token selection changes what each layer computes every step")
     args = tuple(example_inputs or ())
     kwargs = dict(example_kwargs or {})
     unit_names = select_units(model, units)
     captured = capture(model, args, kwargs, unit_names, method=capture_method)
     unit_graph = UnitGraph(model, captured.gm, unit_names)
+    alast = isinstance(policy, ALaST)
     fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
-                      compile_config=compile)
+                      compile_config=None if alast else compile)
     if sparsity is not None:
         from .runtime.module import weak_method
         from .sparsity.training import SparseTraining
@@ -124,7 +123,7 @@ def optimize(
     if isinstance(policy, ALaST):
         from .tokens.service import LayerBudgets
 
-        fm.add_service(LayerBudgets(policy, model, unit_graph, fm.plan))
+        fm.add_service(LayerBudgets(policy, model, unit_graph, fm.plan, compile_config=compile))
     if cache is not None:
         from .cache.service import ActivationCache
 

@@ -131,6 +131,16 @@ class Explanation:
                             if routes else ""))
             for name, paths in self.sparse.get("block_sparse_paths", {}).items():
                 lines += [f"  {name}: {p}" for p in paths] or [f"  {name}: not called yet"]
+        budgets = fm._service("alast")
+        if budgets is not None:
+            report = budgets.report()
+            lines.append(f"ALaST token selection at {len(report['layers']) - 1} layers (kept tokens gathered before "
+                         "each, scattered back after; every token in eval mode or without grad); "
+                         f"{fm.policy.layers_per_step} of {len(report['layers'])} layers trained per step")
+            if report["compiled_graphs"] is not None:
+                lines.append(f"each layer's forward compiled on its own: {report['compiled_graphs']} graphs so far "
+                             "(the kept-token count is a dynamic dimension; the trained layers a runtime flag, so "
+                             "the others' weight gradients are computed and dropped)")
         if self.cache is not None and self.cache["served_calls"]:
             lines.append(f"activation cache serves the outputs of {', '.join(self.cache['served_calls'])}")
         return lines

@@ -448,12 +448,18 @@ class ALaST(Policy):
         lines = [f"ALaST-style budgets (mean target {self.budget:g}, {self.layers_per_step} of {len(self.layers)} "
                  f"layers trained per step; the first layer runs on every token):"]
         recent = self.log[-50:]
+        # budgets over time: at five evenly spaced logged steps
+        marks = [self.log[round(j * (len(self.log) - 1) / 4)] for j in range(5)] if len(self.log) >= 5 else []
+        if marks:
+            lines.append("  budgets at steps " + ", ".join(str(r[0]) for r in marks) + ":")
         for i, name in enumerate(self.layers):
             kept = [r[2][i] for r in recent if r[2][i] is not None]
             trained = sum(i in r[3] for r in recent)
-            lines.append(f"  {name}: budget {self.budgets[i]:.2f}, tokens kept "
+            over_time = " -> ".join(f"{r[1][i]:.2f}" for r in marks) or f"{self.budgets[i]:.2f}"
+            lines.append(f"  {name}: budget {over_time}; over the "
+                         f"last {len(recent)} steps tokens kept "
                          + (f"{100 * sum(kept) / len(kept):.0f}%" if kept else "n/a")
-                         + f" and trained {trained}/{len(recent)} of the last {len(recent)} steps")
+                         + f", trained in {trained}")
         return lines
 
     def state_dict(self):

@@ -272,3 +272,50 @@ def test_refusals():
         frzcompile.optimize(model, example_kwargs=kw, policy=frzcompile.ALaST(k=9))
     with pytest.raises(ConfigError, match="class token.s attention"):
         frzcompile.optimize(zoo.mlp(in_features=8, hidden=8, depth=1), (torch.randn(2, 8),), policy="alast")
+
+
+def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
+    """compile=: each layer compiled on its own; kept-token counts and the trained subset change every step, the
+    graphs do not (a dynamic token dimension, and the subset as a runtime flag)."""
+    model = _bert(layers=4, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.4, rate=0.5, k=2),
+                             compile=frzcompile.CompileConfig(inner="aot_eager"))
+    layers = model.bert.encoder.layer
+    lengths = []
+    # on the layer itself (outside its compiled forward, after frzcompile's gather): the tokens it runs on
+    layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    subsets = set()
+    for step in range(10):
+        trained = fm.policy.trained
+        subsets.add(trained)
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        _train(model, fm, opt, 1)
+        for i, layer in enumerate(layers):
+            moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
+            assert moved == (i in trained), (step, i)
+    graphs = fm._service("alast").compile_log
+    assert len(subsets) >= 3 and len(set(lengths)) >= 2     # both moved ...
+    assert 1 <= len(graphs) <= 3                             # ... without a graph per subset or per length
+    assert all(getattr(layer.forward, "_frzcompile_forward", False) for layer in layers)
+    fm._service("alast").close()
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_compiled_budget_one_equals_eager():
+    def run(compile):
+        model = _bert(layers=3, dropout=0.0)
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        ids, mask, _ = _batch()
+        fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                                 policy=frzcompile.ALaST(budget=1.0, k=3), compile=compile)
+        losses = _train(model, fm, opt, 4)
+        return losses, [p.detach() for p in model.parameters()]
+
+    eager_losses, eager = run(False)
+    losses, params = run(frzcompile.CompileConfig(inner="aot_eager"))
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -10,24 +10,40 @@ transformer layers through module hooks:
   - after each optimizer step the policy updates budgets and draws the layers trained next step; the others get
     `requires_grad=False` for one step (their optimizer state is kept).
 
+With `compile=`, each layer's forward is compiled on its own (regional compilation; the gather, scatter and
+ranking run eagerly between layers): the kept-token count becomes a dynamic dimension after its first change,
+so budgets move without new graphs. The layers trained each step are then a runtime flag rather than a
+`requires_grad` change (which Dynamo guards on: one graph per subset): every layer computes its weight
+gradients, and those of the layers not drawn are dropped before the optimizer step. Compiled, ALaST saves the
+dropped tokens' work and the optimizer's, not the weight gradients of the layers left out.
+
 The hooks act only inside a training call of the FrozenModule (training mode, grad enabled); any other call of
 the model, eval included, runs on every token. The `select_tokens` pass shows the same gather and scatter on
 the analysis graph.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 from torch import nn
 
+from .. import backend
 from ..errors import ConfigError
-from ..runtime.services import Service
+from ..runtime.services import FORWARD_MARK, Service
 from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatter_tokens, select_tokens, valid_tokens
 
 QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "wq")
 KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
 HEAD_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
+KEPT = "_frzcompile_output"  # where a projection's output waits for its layer's forward hook
+
+
+def _keep_output(module, args, out):
+    # One function for every projection, writing the module's own attribute: under compile= Dynamo traces this
+    # hook without guarding on per-layer state. The layer's forward hook takes the value away right after.
+    module.__dict__[KEPT] = out
 
 
 def find_layers(unit_graph) -> list:
@@ -64,7 +80,14 @@ class _Call:
         self.valid = None           # (B, n) bool, or None: every token is real
         self.valid_read = False
         self.running = None         # (layer index, full hidden states, kept indices or None, class token in)
-        self.q = self.k = None
+
+
+def _remove(handles, modules) -> None:
+    for h in handles:
+        h.remove()
+    for m in modules:
+        if getattr(m.__dict__.get("forward"), FORWARD_MARK, False):
+            del m.__dict__["forward"]
 
 
 def _weak(method):
@@ -80,8 +103,11 @@ def _weak(method):
 class LayerBudgets(Service):
     name = "alast"
 
-    def __init__(self, policy, model: nn.Module, unit_graph, plan):
+    def __init__(self, policy, model: nn.Module, unit_graph, plan, compile_config=None):
         self.policy = policy
+        self.compile_config = compile_config
+        self.compile_log: list = []   # GraphCompile of every layer graph compiled (compile= only)
+        self._backend = None
         self.model = model
         self.unit_graph = unit_graph
         self.plan = plan
@@ -121,16 +147,26 @@ class LayerBudgets(Service):
                 lambda m, a, kw, i=i: pre(i, a, kw), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(
                 lambda m, a, kw, out, i=i: post(i, out), with_kwargs=True))
-            if attention is not None and i + 1 < len(self.layers):
-                seen = _weak(self._projection)
-                self._handles.append(attention[0].register_forward_hook(lambda m, a, out, i=i: seen(i, "q", out)))
-                self._handles.append(attention[1].register_forward_hook(lambda m, a, out, i=i: seen(i, "k", out)))
-        handles = self._handles
-        weakref.finalize(self, lambda: [h.remove() for h in handles])
+            if attention is not None:  # the last layer's too: every layer's compiled graph sees the same hooks
+                self._handles.append(attention[0].register_forward_hook(_keep_output))
+                self._handles.append(attention[1].register_forward_hook(_keep_output))
+            if self.compile_config is not None:
+                self._compile(layer)
+        handles, modules = self._handles, list(self.modules)
+        weakref.finalize(self, _remove, handles, modules)
+
+    def _compile(self, layer: nn.Module) -> None:
+        """The layer's forward compiled on its own, through the frzcompile backend (set as an instance attribute,
+        so the layer's hooks, ours included, stay outside the compiled region)."""
+        if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
+            self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config, plan="alast",
+                                              log=self.compile_log)
+        compiled = torch.compile(type(layer).forward.__get__(layer), backend=self._backend)
+        setattr(compiled, FORWARD_MARK, True)
+        layer.__dict__["forward"] = compiled
 
     def _unhook(self) -> None:
-        for h in self._handles:
-            h.remove()
+        _remove(self._handles, getattr(self, "modules", []))
         self._handles = []
 
     def call(self, run, args, kwargs):
@@ -162,7 +198,6 @@ class LayerBudgets(Service):
         scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
         idx = select_tokens(c.scores, keep, c.valid) if keep < n and scores_ok and not unsafe else None
         c.running = (i, hidden, idx, hidden[:, 0].detach())
-        c.q = c.k = None
         self._kept[i] += (keep if idx is not None else n) / max(n, 1)
         self._calls[i] += 1
         if idx is None:
@@ -179,12 +214,10 @@ class LayerBudgets(Service):
                 kwargs[pos] = gather_mask(mask, idx, n)
         return tuple(args), kwargs
 
-    def _projection(self, i, which, out):
-        c = self._call
-        if c is not None and c.running is not None and c.running[0] == i and isinstance(out, torch.Tensor):
-            setattr(c, which, out)
-
     def _after_layer(self, i, out):
+        attention = self.attention[i]
+        q, k = (attention[0].__dict__.pop(KEPT, None), attention[1].__dict__.pop(KEPT, None)) \
+            if attention is not None else (None, None)
         c = self._call
         if c is None or c.running is None or c.running[0] != i:
             return None
@@ -201,15 +234,14 @@ class LayerBudgets(Service):
             delta = (h[:, 0].float() - cls_in.float()).pow(2).sum(-1).mean()
             self._delta[i] = delta if self._delta[i] is None else self._delta[i] + delta
             ran = h.shape[:2] if idx is None else idx.shape
-            if c.q is not None and c.k is not None and c.k.shape[:2] == ran:
+            if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and k.shape[:2] == ran:
                 valid = c.valid if c.valid is None or idx is None else c.valid.gather(1, idx)
-                attention = cls_attention(c.q, c.k, self.attention[i][2], valid)
+                attention = cls_attention(q, k, self.attention[i][2], valid)
                 if idx is None:
                     c.scores = attention
                 else:  # scaled to the attention mass these tokens had, so stale and fresh scores compare
                     mass = c.scores.gather(1, idx).sum(1, keepdim=True)
                     c.scores = c.scores.scatter(1, idx, attention * mass)
-        c.q = c.k = None
         return out if idx is not None else None
 
     # -- steps ----------------------------------------------------------------------------------------------
@@ -234,12 +266,13 @@ class LayerBudgets(Service):
         return i in self.policy.trained and self.layers[i] not in self.plan.frozen
 
     def _apply_selection(self) -> None:
-        """Layers not drawn for this step stop requiring grad; drawn ones get their plan's setting back."""
+        """Layers not drawn for this step stop requiring grad; drawn ones get their plan's setting back (compiled:
+        every layer keeps its plan's setting, see the module's docstring)."""
         units = self.unit_graph.units
         for i, name in enumerate(self.layers):
             if name in self.plan.frozen:
                 continue
-            trained = self._trained_this_step(i)
+            trained = self._trained_this_step(i) or self.compile_config is not None
             for p in units[name].params:
                 p.requires_grad_(self.plan.trainable_by_default(p) if trained else False)
 
@@ -261,7 +294,8 @@ class LayerBudgets(Service):
         self._apply_selection()
 
     def report(self):
-        return {"layers": list(self.layers), "attention": [a is not None for a in self.attention]}
+        return {"layers": list(self.layers), "attention": [a is not None for a in self.attention],
+                "compiled_graphs": len(self.compile_log) if self.compile_config is not None else None}
 
     def close(self) -> None:
         self._unhook()
