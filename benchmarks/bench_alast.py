@@ -125,7 +125,7 @@ class SavedActivations:
         return t
 
 
-def run(method, base, train, test, epochs, batch, lr, seed):
+def run(method, base, train, test, epochs, batch, lr, seed, alast):
     model = copy.deepcopy(base)
     *inputs, labels = train
     steps_per_epoch = len(labels) // batch
@@ -134,8 +134,9 @@ def run(method, base, train, test, epochs, batch, lr, seed):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * total)) *
                                                  max(0.0, (total - s) / (0.9 * total)))  # warmup, linear decay
     example = trimmed([t[:batch] for t in inputs])
-    policy = {"full": "manual", "alast": "alast", "smartfrz": "smartfrz"}[method]
+    policy = {"full": "manual", "alast": frzcompile.ALaST(**alast), "smartfrz": "smartfrz"}[method]
     fm = frzcompile.optimize(model, example_kwargs=example, optimizer=opt, policy=policy, total_steps=total)
+    fm.train()  # from_pretrained returns a model in eval mode
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     timed_seconds, timed_steps, flops, saved, step = 0.0, 0, 0, [], 0
@@ -202,9 +203,14 @@ def main():
         parser.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "frzcompile"),
                             help="where the ViT pre-trained on Fashion-MNIST is kept between runs")
         parser.add_argument("--methods", default=",".join(METHODS))
+        parser.add_argument("--budget", type=float, default=None, help="ALaST budget (default: the policy's)")
+        parser.add_argument("--k", type=int, default=None, help="ALaST layers trained per step (default: the policy's)")
+        parser.add_argument("--min-budget", type=float, default=None, help="ALaST min_budget (default: the policy's)")
 
     args = workload_args(__doc__, more, workloads=("minilm-sst2", "minilm-trec", "vit-mnist"))
     methods = args.methods.split(",")
+    alast = {name: value for name, value in (("budget", args.budget), ("k", args.k), ("min_budget", args.min_budget))
+             if value is not None}
     everything = {"machine": args.machine, "workloads": []}
     for key in ("minilm-sst2", "minilm-trec", "vit-mnist"):
         if args.only and key != args.only:
@@ -215,7 +221,7 @@ def main():
             label, base, train, test, epochs, batch, lr = minilm(key.split("-")[1], args.data, args.seed)
         results = []
         for method in methods:
-            r = run(method, base, train, test, epochs, batch, lr, args.seed)
+            r = run(method, base, train, test, epochs, batch, lr, args.seed, alast)
             results.append(r)
             print(f"  {key} {method}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
             if method == "alast":

@@ -319,3 +319,14 @@ def test_compiled_budget_one_equals_eager():
     torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
     for p, q in zip(params, eager):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_is_refused_with_what_to_do():
+    model = _bert()
+    ids, mask, y = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, policy="alast")
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ConfigError, match="gradient_checkpointing_disable"):
+        fm(input_ids=ids, attention_mask=mask, labels=y)
+    model.gradient_checkpointing_disable()
+    fm(input_ids=ids, attention_mask=mask, labels=y).loss.backward()

@@ -63,9 +63,13 @@ def valid_tokens(mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | Non
     return row > torch.finfo(row.dtype).min / 2
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, n): the class token's attention to each token, averaged over heads, from the layer's query (B, n, d)
-    and key (B, n, d) projections (the layer computed them anyway; this costs B * n * d)."""
+def cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int, valid: torch.Tensor | None = None,
+                  v: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n): the class token's attention to each token from the layer's query and key projections (B, n, d),
+    which the layer computed anyway (this costs B * n * d). With the value projection `v`, each head's weight is
+    scaled by the norm of the value it moves (Kobayashi et al., 2020): BERT's class token parks much of its
+    attention on [SEP] and punctuation, whose values are small, and plain weights would keep those tokens first.
+    Normalised to sum to 1 per sample."""
     b, n, d = k.shape
     dh = d // heads
     q0 = q[:, 0].detach().float().view(b, heads, 1, dh)
@@ -73,4 +77,8 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int, valid: torch.Ten
     logits = (q0 @ kh.transpose(-1, -2)).squeeze(2) / math.sqrt(dh)  # (B, heads, n)
     if valid is not None:
         logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
-    return logits.softmax(-1).mean(1)
+    weights = logits.softmax(-1)
+    if v is not None:
+        weights = weights * v.detach().float().view(b, n, heads, dh).norm(dim=-1).transpose(1, 2)
+    scores = weights.mean(1)
+    return scores / scores.sum(1, keepdim=True).clamp_min(1e-30)

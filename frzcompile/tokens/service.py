@@ -5,8 +5,8 @@ transformer layers through module hooks:
     mask restricted to them (`frzcompile.tokens.select`);
   - after it (forward hook): the layer's outputs are scattered back into the full hidden states, so skipped
     tokens reach the next layer unchanged, and the class token's change (the layer's importance) is recorded;
-  - the layer's query and key projections (forward hooks) give the class token's attention to the tokens it
-    ran on, which ranks tokens for the layers after it;
+  - the layer's query, key and value projections (forward hooks) give the class token's attention to the tokens
+    it ran on, weighted by the values' norms, which ranks tokens for the layers after it;
   - after each optimizer step the policy updates budgets and draws the layers trained next step; the others get
     `requires_grad=False` for one step (their optimizer state is kept).
 
@@ -36,6 +36,7 @@ from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatt
 
 QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "wq")
 KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
+VALUE_NAMES = ("value", "v_proj", "v_lin", "v", "wv")
 HEAD_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads")
 KEPT = "_frzcompile_output"  # where a projection's output waits for its layer's forward hook
 
@@ -58,18 +59,23 @@ def find_layers(unit_graph) -> list:
 
 
 def find_attention(layer: nn.Module, model: nn.Module):
-    """(query Linear, key Linear, heads) inside a layer, or None when there is not exactly one of each."""
+    """(query Linear, key Linear, value Linear or None, heads) inside a layer, or None when there is not exactly
+    one query and one key projection."""
     named = dict(layer.named_modules())
-    q = [m for n, m in named.items() if n.rsplit(".", 1)[-1] in QUERY_NAMES and isinstance(m, nn.Linear)]
-    k = [m for n, m in named.items() if n.rsplit(".", 1)[-1] in KEY_NAMES and isinstance(m, nn.Linear)]
+
+    def linears(names):
+        return [m for n, m in named.items() if n.rsplit(".", 1)[-1] in names and isinstance(m, nn.Linear)]
+
+    q, k, v = linears(QUERY_NAMES), linears(KEY_NAMES), linears(VALUE_NAMES)
     if len(q) != 1 or len(k) != 1 or q[0].out_features != k[0].out_features:
         return None
-    heads = next((v for m in named.values() for a in HEAD_ATTRIBUTES
-                  if isinstance(v := vars(m).get(a), int) and v > 0), None)
+    v = v[0] if len(v) == 1 and v[0].out_features == k[0].out_features else None
+    heads = next((n for m in named.values() for a in HEAD_ATTRIBUTES
+                  if isinstance(n := vars(m).get(a), int) and n > 0), None)
     heads = heads or getattr(getattr(model, "config", None), "num_attention_heads", None) or 1
     if q[0].out_features % heads:
         heads = 1
-    return q[0], k[0], heads
+    return q[0], k[0], v, heads
 
 
 class _Call:
@@ -148,8 +154,9 @@ class LayerBudgets(Service):
             self._handles.append(layer.register_forward_hook(
                 lambda m, a, kw, out, i=i: post(i, out), with_kwargs=True))
             if attention is not None:  # the last layer's too: every layer's compiled graph sees the same hooks
-                self._handles.append(attention[0].register_forward_hook(_keep_output))
-                self._handles.append(attention[1].register_forward_hook(_keep_output))
+                for projection in attention[:3]:
+                    if projection is not None:
+                        self._handles.append(projection.register_forward_hook(_keep_output))
             if self.compile_config is not None:
                 self._compile(layer)
         handles, modules = self._handles, list(self.modules)
@@ -172,6 +179,10 @@ class LayerBudgets(Service):
     def call(self, run, args, kwargs):
         if not (self.model.training and torch.is_grad_enabled()):
             return run(args, kwargs)
+        if any(getattr(m, "gradient_checkpointing", False) for m in self.modules):
+            # the recomputation in backward would run the layer again outside this call, on every token
+            raise ConfigError("policy='alast' does not combine with gradient checkpointing yet: call "
+                              "model.gradient_checkpointing_disable() (dropped tokens already save activations)")
         self._call = _Call()
         try:
             return run(args, kwargs)
@@ -216,8 +227,8 @@ class LayerBudgets(Service):
 
     def _after_layer(self, i, out):
         attention = self.attention[i]
-        q, k = (attention[0].__dict__.pop(KEPT, None), attention[1].__dict__.pop(KEPT, None)) \
-            if attention is not None else (None, None)
+        q, k, v = [p.__dict__.pop(KEPT, None) if p is not None else None for p in attention[:3]] \
+            if attention is not None else (None, None, None)
         c = self._call
         if c is None or c.running is None or c.running[0] != i:
             return None
@@ -236,7 +247,8 @@ class LayerBudgets(Service):
             ran = h.shape[:2] if idx is None else idx.shape
             if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and k.shape[:2] == ran:
                 valid = c.valid if c.valid is None or idx is None else c.valid.gather(1, idx)
-                attention = cls_attention(q, k, self.attention[i][2], valid)
+                v = v if isinstance(v, torch.Tensor) and v.shape == k.shape else None
+                attention = cls_attention(q, k, self.attention[i][3], valid, v)
                 if idx is None:
                     c.scores = attention
                 else:  # scaled to the attention mass these tokens had, so stale and fresh scores compare
