@@ -13,6 +13,10 @@ saved-tensor hooks on every 10th step, scaled to the run; those steps are left o
 other steps' time scaled to the run), and for ALaST the budgets and tokens kept per layer over time (a plot).
 
     python benchmarks/bench_alast.py [--only minilm-sst2|minilm-trec|vit-mnist] [--data PATH] [--work DIR]
+        [--methods full,alast,alast:budget=0.4;min_budget=0.2;k=3,smartfrz]
+
+"alast" is the policy's defaults; "alast:budget=...;k=...;min_budget=..." a variant (the leaner one shows the
+trade-off).
 """
 import copy
 import json
@@ -31,7 +35,7 @@ import frzcompile  # noqa: E402
 from frzcompile import data, zoo  # noqa: E402
 
 SAMPLE = 10          # every SAMPLE-th step counts FLOPs and saved activations (and is not timed)
-METHODS = ("full", "alast", "smartfrz")
+METHODS = ("full", "alast", "alast:budget=0.4;min_budget=0.2;k=3", "smartfrz")
 
 
 def minilm(task, root, seed, epochs=2, batch=32, train_samples=6000):
@@ -58,7 +62,7 @@ def minilm(task, root, seed, epochs=2, batch=32, train_samples=6000):
     return label, model, (*encode(texts), labels), (*encode(test_texts), test_labels), epochs, batch, 5e-5
 
 
-def vit(root, work, seed, epochs=2, batch=64):
+def vit(root, work, seed, epochs=5, batch=64):
     x_all, y_all = data.mnist(root, "test")
     path = os.path.join(work, "vit_fashion_pretrained.pt")
     torch.manual_seed(seed)
@@ -69,8 +73,8 @@ def vit(root, work, seed, epochs=2, batch=64):
     model.classifier = nn.Linear(128, 10)  # a fresh head for the new task
     train, test = (x_all[:6000], y_all[:6000]), (x_all[6000:], y_all[6000:])
     label = (f"ViT-6x128 (patch 4, 50 tokens) pre-trained here on Fashion-MNIST, fine-tuned on MNIST (6000 / "
-             f"4000 of its test images), {epochs} epochs, batch {batch}, AdamW 3e-4")
-    return label, model, train, test, epochs, batch, 3e-4
+             f"4000 of its test images), {epochs} epochs, batch {batch}, AdamW 5e-4")
+    return label, model, train, test, epochs, batch, 5e-4
 
 
 def pretrain(model, root, path, samples=30000, batch=128):
@@ -134,7 +138,12 @@ def run(method, base, train, test, epochs, batch, lr, seed, alast):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * total)) *
                                                  max(0.0, (total - s) / (0.9 * total)))  # warmup, linear decay
     example = trimmed([t[:batch] for t in inputs])
-    policy = {"full": "manual", "alast": frzcompile.ALaST(**alast), "smartfrz": "smartfrz"}[method]
+    name, _, options = method.partition(":")
+    if name == "alast":
+        alast = {**alast, **{k: (int(v) if k == "k" else float(v))
+                             for k, v in (o.split("=") for o in options.split(";") if o)}}
+    policy = {"full": "manual", "alast": frzcompile.ALaST(**alast) if name == "alast" else None,
+              "smartfrz": "smartfrz"}[name]
     fm = frzcompile.optimize(model, example_kwargs=example, optimizer=opt, policy=policy, total_steps=total)
     fm.train()  # from_pretrained returns a model in eval mode
     g = torch.Generator().manual_seed(seed)
@@ -168,7 +177,7 @@ def run(method, base, train, test, epochs, batch, lr, seed, alast):
     result = {"method": method, "steps": step, "train_seconds": timed_seconds * step / timed_steps,
               "accuracy": accuracy(fm, test), "train_flops": flops, "saved_mb": sum(saved) / len(saved) / 2**20,
               "saved_mb_max": max(saved) / 2**20, "frozen_at_end": list(fm.frozen)}
-    if method == "alast":
+    if name == "alast":
         result["budget_log"] = fm.policy.log
         result["layers"] = fm.policy.layers
         result["explain"] = str(frzcompile.explain(fm))
@@ -224,8 +233,10 @@ def main():
             r = run(method, base, train, test, epochs, batch, lr, args.seed, alast)
             results.append(r)
             print(f"  {key} {method}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
-            if method == "alast":
-                plot_budgets(r, label, os.path.join(args.out, f"alast_budgets_{key}.png"))
+            if method.startswith("alast"):
+                suffix = method.partition(":")[2].replace(";", "_").replace("=", "")
+                name = f"alast_budgets_{key}{'_' + suffix if suffix else ''}.png"
+                plot_budgets(r, label, os.path.join(args.out, name))
                 print(r["explain"])
         full = results[0]
         print(f"\n### {label}\n")

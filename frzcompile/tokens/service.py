@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import backend
 from ..errors import ConfigError
+from ..runtime.module import weak_method
 from ..runtime.services import FORWARD_MARK, Service
 from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatter_tokens, select_tokens, valid_tokens
 
@@ -96,16 +97,6 @@ def _remove(handles, modules) -> None:
             del m.__dict__["forward"]
 
 
-def _weak(method):
-    ref = weakref.WeakMethod(method)
-
-    def call(*args):
-        bound = ref()
-        return None if bound is None else bound(*args)
-
-    return call
-
-
 class LayerBudgets(Service):
     name = "alast"
 
@@ -148,7 +139,7 @@ class LayerBudgets(Service):
             self.modules.append(layer)
             attention = find_attention(layer, self.model)
             self.attention.append(attention)
-            pre, post = _weak(self._before_layer), _weak(self._after_layer)
+            pre, post = weak_method(self._before_layer), weak_method(self._after_layer)
             self._handles.append(layer.register_forward_pre_hook(
                 lambda m, a, kw, i=i: pre(i, a, kw), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(
