@@ -340,6 +340,9 @@ class SmartFRZ(Policy):
             self.safeguard.load_state_dict(state["safeguard"])
 
 
+MAX_LOG = 20_000  # ALaST's per-step history entries kept
+
+
 class ALaST(Policy):
     """ALaST-style adaptive layer budgets for transformer fine-tuning (after Devoto et al., "Adaptive Layer
     Selection for Efficient Vision Transformer Fine-Tuning", 2024). Every training step:
@@ -386,17 +389,20 @@ class ALaST(Policy):
         self.history = history
         self._generator = torch.Generator().manual_seed(seed)
         self.budgets: list = []      # per layer, in [min_budget, 1]
-        self.trained: tuple = ()     # indices of the layers trained this step
+        self.trained: tuple = ()     # indices of the layers trained this iteration
+        self.next = None             # the layers drawn at the last step, trained from the next training call on
         self.log: list = []          # (step, budgets, kept token fraction per layer, trained layers)
 
     def start(self, layers: list) -> None:
-        """Called by the runtime once it knows the layers (their unit names, in order)."""
+        """Called by the runtime once it knows the layers (their unit names, in order); starts a fresh run."""
         if self.k is not None and self.k > len(layers):
             raise PolicyError(f"alast: k={self.k} but the model has {len(layers)} layers")
         self.layers = list(layers)
-        if len(self.budgets) != len(layers):
-            self.budgets = [1.0] * len(layers)
-            self.trained = self._draw(frozenset())
+        self.budgets = [1.0] * len(layers)
+        self.trained = tuple(range(len(layers)))
+        self.next = None
+        self.log = []
+        self._generator.manual_seed(self.seed)
 
     @property
     def layers_per_step(self) -> int:
@@ -417,21 +423,25 @@ class ALaST(Policy):
                 hi = c
         return (hi * w).clamp(self.min_budget, 1.0).tolist()
 
-    def observe(self, step: int, deltas, kept, excluded=frozenset()) -> None:
+    def observe(self, step: int, deltas, kept, trained, excluded=frozenset()) -> None:
         """End of a training step: the mean class-token change per layer (None where a layer did not run), the
-        kept token fraction per layer; budgets move, the next step's trained layers are drawn."""
+        kept token fraction per layer and the layers that trained; budgets move, the next layers are drawn."""
         seen = [d for d in deltas[1:] if d is not None]
         if seen:  # the first layer keeps budget 1: it runs on every token whatever its budget
             filled = [d if d is not None else min(seen) for d in deltas[1:]]
             t = [1.0] + self.targets(filled)
             self.budgets = [b + self.rate * (tb - b) for b, tb in zip(self.budgets, t)]
         if self.history:
-            self.log.append((step, list(self.budgets), list(kept), list(self.trained)))
-        self.trained = self._draw(excluded)
+            self.log.append((step, list(self.budgets), list(kept), list(trained)))
+            if len(self.log) > MAX_LOG:  # a long run keeps every other step
+                self.log = self.log[::2]
+        self.next = self._draw(excluded)
 
-    def redraw(self, excluded) -> None:
-        """Draw this step's trained layers again, leaving out `excluded` (units the freeze plan holds)."""
-        self.trained = self._draw(excluded)
+    def advance(self) -> tuple:
+        """This iteration's layers: the last draw takes effect at the first training call after its step."""
+        if self.next is not None:
+            self.trained, self.next = self.next, None
+        return self.trained
 
     def _draw(self, excluded) -> tuple:
         """The layers that get weight gradients next step: k drawn without replacement in proportion to budgets
@@ -465,12 +475,14 @@ class ALaST(Policy):
         return lines
 
     def state_dict(self):
-        return {"budgets": list(self.budgets), "trained": list(self.trained), "log": list(self.log),
+        return {"budgets": list(self.budgets), "trained": list(self.trained),
+                "next": None if self.next is None else list(self.next), "log": list(self.log),
                 "generator": self._generator.get_state()}
 
     def load_state_dict(self, state):
         self.budgets = list(state["budgets"])
         self.trained = tuple(state["trained"])
+        self.next = None if state.get("next") is None else tuple(state["next"])
         self.log = list(state["log"])
         self._generator.set_state(state["generator"])
 

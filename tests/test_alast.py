@@ -1,4 +1,7 @@
 """The ALaST policy: token selection, scatter-back, budgets, per-step layer freezing, and its graph pass."""
+import copy
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +10,7 @@ import frzcompile
 from frzcompile import zoo
 from frzcompile.errors import ConfigError, PolicyError
 from frzcompile.passes.select_tokens import kept_token_index
-from frzcompile.tokens import gather_mask, gather_tokens, keep_count, scatter_tokens, select_tokens
+from frzcompile.tokens import gather_mask, gather_tokens, keep_count, scatter_tokens, top_tokens
 
 pytest.importorskip("transformers")
 
@@ -42,20 +45,19 @@ def _train(model, fm, opt, steps, zero_to_none=True):
 # -- the token arithmetic ----------------------------------------------------------------------------------------
 def test_select_keeps_class_token_and_count():
     scores = torch.tensor([[0.0, 0.1, 0.5, 0.2, 0.9, 0.3], [0.9, 0.8, 0.1, 0.7, 0.0, 0.2]])
-    idx = select_tokens(scores, 3)
+    idx = top_tokens(scores, 3)
     assert idx.tolist() == [[0, 2, 4], [0, 1, 3]]   # class token first although it scores lowest; ascending
-    for budget, n in [(0.0, 6), (0.2, 6), (0.5, 11), (1.0, 9), (0.3, 1)]:
-        k = keep_count(budget, n)
-        assert k == min(n, 1 + -(-round(budget * (n - 1) * 1e6) // 1_000_000)) and 1 <= k <= n
+    assert [keep_count(b, n) for b, n in [(0.0, 6), (0.2, 6), (0.25, 10), (0.5, 11), (1.0, 9), (0.3, 1)]] == \
+        [1, 2, 4, 6, 9, 1]
     valid = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
-    idx = select_tokens(scores, 4, valid)
+    idx = top_tokens(scores, 4, valid)
     assert idx[1].tolist()[:3] == [0, 1, 2] and idx[1, 3] >= 3   # padding only once every real token is in
-    assert select_tokens(scores, 3, valid)[1].tolist() == [0, 1, 2]
+    assert top_tokens(scores, 3, valid)[1].tolist() == [0, 1, 2]
 
 
 def test_scatter_back_is_exact_and_differentiable():
     h = torch.randn(3, 10, 8, requires_grad=True)
-    idx = select_tokens(torch.rand(3, 10), 4)
+    idx = top_tokens(torch.rand(3, 10), 4)
     kept = gather_tokens(h, idx)
     assert torch.equal(kept, torch.stack([h[b, idx[b]] for b in range(3)]))
     new = kept * 2 + 1
@@ -90,6 +92,14 @@ def test_budget_one_all_layers_equals_full_fine_tuning():
                              policy=frzcompile.ALaST(budget=1.0, k=4))
     ref2 = _bert()
     opt2 = torch.optim.AdamW(ref2.parameters(), 1e-3)
+    ids, mask, y = _batch(99)
+    for net in (fm, ref2):   # gradients of one step, the same dropout masks
+        torch.manual_seed(7)
+        net(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    for (n, p), q in zip(model.named_parameters(), ref2.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), n
+    opt.zero_grad()
+    opt2.zero_grad()
     torch.manual_seed(123)  # the same dropout stream for both
     ref_losses = _train(ref2, None, opt2, 6)
     torch.manual_seed(123)
@@ -119,12 +129,13 @@ def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
     kept = fm.policy.log[-1][2]
     assert kept[0] == 1.0 and all(kept[i] == keep_count(budgets[i], 12) / 12 for i in (1, 2, 3))
     # eval mode and no-grad calls run every token: the model's own outputs
+    seen.clear()
     fm.eval()
     with torch.no_grad():
         out = fm(input_ids=ids, attention_mask=mask).logits
+        assert seen == {0: 12, 1: 12, 2: 12, 3: 12}
         fm.train()
         out_nograd = fm(input_ids=ids, attention_mask=mask).logits
-    fm.detach()
     model.eval()
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
@@ -163,14 +174,20 @@ def test_k_layers_trained_per_step_others_keep_weights_and_optimizer_state():
     fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
                              policy=frzcompile.ALaST(budget=0.5, k=2))
     layers = model.bert.encoder.layer
+    svc = fm._service("alast")
+    assert all(p.requires_grad for p in model.parameters())   # nothing changes before the first step
+    during = {}
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(
+            lambda m, a, i=i: during.__setitem__(i, all(p.requires_grad for p in m.parameters())))
     for step in range(8):
-        trained = set(fm.policy.trained)
-        assert len(trained) == 2
-        assert all(p.requires_grad == (i in trained) for i, layer in enumerate(layers) for p in layer.parameters())
         before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
         moments = [[opt.state[p]["exp_avg"].clone() if p in opt.state else None for p in layer.parameters()]
                    for layer in layers]
         _train(model, fm, opt, 1, zero_to_none=(step % 2 == 0))  # zero_grad(set_to_none=False) too
+        trained = set(svc.trained)
+        assert len(trained) == (4 if step == 0 else 2)            # the first step trains every layer
+        assert during == {i: i in trained for i in range(4)}
         for i, layer in enumerate(layers):
             moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
             assert moved == (i in trained), (step, i)
@@ -179,25 +196,39 @@ def test_k_layers_trained_per_step_others_keep_weights_and_optimizer_state():
                     assert (m is None and p not in opt.state) or torch.equal(opt.state[p]["exp_avg"], m)
     assert model.classifier.weight.requires_grad and model.bert.embeddings.word_embeddings.weight.requires_grad
     counts = [sum(i in r[3] for r in fm.policy.log) for i in range(4)]
-    assert sum(counts) == 16 and all(c > 0 for c in counts)
+    assert sum(counts) == 4 + 7 * 2 and all(c > 1 for c in counts)
 
 
 def test_draws_use_their_own_generator_and_resume():
-    model = _bert()
-    ids, mask, _ = _batch()
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
-                             policy=frzcompile.ALaST(budget=0.5, k=2, seed=3))
+    def make():
+        model = _bert()
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        ids, mask, _ = _batch()
+        fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                                 policy=frzcompile.ALaST(budget=0.4, k=2, seed=3))
+        fm.freeze("bert.embeddings")
+        return model, fm, opt
+
+    model, fm, opt = make()
+    torch.manual_seed(0)
+    _train(model, fm, opt, 4)
     rng = torch.get_rng_state()
-    for _ in range(5):
-        fm.step()
-    assert torch.equal(torch.get_rng_state(), rng)   # the user's random stream is untouched
-    state = fm.freeze_state_dict()
-    nxt = [fm.step() or fm.policy.trained for _ in range(5)]
-    model2 = _bert()
-    fm2 = frzcompile.optimize(model2, example_kwargs={"input_ids": ids, "attention_mask": mask},
-                              policy=frzcompile.ALaST(budget=0.5, k=2, seed=3))
+    fm.step()  # a step without a call: the policy draws from its own generator only
+    assert torch.equal(torch.get_rng_state(), rng)
+    state, weights, opt_state = copy.deepcopy((fm.freeze_state_dict(), model.state_dict(), opt.state_dict()))
+    torch.manual_seed(1)
+    _train(model, fm, opt, 4)
+    tail = fm.policy.log[-4:]
+    assert fm.policy.budgets != [1.0] * 4 and any(r[3] != [0, 1, 2, 3] for r in tail)
+    model2, fm2, opt2 = make()
+    model2.load_state_dict(weights)
+    opt2.load_state_dict(opt_state)
     fm2.load_freeze_state_dict(state)
-    assert [fm2.step() or fm2.policy.trained for _ in range(5)] == nxt
+    torch.manual_seed(1)
+    _train(model2, fm2, opt2, 4)
+    assert fm2.policy.log[-4:] == tail and fm2.policy.budgets == fm.policy.budgets
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_manual_freeze_takes_layers_out_of_the_draw():
@@ -207,13 +238,14 @@ def test_manual_freeze_takes_layers_out_of_the_draw():
     fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
                              policy=frzcompile.ALaST(budget=0.5, k=3))
     fm.freeze("bert.embeddings", "bert.encoder.layer.0")
+    svc = fm._service("alast")
     for _ in range(4):
         _train(model, fm, opt, 1)
-        assert 0 not in fm.policy.trained and len(fm.policy.trained) == 3
+        assert 0 not in svc.trained and len(svc.trained) == 3
         assert not any(p.requires_grad for p in model.bert.encoder.layer[0].parameters())
     fm.unfreeze("bert.encoder.layer.0")
     _train(model, fm, opt, 1)
-    trained = set(fm.policy.trained)
+    trained = set(svc.trained)
     assert all(p.requires_grad == (1 in trained) for p in model.bert.encoder.layer[1].parameters())
 
 
@@ -249,6 +281,16 @@ def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():
     captured = fm.analysis.captured
     stats = fm.analysis.last.stats["select_tokens"]
     assert stats["not_rewritten"] == [] and stats["layers"] == 2
+    # the wiring: a layer's nodes read the gathered tokens and mask, the nodes after it the scattered states
+    unit_of = fm.analysis.last.node_unit
+    for node in gm.graph.nodes:
+        if node.target in (gather_tokens, gather_mask):
+            assert unit_of.get(node.args[0].name) != unit_of[node.name]          # reads from outside the layer
+            assert {unit_of.get(u.name) for u in node.users} == {unit_of[node.name]}
+        if node.target is scatter_tokens:
+            assert unit_of.get(node.args[2].name) == unit_of[node.name]           # the layer's output ...
+            assert unit_of[node.name] not in {unit_of.get(u.name) for u in node.users}  # ... goes on after it
+            assert node.args[1].target is kept_token_index
     # the rewritten graph keeps every token (the runtime supplies the real indices): same numbers as captured
     from frzcompile.runtime.analysis import _placeholder_values
     values = _placeholder_values(model, captured.gm, captured.args, captured.kwargs)
@@ -288,11 +330,12 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
     # on the layer itself (outside its compiled forward, after frzcompile's gather): the tokens it runs on
     layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     subsets = set()
+    svc = fm._service("alast")
     for step in range(10):
-        trained = fm.policy.trained
-        subsets.add(trained)
         before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
         _train(model, fm, opt, 1)
+        trained = svc.trained
+        subsets.add(trained)
         for i, layer in enumerate(layers):
             moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
             assert moved == (i in trained), (step, i)
@@ -300,8 +343,11 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
     assert len(subsets) >= 3 and len(set(lengths)) >= 2     # both moved ...
     assert 1 <= len(graphs) <= 3                             # ... without a graph per subset or per length
     assert all(getattr(layer.forward, "_frzcompile_forward", False) for layer in layers)
-    fm._service("alast").close()
+    copy_ = copy.deepcopy(model)  # a copy runs its own weights, not a function compiled for these
+    assert all(c.forward.__self__ is c for c in copy_.bert.encoder.layer)
+    svc.close()
     assert all("forward" not in layer.__dict__ for layer in layers)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_compiled_budget_one_equals_eager():
@@ -330,3 +376,78 @@ def test_gradient_checkpointing_is_refused_with_what_to_do():
         fm(input_ids=ids, attention_mask=mask, labels=y)
     model.gradient_checkpointing_disable()
     fm(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+
+
+def test_two_optimizers_and_gradient_accumulation_step_the_same_layers():
+    """A draw takes effect at the next training call: every optimizer of an iteration, and every micro-batch of
+    an accumulated step, sees the same layers."""
+    model = _bert(layers=4)
+    layers = model.bert.encoder.layer
+    ids, mask, _ = _batch()
+    opt_a = torch.optim.AdamW([p for n, p in model.named_parameters() if "layer.0." in n or "layer.1." in n], 1e-3)
+    opt_b = torch.optim.AdamW([p for n, p in model.named_parameters() if not ("layer.0." in n or "layer.1." in n)],
+                              1e-3)
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                             optimizer=[opt_a, opt_b], policy=frzcompile.ALaST(budget=0.5, k=2))
+    svc = fm._service("alast")
+    for step in range(6):
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        for micro in range(2):
+            i_, m_, y_ = _batch(10 * step + micro)
+            (fm(input_ids=i_, attention_mask=m_, labels=y_).loss / 2).backward()
+        trained = set(svc.trained)
+        opt_a.step()   # counts the step: the policy draws the next layers here ...
+        opt_b.step()   # ... and this one still steps this iteration's
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        for i, layer in enumerate(layers):
+            moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
+            assert moved == (i in trained), (step, i)
+    assert fm.step_count == 6
+
+
+def test_garbage_collected_module_gives_the_layers_back():
+    model = _bert(layers=4)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.5, k=1))
+    _train(model, fm, opt, 3)
+    assert sum(not p.requires_grad for p in model.parameters()) > 0
+    del fm
+    gc.collect()
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in model.bert.encoder.layer)
+
+
+def test_valid_tokens_from_a_mask_of_batch_one_and_a_causal_mask():
+    from frzcompile.tokens.select import valid_tokens
+    mask = torch.zeros(1, 1, 1, 5)
+    mask[..., 3:] = torch.finfo(torch.float32).min
+    assert valid_tokens(mask, 5, 3).tolist() == [[True, True, True, False, False]] * 3
+    causal = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    assert valid_tokens(causal, 4, 2).all()   # every key is some query's: no padding
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+        self.head = torch.nn.Linear(64, 2)
+
+    def forward(self, a_ids, a_mask, b_ids, b_mask):
+        a = self.bert(input_ids=a_ids, attention_mask=a_mask).last_hidden_state[:, 0]
+        b = self.bert(input_ids=b_ids, attention_mask=b_mask).last_hidden_state[:, 0]
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_a_second_encoder_pass_in_one_call_ranks_its_own_tokens():
+    model = _Pair(_bert(layers=3, dropout=0.0).bert)
+    (a_ids, a_mask, _), (b_ids, b_mask, _) = _batch(1, n=12), _batch(2, n=7, pad=False)
+    fm = frzcompile.optimize(model, (a_ids, a_mask, b_ids, b_mask), policy=frzcompile.ALaST(budget=0.3, k=3),
+                             units=["bert.embeddings"] + [f"bert.encoder.layer.{i}" for i in range(3)] + ["head"])
+    fm.policy.budgets = [1.0, 0.3, 0.3]
+    lengths = []
+    model.bert.encoder.layer[2].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    fm(a_ids, a_mask, b_ids, b_mask).sum().backward()
+    assert lengths == [keep_count(0.3, 12), keep_count(0.3, 7)]

@@ -36,6 +36,9 @@ class DistributedDataParallel(nn.Module):
         if not isinstance(fm, FrozenModule):
             raise ConfigError("frzcompile's DistributedDataParallel wraps the module returned by frzcompile.optimize "
                               f"(got {type(fm).__name__}); call optimize(model, ...) first")
+        if fm.policy.name == "alast":
+            raise ConfigError("policy='alast' is single-process for now: each replica would draw its own layers and "
+                              "budgets from its own batches; train on one process")
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
         if ddp_kwargs.get("find_unused_parameters"):

@@ -97,6 +97,9 @@ class FreezePlan:
         """Whether `p` required grad before any plan (what thawing gives back)."""
         return self._initial_requires_grad.get(id(p), True)
 
+    def set_trainable_by_default(self, p, value: bool) -> None:
+        self._initial_requires_grad[id(p)] = bool(value)
+
     def rebind(self, model, training: bool) -> None:
         """After the model's structure changed: units re-read their parameters and modules by path, and the
         plan is applied to the new ones (a new parameter in a frozen unit is frozen too). Tensors that are not

@@ -19,7 +19,7 @@ def keep_count(budget: float, n_tokens: int) -> int:
     return min(n_tokens, 1 + math.ceil(budget * (n_tokens - 1) - 1e-9))
 
 
-def select_tokens(scores: torch.Tensor, keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+def top_tokens(scores: torch.Tensor, keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, keep) indices, ascending, always starting with the class token 0: the `keep - 1` highest-scoring of
     the others, padding (valid False) only once every real token is in."""
     s = scores.detach().float().clone()
@@ -52,15 +52,14 @@ def gather_mask(mask: torch.Tensor, idx: torch.Tensor, n_tokens: int) -> torch.T
     return mask
 
 
-def valid_tokens(mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
-    """(B, n) bool: the tokens the class token may attend to under a 4-d attention mask (bool: True = attend;
-    float: additive, 0 = attend), or None when every token is valid."""
+def valid_tokens(mask: torch.Tensor | None, n_tokens: int, batch: int) -> torch.Tensor | None:
+    """(batch, n) bool: the tokens some query may attend to under a 4-d attention mask (bool: True = attend;
+    float: additive, 0 = attend): padding is False. None when there is no such mask."""
     if mask is None or mask.dim() != 4 or mask.shape[-1] != n_tokens:
         return None
-    row = mask[:, 0, 0, :]
-    if row.dtype == torch.bool:
-        return row
-    return row > torch.finfo(row.dtype).min / 2
+    rows = mask[:, 0]  # (B or 1, queries, n)
+    allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+    return allowed.any(dim=1).expand(batch, n_tokens)
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int, valid: torch.Tensor | None = None,

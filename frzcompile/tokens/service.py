@@ -33,7 +33,7 @@ from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import weak_method
 from ..runtime.services import FORWARD_MARK, Service
-from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatter_tokens, select_tokens, valid_tokens
+from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatter_tokens, top_tokens, valid_tokens
 
 QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "wq")
 KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
@@ -85,16 +85,48 @@ class _Call:
     def __init__(self):
         self.scores = None          # (B, n) class-token attention, the latest each token got
         self.valid = None           # (B, n) bool, or None: every token is real
-        self.valid_read = False
+        self.last = -1              # the last layer run: a lower one starts another pass of the encoder
         self.running = None         # (layer index, full hidden states, kept indices or None, class token in)
 
+    def new_pass(self) -> None:
+        self.scores, self.valid, self.last = None, None, -1
 
-def _remove(handles, modules) -> None:
+
+class _CompiledForward:
+    """A layer's forward compiled on its own (compile=). A copy of the layer (deepcopy, pickle) gets its class's
+    plain forward back rather than a function compiled for the original's weights."""
+
+    def __init__(self, layer, backend_):
+        self._layer = weakref.ref(layer)
+        self.compiled = torch.compile(type(layer).forward.__get__(layer), backend=backend_)
+        setattr(self, FORWARD_MARK, True)
+
+    def __call__(self, *args, **kwargs):
+        return self.compiled(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copy_ = memo.get(id(self._layer()))
+        return type(copy_).forward.__get__(copy_) if copy_ is not None else None
+
+    def __reduce__(self):
+        return (_plain_forward, (self._layer(),))
+
+
+def _plain_forward(module):
+    return type(module).forward.__get__(module)
+
+
+def _release(handles, modules, plan, params) -> None:
+    """Hooks and compiled forwards off; the layers' parameters back to what the freeze plan says."""
     for h in handles:
         h.remove()
     for m in modules:
-        if getattr(m.__dict__.get("forward"), FORWARD_MARK, False):
+        if isinstance(m.__dict__.get("forward"), _CompiledForward):
             del m.__dict__["forward"]
+    frozen = {id(p) for p in plan.frozen_params()}
+    for p in params:
+        if id(p) not in frozen:
+            p.requires_grad_(plan.trainable_by_default(p))
 
 
 class LayerBudgets(Service):
@@ -102,12 +134,12 @@ class LayerBudgets(Service):
 
     def __init__(self, policy, model: nn.Module, unit_graph, plan, compile_config=None):
         self.policy = policy
-        self.compile_config = compile_config
-        self.compile_log: list = []   # GraphCompile of every layer graph compiled (compile= only)
-        self._backend = None
         self.model = model
         self.unit_graph = unit_graph
         self.plan = plan
+        self.compile_config = compile_config
+        self.compile_log: list = []   # GraphCompile of every layer graph compiled (compile= only)
+        self._backend = None
         names = list(policy.layers) if policy.layers else find_layers(unit_graph)
         if len(names) < 2:
             raise ConfigError("policy='alast' needs the model's transformer layers as units (two or more of one "
@@ -118,14 +150,15 @@ class LayerBudgets(Service):
             raise ConfigError(f"ALaST layers {unknown} are not units of this model (units: {unit_graph.names})")
         self.layers = names
         self._call = None
-        self._handles = []
+        self._handles, self.modules, self._finalizer = [], [], None
+        self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
         self._reset_step()
         self._hook()
         if not any(a is not None for a in self.attention):
             raise ConfigError("policy='alast' ranks tokens by the class token's attention, but no layer has one "
                               f"query and one key projection (nn.Linear named one of {QUERY_NAMES} / {KEY_NAMES})")
         policy.start(names)
-        self._apply_selection()
+        self.trained = policy.trained  # the layers trained this iteration, as applied (all of them at first)
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def _hook(self) -> None:
@@ -137,6 +170,8 @@ class LayerBudgets(Service):
                 raise ConfigError(f"ALaST layer {name} must be one module (it has {len(roots)} roots)")
             layer = roots[0]
             self.modules.append(layer)
+            for pname, p in layer.named_parameters():
+                self._defaults.setdefault((i, pname), self.plan.trainable_by_default(p))
             attention = find_attention(layer, self.model)
             self.attention.append(attention)
             pre, post = weak_method(self._before_layer), weak_method(self._after_layer)
@@ -149,23 +184,31 @@ class LayerBudgets(Service):
                     if projection is not None:
                         self._handles.append(projection.register_forward_hook(_keep_output))
             if self.compile_config is not None:
-                self._compile(layer)
-        handles, modules = self._handles, list(self.modules)
-        weakref.finalize(self, _remove, handles, modules)
-
-    def _compile(self, layer: nn.Module) -> None:
-        """The layer's forward compiled on its own, through the frzcompile backend (set as an instance attribute,
-        so the layer's hooks, ours included, stay outside the compiled region)."""
-        if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
-            self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config, plan="alast",
-                                              log=self.compile_log)
-        compiled = torch.compile(type(layer).forward.__get__(layer), backend=self._backend)
-        setattr(compiled, FORWARD_MARK, True)
-        layer.__dict__["forward"] = compiled
+                if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
+                    self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
+                                                      plan="alast", log=self.compile_log)
+                layer.__dict__["forward"] = _CompiledForward(layer, self._backend)
+                # every layer computes weight gradients when compiled: drop the undrawn ones as they land (before
+                # gradient clipping or accumulation sees them)
+                drop = weak_method(self._drop_gradient)
+                for p in layer.parameters():
+                    self._handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: drop(i, p)))
+        params = [p for m in self.modules for p in m.parameters()]
+        self._finalizer = weakref.finalize(self, _release, self._handles, list(self.modules), self.plan, params)
 
     def _unhook(self) -> None:
-        _remove(self._handles, getattr(self, "modules", []))
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            for h in self._handles:
+                h.remove()
+            for m in self.modules:
+                if isinstance(m.__dict__.get("forward"), _CompiledForward):
+                    del m.__dict__["forward"]
         self._handles = []
+
+    def _drop_gradient(self, i, p) -> None:
+        if i not in self.trained:
+            p.grad = None
 
     def call(self, run, args, kwargs):
         if not (self.model.training and torch.is_grad_enabled()):
@@ -173,7 +216,14 @@ class LayerBudgets(Service):
         if any(getattr(m, "gradient_checkpointing", False) for m in self.modules):
             # the recomputation in backward would run the layer again outside this call, on every token
             raise ConfigError("policy='alast' does not combine with gradient checkpointing yet: call "
-                              "model.gradient_checkpointing_disable() (dropped tokens already save activations)")
+                              "model.gradient_checkpointing_disable() (activation_checkpointing_disable in newer "
+                              "transformers); dropped tokens already save activations")
+        # the draw of the last step takes effect now, so every optimizer of that step stepped the same layers
+        # (as the freeze plan's pending decision does)
+        trained = tuple(i for i in self.policy.advance() if self.layers[i] not in self.plan.frozen)
+        if trained != self.trained:
+            self.trained = trained
+            self._apply_selection()
         self._call = _Call()
         try:
             return run(args, kwargs)
@@ -187,18 +237,23 @@ class LayerBudgets(Service):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             return None
+        if i <= c.last:
+            c.new_pass()  # the encoder runs again in this call (a siamese or contrastive pair)
+        c.last = i
         n = hidden.shape[1]
         others = [(pos, t) for pos, t in list(enumerate(args))[1:] + list(kwargs.items())
                   if isinstance(t, torch.Tensor) and t is not hidden]
         masks = [(pos, t) for pos, t in others if t.dim() == 4 and t.shape[-1] == n]
-        if not c.valid_read:
-            c.valid = valid_tokens(masks[0][1], n) if masks else None
-            c.valid_read = True
+        if c.valid is None and masks:
+            c.valid = valid_tokens(masks[0][1], n, hidden.shape[0])
         keep = keep_count(self.policy.budgets[i], n)
-        # any other tensor with a token dimension: the layer cannot safely run on a subset
-        unsafe = any(n in t.shape[1:] for pos, t in others if all(t is not m for _, m in masks))
+        # any other tensor with a token dimension (rotary cos/sin in a tuple too): not safe to run on a subset
+        nested = [t for _, v in others + [(None, a) for a in list(args[1:]) + list(kwargs.values())
+                                         if isinstance(a, (tuple, list))]
+                  for t in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(t, torch.Tensor)]
+        unsafe = any(n in t.shape[1:] for t in nested if all(t is not m for _, m in masks))
         scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
-        idx = select_tokens(c.scores, keep, c.valid) if keep < n and scores_ok and not unsafe else None
+        idx = top_tokens(c.scores, keep, c.valid) if keep < n and scores_ok and not unsafe else None
         c.running = (i, hidden, idx, hidden[:, 0].detach())
         self._kept[i] += (keep if idx is not None else n) / max(n, 1)
         self._calls[i] += 1
@@ -261,21 +316,17 @@ class LayerBudgets(Service):
         for i, v in zip(known, values):
             deltas[i] = v / self._calls[i]
         kept = [self._kept[i] / self._calls[i] if self._calls[i] else None for i in range(len(self.layers))]
-        self.policy.observe(step, deltas, kept, excluded=self.plan.frozen)
+        self.policy.observe(step, deltas, kept, trained=self.trained, excluded=self.plan.frozen)
         self._reset_step()
-        self._apply_selection()
-
-    def _trained_this_step(self, i) -> bool:
-        return i in self.policy.trained and self.layers[i] not in self.plan.frozen
 
     def _apply_selection(self) -> None:
-        """Layers not drawn for this step stop requiring grad; drawn ones get their plan's setting back (compiled:
-        every layer keeps its plan's setting, see the module's docstring)."""
+        """Layers not drawn for this iteration stop requiring grad; drawn ones get their plan's setting back
+        (compiled: every layer keeps its plan's setting, see the module's docstring)."""
         units = self.unit_graph.units
         for i, name in enumerate(self.layers):
             if name in self.plan.frozen:
                 continue
-            trained = self._trained_this_step(i) or self.compile_config is not None
+            trained = i in self.trained or self.compile_config is not None
             for p in units[name].params:
                 p.requires_grad_(self.plan.trainable_by_default(p) if trained else False)
 
@@ -283,16 +334,22 @@ class LayerBudgets(Service):
         # a zero gradient left by zero_grad(set_to_none=False) would still move Adam's moments and weight decay
         units = self.unit_graph.units
         for i, name in enumerate(self.layers):
-            if not self._trained_this_step(i):
+            if i not in self.trained:
                 for p in units[name].params:
                     p.grad = None
 
     def on_plan(self, change, analysis) -> None:
-        if change.newly_frozen or change.thawed:
-            self.policy.redraw(self.plan.frozen)
+        # a unit the plan froze leaves this iteration's layers; one it thawed waits for the next draw
+        self.trained = tuple(i for i in self.trained if self.layers[i] not in self.plan.frozen)
         self._apply_selection()
 
     def on_structure_change(self) -> None:
+        # a parameter replaced (load_state_dict(assign=True), sharding) is new to the plan, which read its
+        # requires_grad as its default: give it the default its predecessor had before ALaST touched it
+        for i, layer in enumerate(self.modules):
+            for pname, p in layer.named_parameters():
+                if (i, pname) in self._defaults:
+                    self.plan.set_trainable_by_default(p, self._defaults[(i, pname)])
         self._hook()
         self._apply_selection()
 
@@ -301,9 +358,8 @@ class LayerBudgets(Service):
                 "compiled_graphs": len(self.compile_log) if self.compile_config is not None else None}
 
     def close(self) -> None:
-        self._unhook()
-        units = self.unit_graph.units
-        for name in self.layers:
-            if name not in self.plan.frozen:
-                for p in units[name].params:
-                    p.requires_grad_(self.plan.trainable_by_default(p))
+        """Hooks and compiled forwards off, every layer back to its plan's setting (also done when the
+        FrozenModule is garbage collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._handles = []
