@@ -51,7 +51,8 @@ def optimize(
     cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
         keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
     compile: True (or a `frzcompile.CompileConfig`) runs the model through `torch.compile(backend="frzcompile")`;
-        every freeze-plan change recompiles. With policy="alast", each transformer layer is compiled on its own. Not combinable with cache= or sparsity= yet.
+        every freeze-plan change recompiles. With policy="alast", each transformer layer is compiled on its own.
+        Not combinable with cache= or sparsity= yet.
     sparsity: a fraction (0.8: magnitude masks at 80 percent on every Linear and Conv weight outside the last
         unit) or a `frzcompile.SparsityConfig` (mask source, structure, schedule, early-bird, data sieving).
         Masked weights stay exactly zero through every optimizer step; frozen units keep their masks.

@@ -358,8 +358,8 @@ class ALaST(Policy):
       - only `k` layers, drawn in proportion to their budgets from the policy's own generator (the user's random
         stream is untouched), get weight gradients for the step; the others are frozen for that step only and
         keep their optimizer state.
-    Budgets start at 1 (the first steps are full fine-tuning) and reach their targets in about 1 / rate steps. In
-    eval mode or without grad the model runs on every token. It never changes the freeze plan: `fm.freeze` still
+    Budgets start at `budget` (the first layer at 1), so the first step already saves its share of memory, and
+    follow the deltas within about 1 / rate steps. In eval mode or without grad the model runs on every token. It never changes the freeze plan: `fm.freeze` still
     freezes units for good (they then leave the draw).
 
     budget: mean token budget over the layers after the first, in (0, 1]. k: layers trained per step (default:
@@ -398,11 +398,12 @@ class ALaST(Policy):
         if self.k is not None and self.k > len(layers):
             raise PolicyError(f"alast: k={self.k} but the model has {len(layers)} layers")
         self.layers = list(layers)
-        self.budgets = [1.0] * len(layers)
-        self.trained = tuple(range(len(layers)))
-        self.next = None
-        self.log = []
+        # from the first step at the global budget (the first layer at 1), so peak memory drops from the start
+        self.budgets = [1.0] + [self.budget] * (len(layers) - 1)
+        self.trained = tuple(range(len(layers)))  # before the first training call nothing is frozen (an
+        self.log = []                             # optimizer made after optimize() sees every parameter)
         self._generator.manual_seed(self.seed)
+        self.next = self._draw(frozenset())       # the first iteration's layers
 
     @property
     def layers_per_step(self) -> int:
