@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -199,9 +200,9 @@ def plot_budgets(result, label, path):
     top.set_ylabel("budget")
     bottom.set_ylabel("tokens kept (fraction)")
     bottom.set_xlabel("training step")
-    top.legend(title="layer", fontsize=6, ncol=len(layers))
-    top.set_title(f"ALaST-style budgets per layer; test acc {100 * result['accuracy']:.2f}%", fontsize=9)
-    fig.suptitle(label, fontsize=7)
+    top.legend(title="layer", fontsize=6, ncol=len(layers), loc="lower left")
+    top.set_title(f"{result['method']}: budgets per layer; test acc {100 * result['accuracy']:.2f}%", fontsize=9)
+    fig.suptitle(textwrap.fill(label, 110), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
