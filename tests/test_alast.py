@@ -452,3 +452,42 @@ def test_a_second_encoder_pass_in_one_call_ranks_its_own_tokens():
     model.bert.encoder.layer[2].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     fm(a_ids, a_mask, b_ids, b_mask).sum().backward()
     assert lengths == [keep_count(0.3, 12), keep_count(0.3, 7)]
+
+
+@pytest.mark.parametrize("arch", ["deit", "distilbert", "roberta"])
+def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ids, mask, _ = _batch()
+    if arch == "deit":
+        model = tf.DeiTForImageClassification(tf.DeiTConfig(
+            image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=64, num_labels=5))
+        args, kwargs, n = (torch.randn(4, 3, 32, 32),), {}, 18
+    elif arch == "distilbert":
+        model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=128, dim=32, n_layers=3, n_heads=4, hidden_dim=64, num_labels=3))
+        args, kwargs, n = (), {"input_ids": ids, "attention_mask": mask}, 12
+    else:
+        model = tf.RobertaForSequenceClassification(tf.RobertaConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+            num_labels=3, max_position_embeddings=40))
+        args, kwargs, n = (), {"input_ids": ids, "attention_mask": mask}, 12
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs or None, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.4, min_budget=0.2))
+    svc = fm._service("alast")
+    assert len(svc.layers) == 3 and all(a is not None for a in svc.attention)
+    seen = []
+    svc.modules[-1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    for _ in range(3):
+        fm(*args, **kwargs).logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    fm.eval()
+    with torch.no_grad():
+        fm(*args, **kwargs)
+    # step i runs with the budgets left by step i - 1 (the global budget at first); eval runs every token
+    assert seen[:3] == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] and seen[3] == n
