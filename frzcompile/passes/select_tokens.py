@@ -30,6 +30,8 @@ def _shape(node):
 
 
 def select_tokens(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    if not ctx.token_layers:
+        return gm
     stats = {"layers": 0, "gathers": 0, "mask_gathers": 0, "scatters": 0, "not_rewritten": []}
     ctx.stats["select_tokens"] = stats
     graph = gm.graph
