@@ -249,9 +249,11 @@ def main():
                      "FLOPs reduction", "activations saved MB/step", "activation memory reduction"), rows)
         print()
         everything["workloads"].append({"workload": label, "results": [
-            {k: v for k, v in r.items() if k != "explain"} for r in results]})
+            {k: ([(s, [round(b, 4) for b in bs], [None if k_ is None else round(k_, 4) for k_ in kept], t)
+                  for s, bs, kept, t in v] if k == "budget_log" else v)
+             for k, v in r.items() if k != "explain"} for r in results]})
     with open(os.path.join(args.out, "alast.json" if not args.only else f"alast_{args.only}.json"), "w") as f:
-        json.dump(everything, f, indent=1, default=str)
+        json.dump(everything, f, separators=(",", ":"), default=str)  # compact: a budget log per step
 
 
 if __name__ == "__main__":
