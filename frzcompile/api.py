@@ -102,7 +102,8 @@ def optimize(
     if compile is not None and cache is not None:
         raise ConfigError("compile= and cache= cannot be combined yet: the activation cache serves the model's own "
                           "module calls, which Dynamo's graphs inline")
-    if isinstance(policy, ALaST):
+    alast = isinstance(policy, ALaST)
+    if alast:
         others = [name for name, value in (("cache", cache), ("sparsity", sparsity)) if value is not None]
         if others:
             raise ConfigError(f"policy='alast' does not combine with {', '.join(o + '=' for o in others)} yet: its "
@@ -112,7 +113,6 @@ def optimize(
     unit_names = select_units(model, units)
     captured = capture(model, args, kwargs, unit_names, method=capture_method)
     unit_graph = UnitGraph(model, captured.gm, unit_names)
-    alast = isinstance(policy, ALaST)
     fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
                       compile_config=None if alast else compile)
     if sparsity is not None:
@@ -121,7 +121,7 @@ def optimize(
 
         fm.add_service(SparseTraining(sparsity, model, unit_graph, total_steps,
                                       optimizers=weak_method(fm.optimizers)))
-    if isinstance(policy, ALaST):
+    if alast:  # ALaST compiles each layer on its own (frzcompile.tokens.service), not the whole model
         from .tokens.service import LayerBudgets
 
         fm.add_service(LayerBudgets(policy, model, unit_graph, fm.plan, compile_config=compile))
