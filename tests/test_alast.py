@@ -30,6 +30,16 @@ def _bert(seed=0, layers=4, dropout=0.1):
                          attention_probs_dropout_prob=dropout)
 
 
+def _optimized(policy, **bert):
+    """(model, fm, AdamW) for a tiny BERT under `policy`, captured on the default batch."""
+    model = _bert(**bert)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=policy)
+    return model, fm, opt
+
+
 def _train(model, fm, opt, steps, zero_to_none=True):
     losses = []
     for s in range(steps):
@@ -85,11 +95,8 @@ def test_gather_mask_restricts_queries_and_keys():
 
 # -- the policy on a model -----------------------------------------------------------------------------------------
 def test_budget_one_all_layers_equals_full_fine_tuning():
-    model = _bert()
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, _ = _batch()
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                             policy=frzcompile.ALaST(budget=1.0, k=4))
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=1.0, k=4))
     ref2 = _bert()
     opt2 = torch.optim.AdamW(ref2.parameters(), 1e-3)
     ids, mask, y = _batch(99)
@@ -112,11 +119,8 @@ def test_budget_one_all_layers_equals_full_fine_tuning():
 
 
 def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
-    model = _bert(dropout=0.0)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, y = _batch()
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                             policy=frzcompile.ALaST(budget=0.3, rate=1.0, min_budget=0.1))
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.3, rate=1.0, min_budget=0.1), dropout=0.0)
     seen = {}
     for i, layer in enumerate(model.bert.encoder.layer):
         layer.attention.self.query.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o.shape[1]))
@@ -168,11 +172,8 @@ def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens():
 
 
 def test_k_layers_trained_per_step_others_keep_weights_and_optimizer_state():
-    model = _bert(layers=4)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, _ = _batch()
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                             policy=frzcompile.ALaST(budget=0.5, k=2))
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=2), layers=4)
     layers = model.bert.encoder.layer
     svc = fm._service("alast")
     assert all(p.requires_grad for p in model.parameters())   # nothing changes before the first step
@@ -232,11 +233,8 @@ def test_draws_use_their_own_generator_and_resume():
 
 
 def test_manual_freeze_takes_layers_out_of_the_draw():
-    model = _bert(layers=4)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, _ = _batch()
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                             policy=frzcompile.ALaST(budget=0.5, k=3))
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=3), layers=4)
     fm.freeze("bert.embeddings", "bert.encoder.layer.0")
     svc = fm._service("alast")
     for step in range(4):
@@ -408,11 +406,8 @@ def test_two_optimizers_and_gradient_accumulation_step_the_same_layers():
 
 
 def test_garbage_collected_module_gives_the_layers_back():
-    model = _bert(layers=4)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, _ = _batch()
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                             policy=frzcompile.ALaST(budget=0.5, k=1))
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=1), layers=4)
     _train(model, fm, opt, 3)
     assert sum(not p.requires_grad for p in model.parameters()) > 0
     del fm
@@ -491,3 +486,31 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
         fm(*args, **kwargs)
     # step i runs with the budgets left by step i - 1 (the global budget at first); eval runs every token
     assert seen[:3] == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] and seen[3] == n
+
+
+def test_user_habits_autocast_eval_on_own_variable_and_a_hook():
+    """bf16 autocast training drops tokens and trains; model.eval() on the user's own variable runs every token
+    and gives the model's own outputs; a user's hook on a layer sees the kept tokens."""
+    ids, mask, y = _batch()
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.3, min_budget=0.1, k=4), layers=4, dropout=0.0)
+    seen = []
+    model.bert.encoder.layer[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    before = [p.detach().clone() for p in model.bert.encoder.layer[2].parameters()]
+    for step in range(3):
+        i_, m_, y_ = _batch(step, n=12 - step)   # another batch shape each step
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fm(input_ids=i_, attention_mask=m_, labels=y_).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert seen[0] == keep_count(0.3, 12) and all(n < 12 - s for s, n in enumerate(seen))
+    assert any(not torch.equal(p, b) for p, b in zip(model.bert.encoder.layer[2].parameters(), before))
+    model.eval()   # on the user's own variable, not fm
+    seen.clear()
+    with torch.no_grad():
+        out = fm(input_ids=ids, attention_mask=mask).logits
+    assert seen == [12]
+    fm._service("alast").close()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(out, plain)
