@@ -13,7 +13,7 @@ saved-tensor hooks on every 10th step, scaled to the run; those steps are left o
 other steps' time scaled to the run), and for ALaST the budgets and tokens kept per layer over time (a plot).
 
     python benchmarks/bench_alast.py [--only minilm-sst2|minilm-trec|vit-mnist] [--data PATH] [--work DIR]
-        [--methods full,alast,alast:budget=0.4;min_budget=0.2;k=3,smartfrz]
+        [--methods full,alast,alast:budget=0.4;min_budget=0.2,smartfrz] [--seed S] [--seeds N] [--repeat full,alast]
 
 "alast" is the policy's defaults; "alast:budget=...;k=...;min_budget=..." a variant (the leaner one shows the
 trade-off).
@@ -36,7 +36,7 @@ import frzcompile  # noqa: E402
 from frzcompile import data, zoo  # noqa: E402
 
 SAMPLE = 10          # every SAMPLE-th step counts FLOPs and saved activations (and is not timed)
-METHODS = ("full", "alast", "alast:budget=0.4;min_budget=0.2;k=3", "smartfrz")
+METHODS = ("full", "alast", "alast:budget=0.4;min_budget=0.2", "smartfrz")
 
 
 def minilm(task, root, seed, epochs=2, batch=32, train_samples=6000):
@@ -216,44 +216,72 @@ def main():
         parser.add_argument("--budget", type=float, default=None, help="ALaST budget (default: the policy's)")
         parser.add_argument("--k", type=int, default=None, help="ALaST layers trained per step (default: the policy's)")
         parser.add_argument("--min-budget", type=float, default=None, help="ALaST min_budget (default: the policy's)")
+        parser.add_argument("--seeds", type=int, default=1,
+                            help="seeds per workload, from --seed on (each: the new head's weights and data order)")
+        parser.add_argument("--repeat", default="full,alast",
+                            help="the methods run on every seed (the others on the first only)")
 
     args = workload_args(__doc__, more, workloads=("minilm-sst2", "minilm-trec", "vit-mnist"))
     methods = args.methods.split(",")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    repeat = {methods[0]} | set(args.repeat.split(","))  # the methods the seeds after the first run
     alast = {name: value for name, value in (("budget", args.budget), ("k", args.k), ("min_budget", args.min_budget))
              if value is not None}
-    everything = {"machine": args.machine, "workloads": []}
+    everything = {"machine": args.machine, "seeds": seeds, "workloads": []}
     for key in ("minilm-sst2", "minilm-trec", "vit-mnist"):
         if args.only and key != args.only:
             continue
-        if key == "vit-mnist":
-            label, base, train, test, epochs, batch, lr = vit(args.data, args.work, args.seed)
-        else:
-            label, base, train, test, epochs, batch, lr = minilm(key.split("-")[1], args.data, args.seed)
-        results = []
-        for method in methods:
-            r = run(method, base, train, test, epochs, batch, lr, args.seed, alast)
-            results.append(r)
-            print(f"  {key} {method}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
-            if method.startswith("alast"):
-                suffix = method.partition(":")[2].replace(";", "_").replace("=", "")
-                name = f"alast_budgets_{key}{'_' + suffix if suffix else ''}.png"
-                plot_budgets(r, label, os.path.join(args.out, name))
-                print(r["explain"])
-        full = results[0]
-        print(f"\n### {label}\n")
-        rows = [(r["method"], f"{100 * r['accuracy']:.2f}%", f"{100 * (r['accuracy'] - full['accuracy']):+.2f}",
-                 f"{r['train_seconds']:.1f}", f"{full['train_seconds'] / r['train_seconds']:.2f}x",
-                 f"{r['train_flops'] / 1e12:.2f} T", f"{full['train_flops'] / r['train_flops']:.2f}x",
-                 f"{r['saved_mb']:.0f}", f"{full['saved_mb'] / r['saved_mb']:.2f}x") for r in results]
-        print_table(("method", "test accuracy", "vs full (pt)", "train time s", "speedup", "train FLOPs",
-                     "FLOPs reduction", "activations saved MB/step", "activation memory reduction"), rows)
+        runs = {method: [] for method in methods}  # per method, one result per seed
+        for seed in seeds:
+            if key == "vit-mnist":
+                label, base, train, test, epochs, batch, lr = vit(args.data, args.work, seed)
+            else:
+                label, base, train, test, epochs, batch, lr = minilm(key.split("-")[1], args.data, seed)
+            for method in methods if seed == seeds[0] else [m for m in methods if m in repeat]:
+                r = run(method, base, train, test, epochs, batch, lr, seed, alast)
+                r["seed"] = seed
+                runs[method].append(r)
+                print(f"  {key} seed {seed} {method}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s",
+                      flush=True)
+                if method.startswith("alast") and seed == seeds[0]:
+                    suffix = method.partition(":")[2].replace(";", "_").replace("=", "")
+                    name = f"alast_budgets_{key}{'_' + suffix if suffix else ''}.png"
+                    plot_budgets(r, label, os.path.join(args.out, name))
+                    print(r["explain"])
+        print(f"\n### {label}{f', seeds {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else ''}\n")
+        print_table(("method", "seeds", "test accuracy (mean)", "vs full (pt, mean)", "vs full per seed",
+                     "train time s", "speedup", "train FLOPs", "FLOPs reduction", "activations MB/step (mean)", "reduction",
+                     "peak MB", "peak reduction"), summary_rows(runs, methods))
         print()
         everything["workloads"].append({"workload": label, "results": [
             {k: ([(s, [round(b, 4) for b in bs], [None if k_ is None else round(k_, 4) for k_ in kept], t)
                   for s, bs, kept, t in v] if k == "budget_log" else v)
-             for k, v in r.items() if k != "explain"} for r in results]})
+             for k, v in r.items() if k != "explain"} for method in methods for r in runs[method]]})
     with open(os.path.join(args.out, "alast.json" if not args.only else f"alast_{args.only}.json"), "w") as f:
         json.dump(everything, f, separators=(",", ":"), default=str)  # compact: a budget log per step
+
+
+def summary_rows(runs, methods):
+    """One row per method: accuracy and its difference to full fine-tuning averaged over the seeds the method
+    ran (each seed's difference against full fine-tuning on the same seed), cost figures averaged likewise."""
+    def mean(values):
+        return sum(values) / len(values)
+
+    full = {r["seed"]: r for r in runs[methods[0]]}
+    cost_keys = ("train_seconds", "train_flops", "saved_mb", "saved_mb_max")
+    rows = []
+    for method in methods:
+        rs = runs[method]
+        cost = {k: mean([r[k] for r in rs]) for k in cost_keys}
+        base = {k: mean([full[r["seed"]][k] for r in rs]) for k in cost_keys}
+        diffs = [100 * (r["accuracy"] - full[r["seed"]]["accuracy"]) for r in rs]
+        rows.append((method, len(rs), f"{100 * mean([r['accuracy'] for r in rs]):.2f}%", f"{mean(diffs):+.2f}",
+                     " / ".join(f"{d:+.2f}" for d in diffs), f"{cost['train_seconds']:.1f}",
+                     f"{base['train_seconds'] / cost['train_seconds']:.2f}x", f"{cost['train_flops'] / 1e12:.2f} T",
+                     f"{base['train_flops'] / cost['train_flops']:.2f}x", f"{cost['saved_mb']:.0f}",
+                     f"{base['saved_mb'] / cost['saved_mb']:.2f}x", f"{cost['saved_mb_max']:.0f}",
+                     f"{base['saved_mb_max'] / cost['saved_mb_max']:.2f}x"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ class Explanation:
                             if routes else ""))
             for name, paths in self.sparse.get("block_sparse_paths", {}).items():
                 lines += [f"  {name}: {p}" for p in paths] or [f"  {name}: not called yet"]
-        budgets = fm._service("alast")
+        budgets = fm.token_budgets
         if budgets is not None:
             report = budgets.report()
             lines.append(f"ALaST token selection at {len(report['layers']) - 1} layers (kept tokens gathered before "

@@ -171,11 +171,23 @@ def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens():
     torch.testing.assert_close(gather_tokens(out, idx), alone, rtol=1e-5, atol=1e-6)
 
 
+def test_by_default_every_layer_trains_every_step_and_only_tokens_are_dropped():
+    model, fm, opt = _optimized("alast", layers=4)
+    layers = model.bert.encoder.layer
+    _train(model, fm, opt, 4)
+    assert fm.policy.layers_per_step == 4 and all(list(r[3]) == [0, 1, 2, 3] for r in fm.policy.log)
+    assert all(p.requires_grad for p in model.parameters())
+    kept = [r[2] for r in fm.policy.log]
+    assert all(k[0] == 1.0 for k in kept) and all(min(k[1:]) < 1.0 for k in kept)  # tokens dropped after layer 0
+    # every layer's weights took every optimizer step
+    assert all(int(opt.state[p]["step"]) == 4 for layer in layers for p in layer.parameters())
+
+
 def test_k_layers_trained_per_step_others_keep_weights_and_optimizer_state():
     ids, mask, _ = _batch()
     model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=2), layers=4)
     layers = model.bert.encoder.layer
-    svc = fm._service("alast")
+    svc = fm.token_budgets
     assert all(p.requires_grad for p in model.parameters())   # nothing changes before the first step
     during = {}
     for i, layer in enumerate(layers):
@@ -236,7 +248,7 @@ def test_manual_freeze_takes_layers_out_of_the_draw():
     ids, mask, _ = _batch()
     model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=3), layers=4)
     fm.freeze("bert.embeddings", "bert.encoder.layer.0")
-    svc = fm._service("alast")
+    svc = fm.token_budgets
     for step in range(4):
         _train(model, fm, opt, 1)
         # (the first iteration's layers were drawn before the freeze: it trains those left)
@@ -254,7 +266,7 @@ def test_vit_budgets_move_and_class_token_is_kept():
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(budget=0.3, rate=0.5, min_budget=0.1))
-    assert fm._service("alast").layers == [f"vit.layers.{i}" for i in range(4)]
+    assert fm.token_budgets.layers == [f"vit.layers.{i}" for i in range(4)]
     lengths = []
     model.vit.layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     for _ in range(6):
@@ -329,7 +341,7 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
     # on the layer itself (outside its compiled forward, after frzcompile's gather): the tokens it runs on
     layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     subsets = set()
-    svc = fm._service("alast")
+    svc = fm.token_budgets
     for step in range(10):
         before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
         _train(model, fm, opt, 1)
@@ -338,7 +350,7 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
         for i, layer in enumerate(layers):
             moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
             assert moved == (i in trained), (step, i)
-    graphs = fm._service("alast").compile_log
+    graphs = fm.token_budgets.compile_log
     assert len(subsets) >= 3 and len(set(lengths)) >= 2     # both moved ...
     assert 1 <= len(graphs) <= 3                             # ... without a graph per subset or per length
     assert all(getattr(layer.forward, "_frzcompile_forward", False) for layer in layers)
@@ -388,7 +400,7 @@ def test_two_optimizers_and_gradient_accumulation_step_the_same_layers():
                               1e-3)
     fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
                              optimizer=[opt_a, opt_b], policy=frzcompile.ALaST(budget=0.5, k=2))
-    svc = fm._service("alast")
+    svc = fm.token_budgets
     for step in range(6):
         before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
         for micro in range(2):
@@ -472,7 +484,7 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     fm = frzcompile.optimize(model, args, example_kwargs=kwargs or None, optimizer=opt,
                              policy=frzcompile.ALaST(budget=0.4, min_budget=0.2))
-    svc = fm._service("alast")
+    svc = fm.token_budgets
     assert len(svc.layers) == 3 and all(a is not None for a in svc.attention)
     seen = []
     svc.modules[-1].register_forward_pre_hook(
@@ -510,7 +522,7 @@ def test_user_habits_autocast_eval_on_own_variable_and_a_hook():
     with torch.no_grad():
         out = fm(input_ids=ids, attention_mask=mask).logits
     assert seen == [12]
-    fm._service("alast").close()
+    fm.token_budgets.close()
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(out, plain)

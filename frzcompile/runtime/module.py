@@ -273,6 +273,12 @@ class FrozenModule(nn.Module):
         """The SieveSampler given in SparsityConfig(sieve=...), or None."""
         return self.sparsity.config.sieve if self.sparsity is not None else None
 
+    @property
+    def token_budgets(self):
+        """The ALaST LayerBudgets runtime (its layers, hooks and compiled layer graphs; None unless
+        policy="alast"). The budgets themselves are fm.policy's."""
+        return self._service("alast")
+
     def _service(self, name: str):
         return next((s for s in self._services if s.name == name), None)
 
@@ -340,7 +346,7 @@ class FrozenModule(nn.Module):
         return self._analysis.for_plan(self._plan.frozen, self._plan.prefix, **self._pass_options())[1]
 
     def _pass_options(self) -> dict:
-        budgets = self._service("alast")
+        budgets = self.token_budgets
         return {"cache": self.cache is not None, "sparsity": self.sparsity,
                 "token_layers": budgets.layers if budgets is not None else ()}
 

@@ -248,10 +248,9 @@ class LayerBudgets(Service):
             c.valid = valid_tokens(masks[0][1], n, hidden.shape[0])
         keep = keep_count(self.policy.budgets[i], n)
         # any other tensor with a token dimension (rotary cos/sin in a tuple too): not safe to run on a subset
-        nested = [t for _, v in others + [(None, a) for a in list(args[1:]) + list(kwargs.values())
-                                         if isinstance(a, (tuple, list))]
-                  for t in (v if isinstance(v, (tuple, list)) else (v,)) if isinstance(t, torch.Tensor)]
-        unsafe = any(n in t.shape[1:] for t in nested if all(t is not m for _, m in masks))
+        flat = [t for v in list(args[1:]) + list(kwargs.values()) for t in (v if isinstance(v, (tuple, list)) else (v,))
+                if isinstance(t, torch.Tensor) and t is not hidden]
+        unsafe = any(n in t.shape[1:] for t in flat if all(t is not m for _, m in masks))
         scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
         idx = top_tokens(c.scores, keep, c.valid) if keep < n and scores_ok and not unsafe else None
         c.running = (i, hidden, idx, hidden[:, 0].detach())
