@@ -278,6 +278,7 @@ def test_vit_budgets_move_and_class_token_is_kept():
     text = str(frzcompile.explain(fm))
     assert "ALaST-style budgets" in text and "vit.layers.3: budget" in text
     assert "select_tokens: layers=3, gathers=3" in text
+    assert "loss signal: not read (the alast policy does not use it)" in text
 
 
 def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():

@@ -397,6 +397,8 @@ class FrozenModule(nn.Module):
 
     def loss_source(self) -> str:
         """Where the last step's loss signal came from."""
+        if not self._loss.enabled:
+            return f"not read (the {self._policy.name} policy does not use it)"
         return LOSS_SOURCES[self._loss.kind]
 
     @contextlib.contextmanager
