@@ -19,17 +19,7 @@ from frzcompile import data, zoo
 
 def plain_cnn():
     torch.manual_seed(0)
-
-    def conv(i, o, *more):
-        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), *more)
-
-    m = nn.Sequential(conv(1, 16), conv(16, 16, nn.MaxPool2d(2)), conv(16, 32), conv(32, 32, nn.MaxPool2d(2)),
-                      conv(32, 64), conv(64, 64, nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(64, 10))
-    for c in m.modules():
-        if isinstance(c, nn.Conv2d):
-            nn.init.kaiming_normal_(c.weight, nonlinearity="relu")
-            nn.init.zeros_(c.bias)
-    return m
+    return zoo.plain_cnn()
 
 
 def small_cnn():

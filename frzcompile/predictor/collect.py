@@ -16,8 +16,10 @@ predictor's inputs at training time, exactly as `window_features` does at run ti
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import zlib
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -57,35 +59,75 @@ def _hashed_tokens(texts, vocab=5000, length=32):
     return torch.tensor(rows)
 
 
-def families(root):
-    """name -> function(seed) returning (model, tensors (inputs..., labels), probe inputs, optimizer factory,
-    batch size, steps)."""
+class Recipe(NamedTuple):
+    """One source run: the model, its data (inputs..., labels), the probe inputs, the optimizer, batch size,
+    steps and learning-rate schedule (see `schedule`)."""
+    model: nn.Module
+    tensors: tuple
+    probe: tuple
+    make_opt: Callable
+    batch: int
+    steps: int
+    schedule: str = "constant"
 
-    def sgd(lr):
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+def schedule(opt, kind: str, steps: int):
+    """The learning-rate schedules users run: constant, cosine, or a 10% linear warm-up then cosine
+    (warmup-cosine) or linear decay (warmup-linear, the Hugging Face Trainer's default)."""
+    warm = max(1, steps // 10)
+
+    def factor(s):
+        if kind == "constant":
+            return 1.0
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        if s < warm:
+            return (s + 1) / warm
+        rest = min(1.0, (s - warm) / max(1, steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * rest)) if kind == "warmup-cosine" else 1.0 - rest
+
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+SCHEDULES = ("constant", "cosine", "warmup-cosine", "warmup-linear")
+
+
+def families(root):
+    """name -> function(seed) returning the Recipe of one source run. Version 1 of the predictor was trained on
+    the first five (their recipes are unchanged); the others widen it to what users run: AdamW and SGD, warm-up
+    and cosine or linear decay, no normalization layers and a long plateau before learning, a decoder, a ViT,
+    fine-tuning on another task."""
+
+    def sgd(lr, momentum=0.9, weight_decay=5e-4):
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def adamw(lr):
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
     def mlp_digits(seed):
         x, y, _, _ = data.digits(seed=seed)
         torch.manual_seed(seed)
-        return zoo.mlp(64, 128, 3), (x, y), (x[:PROBE],), sgd(0.05), 32, 600
+        return Recipe(zoo.mlp(64, 128, 3), (x, y), (x[:PROBE],), sgd(0.05), 32, 600)
 
     def cnn_digits(seed):
         x, y, _, _ = data.digits(seed=seed)
         torch.manual_seed(seed)
-        return zoo.SmallCNN(width=32, dropout=0.1), (x, y), (x[:PROBE],), sgd(0.05), 32, 600
+        return Recipe(zoo.SmallCNN(width=32, dropout=0.1), (x, y), (x[:PROBE],), sgd(0.05), 32, 600)
 
     def resnet_fashion(seed):
         x, y = data.fashion_mnist(root, "train")
         x, y = x[:10000], y[:10000]
         torch.manual_seed(seed)
-        return zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.05), 64, 600
+        return Recipe(zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.05), 64, 600)
 
     def transformer_sst2(seed):
         texts, y = data.sst2(root, "train")
         ids = _hashed_tokens(texts[:20000])
         torch.manual_seed(seed)
         model = zoo.TransformerClassifier(vocab=5000, d_model=64, nhead=4, layers=4, max_len=32)
-        return model, (ids, y[:20000]), (ids[-PROBE:],), lambda p: torch.optim.Adam(p, lr=1e-3), 64, 600
+        return Recipe(model, (ids, y[:20000]), (ids[-PROBE:],), lambda p: torch.optim.Adam(p, lr=1e-3), 64, 600)
 
     def minilm_sst2(seed):
         texts, y = data.sst2(root, "train")
@@ -93,11 +135,67 @@ def families(root):
         model, tok = zoo.pretrained_minilm()
         enc = tok(texts[:8000], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        return (model, (ids, mask, y[:8000]), (ids[-PROBE:], mask[-PROBE:]),
-                lambda p: torch.optim.AdamW(p, lr=3e-5), 32, 400)
+        return Recipe(model, (ids, mask, y[:8000]), (ids[-PROBE:], mask[-PROBE:]),
+                      lambda p: torch.optim.AdamW(p, lr=3e-5), 32, 400)
+
+    # -- added for version 2 ---------------------------------------------------------------------------------
+    def plaincnn_digits_plateau(seed):  # no normalization, SGD at a small rate: flat for hundreds of steps
+        x, y, _, _ = data.digits(seed=seed)
+        torch.manual_seed(seed)
+        return Recipe(zoo.plain_cnn(), (x, y), (x[:PROBE],), sgd(0.002, weight_decay=0.0), 32, 750)
+
+    def mlp_digits_adamw_cosine(seed):
+        x, y, _, _ = data.digits(seed=seed)
+        torch.manual_seed(seed)
+        return Recipe(zoo.mlp(64, 256, 4), (x, y), (x[:PROBE],), adamw(1e-3), 32, 600, "cosine")
+
+    def cnn_fashion_adamw_warmup(seed):
+        x, y = data.fashion_mnist(root, "train")
+        x, y = x[10000:20000], y[10000:20000]
+        torch.manual_seed(seed)
+        return Recipe(zoo.SmallCNN(width=16, dropout=0.1), (x, y), (x[-PROBE:],), adamw(2e-3), 64, 600,
+                      "warmup-cosine")
+
+    def resnet_fashion_sgd_cosine(seed):
+        x, y = data.fashion_mnist(root, "train")
+        x, y = x[20000:30000], y[20000:30000]
+        torch.manual_seed(seed)
+        return Recipe(zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.1), 64, 600, "warmup-cosine")
+
+    def vit_fashion_adamw(seed):  # a Hugging Face ViT from a config, from scratch
+        x, y = data.fashion_mnist(root, "train")
+        x, y = x[:10000], y[:10000]
+        torch.manual_seed(seed)
+        model = zoo.tiny_vit(num_labels=10, layers=4, hidden=64, patch_size=4)
+        return Recipe(model, (x, y), (x[-PROBE:],), adamw(1e-3), 64, 600, "warmup-cosine")
+
+    def gpt2_sst2(seed):  # a Hugging Face GPT-2 (decoder) from a config, from scratch, classifying at the last token
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        texts, y = data.sst2(root, "train")
+        ids = _hashed_tokens(texts[:20000])
+        torch.manual_seed(seed)
+        # right padding with id 0 needs no attention mask under causal attention (the classifier reads the last
+        # real token); the model's second positional argument is past_key_values, so none is passed
+        cfg = GPT2Config(vocab_size=5000, n_positions=32, n_embd=64, n_layer=4, n_head=4, num_labels=2,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=None, use_cache=False)
+        return Recipe(GPT2ForSequenceClassification(cfg), (ids, y[:20000]), (ids[-PROBE:],), adamw(5e-4), 64, 600,
+                      "warmup-linear")
+
+    def minilm_trec(seed):  # fine-tuning the pretrained MiniLM on another task, as the Trainer does by default
+        texts, y = data.trec(root, "train")
+        torch.manual_seed(seed)
+        model, tok = zoo.pretrained_minilm(num_labels=int(y.max()) + 1)
+        enc = tok(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        return Recipe(model, (ids, mask, y), (ids[-PROBE:], mask[-PROBE:]), adamw(5e-5), 32, 400, "warmup-linear")
 
     return {"mlp-digits": mlp_digits, "cnn-digits": cnn_digits, "resnet-fashion": resnet_fashion,
-            "transformer-sst2": transformer_sst2, "minilm-sst2": minilm_sst2}
+            "transformer-sst2": transformer_sst2, "minilm-sst2": minilm_sst2,
+            "plaincnn-digits-plateau": plaincnn_digits_plateau, "mlp-digits-adamw-cosine": mlp_digits_adamw_cosine,
+            "cnn-fashion-adamw-warmup": cnn_fashion_adamw_warmup,
+            "resnet-fashion-sgd-cosine": resnet_fashion_sgd_cosine, "vit-fashion-adamw": vit_fashion_adamw,
+            "gpt2-sst2": gpt2_sst2, "minilm-trec": minilm_trec}
 
 
 def _first_tensor(out):
@@ -108,11 +206,16 @@ def _first_tensor(out):
     return out[0]  # a ModelOutput
 
 
-def record(family: str, seed: int, make, progress=True) -> dict:
-    model, tensors, probe, make_opt, batch, steps = make(seed)
-    *inputs, labels = tensors
+def record(family: str, seed: int, make, progress=True, steps=None) -> dict:
+    """One source run of `family` (its Recipe from `make(seed)`; `steps` overrides the recipe's, for a quick
+    check), recorded and labelled."""
+    recipe = make(seed)
+    model, probe, batch = recipe.model, recipe.probe, recipe.batch
+    steps = recipe.steps if steps is None else steps
+    *inputs, labels = recipe.tensors
     fm = optimize(model, tuple(t[:batch] for t in inputs), policy="manual")
-    opt = make_opt(model.parameters())
+    opt = recipe.make_opt(model.parameters())
+    lr = schedule(opt, recipe.schedule, steps)
     units = [u for u in fm.units[:-1] if "+" not in u]  # the last unit never freezes
     view = TrainingView(fm)
     indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in units}
@@ -122,7 +225,10 @@ def record(family: str, seed: int, make, progress=True) -> dict:
     hooks = [model.get_submodule(u).register_forward_hook(
         lambda m, a, out, u=u: outputs.__setitem__(u, _first_tensor(out))) for u in units]
 
+    rates = []  # the learning rate at each snapshot
+
     def snapshot():
+        rates.append(opt.param_groups[0]["lr"])
         for u in units:
             snaps[u].append(view.weight_sample(u, indices[u]))
         model.eval()
@@ -139,10 +245,11 @@ def record(family: str, seed: int, make, progress=True) -> dict:
         if step % INTERVAL == 0:
             snapshot()
         *xb, yb = next(stream)
-        loss = nn.functional.cross_entropy(fm(*xb), yb)
+        loss = nn.functional.cross_entropy(_first_tensor(fm(*xb)), yb)
         loss.backward()
         opt.step()
         opt.zero_grad()
+        lr.step()
     snapshot()
     for h in hooks:
         h.remove()
@@ -160,7 +267,8 @@ def record(family: str, seed: int, make, progress=True) -> dict:
             scalars.append(s)
             ys.append(float(stable[t]))
             names.append((u, t))
-    return {"family": family, "seed": seed, "units": units, "steps": steps, "seconds": time.perf_counter() - start,
+    return {"family": family, "seed": seed, "units": units, "steps": steps, "schedule": recipe.schedule,
+            "optimizer": type(opt).__name__, "lr": rates, "seconds": time.perf_counter() - start,
             "z": torch.stack(zs).half(),
             "scalars": torch.stack(scalars), "label": torch.tensor(ys), "where": names, "cka": curves,
             "final_loss": float(loss.detach())}
@@ -169,7 +277,8 @@ def record(family: str, seed: int, make, progress=True) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="file to write the recorded windows to (torch.save)")
-    parser.add_argument("--data", default=None, help="data folder holding fashion-mnist/ and sst2/")
+    parser.add_argument("--data", default=None,
+                        help="data folder holding fashion-mnist/, sst2/ and sentence-classification/ (TREC)")
     parser.add_argument("--families", default=",".join(families(None)))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds per family")
     args = parser.parse_args()
@@ -180,10 +289,11 @@ def main():
             raise SystemExit(f"unknown family {family!r}; choose from {', '.join(makers)}")
         for seed in (int(s) for s in args.seeds.split(",")):
             run = record(family, seed, makers[family])
-            print(f"{family} seed {seed}: {len(run['label'])} windows, {int(run['label'].sum())} converged, "
-                  f"{run['seconds']:.0f}s, final loss {run['final_loss']:.3f}")
+            print(f"{family} seed {seed} ({run['optimizer']}, {run['schedule']}): {len(run['label'])} windows, "
+                  f"{int(run['label'].sum())} converged, {run['seconds']:.0f}s, final loss {run['final_loss']:.3f}")
             runs.append(run)
-    torch.save({"interval": INTERVAL, "tau": TAU, "window": WINDOW, "runs": runs}, args.out)
+    torch.save({"interval": INTERVAL, "tau": TAU, "window": WINDOW, "runs": runs,
+                "command": f"--families {args.families} --seeds {args.seeds}"}, args.out)
 
 
 if __name__ == "__main__":

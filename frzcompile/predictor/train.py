@@ -83,12 +83,15 @@ def _card(path: Path, meta: dict, held_out: dict, train_all: dict, runs) -> None
         f"| {fam} | {m['windows']} | {m['converged']} | {m['auc']:.3f} | {100 * m['accuracy']:.1f}% | "
         f"{100 * m['precision']:.1f}% | {100 * m['recall']:.1f}% |" for fam, m in held_out.items())
     sources = "\n".join(
-        f"| {r['family']} | {r['seed']} | {r['steps']} | {', '.join(r['units'])} | {len(r['label'])} | "
-        f"{int(r['label'].sum())} | {r['final_loss']:.3f} |" for r in runs)
+        f"| {r['family']} | {r['seed']} | {r.get('optimizer', 'see collect.py')}, {r.get('schedule', 'constant')} | "
+        f"{r['steps']} | {', '.join(r['units'])} | {len(r['label'])} | {int(r['label'].sum())} | "
+        f"{r['final_loss']:.3f} |" for r in runs)
+    families = sorted({r["family"] for r in runs})
     path.write_text(f"""# SmartFRZ predictor: model card
 
 Version {VERSION}, trained {meta['date']} by `python -m frzcompile.predictor.train` on windows recorded by
-`python -m frzcompile.predictor.collect` (both in this folder; rerun them to reproduce). File: `smartfrz.pt`
+`python -m frzcompile.predictor.collect {meta['command']}` (both in this folder; rerun them to reproduce).
+File: `smartfrz.pt`
 ({meta['bytes']} bytes, {meta['params']} parameters), loaded by `frzcompile.predictor.load_default()`.
 
 ## What it predicts
@@ -100,8 +103,8 @@ statistics (movement, net drift, straightness, last step, deceleration, mean ste
 output in a small MLP head. {meta['params']} parameters; one prediction costs well under a millisecond on a CPU.
 
 ## Source runs (real data, nothing frozen)
-| family | seed | steps | units recorded | windows | converged | final train loss |
-|---|---|---|---|---|---|---|
+| family | seed | optimizer, schedule | steps | units recorded | windows | converged | final train loss |
+|---|---|---|---|---|---|---|---|
 {sources}
 
 Units under 256 weights (a BatchNorm, a tiny stem convolution) yield no windows. Windows in which the sampled
@@ -131,9 +134,16 @@ Shipped predictor (trained on all families), scored on its own training windows:
 accuracy {100 * train_all['accuracy']:.1f}%.
 
 ## Limits
-Trained on {len(runs)} short runs of five small families on CPU; runs of other lengths, optimizers or learning-rate
-schedules change what a converged window looks like. The policy adds hysteresis (several consecutive votes)
-and freezes only the network's front by default. Retrain with more runs when a family matters to you.
+Trained on {len(runs)} short runs of {len(families)} small families on CPU; runs of other lengths, optimizers or
+learning-rate schedules change what a converged window looks like. The policy adds hysteresis (several consecutive
+votes) and freezes only the network's front by default. Retrain with more runs when a family matters to you.
+
+It sees weight snapshots only, so it cannot tell a plateau before learning from convergence: on a CNN without
+normalization trained from scratch it judged every convolution converged during such a plateau. Every decision
+of the SmartFRZ policy also passes the safety rules of `frzcompile/safety.py`, which read the training loss (no
+freeze before learning has started or while the loss falls fast, one unit at a time, a rollback when the loss
+rises after a freeze). The validation above scores the predictor's windows alone, not whole runs under the
+policy with those rules.
 """)
 
 
@@ -166,7 +176,7 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "bytes": out.stat().st_size,
             "dropped": recorded_windows - len(y),
             "params": sum(p.numel() for p in model.parameters()), "tau": recorded["tau"],
-            "interval": recorded["interval"]}
+            "interval": recorded["interval"], "command": recorded.get("command", "")}
     _card(out.with_name("MODEL_CARD.md"), meta, held_out, train_all, runs)
     print(f"wrote {out} ({meta['bytes']} bytes) and {out.with_name('MODEL_CARD.md')}")
 
