@@ -250,8 +250,8 @@ def main():
                     print(r["explain"])
         print(f"\n### {label}{f', seeds {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else ''}\n")
         print_table(("method", "seeds", "test accuracy (mean)", "vs full (pt, mean)", "vs full per seed",
-                     "train time s", "speedup", "train FLOPs", "FLOPs reduction", "activations MB/step (mean)", "reduction",
-                     "peak MB", "peak reduction"), summary_rows(runs, methods))
+                     "train time s", "speedup", "train FLOPs", "FLOPs reduction", "activations MB/step (mean)",
+                     "reduction", "peak MB", "peak reduction"), summary_rows(runs, methods))
         print()
         everything["workloads"].append({"workload": label, "results": [
             {k: ([(s, [round(b, 4) for b in bs], [None if k_ is None else round(k_, 4) for k_ in kept], t)
