@@ -241,14 +241,13 @@ class LayerBudgets(Service):
             c.new_pass()  # the encoder runs again in this call (a siamese or contrastive pair)
         c.last = i
         n = hidden.shape[1]
-        others = [(pos, t) for pos, t in list(enumerate(args))[1:] + list(kwargs.items())
-                  if isinstance(t, torch.Tensor) and t is not hidden]
-        masks = [(pos, t) for pos, t in others if t.dim() == 4 and t.shape[-1] == n]
+        items = list(enumerate(args))[1:] + list(kwargs.items())  # every argument but the hidden states
+        masks = [(pos, t) for pos, t in items if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == n]
         if c.valid is None and masks:
             c.valid = valid_tokens(masks[0][1], n, hidden.shape[0])
         keep = keep_count(self.policy.budgets[i], n)
         # any other tensor with a token dimension (rotary cos/sin in a tuple too): not safe to run on a subset
-        flat = [t for v in list(args[1:]) + list(kwargs.values()) for t in (v if isinstance(v, (tuple, list)) else (v,))
+        flat = [t for _, v in items for t in (v if isinstance(v, (tuple, list)) else (v,))
                 if isinstance(t, torch.Tensor) and t is not hidden]
         unsafe = any(n in t.shape[1:] for t in flat if all(t is not m for _, m in masks))
         scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
