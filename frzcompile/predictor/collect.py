@@ -61,7 +61,8 @@ def _hashed_tokens(texts, vocab=5000, length=32):
 
 class Recipe(NamedTuple):
     """One source run: the model, its data (inputs..., labels), the probe inputs, the optimizer, batch size,
-    steps and learning-rate schedule (see `schedule`)."""
+    steps, learning-rate schedule (see `schedule`) and a held-out test split (inputs..., labels) that the
+    whole-run validation (frzcompile.predictor.outcome) scores the end of training on."""
     model: nn.Module
     tensors: tuple
     probe: tuple
@@ -69,6 +70,7 @@ class Recipe(NamedTuple):
     batch: int
     steps: int
     schedule: str = "constant"
+    test: tuple = ()
 
 
 def schedule(opt, kind: str, steps: int):
@@ -106,68 +108,85 @@ def families(root):
     def adamw(lr):
         return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
+    def fashion_test():
+        x, y = data.fashion_mnist(root, "test")
+        return x[:2000], y[:2000]
+
+    def sst2_test(encode):
+        texts, y = data.sst2(root, "test")  # the GLUE dev sentences (see the data README)
+        return (*encode(texts), y)
+
+    def minilm_encode(tok):
+        def encode(texts):
+            enc = tok(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+            return enc["input_ids"], enc["attention_mask"]
+        return encode
+
     def mlp_digits(seed):
-        x, y, _, _ = data.digits(seed=seed)
+        x, y, xt, yt = data.digits(seed=seed)
         torch.manual_seed(seed)
-        return Recipe(zoo.mlp(64, 128, 3), (x, y), (x[:PROBE],), sgd(0.05), 32, 600)
+        return Recipe(zoo.mlp(64, 128, 3), (x, y), (x[:PROBE],), sgd(0.05), 32, 600, test=(xt, yt))
 
     def cnn_digits(seed):
-        x, y, _, _ = data.digits(seed=seed)
+        x, y, xt, yt = data.digits(seed=seed)
         torch.manual_seed(seed)
-        return Recipe(zoo.SmallCNN(width=32, dropout=0.1), (x, y), (x[:PROBE],), sgd(0.05), 32, 600)
+        return Recipe(zoo.SmallCNN(width=32, dropout=0.1), (x, y), (x[:PROBE],), sgd(0.05), 32, 600,
+                      test=(xt, yt))
 
     def resnet_fashion(seed):
         x, y = data.fashion_mnist(root, "train")
         x, y = x[:10000], y[:10000]
         torch.manual_seed(seed)
-        return Recipe(zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.05), 64, 600)
+        return Recipe(zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.05), 64, 600, test=fashion_test())
 
     def transformer_sst2(seed):
         texts, y = data.sst2(root, "train")
         ids = _hashed_tokens(texts[:20000])
         torch.manual_seed(seed)
         model = zoo.TransformerClassifier(vocab=5000, d_model=64, nhead=4, layers=4, max_len=32)
-        return Recipe(model, (ids, y[:20000]), (ids[-PROBE:],), lambda p: torch.optim.Adam(p, lr=1e-3), 64, 600)
+        return Recipe(model, (ids, y[:20000]), (ids[-PROBE:],), lambda p: torch.optim.Adam(p, lr=1e-3), 64, 600,
+                      test=sst2_test(lambda t: (_hashed_tokens(t),)))
 
     def minilm_sst2(seed):
         texts, y = data.sst2(root, "train")
         torch.manual_seed(seed)
         model, tok = zoo.pretrained_minilm()
-        enc = tok(texts[:8000], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        ids, mask = minilm_encode(tok)(texts[:8000])
         return Recipe(model, (ids, mask, y[:8000]), (ids[-PROBE:], mask[-PROBE:]),
-                      lambda p: torch.optim.AdamW(p, lr=3e-5), 32, 400)
+                      lambda p: torch.optim.AdamW(p, lr=3e-5), 32, 400, test=sst2_test(minilm_encode(tok)))
 
     # -- added for version 2 ---------------------------------------------------------------------------------
     def plaincnn_digits_plateau(seed):  # no normalization, SGD at a small rate: flat for hundreds of steps
-        x, y, _, _ = data.digits(seed=seed)
+        x, y, xt, yt = data.digits(seed=seed)
         torch.manual_seed(seed)
-        return Recipe(zoo.plain_cnn(), (x, y), (x[:PROBE],), sgd(0.002, weight_decay=0.0), 32, 750)
+        return Recipe(zoo.plain_cnn(), (x, y), (x[:PROBE],), sgd(0.002, weight_decay=0.0), 32, 750,
+                      test=(xt, yt))
 
     def mlp_digits_adamw_cosine(seed):
-        x, y, _, _ = data.digits(seed=seed)
+        x, y, xt, yt = data.digits(seed=seed)
         torch.manual_seed(seed)
-        return Recipe(zoo.mlp(64, 256, 4), (x, y), (x[:PROBE],), adamw(1e-3), 32, 600, "cosine")
+        return Recipe(zoo.mlp(64, 256, 4), (x, y), (x[:PROBE],), adamw(1e-3), 32, 600, "cosine", test=(xt, yt))
 
     def cnn_fashion_adamw_warmup(seed):
         x, y = data.fashion_mnist(root, "train")
         x, y = x[10000:20000], y[10000:20000]
         torch.manual_seed(seed)
         return Recipe(zoo.SmallCNN(width=16, dropout=0.1), (x, y), (x[-PROBE:],), adamw(2e-3), 64, 600,
-                      "warmup-cosine")
+                      "warmup-cosine", test=fashion_test())
 
     def resnet_fashion_sgd_cosine(seed):
         x, y = data.fashion_mnist(root, "train")
         x, y = x[20000:30000], y[20000:30000]
         torch.manual_seed(seed)
-        return Recipe(zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.1), 64, 600, "warmup-cosine")
+        return Recipe(zoo.ResNet(width=16), (x, y), (x[-PROBE:],), sgd(0.1), 64, 600, "warmup-cosine",
+                      test=fashion_test())
 
     def vit_fashion_adamw(seed):  # a Hugging Face ViT from a config, from scratch
         x, y = data.fashion_mnist(root, "train")
         x, y = x[:10000], y[:10000]
         torch.manual_seed(seed)
         model = zoo.tiny_vit(num_labels=10, layers=4, hidden=64, patch_size=4)
-        return Recipe(model, (x, y), (x[-PROBE:],), adamw(1e-3), 64, 600, "warmup-cosine")
+        return Recipe(model, (x, y), (x[-PROBE:],), adamw(1e-3), 64, 600, "warmup-cosine", test=fashion_test())
 
     def gpt2_sst2(seed):  # a Hugging Face GPT-2 (decoder) from a config, from scratch, classifying at the last token
         from transformers import GPT2Config, GPT2ForSequenceClassification
@@ -180,15 +199,16 @@ def families(root):
         cfg = GPT2Config(vocab_size=5000, n_positions=32, n_embd=64, n_layer=4, n_head=4, num_labels=2,
                          pad_token_id=0, bos_token_id=None, eos_token_id=None, use_cache=False)
         return Recipe(GPT2ForSequenceClassification(cfg), (ids, y[:20000]), (ids[-PROBE:],), adamw(5e-4), 64, 600,
-                      "warmup-linear")
+                      "warmup-linear", test=sst2_test(lambda t: (_hashed_tokens(t),)))
 
     def minilm_trec(seed):  # fine-tuning the pretrained MiniLM on another task, as the Trainer does by default
         texts, y = data.trec(root, "train")
         torch.manual_seed(seed)
         model, tok = zoo.pretrained_minilm(num_labels=int(y.max()) + 1)
-        enc = tok(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        return Recipe(model, (ids, mask, y), (ids[-PROBE:], mask[-PROBE:]), adamw(5e-5), 32, 400, "warmup-linear")
+        ids, mask = minilm_encode(tok)(texts)
+        test_texts, test_y = data.trec(root, "test")
+        return Recipe(model, (ids, mask, y), (ids[-PROBE:], mask[-PROBE:]), adamw(5e-5), 32, 400, "warmup-linear",
+                      test=(*minilm_encode(tok)(test_texts), test_y))
 
     return {"mlp-digits": mlp_digits, "cnn-digits": cnn_digits, "resnet-fashion": resnet_fashion,
             "transformer-sst2": transformer_sst2, "minilm-sst2": minilm_sst2,
@@ -204,6 +224,18 @@ def _first_tensor(out):
     if isinstance(out, (tuple, list)):
         return next(o for o in out if isinstance(o, torch.Tensor))
     return out[0]  # a ModelOutput
+
+
+def train_step(fm, opt, lr, batch) -> torch.Tensor:
+    """One optimizer step of a source run on `batch` (inputs..., labels): cross-entropy on the first output."""
+    *xb, yb = batch
+    loss = nn.functional.cross_entropy(_first_tensor(fm(*xb)), yb)
+    loss.backward()
+    fm.observe_loss(loss)  # the loss itself for the policy's safety rules
+    opt.step()
+    opt.zero_grad()
+    lr.step()
+    return loss.detach()
 
 
 def record(family: str, seed: int, make, progress=True, steps=None) -> dict:
@@ -244,12 +276,7 @@ def record(family: str, seed: int, make, progress=True, steps=None) -> dict:
     for step in tqdm(range(steps), desc=f"{family} seed {seed}", disable=not progress, leave=False):
         if step % INTERVAL == 0:
             snapshot()
-        *xb, yb = next(stream)
-        loss = nn.functional.cross_entropy(_first_tensor(fm(*xb)), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        lr.step()
+        loss = train_step(fm, opt, lr, next(stream))
     snapshot()
     for h in hooks:
         h.remove()
@@ -292,8 +319,10 @@ def main():
             print(f"{family} seed {seed} ({run['optimizer']}, {run['schedule']}): {len(run['label'])} windows, "
                   f"{int(run['label'].sum())} converged, {run['seconds']:.0f}s, final loss {run['final_loss']:.3f}")
             runs.append(run)
-    torch.save({"interval": INTERVAL, "tau": TAU, "window": WINDOW, "runs": runs,
-                "command": f"--families {args.families} --seeds {args.seeds}"}, args.out)
+            # saved after every run, so that hours of recording survive an interruption
+            torch.save({"interval": INTERVAL, "tau": TAU, "window": WINDOW, "runs": runs,
+                        "threads": torch.get_num_threads(),
+                        "command": f"--families {args.families} --seeds {args.seeds}"}, args.out)
 
 
 if __name__ == "__main__":

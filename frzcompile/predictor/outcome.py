@@ -1,0 +1,127 @@
+"""Validation by outcome: what the SmartFRZ policy's decisions do to whole training runs.
+
+    python -m frzcompile.predictor.outcome --runs runs.pt --out outcome.json [--families ...] [--seeds 0]
+
+For each family, a predictor is trained on the recorded windows of every *other* family (leave one family out,
+as `train` does for window AUC), then the family's own recipe (frzcompile.predictor.collect) is trained twice
+from the same initial weights and data order: with nothing frozen, and under SmartFRZ with that held-out
+predictor and its default safety rules. Each run reports the test accuracy at its end, training FLOPs
+(torch.utils.flop_counter, on every SAMPLE-th step), wall time and the freeze decisions. `--predictor shipped`
+scores the shipped predictor instead (not held out for the families it was trained on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from .. import optimize
+from ..policies import SmartFRZ
+from . import load_default
+from .collect import _batches, _first_tensor, families, schedule, train_step
+from .train import _stack, fit
+
+SAMPLE = 10  # every SAMPLE-th step (offset 5, away from the policy's decision steps) counts FLOPs, untimed
+
+
+def accuracy(fm, test, batch: int = 256) -> float:
+    """Top-1 accuracy of `fm` on `test` (inputs..., labels), in eval mode; the training mode is restored."""
+    *inputs, labels = test
+    was_training = fm.training
+    fm.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), batch):
+            logits = _first_tensor(fm(*(t[i:i + batch] for t in inputs)))
+            correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
+    fm.train(was_training)
+    return correct / len(labels)
+
+
+def whole_run(recipe, seed: int, policy, progress: bool = True, steps: int | None = None) -> dict:
+    """Train `recipe` (fresh from its factory) under `policy` ("manual" freezes nothing); its end result."""
+    model, batch = recipe.model, recipe.batch
+    steps = recipe.steps if steps is None else steps
+    *inputs, _ = recipe.tensors
+    opt = recipe.make_opt(model.parameters())
+    fm = optimize(model, tuple(t[:batch] for t in inputs), policy=policy, optimizer=opt, total_steps=steps)
+    lr = schedule(opt, recipe.schedule, steps)
+    stream = _batches(recipe.tensors, batch, seed)
+    seconds, timed, flops, events = 0.0, 0, 0.0, []
+    frozen = frozenset()
+    for step in tqdm(range(steps), disable=not progress, leave=False):
+        xb = next(stream)
+        if step % SAMPLE == 5:
+            with FlopCounterMode(display=False) as counter:
+                train_step(fm, opt, lr, xb)
+            flops += SAMPLE * counter.get_total_flops()
+        else:
+            start = time.perf_counter()
+            train_step(fm, opt, lr, xb)
+            seconds += time.perf_counter() - start
+            timed += 1
+        now = frozenset(fm.frozen)
+        if now != frozen:
+            events.append((step, sorted(now - frozen), sorted(frozen - now)))  # (step, frozen, thawed)
+            frozen = now
+    return {"accuracy": accuracy(fm, recipe.test), "train_flops": flops,
+            "train_seconds": seconds * steps / max(timed, 1), "frozen_at_end": list(fm.frozen),
+            "events": events, "units": list(fm.units)}
+
+
+def compare(family: str, seed: int, make, predictor, progress: bool = True, steps: int | None = None) -> dict:
+    """The family's recipe with nothing frozen and under SmartFRZ(predictor), side by side."""
+    full = whole_run(make(seed), seed, "manual", progress, steps)
+    smart = whole_run(make(seed), seed, SmartFRZ(predictor=predictor), progress, steps)
+    return {"family": family, "seed": seed, "full": full, "smartfrz": smart,
+            "accuracy_points": 100 * (smart["accuracy"] - full["accuracy"]),
+            "flops_reduction": full["train_flops"] / smart["train_flops"],
+            "time_ratio": full["train_seconds"] / smart["train_seconds"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True, help="windows written by frzcompile.predictor.collect")
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--data", default=None,
+                        help="data folder holding fashion-mnist/, sst2/ and sentence-classification/ (TREC)")
+    parser.add_argument("--families", default=None, help="comma-separated (default: every recorded family)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of the whole runs")
+    parser.add_argument("--predictor", choices=("held-out", "shipped"), default="held-out")
+    parser.add_argument("--epochs", type=int, default=40, help="predictor training epochs (as train's)")
+    args = parser.parse_args()
+    runs = torch.load(args.runs, weights_only=False)["runs"]
+    makers = families(args.data)
+    names = args.families.split(",") if args.families else sorted({r["family"] for r in runs})
+    results = []
+    for family in names:
+        if family not in makers:
+            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(makers)}")
+        if args.predictor == "shipped":
+            predictor = load_default()
+        else:
+            others = [r for r in runs if r["family"] != family]
+            with_threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the predictor's tiny batches (as train does)
+            predictor = fit(*_stack(others), epochs=args.epochs)
+            torch.set_num_threads(with_threads)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            r = compare(family, seed, makers[family], predictor)
+            r["predictor"] = args.predictor
+            results.append(r)
+            print(f"{family} seed {seed}: full {100 * r['full']['accuracy']:.2f}%, smartfrz "
+                  f"{100 * r['smartfrz']['accuracy']:.2f}% ({r['accuracy_points']:+.2f} pt), FLOPs "
+                  f"{r['flops_reduction']:.2f}x, time {r['time_ratio']:.2f}x, frozen "
+                  f"{r['smartfrz']['frozen_at_end'] or 'nothing'} "
+                  f"(decisions at steps {[e[0] for e in r['smartfrz']['events']]})", flush=True)
+            with open(args.out, "w") as f:  # after every family, so that a long validation survives interruption
+                json.dump({"predictor": args.predictor, "threads": torch.get_num_threads(), "results": results},
+                          f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

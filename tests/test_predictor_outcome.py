@@ -1,0 +1,36 @@
+"""Whole-run validation of the SmartFRZ predictor (frzcompile.predictor.outcome) on a short real run."""
+import torch
+from torch import nn
+
+from frzcompile.predictor.collect import families
+from frzcompile.predictor.outcome import compare
+
+
+class Constant(nn.Module):
+    """A predictor that always gives the same logit: +10 (converged) or -10 (not)."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, z, s):
+        return torch.full((len(z),), float(self.logit))
+
+
+def test_a_predictor_that_never_fires_leaves_the_run_identical_to_full_training():
+    make = families(None)["mlp-digits"]
+    r = compare("mlp-digits", 0, make, Constant(-10), progress=False, steps=400)
+    assert r["smartfrz"]["events"] == [] and r["smartfrz"]["frozen_at_end"] == []
+    assert r["smartfrz"]["accuracy"] == r["full"]["accuracy"] > 0.8  # same weights, data order and steps
+    assert r["flops_reduction"] == 1.0 and r["accuracy_points"] == 0.0
+
+
+def test_a_predictor_that_always_fires_freezes_the_prefix_one_unit_per_decision_and_saves_flops():
+    make = families(None)["mlp-digits"]
+    r = compare("mlp-digits", 0, make, Constant(10), progress=False, steps=400)
+    events = r["smartfrz"]["events"]
+    assert events and all(len(frozen) == 1 and not thawed for _, frozen, thawed in events)
+    assert events[0][0] >= 300  # the first judgement needs a full window of 30 snapshots, one every 10 steps
+    assert r["smartfrz"]["frozen_at_end"] == r["smartfrz"]["units"][:len(events)]  # a prefix
+    assert r["flops_reduction"] > 1.05
+    assert 0.0 < r["smartfrz"]["accuracy"] <= 1.0
