@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from frzcompile.predictor import WINDOW
-from frzcompile.predictor.collect import INTERVAL, SCHEDULES, families, record, schedule
+from frzcompile.predictor.collect import DESCRIPTIONS, INTERVAL, SCHEDULES, families, record, schedule
 
 
 def _rates(kind, steps=100):
@@ -57,3 +57,7 @@ def test_the_first_five_recipes_are_version_ones():
         assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 5e-4
     assert list(families(None))[:5] == ["mlp-digits", "cnn-digits", "resnet-fashion", "transformer-sst2",
                                         "minilm-sst2"]
+
+
+def test_every_family_is_described_for_the_model_card():
+    assert set(DESCRIPTIONS) == set(families(None))

