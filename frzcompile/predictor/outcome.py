@@ -1,13 +1,15 @@
 """Validation by outcome: what the SmartFRZ policy's decisions do to whole training runs.
 
     python -m frzcompile.predictor.outcome --runs runs.pt --out outcome.json [--families ...] [--seeds 0]
+        [--predictors held-out,shipped]
 
 For each family, a predictor is trained on the recorded windows of every *other* family (leave one family out,
 as `train` does for window AUC), then the family's own recipe (frzcompile.predictor.collect) is trained twice
 from the same initial weights and data order: with nothing frozen, and under SmartFRZ with that held-out
 predictor and its default safety rules. Each run reports the test accuracy at its end, training FLOPs
-(torch.utils.flop_counter, on every SAMPLE-th step), wall time and the freeze decisions. `--predictor shipped`
-scores the shipped predictor instead (not held out for the families it was trained on).
+(torch.utils.flop_counter, on every SAMPLE-th step), wall time and the freeze decisions. `--predictors
+held-out,shipped` also scores the shipped predictor against the same full run (not held out for the families it
+was trained on).
 """
 from __future__ import annotations
 
@@ -73,14 +75,18 @@ def whole_run(recipe, seed: int, policy, progress: bool = True, steps: int | Non
             "events": events, "units": list(fm.units)}
 
 
-def compare(family: str, seed: int, make, predictor, progress: bool = True, steps: int | None = None) -> dict:
-    """The family's recipe with nothing frozen and under SmartFRZ(predictor), side by side."""
+def compare(family: str, seed: int, make, predictors: dict, progress: bool = True, steps: int | None = None) -> list:
+    """The family's recipe with nothing frozen, then under SmartFRZ with each of `predictors` (name -> model),
+    side by side: one result per predictor."""
     full = whole_run(make(seed), seed, "manual", progress, steps)
-    smart = whole_run(make(seed), seed, SmartFRZ(predictor=predictor), progress, steps)
-    return {"family": family, "seed": seed, "full": full, "smartfrz": smart,
-            "accuracy_points": 100 * (smart["accuracy"] - full["accuracy"]),
-            "flops_reduction": full["train_flops"] / smart["train_flops"],
-            "time_ratio": full["train_seconds"] / smart["train_seconds"]}
+    results = []
+    for name, predictor in predictors.items():
+        smart = whole_run(make(seed), seed, SmartFRZ(predictor=predictor), progress, steps)
+        results.append({"family": family, "seed": seed, "predictor": name, "full": full, "smartfrz": smart,
+                        "accuracy_points": 100 * (smart["accuracy"] - full["accuracy"]),
+                        "flops_reduction": full["train_flops"] / smart["train_flops"],
+                        "time_ratio": full["train_seconds"] / smart["train_seconds"]})
+    return results
 
 
 def main():
@@ -91,36 +97,39 @@ def main():
                         help="data folder holding fashion-mnist/, sst2/ and sentence-classification/ (TREC)")
     parser.add_argument("--families", default=None, help="comma-separated (default: every recorded family)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the whole runs")
-    parser.add_argument("--predictor", choices=("held-out", "shipped"), default="held-out")
+    parser.add_argument("--predictors", default="held-out",
+                        help="comma-separated: held-out (trained on the other families' windows) and/or shipped")
     parser.add_argument("--epochs", type=int, default=40, help="predictor training epochs (as train's)")
     args = parser.parse_args()
     runs = torch.load(args.runs, weights_only=False)["runs"]
     makers = families(args.data)
     names = args.families.split(",") if args.families else sorted({r["family"] for r in runs})
+    kinds = args.predictors.split(",")
+    if not set(kinds) <= {"held-out", "shipped"}:
+        raise SystemExit(f"--predictors takes held-out and/or shipped, not {args.predictors!r}")
     results = []
     for family in names:
         if family not in makers:
             raise SystemExit(f"unknown family {family!r}; choose from {', '.join(makers)}")
-        if args.predictor == "shipped":
-            predictor = load_default()
-        else:
+        predictors = {}
+        if "held-out" in kinds:
             others = [r for r in runs if r["family"] != family]
             with_threads = torch.get_num_threads()
             torch.set_num_threads(1)  # the predictor's tiny batches (as train does)
-            predictor = fit(*_stack(others), epochs=args.epochs)
+            predictors["held-out"] = fit(*_stack(others), epochs=args.epochs)
             torch.set_num_threads(with_threads)
+        if "shipped" in kinds:
+            predictors["shipped"] = load_default()
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = compare(family, seed, makers[family], predictor)
-            r["predictor"] = args.predictor
-            results.append(r)
-            print(f"{family} seed {seed}: full {100 * r['full']['accuracy']:.2f}%, smartfrz "
-                  f"{100 * r['smartfrz']['accuracy']:.2f}% ({r['accuracy_points']:+.2f} pt), FLOPs "
-                  f"{r['flops_reduction']:.2f}x, time {r['time_ratio']:.2f}x, frozen "
-                  f"{r['smartfrz']['frozen_at_end'] or 'nothing'} "
-                  f"(decisions at steps {[e[0] for e in r['smartfrz']['events']]})", flush=True)
+            for r in compare(family, seed, makers[family], predictors):
+                results.append(r)
+                print(f"{family} seed {seed}, {r['predictor']} predictor: full {100 * r['full']['accuracy']:.2f}%, "
+                      f"smartfrz {100 * r['smartfrz']['accuracy']:.2f}% ({r['accuracy_points']:+.2f} pt), FLOPs "
+                      f"{r['flops_reduction']:.2f}x, time {r['time_ratio']:.2f}x, frozen "
+                      f"{r['smartfrz']['frozen_at_end'] or 'nothing'} "
+                      f"(decisions at steps {[e[0] for e in r['smartfrz']['events']]})", flush=True)
             with open(args.out, "w") as f:  # after every family, so that a long validation survives interruption
-                json.dump({"predictor": args.predictor, "threads": torch.get_num_threads(), "results": results},
-                          f, indent=1)
+                json.dump({"threads": torch.get_num_threads(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

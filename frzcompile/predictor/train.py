@@ -156,11 +156,12 @@ rises after a freeze).
 """)
 
 
-def _outcome_section(path) -> str:
-    """The card's whole-run table from frzcompile.predictor.outcome's JSON (empty without one)."""
-    if not path:
+def _outcome_section(paths) -> str:
+    """The card's whole-run table from frzcompile.predictor.outcome's JSON files (comma-separated; none: empty)."""
+    if not paths:
         return ""
-    results = json.loads(Path(path).read_text())["results"]
+    results = [r for path in paths.split(",") for r in json.loads(Path(path).read_text())["results"]
+               if r.get("predictor", "held-out") == "held-out"]
     rows = "\n".join(
         f"| {r['family']} | {r['seed']} | {100 * r['full']['accuracy']:.2f}% | {100 * r['smartfrz']['accuracy']:.2f}% | "
         f"{r['accuracy_points']:+.2f} | {r['flops_reduction']:.2f}x | {r['time_ratio']:.2f}x | "
@@ -186,7 +187,8 @@ def main():
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--outcome", default=None,
-                        help="JSON from frzcompile.predictor.outcome, for the card's whole-run table")
+                        help="JSON file(s) from frzcompile.predictor.outcome, comma-separated, for the card's "
+                             "whole-run table")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny batches: more threads only add synchronization
     recorded = torch.load(args.runs, weights_only=False)
