@@ -14,9 +14,10 @@ other steps' time scaled to the run), and for ALaST the budgets and tokens kept 
 
     python benchmarks/bench_alast.py [--only minilm-sst2|minilm-trec|vit-mnist] [--data PATH] [--work DIR]
         [--methods full,alast,alast:budget=0.4;min_budget=0.2,smartfrz] [--seed S] [--seeds N] [--repeat full,alast]
+        [--epochs E]
 
-"alast" is the policy's defaults; "alast:budget=...;k=...;min_budget=..." a variant (the leaner one shows the
-trade-off).
+"alast" is the policy's defaults; "alast:budget=...;k=...;min_budget=...;temperature=..." a variant (the leaner
+one shows the trade-off; temperature=none keeps the top-ranked tokens, as the paper does).
 """
 import copy
 import json
@@ -141,7 +142,7 @@ def run(method, base, train, test, epochs, batch, lr, seed, alast):
     example = trimmed([t[:batch] for t in inputs])
     name, _, options = method.partition(":")
     if name == "alast":
-        alast = {**alast, **{k: (int(v) if k == "k" else float(v))
+        alast = {**alast, **{k: (int(v) if k == "k" else None if v == "none" else float(v))
                              for k, v in (o.split("=") for o in options.split(";") if o)}}
     policy = {"full": "manual", "alast": frzcompile.ALaST(**alast) if name == "alast" else None,
               "smartfrz": "smartfrz"}[name]
@@ -218,6 +219,8 @@ def main():
         parser.add_argument("--min-budget", type=float, default=None, help="ALaST min_budget (default: the policy's)")
         parser.add_argument("--seeds", type=int, default=1,
                             help="seeds per workload, from --seed on (each: the new head's weights and data order)")
+        parser.add_argument("--epochs", type=int, default=None,
+                            help="fine-tuning epochs (default: 2 for MiniLM, 5 for the ViT)")
         parser.add_argument("--repeat", default="full,alast",
                             help="the methods run on every seed (the others on the first only)")
 
@@ -225,6 +228,7 @@ def main():
     methods = args.methods.split(",")
     seeds = list(range(args.seed, args.seed + args.seeds))
     repeat = {methods[0]} | set(args.repeat.split(","))  # the methods the seeds after the first run
+    tag = "" if args.epochs is None else f"_epochs{args.epochs}"  # output names of a run of another length
     alast = {name: value for name, value in (("budget", args.budget), ("k", args.k), ("min_budget", args.min_budget))
              if value is not None}
     everything = {"machine": args.machine, "seeds": seeds, "workloads": []}
@@ -233,10 +237,11 @@ def main():
             continue
         runs = {method: [] for method in methods}  # per method, one result per seed
         for seed in seeds:
+            length = {} if args.epochs is None else {"epochs": args.epochs}
             if key == "vit-mnist":
-                label, base, train, test, epochs, batch, lr = vit(args.data, args.work, seed)
+                label, base, train, test, epochs, batch, lr = vit(args.data, args.work, seed, **length)
             else:
-                label, base, train, test, epochs, batch, lr = minilm(key.split("-")[1], args.data, seed)
+                label, base, train, test, epochs, batch, lr = minilm(key.split("-")[1], args.data, seed, **length)
             for method in methods if seed == seeds[0] else [m for m in methods if m in repeat]:
                 r = run(method, base, train, test, epochs, batch, lr, seed, alast)
                 r["seed"] = seed
@@ -245,7 +250,7 @@ def main():
                       flush=True)
                 if method.startswith("alast") and seed == seeds[0]:
                     suffix = method.partition(":")[2].replace(";", "_").replace("=", "")
-                    name = f"alast_budgets_{key}{'_' + suffix if suffix else ''}.png"
+                    name = f"alast_budgets_{key}{tag}{'_' + suffix if suffix else ''}.png"
                     plot_budgets(r, label, os.path.join(args.out, name))
                     print(r["explain"])
         print(f"\n### {label}{f', seeds {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else ''}\n")
@@ -257,7 +262,7 @@ def main():
             {k: ([(s, [round(b, 4) for b in bs], [None if k_ is None else round(k_, 4) for k_ in kept], t)
                   for s, bs, kept, t in v] if k == "budget_log" else v)
              for k, v in r.items() if k != "explain"} for method in methods for r in runs[method]]})
-    with open(os.path.join(args.out, "alast.json" if not args.only else f"alast_{args.only}.json"), "w") as f:
+    with open(os.path.join(args.out, f"alast{'_' + args.only if args.only else ''}{tag}.json"), "w") as f:
         json.dump(everything, f, separators=(",", ":"), default=str)  # compact: a budget log per step
 
 

@@ -353,8 +353,10 @@ class ALaST(Policy):
         update barely moves budgets at its step size; this normalisation and the one global knob are this
         project's departure, hence "ALaST-style");
       - a layer runs on the class token plus the ceil(b_l * (n - 1)) tokens the class token attended to most in
-        the last layer that saw them; the others skip it unchanged (frzcompile.tokens). The first layer runs on
-        every token (no class-token attention exists before it), so its budget stays 1;
+        the last layer that saw them (as the paper does), or, with `temperature` set, tokens drawn without
+        replacement in proportion to attention ** (1 / temperature) from the policy's own generator; the others
+        skip the layer unchanged (frzcompile.tokens). The first layer runs on every token (no class-token
+        attention exists before it), so its budget stays 1;
       - with `k` below the number of layers, only `k` layers, drawn in proportion to their budgets from the
         policy's own generator (the user's random stream is untouched), get weight gradients for the step; the
         others are frozen for that step only and keep their optimizer state.
@@ -363,8 +365,12 @@ class ALaST(Policy):
     It never changes the freeze plan: `fm.freeze` still freezes units for good (they then leave the draw).
 
     budget: mean token budget over the layers after the first, in (0, 1]. k: layers trained per step (default:
-    all of them). The defaults (budget 0.5, every layer trained, min_budget 0.3) come from
-    benchmarks/bench_alast.py (RESULTS.md): the paper's per-step layer freezing cost 1.4 points on the ViT there
+    all of them). temperature: None keeps the top-ranked tokens; a number draws them in proportion to
+    attention ** (1 / temperature) (higher is closer to uniform), so that tokens ranked low also train the layers
+    they would always skip. Measured in benchmarks/bench_alast.py (RESULTS.md), temperature 2 halved the ViT's
+    loss (-0.64 against -1.29 points, five seeds) but cost the pretrained MiniLM on SST-2 1.8 points (two
+    seeds), so it is not the default. The defaults (budget 0.5, every
+    layer trained, min_budget 0.3) come from benchmarks/bench_alast.py (RESULTS.md): the paper's per-step layer freezing cost 1.4 points on the ViT there
     for 1.06x fewer FLOPs, while dropping tokens alone at budget 0.5 gave 1.6x memory within 0.5 points on the
     pretrained MiniLM (three seeds).
     layers: unit names of the transformer layers (default: the units whose modules repeat one class, e.g. every
@@ -374,7 +380,7 @@ class ALaST(Policy):
     name = "alast"
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
-                 layers=None, seed: int = 0, history: bool = True):
+                 layers=None, seed: int = 0, history: bool = True, temperature: float | None = None):
         if not 0.0 < budget <= 1.0:
             raise PolicyError(f"alast: budget must be in (0, 1], got {budget}")
         if not 0.0 < rate <= 1.0:
@@ -383,13 +389,18 @@ class ALaST(Policy):
             raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget}")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise PolicyError(f"alast: k must be a positive int (layers trained per step) or None, got {k!r}")
+        if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise PolicyError(f"alast: temperature must be a positive number, or None for the top-ranked tokens; "
+                              f"got {temperature!r}")
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise PolicyError("alast: layers= takes a list of unit names, e.g. ['bert.encoder.layer.0', ...]")
         self.budget, self.k, self.rate, self.min_budget = float(budget), k, float(rate), float(min_budget)
         self.layers = None if layers is None else list(layers)
         self.seed = seed
         self.history = history
+        self.temperature = None if temperature is None else float(temperature)
         self._generator = torch.Generator().manual_seed(seed)
+        self._token_generators: dict = {}  # device -> generator of the token draws (made on first use)
         self.budgets: list = []      # per layer, in [min_budget, 1]
         self.trained: tuple = ()     # indices of the layers trained this iteration
         self.next = None             # the layers drawn at the last step, trained from the next training call on
@@ -405,6 +416,7 @@ class ALaST(Policy):
         self.trained = tuple(range(len(layers)))  # before the first training call nothing is frozen (an
         self.log = []                             # optimizer made after optimize() sees every parameter)
         self._generator.manual_seed(self.seed)
+        self._token_generators = {}
         self.next = self._draw(frozenset())       # the first iteration's layers
 
     @property
@@ -446,6 +458,14 @@ class ALaST(Policy):
             self.trained, self.next = self.next, None
         return self.trained
 
+    def token_generator(self, device) -> torch.Generator:
+        """The generator of the token draws on `device`: the policy's own, so the user's random stream (dropout,
+        data order) is the same as without frzcompile."""
+        key = str(torch.device(device))
+        if key not in self._token_generators:
+            self._token_generators[key] = torch.Generator(device=key).manual_seed(self.seed + 1)
+        return self._token_generators[key]
+
     def _draw(self, excluded) -> tuple:
         """The layers that get weight gradients next step: k drawn without replacement in proportion to budgets
         (all of them when k covers every layer left)."""
@@ -460,8 +480,10 @@ class ALaST(Policy):
     def report(self) -> list:
         if not self.layers:
             return []
+        chosen = ("the top-ranked tokens kept" if self.temperature is None else
+                  f"kept tokens drawn in proportion to attention^(1/{self.temperature:g})")
         lines = [f"ALaST-style budgets (mean target {self.budget:g}, {self.layers_per_step} of {len(self.layers)} "
-                 f"layers trained per step; the first layer runs on every token):"]
+                 f"layers trained per step; {chosen}; the first layer runs on every token):"]
         recent = self.log[-50:]
         # budgets over time: at five evenly spaced logged steps
         marks = [self.log[round(j * (len(self.log) - 1) / 4)] for j in range(5)] if len(self.log) >= 5 else []
@@ -480,7 +502,8 @@ class ALaST(Policy):
     def state_dict(self):
         return {"budgets": list(self.budgets), "trained": list(self.trained),
                 "next": None if self.next is None else list(self.next), "log": list(self.log),
-                "generator": self._generator.get_state()}
+                "generator": self._generator.get_state(),
+                "token_generators": {d: g.get_state() for d, g in self._token_generators.items()}}
 
     def load_state_dict(self, state):
         self.budgets = list(state["budgets"])
@@ -488,6 +511,9 @@ class ALaST(Policy):
         self.next = None if state.get("next") is None else tuple(state["next"])
         self.log = list(state["log"])
         self._generator.set_state(state["generator"])
+        self._token_generators = {}
+        for device, generator_state in state.get("token_generators", {}).items():
+            self.token_generator(device).set_state(generator_state)
 
 
 POLICIES = {p.name: p for p in (Manual, Linear, AutoFreeze, SmartFRZ, ALaST)}

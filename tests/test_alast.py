@@ -10,7 +10,7 @@ import frzcompile
 from frzcompile import zoo
 from frzcompile.errors import ConfigError, PolicyError
 from frzcompile.passes.select_tokens import kept_token_index
-from frzcompile.tokens import gather_mask, gather_tokens, keep_count, scatter_tokens, top_tokens
+from frzcompile.tokens import gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens, top_tokens
 
 pytest.importorskip("transformers")
 
@@ -63,6 +63,26 @@ def test_select_keeps_class_token_and_count():
     idx = top_tokens(scores, 4, valid)
     assert idx[1].tolist()[:3] == [0, 1, 2] and idx[1, 3] >= 3   # padding only once every real token is in
     assert top_tokens(scores, 3, valid)[1].tolist() == [0, 1, 2]
+
+
+def test_sampled_selection_keeps_class_token_count_and_padding_last_and_favours_attention():
+    scores = torch.tensor([[0.0, 0.05, 0.5, 0.05, 0.3, 0.1]]).expand(2000, 6)
+    g = torch.Generator().manual_seed(0)
+    rng = torch.get_rng_state()
+    idx = sampled_tokens(scores, 3, generator=g, temperature=1.0)
+    assert torch.equal(torch.get_rng_state(), rng)  # its own generator: the user's stream is untouched
+    assert (idx[:, 0] == 0).all() and (idx[:, 1:] > 0).all() and (idx.diff(dim=1) > 0).all()  # ascending, unique
+    counts = torch.bincount(idx[:, 1:].flatten(), minlength=6)
+    assert counts[2] > counts[4] > counts[5] > counts[1] > 0 and counts[3] > 0  # every token gets drawn sometimes
+    # a higher temperature draws closer to uniform; the same generator state gives the same draw
+    hot = torch.bincount(sampled_tokens(scores, 3, generator=g, temperature=4.0)[:, 1:].flatten(), minlength=6)
+    assert hot[1] > counts[1] and hot[2] < counts[2]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(sampled_tokens(scores, 3, generator=g1), sampled_tokens(scores, 3, generator=g2))
+    valid = torch.tensor([[True, True, True, False, False, False]]).expand(2000, 6)
+    padded = sampled_tokens(scores, 4, valid, generator=g)
+    assert (padded[:, :3] == torch.tensor([0, 1, 2])).all() and (padded[:, 3] >= 3).all()
+    assert (sampled_tokens(scores, 3, valid, generator=g) == torch.tensor([0, 1, 2])).all()
 
 
 def test_scatter_back_is_exact_and_differentiable():
@@ -147,11 +167,12 @@ def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
     assert torch.equal(out_nograd, plain)
 
 
-def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens():
+@pytest.mark.parametrize("temperature", [None, 2.0])  # the paper's top tokens (default) and drawn tokens
+def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens(temperature):
     model = _bert(dropout=0.0, layers=2)
     ids, mask, y = _batch(pad=False)
     fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
-                             policy=frzcompile.ALaST(budget=0.4, rate=1.0, k=2))
+                             policy=frzcompile.ALaST(budget=0.4, rate=1.0, k=2, temperature=temperature))
     fm.policy.budgets = [1.0, 0.4]
     layer = model.bert.encoder.layer[1]
     inputs, outputs = {}, {}
@@ -212,13 +233,13 @@ def test_k_layers_trained_per_step_others_keep_weights_and_optimizer_state():
     assert sum(counts) == 8 * 2 and all(c > 1 for c in counts)
 
 
-def test_draws_use_their_own_generator_and_resume():
+def test_draws_use_their_own_generator_and_resume():  # layer draws and token draws
     def make():
         model = _bert()
         opt = torch.optim.AdamW(model.parameters(), 1e-3)
         ids, mask, _ = _batch()
         fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                                 policy=frzcompile.ALaST(budget=0.4, k=2, seed=3))
+                                 policy=frzcompile.ALaST(budget=0.4, k=2, seed=3, temperature=2.0))
         fm.freeze("bert.embeddings")
         return model, fm, opt
 
@@ -277,6 +298,7 @@ def test_vit_budgets_move_and_class_token_is_kept():
     assert fm.policy.budgets != [1.0, 0.3, 0.3, 0.3] and len(set(lengths)) > 1
     text = str(frzcompile.explain(fm))
     assert "ALaST-style budgets" in text and "vit.layers.3: budget" in text
+    assert "the top-ranked tokens kept" in text
     assert "select_tokens: layers=3, gathers=3" in text
     assert "loss signal: not read (the alast policy does not use it)" in text
 
@@ -317,6 +339,8 @@ def test_refusals():
         frzcompile.ALaST(budget=1.5)
     with pytest.raises(PolicyError, match="k must"):
         frzcompile.ALaST(k=0)
+    with pytest.raises(PolicyError, match="temperature must be a positive number, or None"):
+        frzcompile.ALaST(temperature=0)
     model = _bert()
     ids, mask, _ = _batch()
     kw = {"input_ids": ids, "attention_mask": mask}

@@ -24,10 +24,19 @@ def top_tokens(scores: torch.Tensor, keep: int, valid: torch.Tensor | None = Non
     the others, padding (valid False) only once every real token is in."""
     s = scores.detach().float().clone()
     if valid is not None:
-        s = s.masked_fill(~valid, -1.0)  # scores are attention weights in [0, 1]: padding ranks below any token
+        s = s.masked_fill(~valid, float("-inf"))  # padding ranks below any token
     s[:, 0] = float("inf")
     idx = s.topk(keep, dim=1, sorted=False).indices
     return idx.sort(dim=1).values
+
+
+def sampled_tokens(scores: torch.Tensor, keep: int, valid: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """As `top_tokens`, but the `keep - 1` others are drawn without replacement with probability proportional to
+    scores ** (1 / temperature) (Gumbel-top-k), from `generator` (the user's random stream is untouched)."""
+    logits = scores.detach().float().clamp_min(1e-30).log() / temperature
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0 - 1e-7)
+    return top_tokens(logits - uniform.log().neg().log(), keep, valid)
 
 
 def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

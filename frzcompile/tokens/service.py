@@ -33,7 +33,8 @@ from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import weak_method
 from ..runtime.services import FORWARD_MARK, Service
-from .select import cls_attention, gather_mask, gather_tokens, keep_count, scatter_tokens, top_tokens, valid_tokens
+from .select import (cls_attention, gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens,
+                     top_tokens, valid_tokens)
 
 QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "wq")
 KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
@@ -251,7 +252,7 @@ class LayerBudgets(Service):
                 if isinstance(t, torch.Tensor) and t is not hidden]
         unsafe = any(n in t.shape[1:] for t in flat if all(t is not m for _, m in masks))
         scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
-        idx = top_tokens(c.scores, keep, c.valid) if keep < n and scores_ok and not unsafe else None
+        idx = self._select(c, keep) if keep < n and scores_ok and not unsafe else None
         c.running = (i, hidden, idx, hidden[:, 0].detach())
         self._kept[i] += (keep if idx is not None else n) / max(n, 1)
         self._calls[i] += 1
@@ -268,6 +269,12 @@ class LayerBudgets(Service):
             else:
                 kwargs[pos] = gather_mask(mask, idx, n)
         return tuple(args), kwargs
+
+    def _select(self, c, keep):
+        if self.policy.temperature is None:
+            return top_tokens(c.scores, keep, c.valid)
+        return sampled_tokens(c.scores, keep, c.valid, self.policy.token_generator(c.scores.device),
+                              self.policy.temperature)
 
     def _after_layer(self, i, out):
         attention = self.attention[i]
