@@ -16,7 +16,8 @@ LAYERS = [
     ["runtime"],
     ["cache", "sparsity.training", "tokens.service"],
     ["explain", "api"],
-    ["", "predictor.collect", "predictor.train", "integrations"],  # the package, offline scripts, integrations
+    # the package, the predictor's offline scripts, integrations
+    ["", "predictor.collect", "predictor.train", "predictor.outcome", "integrations"],
 ]
 
 

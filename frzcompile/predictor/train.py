@@ -99,7 +99,8 @@ def _card(path: Path, meta: dict, held_out: dict, train_all: dict, runs) -> None
     path.write_text(f"""# SmartFRZ predictor: model card
 
 Version {VERSION}, trained {meta['date']} by `python -m frzcompile.predictor.train` on windows recorded by
-`python -m frzcompile.predictor.collect {meta['command']}` (both in this folder; rerun them to reproduce).
+`python -m frzcompile.predictor.collect {meta['command']}` (both in this folder; rerun them to reproduce, with the
+same thread count: see below).
 File: `smartfrz.pt`
 ({meta['bytes']} bytes, {meta['params']} parameters), loaded by `frzcompile.predictor.load_default()`.
 
