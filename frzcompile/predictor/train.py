@@ -157,6 +157,13 @@ rises after a freeze).
 """)
 
 
+def _decisions(events) -> str:
+    """A run's freezes as unit@step, and the units thawed again."""
+    frozen = ", ".join(f"{u}@{step}" for step, new, _ in events for u in new) or "nothing"
+    thawed = [u for _, _, gone in events for u in gone]
+    return frozen + (f" (thawed: {', '.join(thawed)})" if thawed else "")
+
+
 def _outcome_section(paths) -> str:
     """The card's whole-run table from frzcompile.predictor.outcome's JSON files (comma-separated; none: empty)."""
     if not paths:
@@ -166,9 +173,7 @@ def _outcome_section(paths) -> str:
     rows = "\n".join(
         f"| {r['family']} | {r['seed']} | {100 * r['full']['accuracy']:.2f}% | {100 * r['smartfrz']['accuracy']:.2f}% | "
         f"{r['accuracy_points']:+.2f} | {r['flops_reduction']:.2f}x | {r['time_ratio']:.2f}x | "
-        f"{', '.join(f'{u}@{e[0]}' for e in r['smartfrz']['events'] for u in e[1]) or 'nothing'}"
-        f"{' (thawed: ' + ', '.join(u for e in r['smartfrz']['events'] for u in e[2]) + ')' if any(e[2] for e in r['smartfrz']['events']) else ''} |"
-        for r in results)
+        f"{_decisions(r['smartfrz']['events'])} |" for r in results)
     return f"""
 ## Validation by outcome (whole runs, leave one family out)
 Each row: the family's recipe trained twice from the same weights and data order, with nothing frozen and under
