@@ -229,7 +229,8 @@ DESCRIPTIONS = {
     "plaincnn-digits-plateau": "six-convolution CNN without normalization, from scratch, SGD at a small rate (a "
                                "long plateau before learning), on scikit-learn's digits",
     "mlp-digits-adamw-cosine": "MLP 64-256x4-10, from scratch, on scikit-learn's digits",
-    "cnn-fashion-adamw-warmup": "small CNN with BatchNorm, from scratch, on 10,000 other Fashion-MNIST images",
+    "cnn-fashion-adamw-warmup": "small CNN with BatchNorm and dropout, from scratch, on 10,000 other Fashion-MNIST "
+                                "images",
     "resnet-fashion-sgd-cosine": "ResNet (width 16), from scratch, on 10,000 other Fashion-MNIST images",
     "vit-fashion-adamw": "Hugging Face ViT (4 layers, width 64, patch 4) from a config, from scratch, on 10,000 "
                          "Fashion-MNIST images",
