@@ -525,14 +525,18 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
     assert seen[:3] == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] and seen[3] == n
 
 
-def test_user_habits_autocast_eval_on_own_variable_and_a_hook():
+@pytest.mark.parametrize("temperature", [None, 2.0])
+def test_user_habits_autocast_eval_on_own_variable_and_a_hook(temperature):
     """bf16 autocast training drops tokens and trains; model.eval() on the user's own variable runs every token
-    and gives the model's own outputs; a user's hook on a layer sees the kept tokens."""
+    and gives the model's own outputs; a user's hook on a layer sees the kept tokens; drawing tokens leaves the
+    user's random stream alone."""
     ids, mask, y = _batch()
-    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.3, min_budget=0.1, k=4), layers=4, dropout=0.0)
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.3, min_budget=0.1, k=4, temperature=temperature),
+                                layers=4, dropout=0.0)
     seen = []
     model.bert.encoder.layer[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
     before = [p.detach().clone() for p in model.bert.encoder.layer[2].parameters()]
+    rng = torch.get_rng_state()
     for step in range(3):
         i_, m_, y_ = _batch(step, n=12 - step)   # another batch shape each step
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -542,6 +546,7 @@ def test_user_habits_autocast_eval_on_own_variable_and_a_hook():
         opt.zero_grad()
     assert seen[0] == keep_count(0.3, 12) and all(n < 12 - s for s, n in enumerate(seen))
     assert any(not torch.equal(p, b) for p, b in zip(model.bert.encoder.layer[2].parameters(), before))
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout here: only frzcompile could have drawn
     model.eval()   # on the user's own variable, not fm
     seen.clear()
     with torch.no_grad():
