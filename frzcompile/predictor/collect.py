@@ -260,16 +260,22 @@ def train_step(fm, opt, lr, batch) -> torch.Tensor:
     return loss.detach()
 
 
+def start_run(recipe, seed: int, policy, steps: int):
+    """A source run of `recipe` ready to train under `policy`: (fm, optimizer, schedule, batch stream)."""
+    *inputs, _ = recipe.tensors
+    opt = recipe.make_opt(recipe.model.parameters())
+    fm = optimize(recipe.model, tuple(t[:recipe.batch] for t in inputs), policy=policy, optimizer=opt,
+                  total_steps=steps)
+    return fm, opt, schedule(opt, recipe.schedule, steps), _batches(recipe.tensors, recipe.batch, seed)
+
+
 def record(family: str, seed: int, make, progress=True, steps=None) -> dict:
     """One source run of `family` (its Recipe from `make(seed)`; `steps` overrides the recipe's, for a quick
     check), recorded and labelled."""
     recipe = make(seed)
-    model, probe, batch = recipe.model, recipe.probe, recipe.batch
+    model, probe = recipe.model, recipe.probe
     steps = recipe.steps if steps is None else steps
-    *inputs, labels = recipe.tensors
-    fm = optimize(model, tuple(t[:batch] for t in inputs), policy="manual")
-    opt = recipe.make_opt(model.parameters())
-    lr = schedule(opt, recipe.schedule, steps)
+    fm, opt, lr, stream = start_run(recipe, seed, "manual", steps)
     units = [u for u in fm.units[:-1] if "+" not in u]  # the last unit never freezes
     view = TrainingView(fm)
     indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in units}
@@ -293,7 +299,6 @@ def record(family: str, seed: int, make, progress=True, steps=None) -> dict:
             x = outputs[u].reshape(PROBE, -1).double()
             grams[u].append(x @ x.T)
 
-    stream = _batches(tuple(inputs) + (labels,), batch, seed)
     start = time.perf_counter()
     for step in tqdm(range(steps), desc=f"{family} seed {seed}", disable=not progress, leave=False):
         if step % INTERVAL == 0:

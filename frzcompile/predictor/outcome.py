@@ -21,10 +21,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .. import optimize
 from ..policies import SmartFRZ
 from . import load_default
-from .collect import _batches, _first_tensor, families, schedule, train_step
+from .collect import _first_tensor, families, start_run, train_step
 from .train import _stack, fit
 
 SAMPLE = 10  # every SAMPLE-th step (offset 5, away from the policy's decision steps) counts FLOPs, untimed
@@ -46,13 +45,8 @@ def accuracy(fm, test, batch: int = 256) -> float:
 
 def whole_run(recipe, seed: int, policy, progress: bool = True, steps: int | None = None) -> dict:
     """Train `recipe` (fresh from its factory) under `policy` ("manual" freezes nothing); its end result."""
-    model, batch = recipe.model, recipe.batch
     steps = recipe.steps if steps is None else steps
-    *inputs, _ = recipe.tensors
-    opt = recipe.make_opt(model.parameters())
-    fm = optimize(model, tuple(t[:batch] for t in inputs), policy=policy, optimizer=opt, total_steps=steps)
-    lr = schedule(opt, recipe.schedule, steps)
-    stream = _batches(recipe.tensors, batch, seed)
+    fm, opt, lr, stream = start_run(recipe, seed, policy, steps)
     seconds, timed, flops, events = 0.0, 0, 0.0, []
     frozen = frozenset()
     for step in tqdm(range(steps), disable=not progress, leave=False):
@@ -113,11 +107,7 @@ def main():
             raise SystemExit(f"unknown family {family!r}; choose from {', '.join(makers)}")
         predictors = {}
         if "held-out" in kinds:
-            others = [r for r in runs if r["family"] != family]
-            with_threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # the predictor's tiny batches (as train does)
-            predictors["held-out"] = fit(*_stack(others), epochs=args.epochs)
-            torch.set_num_threads(with_threads)
+            predictors["held-out"] = fit(*_stack([r for r in runs if r["family"] != family]), epochs=args.epochs)
         if "shipped" in kinds:
             predictors["shipped"] = load_default()
         for seed in (int(s) for s in args.seeds.split(",")):

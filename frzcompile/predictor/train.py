@@ -37,6 +37,15 @@ def _stack(runs):
 
 
 def fit(z, s, y, epochs: int = 40, seed: int = 0) -> FreezePredictor:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: more threads only add synchronization
+    try:
+        return _fit(z, s, y, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(z, s, y, epochs, seed) -> FreezePredictor:
     torch.manual_seed(seed)
     model = FreezePredictor(**CONFIG)
     model.token_mean.copy_(z.mean((0, 1)))
@@ -196,7 +205,6 @@ def main():
                         help="JSON file(s) from frzcompile.predictor.outcome, comma-separated, for the card's "
                              "whole-run table")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # tiny batches: more threads only add synchronization
     recorded = torch.load(args.runs, weights_only=False)
     runs = recorded["runs"]
     families = sorted({r["family"] for r in runs})
