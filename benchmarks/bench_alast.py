@@ -25,6 +25,7 @@ import os
 import sys
 import textwrap
 import time
+from statistics import mean
 
 import torch
 from torch import nn
@@ -229,6 +230,7 @@ def main():
     seeds = list(range(args.seed, args.seed + args.seeds))
     repeat = {methods[0]} | set(args.repeat.split(","))  # the methods the seeds after the first run
     tag = "" if args.epochs is None else f"_epochs{args.epochs}"  # output names of a run of another length
+    length = {} if args.epochs is None else {"epochs": args.epochs}
     alast = {name: value for name, value in (("budget", args.budget), ("k", args.k), ("min_budget", args.min_budget))
              if value is not None}
     everything = {"machine": args.machine, "seeds": seeds, "workloads": []}
@@ -237,7 +239,6 @@ def main():
             continue
         runs = {method: [] for method in methods}  # per method, one result per seed
         for seed in seeds:
-            length = {} if args.epochs is None else {"epochs": args.epochs}
             if key == "vit-mnist":
                 label, base, train, test, epochs, batch, lr = vit(args.data, args.work, seed, **length)
             else:
@@ -269,9 +270,6 @@ def main():
 def summary_rows(runs, methods):
     """One row per method: accuracy and its difference to full fine-tuning averaged over the seeds the method
     ran (each seed's difference against full fine-tuning on the same seed), cost figures averaged likewise."""
-    def mean(values):
-        return sum(values) / len(values)
-
     full = {r["seed"]: r for r in runs[methods[0]]}
     cost_keys = ("train_seconds", "train_flops", "saved_mb", "saved_mb_max")
     rows = []
