@@ -220,8 +220,8 @@ class SmartFRZ(Policy):
     the activation cache needs. Units with fewer than `min_weights` weights (too few to judge; the predictor was
     trained on units of at least 256) are not judged: they freeze together with the next unit that settles.
     The last unit always trains. A decision freezes at most one judged unit, and every decision passes the
-    safety rules of `safeguard` (frzcompile.safety.Safeguard: learning has started, a gap between freezes, a
-    rollback when the loss rises after a freeze); `safeguard=None` turns them off.
+    safety rules of `safeguard` (frzcompile.safety.Safeguard: learning has started and slowed, a gap between
+    freezes, a rollback when the loss rises after a freeze); `safeguard=None` turns them off.
     """
 
     name = "smartfrz"

@@ -5,10 +5,12 @@ like weights that stopped moving. These rules read the training loss instead (`T
 the model returns, one given to `fm.observe_loss`, or else a proxy measured from the gradient reaching the
 model's output, see frzcompile.runtime.loss), averaged over `window` steps:
 
-  1. Learning has started and is not in a steep descent: no freeze until the recent loss is at least `min_drop`
-     (relative) below the loss of the first `window` steps, nor while it fell by more than `max_fall`
-     (relative) from the window before, beyond the noise of the per-step losses (a network still learning
-     fast would lose what its frozen units had not learned yet).
+  1. Learning has started and has slowed: no freeze until the recent loss is at least `min_drop` (relative)
+     below the loss of the first `window` steps, nor while it fell by more than `max_fall` (relative) from the
+     window before, nor while, over the last `span` steps, it fell by more than `settled` of its whole drop
+     since the start (both beyond the noise of the per-step losses). A network still learning would lose what
+     its frozen units had not learned yet; the last test is scale-free, so a loss falling steadily on a log
+     scale (a from-scratch run in its first epochs) still counts as learning.
   2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
      steps pass between two freezes.
   3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and
@@ -57,9 +59,11 @@ def _beyond_noise(a, b) -> bool:
 
 class Safeguard:
     def __init__(self, min_gap: int = 30, min_drop: float = 0.1, max_fall: float = 0.03, window: int = 20,
-                 watch: int = 40, tolerance: float = 0.05, backoff: int = 200):
+                 settled: float = 0.05, span: int = 100, watch: int = 40, tolerance: float = 0.05,
+                 backoff: int = 200):
         self.min_gap, self.min_drop, self.max_fall, self.window = int(min_gap), float(min_drop), float(max_fall), \
             int(window)
+        self.settled, self.span = float(settled), int(span)
         self.watch, self.tolerance, self.backoff = int(watch), float(tolerance), int(backoff)
         self.reset()
 
@@ -73,7 +77,7 @@ class Safeguard:
 
     def __repr__(self):
         return (f"Safeguard(min_gap={self.min_gap}, min_drop={self.min_drop}, max_fall={self.max_fall}, "
-                f"window={self.window}, "
+                f"window={self.window}, settled={self.settled}, span={self.span}, "
                 f"watch={self.watch}, tolerance={self.tolerance}, backoff={self.backoff})")
 
     # -- the loss, from the view -------------------------------------------------------------------------
@@ -97,6 +101,16 @@ class Safeguard:
         if now < before - abs(before) * self.max_fall and _beyond_noise(previous, recent):
             return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
                            f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
+        longer = _known(losses, 2 * self.span, from_end=True)
+        if len(longer) < 2 * self.span:
+            return False, (f"not enough loss readings to tell whether learning has slowed ({len(longer)} of "
+                           f"{2 * self.span})")
+        earlier, later = longer[:self.span], longer[self.span:]
+        fall, whole = _mean(earlier) - _mean(later), start - _mean(later)
+        if fall > self.settled * whole and _beyond_noise(earlier, later):
+            return False, (f"the loss is still improving: it fell {fall:.4g} over the last {self.span} steps, "
+                           f"{100 * fall / whole:.0f}% of its whole drop since the start (more than "
+                           f"{100 * self.settled:.0f}%)")
         return True, ""
 
     # -- the rules -----------------------------------------------------------------------------------------

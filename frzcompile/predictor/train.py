@@ -161,7 +161,7 @@ votes) and freezes only the network's front by default. Retrain with more runs w
 It sees weight snapshots only, so it cannot tell a plateau before learning from convergence: on a CNN without
 normalization trained from scratch it judged every convolution converged during such a plateau. Every decision
 of the SmartFRZ policy also passes the safety rules of `frzcompile/safety.py`, which read the training loss (no
-freeze before learning has started or while the loss falls fast, one unit at a time, a rollback when the loss
+freeze before learning has started or while the loss still falls, one unit at a time, a rollback when the loss
 rises after a freeze).
 """)
 
