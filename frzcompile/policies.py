@@ -289,9 +289,16 @@ class SmartFRZ(Policy):
         ready = [u for u in view.freezable if u not in frozen and len(self._snapshots.get(u, ())) == self._window]
         if not ready:
             return None
-        feats = [window_features(torch.stack(self._snapshots[u])) for u in ready]
+        by_size: dict = {}  # the windows of units with as many sampled weights are featurised as one batch
+        for u in ready:
+            by_size.setdefault(self._snapshots[u][0].numel(), []).append(u)
+        feats = {}
+        for group in by_size.values():
+            tokens, scalars = window_features(torch.stack([torch.stack(self._snapshots[u]) for u in group]))
+            feats.update(zip(group, zip(tokens, scalars)))
         with torch.no_grad():
-            logits = self._predictor(torch.stack([z for z, _ in feats]), torch.stack([s for _, s in feats]))
+            logits = self._predictor(torch.stack([feats[u][0] for u in ready]),
+                                     torch.stack([feats[u][1] for u in ready]))
         probs = torch.sigmoid(logits).tolist()
         self.last_probabilities = dict(zip(ready, probs))
         for u, p in zip(ready, probs):

@@ -7,10 +7,10 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
 
   1. Learning has started and has slowed: no freeze until the recent loss is at least `min_drop` (relative)
      below the loss of the first `window` steps, nor while it fell by more than `max_fall` (relative) from the
-     window before, nor while, over the last `span` steps, it fell by more than `settled` of its whole drop
-     since the start (both beyond the noise of the per-step losses). A network still learning would lose what
-     its frozen units had not learned yet; the last test is scale-free, so a loss falling steadily on a log
-     scale (a from-scratch run in its first epochs) still counts as learning.
+     window before, nor while its mean over the last `span` steps is lower than over the `span` before by more
+     than `settled` of its whole drop since the start (both beyond the noise of the per-step losses). A network
+     still learning would lose what its frozen units had not learned yet; measured against the whole drop, the
+     last test does not depend on the loss's scale or offset.
   2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
      steps pass between two freezes.
   3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and
@@ -59,8 +59,8 @@ def _beyond_noise(a, b) -> bool:
 
 class Safeguard:
     def __init__(self, min_gap: int = 30, min_drop: float = 0.1, max_fall: float = 0.03, window: int = 20,
-                 settled: float = 0.05, span: int = 100, watch: int = 40, tolerance: float = 0.05,
-                 backoff: int = 200):
+                 watch: int = 40, tolerance: float = 0.05, backoff: int = 200, settled: float = 0.05,
+                 span: int = 100):
         self.min_gap, self.min_drop, self.max_fall, self.window = int(min_gap), float(min_drop), float(max_fall), \
             int(window)
         self.settled, self.span = float(settled), int(span)
@@ -77,8 +77,8 @@ class Safeguard:
 
     def __repr__(self):
         return (f"Safeguard(min_gap={self.min_gap}, min_drop={self.min_drop}, max_fall={self.max_fall}, "
-                f"window={self.window}, settled={self.settled}, span={self.span}, "
-                f"watch={self.watch}, tolerance={self.tolerance}, backoff={self.backoff})")
+                f"window={self.window}, watch={self.watch}, tolerance={self.tolerance}, backoff={self.backoff}, "
+                f"settled={self.settled}, span={self.span})")
 
     # -- the loss, from the view -------------------------------------------------------------------------
     def _level(self, losses, end=None) -> float:
@@ -108,9 +108,9 @@ class Safeguard:
         earlier, later = longer[:self.span], longer[self.span:]
         fall, whole = _mean(earlier) - _mean(later), start - _mean(later)
         if fall > self.settled * whole and _beyond_noise(earlier, later):
-            return False, (f"the loss is still improving: it fell {fall:.4g} over the last {self.span} steps, "
-                           f"{100 * fall / whole:.0f}% of its whole drop since the start (more than "
-                           f"{100 * self.settled:.0f}%)")
+            return False, (f"the loss is still improving: its mean over the last {self.span} steps is {fall:.4g} "
+                           f"below the {self.span} before, {100 * fall / whole:.0f}% of its whole drop since the "
+                           f"start (more than {100 * self.settled:.0f}%)")
         return True, ""
 
     # -- the rules -----------------------------------------------------------------------------------------

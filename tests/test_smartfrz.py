@@ -78,6 +78,13 @@ def test_features_and_predictor_shapes():
     batch_tokens, batch_scalars = features(z.unsqueeze(0).repeat(2, 1, 1), base.unsqueeze(0).repeat(2, 1))
     torch.testing.assert_close(batch_tokens[1], tokens)
     torch.testing.assert_close(batch_scalars[1], scalars)
+    # windows featurised as one batch (as the policy does per decision) equal one at a time (to float rounding)
+    many = torch.randn(3, WINDOW, SAMPLE_SIZE).cumsum(1) * torch.tensor([1e-3, 1.0, 50.0]).view(3, 1, 1)
+    many_tokens, many_scalars = window_features(many)
+    for i in range(3):
+        one_tokens, one_scalars = window_features(many[i])
+        torch.testing.assert_close(many_tokens[i], one_tokens)
+        torch.testing.assert_close(many_scalars[i], one_scalars)
     model = FreezePredictor()
     assert model(batch_tokens, batch_scalars).shape == (2,)
     assert len(sample_indices(10_000)) == SAMPLE_SIZE and torch.equal(sample_indices(10), torch.arange(10))

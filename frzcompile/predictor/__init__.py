@@ -35,28 +35,30 @@ def sample_indices(numel: int, k: int = SAMPLE_SIZE, seed: int = 0) -> torch.Ten
 
 
 def normalize_window(snapshots: torch.Tensor):
-    """(T, k) snapshots, oldest first -> (T, k) trajectory shape and (4,) scale-free statistics.
+    """(T, k) snapshots, oldest first -> (T, k) trajectory shape and (4,) scale-free statistics; batched, (N, T, k)
+    -> (N, T, k) and (N, 4).
 
     The shape is each snapshot's displacement from the newest one, relative to the weights' RMS, divided by its
     own RMS; the statistics keep the scale: log10 of that RMS, log10 of the net movement over the window,
     straightness (net movement / path length: 1 for a steady drift, near 0 for noise around a point) and log10
     of the last interval's movement."""
     w = snapshots.float()
-    k = w.shape[1]
-    newest = w[-1]
-    scale = newest.pow(2).mean().sqrt() + 1e-8
+    k = w.shape[-1]
+    newest = w[..., -1:, :]
+    scale = newest.pow(2).mean((-2, -1), keepdim=True).sqrt() + 1e-8
     d = (w - newest) / scale
-    rms = d.pow(2).mean().sqrt()
+    rms = d.pow(2).mean((-2, -1), keepdim=True).sqrt()
     z = d / (rms + 1e-12)
-    path = (w[1:] - w[:-1]).norm(dim=1).sum() / scale
-    net = (w[-1] - w[0]).norm() / scale
-    last = (w[-1] - w[-2]).norm() / scale
+    scale, rms = scale[..., 0, 0], rms[..., 0, 0]
+    path = (w[..., 1:, :] - w[..., :-1, :]).norm(dim=-1).sum(-1) / scale
+    net = (w[..., -1, :] - w[..., 0, :]).norm(dim=-1) / scale
+    last = (w[..., -1, :] - w[..., -2, :]).norm(dim=-1) / scale
     base = torch.stack([
         torch.log10(rms + 1e-12),
         torch.log10(net / math.sqrt(k) + 1e-12),
         net / (path + 1e-12),
         torch.log10(last / math.sqrt(k) + 1e-12),
-    ])
+    ], dim=-1)
     return z, base
 
 
@@ -85,7 +87,8 @@ def features(z: torch.Tensor, base: torch.Tensor):
 
 
 def window_features(snapshots: torch.Tensor):
-    """(T, k) snapshots -> (T, 3) tokens and (6,) statistics, the predictor's inputs."""
+    """(T, k) snapshots -> (T, 3) tokens and (6,) statistics, the predictor's inputs; batched, (N, T, k) ->
+    (N, T, 3) and (N, 6)."""
     return features(*normalize_window(snapshots))
 
 
