@@ -53,7 +53,7 @@ def test_no_freeze_while_the_loss_falls_fast():
 
 
 def test_no_freeze_while_the_loss_still_improves_slowly():
-    # -2% every 20 steps (under max_fall), but over 100 steps a quarter of its whole drop so far: still learning
+    # -2% every 20 steps (under max_fall), but over 100 steps about a third of its whole drop so far: still learning
     history, policy = run(LossView(lambda i: 2.0 * 0.999 ** i), 600)
     assert history == [] and "still improving" in policy.safeguard.blocked
     # a loss that flattened, with per-step noise: the 100-step means differ by noise only, so it freezes
