@@ -279,27 +279,28 @@ class SmartFRZ(Policy):
                     self._votes[u] = 0
                 first = min(view.units.index(u) for u in thaw)  # a prefix stays a prefix
                 return {u for u in frozen - thaw if not self.prefix_only or view.units.index(u) < first}
+        # only units that may freeze and are large enough to judge are recorded; the rest never get a probability
+        candidates = {u for u in view.freezable if u not in frozen and self._numel[u] >= self.min_weights}
         for u in view.units:
-            if u in frozen:
+            if u not in candidates:
                 self._snapshots.pop(u, None)
                 continue
             history = self._snapshots.setdefault(u, [])
             history.append(view.weight_sample(u, self._indices[u]))
             del history[: -self._window]
-        ready = [u for u in view.freezable if u not in frozen and len(self._snapshots.get(u, ())) == self._window]
+        ready = [u for u in view.freezable if len(self._snapshots.get(u, ())) == self._window]
         if not ready:
             return None
-        by_size: dict = {}  # the windows of units with as many sampled weights are featurised as one batch
+        by_size: dict = {}  # windows of as many sampled weights are featurised as one batch
         for u in ready:
-            by_size.setdefault(self._snapshots[u][0].numel(), []).append(u)
-        feats = {}
-        for group in by_size.values():
-            tokens, scalars = window_features(torch.stack([torch.stack(self._snapshots[u]) for u in group]))
-            feats.update(zip(group, zip(tokens, scalars)))
+            by_size.setdefault(len(self._indices[u]), []).append(u)
+        order = [u for group in by_size.values() for u in group]
+        feats = [window_features(torch.stack([torch.stack(self._snapshots[u]) for u in group]))
+                 for group in by_size.values()]
         with torch.no_grad():
-            logits = self._predictor(torch.stack([feats[u][0] for u in ready]),
-                                     torch.stack([feats[u][1] for u in ready]))
-        probs = torch.sigmoid(logits).tolist()
+            logits = self._predictor(torch.cat([t for t, _ in feats]), torch.cat([s for _, s in feats]))
+        by_unit = dict(zip(order, torch.sigmoid(logits).tolist()))
+        probs = [by_unit[u] for u in ready]
         self.last_probabilities = dict(zip(ready, probs))
         for u, p in zip(ready, probs):
             self._votes[u] = self._votes.get(u, 0) + 1 if p > self.threshold else 0
@@ -310,7 +311,7 @@ class SmartFRZ(Policy):
             for u in view.freezable:
                 if u in frozen:
                     continue
-                if view.numel(u) < self.min_weights:
+                if self._numel[u] < self.min_weights:
                     pending.append(u)
                     continue
                 if u not in settled:
@@ -318,7 +319,7 @@ class SmartFRZ(Policy):
                 new.update(pending + [u])
                 break  # one judged unit per decision
         else:
-            new |= set([u for u in view.freezable if u in settled and view.numel(u) >= self.min_weights][:1])
+            new |= set([u for u in view.freezable if u in settled][:1])
         if new != frozen and self.safeguard is not None:
             judged = [u for u in view.units if u in new - frozen and u in self.last_probabilities]
             why = ", ".join(f"{u} p={self.last_probabilities[u]:.2f} x{self._votes[u]}" for u in judged)
