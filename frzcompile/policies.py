@@ -67,18 +67,34 @@ class TrainingView:
     def numel(self, unit: str) -> int:
         return sum(p.numel() for p in self.parameters(unit))
 
-    def weight_sample(self, unit: str, indices: torch.Tensor) -> torch.Tensor:
-        """The unit's parameters, flattened and concatenated, at fixed sorted `indices` (for snapshot-based
-        policies such as SmartFRZ); gathers per parameter, without copying the weights."""
-        pieces, start = [], 0
+    def weight_samples(self, indices: dict) -> dict:
+        """unit -> its parameters, flattened and concatenated, at fixed sorted `indices[unit]` (for snapshot-based
+        policies such as SmartFRZ), as float32 CPU tensors. Gathers on the parameters' devices without copying the
+        weights, then copies to the host once per device for all units (on a GPU: one synchronisation a call)."""
+        gathered = []  # (unit, values on their parameter's device)
         with torch.no_grad():
-            for p in self.parameters(unit):
-                n = p.numel()
-                sel = indices[(indices >= start) & (indices < start + n)] - start
-                if len(sel):
-                    pieces.append(p.detach().reshape(-1).index_select(0, sel.to(p.device)))
-                start += n
-        return torch.cat(pieces).float().cpu() if pieces else torch.zeros(0)
+            for unit, idx in indices.items():
+                params = self.parameters(unit)
+                if not params:
+                    continue
+                cuts = torch.searchsorted(idx, torch.tensor([p.numel() for p in params]).cumsum(0)[:-1])
+                start = 0
+                for p, sel in zip(params, idx.tensor_split(cuts)):  # idx is sorted: one slice per parameter
+                    if len(sel):
+                        gathered.append((unit, p.detach().reshape(-1).index_select(0, (sel - start).to(p.device))))
+                    start += p.numel()
+        by_device: dict = {}
+        for i, (_, values) in enumerate(gathered):
+            by_device.setdefault(values.device, []).append(i)
+        on_host = [None] * len(gathered)
+        for positions in by_device.values():
+            flat = torch.cat([gathered[i][1].float() for i in positions]).cpu()
+            for i, part in zip(positions, flat.split([gathered[i][1].numel() for i in positions])):
+                on_host[i] = part
+        out: dict = {unit: [] for unit in indices}
+        for (unit, _), part in zip(gathered, on_host):
+            out[unit].append(part)
+        return {unit: torch.cat(parts) if parts else torch.zeros(0) for unit, parts in out.items()}
 
 
 class Policy:
@@ -219,8 +235,9 @@ class SmartFRZ(Policy):
     (hysteresis against noisy flips); with `prefix_only` (default) only the front of the network freezes, as
     the activation cache needs. Units with fewer than `min_weights` weights (too few to judge; the predictor was
     trained on units of at least 256) are not judged: they freeze together with the next unit that settles.
-    The last unit always trains. A decision freezes at most one judged unit, and every decision passes the
-    safety rules of `safeguard` (frzcompile.safety.Safeguard: learning has started and slowed, a gap between
+    The last unit always trains. With `prefix_only` and the safeguard's gap between freezes, only the front
+    unit is judged at each decision (the unit behind it gathers its votes during the gap: the same decisions).
+    A decision freezes at most one judged unit, and every decision passes the safety rules of `safeguard` (frzcompile.safety.Safeguard: learning has started and slowed, a gap between
     freezes, a rollback when the loss rises after a freeze); `safeguard=None` turns them off.
     """
 
@@ -280,15 +297,22 @@ class SmartFRZ(Policy):
                 first = min(view.units.index(u) for u in thaw)  # a prefix stays a prefix
                 return {u for u in frozen - thaw if not self.prefix_only or view.units.index(u) < first}
         # only units that may freeze and are large enough to judge are recorded; the rest never get a probability
-        candidates = {u for u in view.freezable if u not in frozen and self._numel[u] >= self.min_weights}
-        for u in view.units:
-            if u not in candidates:
-                self._snapshots.pop(u, None)
-                continue
+        candidates = [u for u in view.freezable if u not in frozen and self._numel[u] >= self.min_weights]
+        for u in set(self._snapshots) - set(candidates):
+            del self._snapshots[u]
+        for u, sample in view.weight_samples({u: self._indices[u] for u in candidates}).items():
             history = self._snapshots.setdefault(u, [])
-            history.append(view.weight_sample(u, self._indices[u]))
+            history.append(sample)
             del history[: -self._window]
-        ready = [u for u in view.freezable if len(self._snapshots.get(u, ())) == self._window]
+        ready = [u for u in candidates if len(self._snapshots[u]) == self._window]
+        if self.prefix_only and self.safeguard is not None and \
+                self.safeguard.min_gap >= self.interval * self.votes:
+            # Only the front unit can freeze next. The one behind it, judged from the decision after that freeze
+            # on, has its `votes` votes when the gap ends: the same decisions, for one predictor input, not all.
+            ready = [u for u in ready if u == candidates[0]]
+            for u in self._votes:
+                if u not in ready:
+                    self._votes[u] = 0  # a unit not judged at a decision starts its run of votes again
         if not ready:
             return None
         by_size: dict = {}  # windows of as many sampled weights are featurised as one batch

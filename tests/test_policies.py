@@ -101,6 +101,10 @@ def test_policy_reads_real_gradient_norms():
     fm(torch.randn(3, 4)).sum().backward()
     expected = torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm().item()
     assert fm._view.grad_norm("0") == pytest.approx(expected, rel=1e-6)
-    idx = torch.tensor([0, 5, 17])
-    flat = torch.cat([p.detach().flatten() for p in model[0].parameters()])
-    assert torch.equal(fm._view.weight_sample("0", idx), flat[idx])
+    # weight samples of several units in one call, indices across the weight/bias boundary (16 weights, 4 biases)
+    indices = {"0": torch.tensor([0, 5, 15, 16, 19]), "2": torch.tensor([3, 7, 8, 9])}
+    samples = fm._view.weight_samples(indices)
+    for unit, idx in indices.items():
+        flat = torch.cat([p.detach().flatten() for p in model.get_submodule(unit).parameters()])
+        assert torch.equal(samples[unit], flat[idx]) and samples[unit].device.type == "cpu"
+    assert fm._view.weight_samples({"0": torch.tensor([], dtype=torch.long)})["0"].numel() == 0

@@ -117,6 +117,8 @@ def test_loss_signal_from_the_output_gradient_falls_with_the_loss_and_observe_lo
     assert fm.losses()[-1] == pytest.approx(10 * loss, rel=0.05)  # what observe_loss gave
     _fit(fm, opt, x, y, 2)
     assert fm.losses()[-2:] == [None, None]  # once the loss was given, the proxy is not mixed into the series
+    fm(x).sum().backward()
+    assert not fm._loss._gradients  # nor measured: its output no longer gets a gradient hook
     # a policy without safety rules reads no loss: nothing is collected
     quiet = frzcompile.optimize(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), (x,), policy="linear", total_steps=10)
     nn.functional.cross_entropy(quiet(x), y).backward()

@@ -35,13 +35,16 @@ class SyntheticView:
     def numel(self, unit):
         return self.base[unit].numel()
 
-    def weight_sample(self, unit, indices):
-        self.samples += 1
-        w = self.base[unit]
-        jitter = torch.randn(w.shape, generator=self.noise[unit]) * 1e-3
-        if self.kinds[unit] == "moving":
-            w = w + 5e-4 * self.step * self.direction[unit]
-        return (w + jitter)[indices]
+    def weight_samples(self, indices):
+        out = {}
+        for unit, idx in indices.items():
+            self.samples += 1
+            w = self.base[unit]
+            jitter = torch.randn(w.shape, generator=self.noise[unit]) * 1e-3
+            if self.kinds[unit] == "moving":
+                w = w + 5e-4 * self.step * self.direction[unit]
+            out[unit] = (w + jitter)[idx]
+        return out
 
 
 def _run(policy, view, steps):
@@ -104,13 +107,38 @@ def test_policy_logic_prefix_votes_and_last_unit():
     kinds = {"a": "settled", "b": "settled", "c": "moving", "d": "settled", "head": "settled"}
     view = SyntheticView(kinds)
     policy = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
-    frozen = _run(policy, view, 10 * (WINDOW + 5))
+    frozen = _run(policy, view, 10 * (WINDOW + 8))
     assert frozen == ("a", "b")  # d settled too, but behind the moving c: prefix only
-    assert policy.last_probabilities["c"] < 0.5 and policy.last_probabilities["d"] > 0.5
+    # only the front unit is judged (the gap between freezes leaves the next unit time for its votes)
+    assert policy.last_probabilities["c"] < 0.5 and "d" not in policy.last_probabilities
 
     anywhere = SmartFRZ(interval=10, votes=3, prefix_only=False, predictor=ScaleRule())
     frozen = _run(anywhere, SyntheticView(kinds), 10 * (WINDOW + 10))  # one unit per decision, 30 steps apart
     assert frozen == ("a", "b", "d")  # never the last unit, even though it settled
+
+
+def test_only_the_front_unit_is_judged_and_freezes_keep_their_pace():
+    sizes = []
+
+    class Counting(ScaleRule):
+        def forward(self, tokens, scalars):
+            sizes.append(len(tokens))
+            return super().forward(tokens, scalars)
+
+    view = SyntheticView({"a": "settled", "b": "settled", "c": "settled", "head": "moving"})
+    policy = SmartFRZ(interval=10, votes=3, predictor=Counting())
+    policy.bind(view)
+    freezes = []
+    for _ in range(10 * (WINDOW + 12)):
+        view.step += 1
+        decision = policy.decide(view)
+        if decision is not None:
+            view.frozen = tuple(u for u in view.units if u in decision)
+            freezes.append((view.step, view.frozen[-1]))
+    # one predictor input per decision, and the freezes as far apart as the gap allows (30 steps), as when every
+    # unit was judged at every decision: b and c gather their votes while the gap runs
+    assert set(sizes) == {1} and len(sizes) == 9  # decisions at steps 300-380; after c nothing is left to judge
+    assert freezes == [(320, "a"), (350, "b"), (380, "c")]
 
 
 def test_policy_waits_for_a_full_window_and_enough_votes():

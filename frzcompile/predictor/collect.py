@@ -289,8 +289,8 @@ def record(family: str, seed: int, make, progress=True, steps=None) -> dict:
 
     def snapshot():
         rates.append(opt.param_groups[0]["lr"])
-        for u in units:
-            snaps[u].append(view.weight_sample(u, indices[u]))
+        for u, sample in view.weight_samples(indices).items():
+            snaps[u].append(sample)
         model.eval()
         with torch.no_grad():
             model(*probe)  # eager, so the unit modules' hooks see their outputs

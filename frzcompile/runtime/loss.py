@@ -63,11 +63,13 @@ class LossSignal:
 
     def observe_output(self, out) -> None:
         """A training call returned `out`: keep its loss, or hook its main output's gradient."""
-        if not self.enabled:
+        if not self.enabled or self.kind == "observed":  # only observe_loss's values are read from now on
             return
         loss = _returned_loss(out)
         if loss is not None:
-            self._step["returned"].append(loss.detach().float().reshape(()))
+            self._step["returned"].append(loss.detach().float().mean())  # a copy: the caller may change loss
+            return
+        if self.kind == "returned":  # the proxy is no longer read: no hooks
             return
         me = weakref.ref(self)
         for position, t in enumerate(_outputs(out)):  # the first of them that gets a gradient counts
@@ -97,7 +99,8 @@ class LossSignal:
         for kind in KINDS[:best + 1]:
             readings = self._step[kind]
             if readings:
-                self._values.append(torch.stack([r.to(readings[0].device) for r in readings]).mean())
+                self._values.append(readings[0] if len(readings) == 1 else
+                                    torch.stack([r.to(readings[0].device) for r in readings]).mean())
                 self.kind = kind
                 break
         else:
