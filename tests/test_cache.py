@@ -10,6 +10,7 @@ from torch import nn
 
 import frzcompile
 from frzcompile import CacheConfig, zoo
+from frzcompile.cache.store import ActivationStore
 from tests.conftest import train_losses
 
 
@@ -110,6 +111,42 @@ def test_memory_budget_holds():
     store = fm.cache.store
     assert store.memory_used <= budget
     assert store.entries() == 512 and list(store.levels.values())[0].full
+
+
+def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
+    """put() copies each run of new rows into a chunk at once: across chunk boundaries, around rows already
+    stored or repeated within the batch, and up to a full budget, every stored key gets exactly its own row."""
+    slots, width = 4, 3
+    per_chunk = slots * (width * 4 + 2 * 2)  # a float32 output of 3 values and a bfloat16 one of 2 per row
+    store = ActivationStore(CacheConfig(memory_bytes=3 * per_chunk), chunk_slots=slots)
+    level = store.level(("a",), 0)
+    rows = {}
+    copies = []
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **k: copies.append(1) or copy(t, *a, **k))
+
+    def put(keys, base):
+        outputs = [torch.arange(len(keys) * width, dtype=torch.float32).view(-1, width) + base,
+                   (torch.arange(len(keys) * 2, dtype=torch.float32).view(-1, 2) - base).bfloat16()]
+        for i, k in enumerate(keys):
+            rows.setdefault(k, (outputs[0][i].clone(), outputs[1][i].clone()))
+        return store.put(level, keys, outputs)
+
+    assert put([b"k0", b"k1", b"k2"], 0) == 3
+    # stored keys and a key repeated in the batch are skipped: rows 1, 3 and 4 are new (not contiguous)
+    copies.clear()
+    assert put([b"k1", b"k3", b"k0", b"k4", b"k5", b"k3"], 100) == 3
+    assert len(copies) == 2 * 2  # two runs (the end of chunk 0, the start of chunk 1) x two outputs
+    assert store.entries() == 6 and len(level.groups[next(iter(level.groups))].chunks) == 2
+    copies.clear()
+    assert put([b"k%d" % i for i in range(6, 20)], 1000) == 6  # room for 12 in three chunks: then full
+    assert len(copies) == 2 * 2  # two runs (the rest of chunk 1, all of chunk 2) x two outputs, not 6 x 2
+    assert level.full and store.entries() == 12 and store.memory_used == 3 * per_chunk
+    keys = [b"k%d" % i for i in (11, 0, 4, 7, 3)]
+    out = [torch.empty(len(keys), width), torch.empty(len(keys), 2, dtype=torch.bfloat16)]
+    store.get(level, keys, range(len(keys)), out)
+    for i, k in enumerate(keys):
+        assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1])
 
 
 def test_disk_spill_round_trip_and_cleanup(tmp_path):

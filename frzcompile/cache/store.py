@@ -286,19 +286,27 @@ class ActivationStore:
             group = lvl.groups[sig] = _Chunks(tuple(tuple(o.shape[1:]) for o in outputs), stored_dtypes,
                                               self.chunk_slots)
         evictable = list(evictable)
-        stored = 0
+        fresh, seen = [], set()  # rows to store: the first of each key not stored yet
         for row, key in enumerate(keys):
-            if key in lvl.index:
-                continue
+            if key not in lvl.index and key not in seen:
+                seen.add(key)
+                fresh.append(row)
+        stored = 0
+        while stored < len(fresh):  # one copy per output for each run of slots in one chunk, not one per row
             if group.used >= group.capacity() and not self._new_chunk(group, evictable):
                 lvl.full = True
                 break
             chunk, offset = divmod(group.used, group.slots)
+            rows = fresh[stored:stored + group.slots - offset]
+            n = len(rows)
+            index = None if rows[-1] - rows[0] == n - 1 else torch.tensor(rows)  # None: a contiguous block
             for dest, o in zip(group.chunks[chunk], outputs):
-                dest[offset].copy_(o[row])
-            group.used += 1
-            lvl.index[key] = (sig, group.used - 1)  # indexed only once written
-            stored += 1
+                src = o[rows[0]:rows[0] + n] if index is None else o.index_select(0, index.to(o.device))
+                dest[offset:offset + n].copy_(src)
+            for j, row in enumerate(rows):
+                lvl.index[keys[row]] = (sig, group.used + j)  # indexed only once written
+            group.used += n
+            stored += n
         return stored
 
     def get(self, lvl: Level, keys, rows, out_tensors) -> None:
