@@ -1,6 +1,9 @@
 """Time-to-accuracy of freezing policies, side by side on the same runs and seeds, on real data.
 
-All runs use the same seeds, data order and a cosine learning-rate schedule over the whole run.
+All runs use the same seeds, data order and a cosine learning-rate schedule over the whole run. The runs of one
+workload train side by side, epoch by epoch in a shuffled order, each with its own random number state, so
+that a drift in a shared machine's speed spreads over every run (run one after the other, the last run of a
+10-minute series was timed up to 15% slower in epochs where it did exactly what another run did).
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
 Every freezing run uses the activation cache; `smartfrz-nocache` (run with `--policies`) is SmartFRZ without
@@ -17,6 +20,7 @@ writes a freeze-timeline PNG per run.
 """
 import json
 import os
+import random
 import time
 
 import torch
@@ -79,6 +83,7 @@ def make_policy(name, total_steps):
 
 
 def run(name, base, train, test, epochs, batch, make_opt, seed=0):
+    """One training run, as a generator: yields None after each epoch, then the run's results."""
     model, inputs, labels, steps_per_epoch, total, opt, schedule = fresh_run(base, train, epochs, batch, make_opt)
     n = len(labels)
     fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,
@@ -119,12 +124,33 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
             step += 1
         train_seconds += time.perf_counter() - start
         curve.append((step, train_seconds, accuracy(fm, test)))
+        yield None
     timeline = [(s, list(frozen)) for s, frozen, _ in fm.plan.changes]
-    return {"policy": name, "steps": step, "train_seconds": train_seconds, "accuracy": curve[-1][2],
+    yield {"policy": name, "steps": step, "train_seconds": train_seconds, "accuracy": curve[-1][2],
             "curve": curve, "train_flops": flops, "timeline": timeline, "units": fm.units,
             "policy_seconds": policy_seconds[0],
             "cache": {k: v for k, v in fm.cache.report(fm.frozen_prefix).items() if k in
                       ("decision", "hit_rate", "entries")} if fm.cache else None}
+
+
+def side_by_side(names, epochs, seed, start):
+    """Run `start(name)` (a `run` generator) for every name, one epoch of each at a time in a shuffled order;
+    each run keeps its own global random number state (dropout), as if it ran alone. Returns name -> result."""
+    runs = {name: start(name) for name in names}
+    states, results = {}, {}
+    order = list(names)
+    shuffle = random.Random(seed)
+    for _ in range(epochs + 1):  # the last round hands over the results
+        shuffle.shuffle(order)
+        for name in order:
+            if name in states:
+                torch.set_rng_state(states[name])
+            out = next(runs[name])
+            states[name] = torch.get_rng_state()
+            if out is not None:
+                results[name] = out
+                print(f"  {name}: acc {100 * out['accuracy']:.2f}% in {out['train_seconds']:.1f}s", flush=True)
+    return results
 
 
 def plot_timeline(result, label, path):
@@ -167,13 +193,13 @@ def main():
         if args.only and key != args.only:
             continue
         label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed)
-        results = []
         suffix = "" if args.seed == 0 else f"_seed{args.seed}"
-        for name in names:
-            r = run(name, base, train, test, epochs, batch, make_opt, seed=args.seed)
-            plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{name}{suffix}.png"))
-            results.append(r)
-            print(f"  {key} {name}: acc {100 * r['accuracy']:.2f}% in {r['train_seconds']:.1f}s", flush=True)
+        print(f"  {key}:", flush=True)
+        by_name = side_by_side(names, epochs, args.seed,
+                               lambda name: run(name, base, train, test, epochs, batch, make_opt, seed=args.seed))
+        results = [by_name[name] for name in names]
+        for r in results:
+            plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{r['policy']}{suffix}.png"))
         full = results[0]
         print(f"\n### {label}\n")
         rows = []
