@@ -8,7 +8,8 @@ decision calls it; then blocks of 10 steps (one decision each), interleaved in a
 after the first rounds (warm-up). The time inside SmartFRZ's `decide` is also timed on its own (the rest of its
 cost, reading the loss each step, shows only in the ratio).
 
-    python benchmarks/bench_policy_cost.py [--families mlp-digits,resnet-fashion,transformer-sst2] [--rounds 40] [--data PATH]
+    python benchmarks/bench_policy_cost.py [--families mlp-digits,resnet-fashion,transformer-sst2] [--rounds 40]
+                                           [--data PATH]
 """
 import argparse
 import os

@@ -237,8 +237,9 @@ class SmartFRZ(Policy):
     trained on units of at least 256) are not judged: they freeze together with the next unit that settles.
     The last unit always trains. With `prefix_only` and the safeguard's gap between freezes, only the front
     unit is judged at each decision (the unit behind it gathers its votes during the gap: the same decisions).
-    A decision freezes at most one judged unit, and every decision passes the safety rules of `safeguard` (frzcompile.safety.Safeguard: learning has started and slowed, a gap between
-    freezes, a rollback when the loss rises after a freeze); `safeguard=None` turns them off.
+    A decision freezes at most one judged unit, and every decision passes the safety rules of `safeguard`
+    (frzcompile.safety.Safeguard: learning has started and slowed, a gap between freezes, a rollback when the
+    loss rises after a freeze); `safeguard=None` turns them off.
     """
 
     name = "smartfrz"
@@ -401,8 +402,8 @@ class ALaST(Policy):
     attention ** (1 / temperature) (higher is closer to uniform), so that tokens ranked low also train the layers
     they would always skip. Measured in benchmarks/bench_alast.py (RESULTS.md), temperature 2 halved the ViT's
     loss (-0.64 against -1.29 points, five seeds) but cost the pretrained MiniLM on SST-2 1.8 points (two
-    seeds), so it is not the default. The defaults (budget 0.5, every
-    layer trained, min_budget 0.3) come from benchmarks/bench_alast.py (RESULTS.md): the paper's per-step layer freezing cost 1.4 points on the ViT there
+    seeds), so it is not the default. The defaults (budget 0.5, every layer trained, min_budget 0.3) come from
+    benchmarks/bench_alast.py (RESULTS.md): the paper's per-step layer freezing cost 1.4 points on the ViT there
     for 1.06x fewer FLOPs, while dropping tokens alone at budget 0.5 gave 1.6x memory within 0.5 points on the
     pretrained MiniLM (three seeds).
     layers: unit names of the transformer layers (default: the units whose modules repeat one class, e.g. every
