@@ -20,7 +20,6 @@ writes a freeze-timeline PNG per run.
 """
 import json
 import os
-import random
 import time
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
-from common import fresh_run, print_table, workload_args
+from common import fresh_run, interleaved, print_table, workload_args
 from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
@@ -134,23 +133,23 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
 
 
 def side_by_side(names, epochs, seed, start):
-    """Run `start(name)` (a `run` generator) for every name, one epoch of each at a time in a shuffled order;
-    each run keeps its own global random number state (dropout), as if it ran alone. Returns name -> result."""
+    """Run `start(name)` (a `run` generator) for every name, one epoch of each at a time in a shuffled order
+    (common.interleaved); each run keeps its own global random number state (dropout), as if it ran alone.
+    Returns name -> result."""
     runs = {name: start(name) for name in names}
-    states, results = {}, {}
-    order = list(names)
-    shuffle = random.Random(seed)
-    for _ in range(epochs + 1):  # the last round hands over the results
-        shuffle.shuffle(order)
-        for name in order:
-            if name in states:
-                torch.set_rng_state(states[name])
-            out = next(runs[name])
-            states[name] = torch.get_rng_state()
-            if out is not None:
-                results[name] = out
-                print(f"  {name}: acc {100 * out['accuracy']:.2f}% in {out['train_seconds']:.1f}s", flush=True)
-    return results
+    states = {}
+
+    def epoch(name):
+        if name in states:
+            torch.set_rng_state(states[name])
+        out = next(runs[name])
+        states[name] = torch.get_rng_state()
+        if out is not None:
+            print(f"  {name}: acc {100 * out['accuracy']:.2f}% in {out['train_seconds']:.1f}s", flush=True)
+        return out
+
+    # the last round hands over the results
+    return {name: outs[-1] for name, outs in interleaved(names, epochs + 1, epoch, seed=seed).items()}
 
 
 def plot_timeline(result, label, path):
