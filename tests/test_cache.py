@@ -3,6 +3,7 @@ import copy
 import gc
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -696,3 +697,36 @@ def test_cache_config_checks_the_spill_folder(tmp_path):
     not_a_folder.write_text("x")
     with pytest.raises(frzcompile.ConfigError, match="not a folder"):
         CacheConfig(spill_dir=str(not_a_folder))
+
+
+def test_the_cost_check_times_warm_runs_and_counts_storing():
+    from frzcompile.cache.service import pays_back
+
+    assert pays_back(10.0, 2.0, 1.0)
+    assert not pays_back(3.0, 2.9, 1.0)      # serving barely cheaper than computing: storing is never paid back
+    assert not pays_back(10.0, 4.0, 2.5)     # 10 ms saved per batch served, 10.5 ms spent to store and look up
+
+    class Slow(nn.Module):
+        """25 ms a call, but 250 ms on its second (the analysis' first prefix-only run), like a cold first run."""
+        calls = 0
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            Slow.calls += 1
+            time.sleep(0.25 if Slow.calls == 2 else 0.025)
+            return self.lin(x)
+
+    model = nn.Sequential(Slow(), nn.Linear(4, 4))
+    x = torch.randn(8, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=True)
+    fm.freeze("0")
+    Slow.calls = 0
+    fm(x)
+    plan = fm.cache.last_plan
+    assert Slow.calls >= 4 and plan.cacheable and plan.reason.startswith("pays:")
+    assert 20 <= plan.compute_ms < 150, plan.compute_ms   # the best of three runs, not the cold one
+    fm(x)
+    assert fm.cache.report()["hits"] == 8

@@ -64,8 +64,9 @@ class CacheConfig:
         further lookups as it holds entries; or after two passes over `dataset_size` samples), the cache turns
         itself off and says why; 0 keeps it on.
     dataset_size: number of distinct samples per epoch, if known; lets the hit-rate check start earlier.
-    check_cost: measure whether serving a batch is cheaper than computing the frozen prefix, and stay off if
-        it is not.
+    check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
+        stored once and served once costs less than computing it twice (the reason, with the three times, is in
+        `explain` and `fm.cache.report()["decision"]`).
     verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
     watch_data: at every call, compare a content digest (the sum of each tensor's values) of the frozen prefix's
         weights and buffers and of everything else it reads: catches `.data` edits (EMA, pruning, loading weights
