@@ -92,7 +92,8 @@ def weights(m):
 @pytest.mark.parametrize("cache", [False, True])
 def test_callback_equals_freezing_by_hand(tmp_path, cache):
     by_hand = run(tmp_path / "hand", FreezeByHand(PLAN), gradient_accumulation_steps=2)
-    cb = FreezeCallback(policy=Schedule(PLAN), cache=cache)
+    # check_cost=False: whether the tiny model's cache pays is timed, and this test is about the numbers
+    cb = FreezeCallback(policy=Schedule(PLAN), cache=frzcompile.CacheConfig(check_cost=False) if cache else False)
     ours = run(tmp_path / "ours", cb, gradient_accumulation_steps=2)
     assert cb.fm is not None and cb.fm.frozen == ("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1")
     assert [step for step, *_ in cb.fm.plan.changes] == [3, 6]
