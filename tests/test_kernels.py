@@ -202,6 +202,24 @@ def test_row_fingerprint_single_bit_flips_never_collide():
     assert len(fingerprint_set(keys)) == 1 + 103 * 8
 
 
+def test_row_fingerprint_two_bit_flips_never_collide_in_any_lane():
+    """Every row one or two bit flips away from a 20-byte row (five words, so three pairs, the last padded): all
+    distinct in each 32-bit lane on its own (a lane that summed u * A + v * D would collide on the top bits of the
+    two words of a pair)."""
+    g = torch.Generator().manual_seed(1)
+    row = torch.randint(0, 256, (1, 20), dtype=torch.uint8, generator=g)
+    a, b = torch.triu_indices(160, 160, 1)
+    single = torch.arange(160)
+    rows = row.repeat(1 + len(single) + len(a), 1)
+    rows[1 + single, single // 8] ^= (1 << (single % 8)).to(torch.uint8)
+    pairs = 1 + len(single) + torch.arange(len(a))
+    rows[pairs, a // 8] ^= (1 << (a % 8)).to(torch.uint8)
+    rows[pairs, b // 8] ^= (1 << (b % 8)).to(torch.uint8)
+    lanes = rf.row_fingerprint(rows, force_reference=True).view(torch.int32)
+    for lane in range(4):
+        assert len(set(lanes[:, lane].tolist())) == len(rows)
+
+
 def test_row_fingerprint_hashes_bytes_and_length():
     def keys(x):
         return rf.row_fingerprint(x, force_reference=True).tolist()
@@ -228,6 +246,17 @@ def test_row_fingerprint_bitwise_equals_reference(interpret, x):
     got = rf.row_fingerprint(x)
     assert interpret.last["row_fingerprint"] == "triton"
     assert torch.equal(got, rf.reference_row_fingerprint(x))
+
+
+@pytest.mark.parametrize("x", [torch.randn(2, 20000), torch.randint(-2**31, 2**31 - 1, (3, 9001), dtype=torch.int32)],
+                         ids=["even-splits", "short-last-split"])
+def test_row_fingerprint_splits_long_rows_across_programs(interpret, x):
+    """Few long rows: several programs share a row and a second kernel adds up their partial sums."""
+    assert rf._splits(x.shape[0], (x.shape[1] + 1) // 2, 512, x.device) > 1
+    x[1, -1] += 1  # a change in the last split's last word shows in the key
+    keys = rf.row_fingerprint(x)
+    assert interpret.last["row_fingerprint"] == "triton"
+    assert torch.equal(keys, rf.reference_row_fingerprint(x)) and not torch.equal(keys[1], keys[0])
 
 
 def test_row_fingerprint_single_bit_flips_in_the_kernel(interpret):
@@ -309,8 +338,12 @@ for dt, forward in (("fp16", True), ("bf16", False)):
     assert "wgmma" in compile_for_h100(bsm._block_sparse_mm_kernel, types, constexprs).asm["ptx"]
 compile_for_h100(gc._gather_cast_kernel, {"src_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*bf16",
                                           "row_len": "i32", "col_blocks": "i32"}, {"BLOCK": 2048})
-compile_for_h100(rf._row_fingerprint_kernel, {"words_ptr": "*i32", "lanes_ptr": "*i64", "out_ptr": "*i32",
-                                              "n_words": "i32", "nbytes": "i32"}, {"BLOCK": 1024})
+for finish in (True, False):
+    compile_for_h100(rf._row_fingerprint_kernel, {"words_ptr": "*i32", "lanes_ptr": "*i64", "out_ptr": "*i32",
+                                                  "n_words": "i32", "split_pairs": "i32", "nbytes": "i32"},
+                     {"BLOCK": 512, "FINISH": finish})
+compile_for_h100(rf._finish_kernel, {"part_ptr": "*i32", "lanes_ptr": "*i64", "out_ptr": "*i32", "n_splits": "i32",
+                                     "nbytes": "i32"}, {"SPLITS": 16})
 
 # What Inductor receives: the kernels themselves, forward and backward, not an opaque custom op.
 graphs = []

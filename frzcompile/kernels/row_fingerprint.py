@@ -3,12 +3,17 @@
     keys = row_fingerprint(x)   # x (B, ...) of any dtype -> (B, 2) int64
 
 The hash reads the raw bytes (two tensors that compare equal, like 0.0 and -0.0 or the same values in
-different dtypes, get different keys), as little-endian 32-bit words with the last one zero-padded, and mixes in
-the row length in bytes (so zero padding cannot make two rows of different length collide). Four independent
-32-bit lanes each map word w at position i to fmix32(w * A + i * B + S), a bijection in w for fixed i (A is odd;
-fmix32 is murmur3's finalizer), add these up modulo 2**32, then finalize the sum with the length. Because each
-term is a bijection in its word and the sum is taken in a group, changing a single word (a single bit, say)
-changes every lane: such rows never collide. Otherwise the lanes are well mixed but not cryptographic.
+different dtypes, get different keys), as little-endian 32-bit words taken in pairs (the last pair zero-padded),
+and mixes in the row length in bytes (so zero padding cannot make two rows of different length collide). Four
+independent 32-bit lanes each map the pair (u, v) at pair position i to fmix32(xs(u * A + i * B + S) + v * D),
+with xs(h) = h ^ (h >> 15): a bijection in u for fixed v and i, and in v for fixed u and i (A and D are odd; xs
+and murmur3's finalizer fmix32 are bijections; xs keeps a flip of u's top bit from equalling a flip of v's, as it
+would in u * A + v * D). Each lane adds its terms up modulo 2**32 and finalizes the sum with the length. Because
+each term is a bijection in each of its words and the sum is taken in a group, changing a single word (a single
+bit, say) changes every lane: such rows never collide. Otherwise the lanes are well mixed but not cryptographic
+(every row one or two bit flips from another differs in each lane: tests/test_kernels.py). Pairs halve the
+finalizer's work per word, which bounds the kernel's speed: compiled for sm_90, its loop issues about 31
+instructions per word (72 before pairs, lane sums kept per thread and unmasked whole blocks; RESULTS.md).
 
 Kernel and reference are bitwise identical: the kernel works in uint32 (wrapping), the reference in int64 with
 every product split so that it never overflows, masked to 32 bits.
@@ -26,10 +31,11 @@ except ImportError:
     triton = None
 
 M32 = 0xFFFFFFFF
-# Rows: the word multipliers A (odd), position multipliers B and seeds S; column l is lane l's. (xxhash and
-# murmur3 primes, digits of pi: any odd A and distinct B, S would do.)
+# Rows: the first and second word's multipliers A and D (odd), position multipliers B and seeds S; column l is
+# lane l's. (xxhash, murmur3 and splitmix primes, digits of pi: any odd A and D and distinct B, S would do.)
 LANES = (
     (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F),
+    (0x2545F491, 0x7F4A7C15, 0xD6E8FEB9, 0x94D049BB),
     (0x165667B1, 0xCC9E2D51, 0x1B873593, 0x7FEB352D),
     (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
 )
@@ -69,14 +75,19 @@ def _fmix32_reference(h):
 def reference_row_fingerprint(x: torch.Tensor) -> torch.Tensor:
     """Pure PyTorch: (B, ...) -> (B, 2) int64, bitwise equal to the kernel."""
     words, nbytes = _row_words(x.detach())
-    rows, n_words = words.shape
-    mul_w, mul_p, seed = (torch.tensor(c, dtype=torch.int64, device=words.device)[:, None, None] for c in LANES)
+    if words.shape[1] % 2:
+        words = torch.cat([words, words.new_zeros(words.shape[0], 1)], 1)
+    rows, n_pairs = words.shape[0], words.shape[1] // 2
+    mul_u, mul_v, mul_p, seed = (torch.tensor(c, dtype=torch.int64, device=words.device)[:, None, None]
+                                 for c in LANES)
     acc = torch.zeros(len(LANES[0]), rows, 1, dtype=torch.int64, device=words.device)
-    step = max(1, _WORDS_PER_CHUNK // max(rows, 1))
-    for start in range(0, n_words, step):
-        w = words[None, :, start:start + step].to(torch.int64) & M32  # reinterpret as unsigned
-        pos = torch.arange(start, start + w.shape[-1], device=words.device)
-        m = _fmix32_reference((_mul32(w, mul_w) + _mul32(pos, mul_p) + seed) & M32)
+    step = max(1, _WORDS_PER_CHUNK // 2 // max(rows, 1))
+    for start in range(0, n_pairs, step):
+        pairs = words[None, :, 2 * start:2 * (start + step)].to(torch.int64) & M32  # reinterpret as unsigned
+        u, v = pairs[..., 0::2], pairs[..., 1::2]
+        pos = torch.arange(start, start + u.shape[-1], device=words.device)
+        h = (_mul32(u, mul_u) + _mul32(pos, mul_p) + seed) & M32
+        m = _fmix32_reference(((h ^ (h >> 15)) + _mul32(v, mul_v)) & M32)
         acc = (acc + m.sum(-1, keepdim=True)) & M32
     h = _fmix32_reference(((acc + _mul32(nbytes & M32, LENGTH_MUL)) & M32) ^ seed)[:, :, 0].T  # (B, 4)
     # Lane pairs (0, 1) and (2, 3) become the low and high halves of two int64 values, as the kernel stores them.
@@ -121,23 +132,71 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _row_fingerprint_kernel(words_ptr, lanes_ptr, out_ptr, n_words, nbytes, BLOCK: tl.constexpr):
-        # One program per row; the 4 lanes are the rows of (4, BLOCK) tiles.
+    def _hash_pairs(row_ptr, pos, n_words, mul_u, mul_v, mul_p, seed, MASKED: tl.constexpr):
+        # The (4, BLOCK) lane terms of pairs `pos`. The two words of the pairs load as two strided loads, which
+        # keep the compute layout (one (BLOCK, 2) load split in two went through shared memory and a barrier);
+        # the second reads the sectors the first brought into L1.
+        if MASKED:
+            u = tl.load(row_ptr + 2 * pos, mask=2 * pos < n_words, other=0)
+            v = tl.load(row_ptr + 2 * pos + 1, mask=2 * pos + 1 < n_words, other=0)
+        else:
+            u = tl.load(row_ptr + 2 * pos)
+            v = tl.load(row_ptr + 2 * pos + 1)
+        u, v = u.to(tl.uint32, bitcast=True), v.to(tl.uint32, bitcast=True)
+        h = u[None, :] * mul_u + pos.to(tl.uint32)[None, :] * mul_p + seed
+        return _fmix32((h ^ (h >> 15)) + v[None, :] * mul_v)
+
+    @triton.jit
+    def _row_fingerprint_kernel(words_ptr, lanes_ptr, out_ptr, n_words, split_pairs, nbytes, BLOCK: tl.constexpr,
+                                FINISH: tl.constexpr):
+        # Program (row, split) hashes pairs [split * split_pairs, ...) of its row, so that a few long rows still
+        # fill the GPU. Each thread keeps running lane sums of its own columns in a (4, BLOCK) uint32 tile (adds
+        # wrap modulo 2**32, as the hash wants), reduced once at the end, not once per block; whole blocks load
+        # without masks, the rest in one masked block. With FINISH (one split) the program finalizes its row's
+        # key; otherwise it writes its 4 partial sums to out_ptr[row, split] for _finish_kernel.
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        lane = tl.arange(0, 4)
+        mul_u = tl.load(lanes_ptr + lane).to(tl.uint32)[:, None]
+        mul_v = tl.load(lanes_ptr + 4 + lane).to(tl.uint32)[:, None]
+        mul_p = tl.load(lanes_ptr + 8 + lane).to(tl.uint32)[:, None]
+        seed = tl.load(lanes_ptr + 12 + lane).to(tl.uint32)
+        acc = tl.zeros((4, BLOCK), dtype=tl.uint32)
+        row_ptr = words_ptr + row.to(tl.int64) * n_words
+        begin = split * split_pairs
+        end = tl.minimum(begin + split_pairs, (n_words + 1) // 2)
+        whole = begin + tl.maximum(tl.minimum(end, n_words // 2) - begin, 0) // BLOCK * BLOCK
+        for start in range(begin, whole, BLOCK):
+            acc += _hash_pairs(row_ptr, start + tl.arange(0, BLOCK), n_words, mul_u, mul_v, mul_p, seed[:, None],
+                               MASKED=False)
+        pos = whole + tl.arange(0, BLOCK)
+        m = _hash_pairs(row_ptr, pos, n_words, mul_u, mul_v, mul_p, seed[:, None], MASKED=True)
+        acc += tl.where((pos < end)[None, :], m, 0)
+        total = tl.sum(acc, axis=1)
+        if FINISH:
+            h = _fmix32((total + tl.cast(nbytes, tl.uint32) * _LENGTH_MUL) ^ seed)
+            tl.store(out_ptr + row * 4 + lane, h.to(tl.int32, bitcast=True))
+        else:
+            tl.store(out_ptr + (row * tl.num_programs(1) + split) * 4 + lane, total.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _finish_kernel(part_ptr, lanes_ptr, out_ptr, n_splits, nbytes, SPLITS: tl.constexpr):
+        # One program per row: add up its splits' partial lane sums and finalize them with the row length.
         row = tl.program_id(0)
         lane = tl.arange(0, 4)
-        mul_w = tl.load(lanes_ptr + lane).to(tl.uint32)[:, None]
-        mul_p = tl.load(lanes_ptr + 4 + lane).to(tl.uint32)[:, None]
-        seed = tl.load(lanes_ptr + 8 + lane).to(tl.uint32)
-        acc = tl.zeros((4,), dtype=tl.int64)
-        row_ptr = words_ptr + row.to(tl.int64) * n_words
-        for start in range(0, n_words, BLOCK):
-            pos = start + tl.arange(0, BLOCK)
-            valid = pos < n_words
-            w = tl.load(row_ptr + pos, mask=valid, other=0).to(tl.uint32, bitcast=True)
-            m = _fmix32(w[None, :] * mul_w + pos.to(tl.uint32)[None, :] * mul_p + seed[:, None])
-            acc = (acc + tl.sum(tl.where(valid[None, :], m, 0).to(tl.int64), axis=1)) & 0xFFFFFFFF
-        h = _fmix32((acc.to(tl.uint32) + tl.cast(nbytes, tl.uint32) * _LENGTH_MUL) ^ seed)
+        split = tl.arange(0, SPLITS)
+        parts = tl.load(part_ptr + (row * n_splits + split[:, None]) * 4 + lane[None, :],
+                        mask=split[:, None] < n_splits, other=0).to(tl.uint32, bitcast=True)
+        seed = tl.load(lanes_ptr + 12 + lane).to(tl.uint32)
+        h = _fmix32((tl.sum(parts, axis=0) + tl.cast(nbytes, tl.uint32) * _LENGTH_MUL) ^ seed)
         tl.store(out_ptr + row * 4 + lane, h.to(tl.int32, bitcast=True))
+
+    def _splits(rows: int, n_pairs: int, block: int, device: torch.device) -> int:
+        """How many programs share a row: enough for about 4 programs per multiprocessor, each with at least 4
+        blocks of pairs."""
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        wanted = -(-4 * sms // max(rows, 1))
+        return max(1, min(wanted, n_pairs // (4 * block), 1024))
 
     @torch.library.triton_op("frzcompile::row_fingerprint", mutates_args=())
     def _row_fingerprint_op(words: torch.Tensor, nbytes: int) -> torch.Tensor:
@@ -147,7 +206,20 @@ if triton is not None:
         if rows == 0:
             return out
         lanes = torch.tensor(LANES, dtype=torch.int64, device=words.device)
-        block = max(16, min(1024, triton.next_power_of_2(n_words)))
-        torch.library.wrap_triton(_row_fingerprint_kernel)[(rows,)](
-            words, lanes, out.view(torch.int32), n_words, nbytes & M32, BLOCK=block, num_warps=4)
+        n_pairs = (n_words + 1) // 2
+        block = max(16, min(512, triton.next_power_of_2(n_pairs)))
+        splits = _splits(rows, n_pairs, block, words.device)
+        split_pairs = -(-triton.cdiv(n_pairs, splits) // block) * block  # whole blocks, so loads stay aligned
+        splits = triton.cdiv(n_pairs, split_pairs) if n_pairs else 1
+        kernel = torch.library.wrap_triton(_row_fingerprint_kernel)
+        if splits == 1:
+            kernel[(rows, 1)](words, lanes, out.view(torch.int32), n_words, max(split_pairs, 1), nbytes & M32,
+                              BLOCK=block, FINISH=True, num_warps=4)
+            return out
+        parts = torch.empty((rows, splits, 4), dtype=torch.int32, device=words.device)
+        kernel[(rows, splits)](words, lanes, parts, n_words, split_pairs, nbytes & M32, BLOCK=block, FINISH=False,
+                               num_warps=4)
+        torch.library.wrap_triton(_finish_kernel)[(rows,)](
+            parts, lanes, out.view(torch.int32), splits, nbytes & M32, SPLITS=triton.next_power_of_2(splits),
+            num_warps=1)
         return out
