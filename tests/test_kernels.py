@@ -339,11 +339,12 @@ for dt, forward in (("fp16", True), ("bf16", False)):
 compile_for_h100(gc._gather_cast_kernel, {"src_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*bf16",
                                           "row_len": "i32", "col_blocks": "i32"}, {"BLOCK": 2048})
 for finish in (True, False):
-    compile_for_h100(rf._row_fingerprint_kernel, {"words_ptr": "*i32", "lanes_ptr": "*i64", "out_ptr": "*i32",
-                                                  "n_words": "i32", "split_pairs": "i32", "nbytes": "i32"},
-                     {"BLOCK": 512, "FINISH": finish})
-compile_for_h100(rf._finish_kernel, {"part_ptr": "*i32", "lanes_ptr": "*i64", "out_ptr": "*i32", "n_splits": "i32",
-                                     "nbytes": "i32"}, {"SPLITS": 16})
+    for paired in (True, False):
+        compile_for_h100(rf._row_fingerprint_kernel, {"words_ptr": "*i32", "out_ptr": "*i32", "n_words": "i32",
+                                                      "split_pairs": "i32", "nbytes": "i32"},
+                         {"BLOCK": 512, "FINISH": finish, "PAIRED": paired})
+compile_for_h100(rf._finish_kernel, {"part_ptr": "*i32", "out_ptr": "*i32", "n_splits": "i32", "nbytes": "i32"},
+                 {"SPLITS": 16})
 
 # What Inductor receives: the kernels themselves, forward and backward, not an opaque custom op.
 graphs = []

@@ -12,8 +12,8 @@ would in u * A + v * D). Each lane adds its terms up modulo 2**32 and finalizes 
 each term is a bijection in each of its words and the sum is taken in a group, changing a single word (a single
 bit, say) changes every lane: such rows never collide. Otherwise the lanes are well mixed but not cryptographic
 (every row one or two bit flips from another differs in each lane: tests/test_kernels.py). Pairs halve the
-finalizer's work per word, which bounds the kernel's speed: compiled for sm_90, its loop issues about 31
-instructions per word (72 before pairs, lane sums kept per thread and unmasked whole blocks; RESULTS.md).
+finalizer's work per word, and the instructions issued per word bound the kernel's speed: compiled for sm_90 its
+loop issues about 31 per word, 67 with one finalizer per word (`python benchmarks/kernel_sass.py`).
 
 Kernel and reference are bitwise identical: the kernel works in uint32 (wrapping), the reference in int64 with
 every product split so that it never overflows, masked to 32 bits.
@@ -120,6 +120,11 @@ def row_fingerprint(x: torch.Tensor, *, force_reference: bool = False) -> torch.
 
 if triton is not None:
     _LENGTH_MUL = tl.constexpr(LENGTH_MUL)  # jitted code reads only constexpr globals
+    # lane l's constants A_l, D_l, B_l, S_l, which its instructions take as immediates
+    _A0, _A1, _A2, _A3 = (tl.constexpr(c) for c in LANES[0])
+    _D0, _D1, _D2, _D3 = (tl.constexpr(c) for c in LANES[1])
+    _B0, _B1, _B2, _B3 = (tl.constexpr(c) for c in LANES[2])
+    _S0, _S1, _S2, _S3 = (tl.constexpr(c) for c in LANES[3])
 
     @triton.jit
     def _fmix32(h):
@@ -132,64 +137,91 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _hash_pairs(row_ptr, pos, n_words, mul_u, mul_v, mul_p, seed, MASKED: tl.constexpr):
-        # The (4, BLOCK) lane terms of pairs `pos`. The two words of the pairs load as two strided loads, which
-        # keep the compute layout (one (BLOCK, 2) load split in two went through shared memory and a barrier);
-        # the second reads the sectors the first brought into L1.
-        if MASKED:
-            u = tl.load(row_ptr + 2 * pos, mask=2 * pos < n_words, other=0)
-            v = tl.load(row_ptr + 2 * pos + 1, mask=2 * pos + 1 < n_words, other=0)
-        else:
-            u = tl.load(row_ptr + 2 * pos)
-            v = tl.load(row_ptr + 2 * pos + 1)
-        u, v = u.to(tl.uint32, bitcast=True), v.to(tl.uint32, bitcast=True)
-        h = u[None, :] * mul_u + pos.to(tl.uint32)[None, :] * mul_p + seed
-        return _fmix32((h ^ (h >> 15)) + v[None, :] * mul_v)
+    def _term(u, v, pos, A: tl.constexpr, D: tl.constexpr, B: tl.constexpr, S: tl.constexpr):
+        h = u * A + pos * B + S
+        return _fmix32((h ^ (h >> 15)) + v * D)
 
     @triton.jit
-    def _row_fingerprint_kernel(words_ptr, lanes_ptr, out_ptr, n_words, split_pairs, nbytes, BLOCK: tl.constexpr,
-                                FINISH: tl.constexpr):
+    def _load_pairs(row_ptr, pos, n_words, MASKED: tl.constexpr, PAIRED: tl.constexpr):
+        # (u, v): the words of pairs `pos`, as uint32. As 64-bit pairs where rows start on whole pairs (vectorized
+        # loads), else as two strided loads, the second reading the sectors the first brought into L1.
+        if MASKED:
+            u = tl.load(row_ptr + 2 * pos, mask=2 * pos < n_words, other=0).to(tl.uint32, bitcast=True)
+            v = tl.load(row_ptr + 2 * pos + 1, mask=2 * pos + 1 < n_words, other=0).to(tl.uint32, bitcast=True)
+        elif PAIRED:
+            pair = tl.load(row_ptr.to(tl.pointer_type(tl.uint64)) + pos)
+            u, v = pair.to(tl.uint32), (pair >> 32).to(tl.uint32)
+        else:
+            u = tl.load(row_ptr + 2 * pos).to(tl.uint32, bitcast=True)
+            v = tl.load(row_ptr + 2 * pos + 1).to(tl.uint32, bitcast=True)
+        return u, v
+
+    @triton.jit
+    def _row_fingerprint_kernel(words_ptr, out_ptr, n_words, split_pairs, nbytes, BLOCK: tl.constexpr,
+                                FINISH: tl.constexpr, PAIRED: tl.constexpr):
         # Program (row, split) hashes pairs [split * split_pairs, ...) of its row, so that a few long rows still
-        # fill the GPU. Each thread keeps running lane sums of its own columns in a (4, BLOCK) uint32 tile (adds
-        # wrap modulo 2**32, as the hash wants), reduced once at the end, not once per block; whole blocks load
-        # without masks, the rest in one masked block. With FINISH (one split) the program finalizes its row's
-        # key; otherwise it writes its 4 partial sums to out_ptr[row, split] for _finish_kernel.
+        # fill the GPU. Each thread keeps running sums of its own pairs' terms, one BLOCK-long uint32 vector per
+        # lane in the load's own layout (adds wrap modulo 2**32, as the hash wants), reduced once at the end;
+        # whole blocks load without masks, the rest in one masked block. With FINISH (one split) the program
+        # finalizes its row's key; otherwise it writes its 4 partial sums to out_ptr[row, split] for
+        # _finish_kernel.
         row = tl.program_id(0)
         split = tl.program_id(1)
-        lane = tl.arange(0, 4)
-        mul_u = tl.load(lanes_ptr + lane).to(tl.uint32)[:, None]
-        mul_v = tl.load(lanes_ptr + 4 + lane).to(tl.uint32)[:, None]
-        mul_p = tl.load(lanes_ptr + 8 + lane).to(tl.uint32)[:, None]
-        seed = tl.load(lanes_ptr + 12 + lane).to(tl.uint32)
-        acc = tl.zeros((4, BLOCK), dtype=tl.uint32)
+        acc0 = tl.zeros((BLOCK,), dtype=tl.uint32)
+        acc1 = tl.zeros((BLOCK,), dtype=tl.uint32)
+        acc2 = tl.zeros((BLOCK,), dtype=tl.uint32)
+        acc3 = tl.zeros((BLOCK,), dtype=tl.uint32)
         row_ptr = words_ptr + row.to(tl.int64) * n_words
         begin = split * split_pairs
         end = tl.minimum(begin + split_pairs, (n_words + 1) // 2)
         whole = begin + tl.maximum(tl.minimum(end, n_words // 2) - begin, 0) // BLOCK * BLOCK
         for start in range(begin, whole, BLOCK):
-            acc += _hash_pairs(row_ptr, start + tl.arange(0, BLOCK), n_words, mul_u, mul_v, mul_p, seed[:, None],
-                               MASKED=False)
+            pos = start + tl.arange(0, BLOCK)
+            u, v = _load_pairs(row_ptr, pos, n_words, MASKED=False, PAIRED=PAIRED)
+            p = pos.to(tl.uint32)
+            acc0 += _term(u, v, p, _A0, _D0, _B0, _S0)
+            acc1 += _term(u, v, p, _A1, _D1, _B1, _S1)
+            acc2 += _term(u, v, p, _A2, _D2, _B2, _S2)
+            acc3 += _term(u, v, p, _A3, _D3, _B3, _S3)
         pos = whole + tl.arange(0, BLOCK)
-        m = _hash_pairs(row_ptr, pos, n_words, mul_u, mul_v, mul_p, seed[:, None], MASKED=True)
-        acc += tl.where((pos < end)[None, :], m, 0)
-        total = tl.sum(acc, axis=1)
+        u, v = _load_pairs(row_ptr, pos, n_words, MASKED=True, PAIRED=PAIRED)
+        p = pos.to(tl.uint32)
+        valid = pos < end
+        acc0 += tl.where(valid, _term(u, v, p, _A0, _D0, _B0, _S0), 0)
+        acc1 += tl.where(valid, _term(u, v, p, _A1, _D1, _B1, _S1), 0)
+        acc2 += tl.where(valid, _term(u, v, p, _A2, _D2, _B2, _S2), 0)
+        acc3 += tl.where(valid, _term(u, v, p, _A3, _D3, _B3, _S3), 0)
+        s0, s1, s2, s3 = tl.sum(acc0), tl.sum(acc1), tl.sum(acc2), tl.sum(acc3)
         if FINISH:
-            h = _fmix32((total + tl.cast(nbytes, tl.uint32) * _LENGTH_MUL) ^ seed)
-            tl.store(out_ptr + row * 4 + lane, h.to(tl.int32, bitcast=True))
+            _store_key(out_ptr + row * 4, s0, s1, s2, s3, nbytes)
         else:
-            tl.store(out_ptr + (row * tl.num_programs(1) + split) * 4 + lane, total.to(tl.int32, bitcast=True))
+            dest = out_ptr + (row * tl.num_programs(1) + split) * 4
+            tl.store(dest + 0, s0.to(tl.int32, bitcast=True))
+            tl.store(dest + 1, s1.to(tl.int32, bitcast=True))
+            tl.store(dest + 2, s2.to(tl.int32, bitcast=True))
+            tl.store(dest + 3, s3.to(tl.int32, bitcast=True))
 
     @triton.jit
-    def _finish_kernel(part_ptr, lanes_ptr, out_ptr, n_splits, nbytes, SPLITS: tl.constexpr):
+    def _store_key(dest, s0, s1, s2, s3, nbytes):
+        # finalize the four lane sums with the row length in bytes
+        length = tl.cast(nbytes, tl.uint32) * _LENGTH_MUL
+        tl.store(dest + 0, _fmix32((s0 + length) ^ _S0).to(tl.int32, bitcast=True))
+        tl.store(dest + 1, _fmix32((s1 + length) ^ _S1).to(tl.int32, bitcast=True))
+        tl.store(dest + 2, _fmix32((s2 + length) ^ _S2).to(tl.int32, bitcast=True))
+        tl.store(dest + 3, _fmix32((s3 + length) ^ _S3).to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _finish_kernel(part_ptr, out_ptr, n_splits, nbytes, SPLITS: tl.constexpr):
         # One program per row: add up its splits' partial lane sums and finalize them with the row length.
         row = tl.program_id(0)
-        lane = tl.arange(0, 4)
         split = tl.arange(0, SPLITS)
-        parts = tl.load(part_ptr + (row * n_splits + split[:, None]) * 4 + lane[None, :],
-                        mask=split[:, None] < n_splits, other=0).to(tl.uint32, bitcast=True)
-        seed = tl.load(lanes_ptr + 12 + lane).to(tl.uint32)
-        h = _fmix32((tl.sum(parts, axis=0) + tl.cast(nbytes, tl.uint32) * _LENGTH_MUL) ^ seed)
-        tl.store(out_ptr + row * 4 + lane, h.to(tl.int32, bitcast=True))
+        mask = split < n_splits
+        base = part_ptr + (row * n_splits + split) * 4
+        s0 = tl.sum(tl.load(base + 0, mask=mask, other=0).to(tl.uint32, bitcast=True))
+        s1 = tl.sum(tl.load(base + 1, mask=mask, other=0).to(tl.uint32, bitcast=True))
+        s2 = tl.sum(tl.load(base + 2, mask=mask, other=0).to(tl.uint32, bitcast=True))
+        s3 = tl.sum(tl.load(base + 3, mask=mask, other=0).to(tl.uint32, bitcast=True))
+        _store_key(out_ptr + row * 4, s0, s1, s2, s3, nbytes)
 
     def _splits(rows: int, n_pairs: int, block: int, device: torch.device) -> int:
         """How many programs share a row: enough for about 4 programs per multiprocessor, each with at least 4
@@ -205,21 +237,21 @@ if triton is not None:
         out = torch.empty((rows, 2), dtype=torch.int64, device=words.device)
         if rows == 0:
             return out
-        lanes = torch.tensor(LANES, dtype=torch.int64, device=words.device)
         n_pairs = (n_words + 1) // 2
         block = max(16, min(512, triton.next_power_of_2(n_pairs)))
         splits = _splits(rows, n_pairs, block, words.device)
         split_pairs = -(-triton.cdiv(n_pairs, splits) // block) * block  # whole blocks, so loads stay aligned
         splits = triton.cdiv(n_pairs, split_pairs) if n_pairs else 1
+        paired = n_words % 2 == 0 and words.data_ptr() % 8 == 0  # every row starts on a whole 64-bit pair
         kernel = torch.library.wrap_triton(_row_fingerprint_kernel)
         if splits == 1:
-            kernel[(rows, 1)](words, lanes, out.view(torch.int32), n_words, max(split_pairs, 1), nbytes & M32,
-                              BLOCK=block, FINISH=True, num_warps=4)
+            kernel[(rows, 1)](words, out.view(torch.int32), n_words, max(split_pairs, 1), nbytes & M32,
+                              BLOCK=block, FINISH=True, PAIRED=paired, num_warps=4)
             return out
         parts = torch.empty((rows, splits, 4), dtype=torch.int32, device=words.device)
-        kernel[(rows, splits)](words, lanes, parts, n_words, split_pairs, nbytes & M32, BLOCK=block, FINISH=False,
-                               num_warps=4)
+        kernel[(rows, splits)](words, parts, n_words, split_pairs, nbytes & M32, BLOCK=block, FINISH=False,
+                               PAIRED=paired, num_warps=4)
         torch.library.wrap_triton(_finish_kernel)[(rows,)](
-            parts, lanes, out.view(torch.int32), splits, nbytes & M32, SPLITS=triton.next_power_of_2(splits),
+            parts, out.view(torch.int32), splits, nbytes & M32, SPLITS=triton.next_power_of_2(splits),
             num_warps=1)
         return out
