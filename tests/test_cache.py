@@ -485,10 +485,28 @@ def test_hooks_around_the_prefix_make_the_cache_step_aside():
         handle = model.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))  # input scaling added later
         y = torch.cat([x[:4], torch.randn(4, 16)])  # half hits, half misses
         torch.testing.assert_close(fm(y), _uncached(fm, y), rtol=0, atol=0)
-        assert any("hooks" in why for why in fm.cache.steps_aside)
+        assert any(why.startswith("hooks on the model itself") for why in fm.cache.steps_aside)
+        handle.remove()
+        handle = model.b[0].register_forward_hook(lambda mod, args, out: None)
+        fm(x)
+        assert any(why.startswith("hooks on b.0 ") for why in fm.cache.steps_aside)  # the module is named
         handle.remove()
         fm(x)
     assert fm.cache.stats["hits"] == 8
+
+
+def test_small_batches_wait_for_one_large_enough_to_analyse():
+    """A batch of 2 or 3 is not analysed (its halves would be single samples, where models such as Llama take
+    other code paths), and does not decide the signature's verdict: the next batch of 4 does."""
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0")
+    with torch.no_grad():
+        fm(x[:3])
+        assert fm.cache.report()["decision"] == "not analysed yet"
+        assert any(why.startswith("a batch of fewer than 4") for why in fm.cache.steps_aside)
+        fm(x[:4])
+        fm(x[:3])  # analysed now: served from what the batch of 4 stored
+    assert fm.cache.report()["decision"].startswith("on") and fm.cache.stats["hits"] == 3
 
 
 def test_served_outputs_keep_their_memory_layout():

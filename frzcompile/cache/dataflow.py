@@ -222,7 +222,8 @@ class DataflowProbe(TorchFunctionMode):
                 res.standins.update(leaves)
         if any(serial in self._internal and serial not in self._leaves for serial in live):
             res.problems.append("a tensor computed inside the frozen prefix leaves it other than as a unit's "
-                                "output (e.g. a key/value cache filled inside)")
+                                "output (e.g. a key/value cache filled inside: call a decoder with use_cache=False "
+                                "while training)")
         if any(i < self._last_prefix_op for i in self._state_changed_early):
             res.problems.append("code running before the frozen prefix ends changes a parameter or buffer in "
                                 "place (e.g. a BatchNorm outside every unit), which prefix-only runs would repeat")

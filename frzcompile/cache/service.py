@@ -47,6 +47,7 @@ from .intercept import Interception, Stop, UnexpectedCall
 from .store import ActivationStore, CacheConfig, _describe, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
+MIN_ANALYSED_BATCH = 4  # the analysis compares a batch with its halves: single samples take other paths in some models
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
@@ -314,8 +315,10 @@ class ActivationCache(Service):
                 self._modules(prefix).state.digest())
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
                                       "" if sig.batch else "no batched tensor argument")
-        if not why and sig.batch < 2 and (prefix, sig.digest) not in self.plans:
-            why = "a batch of one sample cannot be analysed (the next larger batch will be)"
+        if not why and sig.batch < MIN_ANALYSED_BATCH and (prefix, sig.digest) not in self.plans:
+            why = (f"a batch of fewer than {MIN_ANALYSED_BATCH} samples is not analysed (its halves would be single "
+                   f"samples, where some models take other code paths); the next batch of {MIN_ANALYSED_BATCH} or "
+                   "more will be")
         if not why and (prefix, sig.digest) not in self.plans and sum(
                 p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
             why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
@@ -365,8 +368,13 @@ class ActivationCache(Service):
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
         mods = self._modules(prefix)
-        if torch_private.global_module_hooks() or any(torch_private.has_call_hooks(m) for m in mods.guarded):
-            return "hooks on the frozen prefix, its parents or the code between units must see every call"
+        if torch_private.global_module_hooks():
+            return "global module hooks (torch.nn.modules.module.register_module_forward_hook...) must see every call"
+        hooked = next((m for m in mods.guarded if torch_private.has_call_hooks(m)), None)
+        if hooked is not None:
+            path = next((name for name, m in self.model.named_modules() if m is hooked), "?") or "the model itself"
+            return (f"hooks on {path} (in the frozen prefix, its parents or the code between units) must see every "
+                    "call")
         for m in mods.top.values():
             own = m.__dict__.get("forward")
             if own is not None and not getattr(own, FORWARD_MARK, False):
@@ -540,7 +548,9 @@ class ActivationCache(Service):
         plan.serve_ms, plan.store_ms = self._serve_cost(plan, sig, first)
         costs = (f"{plan.compute_ms:.2f} ms to compute the frozen prefix, {plan.serve_ms:.2f} ms to serve a batch, "
                  f"{plan.store_ms:.2f} ms to store one")
-        if self.config.check_cost and not pays_back(plan.compute_ms, plan.serve_ms, plan.store_ms):
+        if not self.config.check_cost:
+            plan.reason = f"cost not checked (check_cost=False): {costs}"
+        elif not pays_back(plan.compute_ms, plan.serve_ms, plan.store_ms):
             plan.cacheable = False
             plan.reason = (f"does not pay: {costs} (a batch stored once and served once must cost less than computing "
                            "it twice)")
@@ -829,10 +839,12 @@ class ActivationCache(Service):
             flat = tree_flatten((tuple(args), dict(kwargs)))
             why = self._step_aside(prefix, flat[0])
             sig = Signature.of(args, kwargs, training, flat).with_state(self._modules(prefix).state.digest())
-            if why or sig.unsupported or not sig.batch or sig.batch < 2:
+            if why or sig.unsupported or not sig.batch:
                 continue
             plan = self.plans.get((prefix, sig.digest))
             if plan is None or plan.state != sig.state:
+                if sig.batch < MIN_ANALYSED_BATCH:
+                    continue
                 self._dry_probe(prefix, sig, args, kwargs)
                 seen += sig.batch
                 continue
