@@ -183,6 +183,11 @@ def test_tied_weight_belongs_to_the_embedding_and_plans_stay_consistent():
     assert not model.lm_head.weight.requires_grad  # frozen with the embedding, as requires_grad=False does
     with pytest.raises(frzcompile.PlanError, match="leaves nothing to train"):
         fm.freeze("transformer.ln_f")
+    fm.unfreeze("transformer.wte")
+    with pytest.warns(UserWarning, match="'lm_head' holds no parameters of its own: its 'weight' is tied to unit "
+                                         "'transformer.wte'"):
+        fm.freeze("lm_head")
+    assert model.lm_head.weight.requires_grad  # the embedding owns it, and trains
 
 
 def test_freeze_by_any_module_path():
