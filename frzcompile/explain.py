@@ -142,7 +142,9 @@ class Explanation:
                              "(the kept-token count is a dynamic dimension; the trained layers a runtime flag, so "
                              "the others' weight gradients are computed and dropped)")
         if self.cache is not None and self.cache["served_calls"]:
-            lines.append(f"activation cache serves the outputs of {', '.join(self.cache['served_calls'])}")
+            c = self.cache
+            lines.append(f"activation cache serves the outputs of {', '.join(c['served_calls'])} (for "
+                         f"{c['cacheable_signatures']} of the {c['signatures']} call signatures seen)")
         return lines
 
     def __str__(self) -> str:
