@@ -359,6 +359,13 @@ with FakeTensorMode() as mode:
         x, *(mode.from_tensor(t) for t in layout))
     y.sum().backward()
 assert len(graphs) == 2 and all("triton_kernel_wrapper_functional" in g for g in graphs), graphs
+# the fingerprint, one kernel for short rows and two (partial sums, then the finish) for few long ones
+for shape, kernels in (((3, 8), 1), ((2, 20000), 2)):
+    graphs.clear()
+    with FakeTensorMode() as mode:
+        aot_function(lambda w: torch.ops.frzcompile.row_fingerprint(w, 4 * shape[1]), keep)(
+            mode.from_tensor(torch.zeros(shape, dtype=torch.int32)))
+    assert graphs[0].count("triton_kernel_wrapper_functional(") == kernels, graphs
 '''
 
 

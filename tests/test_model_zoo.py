@@ -183,9 +183,14 @@ def test_tied_weight_belongs_to_the_embedding_and_plans_stay_consistent():
     assert not model.lm_head.weight.requires_grad  # frozen with the embedding, as requires_grad=False does
     with pytest.raises(frzcompile.PlanError, match="leaves nothing to train"):
         fm.freeze("transformer.ln_f")
-    fm.unfreeze("transformer.wte")
-    with pytest.warns(UserWarning, match="'lm_head' holds no parameters of its own: its 'weight' is tied to unit "
-                                         "'transformer.wte'"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm.freeze("lm_head")  # the embedding, which owns the tied weight, is frozen: nothing to warn about
+        fm.unfreeze("transformer.wte", "lm_head")
+        fm.freeze("transformer.wte", "lm_head")
+        fm.unfreeze("transformer.wte", "lm_head")
+    with pytest.warns(UserWarning, match="unit 'lm_head' holds 'weight', a weight tied to unit 'transformer.wte', "
+                                         "which owns it and stays trainable"):
         fm.freeze("lm_head")
     assert model.lm_head.weight.requires_grad  # the embedding owns it, and trains
 

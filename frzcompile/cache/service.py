@@ -47,7 +47,7 @@ from .intercept import Interception, Stop, UnexpectedCall
 from .store import ActivationStore, CacheConfig, _describe, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
-MIN_ANALYSED_BATCH = 4  # the analysis compares a batch with its halves: single samples take other paths in some models
+MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
@@ -265,6 +265,7 @@ class ActivationCache(Service):
         self.last_plan: CallPlan | None = None
         self.steps_aside: dict = {}               # reason -> calls the cache stepped aside for
         self.state_changes: dict = {}             # (prefix, signature digest) -> re-analyses for a new state
+        self._small_refused: set = set()          # (prefix, signature digest) refused on a batch of 2 or 3
         self.stats = dict(lookups=0, hits=0, reused_from_shallower=0, computed=0, stored=0, batches=0,
                           fully_served_batches=0, verified_batches=0, analysed_signatures=0)
         self._window = [0, 0]                     # lookups, hits since the last hit-rate check
@@ -287,6 +288,7 @@ class ActivationCache(Service):
     def clear(self) -> None:
         self.store.drop(lambda prefix: True)
         self.plans.clear()
+        self._small_refused.clear()
         self.state_changes.clear()
         self.extra_state.clear()
         self._modules_cache.clear()
@@ -315,17 +317,10 @@ class ActivationCache(Service):
                 self._modules(prefix).state.digest())
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
                                       "" if sig.batch else "no batched tensor argument")
-        if not why and sig.batch < MIN_ANALYSED_BATCH and (prefix, sig.digest) not in self.plans:
-            why = (f"a batch of fewer than {MIN_ANALYSED_BATCH} samples is not analysed (its halves would be single "
-                   f"samples, where some models take other code paths); the next batch of {MIN_ANALYSED_BATCH} or "
-                   "more will be")
         if not why and (prefix, sig.digest) not in self.plans and sum(
                 p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
             why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
-        if why:
-            self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
-            return run(args, kwargs)
-        plan = self.plans.get((prefix, sig.digest))
+        plan = None if why else self.plans.get((prefix, sig.digest))
         if plan is not None and plan.state != sig.state and plan.cacheable:
             changes = self.state_changes.get((prefix, sig.digest), 0) + 1
             self.state_changes[(prefix, sig.digest)] = changes
@@ -335,12 +330,30 @@ class ActivationCache(Service):
                 plan.cacheable = False
                 plan.reason = (f"the Python state of the frozen prefix's modules (or the modules around it) changed "
                                f"more than {MAX_STATE_CHANGES} times")
+        if not why and plan is None:
+            why = self._too_small_to_analyse(prefix, sig)
+        if why:
+            self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
+            return run(args, kwargs)
         if plan is None:
             return self._probe(prefix, sig, run, args, kwargs)
         self.last_plan = plan
         if not plan.cacheable:
             return run(args, kwargs)
         return self._serve(plan, sig, run, args, kwargs)
+
+    def _too_small_to_analyse(self, prefix, sig) -> str:
+        """Why this batch cannot be analysed, or ''. The analysis compares the batch with its halves: a batch of
+        one has none, and a batch of 2 or 3 has single-sample halves, where some models (Llama) take other code
+        paths; such a batch is analysed, but a refusal from it is not kept, and the next batch of
+        MIN_ANALYSED_BATCH or more is analysed again (the smaller ones step aside until then)."""
+        if sig.batch < 2:
+            return "a batch of one sample cannot be analysed (the next larger batch will be)"
+        if sig.batch < MIN_ANALYSED_BATCH and (prefix, sig.digest) in self._small_refused:
+            return (f"refused once on a batch of fewer than {MIN_ANALYSED_BATCH} samples, whose halves are single "
+                    f"samples (where some models take other code paths): the next batch of {MIN_ANALYSED_BATCH} or "
+                    "more is analysed again")
+        return ""
 
     # -- when to step aside -------------------------------------------------------------------------------
     def _modules(self, prefix) -> PrefixModules:
@@ -432,9 +445,16 @@ class ActivationCache(Service):
                                    "the modules around it, which serving (or the cache's own runs) would not do alike")
         plan = self._analyse(prefix, sig, ic, result, args, kwargs)
         plan.state = sig.state
-        self.plans[(prefix, sig.digest)] = plan
         self.stats["analysed_signatures"] += 1
         self.last_plan = plan
+        if not plan.cacheable and sig.batch < MIN_ANALYSED_BATCH:  # see _too_small_to_analyse
+            self._small_refused.add((prefix, sig.digest))
+            self.plans.pop((prefix, sig.digest), None)
+            plan.reason += (f" (found on a batch of {sig.batch}; the next batch of {MIN_ANALYSED_BATCH} or more is "
+                            "analysed again)")
+            return out
+        self._small_refused.discard((prefix, sig.digest))
+        self.plans[(prefix, sig.digest)] = plan
         if plan.cacheable:
             extra = self.extra_state.setdefault(prefix, [])
             known = {id(t) for t in extra}
@@ -561,16 +581,18 @@ class ActivationCache(Service):
     def _serve_cost(self, plan, sig, outputs, rounds: int = 3) -> tuple:
         """(serve, store) milliseconds, each the best of `rounds`: serving is the signature's Python state,
         fingerprinting the batch, the content digest and fetching its per-sample outputs from a store; storing is
-        putting the batch's per-sample outputs into a store (the lookups it also needs are serving's)."""
+        copying the outputs as a real call returns them, then putting them into a fresh level of a store (the
+        lookups it also needs are serving's). One scratch level at a time, so it holds one copy of the batch."""
         scratch = ActivationStore(CacheConfig(memory_bytes=1 << 40, storage_dtype=self.config.storage_dtype,
                                               device=self.config.device), chunk_slots=max(sig.batch, 1))
         samples = self._samples_of(plan, outputs)
         keys = self._keys(sig)
         store = float("inf")
         for r in range(rounds):
+            scratch.drop(lambda prefix: True)
             lvl = scratch.level(("scratch", r), 0)
             start = time.perf_counter()
-            scratch.put(lvl, keys, samples)
+            scratch.put(lvl, keys, [s.detach().clone() for s in samples])
             _sync(samples)
             store = min(store, time.perf_counter() - start)
         serve = float("inf")
@@ -843,7 +865,7 @@ class ActivationCache(Service):
                 continue
             plan = self.plans.get((prefix, sig.digest))
             if plan is None or plan.state != sig.state:
-                if sig.batch < MIN_ANALYSED_BATCH:
+                if self._too_small_to_analyse(prefix, sig):
                     continue
                 self._dry_probe(prefix, sig, args, kwargs)
                 seen += sig.batch

@@ -11,7 +11,8 @@ and murmur3's finalizer fmix32 are bijections; xs keeps a flip of u's top bit fr
 would in u * A + v * D). Each lane adds its terms up modulo 2**32 and finalizes the sum with the length. Because
 each term is a bijection in each of its words and the sum is taken in a group, changing a single word (a single
 bit, say) changes every lane: such rows never collide. Otherwise the lanes are well mixed but not cryptographic
-(every row one or two bit flips from another differs in each lane: tests/test_kernels.py). Pairs halve the
+(in a test, every row one or two bit flips away from a 20-byte row differs from the others in each lane; two
+rows differing in more than one word can share a lane, as in any such hash, but not all four). Pairs halve the
 finalizer's work per word, and the instructions issued per word bound the kernel's speed: compiled for sm_90 its
 loop issues about 31 per word, 67 with one finalizer per word (`python benchmarks/kernel_sass.py`).
 
@@ -242,7 +243,9 @@ if triton is not None:
         splits = _splits(rows, n_pairs, block, words.device)
         split_pairs = -(-triton.cdiv(n_pairs, splits) // block) * block  # whole blocks, so loads stay aligned
         splits = triton.cdiv(n_pairs, split_pairs) if n_pairs else 1
-        paired = n_words % 2 == 0 and words.data_ptr() % 8 == 0  # every row starts on a whole 64-bit pair
+        # every row starts on a whole 64-bit pair (torch's allocators align storages further; data_ptr() is not
+        # there when torch.compile traces this op)
+        paired = n_words % 2 == 0 and words.storage_offset() % 2 == 0
         kernel = torch.library.wrap_triton(_row_fingerprint_kernel)
         if splits == 1:
             kernel[(rows, 1)](words, out.view(torch.int32), n_words, max(split_pairs, 1), nbytes & M32,

@@ -295,22 +295,21 @@ class FrozenModule(nn.Module):
         self._set_plan(self._plan.frozen | units, reason="freeze()")
 
     def _warn_tied(self, units) -> None:
-        """Warn when a unit asked to freeze has no parameters of its own but holds ones another unit owns (a head
-        tied to the embedding): freezing it freezes no weight, where requires_grad_(False) on the module would
-        freeze the shared one for both."""
+        """Warn when a unit asked to freeze holds a weight tied to another unit, which owns it and stays trainable
+        (a head tied to the embedding): freezing the unit does not freeze that weight, where requires_grad_(False)
+        on the module would freeze it for both."""
         all_units = self._unit_graph.units
+        frozen = units | set(self._plan.frozen)
         owner = {id(p): u for u in all_units for p in all_units[u].params}
         for u in sorted(units):
-            if all_units[u].params:
-                continue
-            tied = {(name, owner[id(p)]) for m in all_units[u].roots for name, p in m.named_parameters()
-                    if owner.get(id(p), u) != u}
+            tied = sorted({(name, owner[id(p)]) for m in all_units[u].roots for name, p in m.named_parameters()
+                           if owner.get(id(p), u) not in frozen})
             if tied:
-                name, other = sorted(tied)[0]
-                warnings.warn(f"frzcompile: unit {u!r} holds no parameters of its own: its {name!r} is tied to unit "
-                              f"{other!r}, which owns it, so freezing {u!r} freezes no weight (requires_grad_(False) "
-                              f"on the module would freeze the shared one). Freeze {other!r} to freeze it for both.",
-                              UserWarning, stacklevel=3)
+                name, other = tied[0]
+                warnings.warn(f"frzcompile: unit {u!r} holds {name!r}, a weight tied to unit {other!r}, which owns it "
+                              f"and stays trainable: freezing {u!r} does not freeze it (requires_grad_(False) on the "
+                              f"module would). Freeze {other!r} too to freeze it for both.", UserWarning,
+                              stacklevel=3)
 
     def unfreeze(self, *names: str) -> None:
         self._settle()
