@@ -189,9 +189,10 @@ def main():
         print(f"### Part C: serving a batch from the cache vs computing the frozen prefix ({device}, batch {batch}, "
               f"medians of {args.rounds})\n")
         print_table(("model", "frozen units", "f (FLOPs)", "compute prefix ms", "serve ms", "serve / compute",
-                     "serve ms without the digest", "cache decision"),
+                     "serve ms without the digest", "store ms", "cache decision"),
                     [(r["model"], r["units_frozen"], f"{r['f']:.2f}", f"{r['compute_ms']:.1f}", f"{r['serve_ms']:.2f}",
-                      f"{100 * r['ratio']:.1f}%", f"{r['serve_without_digest_ms']:.2f}", r["decision"]) for r in rows])
+                      f"{100 * r['ratio']:.1f}%", f"{r['serve_without_digest_ms']:.2f}", f"{r['store_ms']:.2f}",
+                      r["decision"]) for r in rows])
         print()
     for name, load in loaders.items():
         if args.only and name != args.only:
