@@ -140,14 +140,37 @@ def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
     assert len(copies) == 2 * 2  # two runs (the end of chunk 0, the start of chunk 1) x two outputs
     assert store.entries() == 6 and len(level.groups[next(iter(level.groups))].chunks) == 2
     copies.clear()
-    assert put([b"k%d" % i for i in range(6, 20)], 1000) == 6  # room for 12 in three chunks: then full
-    assert len(copies) == 2 * 2  # two runs (the rest of chunk 1, all of chunk 2) x two outputs, not 6 x 2
+    assert put([b"k%d" % i for i in range(6, 20)], 1000) == 6  # room for 12: chunk 1 has twice chunk 0's slots
+    assert len(copies) == 1 * 2  # one run (the rest of chunk 1) x two outputs, not 6 x 2
     assert level.full and store.entries() == 12 and store.memory_used == 3 * per_chunk
+    assert level.groups[next(iter(level.groups))].sizes == [4, 8]
     keys = [b"k%d" % i for i in (11, 0, 4, 7, 3)]
     out = [torch.empty(len(keys), width), torch.empty(len(keys), 2, dtype=torch.bfloat16)]
     store.get(level, keys, range(len(keys)), out)
     for i, k in enumerate(keys):
         assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1])
+
+
+def test_store_chunks_double_and_shrink_to_the_budget():
+    """Each chunk has twice the slots of the one before (few chunks to gather a batch from), capped by
+    MAX_CHUNK_BYTES, and a smaller one when the budget has no room for that: the budget is filled all the same."""
+    from frzcompile.cache import store as store_module
+
+    per_slot = 16 * 4
+    store = ActivationStore(CacheConfig(memory_bytes=(4 + 8 + 16 + 5) * per_slot), chunk_slots=4)
+    level = store.level(("a",), 0)
+    data = torch.randn(40, 16)
+    keys = [b"k%d" % i for i in range(40)]
+    assert store.put(level, keys, [data]) == 4 + 8 + 16 + 4 and level.full
+    group = level.groups[next(iter(level.groups))]
+    assert group.sizes == [4, 8, 16, 4] and group.starts == [0, 4, 12, 28]
+    picked = [31, 0, 5, 20, 12, 3]
+    out = torch.empty(len(picked), 16)
+    store.get(level, [keys[i] for i in picked], range(len(picked)), [out])
+    assert torch.equal(out, data[picked])
+    capped = store_module._Chunks(((16,),), (torch.float32,), slots=4)
+    capped.sizes, capped.starts = [store_module.MAX_CHUNK_BYTES // per_slot], [0]
+    assert capped.next_sizes()[0] == store_module.MAX_CHUNK_BYTES // per_slot  # no bigger than the cap
 
 
 def test_disk_spill_round_trip_and_cleanup(tmp_path):

@@ -17,6 +17,7 @@ nothing any process could read back as a cache entry; folders left by dead proce
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import shutil
@@ -29,7 +30,8 @@ import torch
 
 from ..errors import ConfigError
 
-CHUNK_SLOTS = 256
+CHUNK_SLOTS = 256            # slots of a group's first chunk
+MAX_CHUNK_BYTES = 256 << 20  # each later chunk doubles, up to this size: a served batch gathers from few chunks
 # Inputs and entries on these devices go through the Triton kernels (row fingerprint, gather-and-cast) where
 # they are; tests add "cpu" to run them in Triton's interpreter.
 KERNEL_DEVICES = frozenset({"cuda"})
@@ -164,20 +166,46 @@ def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
 
 
 class _Chunks:
-    """Slots for one level and one per-sample shape signature: one tensor per frontier output per chunk."""
+    """Slots for one level and one per-sample shape signature: one tensor per frontier output per chunk. The
+    first chunk has `slots` slots and each next one twice the last, up to MAX_CHUNK_BYTES (smaller when the
+    budget leaves less), so a large dataset's entries sit in a few chunks: serving a batch costs one gather and
+    one copy per chunk it touches and output."""
 
     def __init__(self, sample_shapes, dtypes, slots=CHUNK_SLOTS):
-        self.slots = slots
+        self.first = slots
         self.sample_shapes = sample_shapes
         self.dtypes = dtypes
         self.chunks = []        # list of [tensor per output]
         self.on_disk = []       # whether chunk i is a memory-mapped file
+        self.sizes = []         # slots of chunk i
+        self.starts = []        # the first slot of chunk i
         self.used = 0
         self.bytes_per_slot = sum(int(np.prod(s)) * torch.empty((), dtype=d).element_size()
                                   for s, d in zip(sample_shapes, dtypes))
 
     def capacity(self):
-        return len(self.chunks) * self.slots
+        return self.starts[-1] + self.sizes[-1] if self.sizes else 0
+
+    def next_sizes(self) -> list:
+        """Slot counts to try for the next chunk, largest first, down to the first chunk's."""
+        cap = max(self.first, MAX_CHUNK_BYTES // max(self.bytes_per_slot, 1))
+        size = min(cap, 2 * self.sizes[-1]) if self.sizes else self.first
+        sizes = []
+        while size > self.first:
+            sizes.append(size)
+            size //= 2
+        return sizes + [self.first]
+
+    def add(self, tensors, size, on_disk):
+        self.starts.append(self.capacity())
+        self.sizes.append(size)
+        self.chunks.append(tensors)
+        self.on_disk.append(on_disk)
+
+    def locate(self, slot) -> tuple:
+        """(chunk, offset in it) of a slot."""
+        chunk = bisect.bisect_right(self.starts, slot) - 1
+        return chunk, slot - self.starts[chunk]
 
 
 class Level:
@@ -220,8 +248,8 @@ class ActivationStore:
             lvl = self.levels.pop(prefix)
             gone += len(lvl.index)
             for group in lvl.groups.values():
-                for disk in group.on_disk:
-                    size = group.slots * group.bytes_per_slot
+                for slots, disk in zip(group.sizes, group.on_disk):
+                    size = slots * group.bytes_per_slot
                     if disk:
                         self.disk_used -= size
                     else:
@@ -233,24 +261,31 @@ class ActivationStore:
 
     # -- slots -------------------------------------------------------------------------------------------
     def _new_chunk(self, group: _Chunks, evictable):
-        size = group.slots * group.bytes_per_slot
-        while self.memory_used + size > self.config.memory_bytes and evictable:
+        """Add a chunk to `group`: the largest of its next sizes that fits in memory (evicting older levels only
+        when not even the smallest does), else on disk; False when none fits."""
+        sizes = group.next_sizes()
+
+        def fits(slots):
+            return self.memory_used + slots * group.bytes_per_slot <= self.config.memory_bytes
+
+        while not fits(sizes[-1]) and evictable:
             victim = evictable.pop(0)  # older levels make room first
             self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
-        if self.memory_used + size <= self.config.memory_bytes:
-            group.chunks.append([torch.empty((group.slots,) + s, dtype=d, device=self.config.device)
-                                 for s, d in zip(group.sample_shapes, group.dtypes)])
-            group.on_disk.append(False)
-            self.memory_used += size
-            return True
-        if self.config.spill_dir is not None and self.disk_used + size <= self.config.disk_bytes:
-            group.chunks.append(self._spill_chunk(group))
-            group.on_disk.append(True)
-            self.disk_used += size
-            return True
+        for slots in sizes:
+            if fits(slots):
+                group.add([torch.empty((slots,) + s, dtype=d, device=self.config.device)
+                           for s, d in zip(group.sample_shapes, group.dtypes)], slots, False)
+                self.memory_used += slots * group.bytes_per_slot
+                return True
+        if self.config.spill_dir is not None:
+            for slots in sizes:
+                if self.disk_used + slots * group.bytes_per_slot <= self.config.disk_bytes:
+                    group.add(self._spill_chunk(group, slots), slots, True)
+                    self.disk_used += slots * group.bytes_per_slot
+                    return True
         return False
 
-    def _spill_chunk(self, group: _Chunks):
+    def _spill_chunk(self, group: _Chunks, slots: int):
         if self._spill_dir is None:
             os.makedirs(self.config.spill_dir, exist_ok=True)
             _remove_dead_spill_dirs(self.config.spill_dir)
@@ -258,11 +293,11 @@ class ActivationStore:
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
         tensors = []
         for s, d in zip(group.sample_shapes, group.dtypes):
-            nbytes = group.slots * int(np.prod(s)) * torch.empty((), dtype=d).element_size()
+            nbytes = slots * int(np.prod(s)) * torch.empty((), dtype=d).element_size()
             path = os.path.join(self._spill_dir, f"chunk{self.spill_files:06d}.bin")
             self.spill_files += 1
             mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(nbytes, 1),))
-            tensors.append(torch.from_numpy(mm)[:nbytes].view(d).reshape((group.slots,) + s))
+            tensors.append(torch.from_numpy(mm)[:nbytes].view(d).reshape((slots,) + s))
         return tensors
 
     def close(self):
@@ -297,8 +332,8 @@ class ActivationStore:
             if group.used >= group.capacity() and not self._new_chunk(group, evictable):
                 lvl.full = True
                 break
-            chunk, offset = divmod(group.used, group.slots)
-            rows = fresh[stored:stored + group.slots - offset]
+            chunk, offset = group.locate(group.used)
+            rows = fresh[stored:stored + group.sizes[chunk] - offset]
             n = len(rows)
             index = None if rows[-1] - rows[0] == n - 1 else torch.tensor(rows)  # None: a contiguous block
             for dest, o in zip(group.chunks[chunk], outputs):
@@ -318,11 +353,14 @@ class ActivationStore:
             by_group.setdefault(sig, []).append((slot, row))
         for sig, pairs in by_group.items():
             group = lvl.groups[sig]
-            for chunk_id in sorted({slot // group.slots for slot, _ in pairs}):
-                sel = [(slot % group.slots, row) for slot, row in pairs if slot // group.slots == chunk_id]
+            by_chunk: dict = {}
+            for slot, row in pairs:
+                chunk, offset = group.locate(slot)
+                by_chunk.setdefault(chunk, []).append((offset, row))
+            for chunk, sel in sorted(by_chunk.items()):
                 src_idx = torch.tensor([s for s, _ in sel])
                 dst_idx = torch.tensor([r for _, r in sel])
-                for src, dst in zip(group.chunks[chunk_id], out_tensors):
+                for src, dst in zip(group.chunks[chunk], out_tensors):
                     dst.index_copy_(0, dst_idx.to(dst.device), _gather_cast(src, src_idx, dst))
 
 
