@@ -799,3 +799,46 @@ def test_the_cost_check_times_warm_runs_and_counts_storing():
     assert 20 <= plan.compute_ms < 150, plan.compute_ms   # the best of three runs, not the cold one
     fm(x)
     assert fm.cache.report()["hits"] == 8
+
+
+@pytest.mark.parametrize("real_ms", [0, 3])
+def test_the_cost_check_is_made_again_inside_the_run(real_ms):
+    """After 16 stored and 16 fully served batches the cache checks its cost again with times measured inside
+    the run: a prefix that only looked slow while analysed (20 ms on the analysis' timed runs, nothing in the
+    run) is turned off and its entries freed; one that costs 3 ms in the run stays on."""
+    from frzcompile.cache.service import LIVE_BATCHES
+
+    class Timed(nn.Module):
+        calls = 0
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            Timed.calls += 1
+            time.sleep(0.02 if 2 <= Timed.calls <= 4 else real_ms / 1000)  # calls 2-4: the timed analysis runs
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Timed(), nn.Linear(4, 4))
+    batches = [torch.randn(8, 4) for _ in range(LIVE_BATCHES + 1)]  # the first one is the analysis' own
+    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
+    fm.freeze("0")
+    Timed.calls = 0
+    with torch.no_grad():
+        for x in batches + batches[:LIVE_BATCHES]:
+            fm(x)
+            assert fm.cache.report()["decision"].startswith("on") or real_ms == 0
+        plan = fm.cache.last_plan
+        assert plan.live.judged and plan.live.stored_batches == plan.live.served_batches == LIVE_BATCHES
+        if real_ms:
+            assert plan.cacheable and fm.cache.store.entries() == 8 * (LIVE_BATCHES + 1)
+            fm(batches[-1])
+            assert fm.cache.stats["hits"] == 8 * (LIVE_BATCHES + 1)
+        else:
+            assert not plan.cacheable and plan.reason.startswith("does not pay inside the run")
+            assert fm.cache.store.entries() == 0
+            hits = fm.cache.stats["hits"]
+            torch.testing.assert_close(fm(batches[0]), model(batches[0]))
+            assert fm.cache.stats["hits"] == hits  # runs uncached from now on

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 
@@ -66,6 +67,8 @@ class Interception:
         self.order: list = []      # ("prefix", key) and ("other", path), in call order
         self.outputs: dict = {}    # key -> output of every top-level call (run or served), see `keep`
         self.stopped = False       # whether the run ended at `stop_after`
+        self.call_seconds = 0.0    # wall time inside the real top-level calls (the copies of `keep` left out)
+        self.copy_seconds = 0.0    # wall time of those copies
         self._saved: list = []
 
     def __enter__(self):
@@ -101,8 +104,10 @@ class Interception:
         if keep is False:
             self.outputs[key] = out
             return
+        start = time.perf_counter()
         with self.watch.muted() if self.watch is not None else contextlib.nullcontext():
             self.outputs[key] = snapshot(out) if keep is True else snapshot(out, keep.get(key, ()))
+        self.copy_seconds += time.perf_counter() - start
 
     def _wrap(self, path, inner):
         def forward(*args, **kwargs):
@@ -124,10 +129,12 @@ class Interception:
                 if self.watch is not None:
                     self.watch.enter(key, args, kwargs)
                 self.depth += 1
+                start = time.perf_counter()
                 try:
                     out = inner(*args, **kwargs)
                 finally:
                     self.depth -= 1
+                    self.call_seconds += time.perf_counter() - start
                 if self.watch is not None:
                     self.watch.leave(key, out)
             self._record(key, out)

@@ -48,6 +48,7 @@ from .store import ActivationStore, CacheConfig, _describe, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
+LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
@@ -169,6 +170,28 @@ class Signature:
 
 
 @dataclass
+class LiveCost:
+    """Seconds spent and samples handled inside the real run, per plan: computing the frozen prefix and storing
+    its outputs in calls that miss, and the cache's own work in calls it serves whole (CPU only: on a GPU the
+    wall clock would time kernel launches)."""
+
+    compute_s: float = 0.0
+    store_s: float = 0.0
+    stored: int = 0
+    stored_batches: int = 0
+    serve_s: float = 0.0
+    served: int = 0
+    served_batches: int = 0
+    judged: bool = False
+
+    def per_batch_ms(self) -> tuple:
+        """(compute, serve, store) milliseconds for a batch of the served batches' mean size."""
+        batch = self.served / self.served_batches
+        return tuple(1000 * seconds / n * batch for seconds, n in
+                     ((self.compute_s, self.stored), (self.serve_s, self.served), (self.store_s, self.stored)))
+
+
+@dataclass
 class CallPlan:
     """How one frozen prefix is served for one call signature."""
 
@@ -185,6 +208,7 @@ class CallPlan:
     serve_ms: float = 0.0
     store_ms: float = 0.0
     noise: float = 0.0
+    live: LiveCost = field(default_factory=LiveCost)
 
     def stored(self):
         """(key, leaf index, kind, slot) of every output the cache stores, in slot order."""
@@ -307,6 +331,7 @@ class ActivationCache(Service):
             self.sample_ids = None
 
     def call(self, run, args, kwargs):
+        start = time.perf_counter()
         self._digests.clear()  # weights may have changed since the last call (through .data, too)
         prefix = self.prefix
         flat = tree_flatten((tuple(args), dict(kwargs)))
@@ -340,7 +365,7 @@ class ActivationCache(Service):
         self.last_plan = plan
         if not plan.cacheable:
             return run(args, kwargs)
-        return self._serve(plan, sig, run, args, kwargs)
+        return self._serve(plan, sig, run, args, kwargs, start)
 
     def _too_small_to_analyse(self, prefix, sig) -> str:
         """Why this batch cannot be analysed, or ''. The analysis compares the batch with its halves: a batch of
@@ -715,8 +740,11 @@ class ActivationCache(Service):
         return served
 
     # -- serving ------------------------------------------------------------------------------------------
-    def _serve(self, plan, sig, run, args, kwargs):
+    def _serve(self, plan, sig, run, args, kwargs, start):
+        """Serve one call (`start`: when the cache began on it, for the in-run cost check)."""
         top = self._modules(plan.prefix).top
+        timed = self.config.check_cost and not plan.live.judged and not any(
+            t.is_cuda for t in sig.tensors(sig.batch_leaves))
         batch = sig.batch
         lvl = self.store.level(plan.prefix, self._version(plan.prefix))
         keys = self._keys(sig)
@@ -743,8 +771,15 @@ class ActivationCache(Service):
             if out is None:
                 with Interception(top, keep=plan.keep) as ic:
                     out = run(args, kwargs)
+                stored = time.perf_counter()
                 self._store_outputs(plan, sig, ic.outputs, keys)
                 self.stats["computed"] += batch
+                if timed:
+                    live = plan.live
+                    live.compute_s += ic.call_seconds
+                    live.store_s += ic.copy_seconds + time.perf_counter() - stored
+                    live.stored += batch
+                    live.stored_batches += 1
         else:
             if fresh is not None:
                 self._store_outputs(plan, sig, fresh, keys, rows_keys=[keys[r] for r in miss_rows])
@@ -752,11 +787,37 @@ class ActivationCache(Service):
             else:
                 self.stats["fully_served_batches"] += 1
             served = self._build(plan, sig, lvl, keys, hit_rows, fresh, miss_rows if fresh is not None else None)
+            if timed and fresh is None:
+                plan.live.serve_s += time.perf_counter() - start
+                plan.live.served += batch
+                plan.live.served_batches += 1
             out, _ = self._run_served(plan, served, run, args, kwargs)
         if self.config.verify and served is not None:
             self._verify(plan, served, args, kwargs)
+        if timed:
+            self._judge_live(plan)
         self._check_hit_rate()
         return out
+
+    def _judge_live(self, plan) -> None:
+        """The cost check again, with the times measured inside the run once LIVE_BATCHES batches were stored and
+        as many served whole (the analysis' own timings favour caching: a hot scratch store, a prefix-only run
+        with its own overhead); a plan that does not pay is turned off and, when no other call signature uses
+        its level, the level's entries are freed."""
+        live = plan.live
+        if live.stored_batches < LIVE_BATCHES or live.served_batches < LIVE_BATCHES:
+            return
+        live.judged = True
+        compute, serve, store = live.per_batch_ms()
+        if pays_back(compute, serve, store):
+            return
+        plan.cacheable = False
+        plan.reason = (f"does not pay inside the run: {compute:.2f} ms to compute the frozen prefix, {serve:.2f} ms "
+                       f"to serve a batch, {store:.2f} ms to store one (means over {live.stored_batches} stored and "
+                       f"{live.served_batches} served batches of {live.served / live.served_batches:.0f}; the "
+                       f"analysis had measured {plan.compute_ms:.2f}, {plan.serve_ms:.2f} and {plan.store_ms:.2f})")
+        if not any(p.cacheable for (prefix, _), p in self.plans.items() if prefix == plan.prefix):
+            self.store.drop(lambda prefix: prefix == plan.prefix)
 
     def _run_served(self, plan, served, run, args, kwargs, real=(), keep=False):
         top = self._modules(plan.prefix).top

@@ -68,7 +68,8 @@ class CacheConfig:
     dataset_size: number of distinct samples per epoch, if known; lets the hit-rate check start earlier.
     check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
         stored once and served once costs less than computing it twice (the reason, with the three times, is in
-        `explain` and `fm.cache.report()["decision"]`).
+        `explain` and `fm.cache.report()["decision"]`); on CPU, check again with the times measured inside the
+        run after 16 stored and 16 served batches, and turn off a level that does not pay.
     verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
     watch_data: at every call, compare a content digest (the sum of each tensor's values) of the frozen prefix's
         weights and buffers and of everything else it reads: catches `.data` edits (EMA, pruning, loading weights
