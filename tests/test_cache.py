@@ -140,10 +140,10 @@ def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
     assert len(copies) == 2 * 2  # two runs (the end of chunk 0, the start of chunk 1) x two outputs
     assert store.entries() == 6 and len(level.groups[next(iter(level.groups))].chunks) == 2
     copies.clear()
-    assert put([b"k%d" % i for i in range(6, 20)], 1000) == 6  # room for 12: chunk 1 has twice chunk 0's slots
-    assert len(copies) == 1 * 2  # one run (the rest of chunk 1) x two outputs, not 6 x 2
+    assert put([b"k%d" % i for i in range(6, 20)], 1000) == 6  # room for 12 in three chunks: then full
+    assert len(copies) == 2 * 2  # two runs (the rest of chunk 1, all of chunk 2) x two outputs, not 6 x 2
     assert level.full and store.entries() == 12 and store.memory_used == 3 * per_chunk
-    assert level.groups[next(iter(level.groups))].sizes == [4, 8]
+    assert level.groups[next(iter(level.groups))].sizes == [4, 4, 4]
     keys = [b"k%d" % i for i in (11, 0, 4, 7, 3)]
     out = [torch.empty(len(keys), width), torch.empty(len(keys), 2, dtype=torch.bfloat16)]
     store.get(level, keys, range(len(keys)), out)
@@ -151,26 +151,30 @@ def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
         assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1])
 
 
-def test_store_chunks_double_and_shrink_to_the_budget():
-    """Each chunk has twice the slots of the one before (few chunks to gather a batch from), capped by
-    MAX_CHUNK_BYTES, and a smaller one when the budget has no room for that: the budget is filled all the same."""
+def test_store_chunks_grow_and_shrink_to_the_budget():
+    """Each chunk has half the slots stored so far (few chunks to gather a batch from, a level never reserving
+    more than half again what it holds), capped by MAX_CHUNK_BYTES, and a smaller one when the budget has no room
+    for that, down to what it has left: the budget is filled all the same."""
     from frzcompile.cache import store as store_module
 
     per_slot = 16 * 4
-    store = ActivationStore(CacheConfig(memory_bytes=(4 + 8 + 16 + 5) * per_slot), chunk_slots=4)
+    store = ActivationStore(CacheConfig(memory_bytes=(4 + 4 + 4 + 6 + 9 + 5) * per_slot), chunk_slots=4)
     level = store.level(("a",), 0)
     data = torch.randn(40, 16)
     keys = [b"k%d" % i for i in range(40)]
-    assert store.put(level, keys, [data]) == 4 + 8 + 16 + 4 and level.full
+    assert store.put(level, keys, [data]) == 32 and level.full
     group = level.groups[next(iter(level.groups))]
-    assert group.sizes == [4, 8, 16, 4] and group.starts == [0, 4, 12, 28]
-    picked = [31, 0, 5, 20, 12, 3]
+    # 13 (half of 27) does not fit, nor 6; 4 does, and then a last chunk takes the slot left
+    assert group.sizes == [4, 4, 4, 6, 9, 4, 1] and group.starts == [0, 4, 8, 12, 18, 27, 31]
+    assert store.memory_used == store.config.memory_bytes
+    picked = [30, 0, 5, 20, 12, 3]
     out = torch.empty(len(picked), 16)
     store.get(level, [keys[i] for i in picked], range(len(picked)), [out])
     assert torch.equal(out, data[picked])
     capped = store_module._Chunks(((16,),), (torch.float32,), slots=4)
-    capped.sizes, capped.starts = [store_module.MAX_CHUNK_BYTES // per_slot], [0]
-    assert capped.next_sizes()[0] == store_module.MAX_CHUNK_BYTES // per_slot  # no bigger than the cap
+    cap = store_module.MAX_CHUNK_BYTES // per_slot
+    capped.sizes, capped.starts = [cap] * 3, [0, cap, 2 * cap]
+    assert capped.next_sizes()[0] == cap  # half the capacity would be 1.5 times the cap
 
 
 def test_disk_spill_round_trip_and_cleanup(tmp_path):
@@ -817,7 +821,9 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
 
         def forward(self, x):
             Timed.calls += 1
-            time.sleep(0.02 if 2 <= Timed.calls <= 4 else real_ms / 1000)  # calls 2-4: the timed analysis runs
+            seconds = 0.02 if 2 <= Timed.calls <= 4 else real_ms / 1000  # calls 2-4: the timed analysis runs
+            if seconds:  # (sleep(0) yields the processor: on a busy machine that alone can take milliseconds)
+                time.sleep(seconds)
             return self.lin(x)
 
     torch.manual_seed(0)
@@ -842,3 +848,37 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
             hits = fm.cache.stats["hits"]
             torch.testing.assert_close(fm(batches[0]), model(batches[0]))
             assert fm.cache.stats["hits"] == hits  # runs uncached from now on
+
+
+def test_the_in_run_cost_check_follows_a_deepening_prefix():
+    """After the prefix deepens, its first epoch is served from the shallower level's entries with only the newly
+    frozen units run: those batches count as stored for the deeper level's in-run check, computing the prefix
+    costing what the shallower one cost in the run plus the new units' calls."""
+    from frzcompile.cache.service import LIVE_BATCHES
+
+    class Costly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            time.sleep(0.003)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Costly(), nn.Linear(4, 4), nn.Linear(4, 4))
+    batches = [torch.randn(8, 4) for _ in range(LIVE_BATCHES + 1)]
+    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
+    with torch.no_grad():
+        fm.freeze("0")
+        for x in batches + batches:
+            fm(x)
+        shallow = fm.cache.last_plan
+        assert shallow.live.judged and shallow.cacheable
+        fm.freeze("1")
+        for x in batches + batches:
+            fm(x)
+    deep = fm.cache.last_plan
+    assert deep.prefix == ("0", "1") and fm.cache.stats["reused_from_shallower"] == 8 * (LIVE_BATCHES + 1)
+    assert deep.live.judged and deep.live.stored_batches == LIVE_BATCHES and deep.cacheable
+    assert deep.live.compute_s / deep.live.stored > 0.003 / 8  # the shallower prefix's 3 ms a batch, carried over

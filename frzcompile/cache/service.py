@@ -184,6 +184,10 @@ class LiveCost:
     served_batches: int = 0
     judged: bool = False
 
+    def compute_per_sample(self):
+        """Seconds to compute the frozen prefix per sample inside the run, or None before a stored batch."""
+        return self.compute_s / self.stored if self.stored else None
+
     def per_batch_ms(self) -> tuple:
         """(compute, serve, store) milliseconds for a batch of the served batches' mean size."""
         batch = self.served / self.served_batches
@@ -767,7 +771,7 @@ class ActivationCache(Service):
                 self._window[1] -= len(hit_rows)
                 hit_rows, fresh = [], None
         if not hit_rows:
-            out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys)
+            out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys, timed)
             if out is None:
                 with Interception(top, keep=plan.keep) as ic:
                     out = run(args, kwargs)
@@ -850,9 +854,11 @@ class ActivationCache(Service):
                 return other, lvl, other_sig, keys
         return None
 
-    def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys):
+    def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys, timed=False):
         """When every row is cached for a shallower prefix: serve it, run only the newly frozen units, and
-        store this prefix's outputs. Returns None when no shallower prefix has them all."""
+        store this prefix's outputs. Returns None when no shallower prefix has them all. `timed`: count the
+        batch as stored for the in-run cost check, computing the prefix costing what the shallower one did in
+        the run (when known) plus the newly frozen units' calls."""
         shallower = self._shallower_cover(plan.prefix, sig)
         if shallower is None:
             return None
@@ -862,8 +868,16 @@ class ActivationCache(Service):
         shallow_top = self._modules(other.prefix).top
         newly = [path for path in top if path not in shallow_top]
         out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=plan.keep)
+        stored = time.perf_counter()
         self._store_outputs(plan, sig, ic.outputs, keys)
         self.stats["reused_from_shallower"] += sig.batch
+        below = other.live.compute_per_sample()
+        if timed and below is not None:
+            live = plan.live
+            live.compute_s += below * sig.batch + ic.call_seconds
+            live.store_s += ic.copy_seconds + time.perf_counter() - stored
+            live.stored += sig.batch
+            live.stored_batches += 1
         return out
 
     def _verify(self, plan, served, args, kwargs):

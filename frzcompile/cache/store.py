@@ -31,7 +31,7 @@ import torch
 from ..errors import ConfigError
 
 CHUNK_SLOTS = 256            # slots of a group's first chunk
-MAX_CHUNK_BYTES = 256 << 20  # each later chunk doubles, up to this size: a served batch gathers from few chunks
+MAX_CHUNK_BYTES = 256 << 20  # later chunks grow (half the capacity so far), up to this size: few chunks to gather
 # Inputs and entries on these devices go through the Triton kernels (row fingerprint, gather-and-cast) where
 # they are; tests add "cpu" to run them in Triton's interpreter.
 KERNEL_DEVICES = frozenset({"cuda"})
@@ -168,9 +168,10 @@ def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
 
 class _Chunks:
     """Slots for one level and one per-sample shape signature: one tensor per frontier output per chunk. The
-    first chunk has `slots` slots and each next one twice the last, up to MAX_CHUNK_BYTES (smaller when the
-    budget leaves less), so a large dataset's entries sit in a few chunks: serving a batch costs one gather and
-    one copy per chunk it touches and output."""
+    first chunk has `slots` slots and each next one half the capacity so far (at least `slots`, at most
+    MAX_CHUNK_BYTES; smaller when the budget leaves less), so a large dataset's entries sit in a few chunks
+    (serving a batch costs one gather and one copy per chunk it touches and output), and a level reserves at
+    most half again what it holds (plus one first chunk)."""
 
     def __init__(self, sample_shapes, dtypes, slots=CHUNK_SLOTS):
         self.first = slots
@@ -190,7 +191,7 @@ class _Chunks:
     def next_sizes(self) -> list:
         """Slot counts to try for the next chunk, largest first, down to the first chunk's."""
         cap = max(self.first, MAX_CHUNK_BYTES // max(self.bytes_per_slot, 1))
-        size = min(cap, 2 * self.sizes[-1]) if self.sizes else self.first
+        size = min(cap, max(self.first, self.capacity() // 2))
         sizes = []
         while size > self.first:
             sizes.append(size)
@@ -272,8 +273,9 @@ class ActivationStore:
         while not fits(sizes[-1]) and evictable:
             victim = evictable.pop(0)  # older levels make room first
             self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
-        for slots in sizes:
-            if fits(slots):
+        rest = (self.config.memory_bytes - self.memory_used) // max(group.bytes_per_slot, 1)
+        for slots in sizes + [rest]:  # the last try fills what the budget has left
+            if slots > 0 and fits(slots):
                 group.add([torch.empty((slots,) + s, dtype=d, device=self.config.device)
                            for s, d in zip(group.sample_shapes, group.dtypes)], slots, False)
                 self.memory_used += slots * group.bytes_per_slot
