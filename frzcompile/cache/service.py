@@ -9,11 +9,12 @@ The prefix is then run alone (intercept.py: the run stops after the prefix's las
 on its first and second halves and reversed: each stored output must be either the same whatever the batch
 holds ("shared", e.g. an attention mask of these shapes) or batch-first with each sample's rows depending on that
 sample alone ("sample"), within the measured numerical noise (numerics.py), and a batch stored once and served
-once must cost less than computing it twice (computing, serving and storing are timed: `pays_back`). Then, per
-call: fingerprint each sample's inputs; serve hits from the store by intercepting the prefix's calls (their
-forwards do not run); compute misses with a prefix-only run on the missing rows (or, when all miss, within the
-real call) and store them; when the prefix has just deepened, serve the shallower prefix's entries and run only
-the newly frozen units.
+once must cost less than computing it twice (computing, serving and storing are timed: `pays_back`; on CPU the
+check is made again with times measured inside the run: `_judge_live`). Then, per call: fingerprint each
+sample's inputs; serve hits from the store by intercepting the prefix's calls (their forwards do not run);
+compute misses with a prefix-only run on the missing rows (or, when all miss, within the real call) and store
+them; when the prefix has just deepened, serve the shallower prefix's entries and run only the newly frozen
+units.
 
 Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
 buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
