@@ -91,9 +91,10 @@ def main():
     gc_types = {"src_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*bf16", "row_len": "i32", "col_blocks": "i32"}
     sass, regs = compile_sm90(gc._gather_cast_kernel, gc_types, {"BLOCK": 2048})
     ops = opcodes(sass.splitlines())
+    loads = collections.Counter(o for o in ops if o.startswith("LDG"))
+    stores = collections.Counter(o for o in ops if o.startswith("STG"))
     print(f"gather_cast (BLOCK=2048, fp32 -> bf16, 4 warps): {regs} registers, {len(ops)} instructions for "
-          f"{2048 // 128} elements a thread; global loads {collections.Counter(o for o in ops if o.startswith('LDG'))}, "
-          f"stores {collections.Counter(o for o in ops if o.startswith('STG'))}")
+          f"{2048 // 128} elements a thread; global loads {dict(loads)}, stores {dict(stores)}")
 
 
 if __name__ == "__main__":
