@@ -150,7 +150,8 @@ class Explanation:
     def __str__(self) -> str:
         lines = [f"frzcompile: {self.model} captured by {self.capture_method}"]
         for method, why in self.capture_attempts:
-            lines.append(f"  ({method} was tried first and failed: {why})")
+            lines.append(f"  (tried {method} first; it cannot capture this model, which is common and harmless: "
+                         f"{why})")
         lines.append(f"policy {self.policy}, step {self.step}")
         lines += [f"  {line}" for line in self.policy_report]
         if self.policy_report:

@@ -37,7 +37,7 @@ def test_explain_names_the_export_fallback():
     model = zoo.TransformerClassifier(vocab=50, d_model=16, nhead=2, layers=2)
     fm = frzcompile.optimize(model, (torch.randint(0, 50, (2, 6)),))
     text = str(frzcompile.explain(fm))
-    assert "captured by export" in text and "symbolic_trace was tried first and failed" in text
+    assert "captured by export" in text and "tried symbolic_trace first; it cannot capture this model" in text
 
 
 def test_debug_env_writes_each_graph(tmp_path, monkeypatch):
