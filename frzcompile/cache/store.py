@@ -69,7 +69,7 @@ class CacheConfig:
     check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
         stored once and served once costs less than computing it twice (the reason, with the three times, is in
         `explain` and `fm.cache.report()["decision"]`); on CPU, check again with the times measured inside the
-        run after 16 stored and 16 served batches, and turn off a level that does not pay.
+        run after 16 stored and 16 served batches, and turn off a call signature that does not pay.
     verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
     watch_data: at every call, compare a content digest (the sum of each tensor's values) of the frozen prefix's
         weights and buffers and of everything else it reads: catches `.data` edits (EMA, pruning, loading weights
@@ -264,7 +264,8 @@ class ActivationStore:
     # -- slots -------------------------------------------------------------------------------------------
     def _new_chunk(self, group: _Chunks, evictable):
         """Add a chunk to `group`: the largest of its next sizes that fits in memory (evicting older levels only
-        when not even the smallest does), else on disk; False when none fits."""
+        when not even the smallest does), else whatever room the memory budget has left, else on disk; False
+        when none fits."""
         sizes = group.next_sizes()
 
         def fits(slots):
