@@ -774,6 +774,32 @@ def test_cache_config_checks_the_spill_folder(tmp_path):
         CacheConfig(spill_dir=str(not_a_folder))
 
 
+class _Sleepy(nn.Module):
+    """A Linear(4, 4) whose n-th call (counted from 1 after `reset()`) first sleeps `seconds(n)`: a frozen prefix
+    whose cost the tests choose, call by call (calls 2-4 after a freeze are the analysis' timed prefix-only runs).
+    A zero is not slept (sleep(0) yields the processor: on a busy machine that alone can take milliseconds)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seconds = seconds
+        self._count = [0]  # counted in place: a forward that set an attribute would be refused by the cache
+
+    @property
+    def calls(self):
+        return self._count[0]
+
+    def reset(self):
+        self._count[0] = 0
+
+    def forward(self, x):
+        self._count[0] += 1
+        pause = self.seconds(self._count[0])
+        if pause:
+            time.sleep(pause)
+        return self.lin(x)
+
+
 def test_the_cost_check_times_warm_runs_and_counts_storing():
     from frzcompile.cache.service import pays_back
 
@@ -781,27 +807,15 @@ def test_the_cost_check_times_warm_runs_and_counts_storing():
     assert not pays_back(3.0, 2.9, 1.0)      # serving barely cheaper than computing: storing is never paid back
     assert not pays_back(10.0, 4.0, 2.5)     # 10 ms saved per batch served, 10.5 ms spent to store and look up
 
-    class Slow(nn.Module):
-        """25 ms a call, but 250 ms on its second (the analysis' first prefix-only run), like a cold first run."""
-        calls = 0
-
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x):
-            Slow.calls += 1
-            time.sleep(0.25 if Slow.calls == 2 else 0.025)
-            return self.lin(x)
-
-    model = nn.Sequential(Slow(), nn.Linear(4, 4))
+    slow = _Sleepy(lambda n: 0.25 if n == 2 else 0.025)  # 25 ms a call, 250 ms on the analysis' first run
+    model = nn.Sequential(slow, nn.Linear(4, 4))
     x = torch.randn(8, 4)
     fm = frzcompile.optimize(model, (x,), policy="manual", cache=True)
     fm.freeze("0")
-    Slow.calls = 0
+    slow.reset()
     fm(x)
     plan = fm.cache.last_plan
-    assert Slow.calls >= 4 and plan.cacheable and plan.reason.startswith("pays:")
+    assert slow.calls >= 4 and plan.cacheable and plan.reason.startswith("pays:")
     assert 20 <= plan.compute_ms < 150, plan.compute_ms   # the best of three runs, not the cold one
     fm(x)
     assert fm.cache.report()["hits"] == 8
@@ -814,26 +828,13 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
     run) is turned off and its entries freed; one that costs 3 ms in the run stays on."""
     from frzcompile.cache.service import LIVE_BATCHES
 
-    class Timed(nn.Module):
-        calls = 0
-
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x):
-            Timed.calls += 1
-            seconds = 0.02 if 2 <= Timed.calls <= 4 else real_ms / 1000  # calls 2-4: the timed analysis runs
-            if seconds:  # (sleep(0) yields the processor: on a busy machine that alone can take milliseconds)
-                time.sleep(seconds)
-            return self.lin(x)
-
     torch.manual_seed(0)
-    model = nn.Sequential(Timed(), nn.Linear(4, 4))
+    timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 4 else real_ms / 1000)  # slow only on the analysis' timed runs
+    model = nn.Sequential(timed, nn.Linear(4, 4))
     batches = [torch.randn(8, 4) for _ in range(LIVE_BATCHES + 1)]  # the first one is the analysis' own
     fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
     fm.freeze("0")
-    Timed.calls = 0
+    timed.reset()
     with torch.no_grad():
         for x in batches + batches[:LIVE_BATCHES]:
             fm(x)
@@ -858,17 +859,8 @@ def test_the_in_run_cost_check_follows_a_deepening_prefix():
     costing what the shallower one cost in the run plus the new units' calls."""
     from frzcompile.cache.service import LIVE_BATCHES
 
-    class Costly(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, x):
-            time.sleep(0.003)
-            return self.lin(x)
-
     torch.manual_seed(0)
-    model = nn.Sequential(Costly(), nn.Linear(4, 4), nn.Linear(4, 4))
+    model = nn.Sequential(_Sleepy(lambda n: 0.003), nn.Linear(4, 4), nn.Linear(4, 4))
     batches = [torch.randn(8, 4) for _ in range(LIVE_BATCHES + 1)]
     fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
     with torch.no_grad():

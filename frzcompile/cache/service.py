@@ -268,7 +268,7 @@ class PrefixModules:
     """The modules that matter for serving one frozen prefix."""
 
     top: dict          # path -> module of each prefix unit (their calls are intercepted)
-    guarded: list      # every module but those inside trainable units: hooks on them must see each call
+    guarded: dict      # path -> every module but those inside trainable units: hooks on them must see each call
     others: dict       # path -> module of the other units (prefix-only runs stop before them)
     state: PythonState  # the Python state of the guarded modules
 
@@ -392,10 +392,11 @@ class ActivationCache(Service):
             units = self.unit_graph.units
             top = {path: self.model.get_submodule(path) for u in prefix for path in self.unit_graph.paths(u)}
             trainable = {id(m) for u in units if u not in prefix for m in units[u].modules}
-            guarded = [m for m in self.model.modules() if id(m) not in trainable]
+            guarded = {path: m for path, m in self.model.named_modules() if id(m) not in trainable}
             others = {path: self.model.get_submodule(path) for u in units if u not in prefix
                       for path in self.unit_graph.paths(u)}
-            cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others, PythonState(guarded))
+            cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others,
+                                                                 PythonState(guarded.values()))
         return cached
 
     def _step_aside(self, prefix, leaves) -> str:
@@ -413,11 +414,10 @@ class ActivationCache(Service):
         mods = self._modules(prefix)
         if torch_private.global_module_hooks():
             return "global module hooks (torch.nn.modules.module.register_module_forward_hook...) must see every call"
-        hooked = next((m for m in mods.guarded if torch_private.has_call_hooks(m)), None)
+        hooked = next((path for path, m in mods.guarded.items() if torch_private.has_call_hooks(m)), None)
         if hooked is not None:
-            path = next((name for name, m in self.model.named_modules() if m is hooked), "?") or "the model itself"
-            return (f"hooks on {path} (in the frozen prefix, its parents or the code between units) must see every "
-                    "call")
+            return (f"hooks on {hooked or 'the model itself'} (in the frozen prefix, its parents or the code between "
+                    "units) must see every call")
         for m in mods.top.values():
             own = m.__dict__.get("forward")
             if own is not None and not getattr(own, FORWARD_MARK, False):
