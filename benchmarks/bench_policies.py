@@ -139,8 +139,9 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
     yield {"policy": name, "steps": step, "train_seconds": train_seconds, "accuracy": curve[-1][2],
             "curve": curve, "train_flops": flops, "timeline": timeline, "units": fm.units,
             "policy_seconds": policy_seconds[0],
-            "cache": {k: v for k, v in fm.cache.report(fm.frozen_prefix).items() if k in
-                      ("decision", "hit_rate", "entries")} if fm.cache else None}
+            # why each freeze happened or waited (SmartFRZ's safety rules), and what the cache did
+            "events": list(getattr(getattr(fm.policy, "safeguard", None), "events", [])),
+            "cache": fm.cache.report(fm.frozen_prefix) if fm.cache else None}
 
 
 def side_by_side(names, epochs, seed, start):
