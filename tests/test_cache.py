@@ -199,7 +199,7 @@ def test_disk_spill_round_trip_and_cleanup(tmp_path):
 
 
 def test_deepening_prefix_reuses_entries():
-    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False, store_deeper_after=0))
     for f in (fm, plain):
         f.freeze("conv1", "bn1")
     x = torch.rand(16, 1, 12, 12)
@@ -214,6 +214,49 @@ def test_deepening_prefix_reuses_entries():
     # unfreezing a unit drops every level that contains it
     fm.unfreeze("layer2")
     assert [tuple(lv) for lv in fm.cache.report(fm.frozen_prefix)["levels"]] == [("conv1", "bn1")]
+
+
+def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
+    """Stored for an epoch, a level serves only from the next one: after the prefix deepens, the shallower level's
+    entries serve it (the newly frozen units run) and the deeper outputs are stored from its second epoch on."""
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    epoch = [x for x, _ in _data(n=32, batch=8)]
+    for f in (fm, plain):
+        f.eval()  # (BatchNorm statistics stay put: every pass gives the same values)
+        f.freeze("conv1", "bn1")
+    cache = fm.cache
+    for _ in range(2):  # stored, then served whole: the first whole batch tells the epoch's size
+        for x in epoch:
+            torch.testing.assert_close(fm(x), plain(x))
+    assert cache.epoch_samples == 32 and cache.stats["hits"] == 32
+    for f in (fm, plain):
+        f.freeze("layer1", "layer2")
+    deep = ("conv1", "bn1", "layer1", "layer2")
+    for x in epoch:  # young: served from the shallower level, not stored
+        torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert cache.stats["not_stored_young"] == 32 and cache.stats["reused_from_shallower"] == 32
+    assert len(cache.store.levels[deep].index) == 0
+    assert "not stored for the deeper prefix" in str(frzcompile.explain(fm))
+    for x in epoch:  # held for an epoch: stored now
+        torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert len(cache.store.levels[deep].index) == 32 and cache.stats["not_stored_young"] == 32
+    hits = cache.stats["hits"]
+    for x in epoch:  # and served from its own level
+        torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert cache.stats["hits"] == hits + 32
+
+    eager, _ = _resnet_pair(CacheConfig(check_cost=False, store_deeper_after=0))
+    eager.eval()
+    eager.freeze("conv1", "bn1")
+    for _ in range(2):
+        for x in epoch:
+            eager(x)
+    eager.freeze("layer1", "layer2")
+    for x in epoch:
+        eager(x)
+    assert len(eager.cache.store.levels[deep].index) == 32 and eager.cache.stats["not_stored_young"] == 0
+    with pytest.raises(frzcompile.ConfigError, match="store_deeper_after"):
+        CacheConfig(store_deeper_after=-1)
 
 
 class Centre(nn.Module):
@@ -862,7 +905,7 @@ def test_the_in_run_cost_check_follows_a_deepening_prefix():
     torch.manual_seed(0)
     model = nn.Sequential(_Sleepy(lambda n: 0.003), nn.Linear(4, 4), nn.Linear(4, 4))
     batches = [torch.randn(8, 4) for _ in range(LIVE_BATCHES + 1)]
-    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
+    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=CacheConfig(store_deeper_after=0))
     with torch.no_grad():
         fm.freeze("0")
         for x in batches + batches:

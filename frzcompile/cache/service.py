@@ -14,7 +14,9 @@ check is made again with times measured inside the run: `_judge_live`). Then, pe
 sample's inputs; serve hits from the store by intercepting the prefix's calls (their forwards do not run);
 compute misses with a prefix-only run on the missing rows (or, when all miss, within the real call) and store
 them; when the prefix has just deepened, serve the shallower prefix's entries and run only the newly frozen
-units.
+units, and start storing the deeper prefix's outputs only once it has held for `CacheConfig.store_deeper_after`
+epochs (a level stored for an epoch serves only from the next one: a prefix that deepens again sooner would
+store for nothing).
 
 Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
 buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
@@ -296,7 +298,10 @@ class ActivationCache(Service):
         self.state_changes: dict = {}             # (prefix, signature digest) -> re-analyses for a new state
         self._small_refused: set = set()          # (prefix, signature digest) refused on a batch of 2 or 3
         self.stats = dict(lookups=0, hits=0, reused_from_shallower=0, computed=0, stored=0, batches=0,
-                          fully_served_batches=0, verified_batches=0, analysed_signatures=0)
+                          fully_served_batches=0, verified_batches=0, analysed_signatures=0, not_stored_young=0)
+        self.epoch_samples = config.dataset_size  # samples per epoch: given, or learned (_learn_epoch)
+        self._seen = 0                            # samples of the calls probed or served
+        self._prefix_since = 0                    # _seen when the current prefix began
         self._window = [0, 0]                     # lookups, hits since the last hit-rate check
         self._full_at = None                      # lookups when the store first became full
         self._modules_cache: dict = {}
@@ -304,6 +309,8 @@ class ActivationCache(Service):
     # -- hook points ------------------------------------------------------------------------------------
     def on_plan(self, change, analysis) -> None:
         """Unfreezing a unit invalidates every level that contains it (its weights will change)."""
+        if tuple(change.prefix) != self.prefix:
+            self._prefix_since = self._seen
         self.prefix = tuple(change.prefix)
         frozen = set(change.frozen)
         self.store.drop(lambda prefix: not set(prefix) <= frozen)
@@ -449,6 +456,7 @@ class ActivationCache(Service):
     def _probe(self, prefix, sig, run, args, kwargs):
         """The first call of a signature: run it for real under the dataflow probe (serving a shallower prefix's
         entries when they cover the batch), analyse, and store its outputs when the verdict is to cache."""
+        self._seen += sig.batch
         mods = self._modules(prefix)
         top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
@@ -489,8 +497,11 @@ class ActivationCache(Service):
             extra = self.extra_state.setdefault(prefix, [])
             known = {id(t) for t in extra}
             extra += [t for t in result.state if id(t) not in known]
-            self._store_outputs(plan, sig, ic.outputs, keys)
             self.stats["reused_from_shallower" if shallower is not None else "computed"] += sig.batch
+            if shallower is not None and self._young(prefix, sig.batch):
+                self.stats["not_stored_young"] += sig.batch
+            else:
+                self._store_outputs(plan, sig, ic.outputs, keys)
         return out
 
     def _analyse(self, prefix, sig, ic, result, args, kwargs) -> CallPlan:
@@ -758,6 +769,7 @@ class ActivationCache(Service):
         hit_set = set(hit_rows)
         miss_rows = [r for r in range(batch) if r not in hit_set]
         self.stats["lookups"] += batch
+        self._seen += batch
         self.stats["hits"] += len(hit_rows)
         self.stats["batches"] += 1
         self._window[0] += batch
@@ -791,6 +803,7 @@ class ActivationCache(Service):
                 self.stats["computed"] += len(miss_rows)
             else:
                 self.stats["fully_served_batches"] += 1
+                self._learn_epoch(lvl)
             served = self._build(plan, sig, lvl, keys, hit_rows, fresh, miss_rows if fresh is not None else None)
             if timed and fresh is None:
                 plan.live.serve_s += time.perf_counter() - start
@@ -857,21 +870,27 @@ class ActivationCache(Service):
 
     def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys, timed=False):
         """When every row is cached for a shallower prefix: serve it, run only the newly frozen units, and
-        store this prefix's outputs. Returns None when no shallower prefix has them all. `timed`: count the
+        store this prefix's outputs (unless the prefix is young: `_young`). Returns None when no shallower prefix
+        has them all. `timed`: count the
         batch as stored for the in-run cost check, computing the prefix costing what the shallower one did in
         the run (when known) plus the newly frozen units' calls."""
         shallower = self._shallower_cover(plan.prefix, sig)
         if shallower is None:
             return None
         other, lvl, other_sig, other_keys = shallower
+        self._learn_epoch(lvl)
         served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
         top = self._modules(plan.prefix).top
         shallow_top = self._modules(other.prefix).top
         newly = [path for path in top if path not in shallow_top]
-        out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=plan.keep)
+        young = self._young(plan.prefix, sig.batch)
+        out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=False if young else plan.keep)
+        self.stats["reused_from_shallower"] += sig.batch
+        if young:
+            self.stats["not_stored_young"] += sig.batch
+            return out
         stored = time.perf_counter()
         self._store_outputs(plan, sig, ic.outputs, keys)
-        self.stats["reused_from_shallower"] += sig.batch
         below = other.live.compute_per_sample()
         if timed and below is not None:
             live = plan.live
@@ -880,6 +899,20 @@ class ActivationCache(Service):
             live.stored += sig.batch
             live.stored_batches += 1
         return out
+
+    def _learn_epoch(self, lvl) -> None:
+        """The first batch that a level covers whole tells the number of samples per epoch: a level fills with
+        one epoch's samples before every sample of a batch can be in it (unless `dataset_size` was given)."""
+        if self.epoch_samples is None:
+            self.epoch_samples = len(lvl.index)
+
+    def _young(self, prefix, batch: int) -> bool:
+        """Whether `prefix` (served from a shallower prefix's entries) has held for fewer than `store_deeper_after`
+        epochs of samples before this batch (of `batch`, already counted in `_seen`): its outputs are not
+        stored yet. Until the epoch is known (no level held one whole yet), it is stored at once."""
+        held = self._seen - batch - self._prefix_since
+        return prefix == self.prefix and self.epoch_samples is not None and \
+            held < self.config.store_deeper_after * self.epoch_samples
 
     def _verify(self, plan, served, args, kwargs):
         expected, _ = self._prefix_run(plan.prefix, plan.calls, args, kwargs)
@@ -988,5 +1021,7 @@ class ActivationCache(Service):
             "bytes_on_disk": self.store.disk_used,
             "spill_files": self.store.spill_files,
             "levels": [list(p) for p in self.store.levels],
+            "epoch_samples": self.epoch_samples,
+            "store_deeper_after": self.config.store_deeper_after,
             **s,
         }

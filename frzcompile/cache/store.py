@@ -65,7 +65,12 @@ class CacheConfig:
     min_hit_rate: below this hit rate, judged once samples could repeat (after the store is full, over as many
         further lookups as it holds entries; or after two passes over `dataset_size` samples), the cache turns
         itself off and says why; 0 keeps it on.
-    dataset_size: number of distinct samples per epoch, if known; lets the hit-rate check start earlier.
+    dataset_size: number of distinct samples per epoch, if known; lets the hit-rate check start earlier. Unknown,
+        the cache learns it from the first batch a level holds whole (the level then holds one epoch).
+    store_deeper_after: when the frozen prefix deepens, a shallower prefix's entries serve it (only the newly
+        frozen units run) and the deeper prefix's outputs are stored only once it has held for this many epochs
+        (stored for an epoch, a level serves only from the next one, so a prefix that deepens again sooner would
+        store for nothing); 0 stores at once. Until the number of samples per epoch is known, it stores at once.
     check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
         stored once and served once costs less than computing it twice (the reason, with the three times, is in
         `explain` and `fm.cache.report()["decision"]`); on CPU, check again with the times measured inside the
@@ -86,6 +91,7 @@ class CacheConfig:
     deterministic_inputs: bool = False
     min_hit_rate: float = 0.2
     dataset_size: int | None = None
+    store_deeper_after: float = 1.0
     check_cost: bool = True
     verify: bool = False
     watch_data: bool = True
@@ -115,6 +121,8 @@ class CacheConfig:
             raise ConfigError("CacheConfig budgets must be >= 0 bytes")
         if self.storage_dtype is not None and not self.storage_dtype.is_floating_point:
             raise ConfigError(f"storage_dtype must be a floating dtype, not {self.storage_dtype}")
+        if not self.store_deeper_after >= 0:
+            raise ConfigError(f"store_deeper_after must be >= 0 (epochs), not {self.store_deeper_after}")
         if not 0.0 <= self.min_hit_rate <= 1.0:
             raise ConfigError(f"min_hit_rate must be in [0, 1], not {self.min_hit_rate}")
 
