@@ -215,9 +215,9 @@ class Explanation:
                          f"{_fmt_count(c['bytes_on_disk'])}B spilled to disk ({c['spill_files']} files), "
                          f"{c['reused_from_shallower']} samples computed from a shallower prefix's entries")
             if c["not_stored_young"]:
-                lines.append(f"  {c['not_stored_young']} of those not stored for the deeper prefix: it is stored once "
-                             f"it has held for {c['store_deeper_after']:g} epoch(s) of {c['epoch_samples']} samples "
-                             "(CacheConfig(store_deeper_after=0) stores at once)")
+                lines.append(f"  {c['not_stored_young']} of those not stored for a deeper prefix younger than "
+                             f"{c['store_deeper_after']:g} epoch(s) of {c['epoch_samples']} samples (a level stored "
+                             "for an epoch serves from the next; CacheConfig(store_deeper_after=0) stores at once)")
         else:
             lines.append("activation cache: off (optimize(..., cache=True) turns it on)")
         lines.append("what runs: " + "; ".join(self.runs))

@@ -219,44 +219,60 @@ def test_deepening_prefix_reuses_entries():
 def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
     """Stored for an epoch, a level serves only from the next one: after the prefix deepens, the shallower level's
     entries serve it (the newly frozen units run) and the deeper outputs are stored from its second epoch on."""
-    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
-    epoch = [x for x, _ in _data(n=32, batch=8)]
-    for f in (fm, plain):
-        f.eval()  # (BatchNorm statistics stay put: every pass gives the same values)
-        f.freeze("conv1", "bn1")
-    cache = fm.cache
-    for _ in range(2):  # stored, then served whole: the first whole batch tells the epoch's size
-        for x in epoch:
-            torch.testing.assert_close(fm(x), plain(x))
-    assert cache.epoch_samples == 32 and cache.stats["hits"] == 32
-    for f in (fm, plain):
-        f.freeze("layer1", "layer2")
+    epoch = [x for x, _ in _data(n=128, batch=32)]
     deep = ("conv1", "bn1", "layer1", "layer2")
+
+    def start(config):
+        fm, plain = _resnet_pair(config)
+        for f in (fm, plain):
+            f.eval()  # (BatchNorm statistics stay put: every pass gives the same values)
+            f.freeze("conv1", "bn1")
+        for _ in range(2):  # stored, then served whole
+            for x in epoch:
+                torch.testing.assert_close(fm(x), plain(x))
+        for f in (fm, plain):
+            f.freeze("layer1", "layer2")
+        return fm, plain
+
+    fm, plain = start(CacheConfig(check_cost=False))
+    cache = fm.cache
+    assert cache.epoch_samples == 128 and cache.stats["hits"] == 128  # learned from the first whole batch of 32
     for x in epoch:  # young: served from the shallower level, not stored
         torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
-    assert cache.stats["not_stored_young"] == 32 and cache.stats["reused_from_shallower"] == 32
+    assert cache.stats["not_stored_young"] == 128 and cache.stats["reused_from_shallower"] == 128
     assert len(cache.store.levels[deep].index) == 0
-    assert "not stored for the deeper prefix" in str(frzcompile.explain(fm))
+    assert "not stored for a deeper prefix younger than 1 epoch(s) of 128 samples" in str(frzcompile.explain(fm))
     for x in epoch:  # held for an epoch: stored now
         torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
-    assert len(cache.store.levels[deep].index) == 32 and cache.stats["not_stored_young"] == 32
+    assert len(cache.store.levels[deep].index) == 128 and cache.stats["not_stored_young"] == 128
     hits = cache.stats["hits"]
     for x in epoch:  # and served from its own level
         torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
-    assert cache.stats["hits"] == hits + 32
+    assert cache.stats["hits"] == hits + 128
 
-    eager, _ = _resnet_pair(CacheConfig(check_cost=False, store_deeper_after=0))
-    eager.eval()
-    eager.freeze("conv1", "bn1")
-    for _ in range(2):
-        for x in epoch:
-            eager(x)
-    eager.freeze("layer1", "layer2")
+    # 0 stores at once; a batch covered by the shallower level counts as a hit for the hit-rate check, which
+    # therefore keeps the cache on through the deepening (here judged every epoch: dataset_size given)
+    eager, _ = start(CacheConfig(check_cost=False, store_deeper_after=0))
     for x in epoch:
         eager(x)
-    assert len(eager.cache.store.levels[deep].index) == 32 and eager.cache.stats["not_stored_young"] == 0
+    assert len(eager.cache.store.levels[deep].index) == 128 and eager.cache.stats["not_stored_young"] == 0
+    judged, _ = start(CacheConfig(check_cost=False, dataset_size=128, min_hit_rate=0.6))
+    for _ in range(2):
+        for x in epoch:
+            judged(x)
+    assert judged.cache.enabled and judged.cache.stats["not_stored_young"] == 128
     with pytest.raises(frzcompile.ConfigError, match="store_deeper_after"):
         CacheConfig(store_deeper_after=-1)
+
+
+def test_small_batches_held_whole_do_not_teach_the_epoch():
+    fm, _ = _resnet_pair(CacheConfig(check_cost=False))
+    fm.eval()
+    fm.freeze("conv1", "bn1")
+    for _ in range(2):
+        for x, _ in _data(n=64, batch=8):  # whole by chance long before a level holds an epoch: not read
+            fm(x)
+    assert fm.cache.stats["fully_served_batches"] == 8 and fm.cache.epoch_samples is None
 
 
 class Centre(nn.Module):

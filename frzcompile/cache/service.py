@@ -53,6 +53,7 @@ MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the c
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
+MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 
@@ -453,10 +454,12 @@ class ActivationCache(Service):
         return ic.outputs, complete
 
     # -- analysis (once per prefix and signature) -------------------------------------------------------------
-    def _probe(self, prefix, sig, run, args, kwargs):
+    def _probe(self, prefix, sig, run, args, kwargs, warming=False):
         """The first call of a signature: run it for real under the dataflow probe (serving a shallower prefix's
-        entries when they cover the batch), analyse, and store its outputs when the verdict is to cache."""
-        self._seen += sig.batch
+        entries when they cover the batch), analyse, and store its outputs when the verdict is to cache (not yet
+        for a young deeper prefix, `_young`, unless `warming`: `warm` fills the cache on purpose)."""
+        if not warming:
+            self._seen += sig.batch
         mods = self._modules(prefix)
         top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
@@ -498,7 +501,7 @@ class ActivationCache(Service):
             known = {id(t) for t in extra}
             extra += [t for t in result.state if id(t) not in known]
             self.stats["reused_from_shallower" if shallower is not None else "computed"] += sig.batch
-            if shallower is not None and self._young(prefix, sig.batch):
+            if shallower is not None and not warming and self._young(sig.batch):
                 self.stats["not_stored_young"] += sig.batch
             else:
                 self._store_outputs(plan, sig, ic.outputs, keys)
@@ -803,7 +806,7 @@ class ActivationCache(Service):
                 self.stats["computed"] += len(miss_rows)
             else:
                 self.stats["fully_served_batches"] += 1
-                self._learn_epoch(lvl)
+                self._learn_epoch(lvl, batch)
             served = self._build(plan, sig, lvl, keys, hit_rows, fresh, miss_rows if fresh is not None else None)
             if timed and fresh is None:
                 plan.live.serve_s += time.perf_counter() - start
@@ -878,12 +881,13 @@ class ActivationCache(Service):
         if shallower is None:
             return None
         other, lvl, other_sig, other_keys = shallower
-        self._learn_epoch(lvl)
+        self._learn_epoch(lvl, sig.batch)
+        self._window[1] += sig.batch  # every row was found (at a shallower level): inputs do repeat
         served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
         top = self._modules(plan.prefix).top
         shallow_top = self._modules(other.prefix).top
         newly = [path for path in top if path not in shallow_top]
-        young = self._young(plan.prefix, sig.batch)
+        young = self._young(sig.batch)
         out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=False if young else plan.keep)
         self.stats["reused_from_shallower"] += sig.batch
         if young:
@@ -900,19 +904,21 @@ class ActivationCache(Service):
             live.stored_batches += 1
         return out
 
-    def _learn_epoch(self, lvl) -> None:
-        """The first batch that a level covers whole tells the number of samples per epoch: a level fills with
-        one epoch's samples before every sample of a batch can be in it (unless `dataset_size` was given)."""
-        if self.epoch_samples is None:
+    def _learn_epoch(self, lvl, batch: int) -> None:
+        """Estimate the samples per epoch (unless `dataset_size` was given) from the first batch of
+        MIN_EPOCH_BATCH or more that a level holds whole: its entry count then. With shuffled data a level must
+        hold nearly every sample before a whole batch of 32 is in it (about 90% of them; 99% for 128), with a
+        fixed order exactly one epoch; samples of other calls (evaluation) count too, as they do in `_seen`.
+        Smaller batches are whole far earlier by chance and teach nothing."""
+        if self.epoch_samples is None and batch >= MIN_EPOCH_BATCH:
             self.epoch_samples = len(lvl.index)
 
-    def _young(self, prefix, batch: int) -> bool:
-        """Whether `prefix` (served from a shallower prefix's entries) has held for fewer than `store_deeper_after`
-        epochs of samples before this batch (of `batch`, already counted in `_seen`): its outputs are not
-        stored yet. Until the epoch is known (no level held one whole yet), it is stored at once."""
+    def _young(self, batch: int) -> bool:
+        """Whether the current prefix, served from a shallower prefix's entries, has held for fewer than
+        `store_deeper_after` epochs of samples before this batch (of `batch`, already counted in `_seen`): its
+        outputs are not stored yet. Until the epoch is known, they are stored at once."""
         held = self._seen - batch - self._prefix_since
-        return prefix == self.prefix and self.epoch_samples is not None and \
-            held < self.config.store_deeper_after * self.epoch_samples
+        return self.epoch_samples is not None and held < self.config.store_deeper_after * self.epoch_samples
 
     def _verify(self, plan, served, args, kwargs):
         expected, _ = self._prefix_run(plan.prefix, plan.calls, args, kwargs)
@@ -993,7 +999,7 @@ class ActivationCache(Service):
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         with torch.no_grad(), torch_private.forked_rng(), torch_private.forward_hooks_suspended(self.model.modules()):
             try:
-                self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs)
+                self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs, warming=True)
             finally:
                 for b, saved in buffers:
                     if not torch.equal(b, saved):  # (copying unchanged ones would bump their version counters)
