@@ -374,6 +374,7 @@ class SmartFRZ(Policy):
 
 
 MAX_LOG = 20_000  # ALaST's per-step history entries kept
+IMAGE_TEMPERATURE = 4.0  # ALaST(temperature="auto") on image patches (benchmarks/RESULTS.md, ALaST section)
 
 
 class ALaST(Policy):
@@ -386,7 +387,7 @@ class ALaST(Policy):
         update barely moves budgets at its step size; this normalisation and the one global knob are this
         project's departure, hence "ALaST-style");
       - a layer runs on the class token plus the ceil(b_l * (n - 1)) tokens the class token attended to most in
-        the last layer that saw them (as the paper does), or, with `temperature` set, tokens drawn without
+        the last layer that saw them (as the paper does), or, with a `temperature`, tokens drawn without
         replacement in proportion to attention ** (1 / temperature) from the policy's own generator; the others
         skip the layer unchanged (frzcompile.tokens). The first layer runs on every token (no class-token
         attention exists before it), so its budget stays 1;
@@ -400,9 +401,13 @@ class ALaST(Policy):
     budget: mean token budget over the layers after the first, in (0, 1]. k: layers trained per step (default:
     all of them). temperature: None keeps the top-ranked tokens; a number draws them in proportion to
     attention ** (1 / temperature) (higher is closer to uniform), so that tokens ranked low also train the layers
-    they would always skip. Measured in benchmarks/bench_alast.py (RESULTS.md), temperature 4 cut the ViT's
-    loss to -0.40 points from -1.29 (five seeds; temperature 2: -0.64), but temperature 2 cost the pretrained
-    MiniLM on SST-2 1.8 points (two seeds), so drawing is not the default; try temperature=4 on ViT-style models. The defaults (budget 0.5, every layer trained, min_budget 0.3) come from
+    they would always skip; "auto" (default) draws at IMAGE_TEMPERATURE when the tokens are image patches (the
+    model embeds its input with an nn.Conv2d outside the layers, as ViT and DeiT do) and keeps the top-ranked
+    tokens otherwise. Measured in benchmarks/bench_alast.py (RESULTS.md): on a ViT fine-tuned on MNIST,
+    temperature 4 cut the loss to -0.40 points from -1.29 with the top tokens (five seeds), and on the same ViT
+    fine-tuned on Fashion-MNIST, data it was not chosen on, to -0.60 from -1.23 (three seeds); temperature 2
+    cost the pretrained MiniLM on SST-2 1.8 points (two seeds), so text keeps the top tokens. The other defaults
+    (budget 0.5, every layer trained, min_budget 0.3) come from
     benchmarks/bench_alast.py (RESULTS.md): the paper's per-step layer freezing cost 1.4 points on the ViT there
     for 1.06x fewer FLOPs, while dropping tokens alone at budget 0.5 gave 1.6x memory within 0.5 points on the
     pretrained MiniLM (three seeds).
@@ -413,7 +418,7 @@ class ALaST(Policy):
     name = "alast"
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
-                 layers=None, seed: int = 0, history: bool = True, temperature: float | None = None):
+                 layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto"):
         if not 0.0 < budget <= 1.0:
             raise PolicyError(f"alast: budget must be in (0, 1], got {budget}")
         if not 0.0 < rate <= 1.0:
@@ -422,16 +427,18 @@ class ALaST(Policy):
             raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget}")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise PolicyError(f"alast: k must be a positive int (layers trained per step) or None, got {k!r}")
-        if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise PolicyError(f"alast: temperature must be a positive number, or None for the top-ranked tokens; "
-                              f"got {temperature!r}")
+        if temperature not in (None, "auto") and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise PolicyError(f"alast: temperature must be a positive number, None for the top-ranked tokens or "
+                              f"'auto'; got {temperature!r}")
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise PolicyError("alast: layers= takes a list of unit names, e.g. ['bert.encoder.layer.0', ...]")
         self.budget, self.k, self.rate, self.min_budget = float(budget), k, float(rate), float(min_budget)
         self.layers = None if layers is None else list(layers)
         self.seed = seed
         self.history = history
-        self.temperature = None if temperature is None else float(temperature)
+        self.temperature = temperature if temperature in (None, "auto") else float(temperature)
+        self.drawn_at = None         # the temperature the draws use (None: top tokens), resolved by `start`
+        self._image_patches = False
         self._generator = torch.Generator().manual_seed(seed)
         self._token_generators: dict = {}  # device -> generator of the token draws (made on first use)
         self.budgets: list = []      # per layer, in [min_budget, 1]
@@ -439,8 +446,12 @@ class ALaST(Policy):
         self.next = None             # the layers drawn at the last step, trained from the next training call on
         self.log: list = []          # (step, budgets, kept token fraction per layer, trained layers)
 
-    def start(self, layers: list) -> None:
-        """Called by the runtime once it knows the layers (their unit names, in order); starts a fresh run."""
+    def start(self, layers: list, image_patches: bool = False) -> None:
+        """Called by the runtime once it knows the layers (their unit names, in order) and whether its tokens are
+        image patches (for temperature="auto"); starts a fresh run."""
+        self.drawn_at = (IMAGE_TEMPERATURE if image_patches else None) if self.temperature == "auto" \
+            else self.temperature
+        self._image_patches = image_patches
         if self.k is not None and self.k > len(layers):
             raise PolicyError(f"alast: k={self.k} but the model has {len(layers)} layers")
         self.layers = list(layers)
@@ -513,8 +524,10 @@ class ALaST(Policy):
     def report(self) -> list:
         if not self.layers:
             return []
-        chosen = ("the top-ranked tokens kept" if self.temperature is None else
-                  f"kept tokens drawn in proportion to attention^(1/{self.temperature:g})")
+        chosen = ("the top-ranked tokens kept" if self.drawn_at is None else
+                  f"kept tokens drawn in proportion to attention^(1/{self.drawn_at:g})")
+        if self.temperature == "auto":
+            chosen += f" (temperature='auto': {'image patches' if self._image_patches else 'not image patches'})"
         lines = [f"ALaST-style budgets (mean target {self.budget:g}, {self.layers_per_step} of {len(self.layers)} "
                  f"layers trained per step; {chosen}; the first layer runs on every token):"]
         recent = self.log[-50:]

@@ -298,9 +298,22 @@ def test_vit_budgets_move_and_class_token_is_kept():
     assert fm.policy.budgets != [1.0, 0.3, 0.3, 0.3] and len(set(lengths)) > 1
     text = str(frzcompile.explain(fm))
     assert "ALaST-style budgets" in text and "vit.layers.3: budget" in text
-    assert "the top-ranked tokens kept" in text
+    assert "kept tokens drawn in proportion to attention^(1/4) (temperature='auto': image patches)" in text
     assert "select_tokens: layers=3, gathers=3" in text
     assert "loss signal: not read (the alast policy does not use it)" in text
+
+
+def test_auto_temperature_draws_image_patches_and_keeps_the_top_text_tokens():
+    torch.manual_seed(0)
+    vit = frzcompile.optimize(zoo.tiny_vit(layers=2), (torch.randn(2, 1, 28, 28),), policy="alast")
+    assert vit.policy.temperature == "auto" and vit.policy.drawn_at == 4.0
+    bert, ids = _bert(layers=2), _batch()[0]
+    text = frzcompile.optimize(bert, example_kwargs={"input_ids": ids}, policy="alast")
+    assert text.policy.drawn_at is None
+    assert "the top-ranked tokens kept (temperature='auto': not image patches)" in str(frzcompile.explain(text))
+    chosen = frzcompile.optimize(zoo.tiny_vit(layers=2), (torch.randn(2, 1, 28, 28),),
+                                 policy=frzcompile.ALaST(temperature=None))
+    assert chosen.policy.drawn_at is None  # what the user asked for wins
 
 
 def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():
@@ -339,7 +352,7 @@ def test_refusals():
         frzcompile.ALaST(budget=1.5)
     with pytest.raises(PolicyError, match="k must"):
         frzcompile.ALaST(k=0)
-    with pytest.raises(PolicyError, match="temperature must be a positive number, or None"):
+    with pytest.raises(PolicyError, match="temperature must be a positive number, None for the top-ranked tokens"):
         frzcompile.ALaST(temperature=0)
     model = _bert()
     ids, mask, _ = _batch()

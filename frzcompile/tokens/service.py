@@ -158,7 +158,9 @@ class LayerBudgets(Service):
         if not any(a is not None for a in self.attention):
             raise ConfigError("policy='alast' ranks tokens by the class token's attention, but no layer has one "
                               f"query and one key projection (nn.Linear named one of {QUERY_NAMES} / {KEY_NAMES})")
-        policy.start(names)
+        inside = {id(m) for layer in self.modules for m in layer.modules()}
+        policy.start(names, image_patches=any(isinstance(m, nn.Conv2d) and id(m) not in inside
+                                              for m in model.modules()))
         self.trained = policy.trained  # the layers trained this iteration, as applied (all of them at first)
 
     # -- hooks ----------------------------------------------------------------------------------------------
@@ -271,10 +273,10 @@ class LayerBudgets(Service):
         return tuple(args), kwargs
 
     def _select(self, c, keep):
-        if self.policy.temperature is None:
+        if self.policy.drawn_at is None:
             return top_tokens(c.scores, keep, c.valid)
         return sampled_tokens(c.scores, keep, c.valid, self.policy.token_generator(c.scores.device),
-                              self.policy.temperature)
+                              self.policy.drawn_at)
 
     def _after_layer(self, i, out):
         attention = self.attention[i]
