@@ -19,8 +19,9 @@ other steps' time scaled to the run), and for ALaST the budgets and tokens kept 
         [--methods full,alast,alast:budget=0.4;min_budget=0.2,smartfrz] [--seed S] [--seeds N] [--repeat full,alast]
         [--epochs E]
 
-"alast" is the policy's defaults (temperature "auto": drawn at 4 on the ViTs, the top tokens on MiniLM); "alast:budget=...;k=...;min_budget=...;temperature=..." a variant (the leaner
-one shows the trade-off; temperature=none keeps the top-ranked tokens, as the paper does).
+"alast" is the policy's defaults (temperature "auto": drawn at 4 on the ViTs, the top tokens on MiniLM);
+"alast:budget=...;k=...;min_budget=...;temperature=..." a variant (the leaner one shows the trade-off;
+temperature=none keeps the top-ranked tokens, as the paper does).
 """
 import copy
 import json
