@@ -265,6 +265,29 @@ def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
         CacheConfig(store_deeper_after=-1)
 
 
+def test_a_batch_a_shallower_level_holds_in_part_is_served_from_it_after_a_deepening():
+    """After the prefix deepens, a batch whose rows a shallower level holds for the most part (>= half) is served
+    from those entries; its other rows run the shallower prefix alone and fill that level in."""
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    x = torch.rand(96, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    for f in (fm, plain):
+        f.eval()
+        f.freeze("conv1", "bn1")
+    torch.testing.assert_close(fm(x[:32]), plain(x[:32]))  # the shallow level holds samples 0-31
+    for f in (fm, plain):
+        f.freeze("layer1", "layer2")
+    cache, shallow = fm.cache, ("conv1", "bn1")
+    torch.testing.assert_close(fm(x[64:]), plain(x[64:]), rtol=1e-5, atol=1e-6)  # analysed on other samples
+    assert cache.stats["reused_from_shallower"] == 0 and cache.stats["computed"] == 64
+    mixed = torch.cat([x[8:32], x[32:40]])[torch.randperm(32)]  # 24 held by the shallow level, 8 not, any order
+    torch.testing.assert_close(fm(mixed), plain(mixed), rtol=1e-5, atol=1e-6)
+    assert cache.stats["reused_from_shallower"] == 24 and cache.stats["computed"] == 64 + 8
+    assert len(cache.store.levels[shallow].index) == 40  # the shallow level filled in
+    mostly_new = torch.cat([x[:8], x[40:64]])  # 8 held: not enough, computed whole
+    torch.testing.assert_close(fm(mostly_new), plain(mostly_new), rtol=1e-5, atol=1e-6)
+    assert cache.stats["reused_from_shallower"] == 24 and cache.stats["computed"] == 72 + 32
+
+
 def test_small_batches_held_whole_do_not_teach_the_epoch():
     fm, _ = _resnet_pair(CacheConfig(check_cost=False))
     fm.eval()

@@ -54,6 +54,7 @@ MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) 
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
+MIN_PARTIAL_COVER = 0.5  # a shallower level serves a batch after a deepening when it holds this share of its rows
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 
@@ -468,7 +469,7 @@ class ActivationCache(Service):
         shallower = self._shallower_cover(prefix, sig)
         served, real = None, ()
         if shallower is not None:
-            other, lvl, other_sig, other_keys = shallower
+            other, lvl, other_sig, other_keys, _ = shallower
             served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
             shallow_top = self._modules(other.prefix).top
             real = [path for path in top if path not in shallow_top]
@@ -853,9 +854,11 @@ class ActivationCache(Service):
                              "calls from now on; this call cannot be completed (run it again).") from None
         return out, ic
 
-    def _shallower_cover(self, prefix, sig):
-        """(CallPlan, level, its signature, its keys) of the deepest shallower prefix whose entries cover every row
-        of this batch, or None."""
+    def _shallower_cover(self, prefix, sig, partial=False):
+        """(CallPlan, level, its signature, its keys, the rows it holds) of the deepest shallower prefix whose
+        entries cover every row of this batch; with `partial`, else of the one holding the most rows, if at least
+        MIN_PARTIAL_COVER of them; or None."""
+        best = None
         for shallower in sorted((p for p in self.store.levels if set(p) < set(prefix)), key=len, reverse=True):
             other = self.plans.get((shallower, sig.digest))
             lvl = self.store.levels.get(shallower)
@@ -867,29 +870,45 @@ class ActivationCache(Service):
             if other.shared_count and other_sig.shared_digest() not in lvl.shared:
                 continue
             keys = self._keys(other_sig)
-            if all(key in lvl.index for key in keys):
-                return other, lvl, other_sig, keys
-        return None
+            held = [r for r, key in enumerate(keys) if key in lvl.index]
+            if len(held) == len(keys):
+                return other, lvl, other_sig, keys, held
+            if partial and len(held) >= MIN_PARTIAL_COVER * len(keys) and (best is None or len(held) > len(best[4])):
+                best = other, lvl, other_sig, keys, held
+        return best
 
     def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys, timed=False):
-        """When every row is cached for a shallower prefix: serve it, run only the newly frozen units, and
-        store this prefix's outputs (unless the prefix is young: `_young`). Returns None when no shallower prefix
-        has them all. `timed`: count the
-        batch as stored for the in-run cost check, computing the prefix costing what the shallower one did in
-        the run (when known) plus the newly frozen units' calls."""
-        shallower = self._shallower_cover(plan.prefix, sig)
+        """When a shallower prefix's entries hold every row of this batch, or at least MIN_PARTIAL_COVER of them
+        (the others are computed by a run of the shallower prefix alone, and stored at its level, which so fills
+        in): serve them, run only the newly frozen units, and store this prefix's outputs (unless the prefix is
+        young: `_young`). Returns None when no shallower prefix holds enough. `timed`: count a wholly held batch
+        as stored for the in-run cost check, computing the prefix costing what the shallower one did in the run
+        (when known) plus the newly frozen units' calls."""
+        shallower = self._shallower_cover(plan.prefix, sig, partial=True)
         if shallower is None:
             return None
-        other, lvl, other_sig, other_keys = shallower
-        self._learn_epoch(lvl, sig.batch)
-        self._window[1] += sig.batch  # every row was found (at a shallower level): inputs do repeat
-        served = self._build(other, other_sig, lvl, other_keys, list(range(sig.batch)))
+        other, lvl, other_sig, other_keys, held = shallower
+        fresh, missing = None, None
+        if len(held) < sig.batch:
+            kept = set(held)
+            missing = [r for r in range(sig.batch) if r not in kept]
+            fresh, complete = self._prefix_run(other.prefix, other.calls, args, kwargs, keep=other.keep,
+                                               select=sig.select(args, kwargs, torch.tensor(missing)))
+            if not complete:  # the missing rows make other calls
+                return None
+            self._store_outputs(other, other_sig, fresh, other_keys, rows_keys=[other_keys[r] for r in missing])
+            self.stats["computed"] += len(missing)
+            timed = False
+        else:
+            self._learn_epoch(lvl, sig.batch)
+        self._window[1] += len(held)  # rows found (at a shallower level): inputs do repeat
+        served = self._build(other, other_sig, lvl, other_keys, held, fresh, missing)
         top = self._modules(plan.prefix).top
         shallow_top = self._modules(other.prefix).top
         newly = [path for path in top if path not in shallow_top]
         young = self._young(sig.batch)
         out, ic = self._run_served(plan, served, run, args, kwargs, real=newly, keep=False if young else plan.keep)
-        self.stats["reused_from_shallower"] += sig.batch
+        self.stats["reused_from_shallower"] += len(held)
         if young:
             self.stats["not_stored_young"] += sig.batch
             return out

@@ -68,11 +68,12 @@ class CacheConfig:
     dataset_size: number of samples the model sees per epoch (evaluation calls included), if known; lets the
         hit-rate check start earlier. Unknown, the cache estimates it from the first batch of 32 or more that a
         level holds whole (with shuffled data the level then holds about 90-99% of the epoch).
-    store_deeper_after: when the frozen prefix deepens, batches a shallower prefix's entries cover are served
-        from them (only the newly frozen units run), and the deeper prefix's outputs are stored only once it has
-        held for this many epochs (stored for an epoch, a level serves only from the next one, so a prefix that
-        deepens again sooner would store for nothing); 0 stores at once. Batches the shallower entries do not
-        cover, and every batch while the epoch's size is unknown, are stored at once.
+    store_deeper_after: when the frozen prefix deepens, a batch whose rows a shallower prefix's entries hold (at
+        least half of them; the others run that prefix alone and are stored at its level) is served from them,
+        only the newly frozen units running, and the deeper prefix's outputs are stored only once it has held for
+        this many epochs (stored for an epoch, a level serves only from the next one, so a prefix that deepens
+        again sooner would store for nothing); 0 stores at once. Batches the shallower entries hold less of, and
+        every batch while the epoch's size is unknown, are stored at once.
     check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
         stored once and served once costs less than computing it twice (the reason, with the three times, is in
         `explain` and `fm.cache.report()["decision"]`); on CPU, check again with the times measured inside the
