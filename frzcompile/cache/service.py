@@ -13,10 +13,10 @@ once must cost less than computing it twice (computing, serving and storing are 
 check is made again with times measured inside the run: `_judge_live`). Then, per call: fingerprint each
 sample's inputs; serve hits from the store by intercepting the prefix's calls (their forwards do not run);
 compute misses with a prefix-only run on the missing rows (or, when all miss, within the real call) and store
-them; when the prefix has just deepened, serve the shallower prefix's entries and run only the newly frozen
-units, and start storing the deeper prefix's outputs only once it has held for `CacheConfig.store_deeper_after`
-epochs (a level stored for an epoch serves only from the next one: a prefix that deepens again sooner would
-store for nothing).
+them; when the prefix has just deepened, serve a shallower prefix's entries (for a batch it holds at least half
+of, its other rows computed and stored at its level) and run only the newly frozen units, and start storing the
+deeper prefix's outputs only once it has held for `CacheConfig.store_deeper_after` epochs (a level stored for an
+epoch serves only from the next one: a prefix that deepens again sooner would store for nothing).
 
 Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
 buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
