@@ -288,6 +288,42 @@ def test_a_batch_a_shallower_level_holds_in_part_is_served_from_it_after_a_deepe
     assert cache.stats["reused_from_shallower"] == 24 and cache.stats["computed"] == 72 + 32
 
 
+def test_hugging_face_bert_after_a_deepening_with_user_habits():
+    """A BERT from a config: after a deepening, batches the shallower level holds whole or in part, at two
+    sequence lengths, under bf16 autocast, with eval() on the user's own variable and a hook on a trainable
+    module, give what the twin without a cache gives, and the young deeper prefix is not stored."""
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    twin = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=CacheConfig(check_cost=False, dataset_size=8))
+    plain = frzcompile.optimize(twin, args, example_kwargs=kwargs)
+    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    more = torch.randint(1, 90, ids.shape, generator=torch.Generator().manual_seed(1))
+    model.eval()  # on the user's own variable
+    twin.eval()
+    for f in (fm, plain):
+        f.freeze(*f.units[:2])
+    seen = []
+    for m in (model, twin):
+        m.get_submodule(fm.units[-2]).register_forward_hook(lambda mod, a, out: seen.append(1))
+    for length in (ids.shape[1], ids.shape[1] - 3):
+        for f in (fm, plain):
+            f(input_ids=ids[:, :length], attention_mask=mask[:, :length])  # the shallow level holds these
+    for f in (fm, plain):
+        f.freeze(fm.units[2])
+    for length in (ids.shape[1], ids.shape[1] - 3):
+        whole = {"input_ids": ids[:, :length], "attention_mask": mask[:, :length]}
+        part = {"input_ids": torch.cat([ids[:3], more[3:]])[:, :length], "attention_mask": mask[:, :length]}
+        for batch in (whole, part, whole):
+            torch.testing.assert_close(fm(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.testing.assert_close(fm(**batch).logits, plain(**batch).logits)
+    stats = fm.cache.stats  # (the autocast calls are another signature, which the shallow level never held)
+    assert stats["reused_from_shallower"] >= 4 + 3 and stats["not_stored_young"] >= 4
+    assert len(seen) == 2 * (2 + 2 * 3 * 2)  # the hook ran on every call of both models
+
+
 def test_small_batches_held_whole_do_not_teach_the_epoch():
     fm, _ = _resnet_pair(CacheConfig(check_cost=False))
     fm.eval()
