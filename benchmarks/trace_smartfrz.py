@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from frzcompile.policies import TrainingView
-from frzcompile.predictor import WINDOW, load_default, sample_indices, window_features
+from frzcompile.predictor import WINDOW, load_default, sample_indices
 from frzcompile.predictor.collect import families, start_run, train_step
 from frzcompile.safety import Safeguard
 
@@ -52,9 +52,7 @@ def trace(family: str, seed: int, root=None) -> dict:
                 history.append(sample[u])
                 del history[:-WINDOW]
                 if len(history) == WINDOW:
-                    tokens, scalars = window_features(torch.stack(history))
-                    with torch.no_grad():
-                        probabilities[u] = float(torch.sigmoid(predictor(tokens[None], scalars[None]))[0])
+                    probabilities[u] = predictor.probability(torch.stack(history))
             row[f"every {interval}"] = probabilities
         rows.append(row)
     return {"family": family, "seed": seed, "units": units, "window": WINDOW, "rows": rows}
