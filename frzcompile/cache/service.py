@@ -47,7 +47,7 @@ from ..torch_private import tree_flatten, tree_unflatten
 from .batch_dims import OpRecorder, batch_mixing
 from .dataflow import DataflowProbe
 from .intercept import Interception, Stop, UnexpectedCall
-from .store import ActivationStore, CacheConfig, _describe, fingerprints
+from .store import ActivationStore, CacheConfig, _describe, fingerprints, row_digests
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
@@ -125,9 +125,16 @@ class Signature:
     unsupported: str = ""        # why these arguments cannot be keyed, if they cannot
     state: bytes = b""
     _shared: bytes | None = None
+    _rows: list | None = field(default=None, compare=False, repr=False)  # row_digests, kept by with_state's copies
 
     def with_state(self, state: bytes) -> Signature:
         return dataclasses.replace(self, state=state, _shared=None)
+
+    def row_digests(self) -> list:
+        """Per-sample digests of the batch arguments (computed once: a call is looked up at several levels)."""
+        if self._rows is None:
+            self._rows = row_digests(self.tensors(self.batch_leaves))
+        return self._rows
 
     @classmethod
     def of(cls, args, kwargs, training: bool, flat=None) -> Signature:
@@ -697,7 +704,7 @@ class ActivationCache(Service):
                 raise InputMismatchError(f"{len(self.sample_ids)} sample ids for a batch of {sig.batch}")
             return [hashlib.blake2b(sig.digest + sig.state + int(i).to_bytes(8, "little", signed=True),
                                     digest_size=16).digest() for i in self.sample_ids]
-        return fingerprints(sig.tensors(sig.batch_leaves), [sig.shared_digest()])
+        return fingerprints((), [sig.shared_digest()], rows=sig.row_digests())
 
     @staticmethod
     def _samples_of(plan, outputs):

@@ -150,12 +150,25 @@ def _describe(value) -> bytes:
     return repr(value).encode()
 
 
-def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
-    """One 16-byte BLAKE2b digest per sample over its slice of every batch argument plus all shared arguments."""
+def fingerprints(batch_args, shared_args=(), batch_size=None, rows=None) -> list[bytes]:
+    """One 16-byte BLAKE2b digest per sample over its slice of every batch argument plus all shared arguments.
+    `rows`: the batch arguments' `row_digests`, when known (they are the costly part; the shared ones differ
+    between the levels a call is looked up in)."""
     context = hashlib.blake2b(digest_size=16)
     for v in shared_args:
         context.update(_describe(v))
         context.update(b"|")
+    keys = []
+    for row in row_digests(batch_args, batch_size) if rows is None else rows:
+        h = context.copy()
+        h.update(row)
+        keys.append(h.digest())
+    return keys
+
+
+def row_digests(batch_args, batch_size=None) -> list[bytes]:
+    """One 16-byte BLAKE2b digest per sample over its slice of every batch argument (on a GPU, of the
+    row-fingerprint kernel's digests)."""
     headers, rows = [], []
     for t in batch_args:
         if t.device.type in KERNEL_DEVICES:
@@ -167,14 +180,14 @@ def fingerprints(batch_args, shared_args=(), batch_size=None) -> list[bytes]:
             headers.append(f"{t.dtype}{tuple(t.shape[1:])}".encode())
             rows.append(_as_bytes_rows(t))
     n = batch_size if batch_size is not None else (rows[0].shape[0] if rows else 0)
-    keys = []
+    digests = []
     for i in range(n):
-        h = context.copy()
+        h = hashlib.blake2b(digest_size=16)
         for header, r in zip(headers, rows):
             h.update(header)
             h.update(r[i])
-        keys.append(h.digest())
-    return keys
+        digests.append(h.digest())
+    return digests
 
 
 class _Chunks:
