@@ -177,6 +177,27 @@ def test_store_chunks_grow_and_shrink_to_the_budget():
     assert capped.next_sizes()[0] == cap  # half the capacity would be 1.5 times the cap
 
 
+def test_the_least_recently_used_level_makes_room_first():
+    """When a level needs room, the level read or written least recently goes first, not the oldest: after a
+    deepening the shallowest level keeps serving the deeper prefix while a level in between lies idle."""
+    per_slot = 4 * 4
+    store = ActivationStore(CacheConfig(memory_bytes=3 * 4 * per_slot), chunk_slots=4)
+    rows = torch.randn(4, 4)
+    keys = [b"k%d" % i for i in range(4)]
+    for prefix in (("a",), ("a", "b")):
+        store.put(store.level(prefix, 0), keys, [rows], evictable=store.least_recently_used(but=prefix))
+    store.get(store.levels[("a",)], keys[:2], range(2), [torch.empty(2, 4)])  # the shallow level serves
+    assert store.least_recently_used(but=("a", "b", "c")) == [("a", "b"), ("a",)]
+    deep = ("a", "b", "c")
+    for i in range(2):  # two chunks' worth: the third chunk of the budget is taken by the idle middle level
+        store.put(store.level(deep, 0), [b"d%d%d" % (i, j) for j in range(4)], [rows],
+                  evictable=store.least_recently_used(but=deep))
+    assert set(store.levels) == {("a",), deep} and len(store.levels[deep].index) == 8
+    out = torch.empty(4, 4)
+    store.get(store.levels[("a",)], keys, range(4), [out])
+    assert torch.equal(out, rows)
+
+
 def test_disk_spill_round_trip_and_cleanup(tmp_path):
     stale = tmp_path / "frzcache-999999999-dead"  # left by a process that crashed
     stale.mkdir()
@@ -332,6 +353,56 @@ def test_small_batches_held_whole_do_not_teach_the_epoch():
         for x, _ in _data(n=64, batch=8):  # whole by chance long before a level holds an epoch: not read
             fm(x)
     assert fm.cache.stats["fully_served_batches"] == 8 and fm.cache.epoch_samples is None
+
+
+def test_evaluation_batches_held_whole_do_not_teach_the_epoch():
+    """A test set read in order under no_grad is whole at its second pass, long before the training set is: the
+    epoch is learned from a training call (autograd on, here in eval mode, as a fine-tuning with frozen BatchNorm
+    statistics runs) and counts the evaluation entries too, as `_seen` does."""
+    fm, plain = _resnet_pair(CacheConfig(check_cost=False))
+    for f in (fm, plain):
+        f.eval()
+        f.freeze("conv1", "bn1")
+    test = [x for x, _ in _data(n=64, batch=32, seed=1)]
+    train = [x for x, _ in _data(n=128, batch=32, seed=2)]
+    for _ in range(2):
+        with torch.no_grad():
+            for x in test:
+                torch.testing.assert_close(fm(x), plain(x))
+    assert fm.cache.stats["fully_served_batches"] == 2 and fm.cache.epoch_samples is None
+    for _ in range(2):
+        for x in train:
+            torch.testing.assert_close(fm(x), plain(x))
+    assert fm.cache.epoch_samples == 64 + 128
+
+
+def test_a_batch_held_in_part_is_computed_whole_when_that_is_cheaper():
+    """Serving a batch in part runs the prefix alone on its missing rows; where that run is dear (20 ms a batch
+    as the analysis timed it, 3 ms inside the run), a batch held in part is computed whole inside the real call
+    and only its missing rows stored; where it is cheap, it is served in part. Values as without a cache."""
+    from frzcompile.cache.service import CallPlan, partial_pays
+
+    cheap = CallPlan(("0",), True, "", compute_ms=8.0, serve_ms=0.8, batch=8)
+    assert partial_pays(cheap, 6, 2)
+    dear = CallPlan(("0",), True, "", compute_ms=20.0, serve_ms=0.8, batch=8)
+    dear.live.compute_s, dear.live.stored = 0.003, 8  # 3 ms a batch of 8 inside the run
+    assert not partial_pays(dear, 6, 2)
+
+    torch.manual_seed(0)
+    slow = _Sleepy(lambda n: 0.02 if 2 <= n <= 7 else 0.003)  # the analysis' runs of the prefix alone are dear
+    model = nn.Sequential(slow, nn.Linear(4, 4))
+    a, b, c = (torch.randn(8, 4) for _ in range(3))
+    fm = frzcompile.optimize(model, (a,), policy="manual", cache=True)
+    fm.freeze("0")
+    slow.reset()
+    with torch.no_grad():
+        fm(a)
+        fm(b)  # a miss computed inside the run: 3 ms
+        mixed = torch.cat([a[:6], c[:2]])
+        torch.testing.assert_close(fm(mixed), model(mixed))
+    stats = fm.cache.stats
+    assert stats["partly_held_computed"] == 8 and stats["hits"] == 0 and fm.cache.store.entries() == 8 + 8 + 2
+    assert "8 samples of batches held only in part computed whole" in str(frzcompile.explain(fm))
 
 
 class Centre(nn.Module):
@@ -941,9 +1012,10 @@ def test_the_cost_check_times_warm_runs_and_counts_storing():
 
 @pytest.mark.parametrize("real_ms", [0, 3])
 def test_the_cost_check_is_made_again_inside_the_run(real_ms):
-    """After 16 stored and 16 fully served batches the cache checks its cost again with times measured inside
-    the run: a prefix that only looked slow while analysed (20 ms on the analysis' timed runs, nothing in the
-    run) is turned off and its entries freed; one that costs 3 ms in the run stays on."""
+    """After 16 stored batches the cache checks its cost again with the prefix's and the store's times measured
+    inside the run, and after 16 fully served ones with the serving time too: a prefix that only looked slow
+    while analysed (20 ms on the analysis' timed runs, nothing in the run) is turned off at the first check,
+    before anything is served, and its entries freed; one that costs 3 ms in the run stays on through both."""
     from frzcompile.cache.service import LIVE_BATCHES
 
     torch.manual_seed(0)
@@ -954,21 +1026,26 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
     fm.freeze("0")
     timed.reset()
     with torch.no_grad():
-        for x in batches + batches[:LIVE_BATCHES]:
+        for x in batches:
             fm(x)
-            assert fm.cache.report()["decision"].startswith("on") or real_ms == 0
         plan = fm.cache.last_plan
-        assert plan.live.judged and plan.live.stored_batches == plan.live.served_batches == LIVE_BATCHES
-        if real_ms:
-            assert plan.cacheable and fm.cache.store.entries() == 8 * (LIVE_BATCHES + 1)
-            fm(batches[-1])
-            assert fm.cache.stats["hits"] == 8 * (LIVE_BATCHES + 1)
-        else:
-            assert not plan.cacheable and plan.reason.startswith("does not pay inside the run")
+        assert plan.live.early and plan.live.stored_batches == LIVE_BATCHES and plan.live.served_batches == 0
+        if not real_ms:
+            assert not plan.cacheable and plan.live.judged
+            assert plan.reason.startswith("does not pay inside the run") and "first 16 stored batches" in plan.reason
             assert fm.cache.store.entries() == 0
-            hits = fm.cache.stats["hits"]
-            torch.testing.assert_close(fm(batches[0]), model(batches[0]))
-            assert fm.cache.stats["hits"] == hits  # runs uncached from now on
+            for x in batches[:2]:
+                torch.testing.assert_close(fm(x), model(x))
+            assert fm.cache.stats["hits"] == 0  # runs uncached from now on
+            return
+        assert plan.cacheable and not plan.live.judged
+        for x in batches[:LIVE_BATCHES]:
+            fm(x)
+            assert fm.cache.report()["decision"].startswith("on")
+        assert plan.live.judged and plan.live.served_batches == LIVE_BATCHES
+        assert plan.cacheable and fm.cache.store.entries() == 8 * (LIVE_BATCHES + 1)
+        fm(batches[-1])
+        assert fm.cache.stats["hits"] == 8 * (LIVE_BATCHES + 1)
 
 
 def test_the_in_run_cost_check_follows_a_deepening_prefix():

@@ -12,11 +12,12 @@ sample alone ("sample"), within the measured numerical noise (numerics.py), and 
 once must cost less than computing it twice (computing, serving and storing are timed: `pays_back`; on CPU the
 check is made again with times measured inside the run: `_judge_live`). Then, per call: fingerprint each
 sample's inputs; serve hits from the store by intercepting the prefix's calls (their forwards do not run);
-compute misses with a prefix-only run on the missing rows (or, when all miss, within the real call) and store
-them; when the prefix has just deepened, serve a shallower prefix's entries (for a batch it holds at least half
-of, its other rows computed and stored at its level) and run only the newly frozen units, and start storing the
-deeper prefix's outputs only once it has held for `CacheConfig.store_deeper_after` epochs (a level stored for an
-epoch serves only from the next one: a prefix that deepens again sooner would store for nothing).
+compute misses with a prefix-only run on the missing rows (or, when all miss or that would cost more than
+computing the batch whole, `partial_pays`, within the real call) and store them; when the prefix has just
+deepened, serve a shallower prefix's entries (for a batch it holds at least half of, its other rows computed
+and stored at its level, when that pays) and run only the newly frozen units, and start storing the deeper
+prefix's outputs only once it has held for `CacheConfig.store_deeper_after` epochs (a level stored for an epoch
+serves only from the next one: a prefix that deepens again sooner would store for nothing).
 
 Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
 buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
@@ -194,6 +195,7 @@ class LiveCost:
     serve_s: float = 0.0
     served: int = 0
     served_batches: int = 0
+    early: bool = False   # judged once from the stored batches (before LIVE_BATCHES were served)
     judged: bool = False
 
     def compute_per_sample(self):
@@ -224,6 +226,7 @@ class CallPlan:
     serve_ms: float = 0.0
     store_ms: float = 0.0
     noise: float = 0.0
+    batch: int = 0                           # the analysed batch's size (compute_ms, serve_ms and store_ms are for it)
     live: LiveCost = field(default_factory=LiveCost)
 
     def stored(self):
@@ -241,6 +244,20 @@ def pays_back(compute_ms: float, serve_ms: float, store_ms: float) -> bool:
     cached, its first pass costs that plus the lookups (about `serve_ms`) and `store_ms`, and its second
     `serve_ms`. A prefix that the policy deepens after every sample has been served once then loses nothing."""
     return compute_ms + serve_ms + store_ms + serve_ms < 2 * compute_ms
+
+
+def partial_pays(plan, held: int, missing: int) -> bool:
+    """Whether a batch that `plan`'s level holds `held` rows of is cheaper served in part (the held rows
+    fetched, the `missing` ones computed by a run of the prefix alone, which has overheads of its own: timed
+    at 3x the prefix's time inside the run on a ResNet) than computed whole inside the real call. Per sample:
+    serving as measured inside the run (else by the analysis), the prefix alone as the analysis timed it, and
+    the prefix inside the run once known (until then, as the analysis timed it)."""
+    live = plan.live
+    alone = plan.compute_ms / 1000 / max(plan.batch, 1)
+    serve = live.serve_s / live.served if live.served else plan.serve_ms / 1000 / max(plan.batch, 1)
+    inside = live.compute_per_sample()
+    inside = alone if inside is None else inside
+    return serve * held + alone * missing < inside * (held + missing)
 
 
 def content_digest(tensors) -> bytes:
@@ -307,7 +324,8 @@ class ActivationCache(Service):
         self.state_changes: dict = {}             # (prefix, signature digest) -> re-analyses for a new state
         self._small_refused: set = set()          # (prefix, signature digest) refused on a batch of 2 or 3
         self.stats = dict(lookups=0, hits=0, reused_from_shallower=0, computed=0, stored=0, batches=0,
-                          fully_served_batches=0, verified_batches=0, analysed_signatures=0, not_stored_young=0)
+                          fully_served_batches=0, verified_batches=0, analysed_signatures=0, not_stored_young=0,
+                          partly_held_computed=0)
         self.epoch_samples = config.dataset_size  # samples per epoch: given, or learned (_learn_epoch)
         self._seen = 0                            # samples of the calls probed or served
         self._prefix_since = 0                    # _seen when the current prefix began
@@ -616,7 +634,7 @@ class ActivationCache(Service):
                     return no(f"an output of {key[0]} ({type(f).__name__}) depends on the batch in an unknown way")
             templates[key] = (spec, recipes)
         plan = CallPlan(prefix, True, "", calls, templates, sample_meta, shared_count, keep, compute_ms=compute_ms,
-                        noise=noise)
+                        noise=noise, batch=batch)
         plan.serve_ms, plan.store_ms = self._serve_cost(plan, sig, first)
         costs = (f"{plan.compute_ms:.2f} ms to compute the frozen prefix, {plan.serve_ms:.2f} ms to serve a batch, "
                  f"{plan.store_ms:.2f} ms to store one")
@@ -722,10 +740,9 @@ class ActivationCache(Service):
         lvl = self.store.level(plan.prefix, self._version(plan.prefix))
         if plan.shared_count:
             lvl.shared.setdefault(sig.shared_digest(), self._shared_of(plan, outputs))
-        older = [p for p in self.store.levels if p != plan.prefix]
         samples = [s.detach() for s in self._samples_of(plan, outputs)]
         self.stats["stored"] += self.store.put(lvl, rows_keys if rows_keys is not None else keys, samples,
-                                               evictable=older)
+                                               evictable=self.store.least_recently_used(but=plan.prefix))
 
     def _build(self, plan, sig, lvl, keys, hit_rows, fresh=None, miss_rows=None):
         """key -> output of every prefix call, from the store (rows `hit_rows`) and from `fresh` outputs of a
@@ -786,6 +803,12 @@ class ActivationCache(Service):
         self._window[0] += batch
         self._window[1] += len(hit_rows)
         served, fresh = None, None
+        partial = not (hit_rows and miss_rows and self.config.check_cost) or partial_pays(
+            plan, len(hit_rows), len(miss_rows))
+        if not partial:  # computed whole inside the real call (its missing rows stored), as a miss would be
+            self.stats["hits"] -= len(hit_rows)
+            self.stats["partly_held_computed"] += batch
+            hit_rows = []
         if hit_rows and miss_rows:
             index = torch.tensor(miss_rows)
             fresh, complete = self._prefix_run(plan.prefix, plan.calls, args, kwargs,
@@ -795,7 +818,7 @@ class ActivationCache(Service):
                 self._window[1] -= len(hit_rows)
                 hit_rows, fresh = [], None
         if not hit_rows:
-            out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys, timed)
+            out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys, timed, partial)
             if out is None:
                 with Interception(top, keep=plan.keep) as ic:
                     out = run(args, kwargs)
@@ -829,22 +852,41 @@ class ActivationCache(Service):
         return out
 
     def _judge_live(self, plan) -> None:
-        """The cost check again, with the times measured inside the run once LIVE_BATCHES batches were stored and
-        as many served whole (the analysis' own timings favour caching: a hot scratch store, a prefix-only run
-        with its own overhead); a plan that does not pay is turned off and, when no other call signature uses
-        its level, the level's entries are freed."""
+        """The cost check again, with the times measured inside the run (the analysis' own timings favour
+        caching: a hot scratch store, a prefix-only run with its own overhead): once LIVE_BATCHES batches were
+        stored, with the analysis' serving time, and once as many were also served whole, with all three times
+        from the run. A plan that does not pay is turned off and, when no other call signature uses its level,
+        the level's entries are freed."""
         live = plan.live
-        if live.stored_batches < LIVE_BATCHES or live.served_batches < LIVE_BATCHES:
+        if live.stored_batches < LIVE_BATCHES:
             return
+        if live.served_batches < LIVE_BATCHES:
+            # before anything is served: the prefix's and the store's times inside the run with the analysis'
+            # serving time (which, if anything, is too low): a level the policy supersedes within an epoch
+            # would never reach the full check, and a prefix timed alone can take 3x what it takes in the run
+            if live.early:
+                return
+            live.early = True
+            per_sample = plan.batch / live.stored
+            compute, store, serve = 1000 * live.compute_s * per_sample, 1000 * live.store_s * per_sample, plan.serve_ms
+            if pays_back(compute, serve, store):
+                return
+            measured = (f"{compute:.2f} ms to compute the frozen prefix and {store:.2f} ms to store a batch of "
+                        f"{plan.batch} (means over the first {live.stored_batches} stored batches), and the "
+                        f"analysis' {serve:.2f} ms to serve one; the analysis had timed the prefix alone at "
+                        f"{plan.compute_ms:.2f} ms")
+        else:
+            live.judged = True
+            compute, serve, store = live.per_batch_ms()
+            if pays_back(compute, serve, store):
+                return
+            measured = (f"{compute:.2f} ms to compute the frozen prefix, {serve:.2f} ms to serve a batch, "
+                        f"{store:.2f} ms to store one (means over {live.stored_batches} stored and "
+                        f"{live.served_batches} served batches of {live.served / live.served_batches:.0f}; the "
+                        f"analysis had measured {plan.compute_ms:.2f}, {plan.serve_ms:.2f} and {plan.store_ms:.2f})")
         live.judged = True
-        compute, serve, store = live.per_batch_ms()
-        if pays_back(compute, serve, store):
-            return
         plan.cacheable = False
-        plan.reason = (f"does not pay inside the run: {compute:.2f} ms to compute the frozen prefix, {serve:.2f} ms "
-                       f"to serve a batch, {store:.2f} ms to store one (means over {live.stored_batches} stored and "
-                       f"{live.served_batches} served batches of {live.served / live.served_batches:.0f}; the "
-                       f"analysis had measured {plan.compute_ms:.2f}, {plan.serve_ms:.2f} and {plan.store_ms:.2f})")
+        plan.reason = f"does not pay inside the run: {measured}"
         if not any(p.cacheable for (prefix, _), p in self.plans.items() if prefix == plan.prefix):
             self.store.drop(lambda prefix: prefix == plan.prefix)
 
@@ -884,17 +926,21 @@ class ActivationCache(Service):
                 best = other, lvl, other_sig, keys, held
         return best
 
-    def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys, timed=False):
+    def _serve_from_shallower(self, plan, sig, run, args, kwargs, keys, timed=False, partial=True):
         """When a shallower prefix's entries hold every row of this batch, or at least MIN_PARTIAL_COVER of them
         (the others are computed by a run of the shallower prefix alone, and stored at its level, which so fills
         in): serve them, run only the newly frozen units, and store this prefix's outputs (unless the prefix is
         young: `_young`). Returns None when no shallower prefix holds enough. `timed`: count a wholly held batch
         as stored for the in-run cost check, computing the prefix costing what the shallower one did in the run
         (when known) plus the newly frozen units' calls."""
-        shallower = self._shallower_cover(plan.prefix, sig, partial=True)
+        shallower = self._shallower_cover(plan.prefix, sig, partial=partial)
         if shallower is None:
             return None
         other, lvl, other_sig, other_keys, held = shallower
+        if len(held) < sig.batch and self.config.check_cost and not partial_pays(other, len(held),
+                                                                                 sig.batch - len(held)):
+            self.stats["partly_held_computed"] += sig.batch
+            return None
         fresh, missing = None, None
         if len(held) < sig.batch:
             kept = set(held)
@@ -932,11 +978,15 @@ class ActivationCache(Service):
 
     def _learn_epoch(self, lvl, batch: int) -> None:
         """Estimate the samples per epoch (unless `dataset_size` was given) from the first batch of
-        MIN_EPOCH_BATCH or more that a level holds whole: its entry count then. With shuffled data a level must
+        MIN_EPOCH_BATCH or more of a training call (one with autograd on) that a level holds whole: its entry
+        count then. With shuffled data a level must
         hold nearly every sample before a whole batch of 32 is in it (about 90% of them; 99% for 128), with a
         fixed order exactly one epoch; samples of other calls (evaluation) count too, as they do in `_seen`.
-        Smaller batches are whole far earlier by chance and teach nothing."""
-        if self.epoch_samples is None and batch >= MIN_EPOCH_BATCH:
+        Smaller batches are whole far earlier by chance and teach nothing, and so do evaluation batches (under
+        `torch.no_grad()`): a test set read in order is whole at its second pass, whatever the training set's
+        size (a ResNet run learned half its epoch that way). Autograd rather than train mode tells them apart:
+        some fine-tuning keeps the model in eval mode (frozen BatchNorm statistics)."""
+        if self.epoch_samples is None and batch >= MIN_EPOCH_BATCH and torch.is_grad_enabled():
             self.epoch_samples = len(lvl.index)
 
     def _young(self, batch: int) -> bool:

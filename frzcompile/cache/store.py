@@ -66,8 +66,9 @@ class CacheConfig:
         further lookups as it holds entries; or after two passes over `dataset_size` samples), the cache turns
         itself off and says why; 0 keeps it on.
     dataset_size: number of samples the model sees per epoch (evaluation calls included), if known; lets the
-        hit-rate check start earlier. Unknown, the cache estimates it from the first batch of 32 or more that a
-        level holds whole (with shuffled data the level then holds about 90-99% of the epoch).
+        hit-rate check start earlier. Unknown, the cache estimates it from the first batch of 32 or more of a
+        call with autograd on (training, not evaluation under no_grad) that a level holds whole (with shuffled
+        data the level then holds about 90-99% of the epoch).
     store_deeper_after: when the frozen prefix deepens, a batch whose rows a shallower prefix's entries hold (at
         least half of them; the others run that prefix alone and are stored at its level) is served from them,
         only the newly frozen units running, and the deeper prefix's outputs are stored only once it has held for
@@ -77,7 +78,8 @@ class CacheConfig:
     check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
         stored once and served once costs less than computing it twice (the reason, with the three times, is in
         `explain` and `fm.cache.report()["decision"]`); on CPU, check again with the times measured inside the
-        run after 16 stored and 16 served batches, and turn off a call signature that does not pay.
+        run after 16 stored batches and again after 16 served ones, and turn off a call signature that does not
+        pay; serve a batch held in part only when that costs less than computing it whole (False: always).
     verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
     watch_data: at every call, compare a content digest (the sum of each tensor's values) of the frozen prefix's
         weights and buffers and of everything else it reads: catches `.data` edits (EMA, pruning, loading weights
@@ -244,6 +246,7 @@ class Level:
         self.groups: dict = {}      # shape signature -> _Chunks
         self.shared: dict = {}      # shapes + batch-wide inputs -> batch-independent outputs (e.g. masks)
         self.full = False
+        self.used_at = 0            # the store's clock when it was last read or written (eviction order)
 
 
 class ActivationStore:
@@ -256,6 +259,7 @@ class ActivationStore:
         self.spill_files = 0
         self._spill_dir = None
         self._finalizer = None
+        self._clock = 0             # counts reads and writes: Level.used_at
 
     # -- levels ------------------------------------------------------------------------------------------
     def level(self, prefix, weights_version) -> Level:
@@ -285,6 +289,16 @@ class ActivationStore:
     def entries(self) -> int:
         return sum(len(lvl.index) for lvl in self.levels.values())
 
+    def least_recently_used(self, but) -> list:
+        """The prefixes of the levels other than `but`, least recently read or written first: the order in which
+        they make room. (After a deepening a shallower level keeps serving the deeper prefix: it is the last to go,
+        not the first.)"""
+        return sorted((p for p in self.levels if p != tuple(but)), key=lambda p: self.levels[p].used_at)
+
+    def _touch(self, lvl: Level) -> None:
+        self._clock += 1
+        lvl.used_at = self._clock
+
     # -- slots -------------------------------------------------------------------------------------------
     def _new_chunk(self, group: _Chunks, evictable):
         """Add a chunk to `group`: the largest of its next sizes that fits in memory (evicting older levels only
@@ -296,7 +310,7 @@ class ActivationStore:
             return self.memory_used + slots * group.bytes_per_slot <= self.config.memory_bytes
 
         while not fits(sizes[-1]) and evictable:
-            victim = evictable.pop(0)  # older levels make room first
+            victim = evictable.pop(0)  # the least recently used level makes room first
             self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
         rest = (self.config.memory_bytes - self.memory_used) // max(group.bytes_per_slot, 1)
         for slots in sizes + [rest]:  # the last try fills what the budget has left
@@ -339,7 +353,9 @@ class ActivationStore:
         return self._spill_dir
 
     def put(self, lvl: Level, keys, outputs, evictable=()) -> int:
-        """Store per-sample rows of `outputs` (batch-first tensors) under `keys`; returns how many were stored."""
+        """Store per-sample rows of `outputs` (batch-first tensors) under `keys`, making room by dropping levels of
+        `evictable` in order when the budget is spent; returns how many were stored."""
+        self._touch(lvl)
         if lvl.full:
             return 0
         sdt = self.config.storage_dtype
@@ -375,6 +391,7 @@ class ActivationStore:
 
     def get(self, lvl: Level, keys, rows, out_tensors) -> None:
         """Copy the entries for `keys` into `out_tensors` at batch positions `rows` (cast back if needed)."""
+        self._touch(lvl)
         by_group: dict = {}
         for key, row in zip(keys, rows):
             sig, slot = lvl.index[key]
