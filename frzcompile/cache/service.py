@@ -1,23 +1,23 @@
 """The activation cache: serve the frozen prefix's outputs from the store instead of computing them, inside the
 model's own forward.
 
-Per frozen prefix and per call signature (the structure of the arguments, per-sample shapes and dtypes,
-non-tensor arguments, train/eval, autocast, and the plain attributes of the prefix's modules and of the modules
-around it, which may switch its code paths), the first call runs the model for real under a dataflow probe
-(dataflow.py), which finds the prefix outputs the rest of the model reads and what would make serving unfaithful.
-The prefix is then run alone (intercept.py: the run stops after the prefix's last call) on the same batch again,
-on its first and second halves and reversed: each stored output must be either the same whatever the batch
+Per frozen prefix and per call signature (the structure of the arguments, per-sample shapes and dtypes, non-tensor
+arguments, train/eval, autocast, and the plain attributes of the prefix's modules and of the modules around it,
+which may switch its code paths), the first call runs the model for real under a dataflow probe (dataflow.py),
+which finds the prefix outputs the rest of the model reads and what would make serving unfaithful. The prefix is
+then run alone (intercept.py: the run stops after the prefix's last call) on the same batch again, on its first and
+second halves and reversed (two of those runs timed): each stored output must be either the same whatever the batch
 holds ("shared", e.g. an attention mask of these shapes) or batch-first with each sample's rows depending on that
-sample alone ("sample"), within the measured numerical noise (numerics.py), and a batch stored once and served
-once must cost less than computing it twice (computing, serving and storing are timed: `pays_back`; on CPU the
-check is made again with times measured inside the run: `_judge_live`). Then, per call: fingerprint each
-sample's inputs; serve hits from the store by intercepting the prefix's calls (their forwards do not run);
-compute misses with a prefix-only run on the missing rows (or, when all miss or that would cost more than
-computing the batch whole, `partial_pays`, within the real call) and store them; when the prefix has just
-deepened, serve a shallower prefix's entries (for a batch it holds at least half of, its other rows computed
-and stored at its level, when that pays) and run only the newly frozen units, and start storing the deeper
-prefix's outputs only once it has held for `CacheConfig.store_deeper_after` epochs (a level stored for an epoch
-serves only from the next one: a prefix that deepens again sooner would store for nothing).
+sample alone ("sample"), within the measured numerical noise (numerics.py), and a batch stored once and served once
+must cost less than computing it twice (computing, serving and storing are timed: `pays_back`; on CPU the check is
+made again with times measured inside the run: `_judge_live`). Then, per call: fingerprint each sample's inputs;
+serve hits from the store by intercepting the prefix's calls (their forwards do not run); compute misses with a
+prefix-only run on the missing rows (or, when all or most miss or that would cost more than computing the batch
+whole, `partial_pays`, within the real call) and store them; when the prefix has just deepened, serve a shallower
+prefix's entries (for a batch it holds at least half of, its other rows computed and stored at its level, when that
+pays) and run only the newly frozen units, and start storing the deeper prefix's outputs only once it has held for
+`CacheConfig.store_deeper_after` epochs (a level stored for an epoch serves only from the next one: a prefix that
+deepens again sooner would store for nothing).
 
 Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
 buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
@@ -55,7 +55,7 @@ MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) 
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
-MIN_PARTIAL_COVER = 0.5  # a shallower level serves a batch after a deepening when it holds this share of its rows
+MIN_PARTIAL_COVER = 0.5  # a level serves a batch in part (its own, or a deeper prefix's) when it holds this share
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 
@@ -550,20 +550,24 @@ class ActivationCache(Service):
         first = ic.outputs
         perm = torch.arange(batch - 1, -1, -1)
         try:
-            # best of three runs: the first prefix-only run of a new prefix was timed 20x slower than later ones
-            compute_ms, again, ok = float("inf"), None, True
-            for _ in range(3):
-                start = time.perf_counter()
-                out, done = self._prefix_run(prefix, calls, args, kwargs)
-                _sync(tree_flatten(out)[0])
-                compute_ms = min(compute_ms, 1000 * (time.perf_counter() - start))
-                again, ok = (out, done) if again is None else (again, ok)
+            # the time of computing the prefix: the better of the run on the whole batch again (the first
+            # prefix-only run of a new prefix was timed up to 20x slower than later ones) and of the run on the
+            # second half, warm by then, scaled to the batch (timing three extra whole runs cost 40% more of
+            # the analysis, which the in-run check, _judge_live, makes again with times from the run anyway)
+            start = time.perf_counter()
+            again, ok = self._prefix_run(prefix, calls, args, kwargs)
+            _sync(tree_flatten(again)[0])
+            compute_ms = 1000 * (time.perf_counter() - start)
             runs = [again]
             # the operations of the reversed batch and of its first half, for the graph check below
             recorders = {0: OpRecorder(), 2: OpRecorder()}
             for j, rows in enumerate((slice(0, k), slice(k, batch), perm)):
+                start = time.perf_counter()
                 out, done = self._prefix_run(prefix, calls, args, kwargs, select=sig.select(args, kwargs, rows),
                                              record=recorders.get(j))
+                if j == 1:
+                    _sync(tree_flatten(out)[0])
+                    compute_ms = min(compute_ms, 1000 * (time.perf_counter() - start) * batch / (batch - k))
                 runs.append(out)
                 ok = ok and done
         except Exception as exc:  # noqa: BLE001 -- a prefix that cannot run on part of a batch is not cached
@@ -803,8 +807,11 @@ class ActivationCache(Service):
         self._window[0] += batch
         self._window[1] += len(hit_rows)
         served, fresh = None, None
-        partial = not (hit_rows and miss_rows and self.config.check_cost) or partial_pays(
-            plan, len(hit_rows), len(miss_rows))
+        # a batch held in part is served in part (its missing rows run the prefix alone) when the store holds
+        # at least MIN_PARTIAL_COVER of it and that pays; else it is computed whole, as a miss is, and timed for
+        # the in-run check (just after a level starts, most batches hold a few rows stored in the same epoch)
+        partial = not (hit_rows and miss_rows and self.config.check_cost) or (
+            len(hit_rows) >= MIN_PARTIAL_COVER * batch and partial_pays(plan, len(hit_rows), len(miss_rows)))
         if not partial:  # computed whole inside the real call (its missing rows stored), as a miss would be
             self.stats["hits"] -= len(hit_rows)
             self.stats["partly_held_computed"] += batch
@@ -979,9 +986,9 @@ class ActivationCache(Service):
     def _learn_epoch(self, lvl, batch: int) -> None:
         """Estimate the samples per epoch (unless `dataset_size` was given) from the first batch of
         MIN_EPOCH_BATCH or more of a training call (one with autograd on) that a level holds whole: its entry
-        count then. With shuffled data a level must
-        hold nearly every sample before a whole batch of 32 is in it (about 90% of them; 99% for 128), with a
-        fixed order exactly one epoch; samples of other calls (evaluation) count too, as they do in `_seen`.
+        count then. With shuffled data a level must hold nearly every sample before a whole batch of 32 is in it
+        (about 90% of them; 99% for 128), with a fixed order exactly one epoch; samples of other calls
+        (evaluation) count too, as they do in `_seen`.
         Smaller batches are whole far earlier by chance and teach nothing, and so do evaluation batches (under
         `torch.no_grad()`): a test set read in order is whole at its second pass, whatever the training set's
         size (a ResNet run learned half its epoch that way). Autograd rather than train mode tells them apart:

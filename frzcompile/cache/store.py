@@ -301,9 +301,9 @@ class ActivationStore:
 
     # -- slots -------------------------------------------------------------------------------------------
     def _new_chunk(self, group: _Chunks, evictable):
-        """Add a chunk to `group`: the largest of its next sizes that fits in memory (evicting older levels only
-        when not even the smallest does), else whatever room the memory budget has left, else on disk; False
-        when none fits."""
+        """Add a chunk to `group`: the largest of its next sizes that fits in memory (evicting the levels of
+        `evictable`, in order, only when not even the smallest does), else whatever room the memory budget has
+        left, else on disk; False when none fits."""
         sizes = group.next_sizes()
 
         def fits(slots):
