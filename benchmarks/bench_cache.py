@@ -14,15 +14,20 @@ Part C (serving cost) puts the cost of serving a batch from the cache (Python st
 digest of the frozen weights, fetching the outputs) beside computing the frozen prefix, with the first half of
 the units frozen, on BERT-base (SST-2 sentences, 128 tokens), ViT-B/16 and ResNet-50 (Fashion-MNIST images
 scaled to 224 x 224, three channels), built from their Hugging Face configs; the aim is at most 10%.
+Part D (policy) is a real run under the default policy: the quickstart's SmallCNN trained on scikit-learn's
+digits for 30 epochs with SmartFRZ choosing what to freeze, with and without the cache, the two alternated over
+`--rounds` rounds in one process (same initial weights, batch order and freezes); it reports the time of each
+run and of each epoch, accuracy, and what the cache did (hits, samples served, its verdict per call signature).
 
     python benchmarks/bench_cache.py [--data PATH] [--rounds 5] [--steps 3] [--epochs 3] [--out FILE.json]
-                                     [--device cpu|cuda] [--only fashion|minilm|serving]
+                                     [--device cpu|cuda] [--only fashion|minilm|serving|policy]
 """
 import argparse
 import copy
 import json
 import platform
 import random
+import statistics
 import time
 
 import torch
@@ -121,6 +126,46 @@ def part_b(model, batches, epochs):
             "cache": {key: report[key] for key in ("decision", "hit_rate", "entries", "bytes_in_memory")}}
 
 
+def part_d(rounds, epochs=30, batch=64, seed=0):
+    """The quickstart's run under SmartFRZ, with and without the cache, alternated `rounds` times."""
+    x, y, x_test, y_test = data.digits(seed=seed)
+    torch.manual_seed(seed)
+    base = zoo.SmallCNN(width=32, dropout=0.1)
+    steps = epochs * -(-len(x) // batch)
+
+    def run(cache):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        fm = frzcompile.optimize(model, (x[:batch],), optimizer=opt, total_steps=steps, cache=cache)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        epoch_s = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            for idx in torch.randperm(len(x), generator=gen).split(batch):
+                torch.nn.functional.cross_entropy(fm(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+            epoch_s.append(time.perf_counter() - start)
+        fm.eval()
+        with torch.no_grad():
+            acc = (fm(x_test).argmax(1) == y_test).float().mean().item()
+        out = {"seconds": sum(epoch_s), "epoch_seconds": epoch_s, "accuracy": acc,
+               "freezes": [step for step, _, _ in fm.plan.changes]}
+        if cache:
+            report = fm.cache.report()
+            out["cache"] = {key: report[key] for key in ("hit_rate", "hits", "lookups", "fully_served_batches",
+                                                         "reused_from_shallower", "computed", "stored",
+                                                         "partly_held_computed", "plans")}
+        return out
+
+    runs = {"no cache": [], "cache": []}
+    for r in range(rounds):
+        for name in (("no cache", "cache") if r % 2 == 0 else ("cache", "no cache")):
+            runs[name].append(run(name == "cache"))
+    return {"steps": steps, "epochs": epochs, "batch": batch, "runs": runs}
+
+
 def serving_models(root, batch):
     """(name, model, keyword inputs) for part C, on real data."""
     import torch.nn.functional as F
@@ -169,7 +214,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--only", choices=["fashion", "minilm", "serving"], default=None)
+    parser.add_argument("--only", choices=["fashion", "minilm", "serving", "policy"], default=None)
     parser.add_argument("--device", default="cpu", help="device of part C (serving cost)")
     parser.add_argument("--serving-batch", type=int, default=None, help="part C batch (default 8 on CPU, 64 on GPU)")
     parser.add_argument("--out", default=None)
@@ -193,6 +238,30 @@ def main():
                     [(r["model"], r["units_frozen"], f"{r['f']:.2f}", f"{r['compute_ms']:.1f}", f"{r['serve_ms']:.2f}",
                       f"{100 * r['ratio']:.1f}%", f"{r['serve_without_digest_ms']:.2f}", f"{r['store_ms']:.2f}",
                       r["decision"]) for r in rows])
+        print()
+    if args.only in (None, "policy"):
+        d = part_d(args.rounds)
+        results["policy"] = d
+        print(f"### Part D: the quickstart's SmallCNN on digits under SmartFRZ, {d['epochs']} epochs ({d['steps']} "
+              f"steps), with and without the cache, alternated over {args.rounds} rounds\n")
+        print_table(("run", "train s (median)", "each run s", "accuracy", "plan changes at step", "hit rate",
+                     "batches served whole", "samples served from a shallower level"),
+                    [(name, f"{statistics.median(r['seconds'] for r in rs):.2f}",
+                      " / ".join(f"{r['seconds']:.2f}" for r in rs), f"{100 * rs[0]['accuracy']:.2f}%",
+                      ", ".join(map(str, rs[0]["freezes"])),
+                      f"{100 * rs[0]['cache']['hit_rate']:.1f}%" if "cache" in rs[0] else "-",
+                      rs[0]["cache"]["fully_served_batches"] if "cache" in rs[0] else "-",
+                      rs[0]["cache"]["reused_from_shallower"] if "cache" in rs[0] else "-")
+                     for name, rs in d["runs"].items()])
+        print("\nseconds per epoch (median over the rounds), no cache / cache:")
+        per_epoch = {name: [statistics.median(r["epoch_seconds"][e] for r in rs) for e in range(d["epochs"])]
+                     for name, rs in d["runs"].items()}
+        print("  " + "  ".join(f"{e + 1}: {a:.3f}/{b:.3f}" for e, (a, b) in
+                               enumerate(zip(per_epoch["no cache"], per_epoch["cache"]))))
+        for plan in d["runs"]["cache"][0]["cache"]["plans"]:
+            print(f"  cache, {plan['prefix_units']} units frozen, batch {plan['batch']}: {plan['reason']} "
+                  f"(in the run: {plan['stored_batches']} batches stored, {plan['served_batches']} served whole, "
+                  f"ms per batch {plan['in_run_ms']})")
         print()
     for name, load in loaders.items():
         if args.only and name != args.only:

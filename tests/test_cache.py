@@ -1058,6 +1058,9 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
             assert not plan.cacheable and plan.live.judged
             assert plan.reason.startswith("does not pay inside the run") and "first 16 stored batches" in plan.reason
             assert fm.cache.store.entries() == 0
+            summary = fm.cache.report()["plans"][0]  # what benchmarks record
+            assert not summary["on"] and summary["stored_batches"] == LIVE_BATCHES
+            assert summary["in_run_ms"]["compute"] < 5 and summary["in_run_ms"]["serve"] is None
             for x in batches[:2]:
                 torch.testing.assert_close(fm(x), model(x))
             assert fm.cache.stats["hits"] == 0  # runs uncached from now on

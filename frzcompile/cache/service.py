@@ -1112,5 +1112,17 @@ class ActivationCache(Service):
             "levels": [list(p) for p in self.store.levels],
             "epoch_samples": self.epoch_samples,
             "store_deeper_after": self.config.store_deeper_after,
+            "plans": [self._plan_summary(p) for p in self.plans.values()],
             **s,
         }
+
+    @staticmethod
+    def _plan_summary(plan) -> dict:
+        """One call signature's verdict and what the in-run check measured (for benchmarks' records)."""
+        live = plan.live
+        per_batch = (lambda seconds, n: round(1000 * seconds / n * plan.batch, 3) if n else None)
+        return {"prefix_units": len(plan.prefix), "batch": plan.batch, "on": plan.cacheable, "reason": plan.reason,
+                "stored_batches": live.stored_batches, "served_batches": live.served_batches,
+                "in_run_ms": {"compute": per_batch(live.compute_s, live.stored),
+                              "store": per_batch(live.store_s, live.stored),
+                              "serve": per_batch(live.serve_s, live.served)}}
