@@ -20,7 +20,7 @@ digits for 30 epochs with SmartFRZ choosing what to freeze, with and without the
 run and of each epoch, accuracy, and what the cache did (hits, samples served, its verdict per call signature).
 
     python benchmarks/bench_cache.py [--data PATH] [--rounds 5] [--steps 3] [--epochs 3] [--out FILE.json]
-                                     [--device cpu|cuda] [--only fashion|minilm|serving|policy]
+                                     [--device cpu|cuda] [--only fashion|minilm|serving|policy] [--seed 0]
 """
 import argparse
 import copy
@@ -217,6 +217,7 @@ def main():
     parser.add_argument("--only", choices=["fashion", "minilm", "serving", "policy"], default=None)
     parser.add_argument("--device", default="cpu", help="device of part C (serving cost)")
     parser.add_argument("--serving-batch", type=int, default=None, help="part C batch (default 8 on CPU, 64 on GPU)")
+    parser.add_argument("--seed", type=int, default=0, help="part D: initial weights, data split and order")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -240,10 +241,10 @@ def main():
                       r["decision"]) for r in rows])
         print()
     if args.only in (None, "policy"):
-        d = part_d(args.rounds)
+        d = part_d(args.rounds, seed=args.seed)
         results["policy"] = d
         print(f"### Part D: the quickstart's SmallCNN on digits under SmartFRZ, {d['epochs']} epochs ({d['steps']} "
-              f"steps), with and without the cache, alternated over {args.rounds} rounds\n")
+              f"steps), seed {args.seed}, with and without the cache, alternated over {args.rounds} rounds\n")
         print_table(("run", "train s (median)", "each run s", "accuracy", "plan changes at step", "hit rate",
                      "batches served whole", "samples served from a shallower level"),
                     [(name, f"{statistics.median(r['seconds'] for r in rs):.2f}",

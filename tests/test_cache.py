@@ -149,6 +149,14 @@ def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
     store.get(level, keys, range(len(keys)), out)
     for i, k in enumerate(keys):
         assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1])
+    # rows in order from one chunk (a batch served whole) go straight into place, and into a non-contiguous
+    # output or one of another dtype through a copy: the same values either way
+    keys = [b"k%d" % i for i in range(4)]
+    for out in ([torch.empty(4, width), torch.empty(4, 2, dtype=torch.bfloat16)],
+                [torch.empty(width, 4).t(), torch.empty(4, 2)]):
+        store.get(level, keys, range(4), out)
+        for i, k in enumerate(keys):
+            assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1].float())
 
 
 def test_store_chunks_grow_and_shrink_to_the_budget():

@@ -264,11 +264,11 @@ def content_digest(tensors) -> bytes:
     """The sum of each tensor's values (floating ones accumulated in float32), as bytes: changes when a value
     changes through any route, `.data` included, unless an edit keeps every sum exactly (a permutation of a
     tensor's elements). One read of each tensor; one transfer to the host per device."""
-    by_device: dict = {}
+    by_device: dict = {}  # (device, floating) -> sums: one stack and one transfer each, no per-tensor cast
     for t in tensors:
         t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
-        total = t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum()
-        by_device.setdefault(t.device, []).append(total.to(torch.float64))
+        floating = t.is_floating_point()
+        by_device.setdefault((t.device, floating), []).append(t.sum(dtype=torch.float32 if floating else torch.int64))
     return b"".join(torch.stack(sums).cpu().numpy().tobytes() for sums in by_device.values())
 
 

@@ -404,9 +404,17 @@ class ActivationStore:
                 by_chunk.setdefault(chunk, []).append((offset, row))
             for chunk, sel in sorted(by_chunk.items()):
                 src_idx = torch.tensor([s for s, _ in sel])
-                dst_idx = torch.tensor([r for _, r in sel])
+                first, last = sel[0][1], sel[-1][1]
+                block = last - first == len(sel) - 1 and all(a[1] < b[1] for a, b in zip(sel, sel[1:]))
+                dst_idx = None if block else torch.tensor([r for _, r in sel])
                 for src, dst in zip(group.chunks[chunk], out_tensors):
-                    dst.index_copy_(0, dst_idx.to(dst.device), _gather_cast(src, src_idx, dst))
+                    if block and src.device == dst.device and src.dtype == dst.dtype and dst.is_contiguous():
+                        # rows first..last in order (a batch served whole): gather straight into place
+                        torch.index_select(src, 0, src_idx.to(src.device), out=dst[first:last + 1])
+                    elif block:
+                        dst[first:last + 1].copy_(_gather_cast(src, src_idx, dst))
+                    else:
+                        dst.index_copy_(0, dst_idx.to(dst.device), _gather_cast(src, src_idx, dst))
 
 
 def _gather_cast(src: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
