@@ -1042,6 +1042,31 @@ def test_the_cost_check_times_warm_runs_and_counts_storing():
     assert fm.cache.report()["hits"] == 8
 
 
+def test_the_check_before_serving_is_made_again_as_stored_batches_double():
+    """A level that paid at its first 16 stored batches is checked again at 32, 64, 128 while nothing is served:
+    a prefix that costs 1 ms a call at first and nothing later (as storing grew dearer in a ResNet run) is
+    turned off once the means say so, its entries freed."""
+    from frzcompile.cache.service import LIVE_BATCHES
+
+    torch.manual_seed(0)
+    timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 5 else 0.001 if n <= 5 + LIVE_BATCHES + 1 else 0)
+    model = nn.Sequential(timed, nn.Linear(4, 4))
+    batches = [torch.randn(8, 4) for _ in range(8 * LIVE_BATCHES + 1)]
+    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
+    fm.freeze("0")
+    timed.reset()
+    with torch.no_grad():
+        for x in batches[:LIVE_BATCHES + 1]:
+            fm(x)
+        plan = fm.cache.last_plan
+        assert plan.cacheable and plan.live.next_early == 2 * LIVE_BATCHES  # checked once: pays
+        for x in batches[LIVE_BATCHES + 1:]:
+            torch.testing.assert_close(fm(x), model(x))
+    assert not plan.cacheable and plan.reason.startswith("does not pay inside the run")
+    assert plan.live.stored_batches in (2 * LIVE_BATCHES, 4 * LIVE_BATCHES, 8 * LIVE_BATCHES)
+    assert f"first {plan.live.stored_batches} stored batches" in plan.reason and fm.cache.store.entries() == 0
+
+
 @pytest.mark.parametrize("real_ms", [0, 3])
 def test_the_cost_check_is_made_again_inside_the_run(real_ms):
     """After 16 stored batches the cache checks its cost again with the prefix's and the store's times measured
@@ -1061,7 +1086,8 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
         for x in batches:
             fm(x)
         plan = fm.cache.last_plan
-        assert plan.live.early and plan.live.stored_batches == LIVE_BATCHES and plan.live.served_batches == 0
+        assert plan.live.next_early == 2 * LIVE_BATCHES and plan.live.stored_batches == LIVE_BATCHES
+        assert plan.live.served_batches == 0
         if not real_ms:
             assert not plan.cacheable and plan.live.judged
             assert plan.reason.startswith("does not pay inside the run") and "first 16 stored batches" in plan.reason
