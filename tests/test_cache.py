@@ -279,6 +279,17 @@ def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
         torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
     assert cache.stats["hits"] == hits + 128
 
+    # batches the shallower level does not hold run whole after the deepening: not stored while young either
+    fm, plain = start(CacheConfig(check_cost=False))
+    new = [x for x, _ in _data(n=128, batch=32, seed=1)]
+    for x in new:
+        torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert fm.cache.stats["not_stored_young"] == 128 and fm.cache.stats["reused_from_shallower"] == 0
+    assert deep not in fm.cache.store.levels or not fm.cache.store.levels[deep].index
+    for x in new:  # held for an epoch: stored now
+        torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert len(fm.cache.store.levels[deep].index) == 128
+
     # 0 stores at once; a batch covered by the shallower level counts as a hit for the hit-rate check, which
     # therefore keeps the cache on through the deepening (here judged every epoch: dataset_size given)
     eager, _ = start(CacheConfig(check_cost=False, store_deeper_after=0))

@@ -329,6 +329,7 @@ class ActivationCache(Service):
         self.epoch_samples = config.dataset_size  # samples per epoch: given, or learned (_learn_epoch)
         self._seen = 0                            # samples of the calls probed or served
         self._prefix_since = 0                    # _seen when the current prefix began
+        self._deepened = False                    # whether the current prefix deepened a frozen one (_young)
         self._window = [0, 0]                     # lookups, hits since the last hit-rate check
         self._full_at = None                      # lookups when the store first became full
         self._modules_cache: dict = {}
@@ -338,6 +339,7 @@ class ActivationCache(Service):
         """Unfreezing a unit invalidates every level that contains it (its weights will change)."""
         if tuple(change.prefix) != self.prefix:
             self._prefix_since = self._seen
+            self._deepened = bool(self.prefix) and set(self.prefix) < set(change.prefix)
         self.prefix = tuple(change.prefix)
         frozen = set(change.frozen)
         self.store.drop(lambda prefix: not set(prefix) <= frozen)
@@ -527,7 +529,7 @@ class ActivationCache(Service):
             known = {id(t) for t in extra}
             extra += [t for t in result.state if id(t) not in known]
             self.stats["reused_from_shallower" if shallower is not None else "computed"] += sig.batch
-            if shallower is not None and not warming and self._young(sig.batch):
+            if (shallower is not None or self._deepened) and not warming and self._young(sig.batch):
                 self.stats["not_stored_young"] += sig.batch
             else:
                 self._store_outputs(plan, sig, ic.outputs, keys)
@@ -826,7 +828,10 @@ class ActivationCache(Service):
                 hit_rows, fresh = [], None
         if not hit_rows:
             out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys, timed, partial)
-            if out is None:
+            if out is None and self._deepened and self._young(batch):  # not stored yet, wherever it is computed
+                self.stats["not_stored_young"] += batch
+                out = run(args, kwargs)
+            elif out is None:
                 with Interception(top, keep=plan.keep) as ic:
                     out = run(args, kwargs)
                 stored = time.perf_counter()
@@ -999,9 +1004,10 @@ class ActivationCache(Service):
             self.epoch_samples = len(lvl.index)
 
     def _young(self, batch: int) -> bool:
-        """Whether the current prefix, served from a shallower prefix's entries, has held for fewer than
-        `store_deeper_after` epochs of samples before this batch (of `batch`, already counted in `_seen`): its
-        outputs are not stored yet. Until the epoch is known, they are stored at once."""
+        """Whether the current prefix, which deepened a frozen one, has held for fewer than `store_deeper_after`
+        epochs of samples before this batch (of `batch`, already counted in `_seen`): its outputs are not stored
+        yet, whether a shallower prefix's entries serve it or it runs whole. Until the epoch is known, they are
+        stored at once."""
         held = self._seen - batch - self._prefix_since
         return self.epoch_samples is not None and held < self.config.store_deeper_after * self.epoch_samples
 
