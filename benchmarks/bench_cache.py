@@ -254,6 +254,16 @@ def main():
                       rs[0]["cache"]["fully_served_batches"] if "cache" in rs[0] else "-",
                       rs[0]["cache"]["reused_from_shallower"] if "cache" in rs[0] else "-")
                      for name, rs in d["runs"].items()])
+        # the epochs before the first freeze, where the cache does nothing, tell this machine's noise between the
+        # two runs; the epochs after it, what the cache did
+        first = d["runs"]["cache"][0]["freezes"][0] * d["epochs"] // d["steps"] if d["runs"]["cache"][0][
+            "freezes"] else d["epochs"]
+        span = {name: [statistics.median(sum(r["epoch_seconds"][a:b]) for r in rs) for a, b in
+                       ((0, first), (first, d["epochs"]))] for name, rs in d["runs"].items()}
+        (nb, na), (cb, ca) = span["no cache"], span["cache"]
+        print(f"\nepochs 1-{first}, before the first freeze (the cache does nothing): {nb:.2f} s without, {cb:.2f} s "
+              f"with ({cb / nb:.3f}x); epochs {first + 1}-{d['epochs']}: {na:.2f} s without, {ca:.2f} s with "
+              f"({ca / na:.3f}x) (medians over the rounds)")
         print("\nseconds per epoch (median over the rounds), no cache / cache:")
         per_epoch = {name: [statistics.median(r["epoch_seconds"][e] for r in rs) for e in range(d["epochs"])]
                      for name, rs in d["runs"].items()}
