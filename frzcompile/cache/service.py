@@ -868,9 +868,9 @@ class ActivationCache(Service):
         caching: a hot scratch store, a prefix-only run with its own overhead): when LIVE_BATCHES batches were
         stored, with the analysis' serving time, and again at twice and four times as many... while fewer were
         served (in a ResNet run, storing averaged 6x the analysis' figure over 151 batches after passing the
-        check at 16), and once as many were also served whole, with all three times
-        from the run. A plan that does not pay is turned off and, when no other call signature uses its level,
-        the level's entries are freed."""
+        check at 16), and once as many were also served whole, with all three times from the run. A plan that
+        does not pay is turned off and, when no other call signature uses its level, the level's entries are
+        freed."""
         live = plan.live
         if live.stored_batches < LIVE_BATCHES:
             return

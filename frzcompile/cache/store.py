@@ -78,8 +78,9 @@ class CacheConfig:
     check_cost: time computing the frozen prefix, serving a batch and storing one, and stay off unless a batch
         stored once and served once costs less than computing it twice (the reason, with the three times, is in
         `explain` and `fm.cache.report()["decision"]`); on CPU, check again with the times measured inside the
-        run after 16 stored batches and again after 16 served ones, and turn off a call signature that does not
-        pay; serve a batch held in part only when that costs less than computing it whole (False: always).
+        run after 16 stored batches (again at 32, 64... while fewer were served) and after 16 served ones, and
+        turn off a call signature that does not pay; serve a batch held in part only when the store holds at
+        least half of it and that costs less than computing it whole (False: always).
     verify: recompute every batch uncached and raise if a served activation differs (debugging; slow).
     watch_data: at every call, compare a content digest (the sum of each tensor's values) of the frozen prefix's
         weights and buffers and of everything else it reads: catches `.data` edits (EMA, pruning, loading weights
