@@ -193,13 +193,12 @@ def test_the_least_recently_used_level_makes_room_first():
     rows = torch.randn(4, 4)
     keys = [b"k%d" % i for i in range(4)]
     for prefix in (("a",), ("a", "b")):
-        store.put(store.level(prefix, 0), keys, [rows], evictable=store.least_recently_used(but=prefix))
+        store.put(store.level(prefix, 0), keys, [rows])
     store.get(store.levels[("a",)], keys[:2], range(2), [torch.empty(2, 4)])  # the shallow level serves
     assert store.least_recently_used(but=("a", "b", "c")) == [("a", "b"), ("a",)]
     deep = ("a", "b", "c")
     for i in range(2):  # two chunks' worth: the third chunk of the budget is taken by the idle middle level
-        store.put(store.level(deep, 0), [b"d%d%d" % (i, j) for j in range(4)], [rows],
-                  evictable=store.least_recently_used(but=deep))
+        store.put(store.level(deep, 0), [b"d%d%d" % (i, j) for j in range(4)], [rows])
     assert set(store.levels) == {("a",), deep} and len(store.levels[deep].index) == 8
     out = torch.empty(4, 4)
     store.get(store.levels[("a",)], keys, range(4), [out])

@@ -747,8 +747,7 @@ class ActivationCache(Service):
         if plan.shared_count:
             lvl.shared.setdefault(sig.shared_digest(), self._shared_of(plan, outputs))
         samples = [s.detach() for s in self._samples_of(plan, outputs)]
-        self.stats["stored"] += self.store.put(lvl, rows_keys if rows_keys is not None else keys, samples,
-                                               evictable=self.store.least_recently_used(but=plan.prefix))
+        self.stats["stored"] += self.store.put(lvl, rows_keys if rows_keys is not None else keys, samples)
 
     def _build(self, plan, sig, lvl, keys, hit_rows, fresh=None, miss_rows=None):
         """key -> output of every prefix call, from the store (rows `hit_rows`) and from `fresh` outputs of a

@@ -301,18 +301,20 @@ class ActivationStore:
         lvl.used_at = self._clock
 
     # -- slots -------------------------------------------------------------------------------------------
-    def _new_chunk(self, group: _Chunks, evictable):
-        """Add a chunk to `group`: the largest of its next sizes that fits in memory (evicting the levels of
-        `evictable`, in order, only when not even the smallest does), else whatever room the memory budget has
-        left, else on disk; False when none fits."""
+    def _new_chunk(self, lvl: Level, group: _Chunks):
+        """Add a chunk to `group` of `lvl`: the largest of its next sizes that fits in memory (evicting other
+        levels, least recently used first, only when not even the smallest does), else whatever room the memory
+        budget has left, else on disk; False when none fits."""
         sizes = group.next_sizes()
 
         def fits(slots):
             return self.memory_used + slots * group.bytes_per_slot <= self.config.memory_bytes
 
-        while not fits(sizes[-1]) and evictable:
-            victim = evictable.pop(0)  # the least recently used level makes room first
-            self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
+        if not fits(sizes[-1]):
+            for victim in self.least_recently_used(but=lvl.prefix):
+                self.drop(lambda prefix: prefix == victim)  # noqa: B023 (called at once)
+                if fits(sizes[-1]):
+                    break
         rest = (self.config.memory_bytes - self.memory_used) // max(group.bytes_per_slot, 1)
         for slots in sizes + [rest]:  # the last try fills what the budget has left
             if slots > 0 and fits(slots):
@@ -353,9 +355,9 @@ class ActivationStore:
     def spill_path(self):
         return self._spill_dir
 
-    def put(self, lvl: Level, keys, outputs, evictable=()) -> int:
-        """Store per-sample rows of `outputs` (batch-first tensors) under `keys`, making room by dropping levels of
-        `evictable` in order when the budget is spent; returns how many were stored."""
+    def put(self, lvl: Level, keys, outputs) -> int:
+        """Store per-sample rows of `outputs` (batch-first tensors) under `keys`, making room by dropping other
+        levels, least recently used first, when the budget is spent; returns how many were stored."""
         self._touch(lvl)
         if lvl.full:
             return 0
@@ -366,7 +368,6 @@ class ActivationStore:
         if group is None:
             group = lvl.groups[sig] = _Chunks(tuple(tuple(o.shape[1:]) for o in outputs), stored_dtypes,
                                               self.chunk_slots)
-        evictable = list(evictable)
         fresh, seen = [], set()  # rows to store: the first of each key not stored yet
         for row, key in enumerate(keys):
             if key not in lvl.index and key not in seen:
@@ -374,7 +375,7 @@ class ActivationStore:
                 fresh.append(row)
         stored = 0
         while stored < len(fresh):  # one copy per output for each run of slots in one chunk, not one per row
-            if group.used >= group.capacity() and not self._new_chunk(group, evictable):
+            if group.used >= group.capacity() and not self._new_chunk(lvl, group):
                 lvl.full = True
                 break
             chunk, offset = group.locate(group.used)
