@@ -152,9 +152,15 @@ def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
     # rows in order from one chunk (a batch served whole) go straight into place, and into a non-contiguous
     # output or one of another dtype through a copy: the same values either way
     keys = [b"k%d" % i for i in range(4)]
-    for out in ([torch.empty(4, width), torch.empty(4, 2, dtype=torch.bfloat16)],
-                [torch.empty(width, 4).t(), torch.empty(4, 2)]):
+    index_copies = []
+    index_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_",
+                        lambda t, *a, **k: index_copies.append(1) or index_copy(t, *a, **k))
+    for out, copied in (([torch.empty(4, width), torch.empty(4, 2, dtype=torch.bfloat16)], 0),
+                        ([torch.empty(width, 4).t(), torch.empty(4, 2)], 2)):
+        copies.clear()
         store.get(level, keys, range(4), out)
+        assert len(copies) == copied and not index_copies  # gathered into place: no copy at all when it can be
         for i, k in enumerate(keys):
             assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1].float())
 
@@ -361,6 +367,43 @@ def test_hugging_face_bert_after_a_deepening_with_user_habits():
     stats = fm.cache.stats  # (the autocast calls are another signature, which the shallow level never held)
     assert stats["reused_from_shallower"] >= 4 + 3 and stats["not_stored_young"] >= 4
     assert len(seen) == 2 * (2 + 2 * 3 * 2)  # the hook ran on every call of both models
+
+
+def test_hugging_face_bert_is_served_in_part_only_from_half_a_batch(monkeypatch):
+    """A BERT from a config with the costs checked (the timings forced to say caching pays, so that the rule
+    alone decides): a batch the store holds 3 of 4 rows of is served in part, one holding 1 of 4 is computed whole
+    inside the real call; with eval() on the user's own variable, a hook on a trainable module and bf16 autocast
+    (another call signature), the logits are the twin's without a cache."""
+    from frzcompile.cache import service
+    from tests.conftest import make_case
+
+    monkeypatch.setattr(service, "pays_back", lambda *a: True)
+    monkeypatch.setattr(service, "partial_pays", lambda *a: True)
+    model, args, kwargs = make_case("bert")
+    twin = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=True)
+    plain = frzcompile.optimize(twin, args, example_kwargs=kwargs)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (8, 12), generator=g)
+    mask = torch.ones(8, 12, dtype=torch.long)
+    mask[5, 7:] = 0
+    model.eval()  # on the user's own variable
+    twin.eval()
+    for f in (fm, plain):
+        f.freeze(*f.units[:2])
+    seen = []
+    for m in (model, twin):
+        m.get_submodule(fm.units[-2]).register_forward_hook(lambda mod, a, out: seen.append(1))
+    stats = fm.cache.stats
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for rows, hits, computed_whole in (([0, 1, 2, 3], 0, 0), ([0, 1, 2, 4], 3, 0), ([0, 5, 6, 7], 0, 4)):
+                before = dict(stats)
+                batch = {"input_ids": ids[rows], "attention_mask": mask[rows]}
+                torch.testing.assert_close(fm(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
+                assert stats["hits"] - before["hits"] == hits
+                assert stats["partly_held_computed"] - before["partly_held_computed"] == computed_whole
+    assert fm.cache.last_plan.cacheable and len(seen) == 2 * 6
 
 
 def test_small_batches_held_whole_do_not_teach_the_epoch():
