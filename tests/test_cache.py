@@ -144,18 +144,27 @@ def test_store_put_copies_runs_of_rows_and_keeps_every_row_right(monkeypatch):
     assert len(copies) == 2 * 2  # two runs (the rest of chunk 1, all of chunk 2) x two outputs, not 6 x 2
     assert level.full and store.entries() == 12 and store.memory_used == 3 * per_chunk
     assert level.groups[next(iter(level.groups))].sizes == [4, 4, 4]
+    index_copies = []
+    index_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_",
+                        lambda t, *a, **k: index_copies.append(1) or index_copy(t, *a, **k))
+    # a whole batch from three chunks: gathered per chunk, then into the batch's order (no index_copy_)
     keys = [b"k%d" % i for i in (11, 0, 4, 7, 3)]
     out = [torch.empty(len(keys), width), torch.empty(len(keys), 2, dtype=torch.bfloat16)]
     store.get(level, keys, range(len(keys)), out)
     for i, k in enumerate(keys):
         assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1])
+    assert not index_copies
+    # some rows of a batch (served in part): placed by one index_copy_ per output, the other rows untouched
+    out = [torch.full((6, width), -1.0), torch.full((6, 2), -1.0, dtype=torch.bfloat16)]
+    store.get(level, keys[:3], [4, 0, 2], out)
+    for i, k in zip([4, 0, 2], keys[:3]):
+        assert torch.equal(out[0][i], rows[k][0]) and torch.equal(out[1][i], rows[k][1])
+    assert (out[0][[1, 3, 5]] == -1).all() and len(index_copies) == 2
+    index_copies.clear()
     # rows in order from one chunk (a batch served whole) go straight into place, and into a non-contiguous
     # output or one of another dtype through a copy: the same values either way
     keys = [b"k%d" % i for i in range(4)]
-    index_copies = []
-    index_copy = torch.Tensor.index_copy_
-    monkeypatch.setattr(torch.Tensor, "index_copy_",
-                        lambda t, *a, **k: index_copies.append(1) or index_copy(t, *a, **k))
     for out, copied in (([torch.empty(4, width), torch.empty(4, 2, dtype=torch.bfloat16)], 0),
                         ([torch.empty(width, 4).t(), torch.empty(4, 2)], 2)):
         copies.clear()
