@@ -507,3 +507,70 @@ def test_autocast_training_matches_eager(name):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
     assert fm.cache.stats["hits"] == 2 * 6  # the rewrite fired: served under autocast, exactly as eager computes
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                      lambda ps: torch.optim.AdamW(ps, lr=0.01)], ids=["sgd", "adamw"])
+def test_a_freeze_between_backward_and_step_lets_that_step_apply_the_gradients(make_opt):
+    """Freezing by hand in the middle of an iteration (after backward, before the step; gradient accumulation)
+    keeps the gradients, so that step still moves the weights, with their optimizer state; the gradients and the
+    state go after it, and the frozen weights move no more."""
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    ref = copy.deepcopy(model)
+    opt, ref_opt = make_opt(model.parameters()), make_opt(ref.parameters())
+    stem, ref_stem = list(model.stem.parameters()), list(ref.stem.parameters())
+    for step in range(3):
+        torch.manual_seed(step)
+        fm(x).sum().backward()
+        torch.manual_seed(step)
+        ref(x).sum().backward()
+        if step == 1:  # freeze after backward
+            fm.freeze("stem")
+            for p in ref_stem:
+                p.requires_grad_(False)
+            ref.stem.eval()
+            assert all(p.grad is not None for p in stem)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if step == 1:  # that step applied the stem's gradients; now they and the stem's state are gone
+            assert all(p.grad is None and p not in opt.state for p in stem)
+    assert all(torch.equal(a, b) for a, b in zip(stem, ref_stem))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_frozen_weight_made_to_require_grad_by_hand_trains(cache):
+    """`p.requires_grad_(True)` on a parameter of a frozen unit: it gets its gradient (the cache steps aside) and
+    the optimizer moves it, as with the same parameter thawed by hand on a model frozen by hand."""
+    model, (x,), _, _ = make("traced")
+    options = {"cache": frzcompile.CacheConfig(check_cost=False, min_hit_rate=0)} if cache else {}
+    fm = frzcompile.optimize(model, (x,), policy="manual", **options)
+    fm.freeze("stem", "block1")
+    ref = reference(model, fm, ["stem", "block1"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    fm.eval()
+    for _ in range(3):  # fill the cache
+        fm(x)
+    model.block1[0].weight.requires_grad_(True)
+    ref.block1[0].weight.requires_grad_(True)
+    for step in range(2):
+        fm.train()
+        by_hand_modes(ref, fm, ["stem", "block1"], True)
+        torch.manual_seed(step)
+        fm(x).sum().backward()
+        torch.manual_seed(step)
+        ref(x).sum().backward()
+        torch.testing.assert_close(model.block1[0].weight.grad, ref.block1[0].weight.grad, rtol=0, atol=0)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if cache:
+        assert any("requires grad again" in why for why in fm.cache.steps_aside)

@@ -318,6 +318,7 @@ class FrozenModule(nn.Module):
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
         model (any torch optimizer, see frzcompile.runtime.steps); call it yourself with another optimizer."""
+        self._plan.release_in_flight(self.optimizers())
         self._count_step()
         self._settle()
 
@@ -375,6 +376,7 @@ class FrozenModule(nn.Module):
             service.before_optimizer_step(optimizer)
 
     def _after_optimizer_step(self, optimizer) -> None:
+        self._plan.release_in_flight(self.optimizers(), stepped=optimizer)
         for service in self._services:
             service.on_optimizer_step(optimizer)
 

@@ -3,7 +3,11 @@
 A frozen unit's parameters stop requiring grad, lose their gradient and their optimizer state, and its
 modules run in eval mode (re-applied before every call, because `model.train()` on the user's own variable
 switches them back). That is exactly what freezing by hand does, so the model's own forward runs the frozen
-prefix without autograd whenever nothing flowing into it requires grad.
+prefix without autograd whenever nothing flowing into it requires grad. A gradient already there when its
+parameter freezes (a freeze between `backward()` and `opt.step()`, in the middle of gradient accumulation) is
+applied by the next step of the optimizers holding it, with its optimizer state, as freezing by hand does; both
+go after that step. (A zero-filled gradient, `zero_grad(set_to_none=False)`, goes at once: applied, it would only
+move the frozen weight through momentum or weight decay.) A frozen parameter the user sets `requires_grad_(True)` on by hand trains, as it would.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class FreezePlan:
         self._frozen_modules: list = []
         self._eval_flags: tuple = ()      # the frozen modules' flags right after the last eval() of their units
         self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
+        self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
 
     @property
     def units(self) -> list:
@@ -74,12 +79,16 @@ class FreezePlan:
         for u in newly:
             for p in units[u].params:
                 p.requires_grad_(False)
+                if p.grad is not None and bool(p.grad.any()):  # the step in flight applies it: released after that
+                    self._in_flight[id(p)] = p                     # step (a zero-filled one is not a gradient)
+                    continue
                 p.grad = None
                 for opt in optimizers:
                     opt.state.pop(p, None)  # momentum / Adam moments of a frozen weight are dropped
             self.since[u] = step
         for u in thawed:
             for p in units[u].params:
+                self._in_flight.pop(id(p), None)
                 p.requires_grad_(self.trainable_by_default(p))
             for root in units[u].roots:
                 root.train(training)
@@ -155,7 +164,22 @@ class FreezePlan:
         return self._param_names[1]
 
     def drop_frozen_grads(self) -> None:
-        """A frozen parameter carries no gradient, so no optimizer touches it."""
+        """Before an optimizer step: a frozen parameter carries no gradient, so no optimizer touches it (a zeroed
+        one, `zero_grad(set_to_none=False)`, would move it through momentum or weight decay), except one whose
+        gradient this step still applies (frozen after its backward) or one the user made require grad again."""
         for p in self.frozen_params():
-            if p.grad is not None:
+            if p.grad is not None and not p.requires_grad and id(p) not in self._in_flight:
                 p.grad = None
+
+    def release_in_flight(self, optimizers, stepped=None) -> None:
+        """After a step of the optimizer `stepped` (None: any step, `fm.step()`): the frozen parameters whose
+        pending gradient it applied lose that gradient and, in `optimizers`, their state, as on any freeze."""
+        if not self._in_flight:
+            return
+        held = None if stepped is None else {id(p) for g in stepped.param_groups for p in g["params"]}
+        for key, p in list(self._in_flight.items()):
+            if held is None or key in held:
+                del self._in_flight[key]
+                p.grad = None
+                for opt in optimizers:
+                    opt.state.pop(p, None)
