@@ -56,16 +56,41 @@ LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
 MIN_PARTIAL_COVER = 0.5  # a level serves a batch in part (its own, or a deeper prefix's) when it holds this share
+# modules whose forward takes a fused fast path unless a TorchFunctionMode (the dataflow probe) is active: what the
+# probe's call computes differs from later calls in the last bits, so it is not stored
+FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
+CONTAINER_ITEMS = 64  # a list, tuple, dict or set held as a module attribute is keyed by content up to this size
+
+
+def _tensor_token(t: torch.Tensor) -> tuple:
+    return id(t), torch_private.tensor_version(t), t.dtype, t.data_ptr()
+
+
+def _contents(value, depth: int = 0):
+    """A token of a plain container's contents, so that `self.cfg["act"] = "tanh"` or `self.acts[0] = ...` made
+    in place is seen: plain values by value, tensors by identity and version, containers two deep, anything else
+    (and a larger container) by identity."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _tensor_token(value)
+    if depth < 2 and isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) <= CONTAINER_ITEMS:
+        if isinstance(value, dict):
+            return type(value).__name__, tuple((_contents(k, 2), _contents(v, depth + 1)) for k, v in value.items())
+        items = tuple(_contents(v, depth + 1) for v in value)
+        return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
+    return id(value)
 
 
 class PythonState:
     """A digest of the Python state the forward of some modules may read besides tensors' contents: train/eval,
     plain attributes (a temperature, LayerNorm's eps, a flag switching a code path), tensors held as plain
-    attributes (by identity, version, dtype, device, storage), and the plain fields of objects they hold (a Hugging
-    Face config's output_hidden_states or attention implementation). The attribute names of each module are
-    listed once, and again whenever its number of attributes changes."""
+    attributes (by identity, version, dtype, device, storage), the contents of lists, tuples, dicts and sets they
+    hold (`_contents`), and the plain fields of objects they hold (a Hugging Face config's output_hidden_states or
+    attention implementation). Python state elsewhere (a global the forward reads) is not seen. The attribute
+    names of each module are listed once, and again whenever its number of attributes changes."""
 
     def __init__(self, modules):
         self.modules = list(modules)
@@ -88,7 +113,9 @@ class PythonState:
                 if isinstance(value, _SCALARS):
                     tokens.append(value)
                 elif isinstance(value, torch.Tensor):
-                    tokens.append((id(value), torch_private.tensor_version(value), value.dtype, value.data_ptr()))
+                    tokens.append(_tensor_token(value))
+                elif isinstance(value, (list, tuple, dict, set, frozenset)):
+                    tokens.append((id(value), _contents(value)))
                 elif isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
                     tokens.append(id(value))
                 else:  # an object such as a config: its plain fields, once per object
@@ -222,6 +249,7 @@ class CallPlan:
     shared_count: int = 0
     keep: dict = field(default_factory=dict)  # key -> leaf indexes stored (copied when a real call returns)
     state: bytes = b""                       # the Python state it was analysed with
+    placement: tuple = ()                    # the dtype and device of each tensor the prefix read then
     compute_ms: float = 0.0
     serve_ms: float = 0.0
     store_ms: float = 0.0
@@ -315,7 +343,8 @@ class ActivationCache(Service):
         self.store = ActivationStore(config)
         self.prefix: tuple = ()
         self.plans: dict = {}                     # (prefix, signature digest) -> CallPlan
-        self.extra_state: dict = {}               # prefix -> further parameters/buffers its calls read
+        self.extra_state: dict = {}               # prefix -> (owner, kind, name) of the parameters and buffers
+                                                  # its calls read (_watch)
         self.enabled = True
         self.off_reason = ""
         self.sample_ids = None
@@ -387,6 +416,8 @@ class ActivationCache(Service):
                 p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
             why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
         plan = None if why else self.plans.get((prefix, sig.digest))
+        if plan is not None and plan.cacheable and plan.placement != self._placement(prefix):
+            plan = None  # the model was cast or moved (`model.to(torch.float64)` on the user's own variable)
         if plan is not None and plan.state != sig.state and plan.cacheable:
             changes = self.state_changes.get((prefix, sig.digest), 0) + 1
             self.state_changes[(prefix, sig.digest)] = changes
@@ -447,6 +478,9 @@ class ActivationCache(Service):
             return "inside torch.compile"
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
+        units = self.unit_graph.units
+        if any(p.requires_grad for u in prefix for p in units[u].params):
+            return "a parameter of the frozen prefix requires grad again (set by hand): its gradient is computed"
         mods = self._modules(prefix)
         if torch_private.global_module_hooks():
             return "global module hooks (torch.nn.modules.module.register_module_forward_hook...) must see every call"
@@ -485,7 +519,8 @@ class ActivationCache(Service):
     def _probe(self, prefix, sig, run, args, kwargs, warming=False):
         """The first call of a signature: run it for real under the dataflow probe (serving a shallower prefix's
         entries when they cover the batch), analyse, and store its outputs when the verdict is to cache (not yet
-        for a young deeper prefix, `_young`, unless `warming`: `warm` fills the cache on purpose)."""
+        for a young deeper prefix, `_young`, unless `warming`: `warm` fills the cache on purpose; never when the
+        prefix holds a module with a fused fast path, FAST_PATH_MODULES, which the probe turns off)."""
         if not warming:
             self._seen += sig.batch
         mods = self._modules(prefix)
@@ -525,12 +560,13 @@ class ActivationCache(Service):
         self._small_refused.discard((prefix, sig.digest))
         self.plans[(prefix, sig.digest)] = plan
         if plan.cacheable:
-            extra = self.extra_state.setdefault(prefix, [])
-            known = {id(t) for t in extra}
-            extra += [t for t in result.state if id(t) not in known]
+            self._watch(prefix, result.state)
+            plan.placement = self._placement(prefix)
             self.stats["reused_from_shallower" if shallower is not None else "computed"] += sig.batch
             if (shallower is not None or self._deepened) and not warming and self._young(sig.batch):
                 self.stats["not_stored_young"] += sig.batch
+            elif any(isinstance(m, FAST_PATH_MODULES) for top_module in top.values() for m in top_module.modules()):
+                pass  # under the probe (a TorchFunctionMode) their fused fast path steps aside: other last bits
             else:
                 self._store_outputs(plan, sig, ic.outputs, keys)
         return out
@@ -709,16 +745,50 @@ class ActivationCache(Service):
                 "store_ms": statistics.median(c[1] for c in costs), "batch": sig.batch}
 
     # -- keys and entries -----------------------------------------------------------------------------------
+    def _watch(self, prefix, tensors) -> None:
+        """Add the parameters and buffers among `tensors` (read by the prefix's calls) to what `prefix`'s entries
+        are tied to, by owner and name, so that reassigning one (`model.mu = torch.ones(3)`) is seen too."""
+        refs = self.extra_state.setdefault(prefix, [])
+        wanted = {id(t) for t in tensors}
+        known = {(id(owner), kind, name) for owner, kind, name in refs}
+        for owner in self.model.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(owner, kind).items():
+                    if t is not None and id(t) in wanted and (id(owner), kind, name) not in known:
+                        wanted.discard(id(t))  # a tensor held twice (tied) is watched under its first name
+                        known.add((id(owner), kind, name))
+                        refs.append((owner, kind, name))
+
+    def _extra(self, prefix) -> tuple:
+        """(the watched tensors outside the prefix's units as their owners hold them now, the names no longer
+        held)."""
+        tensors, gone = [], []
+        for owner, kind, name in self.extra_state.get(prefix, ()):
+            t = getattr(owner, kind).get(name)
+            if t is None:
+                gone.append(name)
+            else:
+                tensors.append(t)
+        return tensors, tuple(gone)
+
     def _version(self, prefix):
-        extra = self.extra_state.get(prefix, ())
-        version = self.plan.state_version(prefix, extra)
-        if not self.config.watch_data:
-            return version
-        key = (prefix, len(extra))  # the analysis may add tensors the prefix reads during a call
-        digest = self._digests.get(key)
-        if digest is None:
-            digest = self._digests[key] = content_digest(self.plan.state_tensors(prefix, extra))
-        return version, digest
+        """What the prefix's entries are tied to: its tensors' identities, versions, dtypes, devices and storage
+        (and, with `watch_data`, their content digest). Computed once per call (`_digests` is cleared by each)."""
+        extra, gone = self._extra(prefix)
+        key = (prefix, len(extra), gone)  # the analysis may add tensors the prefix reads during a call
+        version = self._digests.get(key)
+        if version is None:
+            version = (self.plan.state_version(prefix, extra), gone)
+            if self.config.watch_data:
+                version = version, content_digest(self.plan.state_tensors(prefix, extra))
+            self._digests[key] = version
+        return version
+
+    def _placement(self, prefix) -> tuple:
+        """The dtype and device of each tensor the prefix reads (a plan is made for them)."""
+        version = self._version(prefix)
+        per_tensor = (version[0] if self.config.watch_data else version)[0]
+        return tuple((v[2], v[3]) for v in per_tensor)
 
     def _keys(self, sig) -> list:
         if self.config.key == "sample_id":
@@ -813,8 +883,8 @@ class ActivationCache(Service):
         # the in-run check (just after a level starts, most batches hold a few rows stored in the same epoch)
         partial = not (hit_rows and miss_rows and self.config.check_cost) or (
             len(hit_rows) >= MIN_PARTIAL_COVER * batch and partial_pays(plan, len(hit_rows), len(miss_rows)))
-        if not partial:  # computed whole inside the real call (its missing rows stored), as a miss would be
-            self.stats["hits"] -= len(hit_rows)
+        if not partial:  # computed whole inside the real call (its missing rows stored), as a miss would be;
+            self.stats["hits"] -= len(hit_rows)  # `hits` counts rows served, the window rows found (repeats)
             self.stats["partly_held_computed"] += batch
             hit_rows = []
         if hit_rows and miss_rows:
@@ -822,8 +892,7 @@ class ActivationCache(Service):
             fresh, complete = self._prefix_run(plan.prefix, plan.calls, args, kwargs,
                                                select=sig.select(args, kwargs, index), keep=plan.keep)
             if not complete:  # the missing rows make other calls: run this batch for real
-                self.stats["hits"] -= len(hit_rows)
-                self._window[1] -= len(hit_rows)
+                self.stats["hits"] -= len(hit_rows)  # (the rows found stay in the window, as above)
                 hit_rows, fresh = [], None
         if not hit_rows:
             out = self._serve_from_shallower(plan, sig, run, args, kwargs, keys, timed, partial)
