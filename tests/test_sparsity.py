@@ -290,6 +290,19 @@ def test_bad_sparsity_configs_raise_clearly():
         frzcompile.optimize(model, (x,), policy="manual", sparsity=0.5, compile=True)
     with pytest.raises(TypeError, match="sparsity= takes"):
         frzcompile.optimize(model, (x,), policy="manual", sparsity="lots")
+    # options used only later in training are checked up front, naming themselves
+    with pytest.raises(ValueError, match="update_fraction must be a number in"):
+        SparsityConfig(0.5, source="mest", update_fraction=2.0)
+    with pytest.raises(ValueError, match="ramp must be"):
+        SparsityConfig(0.5, schedule="gradual", ramp=(0.8, 0.2))
+    with pytest.raises(ValueError, match="ramp must be"):
+        SparsityConfig(0.5, schedule="gradual", ramp=(0.0, 1.5))
+    with pytest.raises(ValueError, match=r"exclude= names not found.*1\.weigth"):
+        frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual",
+                            sparsity=SparsityConfig(0.5, exclude=("1.weigth",)))
+    # exclude= takes module paths, as include= does
+    fm = frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual", sparsity=SparsityConfig(0.5, exclude=("1",)))
+    assert "1.weight" not in fm.sparsity.targets and "3.weight" in fm.sparsity.targets
 
 
 def test_user_masks_are_used_as_given():

@@ -68,7 +68,7 @@ class SparsityConfig:
     early_bird: an EarlyBirdConfig (or True) trains dense until the ticket is found, then prunes to it.
     sieve: a `frzcompile.SieveSampler` to save, restore and report with the model (data sieving).
     include: parameter names to mask; default every Linear and Conv weight outside the last unit (the head),
-        or inside it too with include_head=True. exclude: parameter names to leave dense.
+        or inside it too with include_head=True. exclude: parameter names or module paths to leave dense.
     ops: further callables (e.g. `torch.ops.aten.embedding.default`, or a module class such as nn.Embedding)
         whose weight should be masked as well.
     block_sparse_threshold: a frozen Linear weight with at least this fraction of empty kernel blocks runs
@@ -127,6 +127,15 @@ class SparsityConfig:
             raise ConfigError("early_bird decides when to prune; schedule must stay 'oneshot'")
         if not isinstance(self.update_interval, int) or self.update_interval < 1:
             raise ConfigError(f"update_interval must be an int >= 1, got {self.update_interval!r}")
+        for name in ("update_fraction", "update_until", "block_sparse_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ConfigError(f"SparsityConfig.{name} must be a number in [0, 1], got {value!r}")
+        ramp = tuple(self.ramp) if isinstance(self.ramp, (tuple, list)) else ()
+        if len(ramp) != 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in ramp) \
+                or not 0 <= ramp[0] < ramp[1] <= 1:
+            raise ConfigError(f"SparsityConfig.ramp must be (start, end) fractions of total_steps with "
+                              f"0 <= start < end <= 1, got {self.ramp!r}")
         if self.sieve is not None and not isinstance(self.sieve, SieveSampler):
             raise ConfigError(f"sieve= takes a frzcompile.SieveSampler, not {type(self.sieve).__name__}")
         return self
@@ -387,7 +396,7 @@ class SparseTraining(Service):
                     layer_weight = attr == "weight" and isinstance(module, MASKED_MODULES + extra_types)
                     wanted = ((layer_weight or name in op_params)
                               and (cfg.include_head or param_unit.get(id(p)) != head))
-                if wanted and name not in cfg.exclude:
+                if wanted and name not in cfg.exclude and path not in cfg.exclude:
                     if p.dim() < 2:
                         raise ConfigError(f"{name} has {p.dim()} dimension(s): only weights of 2 or more are masked")
                     candidates[name] = Target(name, module, attr, param_unit.get(id(p), "(outside units)"))
@@ -395,6 +404,10 @@ class SparseTraining(Service):
             missing = set(cfg.include) - set(candidates) - {t.name.rpartition(".")[0] for t in candidates.values()}
             if missing:
                 raise ConfigError(f"include= names not found among the model's parameters: {sorted(missing)}")
+        known = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_modules()}
+        unknown = set(cfg.exclude) - known
+        if unknown:
+            raise ConfigError(f"exclude= names not found among the model's parameters or modules: {sorted(unknown)}")
         return candidates
 
     def _user_masks(self) -> dict:
