@@ -361,8 +361,29 @@ def test_refusals():
         frzcompile.optimize(model, example_kwargs=kw, policy="alast", cache=True)
     with pytest.raises(PolicyError, match="k=9"):
         frzcompile.optimize(model, example_kwargs=kw, policy=frzcompile.ALaST(k=9))
-    with pytest.raises(ConfigError, match="class token.s attention"):
+    with pytest.raises(ConfigError, match="class token.s attention.*use policy='smartfrz'"):
         frzcompile.optimize(zoo.mlp(in_features=8, hidden=8, depth=1), (torch.randn(2, 8),), policy="alast")
+
+
+def test_a_decoder_whose_layers_cannot_drop_tokens_says_so():
+    """A decoder's layers also get rotary cos/sin (or position ids) per token, so no layer can run on a subset:
+    ALaST then drops nothing, and says so once, with what to use instead."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   num_labels=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(cfg)
+    ids = torch.randint(1, 64, (4, 12))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids}, optimizer=opt, policy="alast")
+    with pytest.warns(UserWarning, match="dropped no tokens.*use policy='smartfrz'") as caught:
+        for _ in range(2):
+            fm(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert sum("dropped no tokens" in str(w.message) for w in caught) == 1
+    assert all(kept == [1.0, 1.0, 1.0] for _, _, kept, _ in fm.policy.log)
 
 
 def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():

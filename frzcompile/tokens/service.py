@@ -24,6 +24,7 @@ the analysis graph.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
@@ -153,11 +154,14 @@ class LayerBudgets(Service):
         self._call = None
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
+        self._warned_unsafe = False
         self._reset_step()
         self._hook()
         if not any(a is not None for a in self.attention):
             raise ConfigError("policy='alast' ranks tokens by the class token's attention, but no layer has one "
-                              f"query and one key projection (nn.Linear named one of {QUERY_NAMES} / {KEY_NAMES})")
+                              f"query and one key projection (nn.Linear named one of {QUERY_NAMES} / {KEY_NAMES}). "
+                              "ALaST is for encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for "
+                              "other models use policy='smartfrz' (the default) or 'linear'")
         inside = {id(m) for layer in self.modules for m in layer.modules()}
         policy.start(names, image_patches=any(isinstance(m, nn.Conv2d) and id(m) not in inside
                                               for m in model.modules()))
@@ -258,6 +262,7 @@ class LayerBudgets(Service):
         c.running = (i, hidden, idx, hidden[:, 0].detach())
         self._kept[i] += (keep if idx is not None else n) / max(n, 1)
         self._calls[i] += 1
+        self._unsafe[i] += keep < n and unsafe
         if idx is None:
             return None
         args, kwargs = list(args), dict(kwargs)
@@ -315,8 +320,17 @@ class LayerBudgets(Service):
         self._delta = [None] * n
         self._kept = [0.0] * n
         self._calls = [0] * n
+        self._unsafe = [0] * n  # calls where a layer ran on every token because another argument has a token axis
 
     def after_step(self, step: int) -> None:
+        if not self._warned_unsafe and any(self._unsafe) and all(
+                self._kept[i] == self._calls[i] for i in range(len(self.layers))):
+            self._warned_unsafe = True
+            warnings.warn("frzcompile: policy='alast' dropped no tokens this step: its layers get other tensors with "
+                          "a token dimension (rotary cos/sin, position ids: a decoder's layers), which cannot run on "
+                          "a subset of the tokens. ALaST is for encoders with a class token first (ViT, DeiT, BERT, "
+                          "RoBERTa...); for other models use policy='smartfrz' (the default) or 'linear'",
+                          UserWarning, stacklevel=2)
         known = [i for i, d in enumerate(self._delta) if d is not None]
         values = torch.stack([self._delta[i] for i in known]).tolist() if known else []  # one sync per step
         deltas = [None] * len(self.layers)
