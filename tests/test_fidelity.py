@@ -574,3 +574,35 @@ def test_a_frozen_weight_made_to_require_grad_by_hand_trains(cache):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     if cache:
         assert any("requires grad again" in why for why in fm.cache.steps_aside)
+
+
+def test_lbfgs_keeps_its_history_through_a_freeze():
+    """LBFGS keeps one state for all its parameters, under the first one: freezing the unit that holds it must not
+    drop the history of the others (freezing by hand keeps it too)."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.Tanh()), nn.Linear(16, 4))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    model, ref = net(), net()
+    opt, ref_opt = (torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=4) for m in (model, ref))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+
+    def step(m, o):
+        def closure():
+            o.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        o.step(closure)
+
+    for i in range(4):
+        if i == 2:
+            fm.freeze("0")
+            ref[0].requires_grad_(False)
+            assert len(opt.state[opt.param_groups[0]["params"][0]]["old_dirs"]) > 0
+        step(fm, opt)
+        step(ref, ref_opt)
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

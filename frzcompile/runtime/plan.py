@@ -35,6 +35,14 @@ class PlanChange:
     reason: str
 
 
+def _drop_state(optimizers, p) -> None:
+    """Drop `p`'s own optimizer state. LBFGS keeps one state for all its parameters under the first one (its
+    history of steps): that is not `p`'s, and stays."""
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.LBFGS):
+            opt.state.pop(p, None)
+
+
 class FreezePlan:
     """Which units are frozen, since which step, and the log of changes."""
 
@@ -83,8 +91,7 @@ class FreezePlan:
                     self._in_flight[id(p)] = p                     # step (a zero-filled one is not a gradient)
                     continue
                 p.grad = None
-                for opt in optimizers:
-                    opt.state.pop(p, None)  # momentum / Adam moments of a frozen weight are dropped
+                _drop_state(optimizers, p)  # momentum / Adam moments of a frozen weight are dropped
             self.since[u] = step
         for u in thawed:
             for p in units[u].params:
@@ -181,5 +188,4 @@ class FreezePlan:
             if held is None or key in held:
                 del self._in_flight[key]
                 p.grad = None
-                for opt in optimizers:
-                    opt.state.pop(p, None)
+                _drop_state(optimizers, p)
