@@ -97,6 +97,8 @@ def test_callback_equals_freezing_by_hand(tmp_path, cache):
     ours = run(tmp_path / "ours", cb, gradient_accumulation_steps=2)
     assert cb.fm is not None and cb.fm.frozen == ("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1")
     assert [step for step, *_ in cb.fm.plan.changes] == [3, 6]
+    # the frozen unit count is in the Trainer's log history (logged at steps 5 and 10)
+    assert [h.get("frozen_units") for h in ours.state.log_history if "loss" in h] == [2, 3]
     a, b = weights(by_hand.model), weights(ours.model)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

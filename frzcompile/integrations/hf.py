@@ -93,6 +93,10 @@ class FreezeCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.fm is not None and logs is not None:
             logs["frozen_units"] = len(self.fm.frozen)
+            # the Trainer appended a copy of `logs` to its history before calling back: add it there too
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and all(last.get(k) == v for k, v in logs.items() if k != "frozen_units"):
+                last["frozen_units"] = logs["frozen_units"]
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._pending is not None:
