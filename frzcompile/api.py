@@ -92,6 +92,9 @@ def optimize(
     policy = make_policy(policy)
     cache = _option(cache, CacheConfig, "cache")
     compile = _option(compile, CompileConfig, "compile")
+    if compile is not None and compile.frozen:
+        raise ConfigError("CompileConfig.frozen is set from the freeze plan: freeze units with fm.freeze(...) or a "
+                          "policy (parameters with requires_grad=False before optimize() stay frozen too)")
     if sparsity is not None and not isinstance(sparsity, bool) and isinstance(sparsity, (int, float)):
         sparsity = SparsityConfig(float(sparsity))
     if sparsity is not None and not isinstance(sparsity, SparsityConfig):

@@ -45,7 +45,9 @@ class CompileConfig:
     `torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})` (the same names).
 
     inner: what compiles the rewritten graph: "inductor" (default), "aot_eager", or "eager" (run it as is).
-    frozen: parameter names to treat as frozen in addition to those with requires_grad=False.
+    frozen: not an option: the names of the plan's frozen parameters, set by `frzcompile.optimize` for each plan
+        (a parameter is frozen when it does not require grad; with plain torch.compile, freeze parameters with
+        `requires_grad_(False)`).
     recompile_budget: compiles a frame may use before frzcompile reports it; None means
         torch._dynamo.config.recompile_limit.
     on_budget: "warn" (RecompileBudgetWarning) or "raise" (RecompileBudgetError) when that budget is used up.
@@ -78,6 +80,11 @@ class CompileConfig:
         if not isinstance(options, dict):
             raise ConfigError(f"frzcompile backend options must be a dict, not {type(options).__name__}")
         known = [f.name for f in fields(cls)]
+        if "frozen" in options:
+            raise ConfigError("options['frozen'] is not a frzcompile backend option: freeze parameters with "
+                              "p.requires_grad_(False) (they are then frozen in every graph that reads them), or use "
+                              "frzcompile.optimize(model, compile=True) and fm.freeze(...)")
+        known.remove("frozen")
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(f"unknown frzcompile backend option(s) {unknown}; accepted: {known}")

@@ -222,3 +222,15 @@ def test_explain_a_plain_compiled_model():
     report = frzcompile.explain(compiled)
     assert isinstance(report, CompileReport) and "1 graphs received for Net" in str(report)
     assert len(report.graphs) == 1 and report.graphs[0]["reason"] == "first graph of this frame"
+
+
+def test_frozen_is_not_an_option_of_plain_torch_compile():
+    """`frozen` names the plan's frozen parameters for frzcompile.optimize; as a torch.compile option it could
+    only fail or do nothing, so it is refused with what to do instead."""
+    from frzcompile.backend import CompileConfig
+
+    with pytest.raises(frzcompile.ConfigError, match="requires_grad_"):
+        CompileConfig.from_options({"inner": "eager", "frozen": ["0.weight"]})
+    with pytest.raises(frzcompile.ConfigError, match="fm.freeze"):
+        frzcompile.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), policy="manual",
+                            compile=CompileConfig(frozen=frozenset({"weight"})))
