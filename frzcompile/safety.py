@@ -135,8 +135,10 @@ class Safeguard:
                                           f"{before:.4g} before the freeze (+{100 * (after / before - 1):.1f}%); "
                                           f"held back until step {step + self.backoff}"))
             else:
+                rise = after > before + abs(before) * self.tolerance
                 self.events.append((step, f"kept {unit} frozen: loss {after:.4g} against {before:.4g} before "
-                                          "the freeze"))
+                                          "the freeze" + (" (a rise within the per-step losses' noise)" if rise
+                                                          else "")))
         self.watching = still
         return thaw
 
