@@ -17,7 +17,8 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "forked_rng", "share_module_state", "structure_ids",
+    "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "traced_or_transformed", "forked_rng",
+    "share_module_state", "structure_ids",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
@@ -28,6 +29,18 @@ __all__ = [
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter autograd bumps on every in-place change (not on `.data` edits)."""
     return t._version
+
+
+def traced_or_transformed(out) -> bool:
+    """Whether `out` (any output structure) comes from a trace (torch.compile, torch.export: fake tensors) or a
+    torch.func transform (vmap, grad: wrapped tensors) rather than from a real call: its values are not a training
+    step's loss, and tensor hooks on it would fire inside the transform."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    t = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+    return t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t) or is_fake(t))
 
 
 def forked_rng():
