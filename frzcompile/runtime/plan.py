@@ -52,6 +52,8 @@ class FreezePlan:
         self.since: dict = {}
         self.changes: list = []  # (step, frozen units in order, reason)
         self._initial_requires_grad = {id(p): p.requires_grad for u in unit_graph.units.values() for p in u.params}
+        self._default_by_name = {n: p.requires_grad for u in unit_graph.units.values()
+                                 for n, p in zip(u.param_names, u.params)}  # what a replacement inherits
         self._frozen_modules: list = []
         self._eval_flags: tuple = ()      # the frozen modules' flags right after the last eval() of their units
         self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
@@ -118,15 +120,22 @@ class FreezePlan:
 
     def rebind(self, model, training: bool) -> None:
         """After the model's structure changed: units re-read their parameters and modules by path, and the
-        plan is applied to the new ones (a new parameter in a frozen unit is frozen too). Tensors that are not
-        nn.Parameters (torch.func.functional_call's) are the caller's: their requires_grad is left alone."""
-        self.unit_graph.bind(model)
+        plan is applied to the new ones. A parameter that replaces one of the same name (a swapped submodule,
+        `load_state_dict(assign=True)`) takes its predecessor's place: frozen in a frozen unit, and trainable
+        again on a thaw if its predecessor was. A parameter under a new name (a LoRA adapter added to a frozen
+        layer) keeps its own requires_grad, as it would by hand, and so does one the plan knew already (the user
+        may have set it by hand). Tensors that are not nn.Parameters (torch.func.functional_call's) are the
+        caller's: left alone."""
         units = self.unit_graph.units
+        frozen_names = {n for u in self.frozen for n in units[u].param_names}
+        self.unit_graph.bind(model)
         for u, unit in units.items():
-            for p in unit.params:
-                if id(p) not in self._initial_requires_grad:
-                    self._initial_requires_grad[id(p)] = p.requires_grad
-                if u in self.frozen and isinstance(p, torch.nn.Parameter):
+            for name, p in zip(unit.param_names, unit.params):
+                if not isinstance(p, torch.nn.Parameter) or id(p) in self._initial_requires_grad:
+                    continue
+                default = self._default_by_name.setdefault(name, p.requires_grad)
+                self._initial_requires_grad[id(p)] = default
+                if u in self.frozen and name in frozen_names:
                     p.requires_grad_(False)
                     p.grad = None
         self._frozen_modules = [m for u in self.ordered() for m in units[u].modules]
