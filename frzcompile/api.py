@@ -2,6 +2,9 @@
 FrozenModule."""
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 from torch import nn
 
@@ -116,8 +119,18 @@ def optimize(
     unit_names = select_units(model, units)
     captured = capture(model, args, kwargs, unit_names, method=capture_method)
     unit_graph = UnitGraph(model, captured.gm, unit_names)
+    for path, module in model.named_modules():
+        owner = module.__dict__.get(OWNER)
+        if owner is not None and owner.holds(module):
+            what = "this model" if module is model else f"its submodule {path!r}"
+            warnings.warn(f"frzcompile: {what} was given to frzcompile.optimize before, and that FrozenModule is "
+                          "still alive: both act on the same parameters (its policy keeps deciding at every "
+                          "optimizer step, and its plan stays applied). Keep one: `del` the other (its hooks go "
+                          "with it), or call optimize() once.", UserWarning, stacklevel=2)
+            break
     fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
                       compile_config=None if alast else compile)
+    model.__dict__[OWNER] = _Owner(fm)
     if sparsity is not None:
         from .runtime.module import weak_method
         from .sparsity.training import SparseTraining
@@ -133,6 +146,29 @@ def optimize(
 
         fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan))
     return fm
+
+
+OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule made for it (weakly)
+
+
+class _Owner:
+    """A weak reference to the FrozenModule optimize() made for a model, kept on the model so that a second
+    optimize() of it can say so. A copy or a pickle of the model carries an empty one."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, fm=None):
+        self.ref = weakref.ref(fm) if fm is not None else None
+
+    def holds(self, model) -> bool:
+        fm = self.ref() if self.ref is not None else None
+        return fm is not None and fm.__dict__.get("_model") is model
+
+    def __reduce__(self):
+        return _Owner, ()
+
+    def __deepcopy__(self, memo):
+        return _Owner()
 
 
 def _option(value, config_type, name):
