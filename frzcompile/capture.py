@@ -22,7 +22,7 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import forked_rng
+from .torch_private import forked_rng, tree_flatten, tree_unflatten
 
 METHODS = ("symbolic_trace", "export")
 
@@ -98,6 +98,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     if method not in ("auto",) + METHODS:
         raise ConfigError(f"capture_method must be 'auto' or one of {METHODS}, not {method!r}")
     name = type(model).__name__
+    # the model runs on copies: a forward that changes its input in place (x.mul_(2)) must not change the
+    # user's batch, once per run of the capture
+    args, kwargs = _copies(args), _copies(kwargs)
     kwargs = analysis_kwargs(model, kwargs)
     was_training = {m: m.training for m in model.modules()}
     # A `forward` set on the instance (accelerate's autocast wrapper, frzcompile's attach) is set aside: the
@@ -110,6 +113,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     finally:
         if instance_forward is not None:
             model.__dict__["forward"] = instance_forward
+
+
+def _copies(tree):
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                           for t in leaves], spec)
 
 
 def _capture(model, args, kwargs, unit_names, method, name, was_training) -> Captured:

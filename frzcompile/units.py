@@ -332,6 +332,10 @@ class UnitGraph:
             if inside in self.units:
                 raise UnitError(f"{n!r} is inside unit {inside!r}: units freeze whole; freeze {inside!r}, or pass "
                                 "units=[...] to optimize() with finer units")
+            if n in self._paths and self._alias.get(self._paths[n], n) not in self.units:
+                raise UnitError(f"{n!r} is a module of the model, but the example batch given to optimize() never "
+                                "called it, so it is not a unit: pass example inputs that use it (the optional "
+                                "arguments that reach it)")
             choices = self.names + [p for p in self._paths if p not in self.units]
             close = difflib.get_close_matches(n, choices, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else f" Units are: {', '.join(self.names)}"

@@ -69,6 +69,39 @@ def test_unknown_unit_names_suggest_close_ones():
         frzcompile.optimize(model, (x,), units=["layer1", "layer1.0"])
 
 
+def test_a_module_the_example_never_calls_is_named_as_such():
+    class WithExtra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.extra, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, aux=None):
+            h = self.stem(x)
+            return self.head(h if aux is None else h + self.extra(aux))
+
+    fm = frzcompile.optimize(WithExtra(), (torch.randn(2, 4),), policy="manual")
+    with pytest.raises(frzcompile.UnitError, match="'extra' is a module of the model, but the example batch"):
+        fm.freeze("extra")
+
+
+def test_optimize_leaves_the_example_batch_alone():
+    """optimize() runs the model on copies of the example batch: a forward that changes its input in place does
+    not change the user's batch (once per run of the capture)."""
+    class Scales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x.mul_(2.0)
+            return self.head(torch.relu(self.stem(x)))
+
+    x = torch.ones(3, 4)
+    for method in ("symbolic_trace", "export"):
+        frzcompile.optimize(Scales(), (x,), policy="manual", capture_method=method)
+        assert torch.equal(x, torch.ones(3, 4)), method
+
+
 def test_freezing_every_unit_is_refused():
     model, x = _resnet()
     fm = frzcompile.optimize(model, (x,))
