@@ -1266,3 +1266,44 @@ def test_a_prefix_with_a_fused_fast_path_serves_what_eager_computes():
         for ids in batches[1:] if epoch == 0 else batches:
             torch.testing.assert_close(fm(ids), ref(ids), rtol=0, atol=0)
     assert fm.cache.stats["fully_served_batches"] == 5  # all but the first batch's first return
+
+
+def test_random_numbers_drawn_before_the_prefix_keep_the_cache_off():
+    """A random augmentation in the model's own forward, before the frozen prefix (a flip drawn per call): what the
+    prefix computes is not a function of the model's inputs, so the cache refuses, whether or not the analysis'
+    two runs happened to draw alike (a rare flip may not show in them)."""
+    class Flip(nn.Module):
+        def forward(self, x):
+            return x.flip(-1) if self.training and torch.rand(()) < 1e-9 else x  # never flips while analysed
+
+    def forward(m, x):
+        return m.head(m.b[2](m.b[1](m.b[0](m.aug(x)))))
+
+    model, x, fm = _chain(forward, ["b.0", "b.1", "b.2", "head"], extra=lambda m: setattr(m, "aug", Flip()))
+    fm.freeze("b.0", "b.1")
+    for _ in range(3):
+        fm(x)
+    assert not fm.cache.last_plan.cacheable and "random numbers before or between" in fm.cache.last_plan.reason
+    assert fm.cache.stats["hits"] == 0
+
+
+def test_a_data_edit_of_a_plain_tensor_attribute_is_seen():
+    """A tensor held as a plain attribute (not a buffer) that the prefix reads, edited through .data (no version
+    counter moves): its contents join the Python state's digest, so nothing stale is served."""
+    class Masked(Blk):
+        def __init__(self):
+            super().__init__()
+            self.mask = torch.ones(16)  # a plain attribute
+
+        def forward(self, x):
+            return torch.relu(self.l(x)) * self.mask
+
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"],
+                          extra=lambda m: m.b.__setitem__(0, Masked()))
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        for step in range(4):
+            if step == 2:
+                model.b[0].mask.data.mul_(0.5)
+            torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == 2 * 8  # served before and after the edit, each from its own entries

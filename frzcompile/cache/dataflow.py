@@ -75,7 +75,7 @@ class ProbeResult:
         self.standins: set = set()      # (key, leaf index) of outputs read only on the way to other prefix calls
         self.problems: list = []        # why serving would not be faithful (empty: fine)
         self.state: list = []           # parameters and buffers read inside the prefix or before it ends
-        self.random_between = False     # code between prefix calls drew random numbers
+        self.random_between = False     # code before or between prefix calls drew random numbers
 
 
 class DataflowProbe(TorchFunctionMode):
@@ -96,7 +96,7 @@ class DataflowProbe(TorchFunctionMode):
         self._seen_read: set = set()  # serials read outside prefix calls (by an operation or as a call's argument)
         self._rng = None
         self._rng_left = None         # the generators' state when the last prefix call returned
-        self.random_between = False   # whether code between prefix calls drew random numbers
+        self.random_between = False   # whether code before or between prefix calls drew random numbers
         self._busy = False            # the probe's own bookkeeping is not the model's
         self.problems: list = []
 
@@ -115,6 +115,10 @@ class DataflowProbe(TorchFunctionMode):
         return entry[1] if entry is not None and entry[0]() is t else None
 
     # -- the mode ---------------------------------------------------------------------------------------
+    def __enter__(self):
+        self._rng_left = _rng_state()  # the model's call starts: a draw before the first prefix call counts too
+        return super().__enter__()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._busy or _is_metadata(func):

@@ -92,8 +92,9 @@ class PythonState:
     attention implementation). Python state elsewhere (a global the forward reads) is not seen. The attribute
     names of each module are listed once, and again whenever its number of attributes changes."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, watch_data: bool = True):
         self.modules = list(modules)
+        self.watch_data = watch_data  # also digest the contents of tensors held as plain attributes (.data edits)
         self._names = [(-1, ()) for _ in self.modules]
         self._names_repr = None
 
@@ -128,7 +129,12 @@ class PythonState:
         tokens, objects = self._collect()
         if self._names_repr is None:
             self._names_repr = repr([names for _, names in self._names])
-        return hashlib.blake2b((self._names_repr + repr(tokens) + repr(objects)).encode(), digest_size=16).digest()
+        h = hashlib.blake2b((self._names_repr + repr(tokens) + repr(objects)).encode(), digest_size=16)
+        if self.watch_data:  # an edit through .data moves no version counter: their contents, as for weights
+            tensors = [v for m in self.modules for v in m.__dict__.values() if isinstance(v, torch.Tensor)]
+            if tensors:
+                h.update(content_digest(tensors))
+        return h.digest()
 
     def named(self) -> dict:
         """(module index, attribute or "training") -> token: what `digest` hashes, for telling what changed."""
@@ -463,7 +469,8 @@ class ActivationCache(Service):
             others = {path: self.model.get_submodule(path) for u in units if u not in prefix
                       for path in self.unit_graph.paths(u)}
             cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others,
-                                                                 PythonState(guarded.values()))
+                                                                 PythonState(guarded.values(),
+                                                                             self.config.watch_data))
         return cached
 
     def _step_aside(self, prefix, leaves) -> str:
@@ -578,6 +585,10 @@ class ActivationCache(Service):
         calls = tuple(k for kind, k in ic.order if kind == "prefix")
         if result.problems:
             return no(result.problems[0])
+        if result.random_between:  # whether a run of the prefix shows it or not (a random flip may not happen)
+            return no("the model's forward draws random numbers before or between the frozen prefix's units (a "
+                      "random augmentation, a dropout in the parent's forward): what the prefix computes is not a "
+                      "function of the model's inputs alone, which key the cache")
         if not calls:
             return no("the frozen prefix's modules are not called by the forward")
         last = max(i for i, (kind, _) in enumerate(ic.order) if kind == "prefix")
@@ -624,10 +635,6 @@ class ActivationCache(Service):
             if isinstance(a, torch.Tensor) and a.is_floating_point():
                 difference = relative_difference(a, b)
                 if difference > floor(a.dtype, a.device):
-                    if result.random_between:
-                        return no(f"the output of {key[0]} depends on random numbers drawn between the frozen units "
-                                  "(e.g. a dropout outside every unit, such as an embedding dropout in the parent's "
-                                  "forward)")
                     return no(f"the frozen prefix is not deterministic: two runs of {key[0]} on the same batch differ "
                               f"by {difference:.2g} (relative), beyond {a.dtype}'s noise")
                 noise = max(noise, difference)
