@@ -606,3 +606,96 @@ def test_lbfgs_keeps_its_history_through_a_freeze():
         step(ref, ref_opt)
         for a, b in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_parameters_added_replaced_or_set_by_hand_keep_what_freezing_by_hand_gives():
+    """After a structure change: a LoRA adapter added to a frozen layer trains (a new name keeps its own
+    requires_grad), a frozen weight the user made trainable by hand stays trainable when the head is swapped,
+    and a frozen unit whose parameters were replaced (load_state_dict(assign=True)) is trainable again on a thaw."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class LoRA(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.A = nn.Parameter(torch.zeros(d, 2))
+            self.B = nn.Parameter(torch.full((2, d), 0.1))
+
+        def forward(self, w):
+            return w + self.A @ self.B
+
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("stem", "block1")
+    lora = LoRA(16)
+    parametrize.register_parametrization(model.block1[0], "weight", lora)
+    model.stem[0].weight.requires_grad_(True)  # taken back by hand
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.head = nn.Linear(16, 3)              # and a new head
+    opt.add_param_group({"params": list(model.head.parameters())})
+    fm(x).sum().backward()
+    assert lora.A.grad is not None and model.stem[0].weight.grad is not None
+    opt.step()
+    assert lora.A.abs().sum() > 0 and lora.A.requires_grad and model.stem[0].weight.requires_grad
+    assert not model.block1[0].parametrizations.weight.original.requires_grad  # the frozen weight itself
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fm.load_state_dict(state, assign=True)     # new parameter objects under the frozen units' names
+    fm(x)
+    assert not model.stem[0].bias.requires_grad
+    fm.unfreeze("stem")
+    assert all(p.requires_grad for p in model.stem.parameters())
+
+
+def test_per_sample_gradients_and_export_leave_the_policys_loss_alone():
+    """torch.func's vmap(grad(...)) through fm and torch.export of fm in train mode trace or transform the model:
+    their outputs are not a training step's loss, and must not reach the loss the default policy reads (a
+    wrapped tensor broke the next opt.step(); a symbolic loss broke the freeze state's pickling)."""
+    import pickle
+
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+                          nn.Linear(16, 3))  # no BatchNorm: vmap(grad) refuses its in-place statistics, eager too
+    x = torch.randn(6, 8)
+    fm = frzcompile.optimize(model, (x,))  # the default policy, which reads the loss
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    y = torch.randint(0, 3, (len(x),))
+
+    def loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(fm, p, (xi[None],)), yi[None])
+
+    vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    torch.export.export(fm, (x,))
+    for _ in range(2):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    values = fm.losses()
+    assert len(values) == 2 and all(isinstance(v, float) for v in values)
+    pickle.dumps(fm.freeze_state_dict())
+
+
+def test_optimizing_a_model_twice_says_so():
+    """A second optimize() of a model whose first FrozenModule is alive warns (both would act on its parameters);
+    once the first is gone, or on a copy or a pickle of the model, nothing is said."""
+    import gc
+    import io
+
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    with pytest.warns(UserWarning, match="still alive"):
+        second = frzcompile.optimize(model, (x,), policy="manual")
+    del fm, second
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm = frzcompile.optimize(model, (x,), policy="manual")
+        frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual")
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        frzcompile.optimize(torch.load(buffer, weights_only=False), (x,), policy="manual")
+    with pytest.warns(UserWarning, match="its submodule '0'"):  # the model inside a new parent
+        frzcompile.optimize(nn.Sequential(model), (x,), policy="manual")
+    assert fm is not None
