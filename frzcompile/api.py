@@ -126,7 +126,7 @@ def optimize(
             warnings.warn(f"frzcompile: {what} was given to frzcompile.optimize before, and that FrozenModule is "
                           "still alive: both act on the same parameters (its policy keeps deciding at every "
                           "optimizer step, and its plan stays applied). Keep one: `del` the other (its hooks go "
-                          "with it), or call optimize() once.", UserWarning, stacklevel=2)
+                          "with it) or call its release(), or call optimize() once.", UserWarning, stacklevel=2)
             break
     fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
                       compile_config=None if alast else compile)
@@ -151,6 +151,12 @@ def optimize(
 OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule made for it (weakly)
 
 
+def optimized_by(model):
+    """The live FrozenModule that `optimize` last made for `model` (not released), or None."""
+    owner = model.__dict__.get(OWNER)
+    return owner.ref() if owner is not None and owner.holds(model) else None
+
+
 class _Owner:
     """A weak reference to the FrozenModule optimize() made for a model, kept on the model so that a second
     optimize() of it can say so. A copy or a pickle of the model carries an empty one."""
@@ -162,7 +168,7 @@ class _Owner:
 
     def holds(self, model) -> bool:
         fm = self.ref() if self.ref is not None else None
-        return fm is not None and fm.__dict__.get("_model") is model
+        return fm is not None and fm.__dict__.get("_model") is model and not fm.released
 
     def __reduce__(self):
         return _Owner, ()

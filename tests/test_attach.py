@@ -118,7 +118,8 @@ def test_a_new_frozen_module_attaches_over_one_never_detached():
     model = net()
     x = torch.randn(4, 8)
     first = frzcompile.optimize(model, (x,), policy="manual").attach()
-    second = frzcompile.optimize(model, (x,), policy="manual")
+    with pytest.warns(UserWarning, match="still alive"):
+        second = frzcompile.optimize(model, (x,), policy="manual")
     with pytest.raises(frzcompile.ConfigError, match="detach"):
         second.attach()
     del first

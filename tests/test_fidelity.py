@@ -698,4 +698,15 @@ def test_optimizing_a_model_twice_says_so():
         frzcompile.optimize(torch.load(buffer, weights_only=False), (x,), policy="manual")
     with pytest.warns(UserWarning, match="its submodule '0'"):  # the model inside a new parent
         frzcompile.optimize(nn.Sequential(model), (x,), policy="manual")
-    assert fm is not None
+    # release() lets go for good: no more steps seen, no more calls, and optimizing again is quiet
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm.release()
+    fm_steps = fm.step_count
+    model(x).sum().backward()
+    opt.step()
+    assert fm.step_count == fm_steps
+    with pytest.raises(frzcompile.ConfigError, match="released"):
+        fm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frzcompile.optimize(model, (x,), policy="manual")

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ..api import optimize
+from ..api import optimize, optimized_by
 from ..errors import ConfigError
 from ..runtime import attached_to
 
@@ -47,8 +47,11 @@ class OptimizeAtFirstCall:
         earlier = attached_to(module)
         if earlier is not None:  # an earlier run that ended with an error never detached
             warnings.warn("frzcompile: a FrozenModule from an earlier run was still attached to the model (the run "
-                          "did not end normally); detaching it and starting a new one", stacklevel=2)
-            earlier.detach()
+                          "did not end normally); releasing it and starting a new one", stacklevel=2)
+            earlier.release()
+        earlier = optimized_by(module)
+        if earlier is not None:  # an earlier run's (a second trainer.train()): its job is done, its hooks go
+            earlier.release()
         fm = optimize(module, example_inputs=tuple(args), example_kwargs=dict(kwargs), **self.options())
         fm.attach()
         self.ready(fm)

@@ -460,9 +460,26 @@ class FrozenModule(nn.Module):
     def attached(self) -> bool:
         return self.__dict__["_attached"] is not None
 
+    def release(self) -> None:
+        """Let go of the model for good: detached, no more optimizer steps seen (so no policy decision), services
+        closed (the activation cache frees its store). The model keeps the plan's frozen parameters and modes, as
+        after freezing by hand; `explain` still reads this FrozenModule, but it cannot be called any more."""
+        self.detach()
+        self._driver.close()
+        for service in self._services:
+            service.close()
+        self.__dict__["_released"] = True
+
+    @property
+    def released(self) -> bool:
+        return self.__dict__.get("_released", False)
+
     def _sync(self) -> None:
         """Before a call: the pending plan applied, units re-bound if the model's structure changed, frozen units
         back in eval mode."""
+        if self.released:
+            raise ConfigError("this FrozenModule was released (fm.release(), or a newer optimize() of its model by "
+                              "a callback): call the model itself, or the FrozenModule optimize() gave last")
         self._settle()
         structure = torch_private.structure_ids(self._model)
         if structure != self._structure:

@@ -54,8 +54,12 @@ class StepDriver:
                 driver._post(opt)
 
         handles = (register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post))
-        weakref.finalize(self, lambda: [h.remove() for h in handles])
+        self._finalizer = weakref.finalize(self, lambda: [h.remove() for h in handles])
         self.steps_seen = 0
+
+    def close(self) -> None:
+        """Stop seeing optimizer steps (also done when the driver is garbage collected)."""
+        self._finalizer()
 
     @property
     def optimizers(self) -> list:
