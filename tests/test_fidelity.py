@@ -509,6 +509,15 @@ def test_autocast_training_matches_eager(name):
     assert fm.cache.stats["hits"] == 2 * 6  # the rewrite fired: served under autocast, exactly as eager computes
 
 
+def step_both_and_compare(opt, ref_opt, model, ref):
+    """Step fm's and the by-hand reference's optimizers, clear their gradients, and require equal weights."""
+    for o in (opt, ref_opt):
+        o.step()
+        o.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
                                       lambda ps: torch.optim.AdamW(ps, lr=0.01)], ids=["sgd", "adamw"])
 def test_a_freeze_between_backward_and_step_lets_that_step_apply_the_gradients(make_opt):
@@ -531,12 +540,7 @@ def test_a_freeze_between_backward_and_step_lets_that_step_apply_the_gradients(m
                 p.requires_grad_(False)
             ref.stem.eval()
             assert all(p.grad is not None for p in stem)
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        for a, b in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        step_both_and_compare(opt, ref_opt, model, ref)
         if step == 1:  # that step applied the stem's gradients; now they and the stem's state are gone
             assert all(p.grad is None and p not in opt.state for p in stem)
     assert all(torch.equal(a, b) for a, b in zip(stem, ref_stem))
@@ -566,12 +570,7 @@ def test_a_frozen_weight_made_to_require_grad_by_hand_trains(cache):
         torch.manual_seed(step)
         ref(x).sum().backward()
         torch.testing.assert_close(model.block1[0].weight.grad, ref.block1[0].weight.grad, rtol=0, atol=0)
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        for a, b in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        step_both_and_compare(opt, ref_opt, model, ref)
     if cache:
         assert any("requires grad again" in why for why in fm.cache.steps_aside)
 
