@@ -7,7 +7,8 @@ prefix without autograd whenever nothing flowing into it requires grad. A gradie
 parameter freezes (a freeze between `backward()` and `opt.step()`, in the middle of gradient accumulation) is
 applied by the next step of the optimizers holding it, with its optimizer state, as freezing by hand does; both
 go after that step. (A zero-filled gradient, `zero_grad(set_to_none=False)`, goes at once: applied, it would only
-move the frozen weight through momentum or weight decay.) A frozen parameter the user sets `requires_grad_(True)` on by hand trains, as it would.
+move the frozen weight through momentum or weight decay.) A frozen parameter the user sets `requires_grad_(True)`
+on by hand trains, as it would.
 """
 from __future__ import annotations
 
