@@ -5,6 +5,7 @@ import os
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -236,9 +237,18 @@ def test_disk_spill_round_trip_and_cleanup(tmp_path):
     spill = store.spill_path
     assert os.path.isdir(spill) and os.listdir(spill)
     assert not stale.exists()
+    fm.cache.close()  # closed (as when the hit rate turns the cache off), then on again: a new spill folder
+    assert not os.path.exists(spill)
+    fm.cache.enabled = True
+    fm(x)
+    assert torch.equal(fm(x), plain(x)) and os.path.isdir(store.spill_path) and store.spill_path != spill
+    spill = store.spill_path
     del fm, store
     gc.collect()
     assert not os.path.exists(spill)
+    with pytest.raises(ValueError, match="exists and is not a folder"):  # a file on the way to the folder
+        (tmp_path / "a_file").write_text("")
+        CacheConfig(spill_dir=str(tmp_path / "a_file" / "spill"))
 
 
 def test_deepening_prefix_reuses_entries():
@@ -574,6 +584,32 @@ def test_sample_id_keys_need_the_promise():
     with fm.sample_ids(torch.arange(8)):
         torch.testing.assert_close(fm(x), plain(x))
     assert fm.cache.stats["hits"] == 8
+    with pytest.raises(ValueError, match="integer ids"):  # 0.1 ... 0.8 would all be id 0
+        with fm.sample_ids(torch.linspace(0.1, 0.8, 8)):
+            pass
+
+
+def test_sample_id_keys_include_the_batch_wide_arguments():
+    """With sample ids as keys, a tensor argument shared by the whole batch (a scale) still keys the entries."""
+    def forward(m, x, scale):
+        return m.head(m.b[2](m.b[1](m.b[0](x) * scale)))
+
+    model, x, _ = _chain(lambda m, x: x, ["b.0", "b.1", "b.2", "head"])
+    type(model).forward = lambda self, x, scale: forward(self, x, scale)
+    fm = frzcompile.optimize(model, (x, torch.tensor(1.0)), policy="manual", units=["b.0", "b.1", "b.2", "head"],
+                             cache=CacheConfig(key="sample_id", deterministic_inputs=True, check_cost=False))
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        for scale in (1.0, 1.0, 3.0, 3.0):
+            with fm.sample_ids(range(8)):
+                torch.testing.assert_close(fm(x, torch.tensor(scale)), _uncached(fm, x, torch.tensor(scale)),
+                                           rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == 2 * 8
+
+
+def test_a_storage_dtype_without_float32s_range_is_refused():
+    with pytest.raises(ValueError, match="cannot hold float32's range"):
+        CacheConfig(storage_dtype=torch.float16)  # an activation of 7e4 would be served as inf
 
 
 def test_reduced_storage_dtype():
@@ -770,7 +806,7 @@ def test_a_reassigned_buffer_and_containers_changed_in_place_are_seen():
     tensor), and a list or dict attribute changed in place changes the Python state: never served stale."""
     def forward(m, x):
         x = m.b[0](x - m.mu)
-        x = m.b[1](x) * m.scale[0]
+        x = m.b[1](x) * m.scale[0] * float(m.gain[0])
         x = getattr(torch, m.cfg["act"])(x)
         return m.head(m.b[2](x))
 
@@ -778,18 +814,20 @@ def test_a_reassigned_buffer_and_containers_changed_in_place_are_seen():
         m.register_buffer("mu", torch.zeros(16))
         m.scale = [1.0]
         m.cfg = {"act": "relu"}
+        m.gain = np.ones(1)  # a small numpy array, changed in place
 
     model, x, fm = _chain(forward, ["b.0", "b.1", "b.2", "head"], extra=extra)
     fm.freeze("b.0", "b.1")
     edits = [lambda: setattr(model, "mu", torch.ones(16)), lambda: model.register_buffer("mu", torch.full((16,), 2.0)),
-             lambda: model.scale.__setitem__(0, 3.0), lambda: model.cfg.__setitem__("act", "tanh")]
+             lambda: model.scale.__setitem__(0, 3.0), lambda: model.cfg.__setitem__("act", "tanh"),
+             lambda: model.gain.__setitem__(0, 0.5)]
     with torch.no_grad():
         for edit in [None] + edits:
             if edit is not None:
                 edit()
             for _ in range(2):
                 torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
-    assert fm.cache.stats["hits"] == 5 * 8  # each state served once after its first call
+    assert fm.cache.stats["hits"] == 6 * 8  # each state served once after its first call
 
 
 def test_in_place_changes_inside_the_prefix_are_refused():

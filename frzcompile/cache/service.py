@@ -38,6 +38,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import torch_private
@@ -62,6 +63,7 @@ FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLay
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 CONTAINER_ITEMS = 64  # a list, tuple, dict or set held as a module attribute is keyed by content up to this size
+ARRAY_BYTES = 4096    # and a numpy array up to this many bytes
 
 
 def _tensor_token(t: torch.Tensor) -> tuple:
@@ -76,6 +78,8 @@ def _contents(value, depth: int = 0):
         return value
     if isinstance(value, torch.Tensor):
         return _tensor_token(value)
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes()) if value.nbytes <= ARRAY_BYTES else id(value)
     if depth < 2 and isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) <= CONTAINER_ITEMS:
         if isinstance(value, dict):
             return type(value).__name__, tuple((_contents(k, 2), _contents(v, depth + 1)) for k, v in value.items())
@@ -115,14 +119,15 @@ class PythonState:
                     tokens.append(value)
                 elif isinstance(value, torch.Tensor):
                     tokens.append(_tensor_token(value))
-                elif isinstance(value, (list, tuple, dict, set, frozenset)):
+                elif isinstance(value, (list, tuple, dict, set, frozenset, np.ndarray)):
                     tokens.append((id(value), _contents(value)))
                 elif isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
                     tokens.append(id(value))
                 else:  # an object such as a config: its plain fields, once per object
                     tokens.append(id(value))
                     if id(value) not in objects:
-                        objects[id(value)] = [(k, v) for k, v in vars(value).items() if isinstance(v, _SCALARS)]
+                        objects[id(value)] = [(k, _contents(v)) for k, v in vars(value).items()
+                                              if isinstance(v, _SCALARS + (list, tuple, dict, set, frozenset))]
         return tokens, objects
 
     def digest(self) -> bytes:
@@ -387,6 +392,7 @@ class ActivationCache(Service):
 
     def clear(self) -> None:
         self.store.drop(lambda prefix: True)
+        self.last_plan = None
         self.plans.clear()
         self._small_refused.clear()
         self.state_changes.clear()
@@ -400,7 +406,14 @@ class ActivationCache(Service):
     def using_sample_ids(self, ids):
         if self.config.key != "sample_id":
             raise ConfigError("sample ids are only used with CacheConfig(key='sample_id', deterministic_inputs=True)")
-        self.sample_ids = torch.as_tensor(ids).reshape(-1).tolist()
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ConfigError("fm.sample_ids(ids) takes integer ids (a list of ints or an integer tensor), one per "
+                              "sample of the batch")
+        self.sample_ids = ids.reshape(-1).tolist()
         try:
             yield
         finally:
@@ -803,7 +816,7 @@ class ActivationCache(Service):
                 raise ConfigError("CacheConfig(key='sample_id'): call the model inside `with fm.sample_ids(ids):`")
             if len(self.sample_ids) != sig.batch:
                 raise InputMismatchError(f"{len(self.sample_ids)} sample ids for a batch of {sig.batch}")
-            return [hashlib.blake2b(sig.digest + sig.state + int(i).to_bytes(8, "little", signed=True),
+            return [hashlib.blake2b(sig.shared_digest() + int(i).to_bytes(8, "little", signed=True),
                                     digest_size=16).digest() for i in self.sample_ids]
         return fingerprints((), [sig.shared_digest()], rows=sig.row_digests())
 

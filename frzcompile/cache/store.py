@@ -115,9 +115,13 @@ class CacheConfig:
             self.device = torch.device(self.device)
             if self.device.type == "cpu":
                 self.device = None
-        if self.spill_dir is not None and os.path.exists(self.spill_dir) and not os.path.isdir(self.spill_dir):
-            raise ConfigError(f"spill_dir={self.spill_dir!r} exists and is not a folder: give a folder (it is made "
-                              "if missing) for the cache's spill files")
+        if self.spill_dir is not None:
+            existing = os.path.abspath(self.spill_dir)  # the path itself, or the nearest part of it that exists
+            while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing):
+                raise ConfigError(f"spill_dir={self.spill_dir!r}: {existing!r} exists and is not a folder: give a "
+                                  "folder (it is made if missing) for the cache's spill files")
         if self.device is not None and self.spill_dir is not None:
             raise ConfigError("spill_dir= spills CPU entries to disk; it cannot be combined with device="
                              f"{str(self.device)!r}")
@@ -127,6 +131,10 @@ class CacheConfig:
             raise ConfigError("CacheConfig budgets must be >= 0 bytes")
         if self.storage_dtype is not None and not self.storage_dtype.is_floating_point:
             raise ConfigError(f"storage_dtype must be a floating dtype, not {self.storage_dtype}")
+        if self.storage_dtype is not None and torch.finfo(self.storage_dtype).max < 1e38:  # float32's exponent range
+            raise ConfigError(f"storage_dtype={self.storage_dtype} cannot hold float32's range (activations above "
+                              f"{torch.finfo(self.storage_dtype).max:g} would be served as inf): use torch.bfloat16, "
+                              "which halves the bytes with float32's range")
         if not self.store_deeper_after >= 0:
             raise ConfigError(f"store_deeper_after must be >= 0 (epochs), not {self.store_deeper_after}")
         if not 0.0 <= self.min_hit_rate <= 1.0:
@@ -346,10 +354,11 @@ class ActivationStore:
         return tensors
 
     def close(self):
-        """Free every entry and remove spill files now."""
+        """Free every entry and remove spill files now (a later spill makes a new folder)."""
         self.drop(lambda p: True)
         if self._finalizer is not None:
             self._finalizer()
+        self._spill_dir, self._finalizer, self.spill_files = None, None, 0
 
     @property
     def spill_path(self):

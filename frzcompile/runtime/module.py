@@ -548,8 +548,9 @@ class FrozenModule(nn.Module):
 
     def warm_cache(self, batches, progress: bool = True) -> int:
         """Fill the cache for the current frozen prefix from an iterable of batches (each a tensor, a tuple of
-        positional arguments, or a dict of keyword arguments), running only the frozen prefix. Returns the
-        number of samples looked at."""
+        positional arguments, or a dict of keyword arguments), running only the frozen prefix. Entries are keyed
+        by the mode fm is in (train or eval), as the calls they serve are: warm in the mode you will call it in.
+        Returns the number of samples looked at."""
         if self.cache is None or not self.frozen_prefix:
             raise ConfigError("warm_cache needs optimize(..., cache=...) and a frozen prefix")
         self._sync()
