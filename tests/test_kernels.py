@@ -124,6 +124,19 @@ def test_block_sparse_matches_reference(interpret, dtype, tol, block, density):
     torch.testing.assert_close(bsm.block_sparse_linear(tall, bsw), F.linear(tall, w), atol=tol, rtol=tol)
 
 
+def test_block_sparse_reads_a_strided_bias_and_refuses_no_input_features(interpret):
+    w = masked_weight(N, K, (16, 16), 0.5)
+    bsw = bsm.BlockSparseWeight.from_dense(w, block=(16, 16))
+    x = torch.randn(5, K)
+    for bias in (torch.randn(N, 2)[:, 0], torch.tensor([0.5]).expand(N)):  # strided, stride 0
+        torch.testing.assert_close(bsm.block_sparse_linear(x, bsw, bias), F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+        assert interpret.last["block_sparse_linear"] == "triton"
+    empty = bsm.BlockSparseWeight.from_dense(torch.zeros(8, 0), block=(16, 16))
+    bias = torch.randn(8)
+    assert "no input features" in bsm.eligibility(torch.randn(3, 0), empty, bias)[1]
+    torch.testing.assert_close(bsm.block_sparse_linear(torch.randn(3, 0), empty, bias), bias.expand(3, 8))
+
+
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # float32 on purpose: the kernel has no float64
 def test_block_sparse_gradcheck(interpret):
     w = masked_weight(40, 48, (16, 16), 0.5)
@@ -173,6 +186,18 @@ def test_gather_cast_eligibility_reasons(interpret):
     assert "index" in gc.eligibility(src, index.float(), torch.float16)[1]
     assert "grad" in gc.eligibility(src.requires_grad_(), index, torch.float16)[1]
     assert "truncation" in gc.eligibility(src, index, torch.bfloat16)[1]  # an interpreter limitation
+
+
+def test_gather_cast_reads_strided_indices_and_leaves_double_rounding_to_torch(interpret):
+    src = torch.arange(40.0).view(10, 4)
+    for index in (torch.tensor([3, 9, 1, 7, 5, 2])[::2], torch.tensor(4).expand(3)):  # strided, stride 0
+        got = gc.gather_cast(src, index, torch.float16)
+        assert torch.equal(got, gc.reference_gather_cast(src, index, torch.float16))
+        assert interpret.last["gather_cast"] == "triton"
+    # float64 -> float16: torch rounds through float32 (1 + 2**-11 + 2**-40 -> 1.0), a single cast would not
+    src = torch.tensor([[1 + 2**-11 + 2**-40]], dtype=torch.float64)
+    assert "float32" in gc.eligibility(src, torch.tensor([0]), torch.float16)[1]
+    assert gc.gather_cast(src, torch.tensor([0]), torch.float16).item() == 1.0
 
 
 @pytest.mark.parametrize("src_dtype,out_dtype", [(torch.float32, torch.float16), (torch.float64, torch.float32),
@@ -241,7 +266,8 @@ def test_row_fingerprint_hashes_bytes_and_length():
     torch.randn(0, 5),                                     # no rows
     torch.randn(8, 2, 4)[:, :, 1],                         # not contiguous
     torch.randn(17).half()[1:].view(4, 4),                 # whole words, but starting mid-word
-], ids=["f32", "f16-odd", "u8-odd", "bool", "long-rows", "empty", "no-rows", "strided", "misaligned"])
+    torch.randn(4, 3).t()[:, :1],                          # (B, 1) whose last stride is not 1 ("contiguous")
+], ids=["f32", "f16-odd", "u8-odd", "bool", "long-rows", "empty", "no-rows", "strided", "misaligned", "column"])
 def test_row_fingerprint_bitwise_equals_reference(interpret, x):
     got = rf.row_fingerprint(x)
     assert interpret.last["row_fingerprint"] == "triton"

@@ -136,6 +136,8 @@ def eligibility(x: torch.Tensor, bsw: BlockSparseWeight, bias=None, *,
         return False, f"bias has shape {tuple(bias.shape)}, expected ({bsw.shape[0]},)"
     if any(b < 16 or b & (b - 1) for b in bsw.block):
         return False, f"block {bsw.block}: the kernel needs powers of two >= 16"
+    if bsw.shape[1] == 0:
+        return False, "the weight has no input features"
     return True, ""
 
 
@@ -148,6 +150,7 @@ def block_sparse_linear(x: torch.Tensor, bsw: BlockSparseWeight, bias=None, *,
     _record("block_sparse_linear", ok)
     if not ok:
         return reference_block_sparse_linear(x, bsw.dense, bias)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it as packed
     y = torch.ops.frzcompile.block_sparse_mm(x.reshape(-1, x.shape[-1]), bsw.blocks, bsw.row_ptr, bsw.col_idx,
                                              bsw.col_ptr, bsw.row_idx, bsw.block_id, bias, bsw.shape[0])
     return y.view(*x.shape[:-1], bsw.shape[0])

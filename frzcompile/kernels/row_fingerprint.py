@@ -47,7 +47,10 @@ _WORDS_PER_CHUNK = 1 << 20  # reference: words hashed per step, bounding its tem
 def _row_words(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The rows of x as (B, W) int32 words (bytes in memory order, the last word zero-padded), and the row length
     in bytes. No copy when x is contiguous with whole, aligned words."""
-    data = x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous().view(torch.uint8)
+    data = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    if data.shape[1] and data.stride(1) != 1:  # (B, 1) with another last stride counts as contiguous to torch
+        data = data.clone(memory_format=torch.contiguous_format)
+    data = data.contiguous().view(torch.uint8)
     nbytes = data.shape[1]
     if nbytes == 0:  # (viewing empty rows as another dtype trips over their strides)
         return data.new_empty((data.shape[0], 0), dtype=torch.int32), 0
