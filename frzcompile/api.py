@@ -64,6 +64,10 @@ def optimize(
         raise ConfigError(f"optimize() takes a torch.nn.Module, not {type(model).__name__}")
     if isinstance(model, FrozenModule):
         raise ConfigError("this module was already returned by frzcompile.optimize; pass the original model")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ConfigError("optimize() takes the model itself, not a DistributedDataParallel wrapper (accelerate's "
+                          "prepare() makes one on several processes): optimize the model first (or its .module), "
+                          "then wrap it with frzcompile.integrations.ddp.DistributedDataParallel")
     if example_inputs is None and not example_kwargs:
         raise InputMismatchError(
             "optimize() needs example_inputs (a tuple: one batch exactly as you pass it to the model) "

@@ -40,16 +40,28 @@ def batches():
             for _ in range(STEPS)]
 
 
-def train(net, opt, rank=0, world=1):
+class Elsewhere(frzcompile.Policy):
+    """What another rank's policy might decide from its own numbers: other units, other steps."""
+
+    name = "elsewhere"
+
+    def decide(self, view):
+        units = view.units
+        return {2: {units[0], units[1], units[2]}, 5: set()}.get(view.step)
+
+
+def train(net, opt, rank=0, world=1, after_step=None):
     for x, y in batches():
         part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         loss = nn.functional.cross_entropy(net(x[part]), y[part])
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if after_step is not None:
+            after_step()
 
 
-def worker(rank, world, folder, policy_on_rank0_only):
+def worker(rank, world, folder, other_ranks):
     try:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
@@ -59,8 +71,10 @@ def worker(rank, world, folder, policy_on_rank0_only):
 
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        # with policy_on_rank0_only, the other ranks never decide anything: rank 0's plan reaches them
-        policy = Schedule() if rank == 0 or not policy_on_rank0_only else "manual"
+        # other ranks decide the same, nothing ("rank0_only": rank 0's plan reaches them), or something else
+        # ("elsewhere", with fm.frozen read after every step, as logging does): rank 0's plan is what applies
+        policy = Schedule() if rank == 0 or other_ranks == "same" else \
+            "manual" if other_ranks == "rank0_only" else Elsewhere()
         fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=policy)
         ddp = DistributedDataParallel(fm)
         sent = {}
@@ -71,7 +85,7 @@ def worker(rank, world, folder, policy_on_rank0_only):
             return default_hooks.allreduce_hook(None, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
-        train(ddp, opt, rank, world)
+        train(ddp, opt, rank, world, after_step=lambda: fm.frozen)
         if rank == 0:
             torch.save({"weights": model.state_dict(), "sent": sent, "frozen": fm.frozen, "rebuilds": ddp.rebuilds},
                        f"{folder}/result.pt")
@@ -121,9 +135,9 @@ def assert_equal_to_one_process(result):
     return fm
 
 
-@pytest.mark.parametrize("policy_on_rank0_only", [False, True])
-def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, policy_on_rank0_only):
-    result = run_two(tmp_path, worker, policy_on_rank0_only)
+@pytest.mark.parametrize("other_ranks", ["same", "rank0_only", "elsewhere"])
+def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, other_ranks):
+    result = run_two(tmp_path, worker, other_ranks)
     fm = assert_equal_to_one_process(result)
     # bytes all-reduced per step: everything, then units 2 and 3 only while 0 and 1 are frozen, then 1 again
     sizes = {u: sum(p.numel() * 4 for p in fm.unit_graph.units[u].params) for u in fm.units}

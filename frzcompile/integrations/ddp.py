@@ -11,7 +11,13 @@ step, or with `find_unused_parameters=True` all-reduces it anyway, a graph walk 
 parameter thawed later is never all-reduced again. This wrapper
   - makes every replica follow rank 0's plan: before each training call that starts a new step, rank 0's target
     plan (its pending policy decision, or its current plan) is broadcast, a few bytes, so replicas never diverge
-    even if a policy or a manual `fm.freeze` saw different numbers on different ranks;
+    even if a policy saw different numbers on different ranks (a policy's decision waits for that agreement, even
+    when `fm.frozen` is read first). Call a manual `fm.freeze`/`fm.unfreeze` on every rank: it acts at once, and
+    a freeze made on one rank alone is undone at the next step, but the optimizer state it dropped is gone;
+  - drops the gradients pending at a freeze (one between `backward()` and `opt.step()`): under `no_sync()` they
+    are a rank's own, not all-reduced yet (a single process applies them in that step);
+  - passes `find_unused_parameters` on: frozen parameters need it not (they are in no bucket), a parameter your
+    forward does not use (an auxiliary head) does, as with torch's DDP;
   - rebuilds the inner `torch.nn.parallel.DistributedDataParallel` over the trainable parameters whenever that
     set changes (without its initial broadcast: the replicas are already equal), re-registering any comm hook
     registered through `register_comm_hook`. Frozen parameters are in no bucket: no bytes, no hook, no wait.
@@ -41,9 +47,6 @@ class DistributedDataParallel(nn.Module):
                               "budgets from its own batches; train on one process")
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
-        if ddp_kwargs.get("find_unused_parameters"):
-            raise ConfigError("find_unused_parameters=True is not needed here (frozen parameters are left out of the "
-                              "buckets) and would walk the autograd graph every step; leave it out")
         self.module = fm.model  # registered, so state_dict keys are "module.<name>", as with torch's DDP
         state = self.__dict__
         state["fm"] = fm
@@ -54,8 +57,10 @@ class DistributedDataParallel(nn.Module):
         state["rebuilds"] = 0
         state["ddp"] = None
         state["_trainable"] = None
+        fm.__dict__["_agreed_plans"] = True  # fm applies a plan only when this wrapper says every rank agreed
+        fm._plan.keep_in_flight = False  # a gradient pending at a freeze may not be all-reduced (no_sync): dropped
         self._agree()
-        fm._settle()  # rank 0's plan, before the first buckets are built
+        fm._settle(agreed=True)  # rank 0's plan, before the first buckets are built
         self._build(init_sync=ddp_kwargs.pop("init_sync", True))
 
     def _trainable_ids(self) -> tuple:
@@ -94,7 +99,7 @@ class DistributedDataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         if self.module.training and torch.is_grad_enabled():
             self._agree()
-            self.fm._settle()  # the agreed plan applied now, before the buckets are checked
+            self.fm._settle(agreed=True)  # the agreed plan applied now, before the buckets are checked
             if self._trainable_ids() != self._trainable:
                 self._build(init_sync=False)
                 self.__dict__["rebuilds"] = self.rebuilds + 1

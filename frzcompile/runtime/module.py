@@ -343,10 +343,12 @@ class FrozenModule(nn.Module):
         if decision is not None:
             self.__dict__["_pending"] = frozenset(self._unit_graph.check(decision))
 
-    def _settle(self) -> None:
-        """Apply the plan the policy decided at the last step (before the next call, or when asked about it)."""
+    def _settle(self, agreed: bool = False) -> None:
+        """Apply the plan the policy decided at the last step (before the next call, or when asked about it).
+        Under a distributed wrapper (`_agreed_plans`: frzcompile.integrations.ddp) only the plan every rank agreed
+        on is applied, by the wrapper (`agreed=True`): reading `fm.frozen` on one rank must not apply its own."""
         pending = self.__dict__.get("_pending")
-        if pending is None:
+        if pending is None or (self.__dict__.get("_agreed_plans") and not agreed):
             return
         self.__dict__["_pending"] = None
         if pending != self._plan.frozen:

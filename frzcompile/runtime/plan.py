@@ -59,6 +59,7 @@ class FreezePlan:
         self._eval_flags: tuple = ()      # the frozen modules' flags right after the last eval() of their units
         self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
         self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
+        self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
 
     @property
     def units(self) -> list:
@@ -90,8 +91,8 @@ class FreezePlan:
         for u in newly:
             for p in units[u].params:
                 p.requires_grad_(False)
-                if p.grad is not None and bool(p.grad.any()):  # the step in flight applies it: released after that
-                    self._in_flight[id(p)] = p                     # step (a zero-filled one is not a gradient)
+                if self.keep_in_flight and p.grad is not None and bool(p.grad.any()):  # the step in flight applies it:
+                    self._in_flight[id(p)] = p  # released after that step (a zero-filled one is not a gradient)
                     continue
                 p.grad = None
                 _drop_state(optimizers, p)  # momentum / Adam moments of a frozen weight are dropped
