@@ -7,6 +7,7 @@ stays flat for 150-300 steps before it falls), and the quickstart's SmallCNN wit
 
     python benchmarks/bench_safety.py
 """
+import argparse
 import platform
 import time
 
@@ -64,6 +65,7 @@ def run(workload, policy, digits):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     digits = data.digits(seed=0)
     print(f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"digits {len(digits[0])} train / {len(digits[2])} test\n")

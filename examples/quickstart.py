@@ -49,7 +49,7 @@ def main():
     parser.add_argument("--policy", default="smartfrz", choices=["smartfrz", "linear", "autofreeze", "manual"])
     parser.add_argument("--cache", action="store_true", help="serve the frozen prefix from the activation cache")
     parser.add_argument("--sparsity", type=float, default=None,
-                        help="also train sparse: MEST masks on this fraction of every conv weight")
+                        help="also train sparse: MEST masks on this fraction of the conv weights, taken together")
     parser.add_argument("--compile", action="store_true", help="run through torch.compile(backend='frzcompile')")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -56,8 +56,9 @@ def optimize(
     compile: True (or a `frzcompile.CompileConfig`) runs the model through `torch.compile(backend="frzcompile")`;
         every freeze-plan change recompiles. With policy="alast", each transformer layer is compiled on its own.
         Not combinable with cache= or sparsity= yet.
-    sparsity: a fraction (0.8: magnitude masks at 80 percent on every Linear and Conv weight outside the last
-        unit) or a `frzcompile.SparsityConfig` (mask source, structure, schedule, early-bird, data sieving).
+    sparsity: a fraction (0.8: magnitude masks at 80 percent of the Linear and Conv weights outside the last unit,
+        taken together) or a `frzcompile.SparsityConfig` (mask source, structure, scope, schedule, early-bird, data
+        sieving).
         Masked weights stay exactly zero through every optimizer step; frozen units keep their masks.
     """
     if not isinstance(model, nn.Module):

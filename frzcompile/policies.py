@@ -150,7 +150,9 @@ class Linear(Policy):
 
     def bind(self, view):
         self.total_steps = self.total_steps or view.total_steps
-        if not self.total_steps or self.total_steps <= 0:
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise PolicyError(f"linear: total_steps must be a positive number of steps, got {self.total_steps}")
+        if not self.total_steps:
             raise PolicyError(
                 "linear needs the length of training: optimize(..., total_steps=N) or "
                 "policy=frzcompile.policies.Linear(total_steps=N)"

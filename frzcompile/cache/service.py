@@ -704,8 +704,8 @@ class ActivationCache(Service):
             plan.reason = f"cost not checked (check_cost=False): {costs}"
         elif not pays_back(plan.compute_ms, plan.serve_ms, plan.store_ms):
             plan.cacheable = False
-            plan.reason = (f"does not pay: {costs} (a batch stored once and served once must cost less than computing "
-                           "it twice)")
+            plan.reason = (f"does not pay: {costs} (a batch computed, stored and served once must cost less than "
+                           "computing it twice: compute + 2 x serve + store < 2 x compute)")
         else:
             plan.reason = f"pays: {costs}"
         return plan
