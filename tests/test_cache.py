@@ -590,6 +590,9 @@ def test_sample_id_keys_need_the_promise():
     with fm.sample_ids(torch.arange(8)):
         torch.testing.assert_close(fm(x), plain(x))
     assert fm.cache.stats["hits"] == 8
+    assert fm.cache.report()["decision"].startswith("on")
+    fm.cache.clear()  # forgets its verdict too
+    assert not fm.cache.report()["decision"].startswith("on")
     with pytest.raises(ValueError, match="integer ids"):  # 0.1 ... 0.8 would all be id 0
         with fm.sample_ids(torch.linspace(0.1, 0.8, 8)):
             pass

@@ -83,6 +83,8 @@ def test_linear_without_length_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     with pytest.raises(frzcompile.PolicyError, match="total_steps"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear")
+    with pytest.raises(frzcompile.PolicyError, match="must be a positive number of steps, got -5"):
+        frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=-5)
 
 
 def test_autofreeze_state_round_trip():
