@@ -31,16 +31,15 @@ def tensor_version(t: torch.Tensor) -> int:
     return t._version
 
 
-def traced_or_transformed(out) -> bool:
-    """Whether `out` (any output structure) comes from a trace (torch.compile, torch.export: fake tensors) or a
-    torch.func transform (vmap, grad: wrapped tensors) rather than from a real call: its values are not a training
-    step's loss, and tensor hooks on it would fire inside the transform."""
+def traced_or_transformed(t: torch.Tensor) -> bool:
+    """Whether tensor `t` comes from a trace (torch.compile, torch.export: fake tensors) or a torch.func transform
+    (vmap, grad: wrapped tensors) rather than from a real call: its values are not a training step's loss, and
+    tensor hooks on it would fire inside the transform."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return True
     from torch._subclasses.fake_tensor import is_fake
 
-    t = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
-    return t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t) or is_fake(t))
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or is_fake(t)
 
 
 def forked_rng():

@@ -352,18 +352,16 @@ def test_a_batch_a_shallower_level_holds_in_part_is_served_from_it_after_a_deepe
     assert cache.stats["reused_from_shallower"] == 24 and cache.stats["computed"] == 72 + 32
 
 
-def test_hugging_face_bert_after_a_deepening_with_user_habits():
-    """A BERT from a config: after a deepening, batches the shallower level holds whole or in part, at two
-    sequence lengths, under bf16 autocast, with eval() on the user's own variable and a hook on a trainable
-    module, give what the twin without a cache gives, and the young deeper prefix is not stored."""
+def _bert_twins_with_user_habits(cache):
+    """(fm with `cache`, its twin without one, the example kwargs, the list a hook appends to): a BERT from a
+    config and its copy, each in eval() set on the user's own variable, its first two units frozen, and a forward
+    hook on a trainable module of both."""
     from tests.conftest import make_case
 
     model, args, kwargs = make_case("bert")
     twin = copy.deepcopy(model)
-    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=CacheConfig(check_cost=False, dataset_size=8))
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=cache)
     plain = frzcompile.optimize(twin, args, example_kwargs=kwargs)
-    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-    more = torch.randint(1, 90, ids.shape, generator=torch.Generator().manual_seed(1))
     model.eval()  # on the user's own variable
     twin.eval()
     for f in (fm, plain):
@@ -371,6 +369,16 @@ def test_hugging_face_bert_after_a_deepening_with_user_habits():
     seen = []
     for m in (model, twin):
         m.get_submodule(fm.units[-2]).register_forward_hook(lambda mod, a, out: seen.append(1))
+    return fm, plain, kwargs, seen
+
+
+def test_hugging_face_bert_after_a_deepening_with_user_habits():
+    """A BERT from a config: after a deepening, batches the shallower level holds whole or in part, at two
+    sequence lengths, under bf16 autocast, with eval() on the user's own variable and a hook on a trainable
+    module, give what the twin without a cache gives, and the young deeper prefix is not stored."""
+    fm, plain, kwargs, seen = _bert_twins_with_user_habits(CacheConfig(check_cost=False, dataset_size=8))
+    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    more = torch.randint(1, 90, ids.shape, generator=torch.Generator().manual_seed(1))
     for length in (ids.shape[1], ids.shape[1] - 3):
         for f in (fm, plain):
             f(input_ids=ids[:, :length], attention_mask=mask[:, :length])  # the shallow level holds these
@@ -394,25 +402,14 @@ def test_hugging_face_bert_is_served_in_part_only_from_half_a_batch(monkeypatch)
     inside the real call; with eval() on the user's own variable, a hook on a trainable module and bf16 autocast
     (another call signature), the logits are the twin's without a cache."""
     from frzcompile.cache import service
-    from tests.conftest import make_case
 
     monkeypatch.setattr(service, "pays_back", lambda *a: True)
     monkeypatch.setattr(service, "partial_pays", lambda *a: True)
-    model, args, kwargs = make_case("bert")
-    twin = copy.deepcopy(model)
-    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=True)
-    plain = frzcompile.optimize(twin, args, example_kwargs=kwargs)
+    fm, plain, _, seen = _bert_twins_with_user_habits(True)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 128, (8, 12), generator=g)
     mask = torch.ones(8, 12, dtype=torch.long)
     mask[5, 7:] = 0
-    model.eval()  # on the user's own variable
-    twin.eval()
-    for f in (fm, plain):
-        f.freeze(*f.units[:2])
-    seen = []
-    for m in (model, twin):
-        m.get_submodule(fm.units[-2]).register_forward_hook(lambda mod, a, out: seen.append(1))
     stats = fm.cache.stats
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -709,3 +709,40 @@ def test_optimizing_a_model_twice_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         frzcompile.optimize(model, (x,), policy="manual")
+
+
+def test_a_freeze_in_the_middle_of_accumulation_on_bert_with_user_habits():
+    """The same on a BERT from a config, as users train it: model.train() on their own variable, a hook on a
+    trainable layer, bf16 autocast, micro-batches of other shapes, AdamW; the first half frozen after the first
+    micro-batch's backward. Weights, logits and hook calls as frozen by hand."""
+    model, _, _, call = make("bert")
+    fm = frzcompile.optimize(model, example_kwargs=call(4, 12)[1], policy="manual")
+    frozen = frozen_half(fm)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.AdamW(model.parameters(), 1e-3), torch.optim.AdamW(ref.parameters(), 1e-3)
+    seen = {id(model): 0, id(ref): 0}
+    for m in (model, ref):
+        m.get_submodule(fm.units[-2]).register_forward_hook(
+            lambda mod, a, out, m=m: seen.__setitem__(id(m), seen[id(m)] + 1))
+    batches = [call(4, 12)[1], call(2, 7)[1], call(3, 9)[1], call(4, 5)[1]]
+    for step in range(2):
+        for micro, kwargs in enumerate(batches[2 * step:2 * step + 2]):
+            model.train()  # the user's own variable, as every epoch
+            ref.train()
+            if fm.frozen:
+                by_hand_modes(ref, fm, frozen, True)
+            outs = []
+            for m in (fm, ref):
+                torch.manual_seed(10 * step + micro)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = m(**kwargs)
+                out.logits.float().sum().backward()
+                outs.append(out.logits)
+            same(outs[0], outs[1])
+            if step == 0 and micro == 0:  # frozen after this micro-batch's backward
+                fm.freeze(*frozen)
+                for u in frozen:
+                    for path in fm.unit_graph.paths(u):
+                        ref.get_submodule(path).requires_grad_(False)
+        step_both_and_compare(opt, ref_opt, model, ref)
+    assert seen[id(model)] == seen[id(ref)] == 4

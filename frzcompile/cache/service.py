@@ -103,8 +103,8 @@ class PythonState:
         self._names_repr = None
 
     def _collect(self) -> tuple:
-        """(flat tokens in the order of `_names`, object id -> its plain fields)."""
-        tokens, objects = [], {}
+        """(flat tokens in the order of `_names`, object id -> its plain fields, the tensors held as attributes)."""
+        tokens, objects, tensors = [], {}, []
         for i, m in enumerate(self.modules):
             d = m.__dict__
             size, names = self._names[i]
@@ -119,6 +119,7 @@ class PythonState:
                     tokens.append(value)
                 elif isinstance(value, torch.Tensor):
                     tokens.append(_tensor_token(value))
+                    tensors.append(value)
                 elif isinstance(value, (list, tuple, dict, set, frozenset, np.ndarray)):
                     tokens.append((id(value), _contents(value)))
                 elif isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
@@ -128,22 +129,20 @@ class PythonState:
                     if id(value) not in objects:
                         objects[id(value)] = [(k, _contents(v)) for k, v in vars(value).items()
                                               if isinstance(v, _SCALARS + (list, tuple, dict, set, frozenset))]
-        return tokens, objects
+        return tokens, objects, tensors
 
     def digest(self) -> bytes:
-        tokens, objects = self._collect()
+        tokens, objects, tensors = self._collect()
         if self._names_repr is None:
             self._names_repr = repr([names for _, names in self._names])
         h = hashlib.blake2b((self._names_repr + repr(tokens) + repr(objects)).encode(), digest_size=16)
-        if self.watch_data:  # an edit through .data moves no version counter: their contents, as for weights
-            tensors = [v for m in self.modules for v in m.__dict__.values() if isinstance(v, torch.Tensor)]
-            if tensors:
-                h.update(content_digest(tensors))
+        if self.watch_data and tensors:  # an edit through .data moves no version counter: digest their contents
+            h.update(content_digest(tensors))
         return h.digest()
 
     def named(self) -> dict:
         """(module index, attribute or "training") -> token: what `digest` hashes, for telling what changed."""
-        tokens, _ = self._collect()
+        tokens, _, _ = self._collect()
         flat, out = iter(tokens), {}
         for i, (_, names) in enumerate(self._names):
             out[i, "training"] = next(flat)

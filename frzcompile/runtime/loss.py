@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ..torch_private import tree_flatten
+from ..torch_private import traced_or_transformed, tree_flatten
 
 KINDS = ("observed", "returned", "output gradient")
 DESCRIPTIONS = {"observed": "the loss given to fm.observe_loss",
@@ -67,12 +67,16 @@ class LossSignal:
             return
         loss = _returned_loss(out)
         if loss is not None:
-            self._step["returned"].append(loss.detach().float().mean())  # a copy: the caller may change loss
+            if not traced_or_transformed(loss):  # (torch.export, torch.func's vmap/grad: no step's loss)
+                self._step["returned"].append(loss.detach().float().mean())  # a copy: the caller may change loss
             return
         if self.kind == "returned":  # the proxy is no longer read: no hooks
             return
+        outputs = _outputs(out)
+        if outputs and traced_or_transformed(outputs[0]):
+            return
         me = weakref.ref(self)
-        for position, t in enumerate(_outputs(out)):  # the first of them that gets a gradient counts
+        for position, t in enumerate(outputs):  # the first of them that gets a gradient counts
             rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
 
             def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):

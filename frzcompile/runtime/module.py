@@ -395,7 +395,7 @@ class FrozenModule(nn.Module):
             self._sync()
             training = self._count_training_call()
             out = self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
-            if training and not torch_private.traced_or_transformed(out):
+            if training:
                 self._loss.observe_output(out)
             return out
         return self._call(args, kwargs, self._run)
@@ -405,7 +405,7 @@ class FrozenModule(nn.Module):
         training = self._count_training_call()
         with self._inside_call():
             out = run(args, kwargs)
-        if training and not torch_private.traced_or_transformed(out):  # (torch.export, torch.func: no step's loss)
+        if training:
             self._loss.observe_output(out)
         return out
 
