@@ -42,6 +42,12 @@ def traced_or_transformed(t: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or is_fake(t)
 
 
+def inside_func_transform() -> bool:
+    """Whether this code runs inside a torch.func transform (vmap, grad, jacrev...): tensors it sees, the model's
+    parameters swapped in by `functional_call` included, may be wrapped, without storage of their own."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def forked_rng():
     """A context in which random draws leave the user's generators (CPU and every initialised GPU) as they were.
     (torch.random.fork_rng is public; it is here so that capture and the cache fork the same devices.)"""

@@ -1351,3 +1351,29 @@ def test_a_data_edit_of_a_plain_tensor_attribute_is_seen():
                 model.b[0].mask.data.mul_(0.5)
             torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
     assert fm.cache.stats["hits"] == 2 * 8  # served before and after the edit, each from its own entries
+
+
+def test_torch_func_transforms_of_a_cached_model_step_aside():
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        fm(x), fm(x)  # analysed and served: a plan for this signature exists
+    assert fm.cache.stats["hits"] == 8
+    # vmap over single samples, per-sample gradients of the trainable weights, ensembling: their tensors are
+    # wrapped (no storage) and cannot be fingerprinted or analysed; eager PyTorch runs them
+    torch.testing.assert_close(torch.func.vmap(fm)(x[:, None]), torch.func.vmap(ref)(x[:, None]))
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(m):
+        return lambda p, xb: torch.func.functional_call(m, p, (xb,)).square().mean()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss(fm)), in_dims=(None, 0))(params, x[:, None])
+    expected = torch.func.vmap(torch.func.grad(loss(ref)), in_dims=(None, 0))(params, x[:, None])
+    torch.testing.assert_close(per_sample, expected)
+    stacked = torch.func.stack_module_state([model, copy.deepcopy(model)])
+    ensemble = torch.func.vmap(lambda p, b: torch.func.functional_call(fm, (p, b), (x,)))(*stacked)
+    torch.testing.assert_close(ensemble[0], ref(x))
+    assert fm.cache.steps_aside.get("inside a torch.func transform (vmap, grad...)", 0) >= 3
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), ref(x))

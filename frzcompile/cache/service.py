@@ -495,6 +495,8 @@ class ActivationCache(Service):
             return "inference mode"
         if torch.compiler.is_compiling():
             return "inside torch.compile"
+        if torch_private.inside_func_transform():
+            return "inside a torch.func transform (vmap, grad...)"
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
         units = self.unit_graph.units
