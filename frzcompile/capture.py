@@ -140,7 +140,7 @@ def _capture(model, args, kwargs, unit_names, method, name, was_training) -> Cap
             try:
                 gm = {"symbolic_trace": _symbolic_trace, "export": _export}[m](model, args, kwargs, unit_names)
                 with torch.no_grad():  # (the model is in eval mode: symbolic_trace's leaf modules are its own)
-                    got = gm(*args, **kwargs)
+                    got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
                 if not tree_agree(got, expected, noise):
                     raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "
                                        "(beyond the numerical noise of running the model twice)")

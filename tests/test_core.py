@@ -166,6 +166,23 @@ def test_auto_units_hugging_face_bert():
     assert fm.config is model.config  # attributes fall through to the wrapped model
 
 
+def test_a_fallback_to_export_prints_nothing(capfd):
+    class Lengths(torch.nn.Module):  # symbolic_trace runs into torch.tensor(None) and export takes over
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x, lengths=None):
+            h = self.a(x)
+            if lengths is not None:
+                h = h * torch.tensor(lengths, dtype=h.dtype).unsqueeze(-1)
+            return self.head(h)
+
+    fm = frzcompile.optimize(Lengths(), (torch.randn(4, 8),), policy="manual")
+    assert fm.capture_method == "export"
+    assert "Traceback" not in capfd.readouterr().err  # torch.fx's GraphModule.__call__ prints one on failure
+
+
 def test_user_units_override():
     from frzcompile import zoo
 
