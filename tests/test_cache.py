@@ -12,6 +12,7 @@ from torch import nn
 
 import frzcompile
 from frzcompile import CacheConfig, zoo
+from frzcompile.cache.service import PythonState
 from frzcompile.cache.store import ActivationStore
 from tests.conftest import train_losses
 
@@ -546,6 +547,20 @@ def test_batch_mixing_prefix_is_not_cached_and_explain_says_why():
     assert fm.cache.stats["hits"] == 0 and not fm.cache.report()["served_calls"]
     text = str(frzcompile.explain(fm))
     assert "mixes samples across the batch" in text
+
+
+def test_a_refused_signature_costs_no_more_checks(monkeypatch):
+    fm = frzcompile.optimize(BatchMixer(mix_in_unit=True), (torch.randn(6, 4),), cache=True)
+    fm.freeze("a")
+    x = torch.randn(6, 4)
+    fm(x)  # analysed and refused (it mixes samples)
+    assert not fm.cache.last_plan.cacheable
+    read = []
+    monkeypatch.setattr(PythonState, "digest", lambda self: read.append(1) or b"")
+    monkeypatch.setattr(type(fm.cache), "_step_aside", lambda self, *a: read.append(1) or "")
+    for _ in range(3):
+        assert torch.equal(fm(x), fm.model(x))
+    assert not read  # neither the Python state around the prefix nor the hooks are read for it again
 
 
 def test_mixing_between_units_runs_live_and_the_unit_is_cached():

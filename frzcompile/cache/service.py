@@ -423,11 +423,17 @@ class ActivationCache(Service):
         self._digests.clear()  # weights may have changed since the last call (through .data, too)
         prefix = self.prefix
         flat = tree_flatten((tuple(args), dict(kwargs)))
-        why = self._step_aside(prefix, flat[0])
+        why = self._off_for_every_call(prefix)
         sig = None
         if not why:
-            sig = Signature.of(args, kwargs, self.model.training, flat).with_state(
-                self._modules(prefix).state.digest())
+            sig = Signature.of(args, kwargs, self.model.training, flat)
+            refused = self.plans.get((prefix, sig.digest))
+            if refused is not None and not refused.cacheable:  # final for this signature: nothing more to read
+                self.last_plan = refused
+                return run(args, kwargs)
+            why = self._step_aside(prefix, flat[0])
+        if not why:
+            sig = sig.with_state(self._modules(prefix).state.digest())
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
                                       "" if sig.batch else "no batched tensor argument")
         if not why and (prefix, sig.digest) not in self.plans and sum(
@@ -485,8 +491,8 @@ class ActivationCache(Service):
                                                                              self.config.watch_data))
         return cached
 
-    def _step_aside(self, prefix, leaves) -> str:
-        """Why the cache must run this call uncached (`leaves`: the call's flattened arguments), or ''."""
+    def _off_for_every_call(self, prefix) -> str:
+        """Why the cache runs this call uncached whatever its arguments, or ''."""
         if not self.enabled:
             return "the cache is off"
         if not prefix:
@@ -497,6 +503,10 @@ class ActivationCache(Service):
             return "inside torch.compile"
         if torch_private.inside_func_transform():
             return "inside a torch.func transform (vmap, grad...)"
+        return ""
+
+    def _step_aside(self, prefix, leaves) -> str:
+        """Why the cache must run this call uncached (`leaves`: the call's flattened arguments), or ''."""
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
             return "an input requires grad"
         units = self.unit_graph.units
@@ -1154,7 +1164,7 @@ class ActivationCache(Service):
             args, kwargs = ((), batch) if isinstance(batch, dict) else ((batch,), {}) if isinstance(
                 batch, torch.Tensor) else (tuple(batch), {})
             flat = tree_flatten((tuple(args), dict(kwargs)))
-            why = self._step_aside(prefix, flat[0])
+            why = self._off_for_every_call(prefix) or self._step_aside(prefix, flat[0])
             sig = Signature.of(args, kwargs, training, flat).with_state(self._modules(prefix).state.digest())
             if why or sig.unsupported or not sig.batch:
                 continue
