@@ -158,6 +158,28 @@ def test_checkpoint_resume_gives_the_same_continuation(tmp_path):
     assert fm_b.frozen == fm.frozen and fm_b.plan.since == fm.plan.since
 
 
+def test_a_model_pickled_mid_run_thaws_after_its_freeze_state_is_loaded():
+    import pickle
+
+    torch.manual_seed(0)
+    model = zoo.ResNet(depths=(1, 1, 1), width=8)
+    model.layer1[0].conv1.weight.requires_grad_(False)  # frozen by the user before optimize(): stays frozen
+    data = [(torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,))) for _ in range(4)]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    fm = frzcompile.optimize(model, (data[0][0],), optimizer=opt, policy="manual")
+    fm.freeze("conv1", "bn1", "layer1")
+    _train(fm, opt, data, 2)
+    copy, state = pickle.loads(pickle.dumps(fm.model)), fm.freeze_state_dict()  # as fm.__reduce_ex__ advises
+    assert not copy.conv1.weight.requires_grad
+    fm2 = frzcompile.optimize(copy, (data[0][0],), policy="manual")
+    fm2.load_freeze_state_dict(state)
+    fm2.unfreeze("conv1", "layer1")
+    assert copy.conv1.weight.requires_grad and copy.layer1[0].conv2.weight.requires_grad
+    assert not copy.layer1[0].conv1.weight.requires_grad and not copy.bn1.weight.requires_grad
+    fm.unfreeze("conv1", "layer1")
+    assert [p.requires_grad for p in copy.parameters()] == [p.requires_grad for p in model.parameters()]
+
+
 def test_freeze_state_rejects_another_model():
     _, _, fm, _ = _setup("manual")
     state = fm.freeze_state_dict()

@@ -575,6 +575,10 @@ class FrozenModule(nn.Module):
             "units": self.units,
             "frozen": list(self.frozen),
             "since": dict(self._plan.since),
+            # what thawing gives back to the frozen units' parameters: a model pickled or copied mid-run holds
+            # them with requires_grad=False, so a new optimize() of it cannot tell
+            "trainable": {n: self._plan.trainable_by_default(p) for u in self.frozen
+                          for n, p in zip(self.unit_graph.units[u].param_names, self.unit_graph.units[u].params)},
             "step": self._step,
             "policy": {"name": self._policy.name, "state": self._policy.state_dict()},
             "losses": self._loss.state_dict(),
@@ -603,6 +607,11 @@ class FrozenModule(nn.Module):
             self.sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_pending"] = None
         self.__dict__["_step"] = int(state["step"])
+        trainable = state.get("trainable", {})  # (saved since format 1 gained it; older states lack it)
+        for unit in self.unit_graph.units.values():
+            for n, p in zip(unit.param_names, unit.params):
+                if n in trainable:
+                    self._plan.set_trainable_by_default(p, trainable[n])
         self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
         self._plan.since = {u: int(s) for u, s in state["since"].items()}
 
@@ -631,10 +640,12 @@ class FrozenModule(nn.Module):
         super().__delattr__(name)
 
     def __deepcopy__(self, memo):
-        raise ConfigError("a FrozenModule cannot be copied yet: copy the model (fm.model) and call "
-                          "frzcompile.optimize on the copy; to checkpoint, save fm.state_dict() and "
-                          "fm.freeze_state_dict()")
+        raise ConfigError("a FrozenModule cannot be copied yet: copy the model (fm.model), call "
+                          "frzcompile.optimize on the copy and load fm.freeze_state_dict() into it; for an EMA or "
+                          "SWA copy, AveragedModel(model) of the model you passed to optimize(); to checkpoint, "
+                          "save fm.state_dict() and fm.freeze_state_dict()")
 
     def __reduce_ex__(self, protocol):
         raise ConfigError("a FrozenModule cannot be pickled yet (torch.save(fm)): save fm.state_dict() and "
-                          "fm.freeze_state_dict(), or pickle the model (fm.model)")
+                          "fm.freeze_state_dict(), or pickle the model (fm.model) and fm.freeze_state_dict() (load it into "
+                          "the FrozenModule optimize() gives for the unpickled model)")
