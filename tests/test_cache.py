@@ -563,6 +563,28 @@ def test_a_refused_signature_costs_no_more_checks(monkeypatch):
     assert not read  # neither the Python state around the prefix nor the hooks are read for it again
 
 
+def test_a_call_with_an_argument_that_cannot_be_keyed_reads_no_python_state(monkeypatch):
+    class Opaque:  # a DynamicCache, a dataclass: not keyed, so the cache steps aside
+        scale = 2.0
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, extra=None):
+            return self.head(self.a(x) * (extra.scale if extra is not None else 1.0))
+
+    x = torch.randn(6, 4)
+    fm = frzcompile.optimize(Scaled(), (x,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("a")
+    read = []
+    monkeypatch.setattr(PythonState, "digest", lambda self: read.append(1) or b"")
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x, Opaque()), fm.model(x, Opaque()))
+    assert not read and any("Opaque" in why for why in fm.cache.steps_aside)
+
+
 def test_mixing_between_units_runs_live_and_the_unit_is_cached():
     torch.manual_seed(0)
     fm = frzcompile.optimize(BatchMixer(mix_in_unit=False), (torch.randn(6, 4),),
@@ -778,6 +800,24 @@ def test_outputs_are_stored_as_they_were_returned():
     assert fm.cache.stats["hits"] == 16
     for out in outs:
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_an_output_changed_in_place_between_prefix_units_is_cached_as_returned():
+    def forward(m, x):
+        h = m.b[0](x)
+        h.mul_(1.5)  # between two frozen units (torchvision ResNet: ReLU(inplace=True) after bn1)
+        return m.head(m.b[2](m.b[1](h) + h))
+
+    model, x, fm = _chain(forward, ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0", "b.1")
+    y = torch.cat([x[:4], torch.randn(4, 16)])
+    with torch.no_grad():
+        outs = [fm(x), fm(y), fm(x), fm(y), fm(y.flip(0))]
+        expected = [_uncached(fm, v) for v in (x, y, x, y, y.flip(0))]
+    assert fm.cache.last_plan.cacheable, fm.cache.last_plan.reason  # was "not deterministic"
+    assert fm.cache.stats["hits"] == 4 + 8 + 8 + 8
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_state_read_before_the_prefix_ends_keys_the_entries():

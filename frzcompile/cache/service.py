@@ -433,9 +433,10 @@ class ActivationCache(Service):
                 return run(args, kwargs)
             why = self._step_aside(prefix, flat[0])
         if not why:
-            sig = sig.with_state(self._modules(prefix).state.digest())
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
                                       "" if sig.batch else "no batched tensor argument")
+        if not why:
+            sig = sig.with_state(self._modules(prefix).state.digest())
         if not why and (prefix, sig.digest) not in self.plans and sum(
                 p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
             why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
@@ -526,10 +527,11 @@ class ActivationCache(Service):
         return ""
 
     # -- internal runs ----------------------------------------------------------------------------------
-    def _prefix_run(self, prefix, calls, args, kwargs, select=None, keep=False, record=None):
+    def _prefix_run(self, prefix, calls, args, kwargs, select=None, keep=False, record=None, copied=None):
         """Run the model only as far as the prefix's last call (`calls[-1]`), on all rows or on (args, kwargs)
         `select`; returns (key -> output of the prefix's calls, whether the run got to the last call). Nothing
-        of it is visible to the user's run. `record`: an OpRecorder to run it under."""
+        of it is visible to the user's run. `record`: an OpRecorder to run it under; `copied`: a list to which
+        the seconds spent copying `keep`'s outputs are appended."""
         mods = self._modules(prefix)
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
@@ -543,6 +545,8 @@ class ActivationCache(Service):
                 self.model(*call_args, **call_kwargs)
             except Stop:
                 pass
+        if copied is not None:
+            copied.append(ic.copy_seconds)
         complete = ic.stopped and all(key in ic.outputs for key in calls)
         return ic.outputs, complete
 
@@ -622,25 +626,29 @@ class ActivationCache(Service):
         batch, k = sig.batch, sig.batch // 2
         first = ic.outputs
         perm = torch.arange(batch - 1, -1, -1)
+        # the outputs are copied as each call returns, as the probe's were: code between the prefix's units may
+        # change one in place (torchvision ResNet's root ReLU(inplace=True) after bn1) before the run ends
+        copied = []
         try:
             # the time of computing the prefix: the better of the run on the whole batch again (the first
             # prefix-only run of a new prefix was timed up to 20x slower than later ones) and of the run on the
             # second half, warm by then, scaled to the batch (timing three extra whole runs cost 40% more of
             # the analysis, which the in-run check, _judge_live, makes again with times from the run anyway)
             start = time.perf_counter()
-            again, ok = self._prefix_run(prefix, calls, args, kwargs)
+            again, ok = self._prefix_run(prefix, calls, args, kwargs, keep=True, copied=copied)
             _sync(tree_flatten(again)[0])
-            compute_ms = 1000 * (time.perf_counter() - start)
+            compute_ms = 1000 * (time.perf_counter() - start - copied[-1])
             runs = [again]
             # the operations of the reversed batch and of its first half, for the graph check below
             recorders = {0: OpRecorder(), 2: OpRecorder()}
             for j, rows in enumerate((slice(0, k), slice(k, batch), perm)):
                 start = time.perf_counter()
                 out, done = self._prefix_run(prefix, calls, args, kwargs, select=sig.select(args, kwargs, rows),
-                                             record=recorders.get(j))
+                                             keep=True, record=recorders.get(j), copied=copied)
                 if j == 1:
                     _sync(tree_flatten(out)[0])
-                    compute_ms = min(compute_ms, 1000 * (time.perf_counter() - start) * batch / (batch - k))
+                    seconds = time.perf_counter() - start - copied[-1]
+                    compute_ms = min(compute_ms, 1000 * seconds * batch / (batch - k))
                 runs.append(out)
                 ok = ok and done
         except Exception as exc:  # noqa: BLE001 -- a prefix that cannot run on part of a batch is not cached
@@ -1111,7 +1119,7 @@ class ActivationCache(Service):
         return self.epoch_samples is not None and held < self.config.store_deeper_after * self.epoch_samples
 
     def _verify(self, plan, served, args, kwargs):
-        expected, _ = self._prefix_run(plan.prefix, plan.calls, args, kwargs)
+        expected, _ = self._prefix_run(plan.prefix, plan.calls, args, kwargs, keep=plan.keep)
         tolerant = self.config.storage_dtype is not None
         for key, i, _, _ in plan.stored():
             e = tree_flatten(expected[key])[0][i]
