@@ -44,6 +44,24 @@ def _is_block_container(m: nn.Module) -> bool:
     return any(kinds.count(k) >= 2 for k in set(kinds))
 
 
+def _is_stage(m: nn.Module) -> bool:
+    """A container of repeated blocks that have a forward of their own (not Conv-BN-activation Sequentials, as
+    inside a MobileNet block), or a module holding one as a child beside other parts (a stage's downsampling)."""
+    def repeats_blocks(c):
+        kinds = [type(b) for b in c.children() if _has_params(b) and _is_composite(b)
+                 and not isinstance(b, _CONTAINERS)]
+        return isinstance(c, _CONTAINERS) and any(kinds.count(k) >= 2 for k in set(kinds))
+
+    return repeats_blocks(m) or any(repeats_blocks(c) for c in m.children())
+
+
+def _is_layer_stack(m: nn.Module) -> bool:
+    """A plain nn.Sequential of three or more single layers with parameters (VGG's `features` and `classifier`):
+    each layer is a unit, as the children of a root Sequential are."""
+    layers = [c for c in m.children() if _has_params(c)]
+    return type(m) is nn.Sequential and len(layers) >= 3 and not any(_is_composite(c) for c in layers)
+
+
 def _holds_block_container(m: nn.Module) -> bool:
     return any(_is_block_container(d) for d in m.modules())
 
@@ -54,27 +72,33 @@ def _own_params(m: nn.Module) -> bool:
 
 def auto_units(model: nn.Module) -> list[str]:
     """Pick units from the module tree: descend from the root towards containers of repeated blocks (ResNet
-    stages, transformer layer lists) and stop at their blocks (one unit per block, never split); a model wrapped
-    once more (Hugging Face's `XForY.x`) is opened to its parts (embeddings, encoder, pooler); everything else
-    stays whole. A module registered under two paths is taken once, at the first."""
+    stages, transformer layer lists) and stop at their blocks (one unit per block, never split; a block that is a
+    container of repeated blocks itself, a ConvNeXt stage, is opened to them); a model wrapped once more (Hugging
+    Face's `XForY.x`) is opened to its parts (embeddings, encoder, pooler), and a plain stack of layers (VGG's
+    `features`) to its layers; everything else stays whole. A module registered under two paths is taken once,
+    at the first."""
     units, seen = [], set()
 
     def visit(path: str, m: nn.Module, depth: int, block: bool):
         if id(m) in seen:
             return
         seen.add(id(m))
-        if not block:
+        if block:  # a block of a container is a unit, unless it is a stage of repeated blocks (a ConvNeXt or
+            expand = _is_stage(m)  # Swin stage, a DenseNet dense block): those blocks are the units
+        else:
             parts = [c for c in m.children() if _has_params(c)]
             wrapper = (depth == 1 and not isinstance(m, _CONTAINERS) and len(parts) >= 2
                        and any(_is_composite(c) for c in parts))
-            expand = depth == 0 or _is_block_container(m) or (
-                not _own_params(m) and (_holds_block_container(m) or wrapper))
-            if expand:
-                container = _is_block_container(m)
-                for name, child in m.named_children():
-                    if _has_params(child):
-                        visit(f"{path}.{name}" if path else name, child, depth + 1, container)
-                return
+            # (a module with parameters of its own that holds repeated blocks, such as torchvision ViT's encoder
+            # with its position embedding, is opened too: those parameters join the unit that first reads them)
+            expand = (depth == 0 or _holds_block_container(m) or _is_layer_stack(m)
+                      or (not _own_params(m) and wrapper))
+        if expand:
+            container = _is_block_container(m)
+            for name, child in m.named_children():
+                if _has_params(child):
+                    visit(f"{path}.{name}" if path else name, child, depth + 1, container)
+            return
         units.append(path)
 
     visit("", model, 0, False)

@@ -155,6 +155,61 @@ def test_auto_units_follow_blocks():
     assert dag.has_edge("layer1.1", "layer2.0") and dag.has_edge("layer3.1", "fc")
 
 
+def test_auto_units_open_stages_layer_stacks_and_encoders_with_parameters():
+    from frzcompile.units import auto_units
+    from torch import nn
+
+    class Block(nn.Module):  # a residual block whose MLP is a Sequential of layers: never split
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    class Staged(nn.Module):  # torchvision ConvNeXt / Swin / RegNet: features = [stem, stage, downsample, stage]
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Linear(8, 8), nn.Sequential(Block(), Block()),
+                                          nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)), nn.Sequential(Block(), Block()))
+            self.head = nn.Linear(8, 2)
+
+    class Encoder(nn.Module):  # torchvision ViT: the encoder holds the position embedding itself
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 4, 8))
+            self.layers = nn.Sequential(Block(), Block())
+            self.ln = nn.LayerNorm(8)
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.encoder, self.heads = nn.Linear(8, 8), Encoder(), nn.Linear(8, 2)
+
+    class VGG(nn.Module):  # a plain stack of layers
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                          nn.ReLU(), nn.Conv2d(4, 4, 3))
+            self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(4, 2))
+
+    class ConvBNAct(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    class InvertedResidual(nn.Module):  # MobileNet: its layers are Conv-BN-activation Sequentials, not blocks
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(ConvBNAct(), ConvBNAct(), ConvBNAct())
+
+    mobilenet = nn.Sequential(nn.Sequential(InvertedResidual(), InvertedResidual()), nn.Linear(4, 2))
+    assert auto_units(mobilenet) == ["0.0", "0.1", "1"]
+    assert auto_units(Staged()) == ["features.0", "features.1.0", "features.1.1", "features.2", "features.3.0",
+                                    "features.3.1", "head"]
+    assert auto_units(ViT()) == ["proj", "encoder.layers.0", "encoder.layers.1", "encoder.ln", "heads"]
+    assert auto_units(VGG()) == ["features.0", "features.1", "features.3", "features.5", "classifier"]
+
+
 def test_auto_units_hugging_face_bert():
     from tests.conftest import make_case
 
