@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-import networkx as nx
 from torch import fx, nn
 
 from .errors import UnitError
@@ -182,6 +181,7 @@ class UnitGraph:
         for node, u in self.node_unit.items():
             first[u] = min(first.get(u, order[node]), order[node])
         self.dag = self._build_dag()
+        import networkx as nx  # (imported when units are built: `import frzcompile` stays lean)
         ordered = list(nx.lexicographical_topological_sort(self.dag, key=lambda u: first[u]))
         self.units: dict[str, Unit] = {u: Unit(u) for u in ordered}
         for node in gm.graph.nodes:
@@ -271,6 +271,7 @@ class UnitGraph:
                 self.node_unit[n] = self.node_unit[min(users, key=order.get)]
 
     def _build_dag(self):
+        import networkx as nx
         dag = nx.DiGraph()
         dag.add_nodes_from(set(self.node_unit.values()))
         for node, u in self.node_unit.items():
@@ -379,6 +380,7 @@ class UnitGraph:
     def prefix(self, frozen) -> list[str]:
         """Frozen units all of whose ancestors are frozen too: the part that can run without autograd."""
         frozen = set(frozen)
+        import networkx as nx
         return [u for u in self.units if u in frozen and nx.ancestors(self.dag, u) <= frozen]
 
     def frontier(self, prefix) -> list[fx.Node]:

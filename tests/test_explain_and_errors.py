@@ -164,7 +164,8 @@ def test_import_is_lean():
     code = (
         "import sys, torch; before = torch.get_default_dtype(), torch.is_grad_enabled(); import frzcompile;"
         "assert 'triton' not in sys.modules, 'triton imported';"
-        "libs = [m for m in ('transformers', 'lightning', 'accelerate', 'frzcompile.integrations') if m in sys.modules];"
+        "libs = [m for m in ('transformers', 'lightning', 'accelerate', 'frzcompile.integrations', 'networkx')"
+        "        if m in sys.modules];"
         "assert not libs, f'imported {libs}';"
         "assert not torch.cuda.is_initialized(), 'cuda initialized';"
         "assert (torch.get_default_dtype(), torch.is_grad_enabled()) == before"
@@ -185,3 +186,9 @@ def test_explain_says_why_units_were_merged():
     assert fm.units == ["a+b", "head"]
     text = str(frzcompile.explain(fm))
     assert "merged unit a+b: data flows both ways" in text and "a -> b" in text and "b -> a" in text
+
+
+def test_torch_compiles_wrapper_is_refused_with_what_to_do():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(frzcompile.ConfigError, match="_orig_mod.*compile=True"):
+        frzcompile.optimize(torch.compile(model), (torch.randn(2, 4),))
