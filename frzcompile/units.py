@@ -283,6 +283,7 @@ class UnitGraph:
 
     def _merge_cycles(self):
         """Units that feed each other (interleaved code) are merged into one unit named 'a+b'."""
+        import networkx as nx
         dag = self._build_dag()
         for scc in nx.strongly_connected_components(dag):
             if len(scc) > 1:
