@@ -234,3 +234,22 @@ def test_frozen_is_not_an_option_of_plain_torch_compile():
     with pytest.raises(frzcompile.ConfigError, match="fm.freeze"):
         frzcompile.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), policy="manual",
                             compile=CompileConfig(frozen=frozenset({"weight"})))
+
+
+def test_torch_compile_of_the_frozen_module_keeps_the_loss_signal():
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        fm = frzcompile.optimize(model, (torch.randn(4, 8),), optimizer=opt)
+        torch._dynamo.reset()
+        call = torch.compile(fm, backend="aot_eager") if compiled else fm
+        for i in range(3):
+            x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+            nn.functional.cross_entropy(call(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        losses[compiled] = fm.losses()
+    assert None not in losses[True]  # the gradient proxy, read outside the compiled graphs
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

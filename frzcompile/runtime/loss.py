@@ -61,6 +61,7 @@ class LossSignal:
         self.kind = None                            # the source of the last step's value
         self.enabled = True                         # False: nothing is read (no policy uses the loss)
 
+    @torch.compiler.disable  # under torch.compile(fm) it runs on the real output, between the compiled graphs
     def observe_output(self, out) -> None:
         """A training call returned `out`: keep its loss, or hook its main output's gradient."""
         if not self.enabled or self.kind == "observed":  # only observe_loss's values are read from now on
