@@ -1012,6 +1012,31 @@ def test_served_outputs_keep_their_memory_layout():
     assert fm.cache.stats["hits"] == 8
 
 
+@pytest.mark.parametrize("switch", ["model", "inputs"])
+def test_a_switch_to_channels_last_is_served_in_channels_last(switch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    x = torch.randn(8, 3, 12, 12)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("0", "1")
+    layouts = []
+    model[2].register_forward_pre_hook(lambda mod, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))  # (on a trainable unit: the cache serves)
+    with torch.no_grad():
+        fm(x), fm(x)
+        if switch == "model":  # on the user's own variable, mid-run
+            model.to(memory_format=torch.channels_last)
+        else:
+            x = x.to(memory_format=torch.channels_last)
+        outs = [fm(x) for _ in range(3)]
+        expected = _uncached(fm, x)
+    assert layouts[:2] == [False, False] and all(layouts[2:]), layouts
+    assert fm.cache.stats["hits"] == 8 + 16
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_a_batch_statistic_is_not_served_as_a_constant():
     class Emb(nn.Module):
         def __init__(self):

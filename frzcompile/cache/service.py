@@ -190,7 +190,7 @@ class Signature:
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
                 shape = tuple(leaf.shape[1:]) if i in batch_leaves else ("whole",) + tuple(leaf.shape)
-                h.update(f"|{i}:{leaf.dtype}:{leaf.device}:{shape}".encode())
+                h.update(f"|{i}:{leaf.dtype}:{leaf.device}:{shape}:{_layout(leaf)}".encode())  # (channels-last)
             elif isinstance(leaf, _SCALARS):
                 h.update(f"|{i}={leaf!r}".encode())
             else:
@@ -259,7 +259,7 @@ class CallPlan:
     shared_count: int = 0
     keep: dict = field(default_factory=dict)  # key -> leaf indexes stored (copied when a real call returns)
     state: bytes = b""                       # the Python state it was analysed with
-    placement: tuple = ()                    # the dtype and device of each tensor the prefix read then
+    placement: tuple = ()                    # the dtype, device and strides of each tensor the prefix read then
     compute_ms: float = 0.0
     serve_ms: float = 0.0
     store_ms: float = 0.0
@@ -824,10 +824,11 @@ class ActivationCache(Service):
         return version
 
     def _placement(self, prefix) -> tuple:
-        """The dtype and device of each tensor the prefix reads (a plan is made for them)."""
+        """The dtype, device and strides of each tensor the prefix reads (a plan is made for them: the layout of
+        what it stores follows `model.to(memory_format=torch.channels_last)`)."""
         version = self._version(prefix)
         per_tensor = (version[0] if self.config.watch_data else version)[0]
-        return tuple((v[2], v[3]) for v in per_tensor)
+        return tuple((v[2], v[3], v[5]) for v in per_tensor)
 
     def _keys(self, sig) -> list:
         if self.config.key == "sample_id":

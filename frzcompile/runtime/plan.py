@@ -168,10 +168,10 @@ class FreezePlan:
 
     def state_version(self, prefix, extra=()) -> tuple:
         """Changes whenever a parameter or buffer of the prefix's units, or one of `extra`, is replaced, changed
-        in place (version counter) or moved (storage, dtype, device), so the activation cache never serves
-        activations computed with other weights. (`.data` edits move no version counter: see the cache's
+        in place (version counter) or moved (storage, dtype, device, memory layout), so the activation cache never
+        serves activations computed with other weights. (`.data` edits move no version counter: see the cache's
         content digest.)"""
-        return tuple((id(t), torch_private.tensor_version(t), t.dtype, t.device, t.data_ptr())
+        return tuple((id(t), torch_private.tensor_version(t), t.dtype, t.device, t.data_ptr(), t.stride())
                      for t in self.state_tensors(prefix, extra))
 
     def frozen_param_names(self, model) -> list:
