@@ -397,6 +397,29 @@ def test_hugging_face_bert_after_a_deepening_with_user_habits():
     assert len(seen) == 2 * (2 + 2 * 3 * 2)  # the hook ran on every call of both models
 
 
+def test_hugging_face_bert_padded_in_its_second_half_only_is_analysed_again():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    model.eval()
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze(*fm.units[:2])
+    g = torch.Generator().manual_seed(0)
+
+    def batch(padded_rows):
+        ids = torch.randint(5, 90, (8, 12), generator=g)
+        mask = torch.ones(8, 12, dtype=torch.long)
+        mask[padded_rows, 9:] = 0  # the first half of [7] is unpadded: BERT skips its mask there
+        return dict(input_ids=ids, attention_mask=mask)
+
+    batches = [batch([7]), batch([3, 7]), batch([1, 5])]
+    with torch.no_grad():
+        for b in batches * 3:
+            torch.testing.assert_close(fm(**b).logits, _uncached(fm, **b).logits)
+    assert fm.cache.last_plan.cacheable, fm.cache.last_plan.reason
+    assert fm.cache.stats["hits"] >= 2 * 16
+
+
 def test_hugging_face_bert_is_served_in_part_only_from_half_a_batch(monkeypatch):
     """A BERT from a config with the costs checked (the timings forced to say caching pays, so that the rule
     alone decides): a batch the store holds 3 of 4 rows of is served in part, one holding 1 of 4 is computed whole
@@ -778,10 +801,10 @@ def _chain(forward, units, extra=None):
                                          cache=CacheConfig(check_cost=False))
 
 
-def _uncached(fm, *args):
+def _uncached(fm, *args, **kwargs):
     enabled, fm.cache.enabled = fm.cache.enabled, False
     try:
-        return fm(*args)
+        return fm(*args, **kwargs)
     finally:
         fm.cache.enabled = enabled
 

@@ -136,11 +136,15 @@ def _dims(value, ndim: int) -> list:
     return [v % ndim if ndim else 0 for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
+OTHER_OPERATIONS = ("the frozen prefix runs other operations on half the batch (its code depends on the batch size, or "
+                    "on what the batch holds: Hugging Face models skip an attention mask without padding)")
+
+
 def batch_mixing(full: list, half: list) -> str:
     """Why the recorded operations mix samples across the batch, or '' (see the module docstring). `full` and
     `half` are OpRecorder.ops of the same region run on the whole batch and on its first half."""
     if len(full) != len(half) or any(x.name != y.name for x, y in zip(full, half)):
-        return "the frozen prefix runs other operations on half the batch (its code depends on the batch size)"
+        return OTHER_OPERATIONS
     consumers: dict = {}
     for j, op in enumerate(full):
         for i in op.sources:

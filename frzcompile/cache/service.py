@@ -46,7 +46,7 @@ from ..errors import CacheError, ConfigError, InputMismatchError
 from ..numerics import agree, floor, relative_difference
 from ..runtime.services import FORWARD_MARK, Service
 from ..torch_private import tree_flatten, tree_unflatten
-from .batch_dims import OpRecorder, batch_mixing
+from .batch_dims import OTHER_OPERATIONS, OpRecorder, batch_mixing
 from .dataflow import DataflowProbe
 from .intercept import Interception, Stop, UnexpectedCall
 from .store import ActivationStore, CacheConfig, _describe, fingerprints, row_digests
@@ -56,6 +56,7 @@ MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) 
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
+OTHER_OPERATIONS_TRIES = 3  # batches of one signature analysed before "other operations on half" is final
 MIN_PARTIAL_COVER = 0.5  # a level serves a batch in part (its own, or a deeper prefix's) when it holds this share
 # modules whose forward takes a fused fast path unless a TorchFunctionMode (the dataflow probe) is active: what the
 # probe's call computes differs from later calls in the last bits, so it is not stored
@@ -362,6 +363,7 @@ class ActivationCache(Service):
         self.steps_aside: dict = {}               # reason -> calls the cache stepped aside for
         self.state_changes: dict = {}             # (prefix, signature digest) -> re-analyses for a new state
         self._small_refused: set = set()          # (prefix, signature digest) refused on a batch of 2 or 3
+        self._other_operations: dict = {}         # (prefix, signature digest) -> batches refused for OTHER_OPERATIONS
         self.stats = dict(lookups=0, hits=0, reused_from_shallower=0, computed=0, stored=0, batches=0,
                           fully_served_batches=0, verified_batches=0, analysed_signatures=0, not_stored_young=0,
                           partly_held_computed=0)
@@ -394,6 +396,7 @@ class ActivationCache(Service):
         self.last_plan = None
         self.plans.clear()
         self._small_refused.clear()
+        self._other_operations.clear()
         self.state_changes.clear()
         self.extra_state.clear()
         self._modules_cache.clear()
@@ -593,6 +596,14 @@ class ActivationCache(Service):
                             "analysed again)")
             return out
         self._small_refused.discard((prefix, sig.digest))
+        if not plan.cacheable and OTHER_OPERATIONS in plan.reason:
+            # what the half ran may depend on what it holds (padding only in the second half): not final on one
+            tries = self._other_operations.get((prefix, sig.digest), 0) + 1
+            self._other_operations[(prefix, sig.digest)] = tries
+            if tries < OTHER_OPERATIONS_TRIES:
+                plan.reason += f" (found on {tries} batch{'es' if tries > 1 else ''}; the next is analysed again)"
+                return out
+            plan.reason += f" (found on {tries} batches of this signature)"
         self.plans[(prefix, sig.digest)] = plan
         if plan.cacheable:
             self._watch(prefix, result.state)
