@@ -1480,3 +1480,22 @@ def test_torch_func_transforms_of_a_cached_model_step_aside():
     assert fm.cache.steps_aside.get("inside a torch.func transform (vmap, grad...)", 0) >= 3
     with torch.no_grad():
         torch.testing.assert_close(fm(x), ref(x))
+
+
+def test_functional_call_of_trainable_weights_keeps_the_entries():
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        fm(x), fm(x)
+        entries = fm.cache.store.entries()
+        head = {"head.weight": torch.zeros(4, 16), "head.bias": torch.ones(4)}  # an EMA head, evaluated
+        torch.testing.assert_close(torch.func.functional_call(fm, head, (x,)), torch.ones(8, 4))
+        assert fm.cache.store.entries() == entries
+        hits = fm.cache.stats["hits"]
+        torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+        assert fm.cache.stats["hits"] == hits + 8
+        # the frozen prefix's own weights swapped in: nothing computed with the others is served
+        prefix = {"b.0.l.weight": torch.zeros(16, 16)}
+        expected = torch.func.functional_call(model, prefix, (x,))
+        torch.testing.assert_close(torch.func.functional_call(fm, prefix, (x,)), expected, rtol=0, atol=0)
+        torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)

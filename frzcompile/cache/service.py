@@ -338,6 +338,7 @@ class PrefixModules:
     guarded: dict      # path -> every module but those inside trainable units: hooks on them must see each call
     others: dict       # path -> module of the other units (prefix-only runs stop before them)
     state: PythonState  # the Python state of the guarded modules
+    token: tuple = ()  # the guarded modules, parameters and buffers, by identity (on_structure_change)
 
 
 class ActivationCache(Service):
@@ -386,7 +387,12 @@ class ActivationCache(Service):
         self.store.drop(lambda prefix: not set(prefix) <= frozen)
 
     def on_structure_change(self) -> None:
-        self.clear()
+        """Entries stay when every module a cached prefix guards, and its parameters and buffers, are the same
+        objects (torch.func.functional_call swapping the trainable units' weights in and out); else all go."""
+        cached = dict(self._modules_cache)
+        self._modules_cache.clear()
+        if any(self._modules(prefix).token != mods.token for prefix, mods in cached.items()):
+            self.clear()
 
     def on_tensors_moved(self) -> None:
         self.clear()  # cached tensors belong to the old device or dtype
@@ -490,9 +496,11 @@ class ActivationCache(Service):
             guarded = {path: m for path, m in self.model.named_modules() if id(m) not in trainable}
             others = {path: self.model.get_submodule(path) for u in units if u not in prefix
                       for path in self.unit_graph.paths(u)}
+            token = tuple((path, id(m), tuple(id(t) for _, t in m.named_parameters(recurse=False)),
+                           tuple(id(t) for _, t in m.named_buffers(recurse=False))) for path, m in guarded.items())
             cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others,
                                                                  PythonState(guarded.values(),
-                                                                             self.config.watch_data))
+                                                                             self.config.watch_data), token)
         return cached
 
     def _off_for_every_call(self, prefix) -> str:
