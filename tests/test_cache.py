@@ -1357,6 +1357,26 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
         assert fm.cache.stats["hits"] == 8 * (LIVE_BATCHES + 1)
 
 
+def test_a_small_data_set_is_checked_inside_the_run_once_served():
+    """Four distinct batches never reach 16 stored ones: once 16 were served whole, the check is made with the
+    few stored ones, and a prefix that only looked slow while analysed is turned off."""
+    from frzcompile.cache.service import LIVE_BATCHES
+
+    torch.manual_seed(0)
+    timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 4 else 0)  # slow only on the analysis' timed runs
+    model = nn.Sequential(timed, nn.Linear(4, 4))
+    batches = [torch.randn(8, 4) for _ in range(4)]
+    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
+    fm.freeze("0")
+    timed.reset()
+    with torch.no_grad():
+        for x in batches * 6:
+            torch.testing.assert_close(fm(x), model(x))
+    plan = fm.cache.last_plan
+    assert plan.live.stored_batches == 3 and plan.live.judged and not plan.cacheable
+    assert plan.reason.startswith("does not pay inside the run") and f"{LIVE_BATCHES} served" in plan.reason
+
+
 def test_the_in_run_cost_check_follows_a_deepening_prefix():
     """After the prefix deepens, its first epoch is served from the shallower level's entries with only the newly
     frozen units run: those batches count as stored for the deeper level's in-run check, computing the prefix

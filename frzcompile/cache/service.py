@@ -54,6 +54,7 @@ from .store import ActivationStore, CacheConfig, _describe, fingerprints, row_di
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
+MIN_LIVE_STORED = 2  # stored batches the check needs once LIVE_BATCHES were served (a small data set has few)
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
 OTHER_OPERATIONS_TRIES = 3  # batches of one signature analysed before "other operations on half" is final
@@ -995,13 +996,16 @@ class ActivationCache(Service):
         caching: a hot scratch store, a prefix-only run with its own overhead): when LIVE_BATCHES batches were
         stored, with the analysis' serving time, and again at twice and four times as many... while fewer were
         served (in a ResNet run, storing averaged 6x the analysis' figure over 151 batches after passing the
-        check at 16), and once as many were also served whole, with all three times from the run. A plan that
+        check at 16), and once as many were served whole, with all three times from the run (from as few as
+        MIN_LIVE_STORED stored batches: a data set of fewer than LIVE_BATCHES batches stores no more). A plan that
         does not pay is turned off and, when no other call signature uses its level, the level's entries are
         freed."""
         live = plan.live
-        if live.stored_batches < LIVE_BATCHES:
+        if live.served_batches >= LIVE_BATCHES and live.stored_batches < MIN_LIVE_STORED:
             return
         if live.served_batches < LIVE_BATCHES:
+            if live.stored_batches < LIVE_BATCHES:
+                return
             # before anything is served: the prefix's and the store's times inside the run with the analysis'
             # serving time (which, if anything, is too low): a level the policy supersedes within an epoch
             # would never reach the full check, and a prefix timed alone can take 3x what it takes in the run
