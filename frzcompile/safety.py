@@ -10,7 +10,10 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
      window before, nor while its mean over the last `span` steps is lower than over the `span` before by more
      than `settled` of its whole drop since the start (both beyond the noise of the per-step losses). A network
      still learning would lose what its frozen units had not learned yet; measured against the whole drop, the
-     last test does not depend on the loss's scale or offset.
+     last test does not depend on the loss's scale or offset. And these tests must have held for the last
+     `steady` steps (checked every `window // 2` steps): a loss that pauses on a plateau in the middle of
+     learning passes them for a few decisions before it falls again (a GRU on SST-2 froze its embedding in
+     such a pause and lost 3 points).
   2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
      steps pass between two freezes.
   3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and
@@ -60,10 +63,10 @@ def _beyond_noise(a, b) -> bool:
 class Safeguard:
     def __init__(self, min_gap: int = 30, min_drop: float = 0.1, max_fall: float = 0.03, window: int = 20,
                  watch: int = 40, tolerance: float = 0.05, backoff: int = 200, settled: float = 0.05,
-                 span: int = 100):
+                 span: int = 100, steady: int = 60):
         self.min_gap, self.min_drop, self.max_fall, self.window = int(min_gap), float(min_drop), float(max_fall), \
             int(window)
-        self.settled, self.span = float(settled), int(span)
+        self.settled, self.span, self.steady = float(settled), int(span), int(steady)
         self.watch, self.tolerance, self.backoff = int(watch), float(tolerance), int(backoff)
         self.reset()
 
@@ -78,7 +81,7 @@ class Safeguard:
     def __repr__(self):
         return (f"Safeguard(min_gap={self.min_gap}, min_drop={self.min_drop}, max_fall={self.max_fall}, "
                 f"window={self.window}, watch={self.watch}, tolerance={self.tolerance}, backoff={self.backoff}, "
-                f"settled={self.settled}, span={self.span})")
+                f"settled={self.settled}, span={self.span}, steady={self.steady})")
 
     # -- the loss, from the view -------------------------------------------------------------------------
     def _level(self, losses, end=None) -> float:
@@ -112,6 +115,18 @@ class Safeguard:
                            f"below the {self.span} before, {100 * fall / whole:.0f}% of its whole drop since the "
                            f"start (more than {100 * self.settled:.0f}%)")
         return True, ""
+
+    def learning_slowed_steadily(self, losses) -> tuple[bool, str]:
+        """`learning_started` now and on the loss history as it was every `window // 2` steps back to
+        `steady` steps ago."""
+        ok, why = self.learning_started(losses)
+        stride = max(self.window // 2, 1)
+        for back in range(stride, self.steady + 1, stride) if ok else ():
+            ok, then = self.learning_started(losses[:len(losses) - back])
+            if not ok:
+                return False, (f"the loss rules have held for fewer than {self.steady} steps ({back} steps ago: "
+                               f"{then})")
+        return ok, why
 
     # -- the rules -----------------------------------------------------------------------------------------
     def review(self, view, frozen: set):
@@ -156,7 +171,7 @@ class Safeguard:
             return self._hold(frozen, step, f"{self.min_gap} steps between freezes (last at step "
                                             f"{self.last_freeze})")
         losses = view.losses()
-        ok, why = self.learning_started(losses)
+        ok, why = self.learning_slowed_steadily(losses)
         if not ok:
             return self._hold(frozen, step, why)
         self.blocked = ""

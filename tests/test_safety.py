@@ -61,6 +61,21 @@ def test_no_freeze_while_the_loss_still_improves_slowly():
     assert flat and flat[0][1] == ("a",)
 
 
+def test_no_freeze_in_a_pause_in_the_middle_of_learning():
+    def curve(i):  # falls, pauses for 170 steps, falls again from step 370, then settles at step 550
+        noise = 0.01 * ((i * 7919) % 11 - 5) / 5
+        level = 2.0 * 0.995 ** min(i, 200)
+        return noise + (level if i < 370 else level * 0.99 ** (min(i, 550) - 370))
+
+    history, policy = run(LossView(curve), 800)
+    assert history and all(step >= 550 for step, _ in history), history
+    assert any("held for fewer than 60 steps" in e for _, e in policy.safeguard.events)
+    # rules that need not hold for a while freeze in the pause
+    hasty, _ = run(LossView(curve), 800, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
+                                                  safeguard=Safeguard(min_gap=30, steady=0)))
+    assert hasty and hasty[0][0] < 370
+
+
 def test_one_unit_per_decision_and_a_gap_between_freezes():
     history, policy = run(LossView(lambda i: 2.0 * 0.98 ** min(i, 100)), 10 * (WINDOW + 12))
     first = 10 * (WINDOW + 2)  # a full window, then three votes
