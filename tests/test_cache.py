@@ -1291,7 +1291,7 @@ def test_the_cost_check_times_warm_runs_and_counts_storing():
 
 
 def test_the_check_before_serving_is_made_again_as_stored_batches_double():
-    """A level that paid at its first 16 stored batches is checked again at 32, 64, 128 while nothing is served:
+    """A level that paid at its first 16 stored batches is checked again at 32, 64... while nothing is served:
     a prefix that costs 1 ms a call at first and nothing later (as storing grew dearer in a ResNet run) is
     turned off once the means say so, its entries freed."""
     from frzcompile.cache.service import LIVE_BATCHES
@@ -1299,7 +1299,7 @@ def test_the_check_before_serving_is_made_again_as_stored_batches_double():
     torch.manual_seed(0)
     timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 5 else 0.001 if n <= 5 + LIVE_BATCHES + 1 else 0)
     model = nn.Sequential(timed, nn.Linear(4, 4))
-    batches = [torch.randn(8, 4) for _ in range(8 * LIVE_BATCHES + 1)]
+    batches = [torch.randn(8, 4) for _ in range(16 * LIVE_BATCHES + 1)]
     fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=True)
     fm.freeze("0")
     timed.reset()
@@ -1311,7 +1311,7 @@ def test_the_check_before_serving_is_made_again_as_stored_batches_double():
         for x in batches[LIVE_BATCHES + 1:]:
             torch.testing.assert_close(fm(x), model(x))
     assert not plan.cacheable and plan.reason.startswith("does not pay inside the run")
-    assert plan.live.stored_batches in (2 * LIVE_BATCHES, 4 * LIVE_BATCHES, 8 * LIVE_BATCHES)
+    assert plan.live.stored_batches in (2 * LIVE_BATCHES, 4 * LIVE_BATCHES, 8 * LIVE_BATCHES, 16 * LIVE_BATCHES)
     assert f"first {plan.live.stored_batches} stored batches" in plan.reason and fm.cache.store.entries() == 0
 
 
@@ -1519,3 +1519,73 @@ def test_functional_call_of_trainable_weights_keeps_the_entries():
         expected = torch.func.functional_call(model, prefix, (x,))
         torch.testing.assert_close(torch.func.functional_call(fm, prefix, (x,)), expected, rtol=0, atol=0)
         torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+
+
+class _Extra(nn.Module):
+    """A unit handed a batch-wide tensor `n` (Hugging Face passes its `**kwargs` down to every layer), which it
+    ignores, reads, or returns beside its output."""
+
+    def __init__(self, use="ignore"):
+        super().__init__()
+        self.l, self.use = nn.Linear(16, 16), use
+
+    def forward(self, x, n=None):
+        y = torch.relu(self.l(x) * n if self.use == "read" else self.l(x))
+        return (y, n) if self.use == "return" else y
+
+
+@pytest.mark.parametrize("use", ["handed", "read inside", "added before", "taken as a number", "returned"])
+def test_a_batch_wide_argument_is_keyed_only_when_the_prefix_reads_it(use):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _Extra({"read inside": "read", "returned": "return"}.get(use, "ignore"))
+            self.b, self.head = _Extra(), nn.Linear(16, 4)
+
+        def forward(self, x, n):
+            if use == "added before":
+                x = x + n
+            if use == "taken as a number":  # a Python value taken from it before the prefix ends
+                x = x * n.item()
+            h = self.a(x, n=n)
+            if use == "returned":
+                h, m = h
+                x = x * m
+            return self.head(self.b(h, n=n)) / n  # read after the prefix: the real call computes this anyway
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    fm = frzcompile.optimize(M(), (x, torch.tensor(3.0)), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("a", "b")
+    with torch.no_grad():
+        for n in (1.0, 2.0, 3.0, 1.0):
+            n = torch.tensor(n)
+            torch.testing.assert_close(fm(x, n), _uncached(fm, x, n), rtol=0, atol=0)
+    plan = fm.cache.last_plan
+    assert plan.cacheable, plan.reason
+    keyed = use != "handed"
+    assert bool(plan.unread) != keyed
+    assert fm.cache.stats["hits"] == (8 if keyed else 24)  # keyed: only the last call repeats an earlier one
+
+
+def test_a_deeper_prefix_keeps_keying_what_its_served_shallower_units_read():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = _Extra("read"), _Extra(), nn.Linear(16, 4)
+
+        def forward(self, x, n):
+            return self.head(self.b(self.a(x, n=n), n=n))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    fm = frzcompile.optimize(M(), (x, torch.tensor(3.0)), policy="manual",
+                             cache=CacheConfig(check_cost=False, store_deeper_after=0))
+    fm.freeze("a")
+    with torch.no_grad():
+        fm(x, torch.tensor(1.0))
+        fm.freeze("a", "b")  # its analysis runs on a's entries: a's reading of n is not seen again
+        for n in (1.0, 2.0, 1.0, 2.0):
+            n = torch.tensor(n)
+            torch.testing.assert_close(fm(x, n), _uncached(fm, x, n), rtol=0, atol=0)
+    assert fm.cache.stats["reused_from_shallower"] == 8 and not fm.cache.last_plan.unread

@@ -76,6 +76,7 @@ class ProbeResult:
         self.problems: list = []        # why serving would not be faithful (empty: fine)
         self.state: list = []           # parameters and buffers read inside the prefix or before it ends
         self.random_between = False     # code before or between prefix calls drew random numbers
+        self.unread_args: set = set()   # positions of watched arguments nothing before the prefix's end reads
 
 
 class DataflowProbe(TorchFunctionMode):
@@ -99,6 +100,13 @@ class DataflowProbe(TorchFunctionMode):
         self.random_between = False   # whether code before or between prefix calls drew random numbers
         self._busy = False            # the probe's own bookkeeping is not the model's
         self.problems: list = []
+        self._arguments: dict = {}    # position -> serial of the call's arguments watched (watch_arguments)
+        self._read_inside: set = set()  # serials made outside the prefix and read by operations inside it
+
+    def watch_arguments(self, tensors: dict) -> None:
+        """Tensors the model is called with (position -> tensor): `result` says which of them nothing reads
+        before the prefix ends (not its calls, not code before or between them, not a Python value taken)."""
+        self._arguments = {position: self._serial(t) for position, t in tensors.items()}
 
     # -- tensor identities (ids are reused once a tensor dies, serials never are) --------------------------
     def _serial(self, t, new=False) -> int:
@@ -136,6 +144,7 @@ class DataflowProbe(TorchFunctionMode):
             if id(t) in self._state:
                 self._state_reads.append((-1 if inside else len(self._ops), t))
         if inside:
+            self._read_inside.update(s for s in (self._known(t) for t in inputs) if s is not None)
             if any(self._known(t) not in self._internal for t in changed):
                 name = getattr(func, "__name__", str(func))
                 self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
@@ -231,12 +240,27 @@ class DataflowProbe(TorchFunctionMode):
         if any(i < self._last_prefix_op for i in self._state_changed_early):
             res.problems.append("code running before the frozen prefix ends changes a parameter or buffer in "
                                 "place (e.g. a BatchNorm outside every unit), which prefix-only runs would repeat")
+        res.unread_args = {position for position, serial in self._arguments.items() if not self._reaches(serial)}
         seen = set()
         for i, t in self._state_reads:
             if (i < 0 or i < self._last_prefix_op) and id(t) not in seen:
                 seen.add(id(t))
                 res.state.append(t)
         return res
+
+
+    def _reaches(self, serial) -> bool:
+        """Whether `serial`, or anything computed from it before the prefix's last call returned, was read by an
+        operation inside a prefix call, returned by one, or read by an operation that returned a Python value or
+        changed a tensor in place (which may steer what runs next). Handed to a prefix call and never read there
+        (Hugging Face passes its `**kwargs` down to every layer) does not count."""
+        tainted = {serial}
+        for ins, outs, sink in self._ops[:self._last_prefix_op]:
+            if not tainted.isdisjoint(ins):
+                if sink:
+                    return True
+                tainted.update(outs)
+        return not tainted.isdisjoint(self._read_inside) or not tainted.isdisjoint(self._leaves)
 
 
 def _rng_state():

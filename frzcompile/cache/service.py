@@ -164,11 +164,16 @@ class Signature:
     digest: bytes
     unsupported: str = ""        # why these arguments cannot be keyed, if they cannot
     state: bytes = b""
+    unread: frozenset = frozenset()  # positions of arguments the prefix never reads (its plan's), left out of keys
     _shared: bytes | None = None
     _rows: list | None = field(default=None, compare=False, repr=False)  # row_digests, kept by with_state's copies
 
     def with_state(self, state: bytes) -> Signature:
         return dataclasses.replace(self, state=state, _shared=None)
+
+    def for_plan(self, plan) -> Signature:
+        """This signature keyed as `plan` keys it (without the arguments its prefix never reads)."""
+        return self if plan.unread == self.unread else dataclasses.replace(self, unread=plan.unread, _shared=None)
 
     def row_digests(self) -> list:
         """Per-sample digests of the batch arguments (computed once: a call is looked up at several levels)."""
@@ -203,12 +208,12 @@ class Signature:
         return [self.leaves[i] for i in positions]
 
     def shared_digest(self) -> bytes:
-        """The signature, the Python state and the contents of the arguments that are not per sample (computed
-        once)."""
+        """The signature, the Python state and the contents of the arguments that are not per sample and that the
+        prefix may read (computed once)."""
         if self._shared is None:
             h = hashlib.blake2b(self.digest + self.state, digest_size=16)
             for i, t in enumerate(self.leaves):
-                if isinstance(t, torch.Tensor) and i not in self.batch_leaves:
+                if isinstance(t, torch.Tensor) and i not in self.batch_leaves and i not in self.unread:
                     h.update(_describe(t))
             self._shared = h.digest()
         return self._shared
@@ -267,6 +272,8 @@ class CallPlan:
     store_ms: float = 0.0
     noise: float = 0.0
     batch: int = 0                           # the analysed batch's size (compute_ms, serve_ms and store_ms are for it)
+    unread: frozenset = frozenset()          # positions of tensor arguments, not per sample, that nothing reads before
+                                             # the prefix ends (HF Trainer's num_items_in_batch): not keyed
     live: LiveCost = field(default_factory=LiveCost)
 
     def stored(self):
@@ -472,7 +479,7 @@ class ActivationCache(Service):
         self.last_plan = plan
         if not plan.cacheable:
             return run(args, kwargs)
-        return self._serve(plan, sig, run, args, kwargs, start)
+        return self._serve(plan, sig.for_plan(plan), run, args, kwargs, start)
 
     def _too_small_to_analyse(self, prefix, sig) -> str:
         """Why this batch cannot be analysed, or ''. The analysis compares the batch with its halves: a batch of
@@ -574,6 +581,8 @@ class ActivationCache(Service):
         top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
         probe = DataflowProbe(state)
+        probe.watch_arguments({i: t for i, t in enumerate(sig.leaves)
+                               if isinstance(t, torch.Tensor) and i not in sig.batch_leaves})
         keys = self._keys(sig)
         shallower = self._shallower_cover(prefix, sig)
         served, real = None, ()
@@ -595,6 +604,8 @@ class ActivationCache(Service):
             result.problems.append(f"the forward sets attributes ({', '.join(changed)}) of the frozen prefix or "
                                    "the modules around it, which serving (or the cache's own runs) would not do alike")
         plan = self._analyse(prefix, sig, ic, result, args, kwargs)
+        if shallower is not None:  # its served calls ran nothing the probe could see read an argument
+            plan.unread &= shallower[0].unread
         plan.state = sig.state
         self.stats["analysed_signatures"] += 1
         self.last_plan = plan
@@ -623,7 +634,7 @@ class ActivationCache(Service):
             elif any(isinstance(m, FAST_PATH_MODULES) for top_module in top.values() for m in top_module.modules()):
                 pass  # under the probe (a TorchFunctionMode) their fused fast path steps aside: other last bits
             else:
-                self._store_outputs(plan, sig, ic.outputs, keys)
+                self._store_outputs(plan, sig.for_plan(plan), ic.outputs, self._keys(sig.for_plan(plan)))
         return out
 
     def _analyse(self, prefix, sig, ic, result, args, kwargs) -> CallPlan:
@@ -735,7 +746,7 @@ class ActivationCache(Service):
                     return no(f"an output of {key[0]} ({type(f).__name__}) depends on the batch in an unknown way")
             templates[key] = (spec, recipes)
         plan = CallPlan(prefix, True, "", calls, templates, sample_meta, shared_count, keep, compute_ms=compute_ms,
-                        noise=noise, batch=batch)
+                        noise=noise, batch=batch, unread=frozenset(result.unread_args))
         plan.serve_ms, plan.store_ms = self._serve_cost(plan, sig, first)
         costs = (f"{plan.compute_ms:.2f} ms to compute the frozen prefix, {plan.serve_ms:.2f} ms to serve a batch, "
                  f"{plan.store_ms:.2f} ms to store one")
@@ -1058,7 +1069,7 @@ class ActivationCache(Service):
             lvl = self.store.levels.get(shallower)
             if other is None or not other.cacheable or lvl is None:
                 continue
-            other_sig = sig.with_state(self._modules(shallower).state.digest())
+            other_sig = sig.with_state(self._modules(shallower).state.digest()).for_plan(other)
             if other.state != other_sig.state or lvl.weights_version != self._version(shallower):
                 continue
             if other.shared_count and other_sig.shared_digest() not in lvl.shared:
@@ -1211,7 +1222,7 @@ class ActivationCache(Service):
                 raise ConfigError(f"the current prefix is not cached: {plan.reason}")
             outputs, complete = self._prefix_run(prefix, plan.calls, args, kwargs, keep=plan.keep)
             if complete:
-                self._store_outputs(plan, sig, outputs, self._keys(sig))
+                self._store_outputs(plan, sig.for_plan(plan), outputs, self._keys(sig.for_plan(plan)))
             seen += sig.batch
         return seen
 
