@@ -67,6 +67,28 @@ class TrainingView:
     def numel(self, unit: str) -> int:
         return sum(p.numel() for p in self.parameters(unit))
 
+    def trained_indices(self, unit: str, k: int, seed: int):
+        """`k` sorted indices into the unit's flattened parameters (as `weight_samples` takes them), drawn among
+        the weights that train: in an nn.Embedding's table, the rows the current gradient touches (the tokens in
+        use; most rows of a large vocabulary hardly ever move and look converged from the start), every weight of
+        the other parameters. None when the unit holds no embedding table with a gradient now."""
+        tables = {id(m.weight) for m in self._fm.unit_graph.units[unit].modules if isinstance(m, torch.nn.Embedding)}
+        params = self.parameters(unit)
+        if not any(id(p) in tables and p.grad is not None for p in params):
+            return None
+        pool, start = [], 0
+        for p in params:
+            if id(p) in tables and p.grad is not None:
+                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                pool.append(start + torch.nonzero(grad.reshape(-1)).reshape(-1).cpu())
+            else:
+                pool.append(torch.arange(start, start + p.numel()))
+            start += p.numel()
+        pool = torch.cat(pool)
+        if len(pool) > k:
+            pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:k]]
+        return pool.sort().values
+
     def weight_samples(self, indices: dict) -> dict:
         """unit -> its parameters, flattened and concatenated, at fixed sorted `indices[unit]` (for snapshot-based
         policies such as SmartFRZ), as float32 CPU tensors. Gathers on the parameters' devices without copying the
@@ -231,7 +253,8 @@ class AutoFreeze(Policy):
 class SmartFRZ(Policy):
     """SmartFRZ (Li et al., ICLR 2023): an attention model over weight-snapshot windows decides per unit.
 
-    Every `interval` steps a fixed random sample of each trainable unit's weights is recorded; once a unit has a
+    Every `interval` steps a fixed random sample of each trainable unit's weights is recorded (in an embedding
+    table, drawn among the rows in use when the window starts: TrainingView.trained_indices); once a unit has a
     full window, the predictor (frzcompile.predictor, trained offline on real runs and shipped) gives the
     probability that it has converged. A unit is frozen after `votes` consecutive decisions above `threshold`
     (hysteresis against noisy flips); with `prefix_only` (default) only the front of the network freezes, as
@@ -303,6 +326,11 @@ class SmartFRZ(Policy):
         candidates = [u for u in view.freezable if u not in frozen and self._numel[u] >= self.min_weights]
         for u in set(self._snapshots) - set(candidates):
             del self._snapshots[u]
+        for u in candidates:
+            if u not in self._snapshots:  # a new window: an embedding's rows in use, when it has any
+                picked = view.trained_indices(u, len(self._indices[u]), seed=zlib.crc32(u.encode()))
+                if picked is not None and len(picked):
+                    self._indices[u] = picked
         for u, sample in view.weight_samples({u: self._indices[u] for u in candidates}).items():
             history = self._snapshots.setdefault(u, [])
             history.append(sample)
@@ -365,11 +393,13 @@ class SmartFRZ(Policy):
 
     def state_dict(self):
         return {"snapshots": {u: torch.stack(h) for u, h in self._snapshots.items() if h},
+                "indices": {u: self._indices[u] for u, h in self._snapshots.items() if h},  # (trained_indices)
                 "votes": dict(self._votes),
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
         self._snapshots = {u: list(h.unbind(0)) for u, h in state["snapshots"].items()}
+        self._indices.update(state.get("indices", {}))
         self._votes = dict(state["votes"])
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])

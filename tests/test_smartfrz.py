@@ -35,6 +35,9 @@ class SyntheticView:
     def numel(self, unit):
         return self.base[unit].numel()
 
+    def trained_indices(self, unit, k, seed):
+        return None  # no embedding tables
+
     def weight_samples(self, indices):
         out = {}
         for unit, idx in indices.items():
@@ -218,3 +221,35 @@ def test_features_ignore_weights_pruned_to_zero():
     torch.testing.assert_close(tokens_p, tokens, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scalars_p, scalars, rtol=1e-4, atol=1e-5)
     assert load_default().probability(pruned) == pytest.approx(load_default().probability(window[:, keep]), rel=1e-4)
+
+
+def test_an_embedding_is_sampled_among_the_rows_in_use():
+    """Most rows of a large vocabulary never move: sampled uniformly, an embedding trained from scratch looks
+    converged from the start (a GRU on SST-2 froze its embedding early and lost 2-3 points). The window is drawn
+    among the rows the gradient touches when it starts, the other parameters whole; it travels in the state."""
+    class TextClf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5000, 16)
+            self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, ids):
+            return self.head(self.body(self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    model = TextClf()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 40, (8, 12))  # 40 tokens of 5000 in use
+    fm = frzcompile.optimize(model, (ids,), optimizer=opt)
+    for _ in range(10):
+        nn.functional.cross_entropy(fm(ids), torch.randint(0, 2, (8,))).backward()
+        opt.step()
+        opt.zero_grad()
+    picked = fm.policy._indices["emb"]
+    assert len(picked) == SAMPLE_SIZE and bool((picked < 40 * 16).all())  # rows 0-39 of the flattened table
+    assert fm._view.trained_indices("body", SAMPLE_SIZE, seed=0) is None  # no embedding: the fixed sample stays
+    fresh = SmartFRZ()
+    fresh.bind(fm._view)
+    fresh.load_state_dict(fm.policy.state_dict())
+    assert torch.equal(fresh._indices["emb"], picked)
