@@ -448,10 +448,8 @@ class ActivationCache(Service):
             if refused is not None and not refused.cacheable:  # final for this signature: nothing more to read
                 self.last_plan = refused
                 return run(args, kwargs)
-            why = self._step_aside(prefix, flat[0])
-        if not why:
-            why = sig.unsupported or ("an empty batch" if sig.batch == 0 else
-                                      "" if sig.batch else "no batched tensor argument")
+            why = sig.unsupported or ("an empty batch" if sig.batch == 0 else "" if sig.batch else
+                                      "no batched tensor argument") or self._step_aside(prefix, flat[0])
         if not why:
             sig = sig.with_state(self._modules(prefix).state.digest())
         if not why and (prefix, sig.digest) not in self.plans and sum(
