@@ -1522,6 +1522,11 @@ def test_functional_call_of_trainable_weights_keeps_the_entries():
         torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
 
 
+@torch.fx.wrap
+def _doubled_if_large(x):
+    return x * 2 if bool(x.sum() > 1e6) else x  # a branch on the batch's values
+
+
 class _Extra(nn.Module):
     """A unit handed a batch-wide tensor `n` (Hugging Face passes its `**kwargs` down to every layer), which it
     ignores, reads, or returns beside its output."""
@@ -1535,7 +1540,8 @@ class _Extra(nn.Module):
         return (y, n) if self.use == "return" else y
 
 
-@pytest.mark.parametrize("use", ["handed", "read inside", "added before", "taken as a number", "returned"])
+@pytest.mark.parametrize("use", ["handed", "read inside", "added before", "taken as a number", "returned",
+                                 "steered by the batch"])
 def test_a_batch_wide_argument_is_keyed_only_when_the_prefix_reads_it(use):
     class M(nn.Module):
         def __init__(self):
@@ -1548,6 +1554,8 @@ def test_a_batch_wide_argument_is_keyed_only_when_the_prefix_reads_it(use):
                 x = x + n
             if use == "taken as a number":  # a Python value taken from it before the prefix ends
                 x = x * n.item()
+            if use == "steered by the batch":  # another call could take the other branch, and read n
+                x = _doubled_if_large(x)
             h = self.a(x, n=n)
             if use == "returned":
                 h, m = h

@@ -101,12 +101,16 @@ class DataflowProbe(TorchFunctionMode):
         self._busy = False            # the probe's own bookkeeping is not the model's
         self.problems: list = []
         self._arguments: dict = {}    # position -> serial of the call's arguments watched (watch_arguments)
+        self._call_serials: set = set()  # serials of all the call's tensor arguments
         self._read_inside: set = set()  # serials made outside the prefix and read by operations inside it
 
-    def watch_arguments(self, tensors: dict) -> None:
-        """Tensors the model is called with (position -> tensor): `result` says which of them nothing reads
-        before the prefix ends (not its calls, not code before or between them, not a Python value taken)."""
+    def watch_arguments(self, tensors: dict, others=()) -> None:
+        """Tensors the model is called with (position -> tensor), and the call's `others`: `result` says which of
+        `tensors` nothing reads before the prefix ends (not its calls, not code before or between them, not a
+        Python value taken), and none when a Python value taken from any argument before then may steer the
+        code (another call could then read what this one did not)."""
         self._arguments = {position: self._serial(t) for position, t in tensors.items()}
+        self._call_serials = {self._serial(t) for t in others} | set(self._arguments.values())
 
     # -- tensor identities (ids are reused once a tensor dies, serials never are) --------------------------
     def _serial(self, t, new=False) -> int:
@@ -240,7 +244,8 @@ class DataflowProbe(TorchFunctionMode):
         if any(i < self._last_prefix_op for i in self._state_changed_early):
             res.problems.append("code running before the frozen prefix ends changes a parameter or buffer in "
                                 "place (e.g. a BatchNorm outside every unit), which prefix-only runs would repeat")
-        res.unread_args = {position for position, serial in self._arguments.items() if not self._reaches(serial)}
+        if not self._steered():
+            res.unread_args = {position for position, serial in self._arguments.items() if not self._reaches(serial)}
         seen = set()
         for i, t in self._state_reads:
             if (i < 0 or i < self._last_prefix_op) and id(t) not in seen:
@@ -248,6 +253,17 @@ class DataflowProbe(TorchFunctionMode):
                 res.state.append(t)
         return res
 
+    def _steered(self) -> bool:
+        """Whether an operation before the prefix's last call returned took a Python value from, or changed in
+        place, anything computed from the call's arguments (data-dependent control flow may read other
+        arguments on another call)."""
+        tainted = set(self._call_serials)
+        for ins, outs, sink in self._ops[:self._last_prefix_op]:
+            if not tainted.isdisjoint(ins):
+                if sink:
+                    return True
+                tainted.update(outs)
+        return False
 
     def _reaches(self, serial) -> bool:
         """Whether `serial`, or anything computed from it before the prefix's last call returned, was read by an
