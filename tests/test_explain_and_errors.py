@@ -164,7 +164,8 @@ def test_import_is_lean():
     code = (
         "import sys, torch; before = torch.get_default_dtype(), torch.is_grad_enabled(); import frzcompile;"
         "assert 'triton' not in sys.modules, 'triton imported';"
-        "libs = [m for m in ('transformers', 'lightning', 'accelerate', 'frzcompile.integrations', 'networkx')"
+        "libs = [m for m in ('transformers', 'lightning', 'accelerate', 'frzcompile.integrations', 'networkx',"
+        "                    'torch._dynamo')"
         "        if m in sys.modules];"
         "assert not libs, f'imported {libs}';"
         "assert not torch.cuda.is_initialized(), 'cuda initialized';"

@@ -61,9 +61,13 @@ class LossSignal:
         self.kind = None                            # the source of the last step's value
         self.enabled = True                         # False: nothing is read (no policy uses the loss)
 
-    @torch.compiler.disable  # under torch.compile(fm) it runs on the real output, between the compiled graphs
     def observe_output(self, out) -> None:
         """A training call returned `out`: keep its loss, or hook its main output's gradient."""
+        if torch.compiler.is_compiling():  # torch.compile(fm): read the real output, between Dynamo's graphs
+            return torch.compiler.disable(self._observe_output)(out)  # (not at import: it imports Dynamo)
+        return self._observe_output(out)
+
+    def _observe_output(self, out) -> None:
         if not self.enabled or self.kind == "observed":  # only observe_loss's values are read from now on
             return
         loss = _returned_loss(out)
