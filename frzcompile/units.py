@@ -34,24 +34,23 @@ def _is_composite(m: nn.Module) -> bool:
     return any(_has_params(c) for c in m.children())
 
 
-def _is_block_container(m: nn.Module) -> bool:
+def _is_block_container(m: nn.Module, deep_blocks: bool = False) -> bool:
     """A container of repeated blocks: at least two parameterized children of one type that are blocks
-    themselves (`nn.Sequential(Linear, GELU, Linear)` is a block's MLP, not a container of blocks)."""
+    themselves (`nn.Sequential(Linear, GELU, Linear)` is a block's MLP, not a container of blocks). With
+    `deep_blocks`, blocks that hold blocks of their own and are no container (ConvNeXt's CNBlock; not a
+    Conv-BN-activation layer, MobileNet's Sequential or Hugging Face ResNet's module, nor an expert or a head)."""
     if not isinstance(m, _CONTAINERS):
         return False
-    kinds = [type(c) for c in m.children() if _has_params(c) and _is_composite(c)]
+    kinds = [type(c) for c in m.children() if _has_params(c) and _is_composite(c) and (
+        not deep_blocks or (not isinstance(c, _CONTAINERS) and any(_is_composite(g) for g in c.children())))]
     return any(kinds.count(k) >= 2 for k in set(kinds))
 
 
 def _is_stage(m: nn.Module) -> bool:
-    """A container of repeated blocks that have a forward of their own (not Conv-BN-activation Sequentials, as
-    inside a MobileNet block), or a module holding one as a child beside other parts (a stage's downsampling)."""
-    def repeats_blocks(c):
-        kinds = [type(b) for b in c.children() if _has_params(b) and _is_composite(b)
-                 and not isinstance(b, _CONTAINERS)]
-        return isinstance(c, _CONTAINERS) and any(kinds.count(k) >= 2 for k in set(kinds))
-
-    return repeats_blocks(m) or any(repeats_blocks(c) for c in m.children())
+    """A container of repeated deep blocks, or a module holding one as a child beside other parts (a stage and
+    its downsampling): its blocks are the units."""
+    return _is_block_container(m, deep_blocks=True) or any(_is_block_container(c, deep_blocks=True)
+                                                           for c in m.children())
 
 
 def _is_layer_stack(m: nn.Module) -> bool:
@@ -78,12 +77,12 @@ def auto_units(model: nn.Module) -> list[str]:
     at the first."""
     units, seen = [], set()
 
-    def visit(path: str, m: nn.Module, depth: int, block: bool):
+    def visit(path: str, m: nn.Module, depth: int, block: bool, in_stage: bool = False):
         if id(m) in seen:
             return
         seen.add(id(m))
         if block:  # a block of a container is a unit, unless it is a stage of repeated blocks (a ConvNeXt or
-            expand = _is_stage(m)  # Swin stage, a DenseNet dense block): those blocks are the units
+            expand = not in_stage and _is_stage(m)  # Swin stage): those blocks are the units, never opened
         else:
             parts = [c for c in m.children() if _has_params(c)]
             wrapper = (depth == 1 and not isinstance(m, _CONTAINERS) and len(parts) >= 2
@@ -96,7 +95,7 @@ def auto_units(model: nn.Module) -> list[str]:
             container = _is_block_container(m)
             for name, child in m.named_children():
                 if _has_params(child):
-                    visit(f"{path}.{name}" if path else name, child, depth + 1, container)
+                    visit(f"{path}.{name}" if path else name, child, depth + 1, container, in_stage or block)
             return
         units.append(path)
 

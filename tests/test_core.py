@@ -204,6 +204,24 @@ def test_auto_units_open_stages_layer_stacks_and_encoders_with_parameters():
 
     mobilenet = nn.Sequential(nn.Sequential(InvertedResidual(), InvertedResidual()), nn.Linear(4, 2))
     assert auto_units(mobilenet) == ["0.0", "0.1", "1"]
+
+    class ConvLayer(nn.Module):  # Hugging Face ResNet: a Conv-BN-activation module of its own
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    class BasicLayer(nn.Module):  # a residual block of two such layers: a unit, never opened
+        def __init__(self):
+            super().__init__()
+            self.shortcut, self.layer = ConvLayer(), nn.Sequential(ConvLayer(), ConvLayer())
+
+    class Stage(nn.Module):  # a stage of two blocks: opened to them
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(BasicLayer(), BasicLayer())
+
+    hf_resnet = nn.Sequential(nn.ModuleList([Stage(), Stage()]), nn.Linear(4, 2))
+    assert auto_units(hf_resnet) == ["0.0.layers.0", "0.0.layers.1", "0.1.layers.0", "0.1.layers.1", "1"]
     assert auto_units(Staged()) == ["features.0", "features.1.0", "features.1.1", "features.2", "features.3.0",
                                     "features.3.1", "head"]
     assert auto_units(ViT()) == ["proj", "encoder.layers.0", "encoder.layers.1", "encoder.ln", "heads"]
