@@ -1523,6 +1523,21 @@ def test_functional_call_of_trainable_weights_keeps_the_entries():
 
 
 @torch.fx.wrap
+def _centred_if_large(x):
+    return x - x.mean(0) if x.shape[0] > 4 else x  # other operations on the half batch, and mixing on the whole
+
+
+def test_other_operations_on_half_the_batch_that_mix_samples_are_refused_at_once():
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](_centred_if_large(m.b[0](x))))),
+                          ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), _uncached(fm, x))
+    plan, = fm.cache.plans.values()  # the refusal is kept: no other batch is analysed
+    assert not plan.cacheable and "mixes samples" in plan.reason and "analysed again" not in plan.reason
+
+
+@torch.fx.wrap
 def _doubled_if_large(x):
     return x * 2 if bool(x.sum() > 1e6) else x  # a branch on the batch's values
 

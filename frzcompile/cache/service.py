@@ -622,6 +622,7 @@ class ActivationCache(Service):
                 plan.reason += f" (found on {tries} batch{'es' if tries > 1 else ''}; the next is analysed again)"
                 return out
             plan.reason += f" (found on {tries} batches of this signature)"
+        self._other_operations.pop((prefix, sig.digest), None)
         self.plans[(prefix, sig.digest)] = plan
         if plan.cacheable:
             self._watch(prefix, result.state)
@@ -688,8 +689,8 @@ class ActivationCache(Service):
             mixing = batch_mixing(recorders[2].ops, recorders[0].ops)
         except Exception as exc:  # noqa: BLE001 -- an operation the check cannot read: do not cache
             mixing = f"(the operation check could not read an operation: {type(exc).__name__}: {exc})"[:300]
-        if mixing:
-            return no(f"the frozen prefix mixes samples across the batch: {mixing}")
+        if mixing and mixing != OTHER_OPERATIONS:  # (other operations: refused below unless the outputs show
+            return no(f"the frozen prefix mixes samples across the batch: {mixing}")  # mixing first: final)
         noise = 0.0  # of the prefix run twice on the same batch: the tolerance of every comparison below
         for key, i in result.needed:
             a, b = tree_flatten(again[key])[0][i], tree_flatten(first[key])[0][i]
@@ -743,6 +744,8 @@ class ActivationCache(Service):
                 else:
                     return no(f"an output of {key[0]} ({type(f).__name__}) depends on the batch in an unknown way")
             templates[key] = (spec, recipes)
+        if mixing:  # the halves' outputs agree with the batch's rows: may be content-dependent code (retried)
+            return no(f"the frozen prefix mixes samples across the batch: {mixing}")
         plan = CallPlan(prefix, True, "", calls, templates, sample_meta, shared_count, keep, compute_ms=compute_ms,
                         noise=noise, batch=batch, unread=frozenset(result.unread_args))
         plan.serve_ms, plan.store_ms = self._serve_cost(plan, sig, first)
