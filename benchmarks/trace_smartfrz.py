@@ -5,7 +5,7 @@
 Trains one recipe of frzcompile.predictor.collect (the predictor's source runs) with nothing frozen and, every
 5 steps, records the shipped predictor's probability for every unit it would judge, from windows of WINDOW
 snapshots taken every 10 steps (the policy's default interval) and every 5 steps (a window half as long), and
-the safety rules' verdict on the loss so far (`Safeguard.learning_started`: "ok", or the first words of why a
+the safety rules' verdict on the loss so far (`Safeguard.learning_slowed_steadily`: "ok", or the first words of why a
 freeze would be held back). A diagnostic, not a timing: it shows which of the two holds a freeze back when.
 Writes `trace_<family>_seed<S>.json` (rows of step, learning rate, mean loss of the last 10 steps, verdict,
 probabilities) and prints every 20th step.
@@ -40,7 +40,7 @@ def trace(family: str, seed: int, root=None) -> dict:
         if step % min(INTERVALS):
             continue
         sample = view.weight_samples(indices)
-        ok, why = rules.learning_started(losses)  # the "manual" policy reads no loss: the rules get ours
+        ok, why = rules.learning_slowed_steadily(losses)  # the "manual" policy reads no loss: the rules get ours
         row = {"step": step, "lr": opt.param_groups[0]["lr"], "loss": sum(losses[-10:]) / len(losses[-10:]),
                "rules": "ok" if ok else why.split(":")[0]}
         for interval in INTERVALS:

@@ -2,7 +2,6 @@
 FrozenModule."""
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 
@@ -70,8 +69,7 @@ def optimize(
         raise ConfigError("optimize() takes the model itself, not a DistributedDataParallel wrapper (accelerate's "
                           "prepare() makes one on several processes): optimize the model first (or its .module), "
                           "then wrap it with frzcompile.integrations.ddp.DistributedDataParallel")
-    dynamo = sys.modules.get("torch._dynamo")  # (loaded by torch.compile; not imported here for a check)
-    if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):
+    if torch_private.compiled_wrapper(model):
         raise ConfigError("optimize() takes the model itself, not torch.compile's wrapper of it: pass the uncompiled "
                           "model (`compiled._orig_mod`) with compile=True, or compile the FrozenModule optimize() "
                           "returns")

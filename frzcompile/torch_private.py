@@ -7,6 +7,7 @@ Inductor are imported inside the functions that need them, so `import frzcompile
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import OrderedDict
 
 import torch
@@ -46,6 +47,13 @@ def inside_func_transform() -> bool:
     """Whether this code runs inside a torch.func transform (vmap, grad, jacrev...): tensors it sees, the model's
     parameters swapped in by `functional_call` included, may be wrapped, without storage of their own."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def compiled_wrapper(model) -> bool:
+    """Whether `model` is torch.compile's OptimizedModule wrapper (Dynamo is not imported to tell: a model
+    compiled was compiled after it was imported)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
 
 
 def forked_rng():

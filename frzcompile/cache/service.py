@@ -54,7 +54,7 @@ from .store import ActivationStore, CacheConfig, _describe, fingerprints, row_di
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
-MIN_LIVE_STORED = 2  # stored batches the check needs once LIVE_BATCHES were served (a small data set has few)
+MIN_LIVE_STORED = 3  # stored batches the check needs once LIVE_BATCHES were served (a small data set has few)
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
 OTHER_OPERATIONS_TRIES = 3  # batches of one signature analysed before "other operations on half" is final
