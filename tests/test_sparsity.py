@@ -401,3 +401,53 @@ def test_ops_named_by_the_user_are_masked_too():
     assert sparsify_stats(fm)["masked_uses"] == 3
     for n, t in fm.sparsity.targets.items():
         assert torch.all(t.weight.grad[~t.mask] == 0) and int((~t.mask).sum()) == t.mask.numel() // 2, n
+
+
+def test_a_freeze_before_the_ticket_or_of_every_masked_unit_does_not_stop_training():
+    """Freezing a masked unit changes which tensors the early-bird draws cover (its comparison starts again),
+    and with every masked unit frozen there is nothing to draw, prune or grow (both crashed inside opt.step())."""
+    model, x, y = mlp_case()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # every drawn mask is the same
+    cfg = SparsityConfig(0.5, early_bird=EarlyBirdConfig(interval=2, fifo=3, threshold=0.1))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=cfg)
+    for step in range(1, 15):
+        if step == 3:
+            fm.freeze(fm.units[0])
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    eb = fm.sparsity.report()["early_bird"]
+    assert eb["found"] and eb["found_at"] == 8  # three draws over the units still training, from step 4 on
+    for source in ("mest", "rigl"):
+        model, x, y = mlp_case()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", total_steps=20,
+                                 sparsity=SparsityConfig(0.5, source=source, update_interval=2))
+        fm.freeze(*fm.units[:-1])
+        for _ in range(6):
+            nn.functional.cross_entropy(fm(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        assert fm.sparsity.updates == 0
+
+
+def test_a_masked_weight_made_trainable_by_hand_gets_masked_gradients():
+    model, x, y = cnn_case()
+    target = model.features[1][0].weight
+    target.requires_grad_(False)  # frozen by hand before optimize(), trained later
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual", sparsity=0.8)
+    ref = masked_reference(model, fm)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for step in range(4):
+        if step == 1:
+            target.requires_grad_(True)
+            ref.features[1][0].parametrizations.weight.original.requires_grad_(True)
+        for m, o in ((fm, opt), (ref, ref_opt)):
+            nn.functional.cross_entropy(m(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)  # reads every gradient, masked ones included
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
+    mask = fm.sparsity.targets["features.1.0.weight"].mask
+    assert not opt.state[target]["momentum_buffer"][~mask].any()

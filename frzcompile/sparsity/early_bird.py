@@ -32,7 +32,10 @@ class EarlyBird:
         self.last_distances = []
 
     def observe(self, masks, step=None) -> bool:
-        """Record one set of masks; returns `found`. `found_at` is `step` if given, else the observation count."""
+        """Record one set of masks; returns `found`. `found_at` is `step` if given, else the observation count.
+        Masks over other tensors than the last ones (a unit froze or thawed) start the comparison anew."""
+        if self._masks and set(self._masks[-1]) != set(masks):
+            self._masks.clear()
         self._masks.append({k: m.detach().to(torch.bool, copy=True) for k, m in masks.items()})
         self.observations += 1
         newest = self._masks[-1]

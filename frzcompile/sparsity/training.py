@@ -289,6 +289,8 @@ class SparseTraining(Service):
     # -- hook points (see frzcompile.runtime.services) ---------------------------------------------------
     def call(self, run, args, kwargs):
         self._record_dense = torch.is_grad_enabled() and self.wants_dense_grads(self.step)
+        if torch.is_grad_enabled():
+            self._hook_gradients()  # a masked weight made trainable by hand since (a no-op for the hooked ones)
         return run(args, kwargs)
 
     def on_plan(self, change, analysis) -> None:
@@ -302,6 +304,17 @@ class SparseTraining(Service):
             for name in dict.fromkeys(analysis().decisions.get("block_sparse", ())):
                 if name not in self.routes:
                     self._route(name)
+
+    def before_optimizer_step(self, optimizer) -> None:
+        """A masked weight that got its gradient without the hook (made trainable by hand between a call and its
+        backward, or outside fm's calls) has it masked now, and is hooked from here on."""
+        unhooked = [(n, t) for n, t in self.trainable().items() if t.weight.grad is not None and
+                    (self._grad_hooks.get(n) is None or self._grad_hooks[n][0] is not t.weight)]
+        with torch.no_grad():
+            for _, t in unhooked:
+                t.weight.grad.mul_(t.mask)
+        if unhooked:
+            self._hook_gradients()
 
     def on_optimizer_step(self, optimizer) -> None:
         self.enforce()  # whichever optimizer stepped, masked weights are zero again
@@ -502,7 +515,7 @@ class SparseTraining(Service):
             if not self.early_bird.found:
                 eb = cfg.early_bird
                 drawn = self._draw(cfg.sparsity, structure=eb.structure or cfg.structure)
-                if self.early_bird.observe(drawn, step=step):
+                if drawn and self.early_bird.observe(drawn, step=step):  # (nothing to draw: every unit frozen)
                     self._set_masks(drawn)
                     self._updated(step)
         elif cfg.source == "magnitude" and cfg.schedule == "gradual":
@@ -514,6 +527,8 @@ class SparseTraining(Service):
         elif cfg.source in GROW_METHODS and self._updating(step):
             fraction = update_fraction(step, math.ceil(cfg.update_until * self.total_steps), cfg.update_fraction)
             targets = self.trainable()
+            if not targets:
+                return  # every masked unit is frozen: nothing to prune or grow
             if cfg.source == "rigl":
                 missing = set(targets) - set(dense_grads or {})
                 if missing:
