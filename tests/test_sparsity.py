@@ -301,6 +301,21 @@ def test_bad_sparsity_configs_raise_clearly():
     with pytest.raises(ValueError, match=r"exclude= names not found.*1\.weigth"):
         frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual",
                             sparsity=SparsityConfig(0.5, exclude=("1.weigth",)))
+    with pytest.raises(ValueError, match="bool tensor, or of 0s and 1s"):  # scores, not a mask
+        SparsityConfig(source="user", masks={"1.weight": torch.full((48, 48), 0.3)})
+    with pytest.raises(TypeError, match="takes a dict"):
+        SparsityConfig(source="user", masks=[torch.ones(2, 2)])
+    with pytest.raises(ValueError, match=r"a list of names, not the string 'fc1': pass \['fc1'\]"):
+        SparsityConfig(0.5, exclude="fc1")
+    with pytest.raises(ValueError, match="block must be"):
+        SparsityConfig(0.5, structure="block", block=4)
+    with pytest.raises(TypeError, match="early_bird= takes True or"):
+        SparsityConfig(0.5, early_bird=5)
+    with pytest.raises(ValueError, match="threshold must be"):
+        EarlyBirdConfig(threshold="a")
+    with pytest.warns(UserWarning, match="every weight of 1.weight, 3.weight, 5.weight is masked"):
+        frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual",
+                            sparsity=SparsityConfig(0.8, structure="block", block=(100, 100), scope="layer"))
     # exclude= takes module paths, as include= does
     fm = frzcompile.optimize(copy.deepcopy(model), (x,), policy="manual", sparsity=SparsityConfig(0.5, exclude=("1",)))
     assert "1.weight" not in fm.sparsity.targets and "3.weight" in fm.sparsity.targets

@@ -22,7 +22,7 @@ class EarlyBird:
     def __init__(self, fifo=5, threshold=0.1):
         if not isinstance(fifo, int) or fifo < 2:
             raise ConfigError(f"fifo must be an int >= 2 (the newest masks are compared with older ones), got {fifo!r}")
-        if not 0 < threshold <= 1:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}")
         self.fifo, self.threshold = fifo, threshold
         self._masks = deque(maxlen=fifo)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -121,6 +122,26 @@ class SparsityConfig:
                              "'unstructured'")
         if self.early_bird is True:
             self.early_bird = EarlyBirdConfig()
+        if self.early_bird is False:
+            self.early_bird = None
+        if self.early_bird is not None and not isinstance(self.early_bird, EarlyBirdConfig):
+            raise ConfigError(f"early_bird= takes True or a frzcompile.EarlyBirdConfig(interval=..., fifo=..., "
+                              f"threshold=...), not {self.early_bird!r}")
+        for name in ("include", "exclude"):
+            if isinstance(getattr(self, name), str):
+                raise ConfigError(f"SparsityConfig.{name} takes a list of names, not the string "
+                                  f"{getattr(self, name)!r}: pass [{getattr(self, name)!r}]")
+        if not (isinstance(self.block, (tuple, list)) and len(self.block) == 2
+                and all(isinstance(b, int) and b >= 1 for b in self.block)):
+            raise ConfigError(f"SparsityConfig.block must be (rows, columns) of positive ints, got {self.block!r}")
+        if self.masks is not None and not isinstance(self.masks, dict):
+            raise ConfigError(f"masks= takes a dict of parameter name -> bool tensor, not {type(self.masks).__name__}")
+        if self.masks:
+            for name, mask in self.masks.items():
+                if not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and not bool(
+                        ((mask == 0) | (mask == 1)).all())):  # (torch.nn.utils.prune's masks are 0/1 floats)
+                    raise ConfigError(f"masks[{name!r}] must be a bool tensor, or of 0s and 1s (1 keeps a weight), "
+                                      f"not {type(mask).__name__ if not isinstance(mask, torch.Tensor) else 'scores'}")
         if self.early_bird and self.source != "magnitude":
             raise ConfigError("early_bird draws magnitude masks: use it with source='magnitude'")
         if self.early_bird and self.schedule != "oneshot":
@@ -454,6 +475,12 @@ class SparseTraining(Service):
 
     @torch.no_grad()
     def _set_masks(self, new: dict, grown: dict | None = None) -> None:
+        emptied = [name for name, mask in new.items() if mask.numel() and not mask.any()]
+        if emptied:
+            warnings.warn(f"sparsity: every weight of {', '.join(emptied)} is masked, so what follows it no longer "
+                          "depends on its input (a block or channel structure coarser than the layer, or a global "
+                          "target that empties it): use smaller blocks, scope='layer' or a lower sparsity",
+                          stacklevel=2)
         for name, mask in new.items():
             t = self.targets[name]
             t.mask.copy_(mask.to(t.mask.device))
