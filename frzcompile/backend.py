@@ -265,7 +265,7 @@ def frzcompile_backend(gm: fx.GraphModule, example_inputs, options=None, mode: s
     torch_private.restore_dynamo_sources(gm, sources)
     record = GraphCompile(
         compile_id=f"{frame}/{attempt}", frame=frame, attempt=attempt, params=params, frozen=frozen,
-        modes=modes, region_nodes=len(region),
+        modes=modes, region_nodes=ctx.stats.get("freeze", {}).get("region_nodes", len(region)),
         passes=[(r.label, r.seconds) for r in ctx.records[1:]], inner=config.inner,
         plan=plan, created=time.monotonic_ns(), gm=gm,
     )

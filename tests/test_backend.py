@@ -253,3 +253,58 @@ def test_torch_compile_of_the_frozen_module_keeps_the_loss_signal():
         losses[compiled] = fm.losses()
     assert None not in losses[True]  # the gradient proxy, read outside the compiled graphs
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("random", [True, False])
+def test_random_draws_keep_eagers_order_and_views_can_be_changed_in_place(random):
+    """The no-grad region of frozen work is left unfused when it would move a random draw (a dropout on the
+    frozen output) past one outside it; a view it returns can be changed in place with grad on."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+            self.pos = nn.Parameter(torch.randn(16))
+
+        def forward(self, x):
+            h, a = self.emb(x), x
+            if random:
+                h = nn.functional.dropout(h, 0.5, self.training)  # drawn first in eager
+                a = nn.functional.dropout(x, 0.5, self.training)  # drawn second
+            h = (h * 2.0).t().t()  # a view of the frozen work
+            h += self.pos          # changed in place, with grad on
+            return self.head(self.mid(h) + self.mid(a.repeat(1, 2)))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(5, 8)
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.emb.requires_grad_(False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})
+    torch.manual_seed(3)
+    out = compiled(x)
+    torch.manual_seed(3)
+    expected = ref(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(model.pos.grad, ref.pos.grad, rtol=0, atol=0)
+    region = [g["region_nodes"] for g in frzcompile.explain(compiled).graphs]
+    assert region == [0] if random else region[0] > 0  # left unfused where it would move a random draw
+
+
+def test_a_frozen_parameter_made_trainable_by_hand_trains_under_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    fm = frzcompile.optimize(model, (x,), policy="manual", compile=frzcompile.CompileConfig(inner="aot_eager"))
+    fm.freeze("0")
+    fm(x).sum().backward()
+    model[0].weight.requires_grad_(True)  # by hand: it trains, as it would (the plan still holds the unit)
+    ref[0].bias.requires_grad_(False)
+    fm(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad)
+    assert model[0].bias.grad is None

@@ -31,7 +31,7 @@ class CompiledExecutor:
         self._compiled: OrderedDict = OrderedDict()
 
     def __call__(self, args, kwargs, frozen: frozenset, frozen_names: list):
-        key = (frozen, self.model.training, torch_private.hook_ids(self.model.modules()))
+        key = (frozen, self.model.training, torch_private.hook_ids(self.model.modules()), tuple(frozen_names))
         compiled = self._compiled.get(key)
         if compiled is not None:
             self._compiled.move_to_end(key)

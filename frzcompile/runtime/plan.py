@@ -175,11 +175,12 @@ class FreezePlan:
                      for t in self.state_tensors(prefix, extra))
 
     def frozen_param_names(self, model) -> list:
-        """Names of the frozen parameters (computed once per plan)."""
+        """Names of the frozen parameters (looked up once per plan), but for one the user made require grad
+        again by hand (it trains, as it would)."""
         if self._param_names is None or self._param_names[0] != self.frozen:
             names = {id(p): n for n, p in model.named_parameters()}
-            self._param_names = (self.frozen, [names[id(p)] for p in self.frozen_params() if id(p) in names])
-        return self._param_names[1]
+            self._param_names = (self.frozen, [(names[id(p)], p) for p in self.frozen_params() if id(p) in names])
+        return [n for n, p in self._param_names[1] if not p.requires_grad]
 
     def drop_frozen_grads(self) -> None:
         """Before an optimizer step: a frozen parameter carries no gradient, so no optimizer touches it (a zeroed
