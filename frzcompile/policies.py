@@ -456,7 +456,9 @@ class ALaST(Policy):
         if not 0.0 < rate <= 1.0:
             raise PolicyError(f"alast: rate must be in (0, 1], got {rate}")
         if not 0.0 < min_budget <= budget:
-            raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget}")
+            raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget}"
+                              + (" (the default): pass a lower min_budget= with a budget below 0.3"
+                                 if min_budget == 0.3 and budget < 0.3 else ""))
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise PolicyError(f"alast: k must be a positive int (layers trained per step) or None, got {k!r}")
         if temperature not in (None, "auto") and not (isinstance(temperature, (int, float)) and temperature > 0):

@@ -590,3 +590,25 @@ def test_user_habits_autocast_eval_on_own_variable_and_a_hook(temperature):
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(out, plain)
+
+
+def test_lora_on_the_query_projection_is_ranked_through_its_adapter():
+    """PEFT wraps `query` in a LoRA layer holding the Linear as `base_layer`: ALaST ranks through the wrapper
+    (its output is the adapted one); at budget 1 training equals plain LoRA training."""
+    peft = pytest.importorskip("peft")
+
+    def lora_bert():
+        return peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"]))
+
+    model, ref = lora_bert(), lora_bert()
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-3) for m in (model, ref)]
+    ids, mask, _ = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opts[0],
+                             policy=frzcompile.ALaST(budget=1.0))
+    assert all(a is not None for a in fm.token_budgets.attention)
+    torch.manual_seed(5)
+    losses = _train(model, fm, opts[0], 3)
+    torch.manual_seed(5)
+    assert losses == _train(ref, None, opts[1], 3)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n

@@ -63,11 +63,14 @@ def find_layers(unit_graph) -> list:
 
 def find_attention(layer: nn.Module, model: nn.Module):
     """(query Linear, key Linear, value Linear or None, heads) inside a layer, or None when there is not exactly
-    one query and one key projection."""
+    one query and one key projection of the same width (grouped-query attention's narrower keys are not ranked).
+    A PEFT LoRA wrapper of a projection (a module holding it as `base_layer`) counts as the projection: its
+    output is the adapted one."""
     named = dict(layer.named_modules())
 
     def linears(names):
-        return [m for n, m in named.items() if n.rsplit(".", 1)[-1] in names and isinstance(m, nn.Linear)]
+        return [m for n, m in named.items() if n.rsplit(".", 1)[-1] in names
+                and (isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear))]
 
     q, k, v = linears(QUERY_NAMES), linears(KEY_NAMES), linears(VALUE_NAMES)
     if len(q) != 1 or len(k) != 1 or q[0].out_features != k[0].out_features:
@@ -159,9 +162,10 @@ class LayerBudgets(Service):
         self._hook()
         if not any(a is not None for a in self.attention):
             raise ConfigError("policy='alast' ranks tokens by the class token's attention, but no layer has one "
-                              f"query and one key projection (nn.Linear named one of {QUERY_NAMES} / {KEY_NAMES}). "
-                              "ALaST is for encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for "
-                              "other models use policy='smartfrz' (the default) or 'linear'")
+                              f"query and one key projection of the same width (nn.Linear named one of {QUERY_NAMES} "
+                              f"/ {KEY_NAMES}; grouped-query attention's narrower keys are not supported). ALaST is "
+                              "for encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for other models "
+                              "use policy='smartfrz' (the default) or 'linear'")
         inside = {id(m) for layer in self.modules for m in layer.modules()}
         policy.start(names, image_patches=any(isinstance(m, nn.Conv2d) and id(m) not in inside
                                               for m in model.modules()))
