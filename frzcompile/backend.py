@@ -257,6 +257,7 @@ def frzcompile_backend(gm: fx.GraphModule, example_inputs, options=None, mode: s
         node_unit={name: "frozen" for name in region},
         frozen=frozenset({"frozen"}) if region else frozenset(),
         prefix=("frozen",) if region else (),
+        runs=True,
         build=attempt,
         model_name=f"dynamo_frame{frame}",
     )

@@ -44,6 +44,7 @@ class PassContext:
     cache: bool = False             # whether the activation cache serves the frozen prefix
     sparsity: object = None         # the runtime's SparseTraining, or None when no weight is masked
     token_layers: tuple = ()        # transformer layers whose tokens the runtime selects (the ALaST policy)
+    runs: bool = False              # whether the rewritten graph is what runs (Dynamo's), not one for analysis
     build: int = 0                  # how many graphs this module has built before, for dump file names
     model_name: str = "model"
     records: list = field(default_factory=list)

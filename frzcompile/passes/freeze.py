@@ -56,9 +56,9 @@ def draws_random(gm: fx.GraphModule, node: fx.Node) -> bool:
 def freeze(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     prefix = set(ctx.prefix)
     region_nodes = [n for n in gm.graph.nodes if ctx.unit_of(n) in prefix]
-    random_inside = any(draws_random(gm, n) for n in region_nodes)
     members = set(region_nodes)
-    if random_inside and any(draws_random(gm, n) for n in gm.graph.nodes if n not in members):
+    if ctx.runs and any(draws_random(gm, n) for n in region_nodes) and any(
+            draws_random(gm, n) for n in gm.graph.nodes if n not in members):
         # the fused region runs where its last input is ready: random draws inside it could then come after
         # draws outside it that came before, and dropout would not draw what eager draws. Left unfused (its
         # inputs need no grad, so autograd records nothing there anyway).
