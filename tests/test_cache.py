@@ -1538,6 +1538,11 @@ def test_other_operations_on_half_the_batch_that_mix_samples_are_refused_at_once
 
 
 @torch.fx.wrap
+def _times_if_large(y, n):
+    return y * n if bool(y.sum() > 1e6) else y
+
+
+@torch.fx.wrap
 def _doubled_if_large(x):
     return x * 2 if bool(x.sum() > 1e6) else x  # a branch on the batch's values
 
@@ -1552,16 +1557,19 @@ class _Extra(nn.Module):
 
     def forward(self, x, n=None):
         y = torch.relu(self.l(x) * n if self.use == "read" else self.l(x))
+        if self.use == "branch":  # reads n only when its batch is large: not on the analysed call
+            y = _times_if_large(y, n)
         return (y, n) if self.use == "return" else y
 
 
 @pytest.mark.parametrize("use", ["handed", "read inside", "added before", "taken as a number", "returned",
-                                 "steered by the batch"])
+                                 "steered by the batch", "steered inside the prefix"])
 def test_a_batch_wide_argument_is_keyed_only_when_the_prefix_reads_it(use):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = _Extra({"read inside": "read", "returned": "return"}.get(use, "ignore"))
+            self.a = _Extra({"read inside": "read", "returned": "return", "steered inside the prefix": "branch"}
+                            .get(use, "ignore"))
             self.b, self.head = _Extra(), nn.Linear(16, 4)
 
         def forward(self, x, n):

@@ -101,16 +101,15 @@ class DataflowProbe(TorchFunctionMode):
         self._busy = False            # the probe's own bookkeeping is not the model's
         self.problems: list = []
         self._arguments: dict = {}    # position -> serial of the call's arguments watched (watch_arguments)
-        self._call_serials: set = set()  # serials of all the call's tensor arguments
+        self._python_value_inside = False  # an operation inside a prefix call returned a Python value
         self._read_inside: set = set()  # serials made outside the prefix and read by operations inside it
 
-    def watch_arguments(self, tensors: dict, others=()) -> None:
-        """Tensors the model is called with (position -> tensor), and the call's `others`: `result` says which of
-        `tensors` nothing reads before the prefix ends (not its calls, not code before or between them, not a
-        Python value taken), and none when a Python value taken from any argument before then may steer the
-        code (another call could then read what this one did not)."""
+    def watch_arguments(self, tensors: dict) -> None:
+        """Tensors the model is called with (position -> tensor): `result` says which of them nothing reads
+        before the prefix ends (not its calls, not code before or between them, not a Python value taken), and
+        none when any Python value was taken before then (`_steered`: another call could read what this one
+        did not)."""
         self._arguments = {position: self._serial(t) for position, t in tensors.items()}
-        self._call_serials = {self._serial(t) for t in others} | set(self._arguments.values())
 
     # -- tensor identities (ids are reused once a tensor dies, serials never are) --------------------------
     def _serial(self, t, new=False) -> int:
@@ -149,6 +148,8 @@ class DataflowProbe(TorchFunctionMode):
                 self._state_reads.append((-1 if inside else len(self._ops), t))
         if inside:
             self._read_inside.update(s for s in (self._known(t) for t in inputs) if s is not None)
+            if not outputs:
+                self._python_value_inside = True  # (a branch inside the prefix may read other arguments)
             if any(self._known(t) not in self._internal for t in changed):
                 name = getattr(func, "__name__", str(func))
                 self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
@@ -254,16 +255,10 @@ class DataflowProbe(TorchFunctionMode):
         return res
 
     def _steered(self) -> bool:
-        """Whether an operation before the prefix's last call returned took a Python value from, or changed in
-        place, anything computed from the call's arguments (data-dependent control flow may read other
-        arguments on another call)."""
-        tainted = set(self._call_serials)
-        for ins, outs, sink in self._ops[:self._last_prefix_op]:
-            if not tainted.isdisjoint(ins):
-                if sink:
-                    return True
-                tainted.update(outs)
-        return False
+        """Whether any operation before the prefix's last call returned took a Python value or changed a tensor in
+        place, inside the prefix or outside it (a branch there may read, on another call, an argument this one
+        did not: from the arguments, the prefix's outputs or anything else)."""
+        return self._python_value_inside or any(sink for _, _, sink in self._ops[:self._last_prefix_op])
 
     def _reaches(self, serial) -> bool:
         """Whether `serial`, or anything computed from it before the prefix's last call returned, was read by an

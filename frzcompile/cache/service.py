@@ -580,8 +580,7 @@ class ActivationCache(Service):
         state = list(self.model.parameters()) + list(self.model.buffers())
         probe = DataflowProbe(state)
         probe.watch_arguments({i: t for i, t in enumerate(sig.leaves)
-                               if isinstance(t, torch.Tensor) and i not in sig.batch_leaves},
-                              sig.tensors(sig.batch_leaves))
+                               if isinstance(t, torch.Tensor) and i not in sig.batch_leaves})
         shallower = self._shallower_cover(prefix, sig)
         served, real = None, ()
         if shallower is not None:
