@@ -15,7 +15,7 @@ import torch
 CHECKED_ON = "2.13.0"
 
 # -- torch.utils._pytree (checked on 2.13.0): nested outputs, Hugging Face ModelOutput included ------------
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 __all__ = [
     "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "traced_or_transformed", "forked_rng",
@@ -54,6 +54,13 @@ def compiled_wrapper(model) -> bool:
     compiled was compiled after it was imported)."""
     dynamo = sys.modules.get("torch._dynamo")
     return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+
+
+def remade_view(t):
+    """`t` if it is no view, else the same view of its base made again where this runs (Tensor._base)."""
+    if not isinstance(t, torch.Tensor) or t._base is None:
+        return t
+    return t._base.as_strided(t.size(), t.stride(), t.storage_offset())
 
 
 def forked_rng():

@@ -308,3 +308,50 @@ def test_a_frozen_parameter_made_trainable_by_hand_trains_under_compile():
     ref(x).sum().backward()
     torch.testing.assert_close(model[0].weight.grad, ref[0].weight.grad)
     assert model[0].bias.grad is None
+
+
+def test_a_view_of_the_frozen_work_sees_in_place_changes_of_its_base():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.emb(x)   # frozen
+            ht = h.t()        # a view of it, also leaving the no-grad region
+            h += self.mid(x)  # trainable, in place: ht sees it, as in eager
+            return self.head(ht.t())
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 8)
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.emb.requires_grad_(False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})
+    out, expected = compiled(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(model.mid.weight.grad, ref.mid.weight.grad, rtol=0, atol=0)
+    assert frzcompile.explain(compiled).graphs[0]["region_nodes"] > 0
+
+
+def test_eval_mode_dropout_in_the_frozen_work_keeps_the_region():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1))   # frozen: in eval, it draws nothing
+            self.mid = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.1))  # trainable: draws
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.mid(self.emb(x)))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(5, 8)
+    torch._dynamo.reset()
+    fm = frzcompile.optimize(model, (x,), policy="manual", compile=frzcompile.CompileConfig(inner="aot_eager"))
+    fm.freeze("emb")
+    fm(x).sum().backward()
+    assert frzcompile.explain(fm).compiled.graphs[-1]["region_nodes"] > 0

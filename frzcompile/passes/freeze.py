@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..torch_private import fuse_by_partitions
+from ..torch_private import fuse_by_partitions, remade_view, tree_map
 
 REGION = "frozen_prefix"
 
@@ -27,13 +27,10 @@ class NoGradRegion(nn.Module):
     def forward(self, *args):
         with torch.no_grad():
             out = self.graph_module(*args)
-            # a view made under no_grad cannot be changed in place once grad is on (`x += pos` after a patch
-            # embedding's `.transpose`): views leave as tensors of their own
-            if isinstance(out, torch.Tensor):
-                return out.clone() if out._base is not None else out
-            if isinstance(out, (tuple, list)):
-                return type(out)(t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t for t in out)
-            return out
+        # a view made under no_grad cannot be changed in place once grad is on (`x += pos` after a patch
+        # embedding's `.transpose`): each view leaves made again, with grad on, over the same memory (a copy
+        # would lose what an in-place change of its base does to it)
+        return tree_map(remade_view, out)
 
 
 # functions and methods that draw random numbers: a region holding one is not moved past one outside it
@@ -46,10 +43,19 @@ RANDOM = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dro
 def draws_random(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU))
+        return isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)) and module.training and \
+            getattr(module, "p", 1) > 0
     if node.op in ("call_function", "call_method"):
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-        return name.split(".")[0] in RANDOM
+        name = name.split(".")[0]
+        if "dropout" in name:  # (a frozen unit's, in eval mode, draws nothing: `training=False` in the graph)
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            return not (training is False or p == 0)
+        if name == "scaled_dot_product_attention":
+            p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+            return p != 0
+        return name in RANDOM
     return False
 
 
