@@ -6,13 +6,13 @@ the model returns, one given to `fm.observe_loss`, or else a proxy measured from
 model's output, see frzcompile.runtime.loss), averaged over `window` steps:
 
   1. Learning has started and has slowed: no freeze until the recent loss is at least `min_drop` (relative)
-     below the loss of the first `window` steps, nor while it fell from the window before by more than
-     `max_fall` of its whole drop since the start, nor while its mean over the last `span` steps is lower than over the `span` before by more
+     below the loss of the first `window` steps, nor while it fell by more than `max_fall` (relative) from the
+     window before, nor while its mean over the last `span` steps is lower than over the `span` before by more
      than `settled` of its whole drop since the start (both beyond the noise of the per-step losses). A network
      still learning would lose what its frozen units had not learned yet; measured against the whole drop, the
-     last test does not depend on the loss's scale or offset. And the first and last tests must have held for
-     the last `steady` steps (checked every `window // 2` steps): a loss that pauses on a plateau in the middle
-     of learning passes them for a few decisions before it falls again (a GRU on SST-2 froze its embedding in
+     last test does not depend on the loss's scale or offset. And these tests must have held for the last
+     `steady` steps (checked every `window // 2` steps): a loss that pauses on a plateau in the middle of
+     learning passes them for a few decisions before it falls again (a GRU on SST-2 froze its embedding in
      such a pause and lost 3 points).
   2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
      steps pass between two freezes.
@@ -88,8 +88,7 @@ class Safeguard:
         end = len(losses) if end is None else end
         return _mean(losses[max(0, end - self.window):end])
 
-    def learning_started(self, losses, fast: bool = True) -> tuple[bool, str]:
-        """Rule 1 on the losses so far (`fast=False` leaves out the 20-step "falling fast" test)."""
+    def learning_started(self, losses) -> tuple[bool, str]:
         first = _known(losses, self.window, from_end=False)
         known = _known(losses, 2 * self.window, from_end=True)
         if len(first) < self.window or len(known) < 2 * self.window:
@@ -102,13 +101,9 @@ class Safeguard:
                            f"<= {need:.4g}, {100 * self.min_drop:.0f}% lower)")
         previous, recent = known[-2 * self.window:-self.window], known[-self.window:]
         before = _mean(previous)
-        # measured against the whole drop since the start, as "still improving" is: a loss near zero (a
-        # classifier that fits its data) keeps falling by a large share of itself without learning much more
-        fall, whole = before - now, start - now
-        if fast and fall > self.max_fall * whole and _beyond_noise(previous, recent):
+        if now < before - abs(before) * self.max_fall and _beyond_noise(previous, recent):
             return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
-                           f"before, {100 * fall / whole:.0f}% of its whole drop since the start (more than "
-                           f"{100 * self.max_fall:.0f}%)")
+                           f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
         longer = _known(losses, 2 * self.span, from_end=True)
         if len(longer) < 2 * self.span:
             return False, (f"not enough loss readings to tell whether learning has slowed ({len(longer)} of "
@@ -122,13 +117,12 @@ class Safeguard:
         return True, ""
 
     def learning_slowed_steadily(self, losses) -> tuple[bool, str]:
-        """`learning_started` now, and its long-horizon tests (started, no longer improving) on the loss history
-        as it was every `window // 2` steps back to `steady` steps ago (a 20-step blip of a loss near zero is
-        not a pause in learning)."""
+        """`learning_started` now and on the loss history as it was every `window // 2` steps back to
+        `steady` steps ago."""
         ok, why = self.learning_started(losses)
         stride = max(self.window // 2, 1)
         for back in range(stride, self.steady + 1, stride) if ok else ():
-            ok, then = self.learning_started(losses[:len(losses) - back], fast=False)
+            ok, then = self.learning_started(losses[:len(losses) - back])
             if not ok:
                 return False, (f"the loss rules have held for fewer than {self.steady} steps ({back} steps ago: "
                                f"{then})")
