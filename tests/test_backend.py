@@ -255,6 +255,18 @@ def test_torch_compile_of_the_frozen_module_keeps_the_loss_signal():
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+def _compiled_with_emb_frozen(net, rows):
+    """(model, its eager twin, the model compiled with frzcompile's backend, an input of `rows` x 8), the `emb`
+    layer frozen by hand in both."""
+    torch.manual_seed(0)
+    model, x = net(), torch.randn(rows, 8)
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.emb.requires_grad_(False)
+    torch._dynamo.reset()
+    return model, ref, torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"}), x
+
+
 @pytest.mark.parametrize("random", [True, False])
 def test_random_draws_keep_eagers_order_and_views_can_be_changed_in_place(random):
     """The no-grad region of frozen work is left unfused when it would move a random draw (a dropout on the
@@ -274,13 +286,7 @@ def test_random_draws_keep_eagers_order_and_views_can_be_changed_in_place(random
             h += self.pos          # changed in place, with grad on
             return self.head(self.mid(h) + self.mid(a.repeat(1, 2)))
 
-    torch.manual_seed(0)
-    model, x = Net(), torch.randn(5, 8)
-    ref = copy.deepcopy(model)
-    for m in (model, ref):
-        m.emb.requires_grad_(False)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})
+    model, ref, compiled, x = _compiled_with_emb_frozen(Net, 5)
     torch.manual_seed(3)
     out = compiled(x)
     torch.manual_seed(3)
@@ -322,13 +328,7 @@ def test_a_view_of_the_frozen_work_sees_in_place_changes_of_its_base():
             h += self.mid(x)  # trainable, in place: ht sees it, as in eager
             return self.head(ht.t())
 
-    torch.manual_seed(0)
-    model, x = Net(), torch.randn(8, 8)
-    ref = copy.deepcopy(model)
-    for m in (model, ref):
-        m.emb.requires_grad_(False)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})
+    model, ref, compiled, x = _compiled_with_emb_frozen(Net, 8)
     out, expected = compiled(x), ref(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out.sum().backward()
