@@ -40,11 +40,14 @@ RANDOM = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dro
                     "log_normal_", "cauchy_", "random_", "multinomial", "poisson", "rrelu", "rrelu_", "gumbel_softmax"})
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                   nn.RReLU)
+
+
 def draws_random(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)) and module.training and \
-            getattr(module, "p", 1) > 0
+        return isinstance(module, DROPOUT_MODULES) and module.training and getattr(module, "p", 1) > 0
     if node.op in ("call_function", "call_method"):
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
         name = name.split(".")[0]
