@@ -305,6 +305,8 @@ def test_bad_sparsity_configs_raise_clearly():
         SparsityConfig(source="user", masks={"1.weight": torch.full((48, 48), 0.3)})
     with pytest.raises(TypeError, match="takes a dict"):
         SparsityConfig(source="user", masks=[torch.ones(2, 2)])
+    with pytest.raises(TypeError, match="takes a dict"):
+        SparsityConfig(source="user", masks=torch.ones(2, 2))
     with pytest.raises(ValueError, match=r"a list of names, not the string 'fc1': pass \['fc1'\]"):
         SparsityConfig(0.5, exclude="fc1")
     with pytest.raises(ValueError, match="block must be"):
@@ -466,3 +468,6 @@ def test_a_masked_weight_made_trainable_by_hand_gets_masked_gradients():
     torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
     mask = fm.sparsity.targets["features.1.0.weight"].mask
     assert not opt.state[target]["momentum_buffer"][~mask].any()
+    target.grad = torch.ones_like(target)  # a gradient no hook saw (set by hand, or summed before the hook)
+    opt.step()
+    assert not opt.state[target]["momentum_buffer"][~mask].any() and not target[~mask].any()

@@ -102,6 +102,8 @@ class SparsityConfig:
 
     def validate(self) -> SparsityConfig:
         """Check the options (done when the config is built, and again when it is used)."""
+        if self.masks is not None and not isinstance(self.masks, dict):
+            raise ConfigError(f"masks= takes a dict of parameter name -> bool tensor, not {type(self.masks).__name__}")
         if self.source not in SOURCES:
             raise ConfigError(f"SparsityConfig.source must be one of {SOURCES}, not {self.source!r}")
         if self.structure not in STRUCTURES:
@@ -134,8 +136,6 @@ class SparsityConfig:
         if not (isinstance(self.block, (tuple, list)) and len(self.block) == 2
                 and all(isinstance(b, int) and b >= 1 for b in self.block)):
             raise ConfigError(f"SparsityConfig.block must be (rows, columns) of positive ints, got {self.block!r}")
-        if self.masks is not None and not isinstance(self.masks, dict):
-            raise ConfigError(f"masks= takes a dict of parameter name -> bool tensor, not {type(self.masks).__name__}")
         if self.masks:
             for name, mask in self.masks.items():
                 if not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and not bool(
@@ -327,15 +327,14 @@ class SparseTraining(Service):
                     self._route(name)
 
     def before_optimizer_step(self, optimizer) -> None:
-        """A masked weight that got its gradient without the hook (made trainable by hand between a call and its
-        backward, or outside fm's calls) has it masked now, and is hooked from here on."""
-        unhooked = [(n, t) for n, t in self.trainable().items() if t.weight.grad is not None and
-                    (self._grad_hooks.get(n) is None or self._grad_hooks[n][0] is not t.weight)]
+        """Every masked weight's gradient is masked before the step, whatever put it there (a backward before the
+        weight was hooked, under gradient accumulation; a gradient set by hand), and unhooked weights are hooked
+        from here on."""
         with torch.no_grad():
-            for _, t in unhooked:
-                t.weight.grad.mul_(t.mask)
-        if unhooked:
-            self._hook_gradients()
+            for t in self.trainable().values():
+                if t.weight.grad is not None:
+                    t.weight.grad.mul_(t.mask)
+        self._hook_gradients()
 
     def on_optimizer_step(self, optimizer) -> None:
         self.enforce()  # whichever optimizer stepped, masked weights are zero again
@@ -536,7 +535,7 @@ class SparseTraining(Service):
         cfg = self.config
         self.enforce()
         due = step % (cfg.early_bird.interval if self.early_bird else cfg.update_interval) == 0
-        if not due:
+        if not due or not self.trainable():  # (every masked unit frozen: nothing to draw, prune or grow)
             return
         if self.early_bird is not None:
             if not self.early_bird.found:
