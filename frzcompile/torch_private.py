@@ -18,7 +18,8 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_unflatten", "tensor_version", "traced_or_transformed", "forked_rng",
+    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "traced_or_transformed",
+    "inside_func_transform", "compiled_wrapper", "remade_view", "forked_rng",
     "share_module_state", "structure_ids",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",

@@ -262,14 +262,11 @@ class DataflowProbe(TorchFunctionMode):
 
     def _reaches(self, serial) -> bool:
         """Whether `serial`, or anything computed from it before the prefix's last call returned, was read by an
-        operation inside a prefix call, returned by one, or read by an operation that returned a Python value or
-        changed a tensor in place (which may steer what runs next). Handed to a prefix call and never read there
-        (Hugging Face passes its `**kwargs` down to every layer) does not count."""
+        operation inside a prefix call or returned by one (asked only when nothing was `_steered`). Handed to a
+        prefix call and never read there (Hugging Face passes its `**kwargs` down to every layer) does not count."""
         tainted = {serial}
-        for ins, outs, sink in self._ops[:self._last_prefix_op]:
+        for ins, outs, _ in self._ops[:self._last_prefix_op]:
             if not tainted.isdisjoint(ins):
-                if sink:
-                    return True
                 tainted.update(outs)
         return not tainted.isdisjoint(self._read_inside) or not tainted.isdisjoint(self._leaves)
 

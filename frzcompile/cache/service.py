@@ -441,21 +441,21 @@ class ActivationCache(Service):
         prefix = self.prefix
         flat = tree_flatten((tuple(args), dict(kwargs)))
         why = self._off_for_every_call(prefix)
-        sig = None
+        sig = plan = None
         if not why:
             sig = Signature.of(args, kwargs, self.model.training, flat)
-            refused = self.plans.get((prefix, sig.digest))
-            if refused is not None and not refused.cacheable:  # final for this signature: nothing more to read
-                self.last_plan = refused
+            plan = self.plans.get((prefix, sig.digest))
+            if plan is not None and not plan.cacheable:  # final for this signature: nothing more to read
+                self.last_plan = plan
                 return run(args, kwargs)
             why = sig.unsupported or ("an empty batch" if sig.batch == 0 else "" if sig.batch else
                                       "no batched tensor argument") or self._step_aside(prefix, flat[0])
         if not why:
             sig = sig.with_state(self._modules(prefix).state.digest())
-        if not why and (prefix, sig.digest) not in self.plans and sum(
-                p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
-            why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
-        plan = None if why else self.plans.get((prefix, sig.digest))
+            if plan is None and sum(p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
+                why = f"more than {MAX_SIGNATURES} call signatures for this prefix"
+        if why:
+            plan = None
         if plan is not None and plan.cacheable and plan.placement != self._placement(prefix):
             plan = None  # the model was cast or moved (`model.to(torch.float64)` on the user's own variable)
         if plan is not None and plan.state != sig.state and plan.cacheable:
@@ -632,7 +632,8 @@ class ActivationCache(Service):
             elif any(isinstance(m, FAST_PATH_MODULES) for top_module in top.values() for m in top_module.modules()):
                 pass  # under the probe (a TorchFunctionMode) their fused fast path steps aside: other last bits
             else:
-                self._store_outputs(plan, sig.for_plan(plan), ic.outputs, self._keys(sig.for_plan(plan)))
+                keyed = sig.for_plan(plan)
+                self._store_outputs(plan, keyed, ic.outputs, self._keys(keyed))
         return out
 
     def _analyse(self, prefix, sig, ic, result, args, kwargs) -> CallPlan:
@@ -1222,7 +1223,8 @@ class ActivationCache(Service):
                 raise ConfigError(f"the current prefix is not cached: {plan.reason}")
             outputs, complete = self._prefix_run(prefix, plan.calls, args, kwargs, keep=plan.keep)
             if complete:
-                self._store_outputs(plan, sig.for_plan(plan), outputs, self._keys(sig.for_plan(plan)))
+                keyed = sig.for_plan(plan)
+                self._store_outputs(plan, keyed, outputs, self._keys(keyed))
             seen += sig.batch
         return seen
 

@@ -33,21 +33,19 @@ class NoGradRegion(nn.Module):
         return tree_map(remade_view, out)
 
 
-# functions and methods that draw random numbers: a region holding one is not moved past one outside it
-RANDOM = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-                    "native_dropout", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
-                    "bernoulli", "bernoulli_", "normal", "normal_", "uniform_", "exponential_", "geometric_",
-                    "log_normal_", "cauchy_", "random_", "multinomial", "poisson", "rrelu", "rrelu_", "gumbel_softmax"})
-
-
-DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-                   nn.RReLU)
+# what draws random numbers (a region holding one is not moved past one outside it): dropout of any kind (in
+# training and with p > 0), attention with dropout, these functions and methods, these modules in training
+RANDOM = frozenset({"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
+                    "bernoulli_", "normal", "normal_", "uniform_", "exponential_", "geometric_", "log_normal_",
+                    "cauchy_", "random_", "multinomial", "poisson", "rrelu", "rrelu_", "gumbel_softmax"})
+RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                  nn.RReLU)
 
 
 def draws_random(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return isinstance(module, DROPOUT_MODULES) and module.training and getattr(module, "p", 1) > 0
+        return isinstance(module, RANDOM_MODULES) and module.training and getattr(module, "p", 1) > 0
     if node.op in ("call_function", "call_method"):
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
         name = name.split(".")[0]

@@ -328,13 +328,11 @@ class SparseTraining(Service):
 
     def before_optimizer_step(self, optimizer) -> None:
         """Every masked weight's gradient is masked before the step, whatever put it there (a backward before the
-        weight was hooked, under gradient accumulation; a gradient set by hand), and unhooked weights are hooked
-        from here on."""
+        weight was hooked, which the next call does, under gradient accumulation; a gradient set by hand)."""
         with torch.no_grad():
             for t in self.trainable().values():
                 if t.weight.grad is not None:
                     t.weight.grad.mul_(t.mask)
-        self._hook_gradients()
 
     def on_optimizer_step(self, optimizer) -> None:
         self.enforce()  # whichever optimizer stepped, masked weights are zero again
