@@ -18,9 +18,12 @@ Part D (policy) is a real run under the default policy: the quickstart's SmallCN
 digits for 30 epochs with SmartFRZ choosing what to freeze, with and without the cache, the two alternated over
 `--rounds` rounds in one process (same initial weights, batch order and freezes); it reports the time of each
 run and of each epoch, accuracy, and what the cache did (hits, samples served, its verdict per call signature).
+Part E (fixed) puts the cache's fixed costs beside what the user would do instead, alternated in one process: a
+small data set that the in-run check must judge, a no-grad forward whose signature it refused, and a tiny BERT's
+hit rate with and without the Hugging Face Trainer's `num_items_in_batch`.
 
     python benchmarks/bench_cache.py [--data PATH] [--rounds 5] [--steps 3] [--epochs 3] [--out FILE.json]
-                                     [--device cpu|cuda] [--only fashion|minilm|serving|policy] [--seed 0]
+                                     [--device cpu|cuda] [--only fashion|minilm|serving|policy|fixed] [--seed 0]
 """
 import argparse
 import copy
@@ -208,13 +211,87 @@ def part_c(root, device, batch, rounds):
     return rows
 
 
+def _mlp(width):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                               torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
+
+
+def part_e(rounds, epochs=40):
+    """The cache's fixed costs beside what the user would do instead, alternated in one process: a small data set
+    (8 batches of 32: fewer than the in-run check's 16) on an MLP with its first two layers frozen, by hand and by
+    fm with cache=True; a no-grad forward of a tiny MLP whose signature the cache refused, eager and fm; and the
+    hit rate of a tiny BERT token classifier over 4 epochs with and without the Trainer's num_items_in_batch."""
+    out = {}
+    batches = [(torch.randn(32, 64), torch.randint(0, 10, (32,))) for _ in range(8)]
+    hand = _mlp(384)
+    for i in (0, 2):
+        hand[i].requires_grad_(False)
+    opts = {"by hand": (hand, torch.optim.Adam([p for p in hand.parameters() if p.requires_grad], 1e-3))}
+    for name, cache in (("fm, no cache", False), ("fm, cache=True", True)):
+        model = _mlp(384)
+        fm = frzcompile.optimize(model, (batches[0][0],), policy="manual", cache=cache)
+        fm.freeze("0", "2")
+        opts[name] = (fm, torch.optim.Adam(model.parameters(), 1e-3))
+
+    def epoch(name):
+        net, opt = opts[name]
+        start = time.perf_counter()
+        for x, y in batches:
+            train_step(net, opt, (x, y))
+        return 1000 * (time.perf_counter() - start) / len(batches)
+
+    per_step = interleaved(opts, epochs, epoch)
+    out["small data set"] = {name: statistics.median(ms[1:]) for name, ms in per_step.items()}
+    out["small data set"]["decision"] = fm.cache.report()["decision"]
+    tiny, x = _mlp(32), torch.randn(32, 64)
+    fm_tiny = frzcompile.optimize(copy.deepcopy(tiny), (x,), policy="manual", cache=True)
+    fm_tiny.freeze("0")
+    calls = {"eager": tiny, "fm, cache=True": fm_tiny}
+
+    def forward(name):
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(200):
+                calls[name](x)
+            return 1000 * (time.perf_counter() - start) / 200
+
+    forward("fm, cache=True")  # analysed once: refused (the prefix costs less than serving it)
+    per_call = interleaved(calls, rounds * 4, forward)
+    out["refused forward"] = {name: statistics.median(ms) for name, ms in per_call.items()}
+    out["refused forward"]["decision"] = fm_tiny.cache.report()["decision"]
+    from frzcompile.zoo import tiny_bert  # (transformers)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (128, 16), generator=g)
+    labels = torch.randint(0, 3, (128,), generator=g)
+    out["hit rate"] = {}
+    for passes in (False, True):
+        torch.manual_seed(0)
+        bert = tiny_bert(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        fm_bert = frzcompile.optimize(bert, example_kwargs={"input_ids": ids[:16], "labels": labels[:16]},
+                                      policy="manual", cache=frzcompile.CacheConfig(check_cost=False))
+        fm_bert.freeze(*fm_bert.units[:3])
+        opt = torch.optim.AdamW(bert.parameters(), 1e-3)
+        for e in range(4):
+            order = torch.randperm(128, generator=torch.Generator().manual_seed(e))
+            for i in range(0, 128, 16):
+                kw = {"input_ids": ids[order[i:i + 16]], "labels": labels[order[i:i + 16]]}
+                if passes:
+                    kw["num_items_in_batch"] = torch.tensor(16 + e)  # a 0-dim tensor that changes, as the Trainer's
+                fm_bert(**kw).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        out["hit rate"]["with num_items_in_batch" if passes else "without"] = fm_bert.cache.report()["hit_rate"]
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="data folder holding fashion-mnist/ and sst2/")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--only", choices=["fashion", "minilm", "serving", "policy"], default=None)
+    parser.add_argument("--only", choices=["fashion", "minilm", "serving", "policy", "fixed"], default=None)
     parser.add_argument("--device", default="cpu", help="device of part C (serving cost)")
     parser.add_argument("--serving-batch", type=int, default=None, help="part C batch (default 8 on CPU, 64 on GPU)")
     parser.add_argument("--seed", type=int, default=0, help="part D: initial weights, data split and order")
@@ -240,6 +317,22 @@ def main():
                       f"{100 * r['ratio']:.1f}%", f"{r['serve_without_digest_ms']:.2f}", f"{r['store_ms']:.2f}",
                       r["decision"]) for r in rows])
         print()
+    if args.only in (None, "fixed"):
+        e = part_e(args.rounds)
+        results["fixed"] = e
+        print(f"### Part E: the cache's fixed costs beside what the user would do instead (medians, alternated)\n")
+        small, refused = e["small data set"], e["refused forward"]
+        print_table(("case", "what the user would do", "fm without the cache", "fm with cache=True", "ratio",
+                     "cache decision"), [
+            ("training step, 8 batches of 32 cycled, MLP 384 wide, 2 layers frozen",
+             f"{small['by hand']:.3f} ms (by hand)", f"{small['fm, no cache']:.3f} ms",
+             f"{small['fm, cache=True']:.3f} ms", f"{small['fm, cache=True'] / small['by hand']:.2f}x",
+             small["decision"][:90]),
+            ("no-grad forward, tiny MLP, batch 32, signature refused", f"{refused['eager']:.3f} ms (eager)", "-",
+             f"{refused['fm, cache=True']:.3f} ms", f"{refused['fm, cache=True'] / refused['eager']:.2f}x",
+             refused["decision"][:90])])
+        print(f"\ntiny BERT, 3 units frozen, 4 epochs of 128 samples: hit rate {e['hit rate']['without']:.2f} without "
+              f"num_items_in_batch, {e['hit rate']['with num_items_in_batch']:.2f} with it\n")
     if args.only in (None, "policy"):
         d = part_d(args.rounds, seed=args.seed)
         results["policy"] = d
