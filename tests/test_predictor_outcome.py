@@ -34,3 +34,20 @@ def test_a_predictor_that_always_fires_freezes_the_prefix_one_unit_per_decision_
     assert r["smartfrz"]["frozen_at_end"] == r["smartfrz"]["units"][:len(events)]  # a prefix
     assert r["flops_reduction"] > 1.05
     assert 0.0 < r["smartfrz"]["accuracy"] <= 1.0
+
+
+def test_the_command_needs_recorded_windows_only_for_held_out_predictors(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import pytest
+
+    from frzcompile.predictor import outcome
+    monkeypatch.setattr(sys, "argv", ["outcome", "--predictors", "held-out", "--out", str(tmp_path / "o.json")])
+    with pytest.raises(SystemExit, match="pass --runs"):
+        outcome.main()
+    ran = []
+    monkeypatch.setattr(outcome, "compare", lambda family, seed, *a, **k: ran.append((family, seed)) or [])
+    monkeypatch.setattr(sys, "argv", ["outcome", "--predictors", "shipped", "--seeds", "0,1",
+                                      "--out", str(tmp_path / "o.json")])
+    outcome.main()  # no --runs: every family's recipe, scored with the shipped predictor
+    assert sorted({f for f, _ in ran}) == sorted(families(None)) and len(ran) == 2 * len(families(None))

@@ -2,6 +2,7 @@
 
     python -m frzcompile.predictor.outcome --runs runs.pt --out outcome.json [--families ...] [--seeds 0]
         [--predictors held-out,shipped]
+    python -m frzcompile.predictor.outcome --predictors shipped --out outcome.json [--families ...]  (no windows)
 
 For each family, a predictor is trained on the recorded windows of every *other* family (leave one family out,
 as `train` does for window AUC), then the family's own recipe (frzcompile.predictor.collect) is trained twice
@@ -85,7 +86,8 @@ def compare(family: str, seed: int, make, predictors: dict, progress: bool = Tru
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True, help="windows written by frzcompile.predictor.collect")
+    parser.add_argument("--runs", default=None, help="windows written by frzcompile.predictor.collect (needed for "
+                        "the held-out predictors; with --predictors shipped alone, every family runs by default)")
     parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--data", default=None,
                         help="data folder holding fashion-mnist/, sst2/ and sentence-classification/ (TREC)")
@@ -95,12 +97,15 @@ def main():
                         help="comma-separated: held-out (trained on the other families' windows) and/or shipped")
     parser.add_argument("--epochs", type=int, default=40, help="predictor training epochs (as train's)")
     args = parser.parse_args()
-    runs = torch.load(args.runs, weights_only=False)["runs"]
-    makers = families(args.data)
-    names = args.families.split(",") if args.families else sorted({r["family"] for r in runs})
     kinds = args.predictors.split(",")
     if not set(kinds) <= {"held-out", "shipped"}:
         raise SystemExit(f"--predictors takes held-out and/or shipped, not {args.predictors!r}")
+    if args.runs is None and "held-out" in kinds:
+        raise SystemExit("--predictors held-out trains on recorded windows: pass --runs (frzcompile.predictor.collect "
+                         "writes them), or score the shipped predictor alone with --predictors shipped")
+    runs = [] if args.runs is None else torch.load(args.runs, weights_only=False)["runs"]
+    makers = families(args.data)
+    names = args.families.split(",") if args.families else sorted({r["family"] for r in runs} if runs else makers)
     results = []
     for family in names:
         if family not in makers:
