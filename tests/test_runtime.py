@@ -83,6 +83,30 @@ def test_frozen_parameters_never_move(opt_name):
         assert opt.state[frozen_params[0]]["step"].item() == 1
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_a_thaw_under_fused_sgd_trains_as_from_fresh_momentum(dampening):
+    """torch's fused SGD needs a momentum buffer for all of a group's parameters or for none: a thawed parameter
+    (its buffer dropped at the freeze) crashed the next step. It now steps as the for-loop SGD does from fresh
+    state (the README's one documented difference from freezing by hand)."""
+    def run(fused):
+        model, x, y = _cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=dampening, fused=fused,
+                              foreach=None if fused else False)
+        fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+        for step in range(8):
+            if step == 2:
+                fm.freeze("features.0")
+            if step == 5:
+                fm.unfreeze("features.0")
+            nn.functional.cross_entropy(fm(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+    fused, loop = run(True), run(False)
+    for (name, a), b in zip(fused.named_parameters(), loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_plan_change_shows_in_the_analysis_graph_and_takes_effect_at_once():
     model, x, y = _cnn()
     fm = frzcompile.optimize(model, (x,))

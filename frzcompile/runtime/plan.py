@@ -60,6 +60,7 @@ class FreezePlan:
         self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
         self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
         self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
+        self._thawed: dict = {}           # id -> thawed parameter that has not had a gradient at a step yet
 
     @property
     def units(self) -> list:
@@ -101,6 +102,7 @@ class FreezePlan:
             for p in units[u].params:
                 self._in_flight.pop(id(p), None)
                 p.requires_grad_(self.trainable_by_default(p))
+                self._thawed[id(p)] = p
             for root in units[u].roots:
                 root.train(training)
             self.since.pop(u, None)
@@ -189,6 +191,27 @@ class FreezePlan:
         for p in self.frozen_params():
             if p.grad is not None and not p.requires_grad and id(p) not in self._in_flight:
                 p.grad = None
+
+    def fresh_momentum_for_fused_sgd(self, optimizer) -> None:
+        """Before a step: a thawed parameter starts from fresh optimizer state, but fused SGD needs a momentum
+        buffer for every parameter of a group or for none (torch's `_fused_sgd`), so where its group's other
+        parameters have one, it gets the buffer that makes this step's update what a fresh buffer's first step
+        would be (`grad` itself: `momentum * buf + (1 - dampening) * grad == grad`)."""
+        if not self._thawed:
+            return
+        fused_sgd = [g for g in getattr(optimizer, "param_groups", ()) if isinstance(optimizer, torch.optim.SGD)
+                     and g.get("fused") and g.get("momentum", 0)]
+        for g in fused_sgd:
+            held = [p for p in g["params"] if p.grad is not None]
+            if all("momentum_buffer" not in optimizer.state.get(p, ()) for p in held):
+                continue  # all fresh: the optimizer's own first step
+            for p in held:
+                if id(p) in self._thawed and optimizer.state[p].get("momentum_buffer") is None:
+                    optimizer.state[p]["momentum_buffer"] = \
+                        p.grad.detach() * (g["dampening"] / g["momentum"])
+        for key, p in list(self._thawed.items()):
+            if p.grad is not None:  # its first step after the thaw is under way: fresh state from here on
+                del self._thawed[key]
 
     def release_in_flight(self, optimizers, stepped=None) -> None:
         """After a step of the optimizer `stepped` (None: any step, `fm.step()`): the frozen parameters whose
