@@ -59,7 +59,8 @@ class TrainingView:
 
     def grad_norm(self, unit: str) -> float:
         """L2 norm of the unit's current gradients (0.0 when it has none)."""
-        grads = [p.grad for p in self.parameters(unit) if p.grad is not None]
+        grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad  # nn.Embedding(sparse=True)
+                 for p in self.parameters(unit) if p.grad is not None]
         if not grads:
             return 0.0
         return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))

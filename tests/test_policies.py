@@ -110,3 +110,30 @@ def test_policy_reads_real_gradient_norms():
         flat = torch.cat([p.detach().flatten() for p in model.get_submodule(unit).parameters()])
         assert torch.equal(samples[unit], flat[idx]) and samples[unit].device.type == "cpu"
     assert fm._view.weight_samples({"0": torch.tensor([], dtype=torch.long)})["0"].numel() == 0
+
+
+def test_gradient_norms_of_a_sparse_embedding_are_read_and_autofreeze_trains_with_sparse_adam():
+    """nn.Embedding(sparse=True) + SparseAdam: the view's gradient norm read a sparse gradient with a dense-only
+    op, and AutoFreeze crashed inside the first optimizer step."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(),
+                          nn.Linear(16, 2))
+    ids = torch.randint(0, 50, (16, 4))
+    ids[0, :2] = 7  # a repeated row: the sparse gradient holds it twice until coalesced
+    y = torch.randint(0, 2, (16,))
+    sparse = torch.optim.SparseAdam(list(model[0].parameters()), lr=1e-2)
+    dense = torch.optim.Adam([p for m in list(model)[1:] for p in m.parameters()], lr=1e-2)
+    fm = frzcompile.optimize(model, (ids,), optimizer=sparse, policy=AutoFreeze(interval=2))
+    for _ in range(6):
+        nn.functional.cross_entropy(fm(ids), y).backward()
+        if "0" in fm.frozen:
+            break
+        assert model[0].weight.grad.is_sparse
+        expected = float(model[0].weight.grad.to_dense().norm())
+        assert fm._view.grad_norm("0") == pytest.approx(expected, rel=1e-5) and expected > 0
+        sparse.step()
+        dense.step()
+        sparse.zero_grad()
+        dense.zero_grad()
+    assert fm.step_count >= 2
