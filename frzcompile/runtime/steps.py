@@ -7,8 +7,11 @@ public API) around every optimizer's step; frzcompile registers one pair per Fro
 references, so a FrozenModule that is garbage-collected unregisters itself. An optimizer "holds" the model
 when one of its parameter groups contains one of the model's parameters. One training step is counted per
 iteration: the first step of such an optimizer after a forward of the FrozenModule counts, a second optimizer
-stepping in the same iteration (split parameter groups, a GAN's two players) does not, and the same optimizer
-stepping again counts again (a loop that calls the model some other way). All of them get the optimizer
+stepping right after it (split parameter groups; two models' optimizers after one forward) does not, and the
+same optimizer stepping again counts again (a loop that calls the model some other way). A step after a forward
+of its own counts: a GAN whose two players are one model, each stepping after its own forward, counts two steps
+per iteration (as Lightning's `global_step` does under manual optimization), so its `total_steps` is twice
+the iterations. No rule can tell those players from two optimizers taking turns by iteration. All of them get the optimizer
 surgery (no gradient or state for frozen parameters).
 """
 from __future__ import annotations
