@@ -1621,3 +1621,22 @@ def test_a_deeper_prefix_keeps_keying_what_its_served_shallower_units_read():
             n = torch.tensor(n)
             torch.testing.assert_close(fm(x, n), _uncached(fm, x, n), rtol=0, atol=0)
     assert fm.cache.stats["reused_from_shallower"] == 8 and not fm.cache.last_plan.unread
+
+
+def test_tracing_or_exporting_a_cached_model_steps_aside():
+    """torch.jit.trace of fm with the cache on failed inside TorchScript (the fingerprint's numpy view), and a
+    batch served while tracing would have been recorded as a constant."""
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0")
+    ref = copy.deepcopy(model).eval()
+    fm.eval()
+    with torch.no_grad():
+        fm(x), fm(x)  # analysed and served
+    traced = torch.jit.trace(fm, (x,), check_trace=False)
+    other = torch.randn_like(x)
+    torch.testing.assert_close(traced(other), ref(other))
+    exported = torch.export.export(fm, (x,))
+    torch.testing.assert_close(exported.module()(other), ref(other))
+    why = "inside torch.jit.trace or torch.export (a served batch would be recorded as a constant)"
+    assert fm.cache.steps_aside.get(why, 0) == 1 and fm.cache.steps_aside.get("inside torch.compile", 0) == 1
+    assert fm.cache.stats["hits"] == 8  # nothing served to the trace or the export

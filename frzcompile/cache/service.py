@@ -519,6 +519,8 @@ class ActivationCache(Service):
             return "inference mode"
         if torch.compiler.is_compiling():
             return "inside torch.compile"
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return "inside torch.jit.trace or torch.export (a served batch would be recorded as a constant)"
         if torch_private.inside_func_transform():
             return "inside a torch.func transform (vmap, grad...)"
         return ""
