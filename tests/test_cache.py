@@ -1640,3 +1640,18 @@ def test_tracing_or_exporting_a_cached_model_steps_aside():
     why = "inside torch.jit.trace or torch.export (a served batch would be recorded as a constant)"
     assert fm.cache.steps_aside.get(why, 0) == 1 and fm.cache.steps_aside.get("inside torch.compile", 0) == 1
     assert fm.cache.stats["hits"] == 8  # nothing served to the trace or the export
+
+
+def test_a_forward_that_changes_its_input_in_place_is_not_cached_and_changes_it_once():
+    """`x /= 2` at the top of the forward: the analysis' own runs of the prefix changed the caller's tensor twice
+    more (x / 8 after one call) and then called the prefix "not deterministic"."""
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x.div_(2))))), ["b.0", "b.1", "b.2", "head"])
+    fm.freeze("b.0", "b.1")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for _ in range(3):
+            a, b = x.clone(), x.clone()
+            torch.testing.assert_close(fm(a), ref(b))
+            assert torch.equal(a, b)  # changed once, as eager changes it
+    assert not fm.cache.last_plan.cacheable and "changes its input in place" in fm.cache.last_plan.reason
+    assert fm.cache.stats["hits"] == 0

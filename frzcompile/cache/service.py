@@ -591,11 +591,17 @@ class ActivationCache(Service):
             shallow_top = self._modules(other.prefix).top
             real = [path for path in top if path not in shallow_top]
         before = mods.state.named()
+        inputs = [(i, t, torch_private.tensor_version(t)) for i, t in enumerate(sig.leaves)
+                  if isinstance(t, torch.Tensor)]
         with Interception(top, watch=probe, others=mods.others, serve=served, real=real, keep=True) as ic:
             probe.interception = ic
             with probe:
                 out = run(args, kwargs)
         result = probe.result(out)
+        edited = [i for i, t, version in inputs if torch_private.tensor_version(t) != version]
+        if edited:  # (checked first: the analysis' own runs of the prefix would change the caller's tensor again)
+            result.problems.insert(0, f"the forward changes its input in place (argument {edited[0]} of the call, "
+                                      "x /= 2 or x.sub_(...)): what the frozen prefix reads is not the call's input")
         after = mods.state.named()
         changed = sorted({key[1] for key, token in after.items() if before.get(key, token) != token
                           or key not in before})
