@@ -13,6 +13,24 @@ def _resnet():
     return zoo.ResNet(width=8), torch.randn(4, 1, 12, 12)
 
 
+@pytest.mark.parametrize("cast", ["double", "bfloat16"])
+def test_explain_after_a_cast_counts_the_same_flops_and_fires_no_hook(cast):
+    """explain() counts FLOPs lazily on the example inputs: after model.double() / .bfloat16() it raised
+    "Input type (float) and bias type (double) should be the same", and the user's hooks fired on its run."""
+    model, x = _resnet()
+    fm = frzcompile.optimize(model, (x,))
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    model.fc.register_forward_hook(lambda m, a, o: seen.append("post"))
+    getattr(model, cast)()
+    flops = fm.unit_flops()
+    assert seen == [] and "fwd FLOPs" in str(frzcompile.explain(fm))
+    model.float()
+    fm.release()
+    reference = frzcompile.optimize(model, (x,)).unit_flops()
+    assert flops == reference and flops["layer1.0"] > 0
+
+
 def test_explain_table_and_flops():
     model, x = _resnet()
     fm = frzcompile.optimize(model, (x,))

@@ -15,6 +15,7 @@ from torch import fx
 
 from ..capture import Captured, clone_graph_module
 from ..passes import PassContext, run_passes
+from .. import torch_private
 from ..torch_private import tree_leaves
 from ..units import UnitGraph
 
@@ -77,11 +78,18 @@ class Analysis:
         gm = self.captured.gm
         args, kwargs = self.captured.args, self.captured.kwargs
         modes = {m: m.training for m in self.model.modules()}
+        values = _placeholder_values(self.model, gm, args, kwargs)
         try:
-            self.model.eval()  # symbolic_trace graphs call the model's own leaf modules
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                interp = _FlopsPerNode(gm, counter)
-                interp.run(*_placeholder_values(self.model, gm, args, kwargs))
+            self.model.eval()  # symbolic_trace graphs call the model's own leaf modules, whose hooks (the user's)
+            with torch.no_grad(), torch_private.forward_hooks_suspended(self.model.modules()):  # must not fire
+                try:
+                    with FlopCounterMode(display=False) as counter:
+                        interp = _FlopsPerNode(gm, counter)
+                        interp.run(*values)
+                except RuntimeError:  # the model was cast or moved after optimize(): the examples follow it
+                    with FlopCounterMode(display=False) as counter:
+                        interp = _FlopsPerNode(gm, counter)
+                        interp.run(*_like_the_model(self.model, values))
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -104,6 +112,20 @@ class _FlopsPerNode(fx.Interpreter):
         result = super().run_node(n)
         self.flops[n.name] = self.counter.get_total_flops() - before
         return result
+
+
+def _like_the_model(model, values):
+    """`values` with their floating-point tensors in the dtype and on the device of the model's first floating
+    parameter (the example inputs were recorded for the model as it was at optimize())."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return values
+
+    def like(t):
+        if isinstance(t, torch.Tensor):
+            return t.to(param.device, param.dtype if t.is_floating_point() else t.dtype)
+        return t
+    return torch_private.tree_map(like, values)
 
 
 def _placeholder_values(model, gm, args, kwargs):
