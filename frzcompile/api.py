@@ -14,7 +14,7 @@ from .cache import CacheConfig
 from .capture import capture
 from .errors import ConfigError, InputMismatchError, UnitError
 from .policies import ALaST, make_policy
-from .runtime import FrozenModule
+from .runtime import FrozenContainer, FrozenModule
 from .runtime.steps import unwrap_optimizer
 from .sparsity.training import SparsityConfig
 from .units import UnitGraph, select_units
@@ -137,8 +137,9 @@ def optimize(
                           "optimizer step, and its plan stays applied). Keep one: `del` the other (its hooks go "
                           "with it) or call its release(), or call optimize() once.", UserWarning, stacklevel=2)
             break
-    fm = FrozenModule(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
-                      compile_config=None if alast else compile)
+    cls = FrozenContainer if FrozenContainer.fits(model) else FrozenModule  # fm[0], len(fm) of an nn.Sequential
+    fm = cls(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
+             compile_config=None if alast else compile)
     model.__dict__[OWNER] = _Owner(fm)
     if sparsity is not None:
         from .runtime.module import weak_method

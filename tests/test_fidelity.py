@@ -454,6 +454,21 @@ def test_functional_call_leaves_the_callers_tensors_alone():
     assert not model.stem[0].weight.requires_grad and fm.frozen == ("stem",)
 
 
+def test_an_nn_sequential_is_indexed_measured_and_iterated_through_fm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("0")
+    assert fm[0] is model[0] and fm[-1] is model[-1] and isinstance(fm[1:3], nn.Sequential)
+    assert len(fm) == 5 and list(fm) == list(model) and list(reversed(fm)) == list(reversed(model))
+    assert model[2] in fm and bool(fm)
+    torch.testing.assert_close(fm[:-1](x), model[:-1](x))  # a feature extractor
+    other, (y,), _, _ = make("traced")  # not a container: an nn.Module's face, true and without a length
+    fo = frzcompile.optimize(other, (y,), policy="manual")
+    assert bool(fo) and not hasattr(fo, "__len__") and not hasattr(fo, "__getitem__")
+
+
 def test_the_module_face():
     import gc
     import inspect

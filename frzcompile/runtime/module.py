@@ -650,3 +650,32 @@ class FrozenModule(nn.Module):
         raise ConfigError("a FrozenModule cannot be pickled yet (torch.save(fm)): save fm.state_dict() and "
                           "fm.freeze_state_dict(), or pickle the model (fm.model) and fm.freeze_state_dict() (load it into "
                           "the FrozenModule optimize() gives for the unpickled model)")
+
+
+class FrozenContainer(FrozenModule):
+    """The FrozenModule of a model that is a container of modules (nn.Sequential, nn.ModuleList or a subclass):
+    `fm[0]`, `fm[-1]`, `fm[1:3]`, `len(fm)`, `for layer in fm` and `reversed(fm)` are the model's. (Special
+    methods are looked up on the type, so `__getattr__` cannot pass them on; a FrozenModule of any other model
+    keeps `bool(fm)` true and no length, as an nn.Module has.)"""
+
+    def __getitem__(self, index):
+        return self._model[index]
+
+    def __len__(self):
+        return len(self._model)
+
+    def __iter__(self):
+        return iter(self._model)
+
+    def __reversed__(self):
+        return reversed(self._model)
+
+    def __contains__(self, module):
+        return module in self._model
+
+    def __bool__(self):
+        return bool(self._model)
+
+    @staticmethod
+    def fits(model) -> bool:
+        return all(hasattr(type(model), m) for m in ("__getitem__", "__len__", "__iter__"))
