@@ -215,6 +215,22 @@ class UnitGraph:
                     continue  # the module was deleted: the unit has nothing left to switch
                 self.units[name].roots.append(root)
                 self.units[name].modules.extend(root.modules())
+        self.holders = self._holders(model)
+
+    def _holders(self, model) -> list:
+        """(module, the units owning its parameters) for each module above the units that holds parameters of
+        units only: once all of them are frozen, it is frozen as a whole (`fm.freeze("encoder")`), and its
+        modules without parameters (a dropout beside the layers) go to eval with it, as `encoder.eval()` would."""
+        in_units = {id(m) for u in self.units.values() for m in u.modules}
+        owner = {id(p): u.name for u in self.units.values() for p in u.params}
+        holders = []
+        for path, module in model.named_modules():
+            if not path or id(module) in in_units:
+                continue
+            owners = {owner.get(id(p)) for p in module.parameters()}
+            if owners and None not in owners:
+                holders.append((module, frozenset(owners)))
+        return holders
 
     # -- construction --------------------------------------------------------------------------------
     @staticmethod

@@ -35,6 +35,50 @@ def test_frozen_units_stay_in_eval_through_train():
     assert bn.num_batches_tracked.item() == 1
 
 
+def test_a_module_frozen_as_a_whole_takes_its_dropout_to_eval_and_back():
+    """`fm.freeze("encoder")` freezes every unit under it; the dropout beside its blocks (no parameters, so in no
+    unit) stayed in train mode, where `encoder.requires_grad_(False); encoder.eval()` by hand turns it off."""
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Linear(6, 16)
+            self.drop = nn.Dropout(0.5)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(2)])
+
+        def forward(self, x):
+            h = self.drop(self.tok(x))
+            for b in self.blocks:
+                h = b(h)
+            return h
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Encoder()
+            self.drop = nn.Dropout(0.5)  # the root's: stays in train mode (the head trains)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.drop(self.encoder(x)))
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(8, 6)
+    ref = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("encoder")
+    ref.encoder.requires_grad_(False)
+    ref.encoder.eval()
+    model.train()
+    torch.manual_seed(1)
+    out = fm(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    assert not model.encoder.drop.training and not model.encoder.training and model.drop.training
+    fm.unfreeze("encoder.blocks.1")  # part of it thawed: the encoder is no longer frozen as a whole
+    assert model.encoder.drop.training and model.encoder.training and model.encoder.blocks[1].training
+    assert not model.encoder.tok.training and not model.encoder.blocks[0][0].training
+
+
 def test_eval_mode_matches_eager_eval():
     model, x, _ = _cnn()
     fm = frzcompile.optimize(model, (x,))

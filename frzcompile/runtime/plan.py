@@ -106,8 +106,11 @@ class FreezePlan:
             for root in units[u].roots:
                 root.train(training)
             self.since.pop(u, None)
+        for module, owners in self.unit_graph.holders:
+            if owners <= self.frozen and not owners <= frozen:
+                module.train(training)  # frozen as a whole no more (its frozen units go back to eval below)
         self.frozen = frozen
-        self._frozen_modules = [m for u in self.ordered() for m in units[u].modules]
+        self._frozen_modules = self._eval_modules()
         self._eval_flags = None
         self.enforce_eval()
         change = PlanChange(frozen, newly, thawed, self.prefix, step, reason)
@@ -142,21 +145,30 @@ class FreezePlan:
                 if u in self.frozen and name in frozen_names:
                     p.requires_grad_(False)
                     p.grad = None
-        self._frozen_modules = [m for u in self.ordered() for m in units[u].modules]
+        self._frozen_modules = self._eval_modules()
         self._eval_flags = None
         self._param_names = None
         self.enforce_eval()
 
+    def _eval_roots(self) -> list:
+        """The modules `eval()` is called on: each frozen unit's, and each module frozen as a whole (all the
+        units holding its parameters are frozen: UnitGraph.holders)."""
+        units = self.unit_graph.units
+        roots = [root for u in self.ordered() for root in units[u].roots]
+        return roots + [m for m, owners in self.unit_graph.holders if owners <= self.frozen]
+
+    def _eval_modules(self) -> list:
+        return [m for root in self._eval_roots() for m in root.modules()]
+
     def enforce_eval(self) -> None:
-        """Frozen units back in eval mode through `eval()` on each unit's module, as freezing by hand does (the
-        user's `model.train()` may have switched them); a no-op while nothing changed since the last time."""
+        """Frozen units (and modules frozen as a whole) back in eval mode through `eval()` on each unit's module,
+        as freezing by hand does (the user's `model.train()` may have switched them); a no-op while nothing
+        changed since the last time."""
         flags = tuple(m.training for m in self._frozen_modules)
         if flags == self._eval_flags:
             return
-        units = self.unit_graph.units
-        for u in self.ordered():
-            for root in units[u].roots:
-                root.eval()
+        for root in self._eval_roots():
+            root.eval()
         self._eval_flags = tuple(m.training for m in self._frozen_modules)
 
     def state_tensors(self, prefix, extra=()) -> list:
