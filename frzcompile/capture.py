@@ -12,6 +12,7 @@ example inputs, within the measured numerical noise (`numerics.py`), before it i
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -22,7 +23,7 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import forked_rng, tree_flatten, tree_unflatten
+from .torch_private import forked_rng, tensor_version, tree_flatten, tree_unflatten
 
 METHODS = ("symbolic_trace", "export")
 
@@ -107,12 +108,43 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     # analysis reads the class's forward, whose structure it shares (autocast would hide the units from export).
     instance_forward = model.__dict__.pop("forward", None)
     try:
-        # the random number generators are forked: capturing leaves the user's seeded run as without it
-        with forked_rng():
-            return _capture(model, args, kwargs, unit_names, method, name, was_training)
+        # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
+        # and a forward that updates a buffer at every call (a step counter) as without it
+        with forked_rng(), buffers_kept(model):
+            try:
+                return _capture(model, args, kwargs, unit_names, method, name, was_training)
+            except CaptureError:
+                if "labels" not in kwargs:
+                    raise
+                # a Hugging Face model's loss may branch on the labels' values (DeBERTa's `if label_index.size(0)
+                # > 0`, CTC losses): the units and FLOPs are the model's without them (the loss comes after)
+                without = {k: v for k, v in kwargs.items() if k != "labels"}
+                try:
+                    return _capture(model, args, without, unit_names, method, name, was_training)
+                except (CaptureError, InputMismatchError):
+                    pass
+                raise
     finally:
         if instance_forward is not None:
             model.__dict__["forward"] = instance_forward
+
+
+@contextlib.contextmanager
+def buffers_kept(model: torch.nn.Module):
+    """The model's buffers (the objects and their values) as they were before the block, for frzcompile's own
+    runs of the forward (capture's, the FLOP count's): a forward may update a buffer at every call, not only in
+    training (a call counter, a running mean kept by hand)."""
+    saved = [(m, name, b, b.detach().clone(), tensor_version(b))
+             for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, value, version in saved:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if tensor_version(b) != version:
+                    b.copy_(value)
 
 
 def _copies(tree):

@@ -256,6 +256,70 @@ def test_a_fallback_to_export_prints_nothing(capfd):
     assert "Traceback" not in capfd.readouterr().err  # torch.fx's GraphModule.__call__ prints one on failure
 
 
+def test_a_loss_that_branches_on_the_labels_values_is_captured_without_them():
+    """DeBERTa's loss (`if (labels >= 0).nonzero().size(0) > 0`) and CTC losses branch on the labels' values:
+    neither capture method could trace the example with labels, so the HF Trainer callback (whose example is the
+    first training batch, labels included) failed at its first step. The units come from the forward without
+    them; the model itself still runs with them."""
+    import copy
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x, labels=None):
+            logits = self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+            if labels is None:
+                return logits
+            keep = (labels >= 0).nonzero().view(-1)
+            if keep.size(0) > 0:  # data-dependent: no graph of this
+                return torch.nn.functional.cross_entropy(logits[keep], labels[keep]), logits
+            return logits.sum() * 0, logits
+
+    torch.manual_seed(0)
+    model, x, y = Classifier(), torch.randn(6, 8), torch.tensor([0, 2, -100, 1, 1, 0])
+    ref = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), example_kwargs={"labels": y}, policy="manual")
+    assert fm.units == ["a", "b", "head"] and "labels" not in fm._analysis.captured.kwargs
+    fm.freeze("a")
+    ref.a.requires_grad_(False)
+    loss, _ = fm(x, labels=y)
+    loss.backward()
+    ref_loss, _ = ref(x, labels=y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(model.b.weight.grad, ref.b.weight.grad)
+
+
+def test_optimize_leaves_a_buffer_the_forward_updates_at_every_call_as_it_was():
+    """A forward that counts its calls or keeps a running mean by hand (not only in training): capture's runs
+    and explain's FLOP count moved them (3 calls before the first training step; 0.11 off eager at step 1)."""
+    import copy
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+            self.register_buffer("mean", torch.zeros(4))
+
+        def forward(self, x):
+            self.calls += 1
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.head(torch.relu(self.a(x - self.mean)))
+
+    torch.manual_seed(0)
+    model, x = Counting(), torch.randn(5, 4)
+    ref = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert "fwd FLOPs" in str(frzcompile.explain(fm))
+    assert int(model.calls) == 0 and torch.equal(model.mean, torch.zeros(4))
+    torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
+    assert int(model.calls) == 1
+
+
 def test_user_units_override():
     from frzcompile import zoo
 
