@@ -151,6 +151,30 @@ def test_a_thaw_under_fused_sgd_trains_as_from_fresh_momentum(dampening):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_optimizer_state_loaded_for_frozen_parameters_is_dropped_at_the_next_step():
+    """A checkpoint's optimizer state saved before a waiting plan applied, loaded after the freeze state or into an
+    optimizer made after optimize(), gave frozen parameters their Adam moments back for the rest of the run (and
+    to a later thaw, which must start fresh)."""
+    model, x, y = _cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+
+    def step(o):
+        nn.functional.cross_entropy(fm(x), y).backward()
+        o.step()
+        o.zero_grad()
+    step(opt)
+    saved = copy.deepcopy(opt.state_dict())  # state for every parameter
+    fm.freeze("features.0")
+    frozen = list(model.features[0].parameters())
+    for o in (opt, torch.optim.Adam(model.parameters(), lr=1e-3)):  # reloaded; made later and loaded
+        o.load_state_dict(saved)
+        assert all(p in o.state for p in frozen)
+        step(o)
+        assert not any(p in o.state for p in frozen) and len(o.state) > 0
+        assert all(not p.requires_grad and p.grad is None for p in frozen)
+
+
 def test_plan_change_shows_in_the_analysis_graph_and_takes_effect_at_once():
     model, x, y = _cnn()
     fm = frzcompile.optimize(model, (x,))

@@ -374,6 +374,7 @@ class FrozenModule(nn.Module):
 
     def _before_optimizer_step(self, optimizer) -> None:
         self._plan.drop_frozen_grads()
+        self._plan.drop_loaded_state(optimizer)
         self._plan.fresh_momentum_for_fused_sgd(optimizer)
         for service in self._services:
             service.before_optimizer_step(optimizer)

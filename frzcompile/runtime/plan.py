@@ -13,6 +13,7 @@ on by hand trains, as it would.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ class FreezePlan:
         self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
         self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
         self._thawed: dict = {}           # id -> thawed parameter that has not had a gradient at a step yet
+        self._states_seen = weakref.WeakKeyDictionary()  # optimizer -> id of its state dict at its last step
 
     @property
     def units(self) -> list:
@@ -203,6 +205,18 @@ class FreezePlan:
         for p in self.frozen_params():
             if p.grad is not None and not p.requires_grad and id(p) not in self._in_flight:
                 p.grad = None
+
+    def drop_loaded_state(self, optimizer) -> None:
+        """Before a step of an optimizer first seen or whose state was replaced since its last step
+        (`opt.load_state_dict`: a checkpoint saved before a waiting plan applied, or loaded after the freeze
+        state): frozen parameters hold no state in it, as on any freeze."""
+        state = getattr(optimizer, "state", None)
+        if state is None or self._states_seen.get(optimizer) == id(state):
+            return
+        self._states_seen[optimizer] = id(state)
+        for p in self.frozen_params():
+            if not p.requires_grad and id(p) not in self._in_flight:
+                _drop_state([optimizer], p)
 
     def fresh_momentum_for_fused_sgd(self, optimizer) -> None:
         """Before a step: a thawed parameter starts from fresh optimizer state, but fused SGD needs a momentum
