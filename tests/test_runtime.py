@@ -280,6 +280,10 @@ def test_freeze_state_rejects_another_model():
         fm.load_freeze_state_dict(state)
     with pytest.raises(frzcompile.PlanError, match="not a frzcompile freeze state"):
         fm.load_freeze_state_dict({"frozen": []})
+    state = fm.freeze_state_dict()
+    state["policy"]["name"] = "linear"
+    with pytest.raises(frzcompile.PlanError, match=r"optimize with policy='linear'.*fm.freeze\(\*state\['frozen'\]\)"):
+        fm.load_freeze_state_dict(state)
 
 
 def test_to_dtype_keeps_graph_in_sync():

@@ -596,7 +596,9 @@ class FrozenModule(nn.Module):
                 "it was saved from a different model or unit selection"
             )
         if state["policy"]["name"] != self._policy.name:
-            raise PlanError(f"the saved policy is {state['policy']['name']!r}, this one is {self._policy.name!r}")
+            raise PlanError(f"the saved policy is {state['policy']['name']!r}, this one is {self._policy.name!r}: "
+                            f"optimize with policy={state['policy']['name']!r} (its options as before) to resume "
+                            "the run, or keep only the plan with fm.freeze(*state['frozen'])")
         if (state.get("sparsity") is None) != (self.sparsity is None):
             raise PlanError("the saved freeze state and this module disagree on sparsity= (one has masks, the "
                             "other not)")
