@@ -8,6 +8,7 @@ samples across the batch) is orders of magnitude larger.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -63,17 +64,32 @@ def agree(a, b, noise: float = 0.0) -> bool:
     return relative_difference(a, b) <= floor(a.dtype, a.device) + 4.0 * noise
 
 
+def _open(tree):
+    """The leaves and structure of a nested output; a dataclass that torch's pytree does not know (a plain
+    `@dataclass` a model returns) is opened field by field, not compared with its `==` (ambiguous on tensors)."""
+    leaves, spec = tree_flatten(tree)
+    out, structure = [], [spec]
+    for leaf in leaves:
+        if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            inner, inner_structure = _open([getattr(leaf, f.name) for f in dataclasses.fields(leaf)])
+            out += inner
+            structure.append((type(leaf), inner_structure))
+        else:
+            out.append(leaf)
+    return out, structure
+
+
 def tree_agree(a, b, noise: float = 0.0) -> bool:
     """`agree` leaf by leaf over two nested outputs of the same structure."""
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
+    la, sa = _open(a)
+    lb, sb = _open(b)
     return sa == sb and len(la) == len(lb) and all(agree(x, y, noise) for x, y in zip(la, lb))
 
 
 def tree_noise(a, b) -> float:
     """The largest relative difference between the floating tensors of two runs of the same computation."""
-    la, _ = tree_flatten(a)
-    lb, _ = tree_flatten(b)
+    la, _ = _open(a)
+    lb, _ = _open(b)
     worst = 0.0
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point():

@@ -320,6 +320,38 @@ def test_optimize_leaves_a_buffer_the_forward_updates_at_every_call_as_it_was():
     assert int(model.calls) == 1
 
 
+def test_a_model_returning_a_plain_dataclass_is_captured():
+    """The capture's check compared a plain @dataclass output with its `==` (ambiguous on tensors) and refused the
+    model with advice that pointed the wrong way."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        hidden: torch.Tensor
+        note: str = "x"
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.a(x)))
+            return Out(self.head(h), h)
+
+    torch.manual_seed(0)
+    model, x = M(), torch.randn(5, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert fm.capture_method == "symbolic_trace" and fm.units == ["a", "b", "head"]
+    fm.freeze("a")
+    out = fm(x)
+    assert isinstance(out, Out)
+    torch.testing.assert_close(out.logits, model.head(model.b(torch.relu(model.a(x)))))
+    from frzcompile.numerics import tree_agree
+    assert not tree_agree(Out(out.logits, out.hidden + 1), out)  # compared field by field
+
+
 def test_user_units_override():
     from frzcompile import zoo
 
