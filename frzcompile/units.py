@@ -16,6 +16,7 @@ head too, as `requires_grad=False` would), else to the unit that first reads the
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -368,6 +369,14 @@ class UnitGraph:
                             if self._alias.get(req) == u)]
             if under:
                 out += under
+                for u in under:
+                    if u in self.merges and not all(p == n or p.startswith(n + ".") for p in self.paths(u)):
+                        others = [p for p in self.paths(u) if not (p == n or p.startswith(n + "."))]
+                        warnings.warn(f"frzcompile: {n!r} is part of unit {u!r}, merged because "
+                                      f"{self.merges[u]}; freezing {n!r} freezes {', '.join(others)} too. To "
+                                      f"keep {'them' if len(others) > 1 else 'it'} training, call requires_grad_(True) "
+                                      "on them after the freeze (they then train, as by hand).", UserWarning,
+                                      stacklevel=3)
                 continue
             inside = self._alias.get(self._unit_of_path(n))
             if inside in self.units:

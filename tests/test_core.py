@@ -1,4 +1,6 @@
 """Core correctness: frzcompile's training step against eager PyTorch with the same parameters frozen."""
+import warnings
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -350,6 +352,42 @@ def test_a_model_returning_a_plain_dataclass_is_captured():
     torch.testing.assert_close(out.logits, model.head(model.b(torch.relu(model.a(x)))))
     from frzcompile.numerics import tree_agree
     assert not tree_agree(Out(out.logits, out.hidden + 1), out)  # compared field by field
+
+
+def test_freezing_part_of_a_merged_unit_warns_with_what_else_it_freezes():
+    """A shared block interleaved with per-step adapters (`for a in adapters: h = a(shared(h))`): the shared block
+    and the first adapters feed each other, so they are one unit, and freezing the block froze those adapters
+    too, silently."""
+    class Adapter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.l(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.shared = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+            self.adapters = torch.nn.ModuleList([Adapter() for _ in range(3)])
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.emb(x)
+            for a in self.adapters:
+                h = a(self.shared(h))
+            return self.head(h)
+
+    fm = frzcompile.optimize(Net(), (torch.randn(4, 4),), policy="manual")
+    merged = next(u for u in fm.units if "shared" in u)
+    assert "+" in merged and "adapters.0" in merged
+    with pytest.warns(UserWarning, match=r"'shared' is part of unit .*freezes adapters\.0.* too"):
+        fm.freeze("emb", "shared")
+    assert merged in fm.frozen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm.freeze(merged)  # the whole unit, named as it is: nothing to warn about
 
 
 def test_user_units_override():
