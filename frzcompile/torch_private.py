@@ -119,6 +119,12 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _CALL_HOOKS)
 
 
+def call_hook_sources(module: torch.nn.Module) -> set:
+    """The Python modules that the functions hooked on `module`'s calls come from ("transformers.utils...")."""
+    return {getattr(getattr(fn, "func", fn), "__module__", None) or "" for name in _CALL_HOOKS
+            for fn in (getattr(module, name, None) or {}).values()}
+
+
 def global_module_hooks() -> bool:
     """Whether a hook registered with torch.nn.modules.module.register_module_forward_hook (and friends) is active:
     it fires for every module call."""

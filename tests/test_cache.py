@@ -1655,3 +1655,17 @@ def test_a_forward_that_changes_its_input_in_place_is_not_cached_and_changes_it_
             assert torch.equal(a, b)  # changed once, as eager changes it
     assert not fm.cache.last_plan.cacheable and "changes its input in place" in fm.cache.last_plan.reason
     assert fm.cache.stats["hits"] == 0
+
+
+def test_the_cache_names_the_hooks_transformers_installs_for_hidden_states():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, cache=CacheConfig(check_cost=False))
+    fm.freeze(*fm.units[:2])  # the embeddings and the first layer
+    fm.eval()
+    with torch.no_grad():
+        fm(**kwargs, output_hidden_states=True)  # transformers 5 hooks the layers now, and keeps the hooks
+        fm(**kwargs)
+    reasons = " ".join(fm.cache.steps_aside)
+    assert "hooks that transformers installs" in reasons and "cannot serve this model" in reasons

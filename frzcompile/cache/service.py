@@ -537,6 +537,11 @@ class ActivationCache(Service):
             return "global module hooks (torch.nn.modules.module.register_module_forward_hook...) must see every call"
         hooked = next((path for path, m in mods.guarded.items() if torch_private.has_call_hooks(m)), None)
         if hooked is not None:
+            if all(src.startswith("transformers.") for src in torch_private.call_hook_sources(mods.guarded[hooked])):
+                return (f"hooks that transformers installs on {hooked or 'the model itself'} to collect hidden states "
+                        "or attentions must see every call (installed at the first call that asks for them, and kept; "
+                        "some heads always ask: Segformer, UperNet, Wav2Vec2 classification), so the cache cannot "
+                        "serve this model")
             return (f"hooks on {hooked or 'the model itself'} (in the frozen prefix, its parents or the code between "
                     "units) must see every call")
         for m in mods.top.values():
