@@ -124,6 +124,13 @@ class Explanation:
         if fm.frozen_prefix:
             lines.append(f"frozen prefix ({len(fm.frozen_prefix)} units) runs without autograd whenever no input "
                          "to it requires grad")
+            units = fm.unit_graph.units
+            if any(getattr(hook, "__name__", "") == "make_inputs_require_grads"
+                   for u in fm.frozen_prefix for m in units[u].modules for hook in m._forward_hooks.values()):
+                lines.append("  but transformers' enable_input_require_grads() (which gradient_checkpointing_enable() "
+                             "calls) makes the embeddings' output require grad: the frozen prefix runs with autograd "
+                             "and backward goes through it. With use_reentrant=False checkpointing (the default), "
+                             "call model.disable_input_require_grads()")
         if self.sparse is not None:
             routes = self.sparse["block_sparse_routes"]
             lines.append(f"{self.sparse['gradient_masks']} weights with masked gradients (tensor hooks)"

@@ -154,6 +154,20 @@ def test_calls_shaped_unlike_the_example_run_as_the_model_does():
         torch.testing.assert_close(got.logits, expected.logits)
 
 
+def test_explain_says_when_gradient_checkpointing_makes_the_frozen_prefix_run_with_autograd():
+    from tests.conftest import make_case
+
+    model, args, kwargs = make_case("bert")
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual")
+    fm.freeze(*fm.units[:2])
+    assert "enable_input_require_grads" not in str(frzcompile.explain(fm))
+    model.gradient_checkpointing_enable()
+    text = str(frzcompile.explain(fm))
+    assert "runs with autograd" in text and "model.disable_input_require_grads()" in text
+    model.disable_input_require_grads()
+    assert "enable_input_require_grads" not in str(frzcompile.explain(fm))
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
