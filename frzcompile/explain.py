@@ -101,6 +101,15 @@ class Explanation:
             self.compiled = CompileReport(self.model, fm.compiled.log, fm.compiled.eager_plans)
         self.runs = self._runs(fm)
         self.merges = dict(fm.unit_graph.merges)
+        # parameters outside every unit's modules join the unit that first reads them (DeBERTa's relative
+        # position table, read before the first layer and passed to every layer)
+        self.adopted = {}
+        for u in fm.units:
+            paths = fm.unit_graph.paths(u)
+            names = [n for n in fm.unit_graph.units[u].param_names
+                     if not any(n.startswith(p + ".") for p in paths)]
+            if names:
+                self.adopted[u] = names
         # units whose forward reads parameters another unit owns (a tied head reading the embedding's weight)
         owner = {id(p): u for u in fm.units for p in fm.unit_graph.units[u].params}
         self.shared_weights = {}
@@ -165,6 +174,11 @@ class Explanation:
             lines.append(f"  loss signal: {self.loss_source}")
         for merged, why in self.merges.items():
             lines.append(f"merged unit {merged}: {why}")
+        for u, names in self.adopted.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"unit {u} also holds {shown} (outside every unit's modules; {u} reads "
+                         f"{'them' if len(names) > 1 else 'it'} first): freezing {u} freezes "
+                         f"{'them' if len(names) > 1 else 'it'} too")
         for u, owners in self.shared_weights.items():
             lines.append(f"unit {u} uses weights owned by {', '.join(sorted(owners))} (tied): they freeze with "
                          f"{'it' if len(owners) == 1 else 'them'}")

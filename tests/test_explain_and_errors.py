@@ -168,6 +168,24 @@ def test_explain_says_when_gradient_checkpointing_makes_the_frozen_prefix_run_wi
     assert "enable_input_require_grads" not in str(frzcompile.explain(fm))
 
 
+def test_explain_names_parameters_outside_every_unit_and_the_unit_they_freeze_with():
+    class M(nn.Module):  # a table read before the first layer and added to every layer's input (DeBERTa's)
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4))
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = self.table * 2
+            return self.head(self.b(self.a(x) + t) + t)
+
+    fm = frzcompile.optimize(M(), (torch.randn(3, 4),), policy="manual")
+    assert "unit a also holds table (outside every unit's modules; a reads it first): freezing a freezes it too" \
+        in str(frzcompile.explain(fm))
+    fm.freeze("a")
+    assert not fm.model.table.requires_grad
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
