@@ -79,6 +79,30 @@ def test_a_module_frozen_as_a_whole_takes_its_dropout_to_eval_and_back():
     assert not model.encoder.tok.training and not model.encoder.blocks[0][0].training
 
 
+def test_freezing_every_unit_is_allowed_when_a_module_added_after_optimize_trains():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.extra = nn.ModuleList()  # a head the user appends later
+
+        def forward(self, x):
+            h = self.head(torch.relu(self.a(x)))
+            for m in self.extra:
+                h = m(h)
+            return h
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    with pytest.raises(frzcompile.PlanError, match="leaves nothing to train"):
+        fm.freeze(*fm.units)
+    model.extra.append(nn.Linear(4, 2))
+    fm.freeze(*fm.units)  # by hand: everything but the new head frozen, which trains
+    fm(x).sum().backward()
+    assert model.extra[0].weight.grad is not None and model.a.weight.grad is None
+
+
 def test_eval_mode_matches_eager_eval():
     model, x, _ = _cnn()
     fm = frzcompile.optimize(model, (x,))

@@ -356,7 +356,7 @@ class FrozenModule(nn.Module):
 
     def _set_plan(self, frozen: frozenset, reason: str) -> None:
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
-                                  reason=reason)
+                                  reason=reason, others=self._model.parameters())
         if self.sparsity is not None:
             self._analysis.invalidate()  # the sparsify pass reads the weights
         for service in self._services:

@@ -80,12 +80,16 @@ class FreezePlan:
         units = self.unit_graph.units
         return [p for u in self.frozen for p in units[u].params]
 
-    def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str) -> PlanChange:
+    def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=()) -> PlanChange:
+        """`others`: the model's parameters; one outside every unit that trains (a head added after optimize())
+        leaves something to train whatever the plan."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
         trainable = [u for u, unit in units.items()
                      if any(self._initial_requires_grad.get(id(p), p.requires_grad) for p in unit.params)]
-        if frozen and (len(frozen) == len(self.units) or all(u in frozen for u in trainable)):
+        in_units = {id(p) for unit in units.values() for p in unit.params}
+        if frozen and (len(frozen) == len(self.units) or all(u in frozen for u in trainable)) and \
+                not any(p.requires_grad for p in others if id(p) not in in_units):
             raise PlanError(
                 f"freezing {', '.join(self.ordered(frozen))} leaves nothing to train (the units left hold no "
                 "trainable parameters of their own); keep at least one unit with trainable parameters"
