@@ -54,7 +54,9 @@ def test_no_freeze_while_the_loss_falls_fast():
 
 def test_no_freeze_while_the_loss_still_improves_slowly():
     # -2% every 20 steps (under max_fall), but over 100 steps about a third of its whole drop so far: still learning
-    history, policy = run(LossView(lambda i: 2.0 * 0.999 ** i), 600)
+    # (it is not yet half its start either: the first rule alone is tested with a lower min_drop)
+    history, policy = run(LossView(lambda i: 2.0 * 0.999 ** i), 600,
+                          SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(min_drop=0.1)))
     assert history == [] and "still improving" in policy.safeguard.blocked
     # a loss that flattened, with per-step noise: the 100-step means differ by noise only, so it freezes
     flat, _ = run(LossView(lambda i: 2.0 * 0.98 ** min(i, 100) + 0.05 * ((i * 7919) % 11 - 5) / 5), 600)
@@ -208,8 +210,41 @@ def test_a_plain_cnn_that_learns_late_is_not_wrecked():
     assert unsafe < full - 10  # the catastrophe the rules exist for
     assert safe >= full - 3, (safe, full, fm.policy.report())
     # its loss falls until the last step: nothing has settled, so nothing freezes (it used to freeze three
-    # convolutions here at -0.8 points)
-    assert not fm.frozen and "still improving" in fm.policy.safeguard.blocked, fm.policy.report()
+    # convolutions here at -0.8 points); it is not even half its start yet
+    blocked = fm.policy.safeguard.blocked
+    assert not fm.frozen and ("still improving" in blocked or "50% lower" in blocked), fm.policy.report()
+
+
+def test_a_deep_mlp_on_a_plateau_in_the_middle_of_learning_is_not_wrecked():
+    """A new user's case: five ReLU layers at PyTorch's default init, no normalization, SGD with momentum, digits
+    with one class repeated 8 times. The loss falls to about half its start as the class prior is learned, stays
+    there for hundreds of steps (a saddle), then falls to near zero. With a 10% drop as the start of learning,
+    SmartFRZ froze five of six units on that plateau (95.5% -> 35.9%); freezing the first layer alone there cost
+    4-21 points on other seeds and depths, so learning must have halved the loss first."""
+    x, y, xt, yt = data.digits(seed=0)
+    x, xt = x.flatten(1), xt.flatten(1)
+    zeros = y == 0
+    x, y = torch.cat([x] + [x[zeros]] * 8), torch.cat([y] + [y[zeros]] * 8)
+
+    def train(policy):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        net = model if policy is None else frzcompile.optimize(model, (x[:32],), optimizer=opt, policy=policy)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            for idx in torch.randperm(len(x), generator=g).split(32):
+                nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+        with torch.no_grad():
+            return 100 * (model(xt).argmax(1) == yt).float().mean().item(), net
+
+    full, _ = train(None)
+    hasty, _ = train(SmartFRZ(safeguard=Safeguard(min_drop=0.1)))
+    safe, fm = train("smartfrz")
+    assert hasty < full - 20, (hasty, full)  # the plateau freezes
+    assert safe >= full - 1.0, (safe, full, fm.policy.report())
 
 
 def test_dict_outputs_use_the_output_that_gets_a_gradient_and_no_loss_warns():
