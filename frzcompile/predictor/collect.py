@@ -162,6 +162,15 @@ def families(root):
         return Recipe(zoo.plain_cnn(), (x, y), (x[:PROBE],), sgd(0.002, weight_decay=0.0), 32, 750,
                       test=(xt, yt))
 
+    def deepmlp_digits_imbalanced(seed):  # five ReLU layers at default init, one class 8x: a plateau at about
+        x, y, xt, yt = data.digits(seed=seed)  # half the starting loss once the class prior is learned (a saddle)
+        x, xt = x.flatten(1), xt.flatten(1)
+        zeros = y == 0
+        x, y = torch.cat([x] + [x[zeros]] * 8), torch.cat([y] + [y[zeros]] * 8)
+        torch.manual_seed(seed)
+        model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))
+        return Recipe(model, (x, y), (x[:PROBE],), sgd(0.01, weight_decay=0.0), 32, 3000, test=(xt, yt))
+
     def mlp_digits_adamw_cosine(seed):
         x, y, xt, yt = data.digits(seed=seed)
         torch.manual_seed(seed)
@@ -215,7 +224,7 @@ def families(root):
             "plaincnn-digits-plateau": plaincnn_digits_plateau, "mlp-digits-adamw-cosine": mlp_digits_adamw_cosine,
             "cnn-fashion-adamw-warmup": cnn_fashion_adamw_warmup,
             "resnet-fashion-sgd-cosine": resnet_fashion_sgd_cosine, "vit-fashion-adamw": vit_fashion_adamw,
-            "gpt2-sst2": gpt2_sst2, "minilm-trec": minilm_trec}
+            "gpt2-sst2": gpt2_sst2, "minilm-trec": minilm_trec, "deepmlp-digits-imbalanced": deepmlp_digits_imbalanced}
 
 
 # what each family trains, on which data (for the model card)
@@ -237,6 +246,9 @@ DESCRIPTIONS = {
     "gpt2-sst2": "Hugging Face GPT-2 (4 layers, width 64) from a config, from scratch, classifying at the last "
                  "token, on 20,000 SST-2 sentences (hashed ids)",
     "minilm-trec": "pretrained all-MiniLM-L6-v2, fine-tuned on TREC question classification (5,452 questions)",
+    "deepmlp-digits-imbalanced": "MLP 64-64x5-10 at PyTorch's default init, no normalization, SGD with momentum, on "
+                                 "scikit-learn's digits with one class repeated 8 times (a long plateau at about "
+                                 "half the starting loss, in the middle of learning)",
 }
 
 
