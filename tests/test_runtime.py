@@ -151,24 +151,32 @@ def test_frozen_parameters_never_move(opt_name):
         assert opt.state[frozen_params[0]]["step"].item() == 1
 
 
-@pytest.mark.parametrize("dampening", [0.0, 0.3])
-def test_a_thaw_under_fused_sgd_trains_as_from_fresh_momentum(dampening):
-    """torch's fused SGD needs a momentum buffer for all of a group's parameters or for none: a thawed parameter
-    (its buffer dropped at the freeze) crashed the next step. It now steps as the for-loop SGD does from fresh
+@pytest.mark.parametrize("how", ["thaw", "thaw, another optimizer first", "requires_grad by hand"])
+def test_a_thaw_under_fused_sgd_trains_as_from_fresh_momentum(how):
+    """torch's fused SGD needs a momentum buffer for all of a group's parameters or for none: a parameter whose
+    buffer a freeze dropped crashed the next step once it trained again (a thaw, with or without another
+    optimizer stepping first, or requires_grad_(True) by hand). It now steps as the for-loop SGD does from fresh
     state (the README's one documented difference from freezing by hand)."""
     def run(fused):
         model, x, y = _cnn()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=dampening, fused=fused,
-                              foreach=None if fused else False)
-        fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+        head = list(model.head.parameters())
+        body = [p for p in model.parameters() if all(p is not q for q in head)]
+        sgd = torch.optim.SGD(body if "another" in how else model.parameters(), lr=0.05, momentum=0.9,
+                              fused=fused, foreach=None if fused else False)
+        opts = ([torch.optim.Adam(head, lr=1e-3)] if "another" in how else []) + [sgd]
+        fm = frzcompile.optimize(model, (x,), optimizer=opts, policy="manual")
         for step in range(8):
             if step == 2:
                 fm.freeze("features.0")
             if step == 5:
-                fm.unfreeze("features.0")
+                if how == "requires_grad by hand":
+                    model.features[0].requires_grad_(True)
+                else:
+                    fm.unfreeze("features.0")
             nn.functional.cross_entropy(fm(x), y).backward()
-            opt.step()
-            opt.zero_grad()
+            for o in opts:
+                o.step()
+                o.zero_grad()
         return model
     fused, loop = run(True), run(False)
     for (name, a), b in zip(fused.named_parameters(), loop.parameters()):

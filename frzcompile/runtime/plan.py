@@ -61,7 +61,6 @@ class FreezePlan:
         self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
         self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
         self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
-        self._thawed: dict = {}           # id -> thawed parameter that has not had a gradient at a step yet
         self._states_seen = weakref.WeakKeyDictionary()  # optimizer -> id of its state dict at its last step
 
     @property
@@ -108,7 +107,6 @@ class FreezePlan:
             for p in units[u].params:
                 self._in_flight.pop(id(p), None)
                 p.requires_grad_(self.trainable_by_default(p))
-                self._thawed[id(p)] = p
             for root in units[u].roots:
                 root.train(training)
             self.since.pop(u, None)
@@ -222,26 +220,25 @@ class FreezePlan:
             if not p.requires_grad and id(p) not in self._in_flight:
                 _drop_state([optimizer], p)
 
-    def fresh_momentum_for_fused_sgd(self, optimizer) -> None:
-        """Before a step: a thawed parameter starts from fresh optimizer state, but fused SGD needs a momentum
-        buffer for every parameter of a group or for none (torch's `_fused_sgd`), so where its group's other
-        parameters have one, it gets the buffer that makes this step's update what a fresh buffer's first step
-        would be (`grad` itself: `momentum * buf + (1 - dampening) * grad == grad`)."""
-        if not self._thawed:
+    @staticmethod
+    def fresh_momentum_for_fused_sgd(optimizer) -> None:
+        """Before a step: torch's fused SGD needs a momentum buffer for every parameter of a group that steps or
+        for none (`_fused_sgd`), but a freeze drops a parameter's buffer and a thaw (or `requires_grad_(True)` by
+        hand) brings it back without one. Where a group mixes the two, the missing buffers start at zero, which
+        is exactly a fresh buffer's first step with the default dampening 0 (`momentum * 0 + grad`), whatever
+        the gradient (inf under a GradScaler included); with dampening d that first step is (1 - d) of a fresh
+        one's."""
+        if not isinstance(optimizer, torch.optim.SGD):
             return
-        fused_sgd = [g for g in getattr(optimizer, "param_groups", ()) if isinstance(optimizer, torch.optim.SGD)
-                     and g.get("fused") and g.get("momentum", 0)]
-        for g in fused_sgd:
+        state = optimizer.state
+        for g in optimizer.param_groups:
+            if not g.get("fused") or not g.get("momentum"):
+                continue
             held = [p for p in g["params"] if p.grad is not None]
-            if all("momentum_buffer" not in optimizer.state.get(p, ()) for p in held):
-                continue  # all fresh: the optimizer's own first step
-            for p in held:
-                if id(p) in self._thawed and optimizer.state[p].get("momentum_buffer") is None:
-                    optimizer.state[p]["momentum_buffer"] = \
-                        p.grad.detach() * (g["dampening"] / g["momentum"])
-        for key, p in list(self._thawed.items()):
-            if p.grad is not None:  # its first step after the thaw is under way: fresh state from here on
-                del self._thawed[key]
+            missing = [p for p in held if state.get(p, {}).get("momentum_buffer") is None]
+            if missing and len(missing) < len(held):
+                for p in missing:
+                    state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     def release_in_flight(self, optimizers, stepped=None) -> None:
         """After a step of the optimizer `stepped` (None: any step, `fm.step()`): the frozen parameters whose
