@@ -26,6 +26,7 @@ from .numerics import tree_agree, tree_noise
 from .torch_private import forked_rng, tensor_version, tree_flatten, tree_unflatten
 
 METHODS = ("symbolic_trace", "export")
+KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
 
 
 @dataclass
@@ -134,8 +135,15 @@ def buffers_kept(model: torch.nn.Module):
     """The model's buffers (the objects and their values) as they were before the block, for frzcompile's own
     runs of the forward (capture's, the FLOP count's): a forward may update a buffer at every call, not only in
     training (a call counter, a running mean kept by hand)."""
-    saved = [(m, name, b, b.detach().clone(), tensor_version(b))
-             for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    saved, budget = [], KEPT_BUFFER_BYTES
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is None or torch.nn.parameter.is_lazy(b):  # (a lazy module's, not materialised yet)
+                continue
+            size = b.numel() * b.element_size()
+            copy_ = b.detach().clone() if size <= budget else None  # a preallocated key/value cache: not copied
+            budget -= size if copy_ is not None else 0
+            saved.append((m, name, b, copy_, tensor_version(b)))
     try:
         yield
     finally:
@@ -144,7 +152,12 @@ def buffers_kept(model: torch.nn.Module):
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
                 if tensor_version(b) != version:
-                    b.copy_(value)
+                    if value is None:
+                        warnings.warn(f"frzcompile: frzcompile's own run of the forward changed the buffer {name!r} "
+                                      f"of {type(m).__name__} in place, and it is too large to have been copied "
+                                      "first, so it stays changed", UserWarning, stacklevel=4)
+                    else:
+                        b.copy_(value)
 
 
 def _copies(tree):

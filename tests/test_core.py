@@ -320,6 +320,9 @@ def test_optimize_leaves_a_buffer_the_forward_updates_at_every_call_as_it_was():
     assert int(model.calls) == 0 and torch.equal(model.mean, torch.zeros(4))
     torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
     assert int(model.calls) == 1
+    # a lazy module's buffers are not materialised before the capture runs it: nothing to keep (it raised)
+    lazy = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LazyBatchNorm1d(), torch.nn.Linear(8, 2))
+    assert frzcompile.optimize(lazy, (x,), policy="manual").units == ["0", "1", "2"]
 
 
 def test_a_model_returning_a_plain_dataclass_is_captured():
