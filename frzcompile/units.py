@@ -216,22 +216,6 @@ class UnitGraph:
                     continue  # the module was deleted: the unit has nothing left to switch
                 self.units[name].roots.append(root)
                 self.units[name].modules.extend(root.modules())
-        self.holders = self._holders(model)
-
-    def _holders(self, model) -> list:
-        """(module, the units owning its parameters) for each module above the units that holds parameters of
-        units only: once all of them are frozen, it is frozen as a whole (`fm.freeze("encoder")`), and its
-        modules without parameters (a dropout beside the layers) go to eval with it, as `encoder.eval()` would."""
-        in_units = {id(m) for u in self.units.values() for m in u.modules}
-        owner = {id(p): u.name for u in self.units.values() for p in u.params}
-        holders = []
-        for path, module in model.named_modules():
-            if not path or id(module) in in_units:
-                continue
-            owners = {owner.get(id(p)) for p in module.parameters()}
-            if owners and None not in owners:
-                holders.append((module, frozenset(owners)))
-        return holders
 
     # -- construction --------------------------------------------------------------------------------
     @staticmethod
@@ -354,10 +338,10 @@ class UnitGraph:
         """The module paths a unit stands for (several when cycles merged them into one unit)."""
         return [requested for requested, name in self._alias.items() if name == unit]
 
-    def resolve(self, names) -> list[str]:
+    def resolve(self, names, warn_merged: bool = False) -> list[str]:
         """Unit names for `names`, each a unit or any module path: a path holding units stands for all of them
         (`fm.freeze("bert.encoder")`); a path inside a unit, or an unknown one, is refused with the nearest
-        names."""
+        names. `warn_merged` (for a freeze): warn when a path names part of a merged unit."""
         out = []
         for n in names:
             n = str(n)
@@ -369,13 +353,14 @@ class UnitGraph:
                             if self._alias.get(req) == u)]
             if under:
                 out += under
-                for u in under:
+                for u in under if warn_merged else ():
                     if u in self.merges and not all(p == n or p.startswith(n + ".") for p in self.paths(u)):
                         others = [p for p in self.paths(u) if not (p == n or p.startswith(n + "."))]
                         warnings.warn(f"frzcompile: {n!r} is part of unit {u!r}, merged because "
                                       f"{self.merges[u]}; freezing {n!r} freezes {', '.join(others)} too. To "
                                       f"keep {'them' if len(others) > 1 else 'it'} training, call requires_grad_(True) "
-                                      "on them after the freeze (they then train, as by hand).", UserWarning,
+                                      "on them after the freeze (they then train, as by hand, though in eval "
+                                      "mode with the unit: a dropout of theirs stays off).", UserWarning,
                                       stacklevel=3)
                 continue
             inside = self._alias.get(self._unit_of_path(n))

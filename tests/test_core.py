@@ -391,6 +391,8 @@ def test_freezing_part_of_a_merged_unit_warns_with_what_else_it_freezes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fm.freeze(merged)  # the whole unit, named as it is: nothing to warn about
+        fm.unfreeze("shared")  # (nor on a thaw, which thaws the whole unit)
+    assert merged not in fm.frozen
 
 
 def test_user_units_override():

@@ -37,7 +37,8 @@ def test_frozen_units_stay_in_eval_through_train():
 
 def test_a_module_frozen_as_a_whole_takes_its_dropout_to_eval_and_back():
     """`fm.freeze("encoder")` freezes every unit under it; the dropout beside its blocks (no parameters, so in no
-    unit) stayed in train mode, where `encoder.requires_grad_(False); encoder.eval()` by hand turns it off."""
+    unit) stayed in train mode, where `encoder.requires_grad_(False); encoder.eval()` by hand turns it off.
+    Units named one by one (a policy's plan) put only their own modules in eval."""
     class Encoder(nn.Module):
         def __init__(self):
             super().__init__()
@@ -74,9 +75,14 @@ def test_a_module_frozen_as_a_whole_takes_its_dropout_to_eval_and_back():
     torch.manual_seed(1)
     torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
     assert not model.encoder.drop.training and not model.encoder.training and model.drop.training
+    state = fm.freeze_state_dict()
     fm.unfreeze("encoder.blocks.1")  # part of it thawed: the encoder is no longer frozen as a whole
     assert model.encoder.drop.training and model.encoder.training and model.encoder.blocks[1].training
     assert not model.encoder.tok.training and not model.encoder.blocks[0][0].training
+    fm.freeze("encoder.blocks.1")  # its units by name, as a policy's plan names them: only their modules
+    assert model.encoder.drop.training and not model.encoder.blocks[1][0].training
+    fm.load_freeze_state_dict(state)  # the freeze state keeps what was frozen as a whole
+    assert not model.encoder.drop.training
 
 
 def test_freezing_every_unit_is_allowed_when_a_module_added_after_optimize_trains():

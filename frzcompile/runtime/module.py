@@ -290,9 +290,17 @@ class FrozenModule(nn.Module):
     def freeze(self, *names: str) -> None:
         """Freeze units, each named by its unit name or by any module path holding units (`"bert.encoder"`)."""
         self._settle()
-        units = set(self._unit_graph.resolve(names))
+        units = set(self._unit_graph.resolve(names, warn_merged=True))
         self._warn_tied(units)
-        self._set_plan(self._plan.frozen | units, reason="freeze()")
+        before = dict(self._plan.whole)
+        for n in names:  # a module path holding units: in eval as a whole while they stay frozen
+            if str(n) not in self._unit_graph.units:
+                self._plan.freeze_whole(str(n), self._model.get_submodule(str(n)), self._unit_graph.resolve([n]))
+        try:
+            self._set_plan(self._plan.frozen | units, reason="freeze()")
+        except PlanError:
+            self._plan.whole = before
+            raise
 
     def _warn_tied(self, units) -> None:
         """Warn when a unit asked to freeze holds a weight tied to another unit, which owns it and stays trainable
@@ -576,6 +584,7 @@ class FrozenModule(nn.Module):
             "format": FREEZE_STATE_FORMAT,
             "units": self.units,
             "frozen": list(self.frozen),
+            "whole": {path: sorted(under) for path, (_, under) in self._plan.whole.items()},  # fm.freeze(path)
             "since": dict(self._plan.since),
             # what thawing gives back to the frozen units' parameters: a model pickled or copied mid-run holds
             # them with requires_grad=False, so a new optimize() of it cannot tell
@@ -616,6 +625,9 @@ class FrozenModule(nn.Module):
             for n, p in zip(unit.param_names, unit.params):
                 if n in trainable:
                     self._plan.set_trainable_by_default(p, trainable[n])
+        self._plan.whole = {}
+        for path, under in state.get("whole", {}).items():
+            self._plan.freeze_whole(path, self._model.get_submodule(path), under)
         self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
         self._plan.since = {u: int(s) for u, s in state["since"].items()}
 

@@ -62,6 +62,7 @@ class FreezePlan:
         self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
         self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
         self._states_seen = weakref.WeakKeyDictionary()  # optimizer -> id of its state dict at its last step
+        self.whole: dict = {}             # module path frozen as a whole -> (module, its units): freeze_whole
 
     @property
     def units(self) -> list:
@@ -110,9 +111,11 @@ class FreezePlan:
             for root in units[u].roots:
                 root.train(training)
             self.since.pop(u, None)
-        for module, owners in self.unit_graph.holders:
-            if owners <= self.frozen and not owners <= frozen:
-                module.train(training)  # frozen as a whole no more (its frozen units go back to eval below)
+        for path, (module, under) in list(self.whole.items()):
+            if not under <= frozen:  # one of its units thawed: no longer frozen as a whole
+                if under <= self.frozen:
+                    module.train(training)  # (its units still frozen go back to eval below)
+                del self.whole[path]
         self.frozen = frozen
         self._frozen_modules = self._eval_modules()
         self._eval_flags = None
@@ -149,20 +152,30 @@ class FreezePlan:
                 if u in self.frozen and name in frozen_names:
                     p.requires_grad_(False)
                     p.grad = None
+        for path, (module, under) in list(self.whole.items()):
+            try:
+                self.whole[path] = (model.get_submodule(path), under)
+            except AttributeError:
+                del self.whole[path]
         self._frozen_modules = self._eval_modules()
         self._eval_flags = None
         self._param_names = None
         self.enforce_eval()
 
+    def freeze_whole(self, path: str, module, units) -> None:
+        """`fm.freeze(path)` of a module path holding units (`"encoder"`): while all of them stay frozen, the module
+        is in eval mode as a whole, as `encoder.eval()` would put it, its modules outside every unit (a dropout
+        beside its layers) included. A policy's plan names units, whose modules alone go to eval."""
+        self.whole[path] = (module, frozenset(units))
+
     def _eval_roots(self) -> list:
-        """The modules `eval()` is called on: each frozen unit's, and each module frozen as a whole (all the
-        units holding its parameters are frozen: UnitGraph.holders)."""
+        """The modules `eval()` is called on: each frozen unit's, and each module frozen as a whole."""
         units = self.unit_graph.units
         roots = [root for u in self.ordered() for root in units[u].roots]
-        return roots + [m for m, owners in self.unit_graph.holders if owners <= self.frozen]
+        return roots + [m for m, under in self.whole.values() if under <= self.frozen]
 
     def _eval_modules(self) -> list:
-        return [m for root in self._eval_roots() for m in root.modules()]
+        return list({id(m): m for root in self._eval_roots() for m in root.modules()}.values())
 
     def enforce_eval(self) -> None:
         """Frozen units (and modules frozen as a whole) back in eval mode through `eval()` on each unit's module,
