@@ -61,7 +61,7 @@ class FreezePlan:
         self._param_names = None          # (plan, names) of the frozen parameters, for the compiled path
         self._in_flight: dict = {}        # id -> frozen parameter whose gradient the next step still applies
         self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
-        self._states_seen = weakref.WeakKeyDictionary()  # optimizer -> id of its state dict at its last step
+        self._states_clean = weakref.WeakKeyDictionary()  # optimizer -> no state loaded since its last step
         self.whole: dict = {}             # module path frozen as a whole -> (module, its units): freeze_whole
 
     @property
@@ -222,13 +222,21 @@ class FreezePlan:
                 p.grad = None
 
     def drop_loaded_state(self, optimizer) -> None:
-        """Before a step of an optimizer first seen or whose state was replaced since its last step
+        """Before a step of an optimizer first seen or whose state was loaded since its last step
         (`opt.load_state_dict`: a checkpoint saved before a waiting plan applied, or loaded after the freeze
         state): frozen parameters hold no state in it, as on any freeze."""
-        state = getattr(optimizer, "state", None)
-        if state is None or self._states_seen.get(optimizer) == id(state):
+        clean = self._states_clean.get(optimizer)
+        if clean:
             return
-        self._states_seen[optimizer] = id(state)
+        if clean is None:  # first seen: hear of every later load (a post-load hook, torch's public API)
+            me = weakref.ref(self)
+
+            def loaded(opt):
+                plan = me()
+                if plan is not None:
+                    plan._states_clean[opt] = False
+            optimizer.register_load_state_dict_post_hook(loaded)
+        self._states_clean[optimizer] = True
         for p in self.frozen_params():
             if not p.requires_grad and id(p) not in self._in_flight:
                 _drop_state([optimizer], p)
