@@ -1669,3 +1669,11 @@ def test_the_cache_names_the_hooks_transformers_installs_for_hidden_states():
         fm(**kwargs)
     reasons = " ".join(fm.cache.steps_aside)
     assert "hooks that transformers installs" in reasons and "cannot serve this model" in reasons
+    fresh, args, kwargs = make_case("bert")
+    fm = frzcompile.optimize(fresh, args, example_kwargs=kwargs, cache=CacheConfig(check_cost=False))
+    fm.freeze(*fm.units[:2])
+    fresh.enable_input_require_grads()
+    fm.eval()
+    with torch.no_grad():
+        fm(**kwargs)
+    assert any("call model.disable_input_require_grads()" in r for r in fm.cache.steps_aside)
