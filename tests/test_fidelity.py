@@ -464,6 +464,11 @@ def test_an_nn_sequential_is_indexed_measured_and_iterated_through_fm():
     assert len(fm) == 5 and list(fm) == list(model) and list(reversed(fm)) == list(reversed(model))
     assert model[2] in fm and bool(fm)
     torch.testing.assert_close(fm[:-1](x), model[:-1](x))  # a feature extractor
+    head = nn.Linear(8, 3)
+    fm[-1] = head
+    assert model[-1] is head and fm(x).shape == (3, 3)
+    del fm[-1]
+    assert len(model) == 4
     other, (y,), _, _ = make("traced")  # not a container: an nn.Module's face, true and without a length
     fo = frzcompile.optimize(other, (y,), policy="manual")
     assert bool(fo) and not hasattr(fo, "__len__") and not hasattr(fo, "__getitem__")

@@ -103,6 +103,11 @@ def test_freezing_every_unit_is_allowed_when_a_module_added_after_optimize_train
     fm = frzcompile.optimize(model, (x,), policy="manual")
     with pytest.raises(frzcompile.PlanError, match="leaves nothing to train"):
         fm.freeze(*fm.units)
+    model.unused = nn.Linear(4, 4)  # (not read, but there at optimize(): it does not count)
+    fm.release()
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    with pytest.raises(frzcompile.PlanError, match="leaves nothing to train"):
+        fm.freeze(*fm.units)
     model.extra.append(nn.Linear(4, 2))
     fm.freeze(*fm.units)  # by hand: everything but the new head frozen, which trains
     fm(x).sum().backward()

@@ -157,6 +157,7 @@ class FrozenModule(nn.Module):
             from .compiled import CompiledExecutor
 
             state["_compiled"] = CompiledExecutor(model, compile_config)
+        state["_captured_params"] = {id(p) for p in model.parameters()}  # (one added later may be all that trains)
         state["_driver"] = StepDriver(model.parameters(), weak_method(self._before_optimizer_step),
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
@@ -364,7 +365,8 @@ class FrozenModule(nn.Module):
 
     def _set_plan(self, frozen: frozenset, reason: str) -> None:
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
-                                  reason=reason, others=self._model.parameters())
+                                  reason=reason, others=[p for p in self._model.parameters()
+                                                         if id(p) not in self._captured_params])
         if self.sparsity is not None:
             self._analysis.invalidate()  # the sparsify pass reads the weights
         for service in self._services:
@@ -687,6 +689,12 @@ class FrozenContainer(FrozenModule):
 
     def __contains__(self, module):
         return module in self._model
+
+    def __setitem__(self, index, module):
+        self._model[index] = module
+
+    def __delitem__(self, index):
+        del self._model[index]
 
     def __bool__(self):
         return bool(self._model)

@@ -81,8 +81,8 @@ class FreezePlan:
         return [p for u in self.frozen for p in units[u].params]
 
     def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=()) -> PlanChange:
-        """`others`: the model's parameters; one outside every unit that trains (a head added after optimize())
-        leaves something to train whatever the plan."""
+        """`others`: parameters added to the model since optimize(); one outside every unit that trains (a head
+        added later) leaves something to train whatever the plan."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
         trainable = [u for u, unit in units.items()
