@@ -167,6 +167,12 @@ def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
     assert torch.equal(out_nograd, plain)
 
 
+def _tokens_run(fm, i, into):
+    """Append the number of tokens layer i runs on at each call (seen by its query projection, inside the layer's
+    forward: hooks on the layer itself see every token, as on the plain layer)."""
+    fm.token_budgets.attention[i][0].register_forward_pre_hook(lambda m, a: into.append(a[0].shape[1]))
+
+
 @pytest.mark.parametrize("temperature", [None, 2.0])  # the paper's top tokens (default) and drawn tokens
 def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens(temperature):
     model = _bert(dropout=0.0, layers=2)
@@ -175,13 +181,15 @@ def test_dropped_tokens_equal_running_the_layer_on_the_kept_tokens(temperature):
                              policy=frzcompile.ALaST(budget=0.4, rate=1.0, k=2, temperature=temperature))
     fm.policy.budgets = [1.0, 0.4]
     layer = model.bert.encoder.layer[1]
-    inputs, outputs = {}, {}
-    layer.register_forward_pre_hook(lambda m, a: inputs.update(h=a[0]))
-    layer.register_forward_hook(lambda m, a, o: outputs.update(h=o))  # runs after frzcompile's scatter
+    inputs, outputs, whole = {}, {}, {}
+    layer.attention.register_forward_pre_hook(lambda m, a: inputs.update(h=a[0]))  # inside the layer's forward
+    layer.register_forward_hook(lambda m, a, o: outputs.update(h=o))
+    layer.register_forward_hook(lambda m, a, o: whole.update(inp=a[0].shape))  # the user's hook sees it whole
     fm(input_ids=ids, attention_mask=mask)
     full, out = inputs["h"], outputs["h"]
     keep = keep_count(0.4, 12)
     assert keep < 12 and full.shape[1] == keep and out.shape == (4, 12, 32)  # the layer saw the kept tokens
+    assert whole["inp"] == out.shape  # a hook on the layer: every token in and out, as the plain layer maps them
     # recompute: the kept tokens' rows of `out` equal the layer run on those tokens alone
     h_in = model.bert.encoder.layer[0](model.bert.embeddings(input_ids=ids))
     diff = (out - h_in).abs().sum(-1) > 0
@@ -289,7 +297,7 @@ def test_vit_budgets_move_and_class_token_is_kept():
     fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(budget=0.3, rate=0.5, min_budget=0.1))
     assert fm.token_budgets.layers == [f"vit.layers.{i}" for i in range(4)]
     lengths = []
-    model.vit.layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    _tokens_run(fm, 3, lengths)
     for _ in range(6):
         F.cross_entropy(fm(x).logits, y).backward()
         opt.step()
@@ -361,7 +369,7 @@ def test_refusals():
         frzcompile.optimize(model, example_kwargs=kw, policy="alast", cache=True)
     with pytest.raises(PolicyError, match="k=9"):
         frzcompile.optimize(model, example_kwargs=kw, policy=frzcompile.ALaST(k=9))
-    with pytest.raises(ConfigError, match="class token.s attention.*use policy='smartfrz'"):
+    with pytest.raises(ConfigError, match="transformer layers as units.*use policy='smartfrz'"):
         frzcompile.optimize(zoo.mlp(in_features=8, hidden=8, depth=1), (torch.randn(2, 8),), policy="alast")
 
 
@@ -396,9 +404,6 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
                              policy=frzcompile.ALaST(budget=0.4, rate=0.5, k=2),
                              compile=frzcompile.CompileConfig(inner="aot_eager"))
     layers = model.bert.encoder.layer
-    lengths = []
-    # on the layer itself (outside its compiled forward, after frzcompile's gather): the tokens it runs on
-    layers[3].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     subsets = set()
     svc = fm.token_budgets
     for step in range(10):
@@ -410,7 +415,8 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
             moved = any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))
             assert moved == (i in trained), (step, i)
     graphs = fm.token_budgets.compile_log
-    assert len(subsets) >= 3 and len(set(lengths)) >= 2     # both moved ...
+    kept = {round(r[2][3], 4) for r in fm.policy.log}       # the tokens the last layer ran on, per step
+    assert len(subsets) >= 3 and len(kept) >= 2              # both moved ...
     assert 1 <= len(graphs) <= 3                             # ... without a graph per subset or per length
     assert all(getattr(layer.forward, "_frzcompile_forward", False) for layer in layers)
     copy_ = copy.deepcopy(model)  # a copy runs its own weights, not a function compiled for these
@@ -480,11 +486,34 @@ def test_garbage_collected_module_gives_the_layers_back():
     ids, mask, _ = _batch()
     model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=1), layers=4)
     _train(model, fm, opt, 3)
+    fm(input_ids=ids, attention_mask=mask)  # a training call applies the next draw (until the next step)
     assert sum(not p.requires_grad for p in model.parameters()) > 0
     del fm
     gc.collect()
     assert all(p.requires_grad for p in model.parameters())
-    assert not any(layer._forward_pre_hooks or layer._forward_hooks for layer in model.bert.encoder.layer)
+    assert not any(layer._forward_pre_hooks or layer._forward_hooks or "forward" in layer.__dict__
+                   for layer in model.bert.encoder.layer)
+
+
+def test_between_steps_every_layer_requires_grad_as_without_alast():
+    """With k set, the layers not drawn were left requires_grad=False after each step: an optimizer made for a
+    second phase (or by the next Hugging Face Trainer run) that filters on requires_grad left them out for good."""
+    ids, mask, y = _batch()
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=1), layers=4)
+    _train(model, fm, opt, 3)
+    assert all(p.requires_grad for p in model.parameters())
+    second = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)  # phase 2
+    layers = model.bert.encoder.layer
+    moved = set()
+    for _ in range(12):
+        before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        F.cross_entropy(fm(input_ids=ids, attention_mask=mask).logits, y).backward()
+        assert sum(all(p.requires_grad for p in layer.parameters()) for layer in layers) == 1  # the draw
+        second.step()
+        second.zero_grad()
+        moved |= {i for i, layer in enumerate(layers)
+                  if any(not torch.equal(p, b) for p, b in zip(layer.parameters(), before[i]))}
+    assert moved == {0, 1, 2, 3}
 
 
 def test_valid_tokens_from_a_mask_of_batch_one_and_a_causal_mask():
@@ -515,7 +544,7 @@ def test_a_second_encoder_pass_in_one_call_ranks_its_own_tokens():
                              units=["bert.embeddings"] + [f"bert.encoder.layer.{i}" for i in range(3)] + ["head"])
     fm.policy.budgets = [1.0, 0.3, 0.3]
     lengths = []
-    model.bert.encoder.layer[2].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    _tokens_run(fm, 2, lengths)
     fm(a_ids, a_mask, b_ids, b_mask).sum().backward()
     assert lengths == [keep_count(0.3, 12), keep_count(0.3, 7)]
 
@@ -546,8 +575,7 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
     svc = fm.token_budgets
     assert len(svc.layers) == 3 and all(a is not None for a in svc.attention)
     seen = []
-    svc.modules[-1].register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    _tokens_run(fm, len(svc.layers) - 1, seen)
     for _ in range(3):
         fm(*args, **kwargs).logits.float().pow(2).mean().backward()
         opt.step()
@@ -568,7 +596,7 @@ def test_user_habits_autocast_eval_on_own_variable_and_a_hook(temperature):
     model, fm, opt = _optimized(frzcompile.ALaST(budget=0.3, min_budget=0.1, k=4, temperature=temperature),
                                 layers=4, dropout=0.0)
     seen = []
-    model.bert.encoder.layer[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    _tokens_run(fm, 2, seen)
     before = [p.detach().clone() for p in model.bert.encoder.layer[2].parameters()]
     rng = torch.get_rng_state()
     for step in range(3):
@@ -612,3 +640,15 @@ def test_lora_on_the_query_projection_is_ranked_through_its_adapter():
     assert losses == _train(ref, None, opts[1], 3)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_albert_is_refused_for_sharing_its_layer_not_for_lacking_attention():
+    """ALBERT's encoder is one unit; the largest group of units of one class was its pooler and classifier (two
+    nn.Linear), refused as layers without a query and key projection, which pointed the wrong way."""
+    import transformers
+    cfg = transformers.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                    num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.AlbertForSequenceClassification(cfg)
+    with pytest.raises(frzcompile.ConfigError, match="shares one layer across its depth"):
+        frzcompile.optimize(model, example_kwargs={"input_ids": torch.randint(0, 64, (4, 10))}, policy="alast")

@@ -51,11 +51,12 @@ def _keep_output(module, args, out):
 
 
 def find_layers(unit_graph) -> list:
-    """The transformer layers: the units whose one root module is of the class most units share (>= 2)."""
+    """The transformer layers: the units whose one root module is of the class most units share (>= 2), among
+    modules that hold submodules (a pooler and a classifier, two nn.Linear units, are not layers)."""
     by_class: dict = {}
     for u in unit_graph.names:
         roots = unit_graph.units[u].roots
-        if len(roots) == 1:
+        if len(roots) == 1 and next(roots[0].children(), None) is not None:
             by_class.setdefault(type(roots[0]), []).append(u)
     groups = sorted((g for g in by_class.values() if len(g) >= 2), key=len, reverse=True)
     return groups[0] if groups else []
@@ -121,12 +122,42 @@ def _plain_forward(module):
     return type(module).forward.__get__(module)
 
 
+class _TokenForward:
+    """A layer's forward with ALaST's token selection inside it: the kept tokens gathered before the layer's own
+    forward (or its compiled one), scattered back after. Inside the forward, not in module hooks, so the user's
+    hooks on the layer see it whole: every token in and out, as the plain layer maps them (hooks registered after
+    ALaST's saw the gathered input with the scattered output). A copy of the layer gets its plain forward."""
+
+    def __init__(self, layer, i, service, inner=None):
+        self._layer = weakref.ref(layer)
+        self._i = i
+        self._before = weak_method(service._before_layer)
+        self._after = weak_method(service._after_layer)
+        self.inner = inner if inner is not None else _plain_forward(layer)
+        setattr(self, FORWARD_MARK, True)
+
+    def __call__(self, *args, **kwargs):
+        changed = self._before(self._i, args, kwargs)
+        if changed is not None:
+            args, kwargs = changed
+        out = self.inner(*args, **kwargs)
+        scattered = self._after(self._i, out)
+        return out if scattered is None else scattered
+
+    def __deepcopy__(self, memo):
+        copy_ = memo.get(id(self._layer()))
+        return type(copy_).forward.__get__(copy_) if copy_ is not None else None
+
+    def __reduce__(self):
+        return (_plain_forward, (self._layer(),))
+
+
 def _release(handles, modules, plan, params) -> None:
     """Hooks and compiled forwards off; the layers' parameters back to what the freeze plan says."""
     for h in handles:
         h.remove()
     for m in modules:
-        if isinstance(m.__dict__.get("forward"), _CompiledForward):
+        if isinstance(m.__dict__.get("forward"), (_TokenForward, _CompiledForward)):
             del m.__dict__["forward"]
     frozen = {id(p) for p in plan.frozen_params()}
     for p in params:
@@ -149,12 +180,16 @@ class LayerBudgets(Service):
         if len(names) < 2:
             raise ConfigError("policy='alast' needs the model's transformer layers as units (two or more of one "
                               f"class); found {names or 'none'} among {unit_graph.names}. Pass "
-                              "frzcompile.ALaST(layers=[...unit names...]) or units=[...]")
+                              "frzcompile.ALaST(layers=[...unit names...]) or units=[...]; a model that shares one "
+                              "layer across its depth (ALBERT) has no layers of its own to give budgets to. ALaST is "
+                              "for encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for other models "
+                              "use policy='smartfrz' (the default) or 'linear'")
         unknown = [n for n in names if n not in unit_graph.units]
         if unknown:
             raise ConfigError(f"ALaST layers {unknown} are not units of this model (units: {unit_graph.names})")
         self.layers = names
         self._call = None
+        self._applied = False  # whether layers not drawn for this iteration are set not to require grad
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
         self._warned_unsafe = False
@@ -185,11 +220,6 @@ class LayerBudgets(Service):
                 self._defaults.setdefault((i, pname), self.plan.trainable_by_default(p))
             attention = find_attention(layer, self.model)
             self.attention.append(attention)
-            pre, post = weak_method(self._before_layer), weak_method(self._after_layer)
-            self._handles.append(layer.register_forward_pre_hook(
-                lambda m, a, kw, i=i: pre(i, a, kw), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(
-                lambda m, a, kw, out, i=i: post(i, out), with_kwargs=True))
             if attention is not None:  # the last layer's too: every layer's compiled graph sees the same hooks
                 for projection in attention[:3]:
                     if projection is not None:
@@ -198,7 +228,11 @@ class LayerBudgets(Service):
                 if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
                     self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
                                                       plan="alast", log=self.compile_log)
-                layer.__dict__["forward"] = _CompiledForward(layer, self._backend)
+                inner = _CompiledForward(layer, self._backend)
+            else:
+                inner = None
+            layer.__dict__["forward"] = _TokenForward(layer, i, self, inner)
+            if self.compile_config is not None:
                 # every layer computes weight gradients when compiled: drop the undrawn ones as they land (before
                 # gradient clipping or accumulation sees them)
                 drop = weak_method(self._drop_gradient)
@@ -213,7 +247,7 @@ class LayerBudgets(Service):
             for h in self._handles:
                 h.remove()
             for m in self.modules:
-                if isinstance(m.__dict__.get("forward"), _CompiledForward):
+                if isinstance(m.__dict__.get("forward"), (_TokenForward, _CompiledForward)):
                     del m.__dict__["forward"]
         self._handles = []
 
@@ -232,7 +266,7 @@ class LayerBudgets(Service):
         # the draw of the last step takes effect now, so every optimizer of that step stepped the same layers
         # (as the freeze plan's pending decision does)
         trained = tuple(i for i in self.policy.advance() if self.layers[i] not in self.plan.frozen)
-        if trained != self.trained:
+        if trained != self.trained or (not self._applied and len(trained) < len(self.layers)):
             self.trained = trained
             self._apply_selection()
         self._call = _Call()
@@ -354,6 +388,20 @@ class LayerBudgets(Service):
             trained = i in self.trained or self.compile_config is not None
             for p in units[name].params:
                 p.requires_grad_(self.plan.trainable_by_default(p) if trained else False)
+        self._applied = len(self.trained) < len(self.layers)
+
+    def on_optimizer_step(self, optimizer) -> None:
+        """After a step, the layers not drawn for it require grad again until the next training call applies the
+        next draw: between steps (an optimizer made for a second phase that filters on requires_grad, the end of
+        a Hugging Face Trainer run) the model looks as it would without ALaST."""
+        if not self._applied:
+            return
+        units = self.unit_graph.units
+        for i, name in enumerate(self.layers):
+            if name not in self.plan.frozen and i not in self.trained:
+                for p in units[name].params:
+                    p.requires_grad_(self.plan.trainable_by_default(p))
+        self._applied = False
 
     def before_optimizer_step(self, optimizer) -> None:
         # a zero gradient left by zero_grad(set_to_none=False) would still move Adam's moments and weight decay
