@@ -29,8 +29,9 @@ class SyntheticView:
         return self.units[:-1]  # every unit has parameters: all but the last may freeze
 
     def losses(self):
-        """A run that learned in its first 100 steps and has been flat since (the safety rules let it freeze)."""
-        return [2.0 * 0.98 ** min(i, 100) for i in range(self.step)]
+        """A run that learned in its first steps and has been flat for hundreds since, before these steps too (so
+        the safety rules, whose look-back reaches 400 steps, let it freeze as soon as the predictor says so)."""
+        return [2.0] * 20 + [0.2] * (400 + self.step)
 
     def numel(self, unit):
         return self.base[unit].numel()
