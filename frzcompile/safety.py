@@ -19,7 +19,7 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
      learning passes them for a few decisions before it falls again (a GRU on SST-2 froze its embedding in
      such a pause and lost 3 points). `min_drop` is half the start: a deep ReLU MLP at PyTorch's default init
      sits for hundreds of steps on a plateau at about half its starting loss once it has learned the class
-     prior (a saddle), and a freeze there, even of the first layer alone, cost 4-65 points (probes on digits).
+     prior (a saddle), and freezes there cost 9-65 points, the first layer alone 4-21 (probes on digits).
   2. One unit at a time: a decision freezes at most one unit (the policy enforces it), and at least `min_gap`
      steps pass between two freezes.
   3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and

@@ -76,7 +76,7 @@ def test_no_freeze_in_a_pause_in_the_middle_of_learning():
     assert any("held for fewer than 60 steps" in e for _, e in policy.safeguard.events)
     # rules that need not hold for a while freeze in the pause
     hasty, _ = run(LossView(curve), 1200, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
-                                                  safeguard=Safeguard(min_gap=30, steady=0, relative=1.0)))
+                                                  safeguard=Safeguard(min_gap=30, steady=0, relative=math.inf)))
     assert hasty and hasty[0][0] < 370
 
 
@@ -92,14 +92,14 @@ def test_no_freeze_while_a_slow_tail_still_falls_in_relative_terms():
     history, policy = run(LossView(curve), 1200)
     assert history == [] and "steps before (more than" in policy.safeguard.blocked, policy.safeguard.blocked
     hasty, _ = run(LossView(curve), 1200, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
-                                                   safeguard=Safeguard(relative=1.0)))
+                                                   safeguard=Safeguard(relative=math.inf)))
     assert hasty  # the older rules alone freeze in the tail
 
 
 # the relative look-back off: these synthetic losses fell in their first steps, which the 300-step look-back
 # would hold against a freeze until step ~430, past the decisions these tests are about
 def quick():
-    return SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(relative=1.0))
+    return SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(relative=math.inf))
 
 
 def test_one_unit_per_decision_and_a_gap_between_freezes():
