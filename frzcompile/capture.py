@@ -114,17 +114,19 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
         with forked_rng(), buffers_kept(model):
             try:
                 return _capture(model, args, kwargs, unit_names, method, name, was_training)
-            except CaptureError:
+            except CaptureError as first:
                 if "labels" not in kwargs:
                     raise
                 # a Hugging Face model's loss may branch on the labels' values (DeBERTa's `if label_index.size(0)
                 # > 0`, CTC losses): the units and FLOPs are the model's without them (the loss comes after)
                 without = {k: v for k, v in kwargs.items() if k != "labels"}
                 try:
-                    return _capture(model, args, without, unit_names, method, name, was_training)
+                    captured = _capture(model, args, without, unit_names, method, name, was_training)
                 except (CaptureError, InputMismatchError):
-                    pass
-                raise
+                    raise first from None
+                why = "; ".join(f"{m}: {w}" for m, w in first.attempts)
+                captured.attempts.insert(0, ("the example with its labels (captured without them)", why))
+                return captured
     finally:
         if instance_forward is not None:
             model.__dict__["forward"] = instance_forward

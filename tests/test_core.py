@@ -284,6 +284,7 @@ def test_a_loss_that_branches_on_the_labels_values_is_captured_without_them():
     ref = copy.deepcopy(model)
     fm = frzcompile.optimize(model, (x,), example_kwargs={"labels": y}, policy="manual")
     assert fm.units == ["a", "b", "head"] and "labels" not in fm._analysis.captured.kwargs
+    assert "tried the example with its labels (captured without them) first" in str(frzcompile.explain(fm))
     fm.freeze("a")
     ref.a.requires_grad_(False)
     loss, _ = fm(x, labels=y)
