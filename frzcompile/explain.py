@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
+from . import backend, torch_private
 from .errors import ConfigError
 from .runtime import FrozenModule
 from .runtime.analysis import OUTSIDE
@@ -134,8 +134,8 @@ class Explanation:
             lines.append(f"frozen prefix ({len(fm.frozen_prefix)} units) runs without autograd whenever no input "
                          "to it requires grad")
             units = fm.unit_graph.units
-            if any(getattr(hook, "__name__", "") == "make_inputs_require_grads"
-                   for u in fm.frozen_prefix for m in units[u].modules for hook in m._forward_hooks.values()):
+            if any(torch_private.INPUT_REQUIRE_GRADS_HOOK in torch_private.call_hook_sources(m)
+                   for u in fm.frozen_prefix for m in units[u].modules):
                 lines.append("  but transformers' enable_input_require_grads() (which gradient_checkpointing_enable() "
                              "calls) makes the embeddings' output require grad: the frozen prefix runs with autograd "
                              "and backward goes through it. With use_reentrant=False checkpointing (the default), "

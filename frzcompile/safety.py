@@ -112,7 +112,8 @@ class Safeguard:
         if now < before - abs(before) * self.max_fall and _beyond_noise(previous, recent):
             return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
                            f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
-        longer = _known(losses, 2 * self.span, from_end=True)
+        far = _known(losses, max(2 * self.span, self.lookback + self.span), from_end=True)  # (one walk for both)
+        longer = far[-2 * self.span:]
         if len(longer) < 2 * self.span:
             return False, (f"not enough loss readings to tell whether learning has slowed ({len(longer)} of "
                            f"{2 * self.span})")
@@ -124,7 +125,7 @@ class Safeguard:
                            f"start (more than {100 * self.settled:.0f}%)")
         # against itself `lookback` steps before (or as far back as the readings go, at least half of it, with
         # the allowance scaled: `relative` per `lookback` steps is the rate a settled loss stays under)
-        far = _known(losses, self.lookback + self.span, from_end=True)
+        far = far[-(self.lookback + self.span):]
         back = min(self.lookback, len(far) - self.span)
         if back < self.lookback // 2:
             return False, (f"not enough loss readings to tell whether learning has slowed ({len(far)} of "

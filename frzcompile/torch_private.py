@@ -120,9 +120,17 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
 
 
 def call_hook_sources(module: torch.nn.Module) -> set:
-    """The Python modules that the functions hooked on `module`'s calls come from ("transformers.utils...")."""
-    return {getattr(getattr(fn, "func", fn), "__module__", None) or "" for name in _CALL_HOOKS
-            for fn in (getattr(module, name, None) or {}).values()}
+    """(Python module, function name) of each function hooked on `module`'s calls: transformers' own are
+    ("transformers.utils.output_capturing", ...) and ("transformers.modeling_utils", "make_inputs_require_grads")."""
+    out = set()
+    for name in _CALL_HOOKS:
+        for hook in (getattr(module, name, None) or {}).values():
+            fn = getattr(hook, "func", hook)  # (a functools.partial)
+            out.add((getattr(fn, "__module__", None) or "", getattr(fn, "__name__", "")))
+    return out
+
+
+INPUT_REQUIRE_GRADS_HOOK = ("transformers.modeling_utils", "make_inputs_require_grads")
 
 
 def global_module_hooks() -> bool:

@@ -538,11 +538,11 @@ class ActivationCache(Service):
         hooked = next((path for path, m in mods.guarded.items() if torch_private.has_call_hooks(m)), None)
         if hooked is not None:
             sources = torch_private.call_hook_sources(mods.guarded[hooked])
-            if sources == {"transformers.modeling_utils"}:
+            if sources == {torch_private.INPUT_REQUIRE_GRADS_HOOK}:
                 return (f"a hook on {hooked} from transformers' enable_input_require_grads() (gradient_checkpointing_"
                         "enable() and PEFT install it) makes the embeddings' output require grad; with use_reentrant="
                         "False checkpointing (the default), call model.disable_input_require_grads()")
-            if sources == {"transformers.utils.output_capturing"}:
+            if {source for source, _ in sources} == {"transformers.utils.output_capturing"}:
                 return (f"hooks that transformers installs on {hooked or 'the model itself'} to collect hidden states "
                         "or attentions must see every call (installed at the first call that asks for them, and kept; "
                         "some heads always ask: Segformer, UperNet, Wav2Vec2 classification), so the cache cannot "

@@ -98,26 +98,6 @@ class _Call:
         self.scores, self.valid, self.last = None, None, -1
 
 
-class _CompiledForward:
-    """A layer's forward compiled on its own (compile=). A copy of the layer (deepcopy, pickle) gets its class's
-    plain forward back rather than a function compiled for the original's weights."""
-
-    def __init__(self, layer, backend_):
-        self._layer = weakref.ref(layer)
-        self.compiled = torch.compile(type(layer).forward.__get__(layer), backend=backend_)
-        setattr(self, FORWARD_MARK, True)
-
-    def __call__(self, *args, **kwargs):
-        return self.compiled(*args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        copy_ = memo.get(id(self._layer()))
-        return type(copy_).forward.__get__(copy_) if copy_ is not None else None
-
-    def __reduce__(self):
-        return (_plain_forward, (self._layer(),))
-
-
 def _plain_forward(module):
     return type(module).forward.__get__(module)
 
@@ -133,7 +113,7 @@ class _TokenForward:
         self._i = i
         self._before = weak_method(service._before_layer)
         self._after = weak_method(service._after_layer)
-        self.inner = inner if inner is not None else _plain_forward(layer)
+        self.inner = inner if inner is not None else _plain_forward(layer)  # (compile=: the compiled forward)
         setattr(self, FORWARD_MARK, True)
 
     def __call__(self, *args, **kwargs):
@@ -157,7 +137,7 @@ def _release(handles, modules, plan, params) -> None:
     for h in handles:
         h.remove()
     for m in modules:
-        if isinstance(m.__dict__.get("forward"), (_TokenForward, _CompiledForward)):
+        if isinstance(m.__dict__.get("forward"), _TokenForward):
             del m.__dict__["forward"]
     frozen = {id(p) for p in plan.frozen_params()}
     for p in params:
@@ -228,7 +208,7 @@ class LayerBudgets(Service):
                 if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
                     self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
                                                       plan="alast", log=self.compile_log)
-                inner = _CompiledForward(layer, self._backend)
+                inner = torch.compile(_plain_forward(layer), backend=self._backend)  # the layer's own, compiled
             else:
                 inner = None
             layer.__dict__["forward"] = _TokenForward(layer, i, self, inner)
@@ -247,7 +227,7 @@ class LayerBudgets(Service):
             for h in self._handles:
                 h.remove()
             for m in self.modules:
-                if isinstance(m.__dict__.get("forward"), (_TokenForward, _CompiledForward)):
+                if isinstance(m.__dict__.get("forward"), _TokenForward):
                     del m.__dict__["forward"]
         self._handles = []
 
