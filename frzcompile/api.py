@@ -50,7 +50,8 @@ def optimize(
         or a `frzcompile.Policy` instance.
     units: module paths to use as units instead of the automatic choice.
     total_steps: planned number of optimizer steps (the linear schedule needs it).
-    capture_method: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
+    capture_method: "auto" (symbolic_trace, then torch.export, then "record": one real call traced to ATen
+        operations, for data-dependent control flow), "symbolic_trace", "export" or "record".
     cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
         keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
     compile: True (or a `frzcompile.CompileConfig`) runs the model through `torch.compile(backend="frzcompile")`;

@@ -4,7 +4,9 @@ this graph, so the graph only has to describe the model's structure, not every c
 
 `torch.fx.symbolic_trace` is tried first (torch.nn modules stay call_module nodes); `torch.export.export(
 strict=False)` with static shapes is the fallback (the only path that captures Hugging Face models on
-transformers 5). The model
+transformers 5). Last, "record" traces one real call of the model to ATen operations (make_fx on real tensors):
+data-dependent Python control flow and `pack_padded_sequence`, which both others refuse, take the example's
+values, so its graph is the example's path (a unit that only another branch calls is not a unit). The model
 is captured in eval mode (deterministic, no BatchNorm statistics moved; a Python `if self.training:` simply
 takes its eval branch), with `use_cache=False` when its forward takes `use_cache` and the example does not set it
 (decoders' key/value caches are not tensors a graph can return). The graph is checked against the model on the
@@ -23,9 +25,9 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import forked_rng, tensor_version, tree_flatten, tree_unflatten
+from .torch_private import forked_rng, record_aten_graph, tensor_version, tree_flatten, tree_unflatten
 
-METHODS = ("symbolic_trace", "export")
+METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
 
 
@@ -92,8 +94,12 @@ def _export(model, args, kwargs, unit_names):
     return ep.module()
 
 
+def _record(model, args, kwargs, unit_names):
+    return record_aten_graph(model, tuple(args), dict(kwargs))
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), method: str = "auto") -> Captured:
-    """Capture `model` as a GraphModule for analysis; `method` is "auto", "symbolic_trace" or "export".
+    """Capture `model` as a GraphModule for analysis; `method` is "auto", "symbolic_trace", "export" or "record".
 
     `unit_names` are the module paths that will become units: symbolic_trace traces into any torch.nn module
     that contains one, so every unit's code appears in the graph."""
@@ -112,18 +118,28 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
         # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
         # and a forward that updates a buffer at every call (a step counter) as without it
         with forked_rng(), buffers_kept(model):
+            methods = METHODS if method == "auto" else (method,)
+            graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
             try:
-                return _capture(model, args, kwargs, unit_names, method, name, was_training)
+                return _capture(model, args, kwargs, unit_names, graphs or methods, name, was_training)
             except CaptureError as first:
-                if "labels" not in kwargs:
+                if "labels" not in kwargs or not graphs:
                     raise
                 # a Hugging Face model's loss may branch on the labels' values (DeBERTa's `if label_index.size(0)
-                # > 0`, CTC losses): the units and FLOPs are the model's without them (the loss comes after)
+                # > 0`, CTC losses): the units and FLOPs are the model's without them (the loss comes after), from
+                # a graph of every call rather than a recording of the example's
                 without = {k: v for k, v in kwargs.items() if k != "labels"}
                 try:
-                    captured = _capture(model, args, without, unit_names, method, name, was_training)
+                    captured = _capture(model, args, without, unit_names, graphs, name, was_training)
                 except (CaptureError, InputMismatchError):
-                    raise first from None
+                    if "record" not in methods:
+                        raise first from None
+                    try:
+                        captured = _capture(model, args, kwargs, unit_names, ("record",), name, was_training)
+                    except CaptureError as last:
+                        raise _refusal(model, first.attempts + last.attempts) from None
+                    captured.attempts[:0] = first.attempts
+                    return captured
                 why = "; ".join(f"{m}: {w}" for m, w in first.attempts)
                 captured.attempts.insert(0, ("the example with its labels (captured without them)", why))
                 return captured
@@ -168,7 +184,19 @@ def _copies(tree):
                            for t in leaves], spec)
 
 
-def _capture(model, args, kwargs, unit_names, method, name, was_training) -> Captured:
+def _refusal(model, attempts) -> CaptureError:
+    name = type(model).__name__
+    lines = "\n".join(f"  - {m}: {why}" for m, why in attempts)
+    return CaptureError(
+        f"could not capture {name} ({type(model).__module__}.{name}) as a graph for analysis; every method "
+        f"failed:\n{lines}\nfrzcompile reads units and FLOPs from one graph of the model (the model itself is "
+        "what runs). Pass capture_method='symbolic_trace', 'export' or 'record' to see one method's full error, "
+        "and make that part of the forward traceable by it.",
+        attempts,
+    )
+
+
+def _capture(model, args, kwargs, unit_names, methods, name, was_training) -> Captured:
     try:
         model.eval()
         try:
@@ -183,26 +211,26 @@ def _capture(model, args, kwargs, unit_names, method, name, was_training) -> Cap
         noise = tree_noise(again, expected)
 
         attempts = []
-        for m in METHODS if method == "auto" else (method,):
+        for m in methods:
             try:
-                gm = {"symbolic_trace": _symbolic_trace, "export": _export}[m](model, args, kwargs, unit_names)
-                with torch.no_grad():  # (the model is in eval mode: symbolic_trace's leaf modules are its own)
-                    got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
+                # a method that fails says why in `attempts`; its warnings (export's about an LSTM's weights) are
+                # noise for a model another method captures
+                with warnings.catch_warnings(record=True) as said:
+                    warnings.simplefilter("always")
+                    gm = {"symbolic_trace": _symbolic_trace, "export": _export, "record": _record}[m](
+                        model, args, kwargs, unit_names)
+                    with torch.no_grad():  # (the model is in eval mode: symbolic_trace's leaf modules are its own)
+                        got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
                 if not tree_agree(got, expected, noise):
                     raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "
                                        "(beyond the numerical noise of running the model twice)")
             except Exception as exc:  # each failure is reported, together, if no method works
                 attempts.append((m, short_error(exc)))
                 continue
+            for w in said:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return Captured(gm=gm, method=m, attempts=attempts, args=tuple(args), kwargs=kwargs)
-        lines = "\n".join(f"  - {m}: {why}" for m, why in attempts)
-        raise CaptureError(
-            f"could not capture {name} ({type(model).__module__}.{name}) as a graph for analysis; every method "
-            f"failed:\n{lines}\nfrzcompile reads units and FLOPs from one graph of the model (the model itself is "
-            "what runs). Pass capture_method='symbolic_trace' or capture_method='export' to see one method's full "
-            "error, and make that part of the forward traceable by it.",
-            attempts,
-        ) from None
+        raise _refusal(model, attempts) from None
     finally:
         for m, mode in was_training.items():
             m.training = mode

@@ -24,7 +24,7 @@ __all__ = [
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
-    "inductor_compile", "aot_eager_compile", "compiled_callables"
+    "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph"
 ]
 
 # -- tensors (checked on 2.13.0) ------------------------------------------------------------------------------
@@ -160,6 +160,59 @@ def forward_hooks_suspended(modules):
 
 
 # -- torch.fx (checked on 2.13.0) -----------------------------------------------------------------------------
+def record_aten_graph(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """A GraphModule of the ATen operations one real call `model(*args, **kwargs)` runs (make_fx with real
+    tensors, pre-dispatch): Python control flow, `.item()` and `pack_padded_sequence` take the example's values,
+    so the graph is that call's path. Each node's `nn_module_stack` names the modules it was called in (recorded
+    by hooks on the model's modules, as export does), and the GraphModule takes `(*args, **kwargs)` and returns
+    the model's output structure, as an exported program's module does."""
+    import torch.fx.traceback as fx_traceback
+    from torch.export._unlift import _get_codegen
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    paths = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(module, path)
+    stack = []
+
+    def set_stack():
+        fx_traceback.current_meta["nn_module_stack"] = {
+            f"{i}:{paths[m]}": (paths[m], type(m)) for i, m in enumerate(stack)}
+
+    def enter(module, _args):
+        stack.append(module)
+        set_stack()
+
+    def leave(module, _args, _out):
+        if stack and stack[-1] is module:
+            stack.pop()
+            set_stack()
+
+    leaves, in_spec = tree_flatten((tuple(args), dict(kwargs)))
+    out_specs = []
+
+    def call(*flat):
+        a, k = tree_unflatten(list(flat), in_spec)
+        out, spec = tree_flatten(model(*a, **k))
+        out_specs.append(spec)
+        return out
+
+    handles = []
+    try:
+        for module in paths:
+            handles.append(module.register_forward_pre_hook(enter, prepend=True))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        with fx_traceback.preserve_node_meta():
+            gm = make_fx(call, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False)(*leaves)
+    finally:
+        for h in handles:
+            h.remove()
+    gm.graph._codegen = _get_codegen(in_spec, out_specs[-1])
+    gm._in_spec, gm._out_spec = in_spec, out_specs[-1]
+    gm.recompile()
+    return gm
+
+
 def fuse_by_partitions(gm, partitions, prefix):
     from torch.fx.passes.utils.fuser_utils import fuse_by_partitions as fuse
 

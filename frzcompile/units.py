@@ -254,14 +254,19 @@ class UnitGraph:
             u = self._unit_of_path(node_module_path(n), nameset)
             if u is not None and not _is_input_guard(n):
                 self.node_unit[n] = u
-        # Glue code outside any unit joins the unit of its latest input ...
+        # Glue code outside any unit joins the latest-starting unit among its inputs' (`self.b(h) + 0.5 * h`:
+        # the add joins b even though the `0.5 * h` it reads, a's glue, was traced after b; joining the unit of
+        # its latest input node, a, would make a and b feed each other) ...
+        start = {}
+        for n, u in self.node_unit.items():
+            start[u] = min(start.get(u, order[n]), order[n])
         pending = []
         for n in nodes:
             if n in self.node_unit or _is_input_guard(n):
                 continue
-            ins = [a for a in n.all_input_nodes if a in self.node_unit]
-            if ins:
-                self.node_unit[n] = self.node_unit[max(ins, key=order.get)]
+            units = {self.node_unit[a] for a in n.all_input_nodes if a in self.node_unit}
+            if units:
+                self.node_unit[n] = max(units, key=lambda u: start[u])
             else:
                 pending.append(n)
         # ... or, reading only graph inputs and constants, the unit of its first user.

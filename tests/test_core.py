@@ -258,6 +258,76 @@ def test_a_fallback_to_export_prints_nothing(capfd):
     assert "Traceback" not in capfd.readouterr().err  # torch.fx's GraphModule.__call__ prints one on failure
 
 
+class PackedLSTM(torch.nn.Module):
+    """An LSTM text classifier over packed sequences: symbolic_trace and export both refuse
+    `pack_padded_sequence` (its lengths are read as Python values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16, padding_idx=0)
+        self.rnn = torch.nn.LSTM(16, 24, batch_first=True)
+        self.head = torch.nn.Linear(24, 3)
+
+    def forward(self, ids, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
+                                                         enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def test_packed_sequences_are_captured_by_recording_one_call(capfd):
+    torch.manual_seed(0)
+    model = PackedLSTM()
+    ids, lengths = torch.randint(1, 50, (6, 9)), torch.tensor([9, 7, 7, 4, 2, 1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    fm = frzcompile.optimize(model, (ids, lengths), optimizer=opt, policy="manual")
+    assert fm.capture_method == "record" and fm.units == ["emb", "rnn", "head"]
+    assert "Traceback" not in capfd.readouterr().err
+    flops = fm.unit_flops()
+    assert flops["rnn"] > flops["head"] > 0  # the recorded graph holds the LSTM's work
+    ref = eager_reference(model, [model.emb], list(model.emb.parameters()))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    fm.freeze("emb")
+    g = torch.Generator().manual_seed(1)
+    for length in (9, 5, 12):  # other lengths and batch sizes than the example's
+        ids = torch.randint(1, 50, (4, length), generator=g)
+        lengths = torch.randint(1, length + 1, (4,), generator=g)
+        y = torch.randint(0, 3, (4,), generator=g)
+        for m, o in ((fm, opt), (ref, ref_opt)):
+            torch.nn.functional.cross_entropy(m(ids, lengths), y).backward()
+            o.step()
+            o.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert not torch.equal(model.rnn.weight_ih_l0, PackedLSTM().rnn.weight_ih_l0)
+
+
+def test_glue_traced_after_a_later_unit_does_not_merge_units():
+    """`self.b(h) + 0.5 * h`: the `0.5 * h` (glue of unit a) is traced after b, and the add that reads both used
+    to join a, so a and b fed each other and were merged into one unit 'a+b'."""
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = self.b(h) + 0.5 * h
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(5, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert fm.units == ["a", "b", "head"] and not fm.unit_graph.merges
+    assert set(fm.unit_graph.dag.edges) == {("a", "b"), ("b", "head")}
+    ref = eager_reference(model, [model.a], list(model.a.parameters()))
+    fm.freeze("a")
+    fm(x).sum().backward()
+    ref(x).sum().backward()
+    assert model.a.weight.grad is None
+    torch.testing.assert_close(model.b.weight.grad, ref.b.weight.grad, rtol=0, atol=0)
+
+
 def test_a_loss_that_branches_on_the_labels_values_is_captured_without_them():
     """DeBERTa's loss (`if (labels >= 0).nonzero().size(0) > 0`) and CTC losses branch on the labels' values:
     neither capture method could trace the example with labels, so the HF Trainer callback (whose example is the

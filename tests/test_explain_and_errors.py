@@ -5,6 +5,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
+from tests.conftest import eager_reference
 from frzcompile import zoo
 
 
@@ -194,17 +195,53 @@ class DataDependent(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        if h.sum() > 0:  # Python control flow on a tensor value: neither tracer can capture it
+        if h.sum() > 0:  # Python control flow on a tensor value: symbolic_trace and export cannot capture it
             h = h * 2
         return self.b(h)
 
 
-def test_untraceable_model_names_both_attempts():
+def test_a_data_dependent_model_is_captured_by_recording_one_call():
+    """Data-dependent control flow was refused with a CaptureError, though frzcompile runs the model itself: the
+    third method records the example's path. Both branches then train as eager PyTorch with `a` frozen by hand."""
+    torch.manual_seed(0)
+    model = DataDependent()
+    fm = frzcompile.optimize(model, (torch.randn(3, 4),), policy="manual")
+    assert fm.capture_method == "record" and fm.units == ["a", "b"]
+    assert [m for m, _ in fm._captured.attempts] == ["symbolic_trace", "export"]
+    assert "captured by record" in str(frzcompile.explain(fm))
+    ref = eager_reference(model, [model.a], list(model.a.parameters()))
+    fm.freeze("a")
+    assert list(fm.frozen) == ["a"] and not model.a.weight.requires_grad
+    for sign in (1.0, -1.0):  # one batch down each branch
+        x = (sign * torch.randn(5, 4)).requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        ours, theirs = fm(x), ref(x_ref)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        ours.square().sum().backward()
+        theirs.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+        torch.testing.assert_close(model.b.weight.grad, ref.b.weight.grad, rtol=0, atol=0)
+        model.zero_grad(), ref.zero_grad()
+
+
+class RefusesTracing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if torch.fx._symbolic_trace.is_fx_tracing():  # a forward that refuses every tracer
+            raise RuntimeError("not traceable")
+        return self.a(x)
+
+
+def test_untraceable_model_names_every_attempt():
     with pytest.raises(frzcompile.CaptureError) as info:
-        frzcompile.optimize(DataDependent(), (torch.randn(3, 4),))
+        frzcompile.optimize(RefusesTracing(), (torch.randn(3, 4),))
     message = str(info.value)
-    assert "DataDependent" in message and "symbolic_trace:" in message and "export:" in message
-    assert [m for m, _ in info.value.attempts] == ["symbolic_trace", "export"]
+    assert "RefusesTracing" in message and "symbolic_trace:" in message and "export:" in message
+    assert "record:" in message
+    assert [m for m, _ in info.value.attempts] == ["symbolic_trace", "export", "record"]
 
 
 def test_import_is_lean():
