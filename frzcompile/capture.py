@@ -25,7 +25,7 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import forked_rng, record_aten_graph, tensor_version, tree_flatten, tree_unflatten
+from .torch_private import forked_rng, module_generators, record_aten_graph, tensor_version, tree_flatten, tree_unflatten
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
@@ -117,7 +117,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     try:
         # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
         # and a forward that updates a buffer at every call (a step counter) as without it
-        with forked_rng(), buffers_kept(model):
+        with forked_rng(module_generators(model)), buffers_kept(model), _fast_path_off():
             methods = METHODS if method == "auto" else (method,)
             graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
             try:
@@ -146,6 +146,19 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     finally:
         if instance_forward is not None:
             model.__dict__["forward"] = instance_forward
+
+
+@contextlib.contextmanager
+def _fast_path_off():
+    """PyTorch's fused attention fast path off for the capture's runs: in eval without grad an nn.TransformerEncoder
+    with a padding mask runs on nested tensors, zeros at padded positions, which no graph reproduces (the check
+    against the model would fail); what the graph describes is the same model."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 __all__ = [
     "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "traced_or_transformed",
-    "inside_func_transform", "compiled_wrapper", "remade_view", "forked_rng",
+    "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
+    "module_generators", "rng_states", "same_rng",
     "share_module_state", "structure_ids",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
@@ -50,6 +51,13 @@ def inside_func_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (`with torch.autograd.forward_ad.dual_level():`, a forward-mode
+    `torch.autograd.functional.jacobian`): inputs or parameters may carry tangents."""
+    from torch.autograd import forward_ad
+    return forward_ad._current_level >= 0
+
+
 def compiled_wrapper(model) -> bool:
     """Whether `model` is torch.compile's OptimizedModule wrapper (Dynamo is not imported to tell: a model
     compiled was compiled after it was imported)."""
@@ -64,11 +72,59 @@ def remade_view(t):
     return t._base.as_strided(t.size(), t.stride(), t.storage_offset())
 
 
-def forked_rng():
-    """A context in which random draws leave the user's generators (CPU and every initialised GPU) as they were.
-    (torch.random.fork_rng is public; it is here so that capture and the cache fork the same devices.)"""
+def module_generators(model) -> list:
+    """The torch.Generators the model's modules hold as attributes (an augmentation's own stream)."""
+    if model is None:
+        return []
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Generator)]
+
+
+def rng_states(generators=()) -> list:
+    """Every random state a forward may draw from that frzcompile can see: torch's (CPU and every initialised
+    GPU), Python's `random`, numpy's global one (when numpy is loaded), and `generators`."""
+    import random
+    state = [torch.default_generator.get_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state += [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    state.append(random.getstate())
+    np = sys.modules.get("numpy")
+    if np is not None:
+        state.append(np.random.get_state(legacy=False))
+    return state + [g.get_state() for g in generators]
+
+
+def same_rng(a, b) -> bool:
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, dict):  # numpy's state: {"bit_generator", "state": {"key", "pos"}, "has_gauss", ...}
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if type(x).__name__ == "ndarray":
+            return x.shape == y.shape and bool((x == y).all())
+        return x == y
+    return a is not None and b is not None and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+@contextlib.contextmanager
+def forked_rng(generators=()):
+    """A context in which random draws leave the user's generators as they were: torch's (CPU and every
+    initialised GPU; torch.random.fork_rng), Python's `random`, numpy's global one, and `generators` (the model's
+    own, `module_generators`)."""
+    import random
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
+    python_state = random.getstate()
+    np = sys.modules.get("numpy")
+    numpy_state = np.random.get_state() if np is not None else None
+    own = [(g, g.get_state()) for g in generators]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy_state is not None:
+                np.random.set_state(numpy_state)
+            for g, state in own:
+                g.set_state(state)
 
 
 # -- nn.Module internals (checked on 2.13.0) ------------------------------------------------------------------

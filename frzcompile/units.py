@@ -26,6 +26,9 @@ from .errors import UnitError
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+_VALUE_READS = {"item", "_local_scalar_dense"}  # ATen ops that hand a tensor's value to Python
+
+
 def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
@@ -188,6 +191,11 @@ class UnitGraph:
             if node in self.node_unit:
                 self.units[self.node_unit[node]].nodes.append(node)
         self._param_owner = self._param_owners(model, gm)  # parameter name -> unit, fixed at capture
+        # reads of a tensor's value into Python (`if x.mean() > 1:`, `.item()`, `pack_padded_sequence`'s lengths),
+        # by graph position: only a recorded graph ("record" capture) holds them, as the example's branch
+        self._value_reads = [order[n] for n in gm.graph.nodes if n.op == "call_function"
+                             and getattr(n.target, "__name__", "").split(".")[0] in _VALUE_READS]
+        self._last = {u: max(order[n] for n in self.units[u].nodes) for u in self.units if self.units[u].nodes}
         self.bind(model)
 
     def bind(self, model: nn.Module) -> None:
@@ -397,6 +405,12 @@ class UnitGraph:
         frozen = set(frozen)
         import networkx as nx
         return [u for u in self.units if u in frozen and nx.ancestors(self.dag, u) <= frozen]
+
+    def reads_values_within(self, prefix) -> bool:
+        """Whether the graph reads a tensor's value into Python before the prefix's last operation: the Python
+        code there may branch on it, which a graph of one recorded call cannot show."""
+        end = max((self._last.get(u, -1) for u in prefix), default=-1)
+        return any(at < end for at in self._value_reads)
 
     def frontier(self, prefix) -> list[fx.Node]:
         """Nodes computed in the prefix and read outside it: what crosses into trainable code."""

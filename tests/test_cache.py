@@ -1436,6 +1436,147 @@ def test_a_prefix_with_a_fused_fast_path_serves_what_eager_computes():
     assert fm.cache.stats["fully_served_batches"] == 5  # all but the first batch's first return
 
 
+def test_a_transformer_encoder_on_nested_tensors_is_captured_and_left_uncached():
+    """nn.TransformerEncoder's default `enable_nested_tensor=True`: in eval with a padding mask its fast path runs
+    on nested tensors (zeros at padded positions). A padded example could not be captured (no graph reproduces
+    it), and with its layers frozen the analysed call, whose probe turns the fast path off, returned values at the
+    padded positions: logits 0.5 and gradients 0.36 off eager's."""
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16, padding_idx=0)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, ids, pad):
+            return self.head(self.enc(self.emb(ids), src_key_padding_mask=pad).sum(1))
+
+    torch.manual_seed(0)
+    model = Classifier()
+    ref = copy.deepcopy(model)
+    ids, pad = torch.randint(1, 30, (8, 6)), torch.zeros(8, 6, dtype=torch.bool)
+    pad[:4, 4:] = True
+    fm = frzcompile.optimize(model, (ids, pad), policy="manual", cache=CacheConfig(check_cost=False))
+    assert fm.units == ["emb", "enc.layers.0", "enc.layers.1", "head"]
+    fm.freeze("emb", "enc.layers.0", "enc.layers.1")
+    for m in (ref.emb, ref.enc):
+        m.requires_grad_(False)
+        m.eval()
+    for _ in range(2):
+        out, expected = fm(ids, pad), ref(ids, pad)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(model.head.weight.grad, ref.head.weight.grad, rtol=0, atol=0)
+    assert "enable_nested_tensor=False" in fm.cache.last_plan.reason and not fm.cache.last_plan.cacheable
+
+
+def test_forward_mode_ad_is_never_served():
+    """A dual input (`forward_ad.make_dual`) carries no `requires_grad`: a batch the cache held was served and its
+    tangent was lost (None; a forward-mode jacobian came out all zeros)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)], nn.Linear(8, 2))
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("0", "1")
+    ref[:2].requires_grad_(False)
+    for _ in range(3):
+        fm(x)
+    assert fm.cache.stats["fully_served_batches"] >= 1  # x is held
+    v = torch.randn_like(x)
+    with fwAD.dual_level():
+        ours = fwAD.unpack_dual(fm(fwAD.make_dual(x, v))).tangent
+        theirs = fwAD.unpack_dual(ref(fwAD.make_dual(x, v))).tangent
+    assert ours is not None
+    torch.testing.assert_close(ours, theirs)
+    jac = torch.autograd.functional.jacobian(fm, x[:4], strategy="forward-mode", vectorize=True)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(ref, x[:4], strategy="forward-mode",
+                                                                      vectorize=True))
+
+
+def test_a_recorded_capture_that_branches_on_a_batch_wide_value_keeps_the_cache_off():
+    """`if x.abs().mean() > 1: h = self.b1(h)` inside the frozen prefix: only capture_method='record' captures it,
+    and the cache served a mixed batch's samples from entries stored under another batch's branch (1.25 off)."""
+    class BatchBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b0, self.b1, self.b2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.b0(x))
+            if x.abs().mean() > 1.0:  # one decision for the whole batch
+                h = torch.tanh(self.b1(h))
+            return self.head(torch.tanh(self.b2(h)))
+
+    torch.manual_seed(0)
+    model = BatchBranch()
+    ref = copy.deepcopy(model)
+    big, small = torch.randn(16, 8) * 2.0, torch.randn(16, 8) * 0.5
+    mixed = torch.cat([big[:10], small[:6]])  # takes the branch, as `big` does
+    fm = frzcompile.optimize(model, (big,), policy="manual", cache=CacheConfig(check_cost=False,
+                                                                                store_deeper_after=0))
+    assert fm.capture_method == "record"
+    fm.freeze("b0", "b1", "b2")
+    ref.requires_grad_(False)
+    ref.head.requires_grad_(True)
+    for _ in range(3):
+        for x in (big, small, mixed):
+            torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
+    assert not fm.cache.last_plan.cacheable and "capture_method='record'" in fm.cache.last_plan.reason
+
+
+@pytest.mark.parametrize("source", ["python", "numpy", "generator"])
+def test_draws_from_other_random_streams_keep_the_cache_off_and_the_streams_as_eager(source):
+    """A rare augmentation drawn from Python's `random`, numpy or a torch.Generator the model holds (not torch's
+    global stream): the cache did not see the draw, served un-flipped activations on the steps eager flipped,
+    and its own runs (and optimize()'s) moved those streams, so a seeded run was not eager's."""
+    import random
+
+    import numpy as np
+
+    class Augmented(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.gen = torch.Generator().manual_seed(3)
+
+        def draw(self):
+            if source == "python":
+                return random.random()
+            return np.random.rand() if source == "numpy" else torch.rand((), generator=self.gen).item()
+
+        def forward(self, x):
+            if self.training and self.draw() < 0.3:
+                x = x.flip(-1)
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Augmented()
+    ref = copy.deepcopy(model)
+    batches = [torch.randn(8, 8) for _ in range(3)]
+
+    def seed():
+        random.seed(1), np.random.seed(1)
+        model.gen.manual_seed(1), ref.gen.manual_seed(1)
+
+    seed()
+    fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("a", "b")
+    ref.a.requires_grad_(False), ref.b.requires_grad_(False)
+    ours = [fm(x) for _ in range(4) for x in batches]
+    after_ours = (random.random(), np.random.rand(), torch.rand((), generator=model.gen).item())
+    seed()
+    theirs = [ref(x) for _ in range(4) for x in batches]
+    after_theirs = (random.random(), np.random.rand(), torch.rand((), generator=ref.gen).item())
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, rtol=0, atol=0)
+    assert after_ours == after_theirs
+    assert fm.cache.stats["fully_served_batches"] == 0 and "draws random numbers" in fm.cache.last_plan.reason
+
+
 def test_random_numbers_drawn_before_the_prefix_keep_the_cache_off():
     """A random augmentation in the model's own forward, before the frozen prefix (a flip drawn per call): what the
     prefix computes is not a function of the model's inputs, so the cache refuses, whether or not the analysis'

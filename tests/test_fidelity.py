@@ -664,6 +664,31 @@ def test_parameters_added_replaced_or_set_by_hand_keep_what_freezing_by_hand_giv
     assert all(p.requires_grad for p in model.stem.parameters())
 
 
+def test_a_thaw_gives_back_the_flags_a_unit_had_when_it_was_frozen():
+    """A thaw gave parameters back their requires_grad of optimize() time: a weight frozen by hand afterwards
+    (a LoRA base) trained again after a freeze and thaw of its unit, and in a two-phase fine-tuning (backbone
+    frozen by hand, then `requires_grad_(True)` for phase 2) a freeze and thaw froze it again, and freezing the
+    head was refused as leaving nothing to train."""
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    model.block1[0].weight.requires_grad_(False)  # by hand, after optimize()
+    fm.freeze("block1")
+    assert fm.freeze_state_dict()["trainable"]["block1.0.weight"] is False
+    fm.unfreeze("block1")
+    assert not model.block1[0].weight.requires_grad and model.block1[0].bias.requires_grad
+
+    model, (x,), _, _ = make("traced")
+    model.stem.requires_grad_(False)
+    model.block1.requires_grad_(False)            # phase 1: the backbone frozen by hand
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    model.requires_grad_(True)                    # phase 2: everything trains
+    fm.freeze("stem")
+    fm.unfreeze("stem")
+    assert all(p.requires_grad for p in model.parameters())
+    fm.freeze("head")                             # stem and block1 train now: not "nothing to train"
+    assert "head" in fm.frozen and model.block1[0].weight.requires_grad
+
+
 def test_per_sample_gradients_and_export_leave_the_policys_loss_alone():
     """torch.func's vmap(grad(...)) through fm and torch.export of fm in train mode trace or transform the model:
     their outputs are not a training step's loss, and must not reach the loss the default policy reads (a

@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..torch_private import tree_flatten
+from ..torch_private import rng_states, same_rng, tree_flatten
 
 _T = torch.Tensor
 _METADATA = {_T.size, _T.dim, _T.numel, _T.__len__, _T.stride, _T.is_floating_point, _T.is_complex,
@@ -82,8 +82,9 @@ class ProbeResult:
 class DataflowProbe(TorchFunctionMode):
     """Use as `with Interception(..., watch=probe) as ic: probe.interception = ic; with probe: model(...)`."""
 
-    def __init__(self, state_tensors=()):
+    def __init__(self, state_tensors=(), generators=()):
         super().__init__()
+        self._generators = list(generators)  # the model's own torch.Generators, watched with torch's, random's, numpy's
         self.interception = None
         self._state = {id(t) for t in state_tensors}  # parameters and buffers of the model
         self._serials: dict = {}      # id(tensor) -> (weakref, serial)
@@ -127,7 +128,7 @@ class DataflowProbe(TorchFunctionMode):
 
     # -- the mode ---------------------------------------------------------------------------------------
     def __enter__(self):
-        self._rng_left = _rng_state()  # the model's call starts: a draw before the first prefix call counts too
+        self._rng_left = rng_states(self._generators)  # the model's call starts: a draw before the first prefix call counts too
         return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -175,8 +176,8 @@ class DataflowProbe(TorchFunctionMode):
             if any(t.requires_grad for t in tensors):
                 self._problem("an input of the frozen prefix requires grad (gradients must flow through it)")
             self._seen_read.update(s for s in (self._known(t) for t in tensors) if s is not None)
-            self._rng = _rng_state()
-            if self._rng_left is not None and not _same_rng(self._rng_left, self._rng):
+            self._rng = rng_states(self._generators)
+            if self._rng_left is not None and not same_rng(self._rng_left, self._rng):
                 self.random_between = True
         finally:
             self._busy = False
@@ -184,8 +185,8 @@ class DataflowProbe(TorchFunctionMode):
     def leave(self, key, out) -> None:
         self._busy = True
         try:
-            self._rng_left = _rng_state()
-            if not _same_rng(self._rng, self._rng_left):
+            self._rng_left = rng_states(self._generators)
+            if not same_rng(self._rng, self._rng_left):
                 self._problem(f"the frozen prefix draws random numbers (in {key[0]}), which serving from the "
                               "cache would skip")
             self._register(key, out)
@@ -269,14 +270,3 @@ class DataflowProbe(TorchFunctionMode):
             if not tainted.isdisjoint(ins):
                 tainted.update(outs)
         return not tainted.isdisjoint(self._read_inside) or not tainted.isdisjoint(self._leaves)
-
-
-def _rng_state():
-    state = [torch.default_generator.get_state()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state += [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-    return state
-
-
-def _same_rng(a, b) -> bool:
-    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

@@ -473,6 +473,10 @@ class ActivationCache(Service):
             self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
             return run(args, kwargs)
         if plan is None:
+            ruled_out = self._ruled_out(prefix)
+            if ruled_out:  # refused before any run under the probe (whose outputs could differ from eager's)
+                self.last_plan = self.plans[(prefix, sig.digest)] = CallPlan(prefix, False, ruled_out)
+                return run(args, kwargs)
             return self._probe(prefix, sig, run, args, kwargs)
         self.last_plan = plan
         if not plan.cacheable:
@@ -523,6 +527,8 @@ class ActivationCache(Service):
             return "inside torch.jit.trace or torch.export (a served batch would be recorded as a constant)"
         if torch_private.inside_func_transform():
             return "inside a torch.func transform (vmap, grad...)"
+        if torch_private.forward_ad_active():
+            return "inside forward-mode AD (torch.autograd.forward_ad.dual_level): a served batch carries no tangent"
         return ""
 
     def _step_aside(self, prefix, leaves) -> str:
@@ -555,6 +561,30 @@ class ActivationCache(Service):
                 return "a frozen module's forward was replaced by other code"
         return ""
 
+    def _ruled_out(self, prefix) -> str:
+        """Why the cache cannot serve this prefix whatever the call, found before any analysis, or ''.
+        - The model was captured by recording one call, and code before the prefix ends reads a tensor's value into
+          Python: a branch on a batch-wide value (`if x.abs().mean() > 1:`) would make what a sample's prefix
+          computes depend on the other samples of its batch, which the graph (the example's branch) cannot show.
+        - An nn.TransformerEncoder around it runs on nested tensors: in eval with a padding mask its fast path
+          gives zeros at padded positions; under the analysis' probe (a TorchFunctionMode) that path is off and
+          they carry values, so the analysed call would return other outputs and gradients than eager's."""
+        if self.unit_graph.reads_values_within(prefix):
+            return ("the model was captured by recording one call (capture_method='record'), and its forward reads "
+                    "a tensor's value into Python (.item(), a branch on a tensor, pack_padded_sequence's lengths) "
+                    "before the frozen prefix ends: a branch on a batch-wide value would make each sample's "
+                    "activations depend on its batch")
+        if not torch.backends.mha.get_fastpath_enabled():
+            return ""
+        mods = self._modules(prefix)
+        for path, m in list(mods.top.items()) + list(mods.guarded.items()):
+            if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+                return (f"{path or 'the model'} is an nn.TransformerEncoder that runs on nested tensors in eval "
+                        "(padded positions come out as zeros), which the cache's analysis cannot reproduce: build "
+                        "it with enable_nested_tensor=False, or call torch.backends.mha.set_fastpath_enabled(False), "
+                        "to cache it")
+        return ""
+
     # -- internal runs ----------------------------------------------------------------------------------
     def _prefix_run(self, prefix, calls, args, kwargs, select=None, keep=False, record=None, copied=None):
         """Run the model only as far as the prefix's last call (`calls[-1]`), on all rows or on (args, kwargs)
@@ -565,7 +595,7 @@ class ActivationCache(Service):
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            stack.enter_context(torch_private.forked_rng())
+            stack.enter_context(torch_private.forked_rng(torch_private.module_generators(self.model)))
             stack.enter_context(torch_private.forward_hooks_suspended(self.model.modules()))
             ic = stack.enter_context(Interception(mods.top, keep=keep, stop_after=calls[-1], others=mods.others))
             if record is not None:
@@ -590,7 +620,7 @@ class ActivationCache(Service):
         mods = self._modules(prefix)
         top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
-        probe = DataflowProbe(state)
+        probe = DataflowProbe(state, torch_private.module_generators(self.model))
         probe.watch_arguments({i: t for i, t in enumerate(sig.leaves)
                                if isinstance(t, torch.Tensor) and i not in sig.batch_leaves})
         shallower = self._shallower_cover(prefix, sig)
@@ -1250,7 +1280,8 @@ class ActivationCache(Service):
         """The analysis run of `warm`: the whole model without autograd, leaving no trace (RNG forked, buffers
         restored, hooks suspended)."""
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        with torch.no_grad(), torch_private.forked_rng(), torch_private.forward_hooks_suspended(self.model.modules()):
+        with torch.no_grad(), torch_private.forked_rng(torch_private.module_generators(self.model)), \
+                torch_private.forward_hooks_suspended(self.model.modules()):
             try:
                 self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs, warming=True)
             finally:

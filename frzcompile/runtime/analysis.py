@@ -82,7 +82,8 @@ class Analysis:
         try:
             self.model.eval()  # symbolic_trace graphs call the model's own leaf modules, whose hooks (the user's)
             with torch.no_grad(), torch_private.forward_hooks_suspended(self.model.modules()), \
-                    buffers_kept(self.model):  # (the user's hooks must not fire, nor a buffer move)
+                    buffers_kept(self.model), torch_private.forked_rng(torch_private.module_generators(self.model)):
+                # (the user's hooks must not fire, nor a buffer or a random number generator move)
                 try:
                     with FlopCounterMode(display=False) as counter:
                         interp = _FlopsPerNode(gm, counter)

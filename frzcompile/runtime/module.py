@@ -622,15 +622,16 @@ class FrozenModule(nn.Module):
             self.sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_pending"] = None
         self.__dict__["_step"] = int(state["step"])
+        self._plan.whole = {}
+        for path, under in state.get("whole", {}).items():
+            self._plan.freeze_whole(path, self._model.get_submodule(path), under)
+        self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
+        # what a thaw gives back, as saved (set after the plan: a freeze records the flags it finds)
         trainable = state.get("trainable", {})  # (saved since format 1 gained it; older states lack it)
         for unit in self.unit_graph.units.values():
             for n, p in zip(unit.param_names, unit.params):
                 if n in trainable:
                     self._plan.set_trainable_by_default(p, trainable[n])
-        self._plan.whole = {}
-        for path, under in state.get("whole", {}).items():
-            self._plan.freeze_whole(path, self._model.get_submodule(path), under)
-        self._set_plan(frozenset(state["frozen"]), reason="load_freeze_state_dict()")
         self._plan.since = {u: int(s) for u, s in state["since"].items()}
 
     # -- attributes fall through to the model ---------------------------------------------------------------

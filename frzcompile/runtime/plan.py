@@ -85,8 +85,9 @@ class FreezePlan:
         added later) leaves something to train whatever the plan."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
-        trainable = [u for u, unit in units.items()
-                     if any(self._initial_requires_grad.get(id(p), p.requires_grad) for p in unit.params)]
+        trainable = [u for u, unit in units.items()  # (a unit not frozen trains as its flags say now)
+                     if any(self.trainable_by_default(p) if u in self.frozen else p.requires_grad
+                            for p in unit.params)]
         in_units = {id(p) for unit in units.values() for p in unit.params}
         if frozen and (len(frozen) == len(self.units) or all(u in frozen for u in trainable)) and \
                 not any(p.requires_grad for p in others if id(p) not in in_units):
@@ -96,7 +97,9 @@ class FreezePlan:
             )
         newly, thawed = frozen - self.frozen, self.frozen - frozen
         for u in newly:
-            for p in units[u].params:
+            for name, p in zip(units[u].param_names, units[u].params):
+                # a thaw gives back the flag it has now: the user may have frozen it, or unfrozen it, by hand
+                self._initial_requires_grad[id(p)] = self._default_by_name[name] = p.requires_grad
                 p.requires_grad_(False)
                 if self.keep_in_flight and p.grad is not None and bool(p.grad.any()):  # the step in flight applies it:
                     self._in_flight[id(p)] = p  # released after that step (a zero-filled one is not a gradient)
@@ -126,7 +129,8 @@ class FreezePlan:
         return change
 
     def trainable_by_default(self, p) -> bool:
-        """Whether `p` required grad before any plan (what thawing gives back)."""
+        """Whether `p` required grad when its unit was last frozen (what thawing gives back); for a parameter
+        never frozen, whether it did at optimize()."""
         return self._initial_requires_grad.get(id(p), True)
 
     def set_trainable_by_default(self, p, value: bool) -> None:
