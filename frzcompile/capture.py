@@ -163,30 +163,37 @@ def _fast_path_off():
 
 @contextlib.contextmanager
 def buffers_kept(model: torch.nn.Module):
-    """The model's buffers (the objects and their values) as they were before the block, for frzcompile's own
-    runs of the forward (capture's, the FLOP count's): a forward may update a buffer at every call, not only in
-    training (a call counter, a running mean kept by hand)."""
+    """The model's buffers and parameters (the objects and their values) as they were before the block, for
+    frzcompile's own runs of the forward (capture's, the FLOP count's): a forward may update a buffer at every
+    call, not only in training (a call counter, a running mean kept by hand), or a parameter (MoCo's momentum
+    update of its key encoder), also through `.data`, which moves no version counter: what was copied is compared
+    by value."""
     saved, budget = [], KEPT_BUFFER_BYTES
     for m in model.modules():
-        for name, b in m._buffers.items():
-            if b is None or torch.nn.parameter.is_lazy(b):  # (a lazy module's, not materialised yet)
-                continue
-            size = b.numel() * b.element_size()
-            copy_ = b.detach().clone() if size <= budget else None  # a preallocated key/value cache: not copied
-            budget -= size if copy_ is not None else 0
-            saved.append((m, name, b, copy_, tensor_version(b)))
+        for kind in ("_buffers", "_parameters"):
+            for name, b in getattr(m, kind).items():
+                if b is None or torch.nn.parameter.is_lazy(b):  # (a lazy module's, not materialised yet)
+                    continue
+                size = b.numel() * b.element_size()
+                copy_ = b.detach().clone() if size <= budget else None  # a preallocated key/value cache: not copied
+                budget -= size if copy_ is not None else 0
+                saved.append((m, kind, name, b, copy_, tensor_version(b)))
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, name, b, value, version in saved:
-                if m._buffers.get(name) is not b:
-                    m._buffers[name] = b
-                if tensor_version(b) != version:
-                    if value is None:
-                        warnings.warn(f"frzcompile: frzcompile's own run of the forward changed the buffer {name!r} "
-                                      f"of {type(m).__name__} in place, and it is too large to have been copied "
+            for m, kind, name, b, value, version in saved:
+                held = getattr(m, kind)
+                if held.get(name) is not b:
+                    held[name] = b
+                if value is None:
+                    if tensor_version(b) != version:
+                        warnings.warn(f"frzcompile: frzcompile's own run of the forward changed {name!r} of "
+                                      f"{type(m).__name__} in place, and it is too large to have been copied "
                                       "first, so it stays changed", UserWarning, stacklevel=4)
+                elif not (b.shape == value.shape and b.dtype == value.dtype and torch.equal(b, value)):
+                    if b.shape != value.shape or b.dtype != value.dtype:
+                        b.data = value
                     else:
                         b.copy_(value)
 

@@ -367,7 +367,8 @@ def test_a_loss_that_branches_on_the_labels_values_is_captured_without_them():
 
 def test_optimize_leaves_a_buffer_the_forward_updates_at_every_call_as_it_was():
     """A forward that counts its calls or keeps a running mean by hand (not only in training): capture's runs
-    and explain's FLOP count moved them (3 calls before the first training step; 0.11 off eager at step 1)."""
+    and explain's FLOP count moved them (3 calls before the first training step; 0.11 off eager at step 1); a
+    buffer counted through `.data` and a momentum copy of the head's parameters (MoCo) moved too."""
     import copy
 
     class Counting(torch.nn.Module):
@@ -377,18 +378,25 @@ def test_optimize_leaves_a_buffer_the_forward_updates_at_every_call_as_it_was():
             self.register_buffer("calls", torch.zeros((), dtype=torch.long))
             self.register_buffer("mean", torch.zeros(4))
 
+            self.target = torch.nn.Linear(4, 2)  # a momentum copy of the head (MoCo's key encoder)
+            self.register_buffer("seen", torch.zeros(()))
+
         def forward(self, x):
             self.calls += 1
+            self.seen.data.add_(1)  # through .data: no version counter moves
             with torch.no_grad():
                 self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-            return self.head(torch.relu(self.a(x - self.mean)))
+            for pt, p in zip(self.target.parameters(), self.head.parameters()):
+                pt.data = 0.5 * pt.data + 0.5 * p.data
+            return self.head(torch.relu(self.a(x - self.mean))) + self.target(x).detach()
 
     torch.manual_seed(0)
     model, x = Counting(), torch.randn(5, 4)
     ref = copy.deepcopy(model)
     fm = frzcompile.optimize(model, (x,), policy="manual")
     assert "fwd FLOPs" in str(frzcompile.explain(fm))
-    assert int(model.calls) == 0 and torch.equal(model.mean, torch.zeros(4))
+    assert int(model.calls) == 0 and torch.equal(model.mean, torch.zeros(4)) and float(model.seen) == 0
+    torch.testing.assert_close(model.target.weight, ref.target.weight, rtol=0, atol=0)
     torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
     assert int(model.calls) == 1
     # a lazy module's buffers are not materialised before the capture runs it: nothing to keep (it raised)
