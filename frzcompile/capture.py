@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -90,7 +92,16 @@ def _symbolic_trace(model, args, kwargs, unit_names):
 def _export(model, args, kwargs, unit_names):
     # Static shapes: the graph describes the example only (it is analysed, never run on other calls), and
     # symbolic shapes can take minutes to solve (Swin's window partition).
-    ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    # A failure prints the partial graph to stderr and logs a warning about unbacked symbols (data-dependent
+    # control flow, which "record" then captures): both are noise to the user, whose model another method takes.
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    finally:
+        shapes_log.setLevel(level)
     return ep.module()
 
 

@@ -203,6 +203,7 @@ class UnitGraph:
         parameter of the model was replaced, units keep their meaning (a swapped head is still the head unit).
         A unit's modules are the modules under its path, exactly what `model.get_submodule(path).eval()` would
         switch; glue modules called from a parent's forward between units belong to no unit."""
+        before = getattr(self, "_roots", {})  # requested path -> its module at the last binding
         for unit in self.units.values():
             unit.param_names, unit.params, unit.modules, unit.roots = [], [], [], []
         seen = set()
@@ -216,14 +217,23 @@ class UnitGraph:
             if owner is not None:
                 self.units[owner].param_names.append(name)
                 self.units[owner].params.append(p)
+        self._roots = {}
         for requested, name in self._alias.items():
             if name in self.units:
                 try:
                     root = model.get_submodule(requested)
                 except AttributeError:
                     continue  # the module was deleted: the unit has nothing left to switch
+                self._roots[requested] = root
                 self.units[name].roots.append(root)
                 self.units[name].modules.extend(root.modules())
+        # a unit's module now at another unit's path (a layer deleted from a list shifts the others), or a unit's
+        # path gone: the units, bound by path, no longer mean what they meant
+        was = {id(m): path for path, m in before.items()}
+        moved = [f"{was[id(m)]!r} is now at {path!r}" for path, m in self._roots.items()
+                 if was.get(id(m), path) != path]
+        gone = [f"{path!r} no longer exists" for path in before if path not in self._roots]
+        self.moved = moved + gone
 
     # -- construction --------------------------------------------------------------------------------
     @staticmethod

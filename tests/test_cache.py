@@ -1471,6 +1471,25 @@ def test_a_transformer_encoder_on_nested_tensors_is_captured_and_left_uncached()
     assert "enable_nested_tensor=False" in fm.cache.last_plan.reason and not fm.cache.last_plan.cacheable
 
 
+def test_a_pruned_layer_in_the_prefix_says_how_to_cache_it():
+    """torch.nn.utils.prune's forward pre-hook keeps the cache off (it must see every call); the reason only said
+    "hooks ... must see every call", not what to do."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    x = torch.randn(8, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("0", "2")
+    fm(x)
+    assert "prune.remove(module, name)" in str(frzcompile.explain(fm))
+    prune.remove(model[0], "weight")
+    for _ in range(3):
+        torch.testing.assert_close(fm(x), model(x), rtol=0, atol=0)
+    assert fm.cache.stats["fully_served_batches"] >= 1
+
+
 def test_forward_mode_ad_is_never_served():
     """A dual input (`forward_ad.make_dual`) carries no `requires_grad`: a batch the cache held was served and its
     tangent was lost (None; a forward-mode jacobian came out all zeros)."""

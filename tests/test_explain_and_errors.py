@@ -200,13 +200,15 @@ class DataDependent(nn.Module):
         return self.b(h)
 
 
-def test_a_data_dependent_model_is_captured_by_recording_one_call():
+def test_a_data_dependent_model_is_captured_by_recording_one_call(capfd):
     """Data-dependent control flow was refused with a CaptureError, though frzcompile runs the model itself: the
     third method records the example's path. Both branches then train as eager PyTorch with `a` frozen by hand."""
     torch.manual_seed(0)
     model = DataDependent()
     fm = frzcompile.optimize(model, (torch.randn(3, 4),), policy="manual")
     assert fm.capture_method == "record" and fm.units == ["a", "b"]
+    err = capfd.readouterr().err  # export's failure printed its partial graph and a warning (about 50 lines)
+    assert "def forward" not in err and "Unable to find user code" not in err
     assert [m for m, _ in fm._captured.attempts] == ["symbolic_trace", "export"]
     assert "captured by record" in str(frzcompile.explain(fm))
     ref = eager_reference(model, [model.a], list(model.a.parameters()))
@@ -222,6 +224,33 @@ def test_a_data_dependent_model_is_captured_by_recording_one_call():
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
         torch.testing.assert_close(model.b.weight.grad, ref.b.weight.grad, rtol=0, atol=0)
         model.zero_grad(), ref.zero_grad()
+
+
+def test_freezing_a_path_that_holds_modules_of_no_unit_says_they_stay_trainable():
+    """A mixture of experts whose example batch routed no sample to one expert: that expert is no unit, and
+    `fm.freeze("experts")` left it trainable without a word (`experts.requires_grad_(False)` freezes it)."""
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.experts = nn.ModuleDict({"low": nn.Linear(4, 4), "high": nn.Linear(4, 4)})
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            route = h.mean() > 0  # the whole batch goes to one expert (data-dependent: recorded)
+            return self.head(self.experts["high" if route else "low"](h))
+
+    torch.manual_seed(0)
+    model = Experts()
+    x = torch.randn(6, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual", units=["stem", "experts.low", "experts.high", "head"])
+    called = "high" if model.stem(x).mean() > 0 else "low"
+    other = "low" if called == "high" else "high"
+    assert f"experts.{called}" in fm.units and f"experts.{other}" not in fm.units
+    with pytest.warns(UserWarning, match=f"leaves 2 of its parameters trainable \\(experts.{other}.weight"):
+        fm.freeze("experts")
+    assert getattr(model.experts, other).weight.requires_grad
 
 
 class RefusesTracing(nn.Module):

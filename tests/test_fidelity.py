@@ -689,6 +689,20 @@ def test_a_thaw_gives_back_the_flags_a_unit_had_when_it_was_frozen():
     assert "head" in fm.frozen and model.block1[0].weight.requires_grad
 
 
+def test_a_structure_change_that_moves_units_between_paths_warns():
+    """Units are bound to module paths: after `del model.layers[0]` the old layers.2 sits at layers.1, a frozen
+    unit's path, and was put in eval with its weights training, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(4)], nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("0", "1")
+    fm(x)
+    del model[0]
+    with pytest.warns(UserWarning, match="'2' is now at '1'.*call optimize\\(\\) again"):
+        fm(x)
+
+
 def test_per_sample_gradients_and_export_leave_the_policys_loss_alone():
     """torch.func's vmap(grad(...)) through fm and torch.export of fm in train mode trace or transform the model:
     their outputs are not a training step's loss, and must not reach the loss the default policy reads (a

@@ -553,6 +553,10 @@ class ActivationCache(Service):
                         "or attentions must see every call (installed at the first call that asks for them, and kept; "
                         "some heads always ask: Segformer, UperNet, Wav2Vec2 classification), so the cache cannot "
                         "serve this model")
+            if {source for source, _ in sources} == {"torch.nn.utils.prune"}:
+                return (f"torch.nn.utils.prune's hook on {hooked} recomputes the pruned weight at every call: once "
+                        "its unit is frozen, prune.remove(module, name) makes the pruning permanent (or use a mask "
+                        "parametrization, which the cache serves)")
             return (f"hooks on {hooked or 'the model itself'} (in the frozen prefix, its parents or the code between "
                     "units) must see every call")
         for m in mods.top.values():

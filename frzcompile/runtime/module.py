@@ -296,12 +296,27 @@ class FrozenModule(nn.Module):
         before = dict(self._plan.whole)
         for n in names:  # a module path holding units: in eval as a whole while they stay frozen
             if str(n) not in self._unit_graph.units:
-                self._plan.freeze_whole(str(n), self._model.get_submodule(str(n)), self._unit_graph.resolve([n]))
+                module = self._model.get_submodule(str(n))
+                self._plan.freeze_whole(str(n), module, self._unit_graph.resolve([n]))
+                self._warn_outside_units(str(n), module)
         try:
             self._set_plan(self._plan.frozen | units, reason="freeze()")
         except PlanError:
             self._plan.whole = before
             raise
+
+    def _warn_outside_units(self, path, module) -> None:
+        """Warn when a module path asked to freeze holds parameters of no unit (a module the example batch never
+        called: an expert no sample was routed to): they stay trainable, where requires_grad_(False) on the
+        module would freeze them."""
+        owned = {id(p) for u in self._unit_graph.units.values() for p in u.params}
+        outside = [f"{path}.{name}" for name, p in module.named_parameters() if id(p) not in owned]
+        if outside:
+            warnings.warn(f"frzcompile: freezing {path!r} leaves {len(outside)} of its parameters trainable "
+                          f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): they belong to no unit, "
+                          "because the example batch given to optimize() never called their modules. Give "
+                          "optimize() an example that reaches them, or call requires_grad_(False) on them.",
+                          UserWarning, stacklevel=3)
 
     def _warn_tied(self, units) -> None:
         """Warn when a unit asked to freeze holds a weight tied to another unit, which owns it and stays trainable
@@ -383,14 +398,15 @@ class FrozenModule(nn.Module):
                 "token_layers": budgets.layers if budgets is not None else ()}
 
     def _before_optimizer_step(self, optimizer) -> None:
-        self._plan.drop_frozen_grads()
+        self._plan.drop_frozen_grads(optimizer)
         self._plan.drop_loaded_state(optimizer)
         self._plan.fresh_momentum_for_fused_sgd(optimizer)
         for service in self._services:
             service.before_optimizer_step(optimizer)
 
     def _after_optimizer_step(self, optimizer) -> None:
-        self._plan.release_in_flight(self.optimizers(), stepped=optimizer)
+        if self._plan.in_flight:  # (the optimizers are listed only then: one per parameter is a long list)
+            self._plan.release_in_flight(self.optimizers(), stepped=optimizer)
         for service in self._services:
             service.on_optimizer_step(optimizer)
 

@@ -13,6 +13,7 @@ on by hand trains, as it would.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class FreezePlan:
         self.keep_in_flight = True        # False under DDP: a pending gradient may not be all-reduced yet
         self._states_clean = weakref.WeakKeyDictionary()  # optimizer -> no state loaded since its last step
         self.whole: dict = {}             # module path frozen as a whole -> (module, its units): freeze_whole
+        self._frozen_memo = None          # (frozen set, its parameters, their ids): frozen_params
 
     @property
     def units(self) -> list:
@@ -77,8 +79,17 @@ class FreezePlan:
         return tuple(u for u in self.units if u in frozen)
 
     def frozen_params(self) -> list:
-        units = self.unit_graph.units
-        return [p for u in self.frozen for p in units[u].params]
+        """The frozen units' parameters (a list kept per plan and binding: read at every optimizer step)."""
+        if self._frozen_memo is None or self._frozen_memo[0] is not self.frozen:
+            units = self.unit_graph.units
+            params = [p for u in self.frozen for p in units[u].params]
+            self._frozen_memo = (self.frozen, params, {id(p) for p in params})
+        return self._frozen_memo[1]
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a frozen parameter still waits for a step to apply its gradient."""
+        return bool(self._in_flight)
 
     def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=()) -> PlanChange:
         """`others`: parameters added to the model since optimize(); one outside every unit that trains (a head
@@ -147,6 +158,12 @@ class FreezePlan:
         units = self.unit_graph.units
         frozen_names = {n for u in self.frozen for n in units[u].param_names}
         self.unit_graph.bind(model)
+        self._frozen_memo = None
+        if self.unit_graph.moved:
+            warnings.warn("frzcompile: the model's structure changed after optimize(), and units are bound to module "
+                          f"paths: {'; '.join(self.unit_graph.moved[:3])}. Freezing by unit name now acts on other "
+                          "modules than before: call optimize() again on the changed model (fm.release() first).",
+                          UserWarning, stacklevel=2)
         for u, unit in units.items():
             for name, p in zip(unit.param_names, unit.params):
                 if not isinstance(p, torch.nn.Parameter) or id(p) in self._initial_requires_grad:
@@ -217,11 +234,19 @@ class FreezePlan:
             self._param_names = (self.frozen, [(names[id(p)], p) for p in self.frozen_params() if id(p) in names])
         return [n for n, p in self._param_names[1] if not p.requires_grad]
 
-    def drop_frozen_grads(self) -> None:
+    def drop_frozen_grads(self, optimizer=None) -> None:
         """Before an optimizer step: a frozen parameter carries no gradient, so no optimizer touches it (a zeroed
         one, `zero_grad(set_to_none=False)`, would move it through momentum or weight decay), except one whose
-        gradient this step still applies (frozen after its backward) or one the user made require grad again."""
-        for p in self.frozen_params():
+        gradient this step still applies (frozen after its backward) or one the user made require grad again.
+        `optimizer` (the one about to step): when it holds fewer parameters than are frozen (one optimizer per
+        parameter, stepped in the backward), only its own are looked at."""
+        params = self.frozen_params()
+        if optimizer is not None:
+            held = [p for g in optimizer.param_groups for p in g["params"]]
+            if len(held) < len(params):
+                ids = self._frozen_memo[2]
+                params = [p for p in held if id(p) in ids]
+        for p in params:
             if p.grad is not None and not p.requires_grad and id(p) not in self._in_flight:
                 p.grad = None
 
