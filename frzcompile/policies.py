@@ -57,6 +57,11 @@ class TrainingView:
         """The training loss, one value per step so far (None where none was seen): see frzcompile.runtime.loss."""
         return self._fm.losses()
 
+    def learning_rate(self):
+        """The largest learning rate of the optimizers seen training the model now (None when none is known)."""
+        rates = [float(g["lr"]) for opt in self._fm.optimizers() for g in opt.param_groups if "lr" in g]
+        return max(rates) if rates else None
+
     def grad_norm(self, unit: str) -> float:
         """L2 norm of the unit's current gradients (0.0 when it has none)."""
         grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad  # nn.Embedding(sparse=True)

@@ -287,11 +287,16 @@ class UnitGraph:
                 self.node_unit[n] = max(units, key=lambda u: start[u])
             else:
                 pending.append(n)
-        # ... or, reading only graph inputs and constants, the unit of its first user.
+        # ... or, reading only graph inputs and constants, the unit of its first user (for its FLOPs); what it
+        # computes comes from no unit, so it carries no data flow between units (a DDPM's timestep drawn in the
+        # wrapper's forward, read by the time embedding and, through the noised input, by the first block:
+        # counted as the block's, it made the two feed each other).
+        self._from_inputs = set()
         for n in reversed(pending):
             users = [u for u in n.users if u in self.node_unit]
             if users:
                 self.node_unit[n] = self.node_unit[min(users, key=order.get)]
+                self._from_inputs.add(n)
 
     def _build_dag(self):
         import networkx as nx
@@ -300,7 +305,7 @@ class UnitGraph:
         for node, u in self.node_unit.items():
             for a in node.all_input_nodes:
                 v = self.node_unit.get(a)
-                if v is not None and v != u and a.op != "get_attr":
+                if v is not None and v != u and a.op != "get_attr" and a not in self._from_inputs:
                     dag.add_edge(v, u, via=(a.name, node.name))
         return dag
 

@@ -328,6 +328,49 @@ def test_glue_traced_after_a_later_unit_does_not_merge_units():
     torch.testing.assert_close(model.b.weight.grad, ref.b.weight.grad, rtol=0, atol=0)
 
 
+def test_code_that_reads_only_the_inputs_carries_no_data_flow_between_units():
+    """A DDPM wrapper draws the timestep in its forward; the time embedding reads it, and so, through the noised
+    input, does the first block (whose unit the timestep's code was counted in): the two fed each other and were
+    merged into 'net.down0+net.temb', which cannot freeze apart."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, e):
+            return self.lin(x) + e
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temb, self.down0, self.down1, self.head = torch.nn.Linear(1, 8), Block(), Block(), torch.nn.Linear(8, 2)
+
+        def forward(self, x, t):
+            e = self.temb(t)
+            return self.head(self.down1(self.down0(x, e), e))
+
+    class Diffusion(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, x0):
+            t = x0[:, :1] * 0 + 1  # reads only the input (the timestep a DDPM draws here)
+            return self.net(x0 * (t * 0.5), t)
+
+    torch.manual_seed(0)
+    model, x = Diffusion(), torch.randn(4, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual", units=["net.temb", "net.down0", "net.down1", "net.head"])
+    assert fm.units == ["net.temb", "net.down0", "net.down1", "net.head"] and not fm.unit_graph.merges
+    ref = eager_reference(model, [model.net.temb, model.net.down0], list(model.net.temb.parameters()) +
+                          list(model.net.down0.parameters()))
+    fm.freeze("net.temb", "net.down0")
+    assert fm.frozen_prefix == ("net.temb", "net.down0")
+    fm(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(model.net.down1.lin.weight.grad, ref.net.down1.lin.weight.grad, rtol=0, atol=0)
+
+
 def test_a_loss_that_branches_on_the_labels_values_is_captured_without_them():
     """DeBERTa's loss (`if (labels >= 0).nonzero().size(0) > 0`) and CTC losses branch on the labels' values:
     neither capture method could trace the example with labels, so the HF Trainer callback (whose example is the

@@ -122,6 +122,41 @@ def test_a_freeze_after_which_the_loss_rises_is_rolled_back_and_held_back():
     assert any("rolled back a" in e for _, e in policy.safeguard.events)
 
 
+class ScheduledView(LossView):
+    """A LossView whose optimizer's learning rate follows `rate(step)`."""
+
+    def __init__(self, curve, rate, units=("a", "b", "head")):
+        super().__init__(curve, units)
+        self.rate = rate
+
+    def learning_rate(self):
+        return self.rate(self.step)
+
+
+def test_a_step_decay_thaws_the_units_frozen_before_it():
+    """MultiStepLR: the loss stops improving at the high rate, units freeze, then the rate falls tenfold and the
+    finer phase begins; with everything but the head frozen, the head alone trained through it (about a point
+    lost on three seeds of a probe). A unit frozen before the decay is thawed at it; the rules then decide anew
+    (the loss falls again after a decay, which holds a freeze back)."""
+    first = 10 * (WINDOW + 2)
+    decay = first + 100
+
+    def curve(i):  # settled at the high rate; after the decay a new fall, then flat again
+        return 2.0 * 0.8 ** min(i, 10) * (0.5 + 0.5 * 0.99 ** min(i - decay, 400) if i >= decay else 1.0)
+
+    view = ScheduledView(curve, lambda i: 0.2 if i < decay else 0.02)
+    history, policy = run(view, decay + 60, quick())
+    assert history[:2] == [(first, ("a",)), (first + 30, ("a", "b"))]
+    assert history[2] == (-(-decay // 10) * 10, ())  # thawed at the first decision from the decay on
+    assert any("thawed a, b: the learning rate fell from 0.2 to 0.02" in e for _, e in policy.safeguard.events)
+    # a smooth schedule (cosine) thaws nothing until its rate halves between two decisions: in its last 24 steps
+    total = first + 400
+    smooth = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10),
+                           lambda i: 0.1 * (1 + math.cos(math.pi * min(i, total) / total)) / 2)
+    history, _ = run(smooth, total - 30, quick())
+    assert history[-1][1] == ("a", "b") and all(frozen for _, frozen in history)
+
+
 def test_safeguard_state_round_trip():
     _, policy = run(LossView(lambda i: 2.0 * 0.8 ** min(i, 10)), 10 * (WINDOW + 5))
     other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
