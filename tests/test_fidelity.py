@@ -805,3 +805,28 @@ def test_a_freeze_in_the_middle_of_accumulation_on_bert_with_user_habits():
                         ref.get_submodule(path).requires_grad_(False)
         step_both_and_compare(opt, ref_opt, model, ref)
     assert seen[id(model)] == seen[id(ref)] == 4
+
+
+def test_freezing_the_first_layer_of_a_nested_tensor_encoder_warns():
+    """nn.TransformerEncoder (enable_nested_tensor=True, the default) decides on nested tensors from its first
+    layer alone: frozen (in eval) while a later layer trains, its next call with a padding mask fails inside
+    PyTorch, as frozen by hand, hundreds of steps after a policy froze it, without a word."""
+    class Classifier(nn.Module):
+        def __init__(self, nested):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=nested)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, ids, pad):
+            return self.head(self.enc(self.emb(ids), src_key_padding_mask=pad)[:, 0])
+
+    ids, pad = torch.randint(0, 30, (4, 6)), torch.zeros(4, 6, dtype=torch.bool)
+    fm = frzcompile.optimize(Classifier(True), (ids, pad), policy="manual")
+    with pytest.warns(UserWarning, match="enable_nested_tensor=False"):
+        fm.freeze("emb", "enc.layers.0")
+    fm = frzcompile.optimize(Classifier(False), (ids, pad), policy="manual")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm.freeze("emb", "enc.layers.0")

@@ -305,6 +305,20 @@ class FrozenModule(nn.Module):
             self._plan.whole = before
             raise
 
+    def _warn_nested_encoder(self) -> None:
+        """Warn when an nn.TransformerEncoder that runs on nested tensors now has its first layer frozen (so in
+        eval) and a later one training: PyTorch decides from its first layer alone, and its next call with a
+        padding mask fails inside torch ("MultiheadAttention does not support NestedTensor outside of its fast
+        path"), as it does when freezing by hand, maybe hundreds of steps after a policy's freeze."""
+        frozen = {id(m) for u in self._plan.frozen for m in self._unit_graph.units[u].modules}
+        for path, m in self._model.named_modules():
+            if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and len(m.layers) > 1 \
+                    and id(m.layers[0]) in frozen and any(id(layer) not in frozen for layer in m.layers[1:]):
+                warnings.warn(f"frzcompile: {path or 'the model'} is an nn.TransformerEncoder with enable_nested_"
+                              "tensor=True whose first layer is now frozen (in eval) while a later one trains: "
+                              "called with a padding mask, PyTorch then fails inside it, as it would frozen by "
+                              "hand. Build it with enable_nested_tensor=False.", UserWarning, stacklevel=4)
+
     def _warn_outside_units(self, path, module) -> None:
         """Warn when a module path asked to freeze holds parameters of no unit (a module the example batch never
         called: an expert no sample was routed to): they stay trainable, where requires_grad_(False) on the
@@ -382,6 +396,8 @@ class FrozenModule(nn.Module):
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
                                   reason=reason, others=[p for p in self._model.parameters()
                                                          if id(p) not in self._captured_params])
+        if change.newly_frozen:
+            self._warn_nested_encoder()
         if self.sparsity is not None:
             self._analysis.invalidate()  # the sparsify pass reads the weights
         for service in self._services:
