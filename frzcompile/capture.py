@@ -180,13 +180,14 @@ def buffers_kept(model: torch.nn.Module):
     update of its key encoder), also through `.data`, which moves no version counter: what was copied is compared
     by value."""
     saved, budget = [], KEPT_BUFFER_BYTES
-    for m in model.modules():
-        for kind in ("_buffers", "_parameters"):
+    for kind in ("_buffers", "_parameters"):  # buffers first: a forward updates them far more often
+        for m in model.modules():
             for name, b in getattr(m, kind).items():
                 if b is None or torch.nn.parameter.is_lazy(b):  # (a lazy module's, not materialised yet)
                     continue
                 size = b.numel() * b.element_size()
-                copy_ = b.detach().clone() if size <= budget else None  # a preallocated key/value cache: not copied
+                # not copied: a preallocated key/value cache beyond the budget; a meta tensor has no values
+                copy_ = b.detach().clone() if size <= budget and not b.is_meta else None
                 budget -= size if copy_ is not None else 0
                 saved.append((m, kind, name, b, copy_, tensor_version(b)))
     try:
@@ -198,7 +199,7 @@ def buffers_kept(model: torch.nn.Module):
                 if held.get(name) is not b:
                     held[name] = b
                 if value is None:
-                    if tensor_version(b) != version:
+                    if tensor_version(b) != version and not b.is_meta:
                         warnings.warn(f"frzcompile: frzcompile's own run of the forward changed {name!r} of "
                                       f"{type(m).__name__} in place, and it is too large to have been copied "
                                       "first, so it stays changed", UserWarning, stacklevel=4)

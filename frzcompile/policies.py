@@ -57,10 +57,21 @@ class TrainingView:
         """The training loss, one value per step so far (None where none was seen): see frzcompile.runtime.loss."""
         return self._fm.losses()
 
-    def learning_rate(self):
-        """The largest learning rate of the optimizers seen training the model now (None when none is known)."""
-        rates = [float(g["lr"]) for opt in self._fm.optimizers() for g in opt.param_groups if "lr" in g]
-        return max(rates) if rates else None
+    def learning_rates(self, units) -> dict:
+        """unit -> the learning rate its parameters train at now: the largest over the param groups, of the
+        optimizers seen training the model, that hold one of them (None when no known optimizer holds any)."""
+        by_param: dict = {}
+        for opt in self._fm.optimizers():
+            for g in opt.param_groups:
+                if "lr" in g:
+                    rate = float(g["lr"])
+                    for p in g["params"]:
+                        by_param[id(p)] = max(rate, by_param.get(id(p), rate))
+        out = {}
+        for u in units:
+            rates = [by_param[id(p)] for p in self.parameters(u) if id(p) in by_param]
+            out[u] = max(rates) if rates else None
+        return out
 
     def grad_norm(self, unit: str) -> float:
         """L2 norm of the unit's current gradients (0.0 when it has none)."""

@@ -25,9 +25,9 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
   3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and
      beyond the noise above where it was just before the freeze, the unit is thawed again and held back for `backoff` steps (as Egeria
      checks a frozen layer's plasticity against a reference).
-  4. A learning-rate decay thaws: when the learning rate falls to `lr_drop` of itself or less between two
-     decisions (a step decay, ReduceLROnPlateau), units frozen at a rate at least 1 / `lr_drop` times the new one
-     are thawed (the rules above then decide afresh). A loss that stopped improving at a high rate has not
+  4. A learning-rate decay thaws: when a frozen unit's learning rate (its parameters' param groups') falls to
+     `lr_drop` of itself or less between two decisions (a step decay, ReduceLROnPlateau), and to `lr_drop` of the
+     rate it froze at, it is thawed (the rules above then decide afresh). A loss that stopped improving at a high rate has not
      converged: the lower rate starts a finer phase, and a network frozen just before a MultiStepLR decay, its
      head alone training through that phase, lost about a point on three seeds (a probe on Fashion-MNIST); the
      same units frozen after the decay lost 0.3. A smooth schedule (cosine, linear) halves its rate between two
@@ -93,8 +93,8 @@ class Safeguard:
         self.held: dict = {}           # unit -> step until which it may not freeze again
         self.events: list = []         # (step, text), newest last
         self.blocked = ""              # why the last candidate was held back ('' if none was)
-        self.frozen_at_lr: dict = {}   # unit -> the learning rate when it froze (rule 4)
-        self.last_lr = None            # the learning rate at the last review
+        self.frozen_at_lr: dict = {}   # unit -> its learning rate when it froze (rule 4)
+        self.last_lr: dict = {}        # frozen unit -> its learning rate at the last review
 
     def __repr__(self):
         return (f"Safeguard(min_gap={self.min_gap}, min_drop={self.min_drop}, max_fall={self.max_fall}, "
@@ -192,19 +192,21 @@ class Safeguard:
         return thaw
 
     def _after_decay(self, view, frozen: set) -> set:
-        rate = view.learning_rate() if hasattr(view, "learning_rate") else None
-        last, self.last_lr = self.last_lr, rate
+        units = [u for u in view.units if u in frozen]
+        rates = view.learning_rates(units) if hasattr(view, "learning_rates") else {}
+        last, self.last_lr = self.last_lr, {u: r for u, r in rates.items() if r is not None}
         for unit in set(self.frozen_at_lr) - frozen:
             del self.frozen_at_lr[unit]
-        if rate is None or last is None or not rate <= last * self.lr_drop:
-            return set()
-        thaw = {u for u, at in self.frozen_at_lr.items() if rate <= at * self.lr_drop}
+        thaw = {u for u, rate in self.last_lr.items() if u in last and u in self.frozen_at_lr
+                and rate <= last[u] * self.lr_drop and rate <= self.frozen_at_lr[u] * self.lr_drop}
         if thaw:
             for unit in thaw:
                 del self.frozen_at_lr[unit]
-            names = ", ".join(u for u in view.units if u in thaw)
-            self.events.append((view.step, f"thawed {names}: the learning rate fell from {last:.3g} to {rate:.3g} "
-                                           "(a decay: the finer phase it starts is one they have not trained in)"))
+            names = ", ".join(u for u in units if u in thaw)
+            first = next(u for u in units if u in thaw)
+            self.events.append((view.step, f"thawed {names}: the learning rate fell from {last[first]:.3g} to "
+                                           f"{self.last_lr[first]:.3g} (a decay: the finer phase it starts is one "
+                                           "they have not trained in)"))
             self.watching = [w for w in self.watching if w[0] not in thaw]
         return thaw
 
@@ -228,11 +230,11 @@ class Safeguard:
         self.blocked = ""
         self.last_freeze = step
         before = self._level(losses)
-        rate = view.learning_rate() if hasattr(view, "learning_rate") else None
+        rates = view.learning_rates(sorted(new)) if hasattr(view, "learning_rates") else {}
         for unit in sorted(new):
             self.watching.append([unit, step, before])
-            if rate is not None:
-                self.frozen_at_lr[unit] = rate
+            if rates.get(unit) is not None:
+                self.frozen_at_lr[unit] = self.last_lr[unit] = rates[unit]
         self.events.append((step, f"froze {', '.join(u for u in view.units if u in new)}: {reason}; loss "
                                   f"{before:.4g}"))
         return proposed
@@ -264,4 +266,4 @@ class Safeguard:
         self.events = [tuple(e) for e in state["events"]]
         self.blocked = state["blocked"]
         self.frozen_at_lr = dict(state.get("frozen_at_lr", {}))  # (saved since rule 4)
-        self.last_lr = state.get("last_lr")
+        self.last_lr = dict(state.get("last_lr") or {})

@@ -73,10 +73,36 @@ def remade_view(t):
 
 
 def module_generators(model) -> list:
-    """The torch.Generators the model's modules hold as attributes (an augmentation's own stream)."""
+    """The random number generators the model's modules hold as attributes (an augmentation's own stream):
+    torch.Generators, Python's `random.Random`s, numpy's `Generator`s and `RandomState`s."""
     if model is None:
         return []
-    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Generator)]
+    import random
+    np = sys.modules.get("numpy")
+    kinds = {torch.Generator, random.Random} | ({np.random.Generator, np.random.RandomState} if np is not None
+                                                  else set())
+    # (by exact type: isinstance on torch.Generator goes through a Python metaclass check, 0.7 microseconds an
+    # attribute, and this runs over every attribute of every module)
+    return [v for m in model.modules() for v in vars(m).values() if type(v) in kinds]
+
+
+def _generator_state(g):
+    if type(g) is torch.Generator:
+        return g.get_state()
+    if hasattr(g, "bit_generator"):  # numpy's Generator
+        return g.bit_generator.state
+    return g.get_state() if hasattr(g, "get_state") else g.getstate()  # numpy's RandomState, random.Random
+
+
+def _set_generator_state(g, state) -> None:
+    if type(g) is torch.Generator:
+        g.set_state(state)
+    elif hasattr(g, "bit_generator"):
+        g.bit_generator.state = state
+    elif hasattr(g, "set_state"):
+        g.set_state(state)
+    else:
+        g.setstate(state)
 
 
 def rng_states(generators=()) -> list:
@@ -90,7 +116,7 @@ def rng_states(generators=()) -> list:
     np = sys.modules.get("numpy")
     if np is not None:
         state.append(np.random.get_state(legacy=False))
-    return state + [g.get_state() for g in generators]
+    return state + [_generator_state(g) for g in generators]
 
 
 def same_rng(a, b) -> bool:
@@ -101,6 +127,8 @@ def same_rng(a, b) -> bool:
             return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
         if type(x).__name__ == "ndarray":
             return x.shape == y.shape and bool((x == y).all())
+        if isinstance(x, tuple):  # numpy's legacy state, Python's: may hold arrays
+            return isinstance(y, tuple) and len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
         return x == y
     return a is not None and b is not None and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
@@ -115,7 +143,7 @@ def forked_rng(generators=()):
     python_state = random.getstate()
     np = sys.modules.get("numpy")
     numpy_state = np.random.get_state() if np is not None else None
-    own = [(g, g.get_state()) for g in generators]
+    own = [(g, _generator_state(g)) for g in generators]
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -124,7 +152,7 @@ def forked_rng(generators=()):
             if numpy_state is not None:
                 np.random.set_state(numpy_state)
             for g, state in own:
-                g.set_state(state)
+                _set_generator_state(g, state)
 
 
 # -- nn.Module internals (checked on 2.13.0) ------------------------------------------------------------------

@@ -26,9 +26,6 @@ from .errors import UnitError
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-_VALUE_READS = {"item", "_local_scalar_dense"}  # ATen ops that hand a tensor's value to Python
-
-
 def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
@@ -191,11 +188,6 @@ class UnitGraph:
             if node in self.node_unit:
                 self.units[self.node_unit[node]].nodes.append(node)
         self._param_owner = self._param_owners(model, gm)  # parameter name -> unit, fixed at capture
-        # reads of a tensor's value into Python (`if x.mean() > 1:`, `.item()`, `pack_padded_sequence`'s lengths),
-        # by graph position: only a recorded graph ("record" capture) holds them, as the example's branch
-        self._value_reads = [order[n] for n in gm.graph.nodes if n.op == "call_function"
-                             and getattr(n.target, "__name__", "").split(".")[0] in _VALUE_READS]
-        self._last = {u: max(order[n] for n in self.units[u].nodes) for u in self.units if self.units[u].nodes}
         self.bind(model)
 
     def bind(self, model: nn.Module) -> None:
@@ -392,18 +384,33 @@ class UnitGraph:
                                       stacklevel=3)
                 continue
             inside = self._alias.get(self._unit_of_path(n))
-            if inside in self.units:
+            if inside in self.units and self._module_exists(n, inside):
                 raise UnitError(f"{n!r} is inside unit {inside!r}: units freeze whole; freeze {inside!r}, or pass "
                                 "units=[...] to optimize() with finer units")
             if n in self._paths and self._alias.get(self._paths[n], n) not in self.units:
                 raise UnitError(f"{n!r} is a module of the model, but the example batch given to optimize() never "
-                                "called it, so it is not a unit: pass example inputs that use it (the optional "
-                                "arguments that reach it)")
+                                "called it, so it is not a unit. optimize() runs the example in eval mode: a module "
+                                "your forward calls only in training (an early exit in eval), only with optional "
+                                "arguments, or only on another branch of data-dependent code, is not reached. Pass "
+                                "example inputs that reach it, or units=[...] naming a module that holds it")
             choices = self.names + [p for p in self._paths if p not in self.units]
             close = difflib.get_close_matches(n, choices, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else f" Units are: {', '.join(self.names)}"
             raise UnitError(f"unknown unit or module path {n!r}.{hint}")
         return list(dict.fromkeys(out))
+
+    def _module_exists(self, path, unit) -> bool:
+        """Whether `path` names a module under `unit`'s (`rnn.l0` inside an nn.LSTM does not)."""
+        for root_path in self.paths(unit):
+            try:
+                root = self._roots.get(root_path)
+                if root is not None:
+                    rest = path[len(root_path) + 1:] if path.startswith(root_path + ".") else None
+                    if rest is None or root.get_submodule(rest) is not None:
+                        return True
+            except AttributeError:
+                continue
+        return False
 
     def check(self, names) -> list[str]:
         out = []
@@ -420,12 +427,6 @@ class UnitGraph:
         frozen = set(frozen)
         import networkx as nx
         return [u for u in self.units if u in frozen and nx.ancestors(self.dag, u) <= frozen]
-
-    def reads_values_within(self, prefix) -> bool:
-        """Whether the graph reads a tensor's value into Python before the prefix's last operation: the Python
-        code there may branch on it, which a graph of one recorded call cannot show."""
-        end = max((self._last.get(u, -1) for u in prefix), default=-1)
-        return any(at < end for at in self._value_reads)
 
     def frontier(self, prefix) -> list[fx.Node]:
         """Nodes computed in the prefix and read outside it: what crosses into trainable code."""

@@ -652,3 +652,28 @@ def test_albert_is_refused_for_sharing_its_layer_not_for_lacking_attention():
     model = transformers.AlbertForSequenceClassification(cfg)
     with pytest.raises(frzcompile.ConfigError, match="shares one layer across its depth"):
         frzcompile.optimize(model, example_kwargs={"input_ids": torch.randint(0, 64, (4, 10))}, policy="alast")
+
+
+def test_a_layer_frozen_by_hand_while_not_drawn_trains_again_after_its_thaw():
+    """A freeze records what a thaw gives back; a layer ALaST had switched off for this iteration (not drawn)
+    read as frozen by the user, and after `fm.unfreeze` it never trained again."""
+    ids, mask, y = _batch()
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=1), layers=4)
+    layers = model.bert.encoder.layer
+    F.cross_entropy(fm(input_ids=ids, attention_mask=mask).logits, y).backward()
+    undrawn = [i for i, layer in enumerate(layers) if not layer.attention.self.query.weight.requires_grad]
+    name = f"bert.encoder.layer.{undrawn[0]}"
+    fm.freeze(name)  # between backward and step, while its layer is not drawn
+    opt.step()
+    opt.zero_grad()
+    fm.unfreeze(name)
+    opt.step()
+    opt.zero_grad()
+    assert all(p.requires_grad for p in model.parameters())
+    drawn = set()
+    for _ in range(20):
+        F.cross_entropy(fm(input_ids=ids, attention_mask=mask).logits, y).backward()
+        drawn |= {i for i, layer in enumerate(layers) if all(p.requires_grad for p in layer.parameters())}
+        opt.step()
+        opt.zero_grad()
+    assert undrawn[0] in drawn

@@ -1545,9 +1545,18 @@ def test_a_recorded_capture_that_branches_on_a_batch_wide_value_keeps_the_cache_
         for x in (big, small, mixed):
             torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
     assert not fm.cache.last_plan.cacheable and "capture_method='record'" in fm.cache.last_plan.reason
+    # filling the cache on purpose (warm_cache) is refused alike (it stored a cacheable plan, served 0.24 off)
+    fm.release()
+    fm = frzcompile.optimize(model, (big,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("b0", "b1", "b2")
+    fm.warm_cache([big, small, mixed], progress=False)
+    assert not fm.cache.last_plan.cacheable and "capture_method='record'" in fm.cache.last_plan.reason
+    for x in (big, small, mixed):
+        torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
+    assert fm.cache.stats["fully_served_batches"] == 0
 
 
-@pytest.mark.parametrize("source", ["python", "numpy", "generator"])
+@pytest.mark.parametrize("source", ["python", "numpy", "generator", "held_numpy", "held_python"])
 def test_draws_from_other_random_streams_keep_the_cache_off_and_the_streams_as_eager(source):
     """A rare augmentation drawn from Python's `random`, numpy or a torch.Generator the model holds (not torch's
     global stream): the cache did not see the draw, served un-flipped activations on the steps eager flipped,
@@ -1561,10 +1570,15 @@ def test_draws_from_other_random_streams_keep_the_cache_off_and_the_streams_as_e
             super().__init__()
             self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
             self.gen = torch.Generator().manual_seed(3)
+            self.np_rng, self.py_rng = np.random.default_rng(3), random.Random(3)  # streams of its own
 
         def draw(self):
             if source == "python":
                 return random.random()
+            if source == "held_numpy":
+                return self.np_rng.random()
+            if source == "held_python":
+                return self.py_rng.random()
             return np.random.rand() if source == "numpy" else torch.rand((), generator=self.gen).item()
 
         def forward(self, x):
@@ -1579,17 +1593,21 @@ def test_draws_from_other_random_streams_keep_the_cache_off_and_the_streams_as_e
 
     def seed():
         random.seed(1), np.random.seed(1)
-        model.gen.manual_seed(1), ref.gen.manual_seed(1)
+        for m in (model, ref):
+            m.gen.manual_seed(1)
+            m.np_rng, m.py_rng = np.random.default_rng(1), random.Random(1)
 
     seed()
     fm = frzcompile.optimize(model, (batches[0],), policy="manual", cache=CacheConfig(check_cost=False))
     fm.freeze("a", "b")
     ref.a.requires_grad_(False), ref.b.requires_grad_(False)
     ours = [fm(x) for _ in range(4) for x in batches]
-    after_ours = (random.random(), np.random.rand(), torch.rand((), generator=model.gen).item())
+    after_ours = (random.random(), np.random.rand(), torch.rand((), generator=model.gen).item(),
+                  model.np_rng.random(), model.py_rng.random())
     seed()
     theirs = [ref(x) for _ in range(4) for x in batches]
-    after_theirs = (random.random(), np.random.rand(), torch.rand((), generator=ref.gen).item())
+    after_theirs = (random.random(), np.random.rand(), torch.rand((), generator=ref.gen).item(),
+                    ref.np_rng.random(), ref.py_rng.random())
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o, t, rtol=0, atol=0)
     assert after_ours == after_theirs

@@ -447,6 +447,33 @@ def test_optimize_leaves_a_buffer_the_forward_updates_at_every_call_as_it_was():
     assert frzcompile.optimize(lazy, (x,), policy="manual").units == ["0", "1", "2"]
 
 
+def test_optimize_keeps_buffers_first_and_passes_over_meta_tensors(monkeypatch):
+    """Parameters shared the copy budget with buffers, module by module: large parameters ahead of a queue buffer
+    (MoCo) left it uncopied, and capture's runs wrote into it; a meta parameter (deferred init) made optimize()
+    raise (values cannot be compared)."""
+    from frzcompile import capture
+
+    monkeypatch.setattr(capture, "KEPT_BUFFER_BYTES", 4096)
+
+    class Queue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = torch.nn.Linear(64, 64)    # 16 KB of parameters, beyond the budget
+            self.head = torch.nn.Linear(64, 2)
+            self.register_buffer("queue", torch.zeros(8, 64))
+            with torch.device("meta"):
+                self.later = torch.nn.Linear(4, 4)  # initialised later, never called yet
+
+        def forward(self, x):
+            h = self.big(x)
+            self.queue[: len(x)] = h.detach()
+            return self.head(h)
+
+    model = Queue()
+    frzcompile.optimize(model, (torch.randn(4, 64),), policy="manual")
+    assert not model.queue.any()
+
+
 def test_a_model_returning_a_plain_dataclass_is_captured():
     """The capture's check compared a plain @dataclass output with its `==` (ambiguous on tensors) and refused the
     model with advice that pointed the wrong way."""

@@ -1,4 +1,6 @@
 """explain(), graph dumps, and the errors users see on bad input."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -251,6 +253,54 @@ def test_freezing_a_path_that_holds_modules_of_no_unit_says_they_stay_trainable(
     with pytest.warns(UserWarning, match=f"leaves 2 of its parameters trainable \\(experts.{other}.weight"):
         fm.freeze("experts")
     assert getattr(model.experts, other).weight.requires_grad
+    getattr(model.experts, other).requires_grad_(False)  # frozen by hand already: nothing to say
+    fm.unfreeze("experts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm.freeze("experts")
+
+
+def test_modules_the_example_never_reaches_are_named_and_still_train():
+    """An early exit taken only in eval mode (capture runs the example in eval): the blocks after it are no
+    units. units=[...] naming them dropped them silently; freezing every unit was refused as leaving nothing to
+    train while those blocks train; the error for freezing one said to pass an example that reaches it, with no
+    word of eval mode; and a path inside an nn.LSTM was "inside unit 'rnn'", to be split with finer units."""
+    class EarlyExit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.exit = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.rnn = nn.LSTM(4, 4, num_layers=2, batch_first=True)
+
+        def forward(self, x):
+            h = self.stem(x)
+            if not self.training:
+                return self.exit(h)
+            return self.exit(self.block(h) + self.rnn(h[:, None])[0][:, 0])
+
+    model = EarlyExit()
+    with pytest.warns(UserWarning, match="units=\\[...\\] names 'block', 'rnn', which the example batch"):
+        fm = frzcompile.optimize(model, (torch.randn(3, 4),), policy="manual", units=["stem", "block", "rnn", "exit"])
+    assert fm.units == ["stem", "exit"]
+    with pytest.raises(frzcompile.UnitError, match="runs the example in eval mode: a module your forward calls only "
+                                                   "in training"):
+        fm.freeze("block")
+    fm.freeze("stem", "exit")  # every unit: block and rnn, in none, still train
+    fm.train()
+    fm(torch.randn(3, 4)).sum().backward()
+    assert model.block.weight.grad is not None and model.stem.weight.grad is None and model.exit.weight.grad is None
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(4, 4, num_layers=2, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    fm = frzcompile.optimize(Recurrent(), (torch.randn(3, 5, 4),), policy="manual")
+    assert fm.units == ["rnn", "head"]
+    with pytest.raises(frzcompile.UnitError, match="unknown unit or module path 'rnn.l0'"):
+        fm.freeze("rnn.l0")
 
 
 class RefusesTracing(nn.Module):

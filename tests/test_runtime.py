@@ -341,3 +341,25 @@ def test_to_dtype_keeps_graph_in_sync():
     out = fm(*args, **kwargs).logits
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, model(*args, **kwargs).logits)
+
+
+def test_a_resumed_freeze_state_survives_a_load_with_assign():
+    """load_freeze_state_dict set what a thaw gives back on the parameters, not by name: after a
+    load_state_dict(assign=True) (new parameter objects) on a model copied mid-run, a thaw left them frozen."""
+    import copy as copy_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("0")
+    weights, state = copy_.deepcopy(fm.state_dict()), fm.freeze_state_dict()
+    clone = copy_.deepcopy(model)  # copied mid-run: its first layer does not require grad
+    fm2 = frzcompile.optimize(clone, (x,), policy="manual")
+    fm2.load_freeze_state_dict(state)
+    clone.load_state_dict(weights, assign=True)
+    fm2(x)
+    fm2.unfreeze("0")
+    assert clone[0].weight.requires_grad and clone[0].bias.requires_grad
+

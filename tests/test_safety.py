@@ -129,8 +129,8 @@ class ScheduledView(LossView):
         super().__init__(curve, units)
         self.rate = rate
 
-    def learning_rate(self):
-        return self.rate(self.step)
+    def learning_rates(self, units):
+        return {u: self.rate(self.step) for u in units}
 
 
 def test_a_step_decay_thaws_the_units_frozen_before_it():
@@ -155,6 +155,37 @@ def test_a_step_decay_thaws_the_units_frozen_before_it():
                            lambda i: 0.1 * (1 + math.cos(math.pi * min(i, total) / total)) / 2)
     history, _ = run(smooth, total - 30, quick())
     assert history[-1][1] == ("a", "b") and all(frozen for _, frozen in history)
+
+
+def test_each_unit_is_judged_by_its_own_learning_rate():
+    """Rule 4 read one rate for the model, the largest of every optimizer's: a head at a constant 0.1 hid the
+    body's decay from 0.01 to 0.001, and the head's own decay thawed the body. Now each unit's rate is its
+    parameters' param groups' (TrainingView.learning_rates), a tensor `lr` included, and the rule's state
+    round-trips."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    fm = frzcompile.optimize(model, (torch.randn(4, 4),), policy="manual")
+    body = torch.optim.Adam(list(model[0].parameters()) + list(model[2].parameters()), lr=torch.tensor(0.01))
+    head = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    nn.functional.cross_entropy(fm(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1])).backward()
+    body.step(), head.step()
+    assert fm._view.learning_rates(["0", "2", "4"]) == pytest.approx({"0": 0.01, "2": 0.01, "4": 0.1})
+
+    first = 10 * (WINDOW + 2)
+    decay = first + 100
+
+    class PerUnit(ScheduledView):
+        def learning_rates(self, units):  # the head's rate decays, the body's does not
+            return {u: (0.1 if self.step < decay else 0.01) if u == "head" else 0.01 for u in units}
+
+    view = PerUnit(lambda i: 2.0 * 0.8 ** min(i, 10), None)
+    history, policy = run(view, decay + 60, quick())
+    assert history == [(first, ("a",)), (first + 30, ("a", "b"))]  # never thawed
+    assert policy.safeguard.frozen_at_lr == {"a": 0.01, "b": 0.01}
+    other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    other.load_state_dict(policy.state_dict())
+    assert other.safeguard.state_dict() == policy.safeguard.state_dict()
+    assert other.safeguard.last_lr == {"a": 0.01, "b": 0.01}
 
 
 def test_safeguard_state_round_trip():

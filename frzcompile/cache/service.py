@@ -354,10 +354,11 @@ class ActivationCache(Service):
 
     name = "cache"
 
-    def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, plan):
+    def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, plan, recorded: bool = False):
         self.config = config
         self.model = model
         self.unit_graph = unit_graph
+        self.recorded = recorded                  # captured by recording one call: ruled out (_ruled_out)
         self.plan = plan                          # the FreezePlan: state_version, state_tensors
         self._digests: dict = {}                  # (prefix, extra count) -> content digest, for this call only
         self.store = ActivationStore(config)
@@ -418,6 +419,11 @@ class ActivationCache(Service):
     def close(self) -> None:
         self.store.close()
 
+    def _generators(self) -> list:
+        """The model's own random number generators, forked and watched with torch's (looked up at every use: a
+        forward may set a new one on the module, `self.rng = np.random.default_rng(seed)`)."""
+        return torch_private.module_generators(self.model)
+
     @contextlib.contextmanager
     def using_sample_ids(self, ids):
         if self.config.key != "sample_id":
@@ -473,10 +479,6 @@ class ActivationCache(Service):
             self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
             return run(args, kwargs)
         if plan is None:
-            ruled_out = self._ruled_out(prefix)
-            if ruled_out:  # refused before any run under the probe (whose outputs could differ from eager's)
-                self.last_plan = self.plans[(prefix, sig.digest)] = CallPlan(prefix, False, ruled_out)
-                return run(args, kwargs)
             return self._probe(prefix, sig, run, args, kwargs)
         self.last_plan = plan
         if not plan.cacheable:
@@ -567,17 +569,17 @@ class ActivationCache(Service):
 
     def _ruled_out(self, prefix) -> str:
         """Why the cache cannot serve this prefix whatever the call, found before any analysis, or ''.
-        - The model was captured by recording one call, and code before the prefix ends reads a tensor's value into
-          Python: a branch on a batch-wide value (`if x.abs().mean() > 1:`) would make what a sample's prefix
-          computes depend on the other samples of its batch, which the graph (the example's branch) cannot show.
+        - The model was captured by recording one call (capture_method="record"): its forward has Python
+          control flow no tracer could follow, and may branch on tensor values (`.item()`, `.tolist()`, `if x:`,
+          `torch.equal`, some of which leave no trace in the graph); a branch on a batch-wide value would make what
+          a sample's prefix computes depend on the other samples of its batch.
         - An nn.TransformerEncoder around it runs on nested tensors: in eval with a padding mask its fast path
           gives zeros at padded positions; under the analysis' probe (a TorchFunctionMode) that path is off and
           they carry values, so the analysed call would return other outputs and gradients than eager's."""
-        if self.unit_graph.reads_values_within(prefix):
-            return ("the model was captured by recording one call (capture_method='record'), and its forward reads "
-                    "a tensor's value into Python (.item(), a branch on a tensor, pack_padded_sequence's lengths) "
-                    "before the frozen prefix ends: a branch on a batch-wide value would make each sample's "
-                    "activations depend on its batch")
+        if self.recorded:
+            return ("the model was captured by recording one call (capture_method='record'): its forward may branch "
+                    "on tensor values (.item(), .tolist(), if x:, pack_padded_sequence's lengths), and a branch on a "
+                    "batch-wide value would make each sample's activations depend on its batch")
         if not torch.backends.mha.get_fastpath_enabled():
             return ""
         mods = self._modules(prefix)
@@ -585,8 +587,8 @@ class ActivationCache(Service):
             if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
                 return (f"{path or 'the model'} is an nn.TransformerEncoder that runs on nested tensors in eval "
                         "(padded positions come out as zeros), which the cache's analysis cannot reproduce: build "
-                        "it with enable_nested_tensor=False, or call torch.backends.mha.set_fastpath_enabled(False), "
-                        "to cache it")
+                        "it with enable_nested_tensor=False, or call torch.backends.mha.set_fastpath_enabled(False) "
+                        "before training, to cache it")
         return ""
 
     # -- internal runs ----------------------------------------------------------------------------------
@@ -599,7 +601,7 @@ class ActivationCache(Service):
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            stack.enter_context(torch_private.forked_rng(torch_private.module_generators(self.model)))
+            stack.enter_context(torch_private.forked_rng(self._generators()))
             stack.enter_context(torch_private.forward_hooks_suspended(self.model.modules()))
             ic = stack.enter_context(Interception(mods.top, keep=keep, stop_after=calls[-1], others=mods.others))
             if record is not None:
@@ -619,12 +621,16 @@ class ActivationCache(Service):
         entries when they cover the batch), analyse, and store its outputs when the verdict is to cache (not yet
         for a young deeper prefix, `_young`, unless `warming`: `warm` fills the cache on purpose; never when the
         prefix holds a module with a fused fast path, FAST_PATH_MODULES, which the probe turns off)."""
+        ruled_out = self._ruled_out(prefix)
+        if ruled_out:  # refused before any run under the probe (whose outputs could differ from eager's)
+            self.last_plan = self.plans[(prefix, sig.digest)] = CallPlan(prefix, False, ruled_out)
+            return run(args, kwargs)
         if not warming:
             self._seen += sig.batch
         mods = self._modules(prefix)
         top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
-        probe = DataflowProbe(state, torch_private.module_generators(self.model))
+        probe = DataflowProbe(state, self._generators())
         probe.watch_arguments({i: t for i, t in enumerate(sig.leaves)
                                if isinstance(t, torch.Tensor) and i not in sig.batch_leaves})
         shallower = self._shallower_cover(prefix, sig)
@@ -1284,7 +1290,7 @@ class ActivationCache(Service):
         """The analysis run of `warm`: the whole model without autograd, leaving no trace (RNG forked, buffers
         restored, hooks suspended)."""
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        with torch.no_grad(), torch_private.forked_rng(torch_private.module_generators(self.model)), \
+        with torch.no_grad(), torch_private.forked_rng(self._generators()), \
                 torch_private.forward_hooks_suspended(self.model.modules()):
             try:
                 self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs, warming=True)

@@ -157,7 +157,6 @@ class FrozenModule(nn.Module):
             from .compiled import CompiledExecutor
 
             state["_compiled"] = CompiledExecutor(model, compile_config)
-        state["_captured_params"] = {id(p) for p in model.parameters()}  # (one added later may be all that trains)
         state["_driver"] = StepDriver(model.parameters(), weak_method(self._before_optimizer_step),
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
@@ -324,7 +323,7 @@ class FrozenModule(nn.Module):
         called: an expert no sample was routed to): they stay trainable, where requires_grad_(False) on the
         module would freeze them."""
         owned = {id(p) for u in self._unit_graph.units.values() for p in u.params}
-        outside = [f"{path}.{name}" for name, p in module.named_parameters() if id(p) not in owned]
+        outside = [f"{path}.{name}" for name, p in module.named_parameters() if id(p) not in owned and p.requires_grad]
         if outside:
             warnings.warn(f"frzcompile: freezing {path!r} leaves {len(outside)} of its parameters trainable "
                           f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): they belong to no unit, "
@@ -394,8 +393,7 @@ class FrozenModule(nn.Module):
 
     def _set_plan(self, frozen: frozenset, reason: str) -> None:
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
-                                  reason=reason, others=[p for p in self._model.parameters()
-                                                         if id(p) not in self._captured_params])
+                                  reason=reason, others=list(self._model.parameters()))
         if change.newly_frozen:
             self._warn_nested_encoder()
         if self.sparsity is not None:
@@ -663,7 +661,7 @@ class FrozenModule(nn.Module):
         for unit in self.unit_graph.units.values():
             for n, p in zip(unit.param_names, unit.params):
                 if n in trainable:
-                    self._plan.set_trainable_by_default(p, trainable[n])
+                    self._plan.set_trainable_by_default(p, trainable[n], name=n)
         self._plan.since = {u: int(s) for u, s in state["since"].items()}
 
     # -- attributes fall through to the model ---------------------------------------------------------------

@@ -65,6 +65,7 @@ class FreezePlan:
         self._states_clean = weakref.WeakKeyDictionary()  # optimizer -> no state loaded since its last step
         self.whole: dict = {}             # module path frozen as a whole -> (module, its units): freeze_whole
         self._frozen_memo = None          # (frozen set, its parameters, their ids): frozen_params
+        self.switched_off: set = set()    # ids of parameters a service turned off until the next step (ALaST)
 
     @property
     def units(self) -> list:
@@ -92,8 +93,8 @@ class FreezePlan:
         return bool(self._in_flight)
 
     def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=()) -> PlanChange:
-        """`others`: parameters added to the model since optimize(); one outside every unit that trains (a head
-        added later) leaves something to train whatever the plan."""
+        """`others`: the model's parameters; one outside every unit that trains (a head added after optimize(), a
+        module the example batch never called) leaves something to train whatever the plan."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
         trainable = [u for u, unit in units.items()  # (a unit not frozen trains as its flags say now)
@@ -109,8 +110,10 @@ class FreezePlan:
         newly, thawed = frozen - self.frozen, self.frozen - frozen
         for u in newly:
             for name, p in zip(units[u].param_names, units[u].params):
-                # a thaw gives back the flag it has now: the user may have frozen it, or unfrozen it, by hand
-                self._initial_requires_grad[id(p)] = self._default_by_name[name] = p.requires_grad
+                # a thaw gives back the flag it has now: the user may have frozen it, or unfrozen it, by hand (but
+                # not one a service switched off for this step: ALaST's layers not drawn)
+                if id(p) not in self.switched_off:
+                    self._initial_requires_grad[id(p)] = self._default_by_name[name] = p.requires_grad
                 p.requires_grad_(False)
                 if self.keep_in_flight and p.grad is not None and bool(p.grad.any()):  # the step in flight applies it:
                     self._in_flight[id(p)] = p  # released after that step (a zero-filled one is not a gradient)
@@ -144,8 +147,10 @@ class FreezePlan:
         never frozen, whether it did at optimize()."""
         return self._initial_requires_grad.get(id(p), True)
 
-    def set_trainable_by_default(self, p, value: bool) -> None:
+    def set_trainable_by_default(self, p, value: bool, name: str | None = None) -> None:
         self._initial_requires_grad[id(p)] = bool(value)
+        if name is not None:  # (what a parameter replacing it under that name inherits: rebind)
+            self._default_by_name[name] = bool(value)
 
     def rebind(self, model, training: bool) -> None:
         """After the model's structure changed: units re-read their parameters and modules by path, and the
@@ -241,6 +246,8 @@ class FreezePlan:
         `optimizer` (the one about to step): when it holds fewer parameters than are frozen (one optimizer per
         parameter, stepped in the backward), only its own are looked at."""
         params = self.frozen_params()
+        if not params:
+            return
         if optimizer is not None:
             held = [p for g in optimizer.param_groups for p in g["params"]]
             if len(held) < len(params):

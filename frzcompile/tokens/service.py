@@ -368,6 +368,7 @@ class LayerBudgets(Service):
             trained = i in self.trained or self.compile_config is not None
             for p in units[name].params:
                 p.requires_grad_(self.plan.trainable_by_default(p) if trained else False)
+                (self.plan.switched_off.discard if trained else self.plan.switched_off.add)(id(p))
         self._applied = len(self.trained) < len(self.layers)
 
     def on_optimizer_step(self, optimizer) -> None:
@@ -381,6 +382,7 @@ class LayerBudgets(Service):
             if name not in self.plan.frozen and i not in self.trained:
                 for p in units[name].params:
                     p.requires_grad_(self.plan.trainable_by_default(p))
+        self.plan.switched_off.clear()
         self._applied = False
 
     def before_optimizer_step(self, optimizer) -> None:
