@@ -266,4 +266,5 @@ class Safeguard:
         self.events = [tuple(e) for e in state["events"]]
         self.blocked = state["blocked"]
         self.frozen_at_lr = dict(state.get("frozen_at_lr", {}))  # (saved since rule 4)
-        self.last_lr = dict(state.get("last_lr") or {})
+        last = state.get("last_lr")
+        self.last_lr = dict(last) if isinstance(last, dict) else {}

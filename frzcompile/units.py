@@ -199,6 +199,7 @@ class UnitGraph:
         for unit in self.units.values():
             unit.param_names, unit.params, unit.modules, unit.roots = [], [], [], []
         seen = set()
+        self.outside = []  # parameters of no unit (of modules the example batch never called)
         for name, p in model.named_parameters():
             if id(p) in seen:
                 continue
@@ -209,6 +210,8 @@ class UnitGraph:
             if owner is not None:
                 self.units[owner].param_names.append(name)
                 self.units[owner].params.append(p)
+            else:
+                self.outside.append(p)
         self._roots = {}
         for requested, name in self._alias.items():
             if name in self.units:

@@ -170,6 +170,14 @@ def test_each_unit_is_judged_by_its_own_learning_rate():
     nn.functional.cross_entropy(fm(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1])).backward()
     body.step(), head.step()
     assert fm._view.learning_rates(["0", "2", "4"]) == pytest.approx({"0": 0.01, "2": 0.01, "4": 0.1})
+    # a second phase's optimizer takes over; the first, still referenced, no longer trains the model
+    second = torch.optim.SGD(model.parameters(), lr=0.005)
+    for _ in range(25):
+        nn.functional.cross_entropy(fm(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1])).backward()
+        second.step()
+        second.zero_grad()
+    assert fm._view.learning_rates(["0", "4"]) == pytest.approx({"0": 0.005, "4": 0.005})
+    assert body.param_groups and head.param_groups  # (both alive)
 
     first = 10 * (WINDOW + 2)
     decay = first + 100
@@ -186,6 +194,19 @@ def test_each_unit_is_judged_by_its_own_learning_rate():
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.state_dict() == policy.safeguard.state_dict()
     assert other.safeguard.last_lr == {"a": 0.01, "b": 0.01}
+
+
+def test_a_thaw_never_takes_back_a_unit_frozen_by_the_user():
+    """A decay (or a rollback) thawed the policy's units and, to keep a prefix, every unit behind the first of
+    them: one the user had frozen by hand with fm.freeze went too, silently."""
+    first = 10 * (WINDOW + 2)
+    decay = first + 100
+    view = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10), lambda i: 0.1 if i < decay else 0.01,
+                         units=("a", "b", "c", "head"))
+    view.frozen = ("b",)  # by hand, before the policy froze anything
+    history, policy = run(view, decay + 20, quick())
+    assert history[0] == (first, ("a", "b")) and ("a", "b", "c") in [f for _, f in history]
+    assert history[-1][1] == ("b",)
 
 
 def test_safeguard_state_round_trip():

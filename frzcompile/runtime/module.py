@@ -160,6 +160,7 @@ class FrozenModule(nn.Module):
         state["_driver"] = StepDriver(model.parameters(), weak_method(self._before_optimizer_step),
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
+        state["_captured_params"] = {id(p) for p in model.parameters()}  # (one added later may be all that trains)
         state["_view"] = TrainingView(weakref.proxy(self))
         policy.bind(self._view)
         # the loss signal is read by policies with safety rules only
@@ -393,7 +394,8 @@ class FrozenModule(nn.Module):
 
     def _set_plan(self, frozen: frozenset, reason: str) -> None:
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
-                                  reason=reason, others=list(self._model.parameters()))
+                                  reason=reason, others=[p for p in self._model.parameters()
+                                                         if id(p) not in self._captured_params])
         if change.newly_frozen:
             self._warn_nested_encoder()
         if self.sparsity is not None:

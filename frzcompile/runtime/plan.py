@@ -93,8 +93,8 @@ class FreezePlan:
         return bool(self._in_flight)
 
     def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=()) -> PlanChange:
-        """`others`: the model's parameters; one outside every unit that trains (a head added after optimize(), a
-        module the example batch never called) leaves something to train whatever the plan."""
+        """`others`: parameters added to the model since optimize(); one outside every unit that trains (a head
+        added later) leaves something to train whatever the plan."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
         trainable = [u for u, unit in units.items()  # (a unit not frozen trains as its flags say now)
@@ -103,9 +103,14 @@ class FreezePlan:
         in_units = {id(p) for unit in units.values() for p in unit.params}
         if frozen and (len(frozen) == len(self.units) or all(u in frozen for u in trainable)) and \
                 not any(p.requires_grad for p in others if id(p) not in in_units):
+            outside = [p for p in self.unit_graph.outside if p.requires_grad]
             raise PlanError(
                 f"freezing {', '.join(self.ordered(frozen))} leaves nothing to train (the units left hold no "
-                "trainable parameters of their own); keep at least one unit with trainable parameters"
+                "trainable parameters of their own); keep at least one unit with trainable parameters" +
+                (f" ({len(outside)} trainable parameters belong to no unit: modules the example batch never called, "
+                 "which may be all that trains, or may train only in calls the example did not make, such as "
+                 "training calls past an early exit taken in eval: then pass units=[...] or an example that "
+                 "reaches them)" if outside else "")
             )
         newly, thawed = frozen - self.frozen, self.frozen - frozen
         for u in newly:

@@ -42,6 +42,7 @@ class StepDriver:
         self._holds = weakref.WeakKeyDictionary()   # optimizer -> (number of parameters, holds ours)
         self._known = weakref.WeakSet()              # every optimizer seen holding our parameters
         self._stepped = set()                         # ids of optimizers that stepped since the last forward
+        self._last_step = weakref.WeakKeyDictionary() # optimizer -> steps_seen when it last stepped
         for opt in optimizers:
             self._known.add(unwrap_optimizer(opt))
         me = weakref.ref(self)
@@ -69,6 +70,12 @@ class StepDriver:
         """The optimizers holding the model's parameters seen so far (for optimizer surgery)."""
         return list(self._known)
 
+    def training_optimizers(self, within: int) -> list:
+        """The optimizers that stepped in the last `within` steps (those given to optimize() before any step);
+        an earlier one still referenced (a first phase's) is not training the model now."""
+        recent = [o for o in self._known if self._last_step.get(o, -1) >= self.steps_seen - within]
+        return recent or list(self._known)
+
     def update_parameters(self, parameters) -> None:
         self._param_ids = {id(p) for p in parameters}
         self._holds = weakref.WeakKeyDictionary()
@@ -93,6 +100,7 @@ class StepDriver:
     def _post(self, opt) -> None:
         if not self._holds_ours(opt):
             return
+        self._last_step[opt] = self.steps_seen
         self._after(opt)
         if self._stepped and id(opt) not in self._stepped:
             self._stepped.add(id(opt))  # another optimizer of the same iteration
