@@ -58,15 +58,17 @@ class TrainingView:
         return self._fm.losses()
 
     def learning_rates(self, units) -> dict:
-        """unit -> the learning rate its parameters train at now: the largest over the param groups, of the
-        optimizers that stepped in the last 20 steps, that hold one of them (None when none holds any)."""
+        """unit -> the learning rate its parameters train at now: per parameter, its param group's in the optimizer
+        holding it that stepped last (a first phase's optimizer, still referenced, gives way to the one training
+        now), the largest over the unit's parameters (None when no optimizer holding one has a numeric `lr`:
+        Adafactor's default is None)."""
         by_param: dict = {}
-        for opt in self._fm._driver.training_optimizers(within=20):
+        for opt in self._fm._driver.optimizers_by_recency():
             for g in opt.param_groups:
-                if "lr" in g:
-                    rate = float(g["lr"])
+                rate = g.get("lr")
+                if isinstance(rate, (int, float, torch.Tensor)) and not isinstance(rate, bool):
                     for p in g["params"]:
-                        by_param[id(p)] = max(rate, by_param.get(id(p), rate))
+                        by_param[id(p)] = float(rate)
         out = {}
         for u in units:
             rates = [by_param[id(p)] for p in self.parameters(u) if id(p) in by_param]
@@ -150,6 +152,10 @@ class Policy:
 
     def decide(self, view: TrainingView):
         return None
+
+    def on_user_freeze(self, units) -> None:
+        """Units the user froze with `fm.freeze` (maybe ones the policy had frozen already): they are the user's
+        now, and a policy never thaws them."""
 
     def state_dict(self) -> dict:
         return {}
@@ -405,6 +411,12 @@ class SmartFRZ(Policy):
             new = self.safeguard.admit(view, frozen, new, f"predictor says converged ({why})")
         self._mine |= new - frozen
         return new if new != frozen else None
+
+    def on_user_freeze(self, units) -> None:
+        if self._mine is not None:
+            self._mine -= set(units)
+        if self.safeguard is not None:
+            self.safeguard.forget(units)
 
     def report(self) -> list:
         """What explain shows: whether the predictor has judged yet, and the safety rules' last events."""

@@ -197,7 +197,7 @@ class Safeguard:
         last, self.last_lr = self.last_lr, {u: r for u, r in rates.items() if r is not None}
         for unit in set(self.frozen_at_lr) - frozen:
             del self.frozen_at_lr[unit]
-        thaw = {u for u, rate in self.last_lr.items() if u in last and u in self.frozen_at_lr
+        thaw = {u for u, rate in self.last_lr.items() if last.get(u, 0) > 0 and self.frozen_at_lr.get(u, 0) > 0
                 and rate <= last[u] * self.lr_drop and rate <= self.frozen_at_lr[u] * self.lr_drop}
         if thaw:
             for unit in thaw:
@@ -209,6 +209,14 @@ class Safeguard:
                                            "they have not trained in)"))
             self.watching = [w for w in self.watching if w[0] not in thaw]
         return thaw
+
+    def forget(self, units) -> None:
+        """Stop watching `units` (the user froze them by hand: no rollback or decay thaws them)."""
+        units = set(units)
+        self.watching = [w for w in self.watching if w[0] not in units]
+        for unit in units:
+            self.frozen_at_lr.pop(unit, None)
+            self.last_lr.pop(unit, None)
 
     def admit(self, view, frozen: set, proposed: set, reason: str) -> set:
         """Rules 1 and 2 on a proposed frozen set: the set allowed now (the old one when nothing new is)."""

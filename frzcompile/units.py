@@ -407,10 +407,9 @@ class UnitGraph:
         for root_path in self.paths(unit):
             try:
                 root = self._roots.get(root_path)
-                if root is not None:
-                    rest = path[len(root_path) + 1:] if path.startswith(root_path + ".") else None
-                    if rest is None or root.get_submodule(rest) is not None:
-                        return True
+                if root is not None and path.startswith(root_path + "."):
+                    root.get_submodule(path[len(root_path) + 1:])
+                    return True
             except AttributeError:
                 continue
         return False

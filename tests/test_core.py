@@ -455,23 +455,30 @@ def test_optimize_keeps_buffers_first_and_passes_over_meta_tensors(monkeypatch):
 
     monkeypatch.setattr(capture, "KEPT_BUFFER_BYTES", 4096)
 
+    class Memory(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("queue", torch.zeros(4, 30))  # 480 bytes
+
+        def forward(self, h):
+            self.queue[: len(h)] = h.detach()
+            return h
+
     class Queue(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.big = torch.nn.Linear(64, 64)    # 16 KB of parameters, beyond the budget
-            self.head = torch.nn.Linear(64, 2)
-            self.register_buffer("queue", torch.zeros(8, 64))
+            self.proj = torch.nn.Linear(30, 30)   # 3.7 KB of parameters: with the queue, beyond 4 KB
+            self.memory = Memory()                # visited after proj, module by module
+            self.head = torch.nn.Linear(30, 2)
             with torch.device("meta"):
                 self.later = torch.nn.Linear(4, 4)  # initialised later, never called yet
 
         def forward(self, x):
-            h = self.big(x)
-            self.queue[: len(x)] = h.detach()
-            return self.head(h)
+            return self.head(self.memory(self.proj(x)))
 
     model = Queue()
-    frzcompile.optimize(model, (torch.randn(4, 64),), policy="manual")
-    assert not model.queue.any()
+    frzcompile.optimize(model, (torch.randn(4, 30),), policy="manual")
+    assert not model.memory.queue.any()
 
 
 def test_a_model_returning_a_plain_dataclass_is_captured():

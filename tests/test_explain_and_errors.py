@@ -304,6 +304,19 @@ def test_modules_the_example_never_reaches_are_named_and_still_train():
     with pytest.raises(frzcompile.UnitError, match="unknown unit or module path 'rnn.l0'"):
         fm.freeze("rnn.l0")
 
+    class Shared(nn.Module):  # a called around b: the two feed each other, one unit 'a+b'
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.a(self.b(self.a(x))))
+
+    fm = frzcompile.optimize(Shared(), (torch.randn(3, 4),), policy="manual")
+    assert fm.units == ["a+b", "head"]
+    with pytest.raises(frzcompile.UnitError, match="unknown unit or module path 'b.nothing'"):
+        fm.freeze("b.nothing")
+
 
 class RefusesTracing(nn.Module):
     def __init__(self):

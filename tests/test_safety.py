@@ -209,6 +209,57 @@ def test_a_thaw_never_takes_back_a_unit_frozen_by_the_user():
     assert history[-1][1] == ("b",)
 
 
+def test_rule_4_leaves_alone_a_rate_of_zero_units_pinned_by_hand_and_optimizers_without_a_rate():
+    """A unit whose rate is 0 passed "fell to half" at every review (frozen and thawed again and again, nothing
+    behind it ever froze); a unit the policy froze and the user then pinned with fm.freeze was thawed by a decay;
+    Adafactor's `lr=None` crashed the first decision; and with one optimizer per parameter (stepped in the
+    backward) a frozen unit's optimizers stop stepping, so its rate was unknown and no decay thawed it."""
+    first = 10 * (WINDOW + 2)
+    view = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10), lambda i: 0.0, units=("a", "b", "c", "head"))
+    history, _ = run(view, first + 200, quick())
+    assert history == [(first, ("a",)), (first + 30, ("a", "b")), (first + 60, ("a", "b", "c"))]
+
+    decay = first + 100
+    view = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10), lambda i: 0.1 if i < decay else 0.01,
+                         units=("a", "b", "c", "head"))
+    policy = quick()
+    policy.bind(view)
+    for _ in range(first + 40):
+        view.step += 1
+        decision = policy.decide(view)
+        if decision is not None:
+            view.frozen = tuple(u for u in view.units if u in decision)
+    assert view.frozen == ("a", "b")
+    policy.on_user_freeze({"a"})  # what fm.freeze("a") tells the policy
+    for _ in range(decay + 20 - view.step):
+        view.step += 1
+        decision = policy.decide(view)
+        if decision is not None:
+            view.frozen = tuple(u for u in view.units if u in decision)
+    assert view.frozen == ("a",)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    fm = frzcompile.optimize(model, (torch.randn(4, 4),), policy="manual")
+    optimizers = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+
+    def step(p):
+        optimizers[p].step()
+        optimizers[p].zero_grad()
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step)
+    for i in range(30):
+        if i == 5:
+            fm.freeze("0")  # its optimizers stop stepping
+        fm(torch.randn(4, 4)).sum().backward()
+    for opt in optimizers.values():
+        opt.param_groups[0]["lr"] = 0.01
+    assert fm._view.learning_rates(["0", "2"]) == pytest.approx({"0": 0.01, "2": 0.01})
+    for opt in optimizers.values():
+        opt.param_groups[0]["lr"] = None  # Adafactor's default (relative step sizes)
+    assert fm._view.learning_rates(["0", "2"]) == {"0": None, "2": None}
+
+
 def test_safeguard_state_round_trip():
     _, policy = run(LossView(lambda i: 2.0 * 0.8 ** min(i, 10)), 10 * (WINDOW + 5))
     other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())

@@ -1259,6 +1259,9 @@ class ActivationCache(Service):
         prefix = self.prefix
         if not prefix:
             raise ConfigError("warm_cache needs a frozen prefix")
+        ruled_out = self._ruled_out(prefix)
+        if ruled_out:  # (each batch would run the whole model to store nothing)
+            raise ConfigError(f"the current prefix cannot be cached: {ruled_out}")
         self._digests.clear()  # the weights may have changed since the last call
         seen = 0
         total = len(batches) if hasattr(batches, "__len__") else None

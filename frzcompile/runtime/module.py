@@ -304,6 +304,7 @@ class FrozenModule(nn.Module):
         except PlanError:
             self._plan.whole = before
             raise
+        self._policy.on_user_freeze(units)
 
     def _warn_nested_encoder(self) -> None:
         """Warn when an nn.TransformerEncoder that runs on nested tensors now has its first layer frozen (so in

@@ -70,11 +70,9 @@ class StepDriver:
         """The optimizers holding the model's parameters seen so far (for optimizer surgery)."""
         return list(self._known)
 
-    def training_optimizers(self, within: int) -> list:
-        """The optimizers that stepped in the last `within` steps (those given to optimize() before any step);
-        an earlier one still referenced (a first phase's) is not training the model now."""
-        recent = [o for o in self._known if self._last_step.get(o, -1) >= self.steps_seen - within]
-        return recent or list(self._known)
+    def optimizers_by_recency(self) -> list:
+        """The optimizers seen so far, the one that stepped last at the end (never-stepped ones first)."""
+        return sorted(self._known, key=lambda o: self._last_step.get(o, -1))
 
     def update_parameters(self, parameters) -> None:
         self._param_ids = {id(p) for p in parameters}
