@@ -27,7 +27,8 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import forked_rng, module_generators, record_aten_graph, tensor_version, tree_flatten, tree_unflatten
+from .torch_private import (forked_rng, module_generators, record_aten_graph, tensor_version, tree_flatten,
+                            tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back

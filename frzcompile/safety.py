@@ -25,13 +25,13 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
   3. Watch and roll back: `watch` steps after a freeze, if the loss is more than `tolerance` (relative) and
      beyond the noise above where it was just before the freeze, the unit is thawed again and held back for `backoff` steps (as Egeria
      checks a frozen layer's plasticity against a reference).
-  4. A learning-rate decay thaws: when a frozen unit's learning rate (its parameters' param groups') falls to
+  4. A learning-rate decay thaws: when a frozen unit's learning rate (TrainingView.learning_rates) falls to
      `lr_drop` of itself or less between two decisions (a step decay, ReduceLROnPlateau), and to `lr_drop` of the
-     rate it froze at, it is thawed (the rules above then decide afresh). A loss that stopped improving at a high rate has not
-     converged: the lower rate starts a finer phase, and a network frozen just before a MultiStepLR decay, its
-     head alone training through that phase, lost about a point on three seeds (a probe on Fashion-MNIST); the
-     same units frozen after the decay lost 0.3. A smooth schedule (cosine, linear) halves its rate between two
-     decisions only in its last steps.
+     rate it froze at, it is thawed (the rules above then decide afresh); a rate of 0 never counts, nor a unit the
+     user froze (`forget`). A loss that stopped improving at a high rate has not converged: the lower rate starts
+     a finer phase, and a network frozen just before a MultiStepLR decay, its head alone training through that
+     phase, lost about a point on three seeds (a probe on Fashion-MNIST); the same units frozen after the decay
+     lost 0.3. A smooth schedule (cosine, linear) halves its rate between two decisions only in its last steps.
 Every decision, hold-back and rollback is logged (`events`) for `explain`.
 """
 from __future__ import annotations
@@ -265,7 +265,7 @@ class Safeguard:
     def state_dict(self) -> dict:
         return {"last_freeze": self.last_freeze, "watching": [list(w) for w in self.watching],
                 "held": dict(self.held), "events": list(self.events), "blocked": self.blocked,
-                "frozen_at_lr": dict(self.frozen_at_lr), "last_lr": self.last_lr}
+                "frozen_at_lr": dict(self.frozen_at_lr), "last_lr": dict(self.last_lr)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_freeze = state["last_freeze"]

@@ -343,7 +343,8 @@ def test_code_that_reads_only_the_inputs_carries_no_data_flow_between_units():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.temb, self.down0, self.down1, self.head = torch.nn.Linear(1, 8), Block(), Block(), torch.nn.Linear(8, 2)
+            self.temb, self.down0, self.down1 = torch.nn.Linear(1, 8), Block(), Block()
+            self.head = torch.nn.Linear(8, 2)
 
         def forward(self, x, t):
             e = self.temb(t)

@@ -128,7 +128,8 @@ class DataflowProbe(TorchFunctionMode):
 
     # -- the mode ---------------------------------------------------------------------------------------
     def __enter__(self):
-        self._rng_left = rng_states(self._generators)  # the model's call starts: a draw before the first prefix call counts too
+        # the model's call starts: a draw before the first prefix call counts too
+        self._rng_left = rng_states(self._generators)
         return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
