@@ -157,10 +157,10 @@ class FrozenModule(nn.Module):
             from .compiled import CompiledExecutor
 
             state["_compiled"] = CompiledExecutor(model, compile_config)
+        state["_captured_params"] = {id(p) for p in model.parameters()}  # (one added later may be all that trains)
         state["_driver"] = StepDriver(model.parameters(), weak_method(self._before_optimizer_step),
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
-        state["_captured_params"] = {id(p) for p in model.parameters()}  # (one added later may be all that trains)
         state["_view"] = TrainingView(weakref.proxy(self))
         policy.bind(self._view)
         # the loss signal is read by policies with safety rules only
