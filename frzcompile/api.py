@@ -129,9 +129,8 @@ def optimize(
     unit_names = select_units(model, units)
     captured = capture(model, args, kwargs, unit_names, method=capture_method)
     unit_graph = UnitGraph(model, captured.gm, unit_names)
-    uncalled = [n for n in unit_names if n not in unit_graph.units and not any(n in unit_graph.paths(u)
-                                                                                for u in unit_graph.units)]
-    if units is not None and uncalled:
+    uncalled = [] if units is None else [n for n in unit_names if unit_graph.unit_of(n) is None]
+    if uncalled:
         warnings.warn(f"frzcompile: units=[...] names {', '.join(map(repr, uncalled))}, which the example batch given "
                       "to optimize() (run in eval mode) never called: not units, they cannot be frozen by name. Pass "
                       "an example that reaches them, or name a module that holds them.", UserWarning, stacklevel=2)

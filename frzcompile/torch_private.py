@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 __all__ = [
     "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "traced_or_transformed",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
-    "module_generators", "rng_states", "same_rng",
+    "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
     "share_module_state", "structure_ids",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
@@ -53,9 +53,8 @@ def inside_func_transform() -> bool:
 
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (`with torch.autograd.forward_ad.dual_level():`, a forward-mode
-    `torch.autograd.functional.jacobian`): inputs or parameters may carry tangents."""
-    from torch.autograd import forward_ad
-    return forward_ad._current_level >= 0
+    `torch.autograd.functional.jacobian`): inputs or parameters may carry tangents. (Read at every cache call.)"""
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 def compiled_wrapper(model) -> bool:
@@ -105,18 +104,32 @@ def _set_generator_state(g, state) -> None:
         g.setstate(state)
 
 
+def _other_states(generators) -> list:
+    """The random states beyond torch's: Python's `random`, numpy's global one (when numpy is loaded), and
+    `generators`."""
+    import random
+    np = sys.modules.get("numpy")
+    return ([random.getstate()] + ([np.random.get_state(legacy=False)] if np is not None else []) +
+            [_generator_state(g) for g in generators])
+
+
+def _set_other_states(states, generators) -> None:
+    import random
+    np = sys.modules.get("numpy")
+    random.setstate(states[0])
+    if np is not None:
+        np.random.set_state(states[1])
+    for g, state in zip(generators, states[-len(generators):] if generators else ()):
+        _set_generator_state(g, state)
+
+
 def rng_states(generators=()) -> list:
     """Every random state a forward may draw from that frzcompile can see: torch's (CPU and every initialised
     GPU), Python's `random`, numpy's global one (when numpy is loaded), and `generators`."""
-    import random
     state = [torch.default_generator.get_state()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         state += [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-    state.append(random.getstate())
-    np = sys.modules.get("numpy")
-    if np is not None:
-        state.append(np.random.get_state(legacy=False))
-    return state + [_generator_state(g) for g in generators]
+    return state + _other_states(generators)
 
 
 def same_rng(a, b) -> bool:
@@ -136,23 +149,21 @@ def same_rng(a, b) -> bool:
 @contextlib.contextmanager
 def forked_rng(generators=()):
     """A context in which random draws leave the user's generators as they were: torch's (CPU and every
-    initialised GPU; torch.random.fork_rng), Python's `random`, numpy's global one, and `generators` (the model's
-    own, `module_generators`)."""
-    import random
+    initialised GPU; torch.random.fork_rng), and those `rng_states` reads beyond them."""
+    generators = list(generators)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    python_state = random.getstate()
-    np = sys.modules.get("numpy")
-    numpy_state = np.random.get_state() if np is not None else None
-    own = [(g, _generator_state(g)) for g in generators]
+    others = _other_states(generators)
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
-            random.setstate(python_state)
-            if numpy_state is not None:
-                np.random.set_state(numpy_state)
-            for g, state in own:
-                _set_generator_state(g, state)
+            _set_other_states(others, generators)
+
+
+def runs_nested_tensors(module) -> bool:
+    """Whether `module` is an nn.TransformerEncoder that runs on nested tensors in eval with a padding mask
+    (`enable_nested_tensor=True`, PyTorch's fast path, which decides from its first layer)."""
+    return isinstance(module, torch.nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False)
 
 
 # -- nn.Module internals (checked on 2.13.0) ------------------------------------------------------------------

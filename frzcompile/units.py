@@ -357,6 +357,12 @@ class UnitGraph:
         with_params = [i for i, u in enumerate(self.units.values()) if u.params]
         return self.names[: with_params[-1]] if with_params else []
 
+    def unit_of(self, name: str) -> str | None:
+        """The unit a module path asked to be a unit ended up in (merged ones: 'a+b'), or None when the example
+        batch never called it."""
+        unit = self._alias.get(name, name)
+        return unit if unit in self.units else None
+
     def paths(self, unit: str) -> list[str]:
         """The module paths a unit stands for (several when cycles merged them into one unit)."""
         return [requested for requested, name in self._alias.items() if name == unit]
@@ -390,7 +396,7 @@ class UnitGraph:
             if inside in self.units and self._module_exists(n, inside):
                 raise UnitError(f"{n!r} is inside unit {inside!r}: units freeze whole; freeze {inside!r}, or pass "
                                 "units=[...] to optimize() with finer units")
-            if n in self._paths and self._alias.get(self._paths[n], n) not in self.units:
+            if n in self._paths and self.unit_of(self._paths[n]) is None:
                 raise UnitError(f"{n!r} is a module of the model, but the example batch given to optimize() never "
                                 "called it, so it is not a unit. optimize() runs the example in eval mode: a module "
                                 "your forward calls only in training (an early exit in eval), only with optional "

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import torch_private
+from ..capture import buffers_kept
 from ..errors import CacheError, ConfigError, InputMismatchError
 from ..numerics import agree, floor, relative_difference
 from ..runtime.services import FORWARD_MARK, Service
@@ -347,6 +348,7 @@ class PrefixModules:
     others: dict       # path -> module of the other units (prefix-only runs stop before them)
     state: PythonState  # the Python state of the guarded modules
     token: tuple = ()  # the guarded modules, parameters and buffers, by identity (on_structure_change)
+    generators: list = field(default_factory=list)  # the model's own random number generators, when this was built
 
 
 class ActivationCache(Service):
@@ -418,11 +420,6 @@ class ActivationCache(Service):
 
     def close(self) -> None:
         self.store.close()
-
-    def _generators(self) -> list:
-        """The model's own random number generators, forked and watched with torch's (looked up at every use: a
-        forward may set a new one on the module, `self.rng = np.random.default_rng(seed)`)."""
-        return torch_private.module_generators(self.model)
 
     @contextlib.contextmanager
     def using_sample_ids(self, ids):
@@ -512,7 +509,8 @@ class ActivationCache(Service):
                            tuple(id(t) for _, t in m.named_buffers(recurse=False))) for path, m in guarded.items())
             cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others,
                                                                  PythonState(guarded.values(),
-                                                                             self.config.watch_data), token)
+                                                                             self.config.watch_data), token,
+                                                                 torch_private.module_generators(self.model))
         return cached
 
     def _off_for_every_call(self, prefix) -> str:
@@ -582,9 +580,8 @@ class ActivationCache(Service):
                     "batch-wide value would make each sample's activations depend on its batch")
         if not torch.backends.mha.get_fastpath_enabled():
             return ""
-        mods = self._modules(prefix)
-        for path, m in list(mods.top.items()) + list(mods.guarded.items()):
-            if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+        for path, m in self._modules(prefix).guarded.items():  # (the prefix's units among them)
+            if torch_private.runs_nested_tensors(m):
                 return (f"{path or 'the model'} is an nn.TransformerEncoder that runs on nested tensors in eval "
                         "(padded positions come out as zeros), which the cache's analysis cannot reproduce: build "
                         "it with enable_nested_tensor=False, or call torch.backends.mha.set_fastpath_enabled(False) "
@@ -601,7 +598,9 @@ class ActivationCache(Service):
         call_args, call_kwargs = select if select is not None else (args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            stack.enter_context(torch_private.forked_rng(self._generators()))
+            # (the prefix's plan was analysed to draw no random numbers: forking is a precaution, with the
+            # generators known when the prefix's modules were looked up; the analysis looks them up afresh)
+            stack.enter_context(torch_private.forked_rng(mods.generators))
             stack.enter_context(torch_private.forward_hooks_suspended(self.model.modules()))
             ic = stack.enter_context(Interception(mods.top, keep=keep, stop_after=calls[-1], others=mods.others))
             if record is not None:
@@ -630,7 +629,8 @@ class ActivationCache(Service):
         mods = self._modules(prefix)
         top = mods.top
         state = list(self.model.parameters()) + list(self.model.buffers())
-        probe = DataflowProbe(state, self._generators())
+        probe = DataflowProbe(state, torch_private.module_generators(self.model))  # (afresh: a forward may set a
+        # new one on a module, `self.rng = np.random.default_rng(seed)`)
         probe.watch_arguments({i: t for i, t in enumerate(sig.leaves)
                                if isinstance(t, torch.Tensor) and i not in sig.batch_leaves})
         shallower = self._shallower_cover(prefix, sig)
@@ -1291,16 +1291,10 @@ class ActivationCache(Service):
 
     def _dry_probe(self, prefix, sig, args, kwargs):
         """The analysis run of `warm`: the whole model without autograd, leaving no trace (RNG forked, buffers
-        restored, hooks suspended)."""
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        with torch.no_grad(), torch_private.forked_rng(self._generators()), \
-                torch_private.forward_hooks_suspended(self.model.modules()):
-            try:
-                self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs, warming=True)
-            finally:
-                for b, saved in buffers:
-                    if not torch.equal(b, saved):  # (copying unchanged ones would bump their version counters)
-                        b.copy_(saved)
+        and parameters put back, hooks suspended)."""
+        with torch.no_grad(), torch_private.forked_rng(torch_private.module_generators(self.model)), \
+                torch_private.forward_hooks_suspended(self.model.modules()), buffers_kept(self.model):
+            self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs, warming=True)
 
     # -- report ------------------------------------------------------------------------------------------
     def report(self, prefix=None) -> dict:

@@ -313,8 +313,8 @@ class FrozenModule(nn.Module):
         path"), as it does when freezing by hand, maybe hundreds of steps after a policy's freeze."""
         frozen = {id(m) for u in self._plan.frozen for m in self._unit_graph.units[u].modules}
         for path, m in self._model.named_modules():
-            if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and len(m.layers) > 1 \
-                    and id(m.layers[0]) in frozen and any(id(layer) not in frozen for layer in m.layers[1:]):
+            if torch_private.runs_nested_tensors(m) and len(m.layers) > 1 and id(m.layers[0]) in frozen \
+                    and any(id(layer) not in frozen for layer in m.layers[1:]):
                 warnings.warn(f"frzcompile: {path or 'the model'} is an nn.TransformerEncoder with enable_nested_"
                               "tensor=True whose first layer is now frozen (in eval) while a later one trains: "
                               "called with a padding mask, PyTorch then fails inside it, as it would frozen by "
@@ -324,8 +324,8 @@ class FrozenModule(nn.Module):
         """Warn when a module path asked to freeze holds parameters of no unit (a module the example batch never
         called: an expert no sample was routed to): they stay trainable, where requires_grad_(False) on the
         module would freeze them."""
-        owned = {id(p) for u in self._unit_graph.units.values() for p in u.params}
-        outside = [f"{path}.{name}" for name, p in module.named_parameters() if id(p) not in owned and p.requires_grad]
+        ids = {id(p) for p in self._unit_graph.outside}
+        outside = [f"{path}.{name}" for name, p in module.named_parameters() if id(p) in ids and p.requires_grad]
         if outside:
             warnings.warn(f"frzcompile: freezing {path!r} leaves {len(outside)} of its parameters trainable "
                           f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): they belong to no unit, "

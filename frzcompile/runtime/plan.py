@@ -253,11 +253,9 @@ class FreezePlan:
         params = self.frozen_params()
         if not params:
             return
-        if optimizer is not None:
-            held = [p for g in optimizer.param_groups for p in g["params"]]
-            if len(held) < len(params):
-                ids = self._frozen_memo[2]
-                params = [p for p in held if id(p) in ids]
+        if optimizer is not None and sum(len(g["params"]) for g in optimizer.param_groups) < len(params):
+            ids = self._frozen_memo[2]
+            params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in ids]
         for p in params:
             if p.grad is not None and not p.requires_grad and id(p) not in self._in_flight:
                 p.grad = None
