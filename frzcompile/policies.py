@@ -155,7 +155,7 @@ class Policy:
 
     def on_user_freeze(self, units) -> None:
         """Units the user froze with `fm.freeze` (maybe ones the policy had frozen already): they are the user's
-        now, and a policy never thaws them."""
+        now (the FrozenModule keeps them frozen whatever a plan says; a policy may forget them)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -314,14 +314,12 @@ class SmartFRZ(Policy):
         self._indices: dict = {}
         self._snapshots: dict = {}
         self._votes: dict = {}
-        self._mine: set = set()
         self.last_probabilities: dict = {}
 
     def bind(self, view):
         if self._predictor is None:
             self._predictor = load_default()
         self._snapshots, self._votes, self.last_probabilities = {}, {}, {}  # a new run (an instance reused)
-        self._mine = set()  # the units this policy froze (a thaw never takes back one frozen by the user)
         if self.safeguard is not None:
             self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
@@ -340,18 +338,14 @@ class SmartFRZ(Policy):
         if view.step % self.interval:
             return None
         frozen = set(view.frozen)
-        mine = frozen if self._mine is None else self._mine & frozen  # (None: loaded from an older state)
-        self._mine = set(mine)
         if self.safeguard is not None:
             thaw = self.safeguard.review(view, frozen)
             if thaw:
                 for u in thaw:
                     self._votes[u] = 0
-                first = min(view.units.index(u) for u in thaw)  # a prefix stays a prefix, of what it froze
-                keep = {u for u in frozen - thaw
-                        if u not in mine or not self.prefix_only or view.units.index(u) < first}
-                self._mine &= keep
-                return keep
+                first = min(view.units.index(u) for u in thaw)  # a prefix stays a prefix (units the user froze
+                # stay: the FrozenModule keeps them, FreezePlan.pinned)
+                return {u for u in frozen - thaw if not self.prefix_only or view.units.index(u) < first}
         # only units that may freeze and are large enough to judge are recorded; the rest never get a probability
         candidates = [u for u in view.freezable if u not in frozen and self._numel[u] >= self.min_weights]
         for u in set(self._snapshots) - set(candidates):
@@ -409,13 +403,10 @@ class SmartFRZ(Policy):
             judged = [u for u in view.units if u in new - frozen and u in self.last_probabilities]
             why = ", ".join(f"{u} p={self.last_probabilities[u]:.2f} x{self._votes[u]}" for u in judged)
             new = self.safeguard.admit(view, frozen, new, f"predictor says converged ({why})")
-        self._mine |= new - frozen
         return new if new != frozen else None
 
     def on_user_freeze(self, units) -> None:
-        if self._mine is not None:
-            self._mine -= set(units)
-        if self.safeguard is not None:
+        if self.safeguard is not None:  # (no rollback or decay judges them)
             self.safeguard.forget(units)
 
     def report(self) -> list:
@@ -432,14 +423,12 @@ class SmartFRZ(Policy):
         return {"snapshots": {u: torch.stack(h) for u, h in self._snapshots.items() if h},
                 "indices": {u: self._indices[u] for u, h in self._snapshots.items() if h},  # (trained_indices)
                 "votes": dict(self._votes),
-                "mine": sorted(self._mine) if self._mine is not None else None,
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
         self._snapshots = {u: list(h.unbind(0)) for u, h in state["snapshots"].items()}
         self._indices.update(state.get("indices", {}))
         self._votes = dict(state["votes"])
-        self._mine = set(state["mine"]) if state.get("mine") is not None else None  # (saved since it existed)
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

@@ -197,16 +197,32 @@ def test_each_unit_is_judged_by_its_own_learning_rate():
 
 
 def test_a_thaw_never_takes_back_a_unit_frozen_by_the_user():
-    """A decay (or a rollback) thawed the policy's units and, to keep a prefix, every unit behind the first of
-    them: one the user had frozen by hand with fm.freeze went too, silently."""
-    first = 10 * (WINDOW + 2)
-    decay = first + 100
-    view = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10), lambda i: 0.1 if i < decay else 0.01,
-                         units=("a", "b", "c", "head"))
-    view.frozen = ("b",)  # by hand, before the policy froze anything
-    history, policy = run(view, decay + 20, quick())
-    assert history[0] == (first, ("a", "b")) and ("a", "b", "c") in [f for _, f in history]
-    assert history[-1][1] == ("b",)
+    """A policy's plan replaced the frozen set: SmartFRZ's decay or rollback thawed the units behind the first one
+    it thawed (to keep a prefix), one the user had frozen with fm.freeze among them, and a policy that plans a
+    prefix from scratch (linear, autofreeze) would drop any such unit. The FrozenModule keeps the user's units
+    (FreezePlan.pinned, saved in the freeze state) until fm.unfreeze."""
+    class ThawAll(frzcompile.Policy):  # freezes the first unit at step 2, thaws everything at step 4
+        name = "thaw-all"
+
+        def decide(self, view):
+            return {2: {view.units[0]}, 4: set()}.get(view.step)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
+                          nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = frzcompile.optimize(model, (torch.randn(4, 4),), optimizer=opt, policy=ThawAll())
+    fm.freeze("2")
+    frozen = []
+    for _ in range(6):
+        fm(torch.randn(4, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        frozen.append(fm.frozen)
+    assert frozen[1] == ("0", "2") and frozen[-1] == ("2",) and not model[2].weight.requires_grad
+    assert fm.freeze_state_dict()["pinned"] == ["2"]
+    fm.unfreeze("2")
+    assert fm.freeze_state_dict()["pinned"] == [] and model[2].weight.requires_grad
 
 
 def test_rule_4_leaves_alone_a_rate_of_zero_units_pinned_by_hand_and_optimizers_without_a_rate():

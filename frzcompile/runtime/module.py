@@ -304,6 +304,7 @@ class FrozenModule(nn.Module):
         except PlanError:
             self._plan.whole = before
             raise
+        self._plan.pinned |= units
         self._policy.on_user_freeze(units)
 
     def _warn_nested_encoder(self) -> None:
@@ -352,7 +353,9 @@ class FrozenModule(nn.Module):
 
     def unfreeze(self, *names: str) -> None:
         self._settle()
-        self._set_plan(self._plan.frozen - set(self._unit_graph.resolve(names)), reason="unfreeze()")
+        units = set(self._unit_graph.resolve(names))
+        self._set_plan(self._plan.frozen - units, reason="unfreeze()")
+        self._plan.pinned -= units
 
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
@@ -390,6 +393,7 @@ class FrozenModule(nn.Module):
         if pending is None or (self.__dict__.get("_agreed_plans") and not agreed):
             return
         self.__dict__["_pending"] = None
+        pending = frozenset(pending) | self._plan.pinned  # a policy never thaws what the user froze
         if pending != self._plan.frozen:
             self._set_plan(pending, reason=f"policy {self._policy.name}")
 
@@ -620,6 +624,7 @@ class FrozenModule(nn.Module):
             "units": self.units,
             "frozen": list(self.frozen),
             "whole": {path: sorted(under) for path, (_, under) in self._plan.whole.items()},  # fm.freeze(path)
+            "pinned": sorted(self._plan.pinned),  # frozen with fm.freeze: no policy thaws them
             "since": dict(self._plan.since),
             # what thawing gives back to the frozen units' parameters: a model pickled or copied mid-run holds
             # them with requires_grad=False, so a new optimize() of it cannot tell
@@ -655,6 +660,7 @@ class FrozenModule(nn.Module):
             self.sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_pending"] = None
         self.__dict__["_step"] = int(state["step"])
+        self._plan.pinned = set(state.get("pinned", ()))  # (saved since it existed)
         self._plan.whole = {}
         for path, under in state.get("whole", {}).items():
             self._plan.freeze_whole(path, self._model.get_submodule(path), under)

@@ -66,6 +66,8 @@ class FreezePlan:
         self.whole: dict = {}             # module path frozen as a whole -> (module, its units): freeze_whole
         self._frozen_memo = None          # (frozen set, its parameters, their ids): frozen_params
         self.switched_off: set = set()    # ids of parameters a service turned off until the next step (ALaST)
+        self.pinned: set = set()          # units the user froze with fm.freeze (and has not unfrozen): no policy
+                                          # plan thaws them
 
     @property
     def units(self) -> list:
