@@ -27,8 +27,8 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import (forked_rng, module_generators, record_aten_graph, tensor_version, tree_flatten,
-                            tree_unflatten)
+from .torch_private import (forked_rng, forward_hooks_suspended, module_generators, record_aten_graph, tensor_version,
+                            tree_flatten, tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
@@ -171,6 +171,16 @@ def _fast_path_off():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(was)
+
+
+@contextlib.contextmanager
+def traceless(model: torch.nn.Module):
+    """A run of the model by frzcompile itself (the FLOP count's, the cache's analysis) that leaves no trace
+    in the user's: no autograd, the user's forward hooks silent, buffers and parameters put back, and the random
+    number generators (torch's and those the modules hold) forked."""
+    with torch.no_grad(), forked_rng(module_generators(model)), \
+            forward_hooks_suspended(model.modules()), buffers_kept(model):
+        yield
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .. import torch_private
-from ..capture import buffers_kept
+from ..capture import traceless
 from ..errors import CacheError, ConfigError, InputMismatchError
 from ..numerics import agree, floor, relative_difference
 from ..runtime.services import FORWARD_MARK, Service
@@ -1292,8 +1292,7 @@ class ActivationCache(Service):
     def _dry_probe(self, prefix, sig, args, kwargs):
         """The analysis run of `warm`: the whole model without autograd, leaving no trace (RNG forked, buffers
         and parameters put back, hooks suspended)."""
-        with torch.no_grad(), torch_private.forked_rng(torch_private.module_generators(self.model)), \
-                torch_private.forward_hooks_suspended(self.model.modules()), buffers_kept(self.model):
+        with traceless(self.model):
             self._probe(prefix, sig, lambda a, k: self.model(*a, **k), args, kwargs, warming=True)
 
     # -- report ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import fx
 
-from ..capture import Captured, buffers_kept, clone_graph_module
+from ..capture import Captured, clone_graph_module, traceless
 from ..passes import PassContext, run_passes
 from .. import torch_private
 from ..torch_private import tree_leaves
@@ -81,9 +81,7 @@ class Analysis:
         values = _placeholder_values(self.model, gm, args, kwargs)
         try:
             self.model.eval()  # symbolic_trace graphs call the model's own leaf modules, whose hooks (the user's)
-            with torch.no_grad(), torch_private.forward_hooks_suspended(self.model.modules()), \
-                    buffers_kept(self.model), torch_private.forked_rng(torch_private.module_generators(self.model)):
-                # (the user's hooks must not fire, nor a buffer or a random number generator move)
+            with traceless(self.model):
                 try:
                     with FlopCounterMode(display=False) as counter:
                         interp = _FlopsPerNode(gm, counter)
