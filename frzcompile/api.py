@@ -136,7 +136,7 @@ def optimize(
                       "an example that reaches them, or name a module that holds them.", UserWarning, stacklevel=2)
     for path, module in model.named_modules():
         owner = module.__dict__.get(OWNER)
-        if owner is not None and owner.holds(module):
+        if isinstance(owner, _Owner) and owner.holds(module):
             what = "this model" if module is model else f"its submodule {path!r}"
             warnings.warn(f"frzcompile: {what} was given to frzcompile.optimize before, and that FrozenModule is "
                           "still alive: both act on the same parameters (its policy keeps deciding at every "
@@ -170,12 +170,13 @@ OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule ma
 def optimized_by(model):
     """The live FrozenModule that `optimize` last made for `model` (not released), or None."""
     owner = model.__dict__.get(OWNER)
-    return owner.ref() if owner is not None and owner.holds(model) else None
+    return owner.ref() if isinstance(owner, _Owner) and owner.holds(model) else None
 
 
 class _Owner:
     """A weak reference to the FrozenModule optimize() made for a model, kept on the model so that a second
-    optimize() of it can say so. A copy or a pickle of the model carries an empty one."""
+    optimize() of it can say so. A copy of the model carries an empty one, a pickle None (`torch.save(model)`
+    loads where frzcompile is not installed)."""
 
     __slots__ = ("ref",)
 
@@ -187,7 +188,7 @@ class _Owner:
         return fm is not None and fm.__dict__.get("_model") is model and not fm.released
 
     def __reduce__(self):
-        return _Owner, ()
+        return type(None), ()
 
     def __deepcopy__(self, memo):
         return _Owner()

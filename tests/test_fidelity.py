@@ -664,6 +664,62 @@ def test_parameters_added_replaced_or_set_by_hand_keep_what_freezing_by_hand_giv
     assert all(p.requires_grad for p in model.stem.parameters())
 
 
+def test_a_freeze_right_after_a_structure_change_acts_on_the_new_objects():
+    """fm.freeze right after a block was swapped or the parameters replaced (load_state_dict(assign=True)) froze
+    the old objects until the next call, so an optimizer made then over the trainable parameters got the frozen
+    unit's new ones; a freeze state loaded after such a load did the same."""
+    model, (x,), _, _ = make("traced")
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm(x)
+    new_block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.ReLU())
+    model.block1 = new_block
+    fm.freeze("block1")                                       # no call in between
+    assert not new_block.training and not any(p.requires_grad for p in new_block.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fm.load_state_dict(state, assign=True)
+    fm.freeze("stem")
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert not any(p.requires_grad for p in model.block1.parameters())
+    fm.unfreeze("block1")
+    assert all(p.requires_grad for p in model.block1.parameters())
+    saved = fm.freeze_state_dict()
+    other, _, _, _ = make("traced")
+    fo = frzcompile.optimize(other, (x,), policy="manual")
+    other.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)  # on the user's variable
+    fo.load_freeze_state_dict(saved)
+    trainable = {n for n, p in other.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("stem.") for n in trainable)
+
+
+def test_a_pickled_model_loads_without_frzcompile(tmp_path):
+    """torch.save(model) after optimize(), attached or not, loads in a process where frzcompile cannot be
+    imported (a serving machine): the model carried a reference to frzcompile's classes."""
+    import subprocess
+    import sys
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("0")
+    torch.save(model, tmp_path / "plain.pt")
+    fm.attach()
+    torch.save(model, tmp_path / "attached.pt")
+    expected = model(x)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys; sys.modules['frzcompile'] = None\n"  # `import frzcompile` fails from here on
+            "import torch\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            "for name in ('plain', 'attached'):\n"
+            f"    m = torch.load({str(tmp_path)!r} + f'/{{name}}.pt', weights_only=False)\n"
+            "    assert not m[0].weight.requires_grad and m[2].weight.requires_grad\n"
+            f"    torch.save(m(x), {str(tmp_path)!r} + f'/{{name}}_out.pt')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("plain", "attached"):
+        torch.testing.assert_close(torch.load(tmp_path / f"{name}_out.pt"), expected, rtol=0, atol=0)
+
+
 def test_a_thaw_gives_back_the_flags_a_unit_had_when_it_was_frozen():
     """A thaw gave parameters back their requires_grad of optimize() time: a weight frozen by hand afterwards
     (a LoRA base) trained again after a freeze and thaw of its unit, and in a two-phase fine-tuning (backbone

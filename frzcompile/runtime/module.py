@@ -98,7 +98,9 @@ class AttachedForward:
         return _plain_forward(copy_) if copy_ is not None else self.original
 
     def __reduce__(self):
-        return (_plain_forward, (self._model(),))
+        # the class's forward bound to the model, unpickled without frzcompile (the instance's attributes are not
+        # set yet when it is looked up: an attached model's pickle loads as a plain one where frzcompile is absent)
+        return getattr, (self._model(), "forward")
 
 
 def _plain_forward(model):
@@ -291,6 +293,7 @@ class FrozenModule(nn.Module):
     def freeze(self, *names: str) -> None:
         """Freeze units, each named by its unit name or by any module path holding units (`"bert.encoder"`)."""
         self._settle()
+        self._rebind_if_changed()  # a block or parameters replaced since the last call: freeze the new ones
         units = set(self._unit_graph.resolve(names, warn_merged=True))
         self._warn_tied(units)
         before = dict(self._plan.whole)
@@ -353,6 +356,7 @@ class FrozenModule(nn.Module):
 
     def unfreeze(self, *names: str) -> None:
         self._settle()
+        self._rebind_if_changed()
         units = set(self._unit_graph.resolve(names))
         self._set_plan(self._plan.frozen - units, reason="unfreeze()")
         self._plan.pinned -= units
@@ -532,10 +536,13 @@ class FrozenModule(nn.Module):
             raise ConfigError("this FrozenModule was released (fm.release(), or a newer optimize() of its model by "
                               "a callback): call the model itself, or the FrozenModule optimize() gave last")
         self._settle()
+        self._rebind_if_changed()
+        self._plan.enforce_eval()
+
+    def _rebind_if_changed(self) -> None:
         structure = torch_private.structure_ids(self._model)
         if structure != self._structure:
             self._on_structure_change(structure)
-        self._plan.enforce_eval()
 
     def _count_training_call(self) -> bool:
         """Counts a call made in training mode with grad enabled; returns whether it was one."""
@@ -613,7 +620,10 @@ class FrozenModule(nn.Module):
         return self._model.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+        result = self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # new parameter objects: the plan applies to them now, not at the next call
+            self._rebind_if_changed()
+        return result
 
     def freeze_state_dict(self) -> dict:
         """The freeze plan, step counter, policy and service state; save it beside `state_dict()` and the
@@ -651,6 +661,7 @@ class FrozenModule(nn.Module):
         if (state.get("sparsity") is None) != (self.sparsity is None):
             raise PlanError("the saved freeze state and this module disagree on sparsity= (one has masks, the "
                             "other not)")
+        self._rebind_if_changed()  # (after load_state_dict(..., assign=True) the parameters are new objects)
         self._policy.load_state_dict(state["policy"]["state"])
         if state.get("losses") is not None:
             self._loss.load_state_dict(state["losses"])
