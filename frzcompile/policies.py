@@ -192,19 +192,24 @@ class Linear(Policy):
         self.total_steps = total_steps
         self.freeze_start = freeze_start
         self.freeze_level = freeze_level
+        self._view = None
 
     def bind(self, view):
-        self.total_steps = self.total_steps or view.total_steps
-        if self.total_steps is not None and self.total_steps <= 0:
-            raise PolicyError(f"linear: total_steps must be a positive number of steps, got {self.total_steps}")
-        if not self.total_steps:
+        self._view = view  # (the run's total_steps is read at each decision: an integration may correct it)
+        total = self._total()
+        if total is not None and total <= 0:
+            raise PolicyError(f"linear: total_steps must be a positive number of steps, got {total}")
+        if not total:
             raise PolicyError(
                 "linear needs the length of training: optimize(..., total_steps=N) or "
                 "policy=frzcompile.policies.Linear(total_steps=N)"
             )
 
+    def _total(self):
+        return self.total_steps or (self._view.total_steps if self._view is not None else None)
+
     def target_count(self, step: int, n_units: int) -> int:
-        progress = step / self.total_steps
+        progress = step / self._total()
         if progress < self.freeze_start:
             return 0
         fraction = min(1.0, (progress - self.freeze_start) / (1.0 - self.freeze_start)) * self.freeze_level

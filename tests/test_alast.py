@@ -373,21 +373,69 @@ def test_refusals():
         frzcompile.optimize(zoo.mlp(in_features=8, hidden=8, depth=1), (torch.randn(2, 8),), policy="alast")
 
 
-def test_a_decoder_whose_layers_cannot_drop_tokens_says_so():
-    """A decoder's layers also get rotary cos/sin (or position ids) per token, so no layer can run on a subset:
-    ALaST then drops nothing, and says so once, with what to use instead."""
+@pytest.mark.parametrize("arch", ["llama", "gpt_neo", "xglm", "swin"])
+def test_models_whose_tokens_cannot_be_ranked_or_dropped_are_refused(arch):
+    """Causal attention (the first token sees only itself: GPT-Neo and XGLM trained on tokens dropped at random,
+    silently) and windowed attention (Swin failed inside the model on its first training step) are refused at
+    optimize(), with what to use instead."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                   num_labels=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = transformers.LlamaForSequenceClassification(cfg)
-    ids = torch.randint(1, 64, (4, 12))
+    ids = torch.randint(1, 64, (2, 12))
+    if arch == "llama":
+        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=2, num_labels=2, pad_token_id=0))
+    elif arch == "gpt_neo":
+        model = transformers.GPTNeoForSequenceClassification(transformers.GPTNeoConfig(
+            vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+            num_labels=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    elif arch == "xglm":
+        model = transformers.XGLMForCausalLM(transformers.XGLMConfig(
+            vocab_size=64, d_model=32, ffn_dim=64, num_layers=2, attention_heads=2, pad_token_id=0))
+    else:
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2, num_labels=2))
+    kwargs = {"pixel_values": torch.randn(2, 3, 16, 16)} if arch == "swin" else {"input_ids": ids}
+    what = "windowed" if arch == "swin" else "causal"
+    with pytest.raises(ConfigError, match=f"cannot drop tokens.*attention is {what}.*use policy='smartfrz'"):
+        frzcompile.optimize(model, example_kwargs=kwargs, policy="alast")
+
+
+def test_layers_that_take_other_tensors_per_token_drop_nothing_and_say_so():
+    """An encoder whose layers also get a tensor per token (relative positions, here added to the keys) cannot
+    run a layer on a subset of its tokens: ALaST drops nothing, and says so once, with what to use instead."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value = (torch.nn.Linear(16, 16) for _ in range(3))
+            self.out = torch.nn.Linear(16, 16)
+
+        def forward(self, h, positions):
+            q, k, v = self.query(h), self.key(h) + positions, self.value(h)
+            return h + self.out(torch.softmax(q @ k.transpose(1, 2) / 4, -1) @ v)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(4, 16)
+            self.positions = torch.nn.Parameter(torch.randn(1, 10, 16) * 0.1)
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(3))
+            self.head = torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            h, positions = self.embed(x), self.positions.expand(len(x), -1, -1)
+            for layer in self.layers:
+                h = layer(h, positions)
+            return self.head(h[:, 0])
+
+    torch.manual_seed(0)
+    model, x = Encoder(), torch.randn(4, 10, 4)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids}, optimizer=opt, policy="alast")
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="alast")
     with pytest.warns(UserWarning, match="dropped no tokens.*use policy='smartfrz'") as caught:
         for _ in range(2):
-            fm(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+            fm(x).sum().backward()
             opt.step()
             opt.zero_grad()
     assert sum("dropped no tokens" in str(w.message) for w in caught) == 1

@@ -115,3 +115,37 @@ def test_the_training_step_loss_reaches_the_policy():
     losses = cb.fm.losses()
     assert len(losses) == 6 and cb.fm._loss.kind == "observed"
     assert 0.5 < losses[0] < 3.0  # a cross-entropy over 3 classes, not the gradient proxy
+
+
+class TwoOptimizers(Classifier):
+    """Manual optimization, the body and the head each with its optimizer, both stepped after one backward:
+    Lightning's global_step counts two per batch, frzcompile one."""
+
+    def __init__(self):
+        super().__init__(call_self=False)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        body, head = self.optimizers()
+        self.manual_backward(loss)
+        body.step()
+        head.step()
+        body.zero_grad()
+        head.zero_grad()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.model[:4].parameters(), lr=0.1), torch.optim.SGD(self.model[4].parameters(), lr=0.1)]
+
+
+def test_the_default_total_steps_is_in_frzcompiles_steps_under_manual_optimization():
+    """The callback's default total_steps (the estimated stepping batches: 16 optimizer steps for 8 batches) was
+    twice frzcompile's count, so a linear ramp from half-way froze nothing; it is converted after the first
+    batch, and the ramp ends as it does under automatic optimization."""
+    cb = FreezeCallback(policy="linear", module="model")
+    trainer = fit(TwoOptimizers(), cb, max_steps=16, enable_checkpointing=False)
+    assert trainer.global_step == 16 and cb.fm.step_count == 8 and cb.fm.total_steps == 8
+    auto = FreezeCallback(policy="linear", module="model")
+    fit(Classifier(call_self=False), auto, max_steps=8, enable_checkpointing=False)
+    assert cb.fm.frozen == auto.fm.frozen and len(cb.fm.frozen) == 4  # all but the head

@@ -32,6 +32,7 @@ class FreezeCallback(Callback):
         self.fm = None
         self._pending = None
         self._loaded = None
+        self._estimated = self._mark = None  # the default total_steps, and (global_step, fm.step_count) at start
 
     def _target(self, pl_module):
         if self.module is None:
@@ -57,16 +58,32 @@ class FreezeCallback(Callback):
             if out.get("total_steps") is None:
                 steps = trainer.estimated_stepping_batches
                 if isinstance(steps, int) and steps > 0:
-                    out["total_steps"] = steps
+                    out["total_steps"] = self._estimated = steps
             return out
 
-        self._pending = OptimizeAtFirstCall(target, options, self._ready)
+        def ready(fm):
+            self._ready(fm)
+            if self._estimated is not None:
+                self._mark = (trainer.global_step, fm.step_count)
+
+        self._estimated = self._mark = None
+        self._pending = OptimizeAtFirstCall(target, options, ready)
 
     def _ready(self, fm) -> None:
         self.fm = fm
         if self._loaded is not None:
             fm.load_freeze_state_dict(self._loaded)
             self._loaded = None
+
+    def _steps_in_frzcompiles_count(self, trainer) -> None:
+        """After the first batch: Lightning's global_step counts every optimizer step, frzcompile one per
+        iteration (optimizers stepping one after another count once), so under manual optimization with two
+        optimizers the estimated stepping batches are twice frzcompile's steps: the default total_steps is
+        converted (a linear ramp reached only half way, otherwise)."""
+        (global_start, start), self._mark = self._mark, None
+        lightning, ours = trainer.global_step - global_start, self.fm.step_count - start
+        if lightning > 0 and ours > 0 and lightning != ours:
+            self.fm.__dict__["_total_steps"] = max(1, round(self._estimated * ours / lightning))
 
     def on_before_backward(self, trainer, pl_module, loss):
         if self.fm is not None:
@@ -80,6 +97,8 @@ class FreezeCallback(Callback):
                                   "frozen; pass module='<attribute>' naming the network training_step calls "
                                   "(e.g. module='model' for self.model(x))")
             return
+        if self._mark is not None:
+            self._steps_in_frzcompiles_count(trainer)
         if trainer.logger is not None:
             pl_module.log("frozen_units", float(len(self.fm.frozen)), on_step=True, prog_bar=False, logger=True)
 

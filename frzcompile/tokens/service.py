@@ -85,6 +85,25 @@ def find_attention(layer: nn.Module, model: nn.Module):
     return q[0], k[0], v, heads
 
 
+def token_order_problem(layer: nn.Module) -> str:
+    """Why a layer's tokens cannot be ranked by the first token's attention or run on a subset, or ''. Causal
+    attention (a module's `is_causal` or `is_decoder`, as Hugging Face's attention classes set them): the first
+    token attends only
+    to itself, so it ranks nothing (GPT-Neo and XGLM take no other tensor per token, and trained on tokens
+    dropped at random). Windowed attention (a `window_size`, Swin's): the layer folds its tokens into a grid of
+    windows, which a subset cannot fill (it failed inside the model)."""
+    for name, m in layer.named_modules():
+        where = f"{type(m).__name__}{' (' + name + ')' if name else ''}"
+        causal = next((a for a in ("is_causal", "is_decoder") if vars(m).get(a) is True), None)
+        if causal:
+            return (f"its attention is causal ({where}.{causal}): the first token attends only to itself, so there "
+                    "is no class token whose attention ranks the others")
+        if vars(m).get("window_size") not in (None, 0):
+            return (f"its attention is windowed ({where}.window_size): the layer folds its tokens into a grid of "
+                    "windows, which a subset of them cannot fill")
+    return ""
+
+
 class _Call:
     """What one training call of the model has seen so far."""
 
@@ -173,6 +192,13 @@ class LayerBudgets(Service):
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
         self._warned_unsafe = False
+        problem = next((f"layer {n}: {why}" for n in names
+                        if (why := token_order_problem(unit_graph.units[n].roots[0])) and
+                        len(unit_graph.units[n].roots) == 1), "")
+        if problem:
+            raise ConfigError(f"policy='alast' cannot drop tokens in this model's layers ({problem}). ALaST is for "
+                              "encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for other models use "
+                              "policy='smartfrz' (the default) or 'linear'")
         self._reset_step()
         self._hook()
         if not any(a is not None for a in self.attention):
