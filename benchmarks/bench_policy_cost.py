@@ -1,12 +1,13 @@
 """The SmartFRZ policy's own cost per training step (issue 11: under 1% of training time).
 
-Two copies of one recipe of frzcompile.predictor.collect, in one process: `policy="manual"` and SmartFRZ with the
-shipped predictor but a vote count no unit reaches (so nothing freezes and both do the same training work; the
-difference is the policy's loss readings, weight samples, window features, predictor calls and safety
-bookkeeping). Both first train until SmartFRZ's predictor has a full window (300 steps), so every measured
-decision calls it; then blocks of 10 steps (one decision each), interleaved in a shuffled order each round; medians
-after the first rounds (warm-up). The time inside SmartFRZ's `decide` is also timed on its own (the rest of its
-cost, reading the loss each step, shows only in the ratio).
+Three copies of one recipe of frzcompile.predictor.collect, in one process: `policy="manual"`; SmartFRZ with the
+shipped predictor and its safety rules, except that no freeze is admitted (all three do the same training work;
+the difference is the policy's loss readings, weight samples, safety checks and, where the rules would let a
+freeze through, window features and predictor calls); and the same with rules that never hold back ("judging"),
+the worst case, where the predictor judges the front unit at every decision. All first train until the
+predictor has a full window (300 steps); then blocks of 10 steps (one decision each), interleaved in a shuffled
+order each round; medians after the first rounds (warm-up). The time inside SmartFRZ's
+`decide` is also timed on its own (the rest of its cost, reading the loss each step, shows only in the ratio).
 
     python benchmarks/bench_policy_cost.py [--families mlp-digits,resnet-fashion,transformer-sst2] [--rounds 40]
                                            [--data PATH]
@@ -26,9 +27,24 @@ from common import interleaved, print_table  # noqa: E402
 from frzcompile.policies import SmartFRZ  # noqa: E402
 from frzcompile.predictor import WINDOW  # noqa: E402
 from frzcompile.predictor.collect import families, start_run, train_step  # noqa: E402
+from frzcompile.safety import Safeguard  # noqa: E402
 
 BLOCK = 10   # steps per measurement: one policy decision each
 WARMUP = 5   # rounds left out of the medians
+
+
+class NeverFreezes(Safeguard):
+    """The default rules, except that no freeze is admitted: the same training work as policy="manual"."""
+
+    def admit(self, view, frozen, proposed, reason):
+        return set(frozen)
+
+
+class NeverHoldsBack(NeverFreezes):
+    """As if every decision could freeze: the predictor judges the front unit at each one."""
+
+    def closed(self, view, frozen):
+        return False
 
 
 def main():
@@ -41,22 +57,24 @@ def main():
     makers = families(args.data)
     rows = []
     for family in args.families.split(","):
-        runs = {}
-        smartfrz = SmartFRZ(votes=10**9)
-        for name, policy in (("manual", "manual"), ("smartfrz", smartfrz)):
+        runs, policies = {}, {"smartfrz": SmartFRZ(safeguard=NeverFreezes(min_gap=30)),
+                               "judging": SmartFRZ(safeguard=NeverHoldsBack(min_gap=30))}
+        for name, policy in (("manual", "manual"), *policies.items()):
             recipe = makers[family](0)
             runs[name] = start_run(recipe, 0, policy, recipe.steps)
             fm, opt, lr, stream = runs[name]
-            for _ in range(WINDOW * smartfrz.interval):  # until the predictor judges
+            for _ in range(WINDOW * 10):  # until the predictor has a full window (interval 10)
                 train_step(fm, opt, lr, next(stream))
-        decide, inside = smartfrz.decide, []
+        inside = {name: [] for name in policies}
+        for name, policy in policies.items():
+            decide = policy.decide
 
-        def timed_decide(view):
-            start = time.perf_counter()
-            out = decide(view)
-            inside.append(time.perf_counter() - start)
-            return out
-        smartfrz.decide = timed_decide
+            def timed_decide(view, decide=decide, into=inside[name]):
+                start = time.perf_counter()
+                out = decide(view)
+                into.append(time.perf_counter() - start)
+                return out
+            policy.decide = timed_decide
 
         def measure(name):
             fm, opt, lr, stream = runs[name]
@@ -66,14 +84,19 @@ def main():
             return (time.perf_counter() - start) / BLOCK
 
         times = interleaved(runs, args.rounds, measure)
-        manual, smart = (statistics.median(times[n][WARMUP:]) for n in ("manual", "smartfrz"))
-        assert not runs["smartfrz"][0].frozen and smartfrz.last_probabilities  # same training work; it judged
-        blocks = [sum(inside[i:i + BLOCK]) for i in range(0, len(inside), BLOCK)]  # one decision per block
-        decision = statistics.median(blocks[WARMUP:])
-        rows.append((family, f"{1000 * manual:.2f}", f"{1000 * smart:.2f}", f"{smart / manual:.3f}x",
-                     f"{1000 * decision:.2f}", f"{100 * decision / (BLOCK * manual):.2f}%"))
-    print_table(("family", "manual ms/step", "SmartFRZ ms/step (nothing frozen)", "ratio",
-                 "ms in decide per 10 steps", "share of manual time"), rows)
+        manual = statistics.median(times["manual"][WARMUP:])
+        assert not any(runs[n][0].frozen for n in policies) and policies["judging"].last_probabilities
+        row = [family, f"{1000 * manual:.2f}"]
+        for name in policies:
+            step = statistics.median(times[name][WARMUP:])
+            blocks = [sum(inside[name][i:i + BLOCK]) for i in range(0, len(inside[name]), BLOCK)]  # a decision each
+            decision = statistics.median(blocks[WARMUP:])
+            row += [f"{1000 * step:.2f} ({step / manual:.3f}x)", f"{1000 * decision:.2f} ({100 * decision / (BLOCK * manual):.2f}%)"]
+        row.append("yes" if policies["smartfrz"].last_probabilities else "no")
+        rows.append(tuple(row))
+    print_table(("family", "manual ms/step", "SmartFRZ ms/step (ratio)", "ms in decide per 10 steps (share)",
+                 "judging at every decision: ms/step (ratio)", "ms in decide per 10 steps (share)",
+                 "SmartFRZ's rules let the predictor judge"), rows)
 
 
 if __name__ == "__main__":

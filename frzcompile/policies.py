@@ -153,6 +153,28 @@ class Policy:
     def decide(self, view: TrainingView):
         return None
 
+    def _judge(self, count: dict) -> None:
+        """The predictor on the oldest `count[u]` unjudged windows of each unit, oldest first (a window `back`
+        decisions old ends `back` snapshots before the newest), counted into the unit's votes."""
+        keys, by_size = [], {}  # windows of as many sampled weights are featurised as one batch
+        for u, n in count.items():
+            history, waiting = self._snapshots[u], self._unjudged[u]
+            for back in range(waiting - 1, waiting - 1 - n, -1):
+                window = history[len(history) - self._window - back:len(history) - back]
+                by_size.setdefault(len(self._indices[u]), []).append(((u, back), torch.stack(window)))
+        order = [key for group in by_size.values() for key, _ in group]
+        feats = [window_features(torch.stack([w for _, w in group])) for group in by_size.values()]
+        with torch.no_grad():
+            logits = self._predictor(torch.cat([t for t, _ in feats]), torch.cat([s for _, s in feats]))
+        probs = dict(zip(order, torch.sigmoid(logits).tolist()))
+        for u, n in count.items():
+            for back in range(self._unjudged[u] - 1, self._unjudged[u] - 1 - n, -1):
+                self._votes[u] = self._votes[u] + 1 if probs[(u, back)] > self.threshold else 0
+            self._unjudged[u] -= n
+            if not self._unjudged[u]:
+                self.last_probabilities[u] = probs[(u, 0)]
+        self.last_probabilities = {u: p for u, p in self.last_probabilities.items() if u in self._votes}
+
     def on_user_freeze(self, units) -> None:
         """Units the user froze with `fm.freeze` (maybe ones the policy had frozen already): they are the user's
         now (the FrozenModule keeps them frozen whatever a plan says; a policy may forget them)."""
@@ -278,6 +300,9 @@ class AutoFreeze(Policy):
         self._previous = dict(state["previous"])
 
 
+LAZY_WINDOWS = 8  # SmartFRZ: a unit's windows kept waiting for the predictor while the safety rules hold back
+
+
 class SmartFRZ(Policy):
     """SmartFRZ (Li et al., ICLR 2023): an attention model over weight-snapshot windows decides per unit.
 
@@ -292,7 +317,8 @@ class SmartFRZ(Policy):
     unit is judged at each decision (the unit behind it gathers its votes during the gap: the same decisions).
     A decision freezes at most one judged unit, and every decision passes the safety rules of `safeguard`
     (frzcompile.safety.Safeguard: learning has started and slowed, a gap between freezes, a rollback when the
-    loss rises after a freeze); `safeguard=None` turns them off.
+    loss rises after a freeze); `safeguard=None` turns them off. The predictor is consulted only at decisions
+    where those rules would let a freeze through (its windows of the decisions before wait to be judged then).
     """
 
     name = "smartfrz"
@@ -318,13 +344,15 @@ class SmartFRZ(Policy):
         self._predictor = predictor
         self._indices: dict = {}
         self._snapshots: dict = {}
-        self._votes: dict = {}
+        self._votes: dict = {}       # judged unit -> consecutive decisions whose probability was above threshold
+        self._unjudged: dict = {}    # judged unit -> its newest windows not yet given to the predictor
+        self._lazy = min(self.votes, LAZY_WINDOWS)
         self.last_probabilities: dict = {}
 
     def bind(self, view):
         if self._predictor is None:
             self._predictor = load_default()
-        self._snapshots, self._votes, self.last_probabilities = {}, {}, {}  # a new run (an instance reused)
+        self._snapshots, self._votes, self._unjudged, self.last_probabilities = {}, {}, {}, {}  # a new run
         if self.safeguard is not None:
             self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
@@ -338,6 +366,7 @@ class SmartFRZ(Policy):
                 self._indices[u] = sample_indices(view.numel(u), seed=zlib.crc32(u.encode()))
                 self._snapshots.pop(u, None)
                 self._votes.pop(u, None)
+                self._unjudged.pop(u, None)
 
     def decide(self, view):
         if view.step % self.interval:
@@ -347,7 +376,8 @@ class SmartFRZ(Policy):
             thaw = self.safeguard.review(view, frozen)
             if thaw:
                 for u in thaw:
-                    self._votes[u] = 0
+                    self._votes.pop(u, None)
+                    self._unjudged.pop(u, None)
                 first = min(view.units.index(u) for u in thaw)  # a prefix stays a prefix (units the user froze
                 # stay: the FrozenModule keeps them, FreezePlan.pinned)
                 return {u for u in frozen - thaw if not self.prefix_only or view.units.index(u) < first}
@@ -363,31 +393,33 @@ class SmartFRZ(Policy):
         for u, sample in view.weight_samples({u: self._indices[u] for u in candidates}).items():
             history = self._snapshots.setdefault(u, [])
             history.append(sample)
-            del history[: -self._window]
-        ready = [u for u in candidates if len(self._snapshots[u]) == self._window]
+            del history[: -(self._window + self._lazy - 1)]  # (the windows waiting to be judged)
+        ready = [u for u in candidates if len(self._snapshots[u]) >= self._window]
         if self.prefix_only and self.safeguard is not None and \
                 self.safeguard.min_gap >= self.interval * self.votes:
             # Only the front unit can freeze next. The one behind it, judged from the decision after that freeze
             # on, has its `votes` votes when the gap ends: the same decisions, for one predictor input, not all.
             ready = [u for u in ready if u == candidates[0]]
-            for u in self._votes:
-                if u not in ready:
-                    self._votes[u] = 0  # a unit not judged at a decision starts its run of votes again
-        if not ready:
-            return None
-        by_size: dict = {}  # windows of as many sampled weights are featurised as one batch
+        # A unit's votes count along its run of consecutive decisions judging it (a unit not judged at a decision
+        # starts again). The predictor is consulted only when a freeze could follow: while the safety rules hold
+        # every freeze back (most of a run) a judged unit's newest windows wait in its history, and are judged at
+        # once when the rules open: the same decisions. Only the newest `votes` windows can decide a freeze, so
+        # older ones are dropped unjudged (their votes unknown: counted as none); with more votes than
+        # LAZY_WINDOWS, the oldest waiting window is judged instead.
+        for u in set(self._votes) - set(ready):
+            del self._votes[u]
+            self._unjudged.pop(u, None)
         for u in ready:
-            by_size.setdefault(len(self._indices[u]), []).append(u)
-        order = [u for group in by_size.values() for u in group]
-        feats = [window_features(torch.stack([torch.stack(self._snapshots[u]) for u in group]))
-                 for group in by_size.values()]
-        with torch.no_grad():
-            logits = self._predictor(torch.cat([t for t, _ in feats]), torch.cat([s for _, s in feats]))
-        by_unit = dict(zip(order, torch.sigmoid(logits).tolist()))
-        probs = [by_unit[u] for u in ready]
-        self.last_probabilities = dict(zip(ready, probs))
-        for u, p in zip(ready, probs):
-            self._votes[u] = self._votes.get(u, 0) + 1 if p > self.threshold else 0
+            self._votes.setdefault(u, 0)
+            self._unjudged[u] = self._unjudged.get(u, 0) + 1
+            if self._unjudged[u] > self._lazy and self.votes <= LAZY_WINDOWS:
+                self._votes[u], self._unjudged[u] = 0, self._lazy
+        backlog = {u: self._unjudged[u] - self._lazy for u in ready if self._unjudged[u] > self._lazy}
+        if backlog:
+            self._judge(backlog)
+        if not ready or (self.safeguard is not None and self.safeguard.closed(view, frozen)):
+            return None
+        self._judge({u: self._unjudged[u] for u in ready})
         settled = {u for u in ready if self._votes[u] >= self.votes}
         new = set(frozen)
         if self.prefix_only:
@@ -420,20 +452,24 @@ class SmartFRZ(Policy):
         if not self.last_probabilities:
             have = max((len(h) for h in self._snapshots.values()), default=0)
             lines.append(f"no unit judged yet: the predictor needs {self._window} weight snapshots, one every "
-                         f"{self.interval} steps (first judgement at step {self._window * self.interval}); {have} "
-                         "so far")
+                         f"{self.interval} steps (first judgement at step {self._window * self.interval}); "
+                         f"{min(have, self._window)} so far" +
+                         ("; it is consulted once the safety rules below allow a freeze" if have >= self._window
+                          else ""))
         return lines + (self.safeguard.report() if self.safeguard is not None else [])
 
     def state_dict(self):
         return {"snapshots": {u: torch.stack(h) for u, h in self._snapshots.items() if h},
                 "indices": {u: self._indices[u] for u, h in self._snapshots.items() if h},  # (trained_indices)
                 "votes": dict(self._votes),
+                "unjudged": dict(self._unjudged),
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
         self._snapshots = {u: list(h.unbind(0)) for u, h in state["snapshots"].items()}
         self._indices.update(state.get("indices", {}))
         self._votes = dict(state["votes"])
+        self._unjudged = dict(state.get("unjudged", {}))  # (saved since windows wait to be judged)
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

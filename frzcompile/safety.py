@@ -41,10 +41,12 @@ import math
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
 
-def _known(losses, count: int, from_end: bool) -> list:
-    """The first (or last) `count` known values of `losses`, in order, without walking the whole history."""
+def _known(losses, count: int, from_end: bool, end: int | None = None) -> list:
+    """The first (or last) `count` known values of `losses[:end]`, in order, without walking (or copying) the
+    whole history."""
     out = []
-    indices = range(len(losses) - 1, -1, -1) if from_end else range(len(losses))
+    end = len(losses) if end is None else end
+    indices = range(end - 1, -1, -1) if from_end else range(end)
     for i in indices:
         if losses[i] is not None:
             out.append(losses[i])
@@ -107,9 +109,10 @@ class Safeguard:
         end = len(losses) if end is None else end
         return _mean(losses[max(0, end - self.window):end])
 
-    def learning_started(self, losses) -> tuple[bool, str]:
-        first = _known(losses, self.window, from_end=False)
-        known = _known(losses, 2 * self.window, from_end=True)
+    def learning_started(self, losses, end: int | None = None) -> tuple[bool, str]:
+        """Rule 1 on the losses of the steps before `end` (all of them by default)."""
+        first = _known(losses, self.window, from_end=False, end=end)
+        known = _known(losses, 2 * self.window, from_end=True, end=end)
         if len(first) < self.window or len(known) < 2 * self.window:
             return False, (f"not enough loss readings yet ({len(known)} of {2 * self.window}); with a loop that "
                            "returns no loss and whose output gets no gradient, call fm.observe_loss(loss)")
@@ -123,7 +126,7 @@ class Safeguard:
         if now < before - abs(before) * self.max_fall and _beyond_noise(previous, recent):
             return False, (f"the loss is still falling fast: {now:.4g} against {before:.4g} {self.window} steps "
                            f"before (-{100 * (1 - now / before):.0f}%, more than {100 * self.max_fall:.0f}%)")
-        far = _known(losses, max(2 * self.span, self.lookback + self.span), from_end=True)  # (one walk for both)
+        far = _known(losses, max(2 * self.span, self.lookback + self.span), from_end=True, end=end)  # (one walk)
         longer = far[-2 * self.span:]
         if len(longer) < 2 * self.span:
             return False, (f"not enough loss readings to tell whether learning has slowed ({len(longer)} of "
@@ -155,7 +158,7 @@ class Safeguard:
         ok, why = self.learning_started(losses)
         stride = max(self.window // 2, 1)
         for back in range(stride, self.steady + 1, stride) if ok else ():
-            ok, then = self.learning_started(losses[:len(losses) - back])
+            ok, then = self.learning_started(losses, end=len(losses) - back)
             if not ok:
                 return False, (f"the loss rules have held for fewer than {self.steady} steps ({back} steps ago: "
                                f"{then})")
@@ -217,6 +220,18 @@ class Safeguard:
         for unit in units:
             self.frozen_at_lr.pop(unit, None)
             self.last_lr.pop(unit, None)
+
+    def closed(self, view, frozen: set) -> bool:
+        """Rules 1 and 2 for any unit, before a policy spends time judging one: whether no freeze can be admitted
+        now (the gap since the last freeze, the loss rules); the reason is kept as a hold-back."""
+        step = view.step
+        if self.last_freeze is not None and step - self.last_freeze < self.min_gap:
+            self._hold(frozen, step, f"{self.min_gap} steps between freezes (last at step {self.last_freeze})")
+            return True
+        ok, why = self.learning_slowed_steadily(view.losses())
+        if not ok:
+            self._hold(frozen, step, why)
+        return not ok
 
     def admit(self, view, frozen: set, proposed: set, reason: str) -> set:
         """Rules 1 and 2 on a proposed frozen set: the set allowed now (the old one when nothing new is)."""

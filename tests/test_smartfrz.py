@@ -139,10 +139,52 @@ def test_only_the_front_unit_is_judged_and_freezes_keep_their_pace():
         if decision is not None:
             view.frozen = tuple(u for u in view.units if u in decision)
             freezes.append((view.step, view.frozen[-1]))
-    # one predictor input per decision, and the freezes as far apart as the gap allows (30 steps), as when every
-    # unit was judged at every decision: b and c gather their votes while the gap runs
-    assert set(sizes) == {1} and len(sizes) == 9  # decisions at steps 300-380; after c nothing is left to judge
+    # the freezes as far apart as the gap allows (30 steps), as when every unit was judged at every decision: b
+    # and c gather their votes while the gap runs, and their windows are judged when it ends (one predictor call
+    # for a unit's last three windows), not at every decision
     assert freezes == [(320, "a"), (350, "b"), (380, "c")]
+    assert sizes == [1, 1, 1, 3, 3]  # a at 300, 310, 320; b's three windows at 350; c's at 380
+
+
+def test_the_predictor_is_consulted_only_when_a_freeze_could_follow():
+    """While the safety rules hold every freeze back, the predictor is not called; when they open, the windows
+    of the front unit's last `votes` decisions are judged at once, so the decisions are those of a policy that
+    judged at every decision (its cost on a short step was 13-40% of the step)."""
+    from frzcompile.safety import Safeguard
+
+    class Judged(ScaleRule):
+        def __init__(self):
+            super().__init__()
+            self.windows = 0
+
+        def forward(self, tokens, scalars):
+            self.windows += len(tokens)
+            return super().forward(tokens, scalars)
+
+    class Late(SyntheticView):  # the loss keeps falling until step 500, then is flat
+        def losses(self):
+            return [2.0 * 0.995 ** min(i, 500) for i in range(self.step)]
+
+    class AlwaysJudge(Safeguard):  # the old order: judge every decision, let the rules decide after
+        def closed(self, view, frozen):
+            return False
+
+    kinds = {"a": "settled", "b": "settled", "c": "moving", "head": "moving"}
+    lazy, eager = Judged(), Judged()
+    runs = []
+    for predictor, guard in ((lazy, Safeguard(min_gap=30)), (eager, AlwaysJudge(min_gap=30))):
+        policy, view, freezes = SmartFRZ(predictor=predictor, safeguard=guard), Late(kinds), []
+        policy.bind(view)
+        for _ in range(1200):
+            view.step += 1
+            decision = policy.decide(view)
+            if decision is not None:
+                view.frozen = tuple(u for u in view.units if u in decision)
+                freezes.append((view.step, view.frozen))
+        runs.append((freezes, [(step, text.split(":")[0]) for step, text in guard.events if "froze" in text]))
+    assert runs[0] == runs[1] and [f for _, f in runs[0][0]] == [("a",), ("a", "b")]
+    assert runs[0][0][0][0] > 600  # held back while the loss fell
+    assert eager.windows == 91 and lazy.windows < eager.windows / 2  # 91: every decision from step 300 to 1200
 
 
 def test_policy_waits_for_a_full_window_and_enough_votes():
@@ -163,7 +205,7 @@ def test_shipped_predictor_tells_settled_from_moving():
     assert frozen == ("a",)
     assert policy.last_probabilities["b"] < 0.5
     # the one-window helper gives the probability the policy acted on
-    assert load_default().probability(torch.stack(policy._snapshots["b"])) == pytest.approx(
+    assert load_default().probability(torch.stack(policy._snapshots["b"][-WINDOW:])) == pytest.approx(
         policy.last_probabilities["b"], rel=1e-5, abs=1e-7)
 
 
@@ -175,7 +217,8 @@ def test_policy_cost_is_bounded():
     # weights are read only every `interval` steps, at most SAMPLE_SIZE per unit, and history is bounded; the last
     # unit never freezes, so it is never read
     assert view.samples == (len(kinds) - 1) * (1000 // 10)
-    assert all(len(h) == WINDOW and h[0].numel() == SAMPLE_SIZE for h in policy._snapshots.values())
+    # (a window for each of the last `votes` decisions: judged only when a freeze could follow)
+    assert all(len(h) == WINDOW + policy.votes - 1 and h[0].numel() == SAMPLE_SIZE for h in policy._snapshots.values())
 
 
 def test_state_round_trip_and_default_policy():
