@@ -231,6 +231,8 @@ class Safeguard:
         ok, why = self.learning_slowed_steadily(view.losses())
         if not ok:
             self._hold(frozen, step, why)
+        else:
+            self.blocked = ""  # (what holds a unit back now is the predictor)
         return not ok
 
     def admit(self, view, frozen: set, proposed: set, reason: str) -> set:
