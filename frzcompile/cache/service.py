@@ -54,6 +54,9 @@ from .store import ActivationStore, CacheConfig, _describe, fingerprints, row_di
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
+# a batch of one is never served: code may take another path for it (`.squeeze()`, `if x.shape[0] == 1`), which
+# the analysis of larger batches and their halves does not see, and it has no halves to analyse
+ONE_SAMPLE = "a batch of one sample (single samples may take other code paths, which no analysis of a larger batch sees)"
 LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MIN_LIVE_STORED = 3  # stored batches the check needs once LIVE_BATCHES were served (a small data set has few)
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
@@ -451,8 +454,9 @@ class ActivationCache(Service):
             if plan is not None and not plan.cacheable:  # final for this signature: nothing more to read
                 self.last_plan = plan
                 return run(args, kwargs)
-            why = sig.unsupported or ("an empty batch" if sig.batch == 0 else "" if sig.batch else
-                                      "no batched tensor argument") or self._step_aside(prefix, flat[0])
+            why = sig.unsupported or ("an empty batch" if sig.batch == 0 else ONE_SAMPLE if sig.batch == 1 else
+                                      "" if sig.batch else "no batched tensor argument") or \
+                self._step_aside(prefix, flat[0])
         if not why:
             sig = sig.with_state(self._modules(prefix).state.digest())
             if plan is None and sum(p == prefix for p, _ in self.plans) >= MAX_SIGNATURES:
@@ -484,11 +488,9 @@ class ActivationCache(Service):
 
     def _too_small_to_analyse(self, prefix, sig) -> str:
         """Why this batch cannot be analysed, or ''. The analysis compares the batch with its halves: a batch of
-        one has none, and a batch of 2 or 3 has single-sample halves, where some models (Llama) take other code
-        paths; such a batch is analysed, but a refusal from it is not kept, and the next batch of
-        MIN_ANALYSED_BATCH or more is analysed again (the smaller ones step aside until then)."""
-        if sig.batch < 2:
-            return "a batch of one sample cannot be analysed (the next larger batch will be)"
+        2 or 3 has single-sample halves, where some models (Llama) take other code paths; such a batch is
+        analysed, but a refusal from it is not kept, and the next batch of MIN_ANALYSED_BATCH or more is analysed
+        again (the smaller ones step aside until then). A batch of one always steps aside (ONE_SAMPLE)."""
         if sig.batch < MIN_ANALYSED_BATCH and (prefix, sig.digest) in self._small_refused:
             return (f"refused once on a batch of fewer than {MIN_ANALYSED_BATCH} samples, whose halves are single "
                     f"samples (where some models take other code paths): the next batch of {MIN_ANALYSED_BATCH} or "
