@@ -199,7 +199,8 @@ def time_ms(fn, rounds: int = 3, device=None) -> float:
 class BlockSparseForward:
     """`forward` of a frozen masked nn.Linear while it is routed to the block-sparse kernel: y = x W^T + b over the
     weight's nonzero blocks. The layout is rebuilt whenever the weight changes, and F.linear runs when too few
-    blocks are empty. Self-contained (it reads its own module's weight), so a deep copy of the model stays right.
+    blocks are empty, or when the weight was made trainable by hand (the kernel gives it no gradient). A copy or a
+    pickle of the model holds the class's own forward (a plain model, loaded without frzcompile).
 
     A measured cost model picks the path, so that a frozen layer never runs slower than dense: for each kind of
     call (rows rounded up to a power of two, dtype, device, autocast) the first call times the kernel and F.linear
@@ -228,10 +229,20 @@ class BlockSparseForward:
     def __call__(self, input):
         from ..kernels.block_sparse_matmul import block_sparse_linear
 
+        if self.module.weight.requires_grad:  # made trainable by hand: the kernel gives the weight no gradient
+            return F.linear(input, self.module.weight, self.module.bias)
         layout = self.layout()
         if layout is None or self._path(input, layout) == "dense":
             return F.linear(input, self.module.weight, self.module.bias)
         return block_sparse_linear(input, layout, self.module.bias)
+
+    def __deepcopy__(self, memo):
+        copy_ = memo.get(id(self.module))  # a copy of the model is a plain model: the class's own forward
+        return type(copy_).forward.__get__(copy_) if copy_ is not None else self
+
+    def __reduce__(self):
+        # as the attach forward does: `torch.save(model)` loads where frzcompile is not installed
+        return getattr, (self.module, "forward")
 
     def _path(self, x, layout) -> str:
         from ..kernels.block_sparse_matmul import block_sparse_linear, eligibility
@@ -275,6 +286,7 @@ class SparseTraining(Service):
         self.optimizers = optimizers
         self.step = 0
         self.dense_grads: dict = {}  # RigL: dense gradients of masked weights, for the step before an update
+        self._state_masked = weakref.WeakSet()  # optimizers whose state was masked (_mask_state)
         self._record_dense = False
         self._grad_hooks: dict = {}  # name -> (weight, hook handle)
         self.routes: dict = {}       # name -> BlockSparseForward installed on its module
@@ -333,6 +345,17 @@ class SparseTraining(Service):
             for t in self.trainable().values():
                 if t.weight.grad is not None:
                     t.weight.grad.mul_(t.mask)
+            if optimizer not in self._state_masked:  # its first step under the masks: state from before optimize()
+                self._state_masked.add(optimizer)  # (dense warm-up steps) must not move masked weights or regrow
+                self._mask_state([optimizer], self.targets.values())  # into them (RigL)
+
+    @staticmethod
+    def _mask_state(optimizers, targets) -> None:
+        for opt in optimizers:
+            for t in targets:
+                for value in opt.state.get(t.weight, {}).values():
+                    if torch.is_tensor(value) and value.shape == t.weight.shape:
+                        value.mul_(t.mask)  # no momentum carried into pruned or regrown positions
 
     def on_optimizer_step(self, optimizer) -> None:
         self.enforce()  # whichever optimizer stepped, masked weights are zero again
@@ -482,10 +505,7 @@ class SparseTraining(Service):
             t = self.targets[name]
             t.mask.copy_(mask.to(t.mask.device))
             t.weight.mul_(t.mask)  # pruned weights are zero, and grown ones start from zero (RigL)
-            for opt in self.optimizers() or ():
-                for value in opt.state.get(t.weight, {}).values():
-                    if torch.is_tensor(value) and value.shape == t.weight.shape:
-                        value.mul_(t.mask)  # no momentum carried into pruned or regrown positions
+            self._mask_state(self.optimizers() or (), [t])
 
     @torch.no_grad()
     def enforce(self) -> None:
