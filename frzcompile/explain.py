@@ -59,6 +59,8 @@ class Explanation:
         self.model = type(fm.model).__name__
         self.capture_method = fm.capture_method
         self.capture_attempts = list(fm.analysis.captured.attempts)
+        self.released = fm.released
+        self.stale_graph = fm.analysis.stale
         self.policy = repr(fm.policy)
         self.policy_report = fm.policy.report() if hasattr(fm.policy, "report") else []
         self.loss_source = fm.loss_source()
@@ -94,7 +96,9 @@ class Explanation:
         self.builds = fm.analysis.builds
         self.build_seconds = fm.analysis.seconds
         self.plan_changes = list(plan.changes)
-        self.frozen_params = sum(p.numel() for p in plan.frozen_params())
+        frozen = plan.frozen_params()
+        self.frozen_params = sum(p.numel() for p in frozen if not p.requires_grad)
+        self.trained_by_hand = sum(p.numel() for p in frozen if p.requires_grad)  # requires_grad_(True) by hand
         self.eval_modules = sum(len(fm.unit_graph.units[u].modules) for u in fm.frozen)
         self.compiled = None
         if fm.compiled is not None:
@@ -130,9 +134,12 @@ class Explanation:
         if fm.frozen:
             lines.append(f"{_fmt_count(self.frozen_params)} frozen parameters: requires_grad=False, no gradient, "
                          f"no optimizer state; {self.eval_modules} modules of frozen units held in eval mode")
+            if self.trained_by_hand:
+                lines.append(f"{_fmt_count(self.trained_by_hand)} parameters of frozen units train: you set "
+                             "requires_grad_(True) on them by hand")
         if fm.frozen_prefix:
             lines.append(f"frozen prefix ({len(fm.frozen_prefix)} units) runs without autograd whenever no input "
-                         "to it requires grad")
+                         "to it requires grad" + (" and none of its parameters does" if self.trained_by_hand else ""))
             units = fm.unit_graph.units
             if any(torch_private.INPUT_REQUIRE_GRADS_HOOK in torch_private.call_hook_sources(m)
                    for u in fm.frozen_prefix for m in units[u].modules):
@@ -165,6 +172,12 @@ class Explanation:
 
     def __str__(self) -> str:
         lines = [f"frzcompile: {self.model} captured by {self.capture_method}"]
+        if self.released:
+            lines.append("RELEASED (fm.release()): this FrozenModule no longer acts on the model; what follows is "
+                         "its state when released (frozen parameters stay frozen, eval mode is no longer held)")
+        if self.stale_graph:
+            lines.append(f"the model's structure changed since optimize() (a submodule swapped): the FLOPs and graphs "
+                         f"describe it as {self.capture_method} captured it; optimize() it again for new ones")
         for method, why in self.capture_attempts:
             lines.append(f"  (tried {method} first; it cannot capture this model, which is common and harmless: "
                          f"{why})")

@@ -374,3 +374,41 @@ def test_torch_compiles_wrapper_is_refused_with_what_to_do():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(frzcompile.ConfigError, match="_orig_mod.*compile=True"):
         frzcompile.optimize(torch.compile(model), (torch.randn(2, 4),))
+
+
+def test_explain_after_a_head_swap_a_release_and_a_weight_trained_by_hand():
+    """After a head swap explain counted the old head's FLOPs (2,048 against 32,768) and fm.graph_module() called
+    it; after fm.release() nothing said so; a frozen weight made trainable by hand was counted as frozen."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 32), nn.ReLU()),
+                                         nn.Sequential(nn.Linear(32, 32), nn.ReLU())])
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model, x = M(), torch.randn(8, 16)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert fm.capture_method == "symbolic_trace"
+    fm.freeze("blocks.0")
+    frzcompile.explain(fm)  # FLOPs counted before the swap
+    fm.head = nn.Linear(32, 64)
+    fm(x)
+    with FlopCounterMode(display=False) as counter:
+        model.head(torch.randn(8, 32))
+    e = frzcompile.explain(fm)
+    assert {r["unit"]: r for r in e.rows}["head"]["flops"] == counter.get_total_flops() == 32768
+    assert fm.graph_module().head is model.head
+    torch.testing.assert_close(fm.graph_module()(x), model(x))
+    model.blocks[0][0].weight.requires_grad_(True)  # taken back by hand: it trains
+    text = str(frzcompile.explain(fm))
+    assert "; 32 frozen parameters: requires_grad=False" in text  # the bias
+    assert "; 512 parameters of frozen units train: you set requires_grad_(True) on them by hand" in text
+    fm.release()
+    assert "RELEASED" in str(frzcompile.explain(fm))

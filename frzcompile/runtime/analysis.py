@@ -33,10 +33,19 @@ class Analysis:
         self.last: PassContext | None = None
         self._plans: OrderedDict = OrderedDict()   # frozen set -> (GraphModule, PassContext)
         self._flops: dict | None = None
+        self.stale = False  # the graph describes the model as captured, before a structure change (explain says so)
 
-    def invalidate(self) -> None:
-        """Forget analysed plans (their decisions read weights that may have changed since)."""
+    def invalidate(self, structure_changed: bool = False) -> None:
+        """Forget analysed plans (their decisions read weights that may have changed since). After a structure
+        change (a head swapped), a graph that calls the model's modules by path (symbolic_trace's) calls the
+        current ones, and the FLOPs are counted again."""
         self._plans.clear()
+        if structure_changed:
+            self._flops = None
+            if self.captured.method == "symbolic_trace":
+                _rebind_targets(self.captured.gm, self.model)
+            else:  # export's and record's graphs hold the captured computation itself
+                self.stale = True
 
     def for_plan(self, frozen: frozenset, prefix: tuple, *, cache: bool, sparsity, token_layers=()) -> tuple:
         """(rewritten GraphModule, PassContext) for this plan, built on first use."""
@@ -99,6 +108,29 @@ class Analysis:
             unit = node_unit.get(name, OUTSIDE)
             per_unit[unit] = per_unit.get(unit, 0) + flops
         return per_unit
+
+
+def _rebind_targets(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """The graph's module and attribute targets set to what the model holds at those paths now."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        holder_path, _, name = node.target.rpartition(".")
+        try:
+            current = model.get_submodule(node.target) if node.op == "call_module" else \
+                getattr(model.get_submodule(holder_path), name)
+            holder = gm.get_submodule(holder_path)
+        except AttributeError:  # no longer in the model (or not a module path): left as captured
+            continue
+        if getattr(holder, name, None) is not current:
+            if isinstance(current, torch.nn.Module) or name in holder._modules:
+                holder._modules[name] = current
+            elif isinstance(current, torch.nn.Parameter) or name in holder._parameters:
+                holder._parameters[name] = current
+            elif name in holder._buffers:
+                holder._buffers[name] = current
+            else:
+                setattr(holder, name, current)
 
 
 class _FlopsPerNode(fx.Interpreter):

@@ -563,7 +563,7 @@ class FrozenModule(nn.Module):
         self.__dict__["_structure"] = structure
         self._plan.rebind(self._model, self.training)
         self._driver.update_parameters(self._model.parameters())
-        self._analysis.invalidate()
+        self._analysis.invalidate(structure_changed=True)
         self._policy.rebind(self._view)
         for service in self._services:
             service.on_structure_change()
