@@ -164,10 +164,12 @@ class Explanation:
                 lines.append(f"each layer's forward compiled on its own: {report['compiled_graphs']} graphs so far "
                              "(the kept-token count is a dynamic dimension; the trained layers a runtime flag, so "
                              "the others' weight gradients are computed and dropped)")
-        if self.cache is not None and self.cache["served_calls"]:
+        if self.cache is not None and self.cache["served_calls"] and self.cache["enabled"]:
             c = self.cache
-            lines.append(f"activation cache serves the outputs of {', '.join(c['served_calls'])} (for "
-                         f"{c['cacheable_signatures']} of the {c['signatures']} call signatures seen)")
+            # (per call signature: the decision printed with the cache is the last call's, which may differ)
+            lines.append(f"activation cache serves the outputs of {', '.join(c['served_calls'])} for calls of "
+                         f"{c['cacheable_signatures']} of the {c['signatures']} call signatures seen (the decision "
+                         "printed with the cache is the last call's)")
         return lines
 
     def __str__(self) -> str:
