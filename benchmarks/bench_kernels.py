@@ -64,7 +64,7 @@ def part_a(args, device):
             bsw = bsm.BlockSparseWeight.from_dense(w)
             assert bsm.eligibility(x, bsw) == (True, ""), bsm.eligibility(x, bsw)
             grad_x = partial(torch.ops.frzcompile.block_sparse_mm_grad, grad, bsw.blocks, bsw.col_ptr, bsw.row_idx,
-                             bsw.block_id, args.k)
+                             bsw.block_id, args.k, bsw.row_ptr, bsw.col_idx)
             cases = {"forward": (partial(torch.matmul, x, w.T), partial(bsm.block_sparse_linear, x, bsw)),
                      "grad_x": (partial(torch.matmul, grad, w), grad_x)}
             for name, (dense, sparse) in cases.items():

@@ -124,6 +124,23 @@ def test_block_sparse_matches_reference(interpret, dtype, tol, block, density):
     torch.testing.assert_close(bsm.block_sparse_linear(tall, bsw), F.linear(tall, w), atol=tol, rtol=tol)
 
 
+def test_block_sparse_double_backward(interpret):
+    """A gradient of the input gradient (a gradient penalty) through the kernel: its gradient op had no autograd
+    formula ("Trying to backward through frzcompile.block_sparse_mm_grad")."""
+    w = masked_weight(N, K, (16, 16), 0.5)
+    bsw = bsm.BlockSparseWeight.from_dense(w, block=(16, 16))
+    x = torch.randn(7, K, requires_grad=True)
+    penalties = []
+    for y in (bsm.block_sparse_linear(x, bsw), F.linear(x, w)):
+        (gx,) = torch.autograd.grad(y.tanh().sum(), x, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), x)
+        penalties.append((gx, ggx))
+    assert interpret.counts["block_sparse_linear", "triton"] >= 1
+    for got, want in zip(*penalties):  # (fp32 sums in another order, relative to the largest value)
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
+    assert penalties[0][1].abs().sum() > 0
+
+
 def test_block_sparse_reads_a_strided_bias_and_refuses_no_input_features(interpret):
     w = masked_weight(N, K, (16, 16), 0.5)
     bsw = bsm.BlockSparseWeight.from_dense(w, block=(16, 16))

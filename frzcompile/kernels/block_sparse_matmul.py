@@ -215,23 +215,39 @@ if triton is not None:
 
     @torch.library.triton_op("frzcompile::block_sparse_mm_grad", mutates_args=())
     def _block_sparse_mm_grad(grad: torch.Tensor, blocks: torch.Tensor, col_ptr: torch.Tensor,
-                              row_idx: torch.Tensor, block_id: torch.Tensor, in_features: int) -> torch.Tensor:
-        """grad (M, N) -> grad @ W, (M, K)."""
+                              row_idx: torch.Tensor, block_id: torch.Tensor, in_features: int,
+                              row_ptr: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
+        """grad (M, N) -> grad @ W, (M, K). The CSR index (row_ptr, col_idx) is for its own backward (double
+        backward: a gradient of the input gradient)."""
         return _launch(grad.contiguous(), blocks, col_ptr, row_idx, block_id, None, in_features, forward=False)
 
     def _setup_context(ctx, inputs, output):
-        x, blocks, _, _, col_ptr, row_idx, block_id, _, _ = inputs
-        ctx.save_for_backward(blocks, col_ptr, row_idx, block_id)
+        x, blocks, row_ptr, col_idx, col_ptr, row_idx, block_id, _, _ = inputs
+        ctx.save_for_backward(blocks, row_ptr, col_idx, col_ptr, row_idx, block_id)
         ctx.in_features = x.shape[1]
 
     def _backward(ctx, grad):
-        blocks, col_ptr, row_idx, block_id = ctx.saved_tensors
+        blocks, row_ptr, col_idx, col_ptr, row_idx, block_id = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.frzcompile.block_sparse_mm_grad(grad, blocks, col_ptr, row_idx, block_id,
-                                                               ctx.in_features)
+                                                               ctx.in_features, row_ptr, col_idx)
         if ctx.needs_input_grad[7]:
             grad_bias = grad.sum(0)
         return grad_x, None, None, None, None, None, None, grad_bias, None
 
     _block_sparse_mm.register_autograd(_backward, setup_context=_setup_context)
+
+    def _setup_grad_context(ctx, inputs, output):
+        grad, blocks, col_ptr, row_idx, block_id, _, row_ptr, col_idx = inputs
+        ctx.save_for_backward(blocks, row_ptr, col_idx, col_ptr, row_idx, block_id)
+        ctx.out_features = grad.shape[1]
+
+    def _grad_backward(ctx, gg):
+        """The input gradient grad @ W is linear in grad: its gradient is gg @ W.T, the forward op."""
+        blocks, row_ptr, col_idx, col_ptr, row_idx, block_id = ctx.saved_tensors
+        grad_grad = torch.ops.frzcompile.block_sparse_mm(gg, blocks, row_ptr, col_idx, col_ptr, row_idx, block_id,
+                                                         None, ctx.out_features) if ctx.needs_input_grad[0] else None
+        return grad_grad, None, None, None, None, None, None, None
+
+    _block_sparse_mm_grad.register_autograd(_grad_backward, setup_context=_setup_grad_context)
