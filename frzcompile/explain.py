@@ -1,6 +1,8 @@
 """`frzcompile.explain(fm)`: what was captured, the units, the plan, what the passes decided, and what runs."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import backend, torch_private
@@ -268,7 +270,9 @@ class Explanation:
             lines.append(f"  step {step}: {reason} -> frozen {list(frozen) or 'nothing'}")
         if self.compiled is not None:
             lines.append(str(self.compiled))
-        lines.append("graph dumps: set FRZ_DEBUG=<folder> to write every graph before and after each pass")
+        folder = os.environ.get("FRZ_DEBUG")
+        lines.append(f"graph dumps: written to {folder} at each plan's first analysis" if folder else
+                     "graph dumps: set FRZ_DEBUG=<folder> to write every graph before and after each pass")
         return "\n".join(lines)
 
     __repr__ = __str__
