@@ -153,6 +153,11 @@ class Policy:
     def decide(self, view: TrainingView):
         return None
 
+    @property
+    def _lazy(self) -> int:
+        """How many of a unit's newest windows may wait to be judged."""
+        return min(self.votes, LAZY_WINDOWS)
+
     def _judge(self, count: dict) -> None:
         """The predictor on the oldest `count[u]` unjudged windows of each unit, oldest first (a window `back`
         decisions old ends `back` snapshots before the newest), counted into the unit's votes."""
@@ -346,7 +351,6 @@ class SmartFRZ(Policy):
         self._snapshots: dict = {}
         self._votes: dict = {}       # judged unit -> consecutive decisions whose probability was above threshold
         self._unjudged: dict = {}    # judged unit -> its newest windows not yet given to the predictor
-        self._lazy = min(self.votes, LAZY_WINDOWS)
         self.last_probabilities: dict = {}
 
     def bind(self, view):
@@ -393,7 +397,7 @@ class SmartFRZ(Policy):
         for u, sample in view.weight_samples({u: self._indices[u] for u in candidates}).items():
             history = self._snapshots.setdefault(u, [])
             history.append(sample)
-            del history[: -(self._window + self._lazy - 1)]  # (the windows waiting to be judged)
+            del history[: -(self._window + self._lazy)]  # (the windows waiting to be judged, and one for the backlog)
         ready = [u for u in candidates if len(self._snapshots[u]) >= self._window]
         if self.prefix_only and self.safeguard is not None and \
                 self.safeguard.min_gap >= self.interval * self.votes:

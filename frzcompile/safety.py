@@ -95,6 +95,7 @@ class Safeguard:
         self.held: dict = {}           # unit -> step until which it may not freeze again
         self.events: list = []         # (step, text), newest last
         self.blocked = ""              # why the last candidate was held back ('' if none was)
+        self._logged = ""              # the last hold-back reason logged (each kind once in a row)
         self.frozen_at_lr: dict = {}   # unit -> its learning rate when it froze (rule 4)
         self.last_lr: dict = {}        # frozen unit -> its learning rate at the last review
 
@@ -252,7 +253,7 @@ class Safeguard:
         ok, why = self.learning_slowed_steadily(losses)
         if not ok:
             return self._hold(frozen, step, why)
-        self.blocked = ""
+        self.blocked = self._logged = ""
         self.last_freeze = step
         before = self._level(losses)
         rates = view.learning_rates(sorted(new)) if hasattr(view, "learning_rates") else {}
@@ -265,9 +266,9 @@ class Safeguard:
         return proposed
 
     def _hold(self, frozen: set, step: int, why: str) -> set:
-        if why.split(":")[0] != self.blocked.split(":")[0]:  # log a kind of reason once, not every decision
+        if why.split(":")[0] != self._logged.split(":")[0]:  # log a kind of reason once, not every decision
             self.events.append((step, f"held back: {why}"))
-        self.blocked = why
+        self.blocked = self._logged = why
         del self.events[:-MAX_EVENTS]
         return set(frozen)
 

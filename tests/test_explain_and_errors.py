@@ -412,3 +412,34 @@ def test_explain_after_a_head_swap_a_release_and_a_weight_trained_by_hand():
     assert "; 512 parameters of frozen units train: you set requires_grad_(True) on them by hand" in text
     fm.release()
     assert "RELEASED" in str(frzcompile.explain(fm))
+
+
+def test_a_swap_rebinds_the_graph_without_touching_the_users_modules():
+    """The re-binding after a swap wrote the new head's weight into the old head object (a forward that reads
+    `self.head.weight` before calling `self.head`), and a block the graph traced through, swapped for another
+    structure, went unremarked while fm.graph_module() computed the old one."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(16, 32)
+            self.block = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            x = x.to(self.head.weight.dtype)
+            return self.head(self.block(self.stem(x)))
+
+    torch.manual_seed(0)
+    model, x = M(), torch.randn(8, 16)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("stem")
+    old_head, old_weight = model.head, model.head.weight
+    model.head = nn.Linear(32, 4)
+    fm(x)
+    assert old_head.weight is old_weight and fm.graph_module().head is model.head
+    torch.testing.assert_close(fm.graph_module()(x), model(x))
+    assert "structure changed" not in str(frzcompile.explain(fm))  # a leaf swapped: the graph calls the new one
+    model.block = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh())
+    fm(x)
+    assert "structure changed since optimize()" in str(frzcompile.explain(fm))

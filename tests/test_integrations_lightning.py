@@ -149,3 +149,9 @@ def test_the_default_total_steps_is_in_frzcompiles_steps_under_manual_optimizati
     auto = FreezeCallback(policy="linear", module="model")
     fit(Classifier(call_self=False), auto, max_steps=8, enable_checkpointing=False)
     assert cb.fm.frozen == auto.fm.frozen and len(cb.fm.frozen) == 4  # all but the head
+    # bounded by epochs, the estimate counts batches, which are frzcompile's steps already: left as it is
+    by_epochs = FreezeCallback(policy="linear", module="model")
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[by_epochs])
+    trainer.fit(TwoOptimizers(), loader())
+    assert by_epochs.fm.step_count == by_epochs.fm.total_steps == 20 and trainer.global_step == 40

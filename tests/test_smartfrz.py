@@ -218,7 +218,7 @@ def test_policy_cost_is_bounded():
     # unit never freezes, so it is never read
     assert view.samples == (len(kinds) - 1) * (1000 // 10)
     # (a window for each of the last `votes` decisions: judged only when a freeze could follow)
-    assert all(len(h) == WINDOW + policy.votes - 1 and h[0].numel() == SAMPLE_SIZE for h in policy._snapshots.values())
+    assert all(len(h) == WINDOW + policy.votes and h[0].numel() == SAMPLE_SIZE for h in policy._snapshots.values())
 
 
 def test_state_round_trip_and_default_policy():
@@ -231,6 +231,21 @@ def test_state_round_trip_and_default_policy():
     assert all(torch.equal(torch.stack(q._snapshots[u]), torch.stack(p._snapshots[u])) for u in p._snapshots)
     fm = frzcompile.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
     assert fm.policy.name == "smartfrz"
+
+
+def test_more_votes_than_windows_kept_waiting():
+    """With votes above LAZY_WINDOWS the oldest waiting window is judged as a new one comes (the history keeps one
+    more for it: with 9 votes the window it needed was cut, and the policy failed at step 380)."""
+    from frzcompile.policies import LAZY_WINDOWS
+
+    class Late(SyntheticView):  # the rules hold every freeze back until the loss stops falling (step 500)
+        def losses(self):
+            return [2.0 * 0.995 ** min(i, 500) for i in range(self.step)]
+
+    kinds = {"a": "settled", "b": "moving", "head": "moving"}
+    policy = SmartFRZ(interval=10, votes=LAZY_WINDOWS + 1, predictor=ScaleRule())
+    frozen = _run(policy, Late(kinds), 1200)
+    assert frozen == ("a",)
 
 
 def test_bad_options():

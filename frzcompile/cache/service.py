@@ -1273,7 +1273,7 @@ class ActivationCache(Service):
             flat = tree_flatten((tuple(args), dict(kwargs)))
             why = self._off_for_every_call(prefix) or self._step_aside(prefix, flat[0])
             sig = Signature.of(args, kwargs, training, flat).with_state(self._modules(prefix).state.digest())
-            if why or sig.unsupported or not sig.batch:
+            if why or sig.unsupported or sig.batch < 2:  # (a batch of one is never served: ONE_SAMPLE)
                 continue
             plan = self.plans.get((prefix, sig.digest))
             if plan is None or plan.state != sig.state:

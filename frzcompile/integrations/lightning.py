@@ -58,7 +58,10 @@ class FreezeCallback(Callback):
             if out.get("total_steps") is None:
                 steps = trainer.estimated_stepping_batches
                 if isinstance(steps, int) and steps > 0:
-                    out["total_steps"] = self._estimated = steps
+                    out["total_steps"] = steps
+                    # bounded by max_steps, the estimate counts optimizer steps (global_step); by epochs, batches
+                    if trainer.max_steps is not None and trainer.max_steps > 0 and steps == trainer.max_steps:
+                        self._estimated = steps
             return out
 
         def ready(fm):
@@ -76,14 +79,16 @@ class FreezeCallback(Callback):
             self._loaded = None
 
     def _steps_in_frzcompiles_count(self, trainer) -> None:
-        """After the first batch: Lightning's global_step counts every optimizer step, frzcompile one per
-        iteration (optimizers stepping one after another count once), so under manual optimization with two
-        optimizers the estimated stepping batches are twice frzcompile's steps: the default total_steps is
-        converted (a linear ramp reached only half way, otherwise)."""
-        (global_start, start), self._mark = self._mark, None
+        """After the first batch that stepped: Lightning's global_step counts every optimizer step, frzcompile one
+        per iteration (optimizers stepping one after another count once), so under manual optimization with two
+        optimizers a run bounded by max_steps has twice frzcompile's steps: the default total_steps is converted
+        (a linear ramp reached only half way, otherwise)."""
+        global_start, start = self._mark
         lightning, ours = trainer.global_step - global_start, self.fm.step_count - start
-        if lightning > 0 and ours > 0 and lightning != ours:
-            self.fm.__dict__["_total_steps"] = max(1, round(self._estimated * ours / lightning))
+        if lightning > 0 and ours > 0:  # (a batch that stepped no optimizer, accumulating: wait for one that did)
+            self._mark = None
+            if lightning != ours:
+                self.fm.__dict__["_total_steps"] = max(1, round(self._estimated * ours / lightning))
 
     def on_before_backward(self, trainer, pl_module, loss):
         if self.fm is not None:

@@ -34,6 +34,7 @@ class Analysis:
         self._plans: OrderedDict = OrderedDict()   # frozen set -> (GraphModule, PassContext)
         self._flops: dict | None = None
         self.stale = False  # the graph describes the model as captured, before a structure change (explain says so)
+        self._traced = _traced_through(captured.gm, model) if captured.method == "symbolic_trace" else {}
 
     def invalidate(self, structure_changed: bool = False) -> None:
         """Forget analysed plans (their decisions read weights that may have changed since). After a structure
@@ -43,7 +44,7 @@ class Analysis:
         if structure_changed:
             self._flops = None
             if self.captured.method == "symbolic_trace":
-                _rebind_targets(self.captured.gm, self.model)
+                self.stale |= _rebind_targets(self.captured.gm, self.model, self._traced)
             else:  # export's and record's graphs hold the captured computation itself
                 self.stale = True
 
@@ -110,27 +111,51 @@ class Analysis:
         return per_unit
 
 
-def _rebind_targets(gm: fx.GraphModule, model: torch.nn.Module) -> None:
-    """The graph's module and attribute targets set to what the model holds at those paths now."""
+def _traced_through(gm: fx.GraphModule, model: torch.nn.Module) -> dict:
+    """path -> id of the model's module there, for the modules a symbolic_trace graph traced through (their forward
+    is in the graph, their children are called by path): fx holds a plain container in their place."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = node.target.split(".")
+            for i in range(1, len(parts)):
+                prefix = ".".join(parts[:i])
+                if type(gm.get_submodule(prefix)) is torch.nn.Module:
+                    try:
+                        out[prefix] = id(model.get_submodule(prefix))
+                    except AttributeError:
+                        pass
+    return out
+
+
+def _rebind_targets(gm: fx.GraphModule, model: torch.nn.Module, traced: dict) -> bool:
+    """The graph's module and attribute targets re-pointed to what the model holds at those paths now, writing only
+    into the GraphModule and the plain containers fx made for it (never into a module of the user's, the replaced
+    one included). Returns whether a module the graph traced through (`traced`, from `_traced_through`) was
+    replaced: the graph then no longer describes its forward."""
+    stale = False
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "get_attr"):
             continue
-        holder_path, _, name = node.target.rpartition(".")
-        try:
-            current = model.get_submodule(node.target) if node.op == "call_module" else \
-                getattr(model.get_submodule(holder_path), name)
-            holder = gm.get_submodule(holder_path)
-        except AttributeError:  # no longer in the model (or not a module path): left as captured
-            continue
-        if getattr(holder, name, None) is not current:
-            if isinstance(current, torch.nn.Module) or name in holder._modules:
-                holder._modules[name] = current
-            elif isinstance(current, torch.nn.Parameter) or name in holder._parameters:
-                holder._parameters[name] = current
-            elif name in holder._buffers:
-                holder._buffers[name] = current
-            else:
+        holder, current, path = gm, model, []
+        for name in node.target.split("."):
+            path.append(name)
+            current = getattr(current, name, None)
+            mine = getattr(holder, name, None)
+            if current is None or mine is current:
+                break  # (gone from the model: left as captured)
+            if type(mine) is torch.nn.Module and isinstance(current, torch.nn.Module):
+                holder = mine  # one of fx's own containers: the targets below it are compared one by one
+                stale |= id(current) != traced.get(".".join(path), id(current))
+                continue
+            for held in (holder._modules, holder._parameters, holder._buffers):
+                held.pop(name, None)
+            if isinstance(current, (torch.nn.Module, torch.nn.Parameter)) or not isinstance(current, torch.Tensor):
                 setattr(holder, name, current)
+            else:
+                holder.register_buffer(name, current)
+            break
+    return stale
 
 
 class _FlopsPerNode(fx.Interpreter):

@@ -90,17 +90,22 @@ def token_order_problem(layer: nn.Module) -> str:
     attention (a module's `is_causal` or `is_decoder`, as Hugging Face's attention classes set them): the first
     token attends only
     to itself, so it ranks nothing (GPT-Neo and XGLM take no other tensor per token, and trained on tokens
-    dropped at random). Windowed attention (a `window_size`, Swin's): the layer folds its tokens into a grid of
-    windows, which a subset cannot fill (it failed inside the model)."""
+    dropped at random). Windowed attention (Swin's, with a `shift_size`): the layer folds its tokens into a grid of
+    windows, which a subset cannot fill (it failed inside the model); a relative position bias table (BEiT's)
+    indexes the whole grid likewise."""
     for name, m in layer.named_modules():
         where = f"{type(m).__name__}{' (' + name + ')' if name else ''}"
         causal = next((a for a in ("is_causal", "is_decoder") if vars(m).get(a) is True), None)
         if causal:
             return (f"its attention is causal ({where}.{causal}): the first token attends only to itself, so there "
                     "is no class token whose attention ranks the others")
-        if vars(m).get("window_size") not in (None, 0):
-            return (f"its attention is windowed ({where}.window_size): the layer folds its tokens into a grid of "
+        if "shift_size" in vars(m):
+            return (f"its attention is windowed ({where}.shift_size): the layer folds its tokens into a grid of "
                     "windows, which a subset of them cannot fill")
+    for name, m in layer.named_modules():
+        if "relative_position_bias_table" in m._parameters:
+            return (f"its attention adds a relative position bias over the whole grid of tokens "
+                    f"({type(m).__name__}.relative_position_bias_table), which a subset cannot index")
     return ""
 
 
@@ -147,8 +152,8 @@ class _TokenForward:
         copy_ = memo.get(id(self._layer()))
         return type(copy_).forward.__get__(copy_) if copy_ is not None else None
 
-    def __reduce__(self):
-        return (_plain_forward, (self._layer(),))
+    def __reduce__(self):  # the class's own forward, looked up when unpickled: loads without frzcompile
+        return getattr, (self._layer(), "forward")
 
 
 def _release(handles, modules, plan, params) -> None:
