@@ -12,8 +12,9 @@ parameter thawed later is never all-reduced again. This wrapper
   - makes every replica follow rank 0's plan: before each training call that starts a new step, rank 0's target
     plan (its pending policy decision, or its current plan) is broadcast, a few bytes, so replicas never diverge
     even if a policy saw different numbers on different ranks (a policy's decision waits for that agreement, even
-    when `fm.frozen` is read first). Call a manual `fm.freeze`/`fm.unfreeze` on every rank: it acts at once, and
-    a freeze made on one rank alone is undone at the next step, but the optimizer state it dropped is gone;
+    when `fm.frozen` is read first). Call a manual `fm.freeze`/`fm.unfreeze` on every rank: it acts at once; one
+    made on rank 0 alone is followed by the others at the next step, one made on another rank alone stays
+    there (a freeze by hand is kept against any plan), the trainable sets differ, and gloo aborts in backward;
   - drops the gradients pending at a freeze (one between `backward()` and `opt.step()`): under `no_sync()` they
     are a rank's own, not all-reduced yet (a single process applies them in that step);
   - passes `find_unused_parameters` on: frozen parameters need it not (they are in no bucket), a parameter your
@@ -23,6 +24,8 @@ parameter thawed later is never all-reduced again. This wrapper
     registered through `register_comm_hook`. Frozen parameters are in no bucket: no bytes, no hook, no wait.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -68,9 +71,12 @@ class DistributedDataParallel(nn.Module):
 
     def _build(self, init_sync: bool) -> None:
         state = self.__dict__
+        old = state.get("ddp")
+        sync = old.require_backward_grad_sync if old is not None else True  # (inside no_sync(): stays off)
         state["ddp"] = None  # the old reducer (and its autograd hooks) goes before the new one is made
         kwargs = dict(self._kwargs, init_sync=init_sync)
         state["ddp"] = torch.nn.parallel.DistributedDataParallel(self.fm, **kwargs)
+        state["ddp"].require_backward_grad_sync = sync
         if self._comm_hook is not None:
             make_state, hook = self._comm_hook
             self.ddp.register_comm_hook(make_state(), hook)
@@ -113,5 +119,13 @@ class DistributedDataParallel(nn.Module):
         self.__dict__["_comm_hook"] = (make_state, hook)
         self.ddp.register_comm_hook(make_state(), hook)
 
+    @contextlib.contextmanager
     def no_sync(self):
-        return self.ddp.no_sync()
+        """torch's `no_sync()`, on whichever inner DDP there is when it ends: a plan change inside it rebuilds the
+        inner DDP, which keeps the flag (`_build`), and is the one given the flag back here."""
+        was = self.ddp.require_backward_grad_sync
+        self.ddp.require_backward_grad_sync = False
+        try:
+            yield
+        finally:
+            self.ddp.require_backward_grad_sync = was

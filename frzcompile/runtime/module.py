@@ -641,6 +641,9 @@ class FrozenModule(nn.Module):
             "trainable": {n: self._plan.trainable_by_default(p) for u in self.frozen
                           for n, p in zip(self.unit_graph.units[u].param_names, self.unit_graph.units[u].params)},
             "step": self._step,
+            # a decision not applied yet (under a distributed wrapper, until the ranks agree at the next call): the
+            # policy has spent it, so a resumed run must apply it as the uninterrupted one does
+            "pending": sorted(self.__dict__["_pending"]) if self.__dict__.get("_pending") is not None else None,
             "policy": {"name": self._policy.name, "state": self._policy.state_dict()},
             "losses": self._loss.state_dict(),
             "sparsity": self.sparsity.state_dict() if self.sparsity is not None else None,
@@ -683,6 +686,8 @@ class FrozenModule(nn.Module):
                 if n in trainable:
                     self._plan.set_trainable_by_default(p, trainable[n], name=n)
         self._plan.since = {u: int(s) for u, s in state["since"].items()}
+        if state.get("pending") is not None:  # (saved since distributed runs kept it)
+            self.__dict__["_pending"] = frozenset(state["pending"])
 
     # -- attributes fall through to the model ---------------------------------------------------------------
     def __getattr__(self, name):
