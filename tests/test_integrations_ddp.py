@@ -73,22 +73,36 @@ def worker(rank, world, folder, other_ranks):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         # other ranks decide the same, nothing ("rank0_only": rank 0's plan reaches them), or something else
         # ("elsewhere", with fm.frozen read after every step, as logging does): rank 0's plan is what applies
-        policy = Schedule() if rank == 0 or other_ranks == "same" else \
+        policy = Schedule() if rank == 0 or other_ranks in ("same", "no_sync") else \
             "manual" if other_ranks == "rank0_only" else Elsewhere()
         fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=policy)
         ddp = DistributedDataParallel(fm)
-        sent = {}
+        sent, inside, accumulating = {}, [], [False]
 
         def counting_hook(state, bucket):
             step = fm.step_count
             sent[step] = sent.get(step, 0) + bucket.buffer().numel() * bucket.buffer().element_size()
+            inside.extend([step] if accumulating[0] else [])
             return default_hooks.allreduce_hook(None, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
-        train(ddp, opt, rank, world, after_step=lambda: fm.frozen)
+        if other_ranks == "no_sync":  # two micro-batches a step, the first under no_sync() (plan changes in it)
+            for x, y in batches():
+                part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+                x, y = x[part], y[part]
+                half = len(x) // 2
+                with ddp.no_sync():
+                    accumulating[0] = True
+                    (nn.functional.cross_entropy(ddp(x[:half]), y[:half]) / 2).backward()
+                    accumulating[0] = False
+                (nn.functional.cross_entropy(ddp(x[half:]), y[half:]) / 2).backward()
+                opt.step()
+                opt.zero_grad()
+        else:
+            train(ddp, opt, rank, world, after_step=lambda: fm.frozen)
         if rank == 0:
-            torch.save({"weights": model.state_dict(), "sent": sent, "frozen": fm.frozen, "rebuilds": ddp.rebuilds},
-                       f"{folder}/result.pt")
+            torch.save({"weights": model.state_dict(), "sent": sent, "frozen": fm.frozen, "rebuilds": ddp.rebuilds,
+                        "inside": inside}, f"{folder}/result.pt")
         finish()
     except BaseException:
         with open(f"{folder}/error-{rank}.txt", "w") as f:
@@ -177,6 +191,15 @@ def fsdp_worker(rank, world, folder, shard_first):
         with open(f"{folder}/error-{rank}.txt", "w") as f:
             f.write(traceback.format_exc())
         raise
+
+
+def test_no_sync_accumulation_across_plan_changes(tmp_path):
+    """Gradient accumulation with no_sync() while plans change (the inner DDP is rebuilt in a no_sync forward):
+    nothing is all-reduced inside no_sync() (the first micro-batch after a change was), every step is synced after
+    it, and training equals one process on the global batches."""
+    result = run_two(tmp_path, worker, "no_sync")
+    assert result["inside"] == [] and result["rebuilds"] == 2
+    assert_equal_to_one_process(result)
 
 
 def test_fsdp2_fully_shard_after_optimize(tmp_path):
