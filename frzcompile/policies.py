@@ -153,33 +153,6 @@ class Policy:
     def decide(self, view: TrainingView):
         return None
 
-    @property
-    def _lazy(self) -> int:
-        """How many of a unit's newest windows may wait to be judged."""
-        return min(self.votes, LAZY_WINDOWS)
-
-    def _judge(self, count: dict) -> None:
-        """The predictor on the oldest `count[u]` unjudged windows of each unit, oldest first (a window `back`
-        decisions old ends `back` snapshots before the newest), counted into the unit's votes."""
-        keys, by_size = [], {}  # windows of as many sampled weights are featurised as one batch
-        for u, n in count.items():
-            history, waiting = self._snapshots[u], self._unjudged[u]
-            for back in range(waiting - 1, waiting - 1 - n, -1):
-                window = history[len(history) - self._window - back:len(history) - back]
-                by_size.setdefault(len(self._indices[u]), []).append(((u, back), torch.stack(window)))
-        order = [key for group in by_size.values() for key, _ in group]
-        feats = [window_features(torch.stack([w for _, w in group])) for group in by_size.values()]
-        with torch.no_grad():
-            logits = self._predictor(torch.cat([t for t, _ in feats]), torch.cat([s for _, s in feats]))
-        probs = dict(zip(order, torch.sigmoid(logits).tolist()))
-        for u, n in count.items():
-            for back in range(self._unjudged[u] - 1, self._unjudged[u] - 1 - n, -1):
-                self._votes[u] = self._votes[u] + 1 if probs[(u, back)] > self.threshold else 0
-            self._unjudged[u] -= n
-            if not self._unjudged[u]:
-                self.last_probabilities[u] = probs[(u, 0)]
-        self.last_probabilities = {u: p for u, p in self.last_probabilities.items() if u in self._votes}
-
     def on_user_freeze(self, units) -> None:
         """Units the user froze with `fm.freeze` (maybe ones the policy had frozen already): they are the user's
         now (the FrozenModule keeps them frozen whatever a plan says; a policy may forget them)."""
@@ -445,6 +418,33 @@ class SmartFRZ(Policy):
             why = ", ".join(f"{u} p={self.last_probabilities[u]:.2f} x{self._votes[u]}" for u in judged)
             new = self.safeguard.admit(view, frozen, new, f"predictor says converged ({why})")
         return new if new != frozen else None
+
+    @property
+    def _lazy(self) -> int:
+        """How many of a unit's newest windows may wait to be judged."""
+        return min(self.votes, LAZY_WINDOWS)
+
+    def _judge(self, count: dict) -> None:
+        """The predictor on the oldest `count[u]` unjudged windows of each unit, oldest first (a window `back`
+        decisions old ends `back` snapshots before the newest), counted into the unit's votes."""
+        by_size: dict = {}  # windows of as many sampled weights are featurised as one batch
+        for u, n in count.items():
+            history, waiting = self._snapshots[u], self._unjudged[u]
+            for back in range(waiting - 1, waiting - 1 - n, -1):
+                window = history[len(history) - self._window - back:len(history) - back]
+                by_size.setdefault(len(self._indices[u]), []).append(((u, back), torch.stack(window)))
+        order = [key for group in by_size.values() for key, _ in group]
+        feats = [window_features(torch.stack([w for _, w in group])) for group in by_size.values()]
+        with torch.no_grad():
+            logits = self._predictor(torch.cat([t for t, _ in feats]), torch.cat([s for _, s in feats]))
+        probs = dict(zip(order, torch.sigmoid(logits).tolist()))
+        for u, n in count.items():
+            for back in range(self._unjudged[u] - 1, self._unjudged[u] - 1 - n, -1):
+                self._votes[u] = self._votes[u] + 1 if probs[(u, back)] > self.threshold else 0
+            self._unjudged[u] -= n
+            if not self._unjudged[u]:
+                self.last_probabilities[u] = probs[(u, 0)]
+        self.last_probabilities = {u: p for u, p in self.last_probabilities.items() if u in self._votes}
 
     def on_user_freeze(self, units) -> None:
         if self.safeguard is not None:  # (no rollback or decay judges them)
