@@ -88,9 +88,8 @@ def find_attention(layer: nn.Module, model: nn.Module):
 def token_order_problem(layer: nn.Module) -> str:
     """Why a layer's tokens cannot be ranked by the first token's attention or run on a subset, or ''. Causal
     attention (a module's `is_causal` or `is_decoder`, as Hugging Face's attention classes set them): the first
-    token attends only
-    to itself, so it ranks nothing (GPT-Neo and XGLM take no other tensor per token, and trained on tokens
-    dropped at random). Windowed attention (Swin's, with a `shift_size`): the layer folds its tokens into a grid of
+    token attends only to itself, so it ranks nothing (GPT-Neo and XGLM take no other tensor per token, and
+    trained on tokens dropped at random). Windowed attention (Swin's, with a `shift_size`): the layer folds its tokens into a grid of
     windows, which a subset cannot fill (it failed inside the model); a relative position bias table (BEiT's)
     indexes the whole grid likewise."""
     for name, m in layer.named_modules():
@@ -197,9 +196,8 @@ class LayerBudgets(Service):
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
         self._warned_unsafe = False
-        problem = next((f"layer {n}: {why}" for n in names
-                        if (why := token_order_problem(unit_graph.units[n].roots[0])) and
-                        len(unit_graph.units[n].roots) == 1), "")
+        problem = next((f"layer {n}: {why}" for n in names if len(unit_graph.units[n].roots) == 1 and
+                        (why := token_order_problem(unit_graph.units[n].roots[0]))), "")
         if problem:
             raise ConfigError(f"policy='alast' cannot drop tokens in this model's layers ({problem}). ALaST is for "
                               "encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for other models use "
