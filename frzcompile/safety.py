@@ -55,6 +55,11 @@ def _known(losses, count: int, from_end: bool, end: int | None = None) -> list:
     return out[::-1] if from_end else out
 
 
+def _kind(why: str) -> str:
+    """A hold-back reason without its numbers ("... fewer than 60 steps (10 steps ago: ...)" is one kind)."""
+    return why.split(":")[0].split(" (")[0]
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else float("nan")
@@ -266,7 +271,7 @@ class Safeguard:
         return proposed
 
     def _hold(self, frozen: set, step: int, why: str) -> set:
-        if why.split(":")[0] != self._logged.split(":")[0]:  # log a kind of reason once, not every decision
+        if _kind(why) != _kind(self._logged):  # log a kind of reason once, not every decision
             self.events.append((step, f"held back: {why}"))
         self.blocked = self._logged = why
         del self.events[:-MAX_EVENTS]

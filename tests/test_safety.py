@@ -453,3 +453,14 @@ def test_dict_outputs_use_the_output_that_gets_a_gradient_and_no_loss_warns():
             with torch.no_grad():
                 fm2(x)
             fm2.step()
+
+
+def test_a_kind_of_hold_back_is_logged_once_in_a_row():
+    """The quickstart's explain listed the same hold-back five decisions in a row, its text differing only in
+    how many steps ago the rules last failed."""
+    guard = Safeguard()
+    for step, back in ((650, 10), (660, 20), (670, 30)):
+        guard._hold(set(), step, f"the loss rules have held for fewer than 60 steps ({back} steps ago: the loss is "
+                                 "still improving)")
+    guard._hold(set(), 680, "the loss is still improving: 5% of its whole drop")
+    assert [s for s, _ in guard.events] == [650, 680]
