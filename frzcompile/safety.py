@@ -230,6 +230,10 @@ class Safeguard:
     def closed(self, view, frozen: set) -> bool:
         """Rules 1 and 2 for any unit, before a policy spends time judging one: whether no freeze can be admitted
         now (the gap since the last freeze, the loss rules); the reason is kept as a hold-back."""
+        return self._gap_or_loss_holds(view, frozen)
+
+    def _gap_or_loss_holds(self, view, frozen: set) -> bool:
+        """Rule 2's gap and rule 1, for `closed` and `admit` (a policy may override `closed`, not what admit reads)."""
         step = view.step
         if self.last_freeze is not None and step - self.last_freeze < self.min_gap:
             self._hold(frozen, step, f"{self.min_gap} steps between freezes (last at step {self.last_freeze})")
@@ -251,16 +255,11 @@ class Safeguard:
         if held:
             return self._hold(frozen, step, f"{', '.join(held)} held back after a rollback (until step "
                                             f"{max(self.held[u] for u in held)})")
-        if self.last_freeze is not None and step - self.last_freeze < self.min_gap:
-            return self._hold(frozen, step, f"{self.min_gap} steps between freezes (last at step "
-                                            f"{self.last_freeze})")
-        losses = view.losses()
-        ok, why = self.learning_slowed_steadily(losses)
-        if not ok:
-            return self._hold(frozen, step, why)
+        if self._gap_or_loss_holds(view, frozen):
+            return set(frozen)
         self.blocked = self._logged = ""
         self.last_freeze = step
-        before = self._level(losses)
+        before = self._level(view.losses())
         rates = view.learning_rates(sorted(new)) if hasattr(view, "learning_rates") else {}
         for unit in sorted(new):
             self.watching.append([unit, step, before])
