@@ -95,7 +95,7 @@ class AttachedForward:
     def __deepcopy__(self, memo):
         model = self._model()
         copy_ = memo.get(id(model)) if model is not None else None
-        return _plain_forward(copy_) if copy_ is not None else self.original
+        return plain_forward(copy_) if copy_ is not None else self.original
 
     def __reduce__(self):
         # the class's forward bound to the model, unpickled without frzcompile (the instance's attributes are not
@@ -103,8 +103,10 @@ class AttachedForward:
         return getattr, (self._model(), "forward")
 
 
-def _plain_forward(model):
-    return type(model).forward.__get__(model)
+def plain_forward(module):
+    """The module's class's own forward, bound to it (what a copy of a module whose forward frzcompile replaced
+    gets: a plain module)."""
+    return type(module).forward.__get__(module)
 
 
 def attached_to(model):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime.module import plain_forward
 from ..runtime.services import FORWARD_MARK, Service
 from ..torch_private import tensor_version
 
@@ -238,7 +239,7 @@ class BlockSparseForward:
 
     def __deepcopy__(self, memo):
         copy_ = memo.get(id(self.module))  # a copy of the model is a plain model: the class's own forward
-        return type(copy_).forward.__get__(copy_) if copy_ is not None else self
+        return plain_forward(copy_) if copy_ is not None else self
 
     def __reduce__(self):
         # as the attach forward does: `torch.save(model)` loads where frzcompile is not installed

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import backend
 from ..errors import ConfigError
-from ..runtime.module import weak_method
+from ..runtime.module import plain_forward, weak_method
 from ..runtime.services import FORWARD_MARK, Service
 from .select import (cls_attention, gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens,
                      top_tokens, valid_tokens)
@@ -121,10 +121,6 @@ class _Call:
         self.scores, self.valid, self.last = None, None, -1
 
 
-def _plain_forward(module):
-    return type(module).forward.__get__(module)
-
-
 class _TokenForward:
     """A layer's forward with ALaST's token selection inside it: the kept tokens gathered before the layer's own
     forward (or its compiled one), scattered back after. Inside the forward, not in module hooks, so the user's
@@ -136,7 +132,7 @@ class _TokenForward:
         self._i = i
         self._before = weak_method(service._before_layer)
         self._after = weak_method(service._after_layer)
-        self.inner = inner if inner is not None else _plain_forward(layer)  # (compile=: the compiled forward)
+        self.inner = inner if inner is not None else plain_forward(layer)  # (compile=: the compiled forward)
         setattr(self, FORWARD_MARK, True)
 
     def __call__(self, *args, **kwargs):
@@ -149,7 +145,7 @@ class _TokenForward:
 
     def __deepcopy__(self, memo):
         copy_ = memo.get(id(self._layer()))
-        return type(copy_).forward.__get__(copy_) if copy_ is not None else None
+        return plain_forward(copy_) if copy_ is not None else None
 
     def __reduce__(self):  # the class's own forward, looked up when unpickled: loads without frzcompile
         return getattr, (self._layer(), "forward")
@@ -237,7 +233,7 @@ class LayerBudgets(Service):
                 if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
                     self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
                                                       plan="alast", log=self.compile_log)
-                inner = torch.compile(_plain_forward(layer), backend=self._backend)  # the layer's own, compiled
+                inner = torch.compile(plain_forward(layer), backend=self._backend)  # the layer's own, compiled
             else:
                 inner = None
             layer.__dict__["forward"] = _TokenForward(layer, i, self, inner)
