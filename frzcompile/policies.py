@@ -27,6 +27,7 @@ class TrainingView:
 
     def __init__(self, fm):
         self._fm = fm
+        self._slices: dict = {}  # unit -> (indices, parameter sizes, the indices cut per parameter)
 
     @property
     def step(self) -> int:
@@ -118,12 +119,9 @@ class TrainingView:
                 params = self.parameters(unit)
                 if not params:
                     continue
-                cuts = torch.searchsorted(idx, torch.tensor([p.numel() for p in params]).cumsum(0)[:-1])
-                start = 0
-                for p, sel in zip(params, idx.tensor_split(cuts)):  # idx is sorted: one slice per parameter
+                for p, sel in zip(params, self._cut(unit, idx, params)):
                     if len(sel):
-                        gathered.append((unit, p.detach().reshape(-1).index_select(0, (sel - start).to(p.device))))
-                    start += p.numel()
+                        gathered.append((unit, p.detach().reshape(-1).index_select(0, sel.to(p.device))))
         by_device: dict = {}
         for i, (_, values) in enumerate(gathered):
             by_device.setdefault(values.device, []).append(i)
@@ -136,6 +134,18 @@ class TrainingView:
         for (unit, _), part in zip(gathered, on_host):
             out[unit].append(part)
         return {unit: torch.cat(parts) if parts else torch.zeros(0) for unit, parts in out.items()}
+
+    def _cut(self, unit: str, idx, params) -> list:
+        """The sorted indices `idx` into the unit's flattened parameters, cut into indices into each parameter
+        (kept while the indices and parameter sizes stay: a policy samples the same weights every decision)."""
+        sizes = tuple(p.numel() for p in params)
+        kept = self._slices.get(unit)
+        if kept is None or kept[0] is not idx or kept[1] != sizes:
+            cuts = torch.searchsorted(idx, torch.tensor(sizes).cumsum(0)[:-1])
+            starts = [0, *torch.tensor(sizes).cumsum(0)[:-1].tolist()]
+            kept = self._slices[unit] = (idx, sizes, [sel - start for sel, start in zip(idx.tensor_split(cuts),
+                                                                                          starts)])
+        return kept[2]
 
 
 class Policy:

@@ -103,6 +103,8 @@ class Safeguard:
         self._logged = ""              # the last hold-back reason logged (each kind once in a row)
         self.frozen_at_lr: dict = {}   # unit -> its learning rate when it froze (rule 4)
         self.last_lr: dict = {}        # frozen unit -> its learning rate at the last review
+        self._verdicts: dict = {}      # end -> learning_started's verdict on the losses before it
+        self._verdicts_of = None       # (the loss list, the rules' settings) those verdicts are on
 
     def __repr__(self):
         return (f"Safeguard(min_gap={self.min_gap}, min_drop={self.min_drop}, max_fall={self.max_fall}, "
@@ -161,14 +163,29 @@ class Safeguard:
     def learning_slowed_steadily(self, losses) -> tuple[bool, str]:
         """`learning_started` now and on the loss history as it was every `window // 2` steps back to
         `steady` steps ago."""
-        ok, why = self.learning_started(losses)
+        ok, why = self._started_before(losses, len(losses))
         stride = max(self.window // 2, 1)
         for back in range(stride, self.steady + 1, stride) if ok else ():
-            ok, then = self.learning_started(losses, end=len(losses) - back)
+            ok, then = self._started_before(losses, len(losses) - back)
             if not ok:
                 return False, (f"the loss rules have held for fewer than {self.steady} steps ({back} steps ago: "
                                f"{then})")
         return ok, why
+
+    def _started_before(self, losses, end: int) -> tuple[bool, str]:
+        """`learning_started(losses, end)`, remembered: the history only grows, so the verdicts on the steps
+        before `end` that earlier decisions reached are still true (a decision every 10 steps looks back at 6
+        such ends: on a sub-millisecond step the rules were most of the policy's cost). Forgotten when the
+        history is another list (a loaded state) or a rule's setting changed."""
+        rules = (self.window, self.min_drop, self.max_fall, self.settled, self.span, self.relative, self.lookback)
+        if self._verdicts_of is None or self._verdicts_of[0] is not losses or self._verdicts_of[1] != rules:
+            self._verdicts_of, self._verdicts = (losses, rules), {}
+        verdict = self._verdicts.get(end)
+        if verdict is None:
+            verdict = self._verdicts[end] = self.learning_started(losses, end=end)
+            for old in [e for e in self._verdicts if e < end - self.steady - 1]:
+                del self._verdicts[old]
+        return verdict
 
     # -- the rules -----------------------------------------------------------------------------------------
     def review(self, view, frozen: set):

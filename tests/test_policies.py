@@ -110,6 +110,16 @@ def test_policy_reads_real_gradient_norms():
         flat = torch.cat([p.detach().flatten() for p in model.get_submodule(unit).parameters()])
         assert torch.equal(samples[unit], flat[idx]) and samples[unit].device.type == "cpu"
     assert fm._view.weight_samples({"0": torch.tensor([], dtype=torch.long)})["0"].numel() == 0
+    # the same index tensors again (their cuts per parameter are kept): after the weights moved, and after unit
+    # "2" was replaced by a layer whose weight and bias split the flat indices elsewhere
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[2] = torch.nn.Linear(4, 3)  # 12 weights: indices 8 and 9 are in its weight now, not its bias
+    fm(torch.randn(3, 4))  # (a call: the runtime rebinds the swapped unit)
+    samples = fm._view.weight_samples(indices)
+    for unit, idx in indices.items():
+        flat = torch.cat([p.detach().flatten() for p in model.get_submodule(unit).parameters()])
+        assert torch.equal(samples[unit], flat[idx])
 
 
 def test_gradient_norms_of_a_sparse_embedding_are_read_and_autofreeze_trains_with_sparse_adam():

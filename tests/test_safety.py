@@ -464,3 +464,37 @@ def test_a_kind_of_hold_back_is_logged_once_in_a_row():
                                  "still improving)")
     guard._hold(set(), 680, "the loss is still improving: 5% of its whole drop")
     assert [s for s, _ in guard.events] == [650, 680]
+
+
+def test_the_loss_rules_remember_their_verdicts_on_a_growing_history():
+    """A decision looks back at the rules' verdicts 10, 20 ... 60 steps ago: the history only grows, so they are
+    remembered (on a sub-millisecond step they were most of the policy's cost), and are the same as fresh ones,
+    on the growing list the runtime keeps, on another list, and after a setting changes."""
+    calls = []
+
+    class Counting(Safeguard):
+        def learning_started(self, losses, end=None):
+            calls.append(end)
+            return super().learning_started(losses, end)
+
+    def curve(i):  # falls, settles, falls again from step 800 (a verdict of each kind), some steps unread
+        noise = 0.01 * ((i * 7919) % 11 - 5) / 5
+        return None if i % 13 == 5 else noise + 1.0 + 2.0 * 0.98 ** min(i, 200) - 0.005 * min(max(i - 800, 0), 100)
+
+    guard, losses, verdicts = Counting(), [], set()
+    for step in range(1, 1201):
+        losses.append(curve(step))
+        if step % 10 == 0:
+            before = len(calls)
+            verdict = guard.learning_slowed_steadily(losses)
+            assert verdict == Safeguard().learning_slowed_steadily(list(losses)), step
+            assert len(calls) - before <= 1  # each end judged once: at most the newest one is new
+            verdicts.add(verdict[0])
+    assert verdicts == {True, False}
+    # another list (a loaded state) with other values at the same ends: judged afresh
+    other = [2.5 for _ in losses]
+    assert guard.learning_slowed_steadily(other) == Safeguard().learning_slowed_steadily(other)
+    assert guard.learning_slowed_steadily(other)[0] is False
+    # a setting changed on the same list: judged afresh
+    guard.min_drop = 0.99
+    assert guard.learning_slowed_steadily(losses) == Safeguard(min_drop=0.99).learning_slowed_steadily(losses)
