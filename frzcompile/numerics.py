@@ -16,7 +16,8 @@ import torch
 from .torch_private import tree_flatten
 
 # relative RMS difference two runs of one computation may show, per precision
-_FLOORS = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+_FLOORS = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2,
+           torch.complex128: 1e-10, torch.complex64: 2e-5, torch.complex32: 1e-2}
 _TF32_FLOOR = 1e-2  # float32 on a GPU with TF32 allowed: 10 mantissa bits
 
 
@@ -36,10 +37,12 @@ def floor(dtype: torch.dtype, device: torch.device) -> float:
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (0 when both are zero; inf for NaN mismatches or shape changes)."""
+    """||a - b|| / ||b|| in float64 (complex128 for complex values; 0 when both are zero; inf for NaN mismatches
+    or shape changes)."""
     if a.shape != b.shape:
         return math.inf
-    a64, b64 = a.detach().double(), b.detach().double()
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    a64, b64 = a.detach().to(wide), b.detach().to(wide)
     nan_a, nan_b = torch.isnan(a64), torch.isnan(b64)
     if not torch.equal(nan_a, nan_b):
         return math.inf
@@ -92,6 +95,6 @@ def tree_noise(a, b) -> float:
     lb, _ = _open(b)
     worst = 0.0
     for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point():
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
             worst = max(worst, relative_difference(x, y))
     return worst

@@ -380,6 +380,15 @@ def test_numerical_checks_hold_in_reduced_precision():
     a = torch.randn(1000, dtype=torch.float64)
     assert numerics.agree(a + 1e-9 * torch.randn(1000, dtype=torch.float64), a, noise=1e-9)
     assert not numerics.agree(a + 1e-3, a, noise=1e-9)
+    # complex values compare whole (their imaginary parts were dropped, with torch's warning, at optimize())
+    z = torch.randn(64, dtype=torch.cfloat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not numerics.agree(z.conj().resolve_conj(), z) and numerics.agree(z * (1 + 1e-7), z)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8, dtype=torch.cfloat), torch.nn.Linear(8, 2, dtype=torch.cfloat))
+        fm = frzcompile.optimize(model, (torch.randn(4, 8, dtype=torch.cfloat),), policy="manual")
+    fm.freeze("0")
+    assert torch.equal(fm(z[:32].reshape(4, 8)), model(z[:32].reshape(4, 8)))
 
 
 def test_no_warning_on_a_plain_training_loop():

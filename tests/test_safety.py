@@ -321,6 +321,24 @@ def test_loss_signal_from_the_output_gradient_falls_with_the_loss_and_observe_lo
     assert quiet.losses() == [None]
 
 
+def test_the_loss_signal_reads_gradients_of_any_floating_dtype():
+    """A float64 model under the default policy failed at its first backward (the proxy's norm asked for float32
+    from a float64 gradient); a float16 one with a GradScaler's scale must not overflow the norm."""
+    x = torch.randn(16, 8)
+    y = x[:, :4].argmax(1)
+    for dtype, scale in ((torch.float64, 1.0), (torch.float16, 2.0 ** 19)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        fm = frzcompile.optimize(model, (x.to(dtype),), optimizer=opt)
+        out = fm(x.to(dtype))
+        (nn.functional.cross_entropy(out.float(), y) * scale).backward()
+        opt.step()
+        grad = torch.softmax(out.detach().double(), 1) - nn.functional.one_hot(y, 4)  # what reaches the output
+        expected = scale * grad.norm().item() / 16 * 16 ** 0.5  # the mean loss's output gradient, norm x sqrt(rows)
+        assert fm.losses()[-1] == pytest.approx(expected, rel=1e-2), dtype
+
+
 def test_a_model_returning_its_loss():
     class WithLoss(nn.Module):
         def __init__(self):

@@ -45,6 +45,14 @@ def _returned_loss(out):
 MAX_HOOKED = 4  # output tensors watched per call
 
 
+def _norm(grad):
+    """The gradient's norm as a float32 scalar: accumulated in float32 for half precisions (a GradScaler's
+    scaled gradients overflow float16), in the gradient's own dtype when it is wider (float64)."""
+    if grad.dtype.itemsize < 4:
+        return torch.linalg.vector_norm(grad, dtype=torch.float32)
+    return torch.linalg.vector_norm(grad).float()
+
+
 def _outputs(out) -> list:
     """The floating tensors of the output that need grad (logits, hidden states), the first MAX_HOOKED."""
     found = [t for t in tree_flatten(out)[0]
@@ -88,7 +96,7 @@ class LossSignal:
                 signal = me()
                 if signal is not None:
                     signal._gradients.append(
-                        (position, torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) * scale))
+                        (position, _norm(grad.detach()) * scale))
 
             t.register_hook(hook)
 
