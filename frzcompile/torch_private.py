@@ -21,7 +21,7 @@ __all__ = [
     "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "traced_or_transformed",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
-    "share_module_state", "structure_ids",
+    "share_module_state", "structure_ids", "inside_functional_call", "WeakIdKeyDictionary",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
@@ -36,19 +36,41 @@ def tensor_version(t: torch.Tensor) -> int:
 
 def traced_or_transformed(t: torch.Tensor) -> bool:
     """Whether tensor `t` comes from a trace (torch.compile, torch.export: fake tensors) or a torch.func transform
-    (vmap, grad: wrapped tensors) rather than from a real call: its values are not a training step's loss, and
-    tensor hooks on it would fire inside the transform."""
+    (vmap, grad: wrapped tensors; a batched backward, `autograd.grad(..., is_grads_batched=True)` and vectorized
+    jacobians: legacy batched tensors) rather than from a real call: its values are not a training step's loss,
+    and tensor hooks on it would fire inside the transform."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return True
     from torch._subclasses.fake_tensor import is_fake
 
-    return torch._C._functorch.is_functorch_wrapped_tensor(t) or is_fake(t)
+    functorch = torch._C._functorch
+    return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) or is_fake(t)
 
 
 def inside_func_transform() -> bool:
     """Whether this code runs inside a torch.func transform (vmap, grad, jacrev...): tensors it sees, the model's
     parameters swapped in by `functional_call` included, may be wrapped, without storage of their own."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def inside_functional_call() -> bool:
+    """Whether this code runs inside `torch.func.functional_call` (or `torch.nn.utils.stateless`'s): the tensors
+    in the model's parameter slots are the caller's, swapped in for this call only. It sets no flag, so this looks
+    for its frame on the stack (read only when the model's structure changed, not at every call)."""
+    from torch.nn.utils import stateless
+
+    code = getattr(getattr(stateless, "_functional_call", None), "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+# A dict keyed by tensors themselves, by identity, not holding them (an id() key outlives its tensor, and CPython
+# gives the next tensor that id). torch.utils.weak is not in the documented API.
+from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
 
 def forward_ad_active() -> bool:

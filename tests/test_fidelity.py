@@ -463,6 +463,42 @@ def test_functional_call_leaves_the_callers_tensors_alone():
     assert not model.stem[0].weight.requires_grad and fm.frozen == ("stem",)
 
 
+def test_functional_call_with_another_models_parameters_leaves_them_trainable():
+    """torch.func.functional_call(fm, dict(other.named_parameters()), x) froze `other`'s parameters of the frozen
+    units for good (taken for a swap); by hand they get gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    other, x = copy.deepcopy(model), torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("0")
+    torch.func.functional_call(fm, dict(other.named_parameters()), (x,)).sum().backward()
+    assert all(p.requires_grad and p.grad is not None for p in other.parameters())
+    assert not model[0].weight.requires_grad and fm.frozen == ("0",)
+    # a real swap is still frozen with its unit, however often, whatever ids CPython hands the new layers
+    for _ in range(6):
+        model[0] = nn.Linear(4, 8)
+        fm(x).sum().backward()
+        assert not model[0].weight.requires_grad and model[0].weight.grad is None
+
+
+def test_batched_backward_through_the_default_policy():
+    """A vectorized jacobian (a batched backward) failed in the loss proxy's gradient hook ("Batching rule not
+    implemented for aten::detach"), and must not count as a step's loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ref, x = copy.deepcopy(model), torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,))
+    fm.freeze("0")
+    ref[0].requires_grad_(False)
+    jac = torch.autograd.functional.jacobian
+    assert torch.equal(jac(fm, x, vectorize=True), jac(ref, x, vectorize=True))
+    xx = x.clone().requires_grad_()
+    g, = torch.autograd.grad(fm(xx), xx, torch.eye(6).view(6, 3, 2), is_grads_batched=True)
+    xr = x.clone().requires_grad_()
+    assert torch.equal(g, torch.autograd.grad(ref(xr), xr, torch.eye(6).view(6, 3, 2), is_grads_batched=True)[0])
+    assert not fm._loss._gradients
+
+
 def test_an_nn_sequential_is_indexed_measured_and_iterated_through_fm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -94,9 +94,8 @@ class LossSignal:
 
             def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):
                 signal = me()
-                if signal is not None:
-                    signal._gradients.append(
-                        (position, _norm(grad.detach()) * scale))
+                if signal is not None and not traced_or_transformed(grad):  # (a batched backward: a jacobian)
+                    signal._gradients.append((position, _norm(grad.detach()) * scale))
 
             t.register_hook(hook)
 

@@ -54,7 +54,8 @@ class FreezePlan:
         self.frozen: frozenset = frozenset()
         self.since: dict = {}
         self.changes: list = []  # (step, frozen units in order, reason)
-        self._initial_requires_grad = {id(p): p.requires_grad for u in unit_graph.units.values() for p in u.params}
+        self._initial_requires_grad = torch_private.WeakIdKeyDictionary(  # parameter -> its flag to give back
+            {p: p.requires_grad for u in unit_graph.units.values() for p in u.params})
         self._default_by_name = {n: p.requires_grad for u in unit_graph.units.values()
                                  for n, p in zip(u.param_names, u.params)}  # what a replacement inherits
         self._frozen_modules: list = []
@@ -120,7 +121,7 @@ class FreezePlan:
                 # a thaw gives back the flag it has now: the user may have frozen it, or unfrozen it, by hand (but
                 # not one a service switched off for this step: ALaST's layers not drawn)
                 if id(p) not in self.switched_off:
-                    self._initial_requires_grad[id(p)] = self._default_by_name[name] = p.requires_grad
+                    self._initial_requires_grad[p] = self._default_by_name[name] = p.requires_grad
                 p.requires_grad_(False)
                 if self.keep_in_flight and p.grad is not None and bool(p.grad.any()):  # the step in flight applies it:
                     self._in_flight[id(p)] = p  # released after that step (a zero-filled one is not a gradient)
@@ -152,10 +153,10 @@ class FreezePlan:
     def trainable_by_default(self, p) -> bool:
         """Whether `p` required grad when its unit was last frozen (what thawing gives back); for a parameter
         never frozen, whether it did at optimize()."""
-        return self._initial_requires_grad.get(id(p), True)
+        return self._initial_requires_grad.get(p, True)
 
     def set_trainable_by_default(self, p, value: bool, name: str | None = None) -> None:
-        self._initial_requires_grad[id(p)] = bool(value)
+        self._initial_requires_grad[p] = bool(value)
         if name is not None:  # (what a parameter replacing it under that name inherits: rebind)
             self._default_by_name[name] = bool(value)
 
@@ -165,8 +166,8 @@ class FreezePlan:
         `load_state_dict(assign=True)`) takes its predecessor's place: frozen in a frozen unit, and trainable
         again on a thaw if its predecessor was. A parameter under a new name (a LoRA adapter added to a frozen
         layer) keeps its own requires_grad, as it would by hand, and so does one the plan knew already (the user
-        may have set it by hand). Tensors that are not nn.Parameters (torch.func.functional_call's) are the
-        caller's: left alone."""
+        may have set it by hand). What `torch.func.functional_call` puts in the model's slots for one call (tensors,
+        or another model's parameters) is the caller's: left alone."""
         units = self.unit_graph.units
         frozen_names = {n for u in self.frozen for n in units[u].param_names}
         self.unit_graph.bind(model)
@@ -176,12 +177,13 @@ class FreezePlan:
                           f"paths: {'; '.join(self.unit_graph.moved[:3])}. Freezing by unit name now acts on other "
                           "modules than before: call optimize() again on the changed model (fm.release() first).",
                           UserWarning, stacklevel=2)
+        callers = torch_private.inside_functional_call()
         for u, unit in units.items():
             for name, p in zip(unit.param_names, unit.params):
-                if not isinstance(p, torch.nn.Parameter) or id(p) in self._initial_requires_grad:
+                if not isinstance(p, torch.nn.Parameter) or callers or p in self._initial_requires_grad:
                     continue
                 default = self._default_by_name.setdefault(name, p.requires_grad)
-                self._initial_requires_grad[id(p)] = default
+                self._initial_requires_grad[p] = default
                 if u in self.frozen and name in frozen_names:
                     p.requires_grad_(False)
                     p.grad = None
