@@ -1855,3 +1855,61 @@ def test_the_cache_names_the_hooks_transformers_installs_for_hidden_states():
     with torch.no_grad():
         fm(**kwargs)
     assert any("call model.disable_input_require_grads()" in r for r in fm.cache.steps_aside)
+
+
+def test_a_unit_deleted_after_optimize_does_not_break_the_cache():
+    """`del model.aux` (a unit the forward uses only while it exists) made every later call fail inside the cache
+    ("Net has no attribute 'aux'"); without the cache it runs, with a warning. A deleted module of the frozen
+    prefix itself makes the cache step aside, saying why."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(16, 16)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
+            self.aux, self.head = nn.Linear(16, 4), nn.Linear(16, 4)
+
+        def forward(self, x):
+            x = self.pre(x) if hasattr(self, "pre") else x
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x) + (0.3 * self.aux(x) if hasattr(self, "aux") else 0)
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 16)
+    ref = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), policy="manual",
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0.0, store_deeper_after=0))
+    fm.freeze("pre", "blocks.0")
+    ref.pre.requires_grad_(False)
+    ref.blocks[0].requires_grad_(False)
+    for _ in range(3):
+        fm(x)
+    assert fm.cache.stats["hits"] > 0
+    del model.aux, ref.aux
+    with pytest.warns(UserWarning, match="no longer exists"):
+        out = fm(x)
+    assert torch.equal(out, ref(x)) and torch.equal(fm(x), ref(x))
+    del model.pre, ref.pre
+    assert torch.equal(fm(x), ref(x))
+    assert any("pre was deleted" in why for why in fm.cache.report()["steps_aside"])
+
+
+def test_a_small_data_edit_of_a_float64_weight_is_seen():
+    """Finite-difference code nudges one weight (`w.data[0, 0] += 1e-6`): in a float64 model the digest summed the
+    weight in float32, whose rounding hid the edit, and the cache served the old activations (1.1e-8 off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).double()
+    with torch.no_grad():
+        model[0].weight.add_(0.125)  # a sum of about 512: float32's rounding there is 3e-5
+    x = torch.randn(8, 64, dtype=torch.float64)
+    fm = frzcompile.optimize(model, (x,), policy="manual",
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0.0, store_deeper_after=0))
+    fm.freeze("0")
+    for _ in range(3):
+        fm(x)
+    hits = fm.cache.stats["hits"]
+    assert hits > 0
+    model[0].weight.data[0, 0] += 1e-6
+    with torch.no_grad():
+        expected = model[2](model[1](model[0](x)))
+    assert torch.equal(fm(x), expected)

@@ -312,14 +312,16 @@ def partial_pays(plan, held: int, missing: int) -> bool:
 
 
 def content_digest(tensors) -> bytes:
-    """The sum of each tensor's values (floating ones accumulated in float32), as bytes: changes when a value
-    changes through any route, `.data` included, unless an edit keeps every sum exactly (a permutation of a
-    tensor's elements). One read of each tensor; one transfer to the host per device."""
-    by_device: dict = {}  # (device, floating) -> sums: one stack and one transfer each, no per-tensor cast
+    """The sum of each tensor's values (float64 ones accumulated in float64, other floating ones in float32), as
+    bytes: changes when a value changes through any route, `.data` included, unless an edit keeps every sum exactly
+    (a permutation of a tensor's elements) or is below the sum's rounding (float32: about 1e-7 of the sum of
+    magnitudes; accumulating float32 in float64 costs 15x on a CPU). One read of each tensor; one transfer to the
+    host per device and accumulation type."""
+    by_device: dict = {}  # (device, accumulation dtype) -> sums: one stack and one transfer each
     for t in tensors:
         t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
-        floating = t.is_floating_point()
-        by_device.setdefault((t.device, floating), []).append(t.sum(dtype=torch.float32 if floating else torch.int64))
+        acc = (torch.float64 if t.dtype == torch.float64 else torch.float32) if t.is_floating_point() else torch.int64
+        by_device.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
     return b"".join(torch.stack(sums).cpu().numpy().tobytes() for sums in by_device.values())
 
 
@@ -352,6 +354,7 @@ class PrefixModules:
     state: PythonState  # the Python state of the guarded modules
     token: tuple = ()  # the guarded modules, parameters and buffers, by identity (on_structure_change)
     generators: list = field(default_factory=list)  # the model's own random number generators, when this was built
+    gone: tuple = ()   # the prefix units' paths that no longer name a module (deleted after optimize())
 
 
 class ActivationCache(Service):
@@ -501,18 +504,19 @@ class ActivationCache(Service):
     def _modules(self, prefix) -> PrefixModules:
         cached = self._modules_cache.get(prefix)
         if cached is None:
-            units = self.unit_graph.units
-            top = {path: self.model.get_submodule(path) for u in prefix for path in self.unit_graph.paths(u)}
+            units, named = self.unit_graph.units, dict(self.model.named_modules(remove_duplicate=False))
+            top = {path: named[path] for u in prefix for path in self.unit_graph.paths(u) if path in named}
+            gone = tuple(path for u in prefix for path in self.unit_graph.paths(u) if path not in named)
             trainable = {id(m) for u in units if u not in prefix for m in units[u].modules}
             guarded = {path: m for path, m in self.model.named_modules() if id(m) not in trainable}
-            others = {path: self.model.get_submodule(path) for u in units if u not in prefix
-                      for path in self.unit_graph.paths(u)}
+            others = {path: named[path] for u in units if u not in prefix for path in self.unit_graph.paths(u)
+                      if path in named}  # (a deleted unit's path is skipped: the runtime warns about it)
             token = tuple((path, id(m), tuple(id(t) for _, t in m.named_parameters(recurse=False)),
                            tuple(id(t) for _, t in m.named_buffers(recurse=False))) for path, m in guarded.items())
             cached = self._modules_cache[prefix] = PrefixModules(top, guarded, others,
                                                                  PythonState(guarded.values(),
                                                                              self.config.watch_data), token,
-                                                                 torch_private.module_generators(self.model))
+                                                                 torch_private.module_generators(self.model), gone)
         return cached
 
     def _off_for_every_call(self, prefix) -> str:
@@ -541,6 +545,9 @@ class ActivationCache(Service):
         if any(p.requires_grad for u in prefix for p in units[u].params):
             return "a parameter of the frozen prefix requires grad again (set by hand): its gradient is computed"
         mods = self._modules(prefix)
+        if mods.gone:
+            return (f"the frozen prefix's module {mods.gone[0]} was deleted after optimize(): call optimize() again on "
+                    "the changed model")
         if torch_private.global_module_hooks():
             return "global module hooks (torch.nn.modules.module.register_module_forward_hook...) must see every call"
         hooked = next((path for path, m in mods.guarded.items() if torch_private.has_call_hooks(m)), None)
