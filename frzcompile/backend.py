@@ -150,12 +150,34 @@ def _placeholder_names(gm: fx.GraphModule, example_inputs) -> dict:
     return out
 
 
+_INPLACE_OPERATORS = frozenset(f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow",
+                                                       "matmul", "and", "or", "xor", "lshift", "rshift"))
+
+
+def mutated_argument(node: fx.Node):
+    """The node whose tensor `node` changes in place (`h.add_(p)`, `h += p`, `relu(h, inplace=True)`, `out=h`),
+    or None. Dynamo's graphs keep in-place calls as they are written."""
+    if node.op not in ("call_method", "call_function"):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    inplace = (name.endswith("_") and not name.startswith("_")) or f"__{name.strip('_')}__" in _INPLACE_OPERATORS \
+        or node.kwargs.get("inplace") is True
+    target = node.kwargs.get("out") if isinstance(node.kwargs.get("out"), fx.Node) else \
+        (node.args[0] if inplace and node.args and isinstance(node.args[0], fx.Node) else None)
+    return target
+
+
 def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozenset) -> list:
     """Nodes computed from a frozen parameter and from nothing that requires grad, in graph order.
 
     The set is closed under ancestors among computing nodes, hence convex, so it can be fused into one region.
+    A tensor changed in place by one that requires grad (`h.add_(prompt)` on a frozen layer's output) requires grad
+    from then on, and so do its views (they share its storage: Dynamo's example values say which): the frozen
+    layers reading it afterwards stay out of the region (the node they read is the one from before the change, so
+    the dataflow alone would put them in, and fused, ahead of the change).
     """
     needs_grad, from_frozen = set(), set()
+    by_storage: dict = {}  # storage of a node's example value -> the nodes viewing it so far
     for node, (name, example) in placeholders.items():
         is_param = isinstance(example, torch.nn.Parameter)
         if name in frozen_names and is_param:
@@ -166,8 +188,15 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
+        storage = torch_private.storage_key(node.meta.get("example_value"))
+        if storage is not None:
+            by_storage.setdefault(storage, []).append(node)
         inputs = node.all_input_nodes
         if any(i in needs_grad for i in inputs):
+            changed = mutated_argument(node)
+            if changed is not None and changed not in needs_grad:
+                key = torch_private.storage_key(changed.meta.get("example_value"))
+                needs_grad.update([changed, *by_storage.get(key, ())] if key is not None else [changed])
             needs_grad.add(node)
         elif any(i in from_frozen for i in inputs):
             from_frozen.add(node)

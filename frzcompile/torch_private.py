@@ -18,7 +18,8 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "traced_or_transformed",
+    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "storage_key",
+    "traced_or_transformed",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
     "share_module_state", "structure_ids", "inside_functional_call", "WeakIdKeyDictionary",
@@ -32,6 +33,17 @@ __all__ = [
 def tensor_version(t: torch.Tensor) -> int:
     """The version counter autograd bumps on every in-place change (not on `.data` edits)."""
     return t._version
+
+
+def storage_key(t):
+    """An identity of the storage under tensor `t` (views share it; fake tensors, Dynamo's example values, too), or
+    None for anything else."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError):  # (sparse, nested and other storage-less tensors)
+        return None
 
 
 def traced_or_transformed(t: torch.Tensor) -> bool:

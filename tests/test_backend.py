@@ -110,6 +110,55 @@ def test_plain_compile_matches_eager_with_requires_grad_frozen(inner):
     assert record.region_nodes >= 3 and hasattr(record.gm, "frozen_prefix")  # the rewrite fired
 
 
+class Prompted(nn.Module):
+    """A trained prompt added in place to a frozen embedding's output, ahead of frozen layers."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.embed, self.prompt = nn.Linear(6, 16), nn.Parameter(torch.randn(16) * 0.5)
+        self.body, self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)), nn.Linear(16, 3)
+        self.form = form
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.form == "add_":
+            h.add_(self.prompt)  # not reassigned: the frozen body reads the node of h from before the change
+        elif self.form == "view":
+            v = h.view(-1, 4, 4)  # a view taken before the change, read after it
+            h.mul_(self.prompt)
+            h = v.flatten(1)
+        elif self.form == "iadd":
+            g = h
+            h += self.prompt
+            h = g
+        else:  # an in-place change by frozen values only
+            h = nn.functional.relu(h, inplace=True) + self.prompt
+        return self.head(self.body(h))
+
+
+@pytest.mark.parametrize("form", ["add_", "view", "iadd", "relu"])
+def test_a_tensor_changed_in_place_by_a_trained_one_keeps_its_gradient(form):
+    """`h.add_(prompt)` before frozen layers: the no-grad region found by dataflow took in the layers reading h
+    (the prompt got no gradient, and fused ahead of the change they read h before it: outputs 0.154 off). Such a
+    tensor (and its views) requires grad from the change on; the embedding stays in the region."""
+    torch.manual_seed(0)
+    model = Prompted(form)
+    for name in ("embed", "body"):
+        model.get_submodule(name).requires_grad_(False)
+    ref, x = copy.deepcopy(model), torch.randn(5, 6)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})(x)
+    out.sum().backward()
+    ref_out = ref(x)
+    ref_out.sum().backward()
+    assert torch.equal(out, ref_out) and torch.equal(model.prompt.grad, ref.prompt.grad)
+    record = backend.graphs_for(model)[-1]
+    region = [n.target.__name__ for n in record.gm.frozen_prefix.graph_module.graph.nodes
+              if n.op == "call_function"]
+    assert region == (["linear", "relu"] if form == "relu" else ["linear"])  # the embedding (and its ReLU, in
+    # place by frozen values alone) without grad; the frozen body after the change with grad
+
+
 def train_pair(compile_options, events, steps=8):
     """Train a FrozenModule compiled with the backend and an eager copy frozen by hand; return both losses."""
     torch.manual_seed(0)
