@@ -27,8 +27,8 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import (forked_rng, forward_hooks_suspended, module_generators, record_aten_graph, tensor_version,
-                            tree_flatten, tree_unflatten)
+from .torch_private import (forked_rng, forward_hooks_suspended, inline_context_regions, module_generators,
+                            record_aten_graph, tensor_version, tree_flatten, tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
@@ -61,12 +61,17 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
 
 
 def analysis_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
-    """The example's keyword arguments, plus `use_cache=False` for models whose forward takes `use_cache`."""
+    """The example's keyword arguments with `use_cache=False` for models that take `use_cache` (named in their
+    forward, or through `**kwargs` with a config that has it: Switch Transformers, GraniteMoe), unless the example
+    brings a key/value cache of its own: a cache object in the output cannot be captured, and the model's units are
+    the same without it (calls with `use_cache=True` run the model's own forward)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return dict(kwargs)
-    if "use_cache" in params and "use_cache" not in kwargs:
+    takes = "use_cache" in params or (any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+                                      and hasattr(getattr(model, "config", None), "use_cache"))
+    if takes and kwargs.get("past_key_values") is None:
         return {**kwargs, "use_cache": False}
     return dict(kwargs)
 
@@ -103,7 +108,7 @@ def _export(model, args, kwargs, unit_names):
             ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     finally:
         shapes_log.setLevel(level)
-    return ep.module()
+    return inline_context_regions(ep.module())  # (a `with torch.autocast` block's modules, each in its unit)
 
 
 def _record(model, args, kwargs, unit_names):

@@ -7,6 +7,7 @@ Inductor are imported inside the functions that need them, so `import frzcompile
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 from collections import OrderedDict
 
@@ -26,7 +27,7 @@ __all__ = [
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
-    "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph"
+    "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions"
 ]
 
 # -- tensors (checked on 2.13.0) ------------------------------------------------------------------------------
@@ -287,6 +288,50 @@ def forward_hooks_suspended(modules):
         for m, name, hooks in saved:
             setattr(m, name, hooks)
 
+
+
+# -- torch.export's context regions (checked on 2.13.0) ---------------------------------------------------------
+_REGION_WRAPPERS = {"wrap_with_autocast": 4, "wrap_with_set_grad_enabled": 1}  # name -> its context arguments
+
+
+def inline_context_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """torch.export puts a `with torch.autocast(...)` (or `torch.set_grad_enabled`) block of the forward in one
+    higher-order node over a submodule, which hides the modules called inside it (their nodes' module stacks):
+    each such block is put back in the graph, between enter and exit nodes (as Dynamo's graphs hold them), so
+    it runs as before and every node keeps its own module."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        count = _REGION_WRAPPERS.get(getattr(node.target, "__name__", "")) if node.op == "call_function" else None
+        if count is None or len(node.args) <= count or node.args[count].op != "get_attr":
+            continue
+        holder, operands = node.args[count], node.args[count + 1:]
+        sub = getattr(gm, holder.target)
+        if any(n.op == "get_attr" for n in sub.graph.nodes) or \
+                any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+            continue  # (a region nested in it, or its outputs used as one tuple: left whole)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            if count == 4:
+                mode = graph.call_function(torch.amp.autocast_mode._enter_autocast, tuple(node.args[:count]))
+            else:
+                before = graph.call_function(torch.is_grad_enabled, ())
+                graph.call_function(torch._C._set_grad_enabled, tuple(node.args[:count]))
+            outputs = graph.graph_copy(sub.graph, dict(zip(placeholders, operands)))
+            if count == 4:
+                graph.call_function(torch.amp.autocast_mode._exit_autocast, (mode,))
+            else:
+                graph.call_function(torch._C._set_grad_enabled, (before,))
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not holder.users:
+            graph.erase_node(holder)
+            delattr(gm, holder.target)
+    graph.lint()
+    gm.recompile()
+    return gm
 
 # -- torch.fx (checked on 2.13.0) -----------------------------------------------------------------------------
 def record_aten_graph(model: torch.nn.Module, args: tuple, kwargs: dict):

@@ -404,3 +404,19 @@ def test_eval_mode_dropout_in_the_frozen_work_keeps_the_region():
     fm.freeze("emb")
     fm(x).sum().backward()
     assert frzcompile.explain(fm).compiled.graphs[-1]["region_nodes"] > 0
+
+
+def test_tracing_a_compiled_frozen_module_records_the_eager_call_and_scripting_says_what_to_do():
+    """torch.jit.trace(fm) of an optimize(..., compile=...) model failed inside torch ("using FX to torch.jit.trace
+    a dynamo-optimized function"); torch.jit.script(fm) failed with a raw AttributeError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    fm = frzcompile.optimize(model, (x,), policy="manual", compile=frzcompile.CompileConfig(inner="aot_eager"))
+    fm.freeze("0")
+    fm(x).sum().backward()  # compiled once
+    traced = torch.jit.trace(fm, (x,))
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with pytest.raises(frzcompile.ConfigError, match="script your model"):
+        torch.jit.script(fm)

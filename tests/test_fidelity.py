@@ -931,3 +931,68 @@ def test_freezing_the_first_layer_of_a_nested_tensor_encoder_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fm.freeze("emb", "enc.layers.0")
+
+
+def test_blocks_inside_an_autocast_block_of_the_forward_are_units_of_their_own():
+    """torch.export wraps a `with torch.autocast(...)` block in one node named after its last module: the four
+    blocks called inside it became one unit `blocks.3` holding all their parameters, and freezing blocks.0 was
+    refused as never called."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4)])
+
+        def forward(self, x):
+            h = self.embed(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for b in self.blocks:
+                    h = b(h)
+            return self.head(h.float())
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 6)
+    ref = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert fm.capture_method == "export"
+    assert fm.units == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    fm.freeze("embed", "blocks.0")
+    ref.embed.requires_grad_(False)
+    ref.blocks[0].requires_grad_(False)
+    out, expected = fm(x), ref(x)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(out, expected)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+    flops = fm.unit_flops()  # the analysis runs the graph, the autocast block included: 2 x 8 x 16 x 16 a block
+    assert [flops[f"blocks.{i}"] for i in range(4)] == [4096] * 4 and flops["head"] == 2 * 8 * 16 * 3
+
+
+def test_the_flops_of_a_recorded_route_survive_weights_that_take_another():
+    """A recording is one data-dependent path (an MoE's routing): replayed with trained weights it may not fit
+    (Switch Transformers: explain raised IndexError after a few steps). Its FLOPs are counted when captured."""
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.body, self.head = nn.Linear(4, 1), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            rows = self.body(x[self.gate(x)[:, 0] > 0]).unbind(0)  # as many rows as the gate picks
+            return self.head(torch.stack(list(rows)))
+
+    torch.manual_seed(0)
+    model, x = Routed(), torch.randn(8, 4)
+    with torch.no_grad():
+        model.gate.bias.fill_(5.0)  # every row picked at capture
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert fm.capture_method == "record"
+    with torch.no_grad():  # now about half of them
+        model.gate.bias.zero_()
+        model.gate.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    fm(x)
+    expected = {"gate": 2 * 8 * 4, "body": 2 * 8 * 4 * 4, "head": 2 * 8 * 4 * 2, "(outside units)": 0}
+    assert fm.unit_flops() == expected and "body" in str(frzcompile.explain(fm))
+    model.head = nn.Linear(4, 2)  # a structure change: counted again, which this recording cannot be
+    fm(x)
+    assert fm.unit_flops() == expected

@@ -104,6 +104,9 @@ CASES = {
         "lm_head"),
     "Qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_DECODER)), {"input_ids": IDS},
               "model.layers.{}", "model.embed_tokens", "lm_head"),
+    "GraniteMoe (MoE; use_cache only through **kwargs)": (lambda: transformers.GraniteMoeForCausalLM(
+        transformers.GraniteMoeConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)),
+        {"input_ids": IDS, "labels": IDS}, "model.layers.{}", "model.embed_tokens", "lm_head"),
     "T5 (shared embedding, tied head)": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=64, d_model=32, d_ff=64, num_layers=4, num_heads=2, d_kv=16, decoder_start_token_id=0)),
         _SEQ2SEQ_IDS, "encoder.block.{}", "encoder.embed_tokens", "lm_head"),

@@ -35,6 +35,9 @@ class Analysis:
         self._flops: dict | None = None
         self.stale = False  # the graph describes the model as captured, before a structure change (explain says so)
         self._traced = _traced_through(captured.gm, model) if captured.method == "symbolic_trace" else {}
+        self._recount = False  # a structure change: count the FLOPs again
+        if captured.method == "record":  # a recording is one data-dependent path (an MoE's routing), which other
+            self._flops = self._count_flops()  # weights may not take: counted now, with the weights it was taken with
 
     def invalidate(self, structure_changed: bool = False) -> None:
         """Forget analysed plans (their decisions read weights that may have changed since). After a structure
@@ -42,7 +45,7 @@ class Analysis:
         current ones, and the FLOPs are counted again."""
         self._plans.clear()
         if structure_changed:
-            self._flops = None
+            self._recount = True
             if self.captured.method == "symbolic_trace":
                 self.stale |= _rebind_targets(self.captured.gm, self.model, self._traced)
             else:  # export's and record's graphs hold the captured computation itself
@@ -78,8 +81,14 @@ class Analysis:
     def unit_flops(self) -> dict:
         """Forward FLOPs of each unit on the example inputs (eval mode), counted by torch.utils.flop_counter and
         attributed node by node to units; FLOPs of nodes outside every unit under OUTSIDE."""
-        if self._flops is None:
-            self._flops = self._count_flops()
+        if self._flops is None or self._recount:
+            try:
+                self._flops = self._count_flops()
+            except Exception:
+                if self._flops is None or self.captured.method != "record":
+                    raise
+                # (the recording's path no longer fits the model: the count made at capture stands)
+            self._recount = False
         return dict(self._flops)
 
     def _count_flops(self) -> dict:

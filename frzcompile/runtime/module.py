@@ -446,7 +446,8 @@ class FrozenModule(nn.Module):
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        if self._compiled is not None:
+        # (torch.jit.trace and torch.export record the eager model: they refuse a Dynamo-compiled call)
+        if self._compiled is not None and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
             self._sync()
             training = self._count_training_call()
             out = self._compiled(args, kwargs, self._plan.frozen, self._plan.frozen_param_names(self._model))
@@ -463,6 +464,12 @@ class FrozenModule(nn.Module):
         if training:
             self._loss.observe_output(out)
         return out
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script(fm) asks this first: scripting needs the model's own forward, which fm wraps."""
+        raise ConfigError("torch.jit.script(fm) is not supported: script your model variable (after fm.detach() "
+                          "while fm.attach() holds it), or use torch.jit.trace(fm, example) or torch.export.export(fm, "
+                          "args), which record fm's call")
 
     def observe_loss(self, loss) -> None:
         """Give the policy this step's training loss (a tensor or a number). Optional: without it the policy
