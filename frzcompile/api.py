@@ -13,7 +13,7 @@ from .backend import CompileConfig
 from .cache import CacheConfig
 from .capture import capture
 from .errors import ConfigError, InputMismatchError, UnitError
-from .policies import ALaST, make_policy
+from .policies import ALaST, check_number, make_policy
 from .runtime import FrozenContainer, FrozenModule
 from .runtime.steps import unwrap_optimizer
 from .sparsity.training import SparsityConfig
@@ -102,6 +102,7 @@ def optimize(
             raise ConfigError(f"the {type(inner).__name__} given as optimizer= holds none of the model's parameters "
                               "(was it made for another model, or for a copy of this one?): make it over "
                               "model.parameters()")
+    check_number("optimize", "total_steps", total_steps, 0, low_open=True, none=True)
     policy = make_policy(policy)
     cache = _option(cache, CacheConfig, "cache")
     compile = _option(compile, CompileConfig, "compile")

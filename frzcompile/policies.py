@@ -185,6 +185,28 @@ class Manual(Policy):
     name = "manual"
 
 
+def check_number(where: str, name: str, value, low=None, high=None, *, integer=False, low_open=False,
+                 high_open=False, none=False):
+    """`value` as a float (an int with `integer`) if it is a real number within [low, high] (open ends where
+    said), else a PolicyError naming the option (a string, a bool, NaN or None where none is allowed)."""
+    if value is None and none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok and integer and float(value) != int(value):
+        ok = False
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        span = "" if low is None and high is None else " in " + ("(" if low_open or low is None else "[") + \
+            f"{'-inf' if low is None else low}, {'inf' if high is None else high}" + (")" if high_open or high is None else "]")
+        raise PolicyError(f"{where}: {name} must be {kind}{span}" + (" or None" if none else "") +
+                          f", got {value!r}")
+    return int(value) if integer else float(value)
+
+
 class Linear(Policy):
     """Freeze a growing prefix of units on a linear ramp (Composer LayerFreezing; FreezeOut's idea).
 
@@ -195,20 +217,16 @@ class Linear(Policy):
     name = "linear"
 
     def __init__(self, total_steps: int | None = None, freeze_start: float = 0.5, freeze_level: float = 1.0):
-        if not 0.0 <= freeze_start < 1.0:
-            raise PolicyError(f"linear: freeze_start must be in [0, 1), got {freeze_start}")
-        if not 0.0 <= freeze_level <= 1.0:
-            raise PolicyError(f"linear: freeze_level must be in [0, 1], got {freeze_level}")
-        self.total_steps = total_steps
-        self.freeze_start = freeze_start
-        self.freeze_level = freeze_level
+        self.total_steps = check_number("linear", "total_steps", total_steps, 0, low_open=True, none=True)
+        self.freeze_start = check_number("linear", "freeze_start", freeze_start, 0.0, 1.0, high_open=True)
+        self.freeze_level = check_number("linear", "freeze_level", freeze_level, 0.0, 1.0)
         self._view = None
 
     def bind(self, view):
         self._view = view  # (the run's total_steps is read at each decision: an integration may correct it)
         total = self._total()
-        if total is not None and total <= 0:
-            raise PolicyError(f"linear: total_steps must be a positive number of steps, got {total}")
+        if total is not None:
+            check_number("linear", "total_steps", total, 0, low_open=True)
         if not total:
             raise PolicyError(
                 "linear needs the length of training: optimize(..., total_steps=N) or "
@@ -243,12 +261,8 @@ class AutoFreeze(Policy):
     name = "autofreeze"
 
     def __init__(self, interval: int = 50, percentile: float = 50.0):
-        if int(interval) < 1:
-            raise PolicyError(f"autofreeze: interval must be >= 1, got {interval}")
-        if not 0.0 <= percentile <= 100.0:
-            raise PolicyError(f"autofreeze: percentile must be in [0, 100], got {percentile}")
-        self.interval = int(interval)
-        self.percentile = float(percentile)
+        self.interval = check_number("autofreeze", "interval", interval, 1, integer=True)
+        self.percentile = check_number("autofreeze", "percentile", percentile, 0.0, 100.0)
         self._sums: dict = {}
         self._count = 0
         self._previous: dict = {}
@@ -269,9 +283,11 @@ class AutoFreeze(Policy):
         if not candidates:
             return None
         threshold = float(torch.quantile(torch.tensor([rates[u] for u in candidates]), self.percentile / 100.0))
+        # a unit the user froze by hand before optimize() (a frozen stem: no gradient, no rate) is passed over
+        idle = {u for u in view.freezable if u not in frozen and not any(p.requires_grad for p in view.parameters(u))}
         new = set(frozen)
         for u in view.freezable:
-            if u in frozen:
+            if u in frozen or u in idle:
                 continue
             if u in rates and rates[u] <= threshold:
                 new.add(u)

@@ -23,6 +23,9 @@ class FakeView:
     def grad_norm(self, unit):
         return self._norms(self.step)[unit]
 
+    def parameters(self, unit):
+        return [torch.nn.Parameter(torch.zeros(1))]  # (every unit trains: none was frozen by hand)
+
 
 def _run(policy, view, steps):
     decisions = []
@@ -83,7 +86,7 @@ def test_linear_without_length_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     with pytest.raises(frzcompile.PolicyError, match="total_steps"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear")
-    with pytest.raises(frzcompile.PolicyError, match="must be a positive number of steps, got -5"):
+    with pytest.raises(frzcompile.PolicyError, match=r"total_steps must be a number in \(0, inf\) or None, got -5"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=-5)
 
 
@@ -147,3 +150,58 @@ def test_gradient_norms_of_a_sparse_embedding_are_read_and_autofreeze_trains_wit
         sparse.zero_grad()
         dense.zero_grad()
     assert fm.step_count >= 2
+
+
+def test_a_policy_object_decides_for_one_frozen_module():
+    """One Linear given to two optimize() calls read the second run's total_steps (the first froze nothing), and an
+    AutoFreeze mixed both runs' gradient norms: refused while the first FrozenModule is alive and not released."""
+    x = torch.randn(4, 8)
+    policy = frzcompile.policies.Linear()
+    fm = frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), (x,), policy=policy,
+                             total_steps=100)
+    with pytest.raises(frzcompile.PolicyError, match="already decides for another FrozenModule"):
+        frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), (x,), policy=policy,
+                            total_steps=10_000)
+    fm.release()
+    frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), (x,), policy=policy,
+                        total_steps=10_000)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: frzcompile.policies.Linear(total_steps=float("nan")), lambda: frzcompile.policies.Linear(total_steps="10"),
+    lambda: frzcompile.policies.Linear(freeze_start="0.5"), lambda: frzcompile.policies.Linear(freeze_level=None),
+    lambda: frzcompile.AutoFreeze(interval=2.7), lambda: frzcompile.AutoFreeze(interval="10"),
+    lambda: frzcompile.AutoFreeze(interval=None), lambda: frzcompile.AutoFreeze(percentile="50"),
+    lambda: frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 2)), (torch.randn(2, 8),), policy="linear",
+                                total_steps=True)])
+def test_policy_options_of_the_wrong_kind_are_refused_by_name(make):
+    """NaN total_steps froze every unit after one step; strings and None failed with bare TypeErrors; 2.7 became 2
+    and True became 1."""
+    with pytest.raises(frzcompile.PolicyError, match="must be"):
+        make()
+
+
+def test_autofreeze_passes_over_a_unit_frozen_by_hand_before_optimize():
+    """A stem frozen by hand has no gradient norm, hence no change rate: AutoFreeze stopped at it and froze nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    fm = frzcompile.optimize(model, (x,), policy=frzcompile.AutoFreeze(interval=5, percentile=100))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(30):
+        torch.nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert "2" in fm.frozen and "0" not in fm.frozen and not model[0].weight.requires_grad
+
+
+def test_unfreezing_a_unit_whose_parameters_were_frozen_before_says_they_stay_frozen():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)  # as an earlier FrozenModule of this model leaves it
+    fm = frzcompile.optimize(model, (torch.randn(2, 8),), policy="manual")
+    fm.freeze("0")
+    with pytest.warns(UserWarning, match="stay frozen"):
+        fm.unfreeze("0")
+    assert not model[0].weight.requires_grad and fm.frozen == ()

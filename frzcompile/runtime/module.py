@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import torch_private
 from ..capture import Captured
-from ..errors import ConfigError, PlanError
+from ..errors import ConfigError, PlanError, PolicyError
 from ..policies import Manual, Policy, TrainingView
 from ..units import UnitGraph
 from .analysis import Analysis
@@ -32,6 +32,7 @@ from .steps import StepDriver
 FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
 NO_STEP_WARNING_CALLS = 100  # training calls without an optimizer step before frzcompile warns
 NO_LOSS_WARNING_STEPS = 50    # steps without any loss signal before frzcompile warns
+BOUND_TO = "_frzcompile_bound_to"  # a policy's attribute: a weak reference to the FrozenModule it decides for
 
 
 def _call_model(model, args, kwargs):
@@ -166,7 +167,13 @@ class FrozenModule(nn.Module):
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
         state["_view"] = TrainingView(weakref.proxy(self))
+        driving = getattr(policy, BOUND_TO, lambda: None)()
+        if driving is not None and not driving.released:
+            raise PolicyError(f"this {type(policy).__name__} object already decides for another FrozenModule, and "
+                              "a policy keeps its run's state (its step counts, windows, total_steps): give each "
+                              "optimize() its own (a name, or a new object), or fm.release() the other first")
         policy.bind(self._view)
+        setattr(policy, BOUND_TO, weakref.ref(self))
         # the loss signal is read by policies with safety rules only
         self._loss.enabled = getattr(policy, "safeguard", None) is not None
         # `inspect.signature(fm.forward)` is the model's (Hugging Face Trainer reads it to pick input columns)
@@ -360,8 +367,15 @@ class FrozenModule(nn.Module):
         self._settle()
         self._rebind_if_changed()
         units = set(self._unit_graph.resolve(names))
+        thawed = units & self._plan.frozen
         self._set_plan(self._plan.frozen - units, reason="unfreeze()")
         self._plan.pinned -= units
+        still = [u for u in self._unit_graph.names if u in thawed
+                 and not any(p.requires_grad for p in self._unit_graph.units[u].params)]
+        if still:  # (a thaw gives back the flags of before the freeze: frozen by hand, or by an earlier optimize())
+            warnings.warn(f"frzcompile: unfreeze({', '.join(map(repr, still))}): their parameters did not require "
+                          "grad when they were frozen (by hand, or by an earlier FrozenModule of this model), so they "
+                          "stay frozen. Set requires_grad_(True) on them to train them.", UserWarning, stacklevel=2)
 
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
