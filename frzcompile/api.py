@@ -144,10 +144,20 @@ def optimize(
                           "optimizer step, and its plan stays applied). Keep one: `del` the other (its hooks go "
                           "with it) or call its release(), or call optimize() once.", UserWarning, stacklevel=2)
             break
+        part = module.__dict__.get(PART_OF)
+        if isinstance(part, _Owner) and part.holds_part(module):
+            warnings.warn(f"frzcompile: {'this model' if module is model else f'its submodule {path!r}'} is also part "
+                          "of the model of another live FrozenModule (a shared backbone?): both act on its "
+                          "parameters, and neither sees what the other freezes or thaws (nor its train/eval "
+                          "modes). Optimize one module holding both models instead, or release() the other.",
+                          UserWarning, stacklevel=2)
+            break
     cls = FrozenContainer if FrozenContainer.fits(model) else FrozenModule  # fm[0], len(fm) of an nn.Sequential
     fm = cls(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
              compile_config=None if alast else compile)
-    model.__dict__[OWNER] = _Owner(fm)
+    model.__dict__[OWNER] = owner = _Owner(fm)
+    for module in model.modules():
+        module.__dict__[PART_OF] = owner
     if sparsity is not None:
         from .runtime.module import weak_method
         from .sparsity.training import SparseTraining
@@ -166,6 +176,7 @@ def optimize(
 
 
 OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule made for it (weakly)
+PART_OF = "_frzcompile_part_of"  # each module's attribute: the same, for the model it is part of
 
 
 def optimized_by(model):
@@ -187,6 +198,11 @@ class _Owner:
     def holds(self, model) -> bool:
         fm = self.ref() if self.ref is not None else None
         return fm is not None and fm.__dict__.get("_model") is model and not fm.released
+
+    def holds_part(self, module) -> bool:
+        """Whether `module` is still inside the model of the live FrozenModule."""
+        fm = self.ref() if self.ref is not None else None
+        return fm is not None and not fm.released and any(m is module for m in fm.__dict__["_model"].modules())
 
     def __reduce__(self):
         return type(None), ()

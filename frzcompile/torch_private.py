@@ -203,10 +203,12 @@ def runs_nested_tensors(module) -> bool:
 
 # -- nn.Module internals (checked on 2.13.0) ------------------------------------------------------------------
 def share_module_state(target: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Make `target` hold `model`'s own submodule, parameter and buffer dicts (not copies): registering or
-    replacing one through either is seen by both, and state_dict keys are the model's."""
+    """Make `target` hold `model`'s own submodule, parameter and buffer dicts and its state-dict hooks (not
+    copies): registering or replacing one through either is seen by both, state_dict keys are the model's, and a
+    state-dict hook runs once, wherever it was registered (a module holding `target` loads through it)."""
     state = target.__dict__
-    for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+    for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_state_dict_hooks",
+                 "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
         state[name] = getattr(model, name)
 
 

@@ -996,3 +996,60 @@ def test_the_flops_of_a_recorded_route_survive_weights_that_take_another():
     model.head = nn.Linear(4, 2)  # a structure change: counted again, which this recording cannot be
     fm(x)
     assert fm.unit_flops() == expected
+
+
+def test_state_dict_hooks_and_the_models_own_loading_run_through_fm_and_a_module_holding_it():
+    """nn.Sequential(fm, head).load_state_dict skipped the model's root load pre-hook (transformers' Mamba and ESM
+    rename old checkpoint keys there) and its class's _load_from_state_dict; hooks registered on fm itself ran in
+    some routes and not others."""
+    class Renaming(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+            self._register_load_state_dict_pre_hook(self._rename)
+
+        @staticmethod
+        def _rename(state_dict, prefix, *args):
+            for key in [k for k in state_dict if k.startswith(prefix + "fc.")]:
+                state_dict[prefix + "head." + key[len(prefix) + 3:]] = state_dict.pop(key)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    model, old = Renaming(), Renaming()
+    fm = frzcompile.optimize(model, (torch.randn(2, 4),), policy="manual")
+    fm.freeze("body")
+    wrapper = nn.Sequential(fm, nn.Linear(2, 2))
+    saved = {("0." + k.replace("head.", "fc.")): v for k, v in old.state_dict().items()}  # an old checkpoint
+    saved.update({"1." + k: v for k, v in wrapper[1].state_dict().items()})
+    assert not wrapper.load_state_dict(saved).missing_keys and torch.equal(model.head.weight, old.head.weight)
+
+    def hooked_calls(module, wrapper):  # the same calls on fm, and on a plain model
+        calls = []
+        module.register_state_dict_post_hook(lambda *a: calls.append("post"))
+        module.register_load_state_dict_post_hook(lambda *a: calls.append("load post"))
+        module.state_dict()
+        wrapper.state_dict()
+        module.load_state_dict(module.state_dict())
+        wrapper.load_state_dict(wrapper.state_dict())
+        return calls
+
+    plain = Renaming()
+    assert hooked_calls(fm, wrapper) == hooked_calls(plain, nn.Sequential(plain, nn.Linear(2, 2))) == \
+        ["post", "post", "post", "load post", "post", "load post"]
+
+
+def test_two_frozen_modules_sharing_a_backbone_are_warned_about():
+    """Two models sharing a submodule, each optimize()d: no warning, and their plans disagreed silently (one's
+    frozen list named a unit the other had thawed and that trained)."""
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    task_a, task_b = nn.Sequential(backbone, nn.Linear(8, 2)), nn.Sequential(backbone, nn.Linear(8, 3))
+    x = torch.randn(4, 4)
+    fa = frzcompile.optimize(task_a, (x,), policy="manual")
+    with pytest.warns(UserWarning, match="'0' is also part of the model of another live FrozenModule"):
+        frzcompile.optimize(task_b, (x,), policy="manual")
+    fa.release()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frzcompile.optimize(nn.Sequential(backbone, nn.Linear(8, 3)), (x,), policy="manual")

@@ -642,6 +642,11 @@ class FrozenModule(nn.Module):
     def state_dict(self, *args, **kwargs):
         return self._model.state_dict(*args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # a module holding fm loads it through this: the model's own (a class that renames old checkpoint keys,
+        # Mamba's and ESM's load pre-hooks on their root) runs, as without frzcompile
+        return self._model._load_from_state_dict(*args, **kwargs)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = self._model.load_state_dict(state_dict, strict=strict, assign=assign)
         if assign:  # new parameter objects: the plan applies to them now, not at the next call
