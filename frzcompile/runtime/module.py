@@ -370,7 +370,7 @@ class FrozenModule(nn.Module):
         thawed = units & self._plan.frozen
         self._set_plan(self._plan.frozen - units, reason="unfreeze()")
         self._plan.pinned -= units
-        still = [u for u in self._unit_graph.names if u in thawed
+        still = [u for u in self._unit_graph.names if u in thawed and self._unit_graph.units[u].params
                  and not any(p.requires_grad for p in self._unit_graph.units[u].params)]
         if still:  # (a thaw gives back the flags of before the freeze: frozen by hand, or by an earlier optimize())
             warnings.warn(f"frzcompile: unfreeze({', '.join(map(repr, still))}): their parameters did not require "
