@@ -27,8 +27,8 @@ from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .numerics import tree_agree, tree_noise
-from .torch_private import (forked_rng, forward_hooks_suspended, inline_context_regions, module_generators,
-                            record_aten_graph, tensor_version, tree_flatten, tree_unflatten)
+from .torch_private import (autocast_kept, forked_rng, forward_hooks_suspended, inline_context_regions,
+                            module_generators, record_aten_graph, tensor_version, tree_flatten, tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
@@ -267,7 +267,7 @@ def _capture(model, args, kwargs, unit_names, methods, name, was_training) -> Ca
                     warnings.simplefilter("always")
                     gm = {"symbolic_trace": _symbolic_trace, "export": _export, "record": _record}[m](
                         model, args, kwargs, unit_names)
-                    with torch.no_grad():  # (the model is in eval mode: symbolic_trace's leaf modules are its own)
+                    with torch.no_grad(), autocast_kept():  # (eval mode: symbolic_trace's leaf modules are its own)
                         got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
                 if not tree_agree(got, expected, noise):
                     raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import zlib
 
 import torch
@@ -191,8 +192,8 @@ def check_number(where: str, name: str, value, low=None, high=None, *, integer=F
     said), else a PolicyError naming the option (a string, a bool, NaN or None where none is allowed)."""
     if value is None and none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    if ok and integer and float(value) != int(value):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)  # (numpy's too)
+    if ok and integer and not (math.isfinite(value) and float(value) == int(value)):
         ok = False
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -204,7 +205,7 @@ def check_number(where: str, name: str, value, low=None, high=None, *, integer=F
             f"{'-inf' if low is None else low}, {'inf' if high is None else high}" + (")" if high_open or high is None else "]")
         raise PolicyError(f"{where}: {name} must be {kind}{span}" + (" or None" if none else "") +
                           f", got {value!r}")
-    return int(value) if integer else float(value)
+    return int(value) if integer or isinstance(value, numbers.Integral) else float(value)
 
 
 class Linear(Policy):

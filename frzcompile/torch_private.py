@@ -23,11 +23,12 @@ __all__ = [
     "traced_or_transformed",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
-    "share_module_state", "structure_ids", "inside_functional_call", "WeakIdKeyDictionary",
+    "share_module_state", "structure_ids", "inside_functional_call",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
-    "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions"
+    "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions",
+    "autocast_kept"
 ]
 
 # -- tensors (checked on 2.13.0) ------------------------------------------------------------------------------
@@ -79,11 +80,6 @@ def inside_functional_call() -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-# A dict keyed by tensors themselves, by identity, not holding them (an id() key outlives its tensor, and CPython
-# gives the next tensor that id). torch.utils.weak is not in the documented API.
-from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
 
 
 def forward_ad_active() -> bool:
@@ -296,11 +292,34 @@ def forward_hooks_suspended(modules):
 _REGION_WRAPPERS = {"wrap_with_autocast": 4, "wrap_with_set_grad_enabled": 1}  # name -> its context arguments
 
 
+@contextlib.contextmanager
+def autocast_kept(device_types=("cpu", "cuda")):
+    """Autocast's state as it was before the block, also when the block fails: a graph whose autocast region was
+    inlined (`inline_context_regions`) leaves it on when it raises between the region's enter and exit."""
+    saved = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types]
+    cache = torch.is_autocast_cache_enabled()
+    nesting = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    try:
+        yield
+    finally:
+        for device, enabled, dtype in saved:
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
+        torch.set_autocast_cache_enabled(cache)
+        now = torch.autocast_increment_nesting() - 1
+        torch.autocast_decrement_nesting()
+        for _ in range(now - nesting):
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+
+
 def inline_context_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """torch.export puts a `with torch.autocast(...)` (or `torch.set_grad_enabled`) block of the forward in one
     higher-order node over a submodule, which hides the modules called inside it (their nodes' module stacks):
     each such block is put back in the graph, between enter and exit nodes (as Dynamo's graphs hold them), so
-    it runs as before and every node keeps its own module."""
+    every node keeps its own module and the graph runs as before, except that a failure inside the region leaves
+    autocast on: run such a graph under `autocast_kept()`."""
     graph = gm.graph
     for node in list(graph.nodes):
         count = _REGION_WRAPPERS.get(getattr(node.target, "__name__", "")) if node.op == "call_function" else None

@@ -3,6 +3,7 @@ frozen units' modules in eval mode), on a traced model, Hugging Face BERT and a 
 use_cache=True: modes, hooks, attributes read at call time, swapped submodules, input gradients and double
 backward, any batch size / length / keyword, and the same random numbers as eager."""
 import copy
+import gc
 import warnings
 
 import pytest
@@ -948,7 +949,7 @@ def test_blocks_inside_an_autocast_block_of_the_forward_are_units_of_their_own()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 for b in self.blocks:
                     h = b(h)
-            return self.head(h.float())
+            return self.head(h.to(self.head.weight.dtype))
 
     torch.manual_seed(0)
     model, x = Net(), torch.randn(8, 6)
@@ -967,6 +968,33 @@ def test_blocks_inside_an_autocast_block_of_the_forward_are_units_of_their_own()
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
     flops = fm.unit_flops()  # the analysis runs the graph, the autocast block included: 2 x 8 x 16 x 16 a block
     assert [flops[f"blocks.{i}"] for i in range(4)] == [4096] * 4 and flops["head"] == 2 * 8 * 16 * 3
+
+
+def test_a_failure_inside_a_captured_autocast_block_leaves_autocast_off():
+    """The inlined block enters and exits autocast as nodes of the graph: a run that fails between them (the FLOP
+    count after the model was cast) left autocast on for the rest of the program."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(2)])
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = x
+                for b in self.blocks:
+                    h = b(h)
+            return self.head(h.to(self.head.weight.dtype))
+
+    model = Net()
+    fm = frzcompile.optimize(model, (torch.randn(8, 16),), policy="manual")
+    assert fm.capture_method == "export" and fm.units == ["blocks.0", "blocks.1", "head"]
+    model.double()  # the FLOP count's runs of the float32 example now fail inside the block
+    try:
+        fm.unit_flops()
+    except RuntimeError:
+        pass
+    assert not torch.is_autocast_enabled("cpu") and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
 def test_the_flops_of_a_recorded_route_survive_weights_that_take_another():
@@ -1038,6 +1066,10 @@ def test_state_dict_hooks_and_the_models_own_loading_run_through_fm_and_a_module
     plain = Renaming()
     assert hooked_calls(fm, wrapper) == hooked_calls(plain, nn.Sequential(plain, nn.Linear(2, 2))) == \
         ["post", "post", "post", "load post", "post", "load post"]
+    fm.release()
+    del fm, wrapper
+    gc.collect()
+    model.load_state_dict(model.state_dict())  # the hooks registered through fm outlive it
 
 
 def test_two_frozen_modules_sharing_a_backbone_are_warned_about():

@@ -181,6 +181,15 @@ def test_policy_options_of_the_wrong_kind_are_refused_by_name(make):
         make()
 
 
+def test_policy_options_take_numpy_numbers():
+    import numpy as np
+
+    assert AutoFreeze(interval=np.int64(10), percentile=np.float32(50)).interval == 10
+    assert Linear(total_steps=np.int64(100)).total_steps == 100 and repr(Linear(total_steps=100)).count("100.0") == 0
+    with pytest.raises(frzcompile.PolicyError):
+        AutoFreeze(interval=float("inf"))
+
+
 def test_autofreeze_passes_over_a_unit_frozen_by_hand_before_optimize():
     """A stem frozen by hand has no gradient norm, hence no change rate: AutoFreeze stopped at it and froze nothing."""
     torch.manual_seed(0)

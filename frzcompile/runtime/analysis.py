@@ -37,7 +37,10 @@ class Analysis:
         self._traced = _traced_through(captured.gm, model) if captured.method == "symbolic_trace" else {}
         self._recount = False  # a structure change: count the FLOPs again
         if captured.method == "record":  # a recording is one data-dependent path (an MoE's routing), which other
-            self._flops = self._count_flops()  # weights may not take: counted now, with the weights it was taken with
+            try:                          # weights may not take: counted now, with the weights it was taken with
+                self._flops = self._count_flops()
+            except Exception:  # (counted when asked, as for the other graphs, and explain says why it cannot be)
+                self._flops = None
 
     def invalidate(self, structure_changed: bool = False) -> None:
         """Forget analysed plans (their decisions read weights that may have changed since). After a structure
@@ -100,7 +103,7 @@ class Analysis:
         values = _placeholder_values(self.model, gm, args, kwargs)
         try:
             self.model.eval()  # symbolic_trace graphs call the model's own leaf modules, whose hooks (the user's)
-            with traceless(self.model):
+            with traceless(self.model), torch_private.autocast_kept():
                 try:
                     with FlopCounterMode(display=False) as counter:
                         interp = _FlopsPerNode(gm, counter)

@@ -370,8 +370,9 @@ class FrozenModule(nn.Module):
         thawed = units & self._plan.frozen
         self._set_plan(self._plan.frozen - units, reason="unfreeze()")
         self._plan.pinned -= units
-        still = [u for u in self._unit_graph.names if u in thawed and self._unit_graph.units[u].params
-                 and not any(p.requires_grad for p in self._unit_graph.units[u].params)]
+        still = [u for u in self._unit_graph.names if u in thawed and self._unit_graph.units[u].params  # (ALaST
+                 and not any(self._plan.trainable_by_default(p) for p in self._unit_graph.units[u].params)]  # may
+        # have switched a layer off for this step alone: what counts is the flag a thaw gives back)
         if still:  # (a thaw gives back the flags of before the freeze: frozen by hand, or by an earlier optimize())
             warnings.warn(f"frzcompile: unfreeze({', '.join(map(repr, still))}): their parameters did not require "
                           "grad when they were frozen (by hand, or by an earlier FrozenModule of this model), so they "
@@ -641,6 +642,26 @@ class FrozenModule(nn.Module):
     # -- checkpointing --------------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
         return self._model.state_dict(*args, **kwargs)
+
+    # state-dict hooks registered through fm are the model's (fm holds its hook dicts): registered on the model, so
+    # the hook gets the model and outlives fm (registered on fm they would hold a dead reference to it)
+    def register_state_dict_pre_hook(self, hook):
+        return self._model.register_state_dict_pre_hook(hook)
+
+    def register_state_dict_post_hook(self, hook):
+        return self._model.register_state_dict_post_hook(hook)
+
+    def _register_state_dict_hook(self, hook):
+        return self._model._register_state_dict_hook(hook)
+
+    def register_load_state_dict_pre_hook(self, hook):
+        return self._model.register_load_state_dict_pre_hook(hook)
+
+    def _register_load_state_dict_pre_hook(self, hook, with_module=False):
+        return self._model._register_load_state_dict_pre_hook(hook, with_module)
+
+    def register_load_state_dict_post_hook(self, hook):
+        return self._model.register_load_state_dict_post_hook(hook)
 
     def _load_from_state_dict(self, *args, **kwargs):
         # a module holding fm loads it through this: the model's own (a class that renames old checkpoint keys,

@@ -26,6 +26,28 @@ from ..units import UnitGraph
 log = logging.getLogger("frzcompile")
 
 
+
+class _ByParameter:
+    """parameter -> value, keyed by the parameter's id with a weak reference that a lookup checks: an id outlives
+    its tensor and CPython gives it to the next one (a layer swapped in twice took the old layer's flags). A dict
+    lookup (ALaST reads every layer parameter's flag at each call; torch's WeakIdKeyDictionary costs 20x more)."""
+
+    def __init__(self, items=()):
+        self._entries: dict = {}
+        for p, value in items:
+            self[p] = value
+
+    def __setitem__(self, p, value) -> None:
+        self._entries[id(p)] = (weakref.ref(p), value)
+
+    def get(self, p, default=None):
+        entry = self._entries.get(id(p))
+        return entry[1] if entry is not None and entry[0]() is p else default
+
+    def __contains__(self, p) -> bool:
+        entry = self._entries.get(id(p))
+        return entry is not None and entry[0]() is p
+
 @dataclass(frozen=True)
 class PlanChange:
     """What one plan change did, handed to the runtime's services."""
@@ -54,8 +76,8 @@ class FreezePlan:
         self.frozen: frozenset = frozenset()
         self.since: dict = {}
         self.changes: list = []  # (step, frozen units in order, reason)
-        self._initial_requires_grad = torch_private.WeakIdKeyDictionary(  # parameter -> its flag to give back
-            {p: p.requires_grad for u in unit_graph.units.values() for p in u.params})
+        self._initial_requires_grad = _ByParameter(  # parameter -> its flag to give back
+            (p, p.requires_grad) for u in unit_graph.units.values() for p in u.params)
         self._default_by_name = {n: p.requires_grad for u in unit_graph.units.values()
                                  for n, p in zip(u.param_names, u.params)}  # what a replacement inherits
         self._frozen_modules: list = []
