@@ -31,6 +31,7 @@ from torch import fx
 
 from . import torch_private
 from .errors import ConfigError, FrzError
+from .inplace import changes_in_place
 from .modes import mode_arguments
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
@@ -150,34 +151,32 @@ def _placeholder_names(gm: fx.GraphModule, example_inputs) -> dict:
     return out
 
 
-_INPLACE_OPERATORS = frozenset(f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow",
-                                                       "matmul", "and", "or", "xor", "lshift", "rshift"))
-
-
 def mutated_argument(node: fx.Node):
-    """The node whose tensor `node` changes in place (`h.add_(p)`, `h += p`, `relu(h, inplace=True)`, `out=h`),
-    or None. Dynamo's graphs keep in-place calls as they are written."""
+    """The node whose tensor `node` changes in place (`h.add_(p)`, `h += p`, `h[i] = v`, `relu(h, inplace=True)`,
+    `out=h`), or None. Dynamo's graphs keep in-place calls as they are written."""
     if node.op not in ("call_method", "call_function"):
         return None
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    inplace = (name.endswith("_") and not name.startswith("_")) or f"__{name.strip('_')}__" in _INPLACE_OPERATORS \
-        or node.kwargs.get("inplace") is True
-    target = node.kwargs.get("out") if isinstance(node.kwargs.get("out"), fx.Node) else \
-        (node.args[0] if inplace and node.args and isinstance(node.args[0], fx.Node) else None)
-    return target
+    if isinstance(node.kwargs.get("out"), fx.Node):
+        return node.kwargs["out"]
+    inplace = changes_in_place(name, node.kwargs)
+    return node.args[0] if inplace and node.args and isinstance(node.args[0], fx.Node) else None
 
 
 def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozenset) -> list:
     """Nodes computed from a frozen parameter and from nothing that requires grad, in graph order.
 
-    The set is closed under ancestors among computing nodes, hence convex, so it can be fused into one region.
-    A tensor changed in place by one that requires grad (`h.add_(prompt)` on a frozen layer's output) requires grad
-    from then on, and so do its views (they share its storage: Dynamo's example values say which): the frozen
-    layers reading it afterwards stay out of the region (the node they read is the one from before the change, so
-    the dataflow alone would put them in, and fused, ahead of the change).
+    The set is closed under ancestors among computing nodes, hence convex, so it can be fused into one region,
+    which runs where the region's first node was. A tensor changed in place (its views with it: they share its
+    storage, which Dynamo's example values tell) by a value that requires grad (`h.add_(prompt)` on a frozen
+    layer's output), or after a node outside the region read it (`t = h + prompt; h.mul_(2)`), leaves the region
+    from that change on, with every node reading it: the dataflow alone would put the frozen layers reading it
+    after the change in the region (the node they read is the one from before it), and fused, ahead of the change
+    or of the outside read.
     """
     needs_grad, from_frozen = set(), set()
-    by_storage: dict = {}  # storage of a node's example value -> the nodes viewing it so far
+    by_storage: dict = {}    # storage of a node's example value -> the nodes viewing it so far
+    read_outside = set()     # storages that a node outside the region has read
     for node, (name, example) in placeholders.items():
         is_param = isinstance(example, torch.nn.Parameter)
         if name in frozen_names and is_param:
@@ -192,15 +191,19 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
         if storage is not None:
             by_storage.setdefault(storage, []).append(node)
         inputs = node.all_input_nodes
-        if any(i in needs_grad for i in inputs):
-            changed = mutated_argument(node)
-            if changed is not None and changed not in needs_grad:
-                key = torch_private.storage_key(changed.meta.get("example_value"))
+        changed = mutated_argument(node)
+        if changed is not None and changed not in needs_grad:
+            key = torch_private.storage_key(changed.meta.get("example_value"))
+            if any(i in needs_grad for i in inputs) or (key is not None and key in read_outside):
                 needs_grad.update([changed, *by_storage.get(key, ())] if key is not None else [changed])
+        if any(i in needs_grad for i in inputs):
             needs_grad.add(node)
         elif any(i in from_frozen for i in inputs):
             from_frozen.add(node)
             region.append(node)
+            continue
+        read_outside.update(k for k in (torch_private.storage_key(i.meta.get("example_value")) for i in inputs)
+                            if k is not None)
     return region
 
 

@@ -21,6 +21,7 @@ import weakref
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..inplace import changes_in_place
 from ..torch_private import rng_states, same_rng, tree_flatten
 
 _T = torch.Tensor
@@ -28,9 +29,6 @@ _METADATA = {_T.size, _T.dim, _T.numel, _T.__len__, _T.stride, _T.is_floating_po
              _T.is_contiguous, _T.element_size, _T.nelement, _T.ndimension, _T.get_device, _T.storage_offset}
 _METADATA_PROPERTIES = {_T.shape, _T.dtype, _T.device, _T.ndim, _T.requires_grad, _T.is_cuda, _T.layout,
                         _T.is_sparse, _T.is_quantized, _T.is_meta, _T.is_leaf}
-_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
-                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
-                    "__imatmul__"}
 
 
 def _is_metadata(func) -> bool:
@@ -39,8 +37,7 @@ def _is_metadata(func) -> bool:
 
 def _by_name(func, kwargs) -> bool:
     """In place by name (the version check below also sees `inplace=True` functionals and custom ops)."""
-    name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS or "out" in kwargs
+    return changes_in_place(getattr(func, "__name__", ""), kwargs)
 
 
 def _tensors(obj):
