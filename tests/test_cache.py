@@ -1913,3 +1913,35 @@ def test_a_small_data_edit_of_a_float64_weight_is_seen():
     with torch.no_grad():
         expected = model[2](model[1](model[0](x)))
     assert torch.equal(fm(x), expected)
+
+
+@pytest.mark.parametrize("how", ["replaced", "changed unseen"])
+def test_a_prefix_that_changes_its_buffers_at_every_call_is_not_cached(how):
+    """`self.count = self.count + 1` in a frozen unit (a new tensor in the slot each call), or a change no version
+    counter sees (`.data` in the forward; QAT's fused observer ops): the cache kept serving-analysis runs that
+    moved the counter 4 more times per call signature, and blamed "mixes samples" for state it moved itself."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x):
+            if how == "replaced":
+                self.count = self.count + 1
+            else:
+                self.count.data.add_(1)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Counting(), nn.ReLU(), nn.Linear(4, 2))
+    ref, x = copy.deepcopy(model), torch.randn(8, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual",
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0.0, store_deeper_after=0))
+    fm.freeze("0")
+    ref[0].requires_grad_(False)
+    ref[0].eval()
+    for _ in range(3):
+        assert torch.equal(fm(x), ref(x))
+    assert model[0].count.item() == ref[0].count.item() == 3
+    assert "buffers" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0

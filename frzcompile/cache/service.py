@@ -325,6 +325,11 @@ def content_digest(tensors) -> bytes:
     return b"".join(torch.stack(sums).cpu().numpy().tobytes() for sums in by_device.values())
 
 
+def _buffer_slots(modules: dict) -> dict:
+    """(module path, buffer name) -> the tensor in that slot, for these modules."""
+    return {(path, name): b for path, m in modules.items() for name, b in m._buffers.items()}
+
+
 def _sync(tensors):
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
@@ -650,6 +655,8 @@ class ActivationCache(Service):
             shallow_top = self._modules(other.prefix).top
             real = [path for path in top if path not in shallow_top]
         before = mods.state.named()
+        slots = _buffer_slots(mods.guarded)
+        digest = content_digest([b for b in slots.values() if b is not None])
         inputs = [(i, t, torch_private.tensor_version(t)) for i, t in enumerate(sig.leaves)
                   if isinstance(t, torch.Tensor)]
         with Interception(top, watch=probe, others=mods.others, serve=served, real=real, keep=True) as ic:
@@ -667,6 +674,15 @@ class ActivationCache(Service):
         if changed:
             result.problems.append(f"the forward sets attributes ({', '.join(changed)}) of the frozen prefix or "
                                    "the modules around it, which serving (or the cache's own runs) would not do alike")
+        now = _buffer_slots(mods.guarded)
+        replaced = sorted(".".join(filter(None, key)) for key in set(slots) | set(now) if slots.get(key) is not now.get(key))
+        if replaced:  # (`self.count = self.count + 1`, a carried state: a new tensor in the slot each call)
+            result.problems.append(f"the forward replaces buffers ({', '.join(replaced[:3])}) of the frozen prefix or "
+                                   "the modules around it at each call, which serving would not do")
+        elif not result.problems and content_digest([b for b in now.values() if b is not None]) != digest:
+            result.problems.append("the forward changes buffers of the frozen prefix or the modules around it in place "
+                                   "without torch's version counters seeing it (fused observer and fake-quantize ops "
+                                   "of quantization-aware training), which serving would not do")
         plan = self._analyse(prefix, sig, ic, result, args, kwargs)
         if shallower is not None:  # its served calls ran nothing the probe could see read an argument
             plan.unread &= shallower[0].unread
