@@ -104,7 +104,9 @@ def _export(model, args, kwargs, unit_names):
     level = shapes_log.level
     shapes_log.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            # (a forward keeping `self.last = h`: capture puts the attribute back, so export's advice is noise)
+            warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
             ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     finally:
         shapes_log.setLevel(level)
@@ -134,7 +136,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     try:
         # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
         # and a forward that updates a buffer at every call (a step counter) as without it
-        with forked_rng(module_generators(model)), buffers_kept(model), _fast_path_off():
+        with forked_rng(module_generators(model)), buffers_kept(model), _attributes_kept(model), _fast_path_off():
             methods = METHODS if method == "auto" else (method,)
             graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
             try:
@@ -189,6 +191,28 @@ def traceless(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def _attributes_kept(model: torch.nn.Module):
+    """Tensors a forward keeps on its modules as plain attributes (`self.last = h.detach()`), as they were before
+    the block: capture's runs must not leave a traced value (an fx Proxy, which fails the next real call that reads
+    it) or the example's activations behind. Other attributes stay (a lazy module's sizes, set as it
+    materialises)."""
+    def held(value):
+        return isinstance(value, (torch.Tensor, fx.Proxy))
+
+    saved = [(m, {k: v for k, v in m.__dict__.items() if held(v)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, values in saved:
+            for key, value in list(m.__dict__.items()):
+                if held(value) and values.get(key) is not value:
+                    if key in values:
+                        m.__dict__[key] = values[key]
+                    else:
+                        del m.__dict__[key]
+
+
+@contextlib.contextmanager
 def buffers_kept(model: torch.nn.Module):
     """The model's buffers and parameters (the objects and their values) as they were before the block, for
     frzcompile's own runs of the forward (capture's, the FLOP count's): a forward may update a buffer at every
@@ -199,7 +223,10 @@ def buffers_kept(model: torch.nn.Module):
     for kind in ("_buffers", "_parameters"):  # buffers first: a forward updates them far more often
         for m in model.modules():
             for name, b in getattr(m, kind).items():
-                if b is None or torch.nn.parameter.is_lazy(b):  # (a lazy module's, not materialised yet)
+                if b is None:  # (a slot registered empty, which a forward may fill: emptied again)
+                    saved.append((m, kind, name, None, None, None))
+                    continue
+                if torch.nn.parameter.is_lazy(b):  # (a lazy module's, not materialised yet)
                     continue
                 size = b.numel() * b.element_size()
                 # not copied: a preallocated key/value cache beyond the budget; a meta tensor has no values
@@ -214,6 +241,8 @@ def buffers_kept(model: torch.nn.Module):
                 held = getattr(m, kind)
                 if held.get(name) is not b:
                     held[name] = b
+                if b is None:
+                    continue
                 if value is None:
                     if tensor_version(b) != version and not b.is_meta:
                         warnings.warn(f"frzcompile: frzcompile's own run of the forward changed {name!r} of "

@@ -1085,3 +1085,34 @@ def test_two_frozen_modules_sharing_a_backbone_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         frzcompile.optimize(nn.Sequential(backbone, nn.Linear(8, 3)), (x,), policy="manual")
+
+
+def test_capture_leaves_no_traced_value_on_the_models_modules():
+    """A forward that keeps `self.last = h.detach()` (a plain attribute, or a buffer registered empty) and reads it
+    back at the next call: symbolic_trace left an fx Proxy there and the first real call failed inside fx; other
+    captures left the example's activations (outputs 0.023 off eager at the first call)."""
+    class Carry(nn.Module):
+        def __init__(self, as_buffer):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            if as_buffer:
+                self.register_buffer("last", None)
+
+        def forward(self, x):
+            h = self.lin(x)
+            last = getattr(self, "last", None)
+            if last is not None and last.shape == h.shape:
+                h = h + 0.5 * last
+            self.last = h.detach()
+            return h
+
+    for as_buffer in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(Carry(as_buffer), nn.Linear(4, 2))
+        ref, x = copy.deepcopy(model), torch.randn(3, 4)
+        fm = frzcompile.optimize(model, (torch.randn(3, 4),), policy="manual")
+        assert getattr(model[0], "last", None) is None and list(model.state_dict()) == list(ref.state_dict())
+        fm.freeze("0")
+        ref[0].requires_grad_(False)
+        for _ in range(2):
+            assert torch.equal(fm(x), ref(x))
