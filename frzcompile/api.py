@@ -15,6 +15,7 @@ from .capture import capture
 from .errors import ConfigError, InputMismatchError, UnitError
 from .policies import ALaST, check_number, make_policy
 from .runtime import FrozenContainer, FrozenModule
+from .runtime.module import check_unbound
 from .runtime.steps import unwrap_optimizer
 from .sparsity.training import SparsityConfig
 from .units import UnitGraph, select_units
@@ -104,6 +105,7 @@ def optimize(
                               "model.parameters()")
     check_number("optimize", "total_steps", total_steps, 0, low_open=True, none=True)
     policy = make_policy(policy)
+    check_unbound(policy)  # (before the capture, which takes a while)
     cache = _option(cache, CacheConfig, "cache")
     compile = _option(compile, CompileConfig, "compile")
     if compile is not None and compile.frozen:
@@ -144,8 +146,8 @@ def optimize(
                           "optimizer step, and its plan stays applied). Keep one: `del` the other (its hooks go "
                           "with it) or call its release(), or call optimize() once.", UserWarning, stacklevel=2)
             break
-        part = module.__dict__.get(PART_OF)
-        if isinstance(part, _Owner) and part.holds_part(module):
+        parts = module.__dict__.get(PART_OF)
+        if isinstance(parts, list) and any(isinstance(p, _Owner) and p.holds_part(module) for p in parts):
             warnings.warn(f"frzcompile: {'this model' if module is model else f'its submodule {path!r}'} is also part "
                           "of the model of another live FrozenModule (a shared backbone?): both act on its "
                           "parameters, and neither sees what the other freezes or thaws (nor its train/eval "
@@ -156,8 +158,10 @@ def optimize(
     fm = cls(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
              compile_config=None if alast else compile)
     model.__dict__[OWNER] = owner = _Owner(fm)
-    for module in model.modules():
-        module.__dict__[PART_OF] = owner
+    for module in model.modules():  # (every live FrozenModule whose model holds it: one, unless shared)
+        parts = module.__dict__.get(PART_OF)
+        module.__dict__[PART_OF] = [p for p in (parts if isinstance(parts, list) else [])
+                                    if isinstance(p, _Owner) and p.alive()] + [owner]
     if sparsity is not None:
         from .runtime.module import weak_method
         from .sparsity.training import SparseTraining
@@ -176,7 +180,7 @@ def optimize(
 
 
 OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule made for it (weakly)
-PART_OF = "_frzcompile_part_of"  # each module's attribute: the same, for the model it is part of
+PART_OF = "_frzcompile_part_of"  # each module's attribute: the same, for each model it is part of
 
 
 def optimized_by(model):
@@ -198,6 +202,10 @@ class _Owner:
     def holds(self, model) -> bool:
         fm = self.ref() if self.ref is not None else None
         return fm is not None and fm.__dict__.get("_model") is model and not fm.released
+
+    def alive(self) -> bool:
+        fm = self.ref() if self.ref is not None else None
+        return fm is not None and not fm.released
 
     def holds_part(self, module) -> bool:
         """Whether `module` is still inside the model of the live FrozenModule."""

@@ -1080,7 +1080,10 @@ def test_two_frozen_modules_sharing_a_backbone_are_warned_about():
     x = torch.randn(4, 4)
     fa = frzcompile.optimize(task_a, (x,), policy="manual")
     with pytest.warns(UserWarning, match="'0' is also part of the model of another live FrozenModule"):
-        frzcompile.optimize(task_b, (x,), policy="manual")
+        fb = frzcompile.optimize(task_b, (x,), policy="manual")
+    fb.release()
+    with pytest.warns(UserWarning, match="also part of the model of another live FrozenModule"):  # fa's, still
+        frzcompile.optimize(nn.Sequential(backbone, nn.Linear(8, 3)), (x,), policy="manual")
     fa.release()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -9,7 +9,7 @@ ROOT = Path(__file__).parents[1] / "frzcompile"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never of higher ones.
 LAYERS = [
-    ["errors", "torch_private", "numerics", "modes", "zoo", "data"],
+    ["errors", "torch_private", "numerics", "modes", "inplace", "zoo", "data"],
     ["kernels", "sparsity.masks", "sparsity.early_bird", "sparsity.sieve", "sparsity", "predictor", "tokens.select",
      "tokens"],
     ["capture", "units", "passes", "policies", "safety", "backend"],

@@ -35,6 +35,15 @@ NO_LOSS_WARNING_STEPS = 50    # steps without any loss signal before frzcompile 
 BOUND_TO = "_frzcompile_bound_to"  # a policy's attribute: a weak reference to the FrozenModule it decides for
 
 
+def check_unbound(policy) -> None:
+    """A policy object decides for one FrozenModule at a time: it keeps its run's state."""
+    driving = getattr(policy, BOUND_TO, lambda: None)()
+    if driving is not None and not driving.released:
+        raise PolicyError(f"this {type(policy).__name__} object already decides for another FrozenModule, and a "
+                          "policy keeps its run's state (its step counts, windows, total_steps): give each "
+                          "optimize() its own (a name, or a new object), or fm.release() the other first")
+
+
 def _call_model(model, args, kwargs):
     return model(*args, **kwargs)
 
@@ -167,11 +176,7 @@ class FrozenModule(nn.Module):
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
         state["_view"] = TrainingView(weakref.proxy(self))
-        driving = getattr(policy, BOUND_TO, lambda: None)()
-        if driving is not None and not driving.released:
-            raise PolicyError(f"this {type(policy).__name__} object already decides for another FrozenModule, and "
-                              "a policy keeps its run's state (its step counts, windows, total_steps): give each "
-                              "optimize() its own (a name, or a new object), or fm.release() the other first")
+        check_unbound(policy)
         policy.bind(self._view)
         setattr(policy, BOUND_TO, weakref.ref(self))
         # the loss signal is read by policies with safety rules only
