@@ -630,6 +630,10 @@ class ALaST(Policy):
                 self.log = self.log[::2]
         self.next = self._draw(excluded)
 
+    def redraw(self, excluded) -> tuple:
+        """The draw waiting for the next training call, made again without `excluded` (the plan changed)."""
+        return self._draw(excluded)
+
     def advance(self) -> tuple:
         """This iteration's layers: the last draw takes effect at the first training call after its step."""
         if self.next is not None:

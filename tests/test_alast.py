@@ -725,3 +725,63 @@ def test_a_layer_frozen_by_hand_while_not_drawn_trains_again_after_its_thaw():
         opt.step()
         opt.zero_grad()
     assert undrawn[0] in drawn
+
+
+def _by_hand_pair(budget=1.0, k=None):
+    """(model, fm, opt, eager copy, its opt) at a budget of 1 (ALaST then trains like full fine-tuning), dropout
+    off, plain SGD (no state for a freeze to drop): the eager copy is frozen by hand as fm is."""
+    model, fm, _ = _optimized(frzcompile.ALaST(budget=budget, k=k), layers=3, dropout=0.0)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    return model, fm, opt, ref, ref_opt
+
+
+def _step(net, opt, seed, zero=True):
+    ids, mask, y = _batch(seed)
+    F.cross_entropy(net(input_ids=ids, attention_mask=mask).logits, y).backward()
+    if zero:
+        opt.step()
+        opt.zero_grad()
+
+
+def test_alast_keeps_the_plans_gradients_thaws_at_once_and_the_users_flags():
+    """Found by a new user's probes: a freeze between backward and step lost the layer's pending gradients (by hand
+    they apply once: 0.147 off on a ViT); a layer unfrozen under k=None got no gradient at the next step; a weight
+    set requires_grad_(False) by hand inside a layer trained again after the next fm.freeze."""
+    model, fm, opt, ref, ref_opt = _by_hand_pair()
+    _step(fm, opt, 0)
+    _step(ref, ref_opt, 0)
+    _step(fm, opt, 1, zero=False)
+    _step(ref, ref_opt, 1, zero=False)
+    fm.freeze("bert.encoder.layer.1")  # between backward and step: this step's gradients still apply
+    ref.bert.encoder.layer[1].requires_grad_(False)
+    ref.bert.encoder.layer[1].eval()
+    for o in (opt, ref_opt):
+        o.step()
+        o.zero_grad()
+    fm.unfreeze("bert.encoder.layer.1")
+    ref.bert.encoder.layer[1].requires_grad_(True)
+    ref.bert.encoder.layer[1].train()
+    model.bert.encoder.layer[2].attention.requires_grad_(False)  # by hand, inside a layer
+    ref.bert.encoder.layer[2].attention.requires_grad_(False)
+    fm.freeze("bert.encoder.layer.0")
+    ref.bert.encoder.layer[0].requires_grad_(False)
+    ref.bert.encoder.layer[0].eval()
+    for seed in (2, 3):
+        _step(fm, opt, seed)
+        _step(ref, ref_opt, seed)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.requires_grad == q.requires_grad and torch.equal(p, q), n
+
+
+def test_a_freeze_of_the_layer_drawn_next_draws_again():
+    """With k=1, freezing the layer drawn for the next step left that step training no layer."""
+    model, fm, opt, _, _ = _by_hand_pair(budget=0.5, k=1)
+    _step(fm, opt, 0)
+    drawn = fm.policy.next
+    fm.freeze(f"bert.encoder.layer.{drawn[0]}")
+    _step(fm, opt, 1, zero=False)
+    trained = [i for i, layer in enumerate(model.bert.encoder.layer) if layer.attention.self.query.weight.grad is not None]
+    assert len(trained) == 1 and trained[0] != drawn[0]

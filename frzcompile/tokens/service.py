@@ -151,8 +151,8 @@ class _TokenForward:
         return getattr, (self._layer(), "forward")
 
 
-def _release(handles, modules, plan, params) -> None:
-    """Hooks and compiled forwards off; the layers' parameters back to what the freeze plan says."""
+def _release(handles, modules, plan, params, was) -> None:
+    """Hooks and compiled forwards off; the parameters ALaST switched off for a step back to their flags."""
     for h in handles:
         h.remove()
     for m in modules:
@@ -160,8 +160,9 @@ def _release(handles, modules, plan, params) -> None:
             del m.__dict__["forward"]
     frozen = {id(p) for p in plan.frozen_params()}
     for p in params:
-        if id(p) not in frozen:
-            p.requires_grad_(plan.trainable_by_default(p))
+        if id(p) not in frozen and id(p) in plan.switched_off:
+            p.requires_grad_(was.get(id(p), plan.trainable_by_default(p)))
+    plan.switched_off.clear()
 
 
 class LayerBudgets(Service):
@@ -191,6 +192,7 @@ class LayerBudgets(Service):
         self._applied = False  # whether layers not drawn for this iteration are set not to require grad
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
+        self._was = {}        # id of a parameter switched off for this step -> its flag before (the user's)
         self._warned_unsafe = False
         problem = next((f"layer {n}: {why}" for n in names if len(unit_graph.units[n].roots) == 1 and
                         (why := token_order_problem(unit_graph.units[n].roots[0]))), "")
@@ -244,7 +246,8 @@ class LayerBudgets(Service):
                 for p in layer.parameters():
                     self._handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: drop(i, p)))
         params = [p for m in self.modules for p in m.parameters()]
-        self._finalizer = weakref.finalize(self, _release, self._handles, list(self.modules), self.plan, params)
+        self._finalizer = weakref.finalize(self, _release, self._handles, list(self.modules), self.plan, params,
+                                           self._was)
 
     def _unhook(self) -> None:
         if self._finalizer is not None:
@@ -384,16 +387,22 @@ class LayerBudgets(Service):
         self._reset_step()
 
     def _apply_selection(self) -> None:
-        """Layers not drawn for this iteration stop requiring grad; drawn ones get their plan's setting back
-        (compiled: every layer keeps its plan's setting, see the module's docstring)."""
-        units = self.unit_graph.units
+        """Layers not drawn for this iteration stop requiring grad; drawn ones get back the flags they had
+        before (the user's: one set by hand stays as set) (compiled: every layer keeps its setting, see the
+        module's docstring)."""
+        units, off = self.unit_graph.units, self.plan.switched_off
         for i, name in enumerate(self.layers):
             if name in self.plan.frozen:
                 continue
             trained = i in self.trained or self.compile_config is not None
             for p in units[name].params:
-                p.requires_grad_(self.plan.trainable_by_default(p) if trained else False)
-                (self.plan.switched_off.discard if trained else self.plan.switched_off.add)(id(p))
+                if trained and id(p) in off:
+                    p.requires_grad_(self._was.pop(id(p), self.plan.trainable_by_default(p)))
+                    off.discard(id(p))
+                elif not trained and id(p) not in off:
+                    self._was[id(p)] = p.requires_grad
+                    p.requires_grad_(False)
+                    off.add(id(p))
         self._applied = len(self.trained) < len(self.layers)
 
     def on_optimizer_step(self, optimizer) -> None:
@@ -406,21 +415,33 @@ class LayerBudgets(Service):
         for i, name in enumerate(self.layers):
             if name not in self.plan.frozen and i not in self.trained:
                 for p in units[name].params:
-                    p.requires_grad_(self.plan.trainable_by_default(p))
+                    if id(p) in self.plan.switched_off:
+                        p.requires_grad_(self._was.pop(id(p), self.plan.trainable_by_default(p)))
         self.plan.switched_off.clear()
         self._applied = False
 
     def before_optimizer_step(self, optimizer) -> None:
         # a zero gradient left by zero_grad(set_to_none=False) would still move Adam's moments and weight decay
+        # (a layer the plan froze keeps what the plan keeps: the gradients of the step in flight, as by hand)
         units = self.unit_graph.units
         for i, name in enumerate(self.layers):
-            if i not in self.trained:
+            if i not in self.trained and name not in self.plan.frozen:
                 for p in units[name].params:
                     p.grad = None
 
     def on_plan(self, change, analysis) -> None:
-        # a unit the plan froze leaves this iteration's layers; one it thawed waits for the next draw
-        self.trained = tuple(i for i in self.trained if self.layers[i] not in self.plan.frozen)
+        # a unit the plan froze leaves this iteration's layers; one it thawed trains at once when every free layer
+        # trains (k unset), else waits for the next draw; a draw still waiting that holds a layer frozen now is
+        # made again (it left a step training none)
+        free = tuple(i for i, name in enumerate(self.layers) if name not in self.plan.frozen)
+        if self.policy.layers_per_step >= len(free):
+            self.trained = free
+        else:
+            self.trained = tuple(i for i in self.trained if self.layers[i] not in self.plan.frozen)
+        waiting = self.policy.next
+        if waiting is not None and (any(self.layers[i] in self.plan.frozen for i in waiting) or
+                                    self.policy.layers_per_step >= len(free)):
+            self.policy.next = self.policy.redraw(self.plan.frozen)
         self._apply_selection()
 
     def on_structure_change(self) -> None:
