@@ -150,9 +150,11 @@ class TrainingView:
 
 
 class Policy:
-    """Base class. Subclasses override `decide`, and `state_dict`/`load_state_dict` if they keep state."""
+    """Base class. Subclasses override `decide`, and `state_dict`/`load_state_dict` if they keep state.
+    `reads_loss`: whether `view.losses()` is collected for it (one reading per training step; False saves it)."""
 
     name = "policy"
+    reads_loss = True
 
     def bind(self, view: TrainingView) -> None:
         """Called once by `optimize`, with the units known; validate options here."""
@@ -184,6 +186,7 @@ class Manual(Policy):
     """Never changes the plan by itself: `fm.freeze(...)` / `fm.unfreeze(...)` do."""
 
     name = "manual"
+    reads_loss = False
 
 
 def check_number(where: str, name: str, value, low=None, high=None, *, integer=False, low_open=False,
@@ -216,6 +219,7 @@ class Linear(Policy):
     """
 
     name = "linear"
+    reads_loss = False
 
     def __init__(self, total_steps: int | None = None, freeze_start: float = 0.5, freeze_level: float = 1.0):
         self.total_steps = check_number("linear", "total_steps", total_steps, 0, low_open=True, none=True)
@@ -260,6 +264,7 @@ class AutoFreeze(Policy):
     """
 
     name = "autofreeze"
+    reads_loss = False
 
     def __init__(self, interval: int = 50, percentile: float = 50.0):
         self.interval = check_number("autofreeze", "interval", interval, 1, integer=True)
@@ -361,6 +366,10 @@ class SmartFRZ(Policy):
             self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
         self._numel = {u: view.numel(u) for u in view.units}
+
+    @property
+    def reads_loss(self) -> bool:  # (the safety rules read it; the predictor alone does not)
+        return self.safeguard is not None
 
     def rebind(self, view):
         """A unit whose size changed (a new head) starts its snapshot window again."""
@@ -548,6 +557,7 @@ class ALaST(Policy):
     """
 
     name = "alast"
+    reads_loss = False
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
                  layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto"):

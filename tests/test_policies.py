@@ -214,3 +214,27 @@ def test_unfreezing_a_unit_whose_parameters_were_frozen_before_says_they_stay_fr
     with pytest.warns(UserWarning, match="stay frozen"):
         fm.unfreeze("0")
     assert not model[0].weight.requires_grad and fm.frozen == ()
+
+
+def test_a_custom_policy_reads_the_loss():
+    """The README says the view gives a policy the losses: a Policy subclass got None at every step (the signal
+    was collected only for policies with safety rules)."""
+    class Watching(frzcompile.Policy):
+        def decide(self, view):
+            self.seen = view.losses()
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    policy = Watching()
+    fm = frzcompile.optimize(model, (torch.randn(4, 4),), optimizer=opt, policy=policy)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 0, 1])
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(fm(x), y)
+        loss.backward()
+        fm.observe_loss(loss)
+        opt.step()
+        opt.zero_grad()
+    assert len(policy.seen) == 3 and all(v is not None for v in policy.seen)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    assert not frzcompile.optimize(other, (torch.randn(4, 4),), policy="linear",
+                                   total_steps=4)._loss.enabled  # (the shipped policies that read none skip it)

@@ -180,7 +180,7 @@ class FrozenModule(nn.Module):
         policy.bind(self._view)
         setattr(policy, BOUND_TO, weakref.ref(self))
         # the loss signal is read by policies with safety rules only
-        self._loss.enabled = getattr(policy, "safeguard", None) is not None
+        self._loss.enabled = bool(getattr(policy, "reads_loss", True))
         # `inspect.signature(fm.forward)` is the model's (Hugging Face Trainer reads it to pick input columns)
         forward = functools.partial(FrozenModule.forward, weakref.proxy(self))
         try:
