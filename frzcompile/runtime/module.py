@@ -179,7 +179,7 @@ class FrozenModule(nn.Module):
         check_unbound(policy)
         policy.bind(self._view)
         setattr(policy, BOUND_TO, weakref.ref(self))
-        # the loss signal is read by policies with safety rules only
+        # the loss signal is collected for the policies that read it (Policy.reads_loss)
         self._loss.enabled = bool(getattr(policy, "reads_loss", True))
         # `inspect.signature(fm.forward)` is the model's (Hugging Face Trainer reads it to pick input columns)
         forward = functools.partial(FrozenModule.forward, weakref.proxy(self))
