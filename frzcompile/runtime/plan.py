@@ -27,7 +27,7 @@ log = logging.getLogger("frzcompile")
 
 
 
-class _ByParameter:
+class ByParameter:
     """parameter -> value, keyed by the parameter's id with a weak reference that a lookup checks: an id outlives
     its tensor and CPython gives it to the next one (a layer swapped in twice took the old layer's flags). A dict
     lookup (ALaST reads every layer parameter's flag at each call; torch's WeakIdKeyDictionary costs 20x more)."""
@@ -47,6 +47,11 @@ class _ByParameter:
     def __contains__(self, p) -> bool:
         entry = self._entries.get(id(p))
         return entry is not None and entry[0]() is p
+
+    def pop(self, p, default=None):
+        value = self.get(p, default)
+        self._entries.pop(id(p), None)
+        return value
 
 @dataclass(frozen=True)
 class PlanChange:
@@ -76,7 +81,7 @@ class FreezePlan:
         self.frozen: frozenset = frozenset()
         self.since: dict = {}
         self.changes: list = []  # (step, frozen units in order, reason)
-        self._initial_requires_grad = _ByParameter(  # parameter -> its flag to give back
+        self._initial_requires_grad = ByParameter(  # parameter -> its flag to give back
             (p, p.requires_grad) for u in unit_graph.units.values() for p in u.params)
         self._default_by_name = {n: p.requires_grad for u in unit_graph.units.values()
                                  for n, p in zip(u.param_names, u.params)}  # what a replacement inherits

@@ -33,6 +33,7 @@ from torch import nn
 from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import plain_forward, weak_method
+from ..runtime.plan import ByParameter
 from ..runtime.services import FORWARD_MARK, Service
 from .select import (cls_attention, gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens,
                      top_tokens, valid_tokens)
@@ -161,7 +162,7 @@ def _release(handles, modules, plan, params, was) -> None:
     frozen = {id(p) for p in plan.frozen_params()}
     for p in params:
         if id(p) not in frozen and id(p) in plan.switched_off:
-            p.requires_grad_(was.get(id(p), plan.trainable_by_default(p)))
+            p.requires_grad_(was.get(p, plan.trainable_by_default(p)))
     plan.switched_off.clear()
 
 
@@ -192,7 +193,7 @@ class LayerBudgets(Service):
         self._applied = False  # whether layers not drawn for this iteration are set not to require grad
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
-        self._was = {}        # id of a parameter switched off for this step -> its flag before (the user's)
+        self._was = ByParameter()  # a parameter switched off for this step -> its flag before (the user's)
         self._warned_unsafe = False
         problem = next((f"layer {n}: {why}" for n in names if len(unit_graph.units[n].roots) == 1 and
                         (why := token_order_problem(unit_graph.units[n].roots[0]))), "")
@@ -397,10 +398,10 @@ class LayerBudgets(Service):
             trained = i in self.trained or self.compile_config is not None
             for p in units[name].params:
                 if trained and id(p) in off:
-                    p.requires_grad_(self._was.pop(id(p), self.plan.trainable_by_default(p)))
+                    p.requires_grad_(self._was.pop(p, self.plan.trainable_by_default(p)))
                     off.discard(id(p))
                 elif not trained and id(p) not in off:
-                    self._was[id(p)] = p.requires_grad
+                    self._was[p] = p.requires_grad
                     p.requires_grad_(False)
                     off.add(id(p))
         self._applied = len(self.trained) < len(self.layers)
@@ -416,7 +417,7 @@ class LayerBudgets(Service):
             if name not in self.plan.frozen and i not in self.trained:
                 for p in units[name].params:
                     if id(p) in self.plan.switched_off:
-                        p.requires_grad_(self._was.pop(id(p), self.plan.trainable_by_default(p)))
+                        p.requires_grad_(self._was.pop(p, self.plan.trainable_by_default(p)))
         self.plan.switched_off.clear()
         self._applied = False
 
