@@ -199,18 +199,22 @@ class _Owner:
     def __init__(self, fm=None):
         self.ref = weakref.ref(fm) if fm is not None else None
 
-    def holds(self, model) -> bool:
+    def _live(self):
+        """The FrozenModule, unless it is gone or released."""
         fm = self.ref() if self.ref is not None else None
-        return fm is not None and fm.__dict__.get("_model") is model and not fm.released
+        return fm if fm is not None and not fm.released else None
 
     def alive(self) -> bool:
-        fm = self.ref() if self.ref is not None else None
-        return fm is not None and not fm.released
+        return self._live() is not None
+
+    def holds(self, model) -> bool:
+        fm = self._live()
+        return fm is not None and fm.__dict__.get("_model") is model
 
     def holds_part(self, module) -> bool:
         """Whether `module` is still inside the model of the live FrozenModule."""
-        fm = self.ref() if self.ref is not None else None
-        return fm is not None and not fm.released and any(m is module for m in fm.__dict__["_model"].modules())
+        fm = self._live()
+        return fm is not None and any(m is module for m in fm.__dict__["_model"].modules())
 
     def __reduce__(self):
         return type(None), ()
