@@ -176,8 +176,7 @@ class FrozenModule(nn.Module):
                                       weak_method(self._after_optimizer_step), weak_method(self._count_step),
                                       optimizers)
         state["_view"] = TrainingView(weakref.proxy(self))
-        check_unbound(policy)
-        policy.bind(self._view)
+        policy.bind(self._view)  # (optimize() checked that no other FrozenModule holds it: check_unbound)
         setattr(policy, BOUND_TO, weakref.ref(self))
         # the loss signal is collected for the policies that read it (Policy.reads_loss)
         self._loss.enabled = bool(getattr(policy, "reads_loss", True))
