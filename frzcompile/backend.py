@@ -172,7 +172,10 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
     layer's output), or after a node outside the region read it (`t = h + prompt; h.mul_(2)`), leaves the region
     from that change on, with every node reading it: the dataflow alone would put the frozen layers reading it
     after the change in the region (the node they read is the one from before it), and fused, ahead of the change
-    or of the outside read.
+    or of the outside read. The region also stays between two switches of a global mode (`with torch.no_grad()`,
+    autocast... inside the forward: torch_private.global_state_targets): fusing moves the nodes that read the
+    region after its last node, which would take them out of their `no_grad` block. Of the stretches between
+    switches, the first holding region nodes is kept (a frozen prefix's).
     """
     needs_grad, from_frozen = set(), set()
     by_storage: dict = {}    # storage of a node's example value -> the nodes viewing it so far
@@ -183,9 +186,13 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
             from_frozen.add(node)
         elif isinstance(example, torch.Tensor) and example.requires_grad:
             needs_grad.add(node)
-    region = []
+    region = []              # (stretch between global-mode switches, node)
+    switches, stretch = torch_private.global_state_targets(), 0
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_function" and node.target in switches:
+            stretch += 1
             continue
         storage = torch_private.storage_key(node.meta.get("example_value"))
         if storage is not None:
@@ -200,11 +207,12 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
             needs_grad.add(node)
         elif any(i in from_frozen for i in inputs):
             from_frozen.add(node)
-            region.append(node)
+            region.append((stretch, node))
             continue
         read_outside.update(k for k in (torch_private.storage_key(i.meta.get("example_value")) for i in inputs)
                             if k is not None)
-    return region
+    first = region[0][0] if region else None
+    return [node for s, node in region if s == first]
 
 
 def recompile_reason(record: GraphCompile, earlier) -> str:

@@ -25,7 +25,7 @@ __all__ = [
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
     "share_module_state", "structure_ids", "inside_functional_call",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
-    "fuse_by_partitions", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
+    "fuse_by_partitions", "global_state_targets", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
     "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions",
     "autocast_kept"
@@ -425,6 +425,38 @@ def fuse_by_partitions(gm, partitions, prefix):
 
 
 # -- Dynamo and Inductor (checked on 2.13.0) -------------------------------------------------------------------
+# the calls Dynamo records for context managers that switch global state (variables/ctx_manager.py): grad and
+# inference mode, autocast, saved-tensor hooks, functorch levels, the SDPA backend
+GLOBAL_STATE_CALLS = (
+    "torch._C._set_grad_enabled", "torch._C._set_fwd_grad_enabled",
+    "torch.autograd.grad_mode._enter_inference_mode", "torch.autograd.grad_mode._exit_inference_mode",
+    "torch.amp._enter_autocast", "torch.amp._exit_autocast",
+    "torch._C._autograd._saved_tensors_hooks_disable", "torch._C._autograd._saved_tensors_hooks_enable",
+    "torch._C._functorch._grad_increment_nesting", "torch._C._functorch._grad_decrement_nesting",
+    "torch._C._functorch.push_dynamic_layer_stack", "torch._C._functorch.pop_dynamic_layer_stack",
+    "torch._C._functorch.set_inplace_requires_grad_allowed",
+    "torch._functorch.predispatch._enter_dual_level", "torch._functorch.predispatch._exit_dual_level",
+    "torch._functorch.predispatch._jvp_increment_nesting", "torch._functorch.predispatch._jvp_decrement_nesting",
+    "torch._functorch.predispatch._vmap_increment_nesting", "torch._functorch.predispatch._vmap_decrement_nesting",
+    "torch.nn.attention._sdpa_kernel",
+)
+
+
+def global_state_targets() -> set:
+    """The functions of GLOBAL_STATE_CALLS this torch has (a node calling one switches a global mode for the
+    nodes after it: nothing may move across it)."""
+    found = set()
+    for dotted in GLOBAL_STATE_CALLS:
+        obj = torch
+        for part in dotted.split(".")[1:]:
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            found.add(obj)
+    return found
+
+
 def recompile_limit() -> int:
     import torch._dynamo
 

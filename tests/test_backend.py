@@ -166,6 +166,43 @@ def test_a_tensor_changed_in_place_by_a_trained_one_keeps_its_gradient(form):
     assert region == {"relu": ["linear", "relu"], "setitem": ["linear", "getitem"]}.get(form, ["linear"])
 
 
+class Teacher(nn.Module):
+    """A trained teacher applied under `torch.no_grad()` to a frozen layer's output, with frozen work after the
+    block (the detached read of the frozen output: BYOL, a no-grad prototype update)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.teacher, self.b = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            t = self.teacher(h)
+        d = h.detach() * 2.0  # (frozen work after the block)
+        return self.b(h) + 0 * self.teacher(d).sum(), t
+
+
+def test_the_region_keeps_out_of_a_no_grad_block_in_the_forward():
+    """Fusing the region (the frozen `a` and the frozen work after the `no_grad` block) moved the teacher's call,
+    which reads `a`'s output, after the block: `t` came back requiring grad and the teacher got gradients. The
+    region now stays between global-mode switches."""
+    torch.manual_seed(0)
+    model = Teacher()
+    model.a.requires_grad_(False)
+    ref, x = copy.deepcopy(model), torch.randn(3, 4)
+    torch._dynamo.reset()
+    out, t = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})(x)
+    ref_out, ref_t = ref(x)
+    assert not t.requires_grad and torch.equal(t, ref_t) and torch.equal(out, ref_out)
+    out.sum().backward()
+    ref_out.sum().backward()
+    assert torch.equal(model.teacher.weight.grad, ref.teacher.weight.grad)  # (the second, grad-enabled call's)
+    record = backend.graphs_for(model)[-1]
+    region = [n.target.__name__ for n in record.gm.frozen_prefix.graph_module.graph.nodes
+              if n.op == "call_function"]
+    assert region == ["linear"]  # the stretch before the block: `a` (the rewrite fired)
+
+
 def train_pair(compile_options, events, steps=8):
     """Train a FrozenModule compiled with the backend and an eager copy frozen by hand; return both losses."""
     torch.manual_seed(0)
