@@ -1944,4 +1944,36 @@ def test_a_prefix_that_changes_its_buffers_at_every_call_is_not_cached(how):
     for _ in range(3):
         assert torch.equal(fm(x), ref(x))
     assert model[0].count.item() == ref[0].count.item() == 3
-    assert "buffers" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
+    decision = fm.cache.report()["decision"]
+    assert "buffers" in decision and fm.cache.stats["hits"] == 0
+    assert ("version counters" in decision) == (how == "changed unseen"), decision
+
+
+def test_a_counter_the_model_moves_after_the_prefix_is_named_as_such():
+    """A root buffer counted up after the frozen prefix (`self.calls += 1`, an EMA of the outputs): the cache
+    turned off, as it must (entries are tied to that buffer), but said the change was one torch's version
+    counters do not see (QAT's fused observers)."""
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            out = self.head(self.body(self.inp(x)))
+            self.calls += 1
+            return out
+
+    torch.manual_seed(0)
+    model = Counted()
+    ref, x = copy.deepcopy(model), torch.randn(8, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual",
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0.0, store_deeper_after=0))
+    fm.freeze("inp", "body")
+    ref.inp.requires_grad_(False)
+    ref.body.requires_grad_(False)
+    for _ in range(3):
+        assert torch.equal(fm(x), ref(x))
+    assert model.calls.item() == ref.calls.item() == 3
+    decision = fm.cache.report()["decision"]
+    assert "buffers (calls)" in decision and "version counters" not in decision, decision

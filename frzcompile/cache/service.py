@@ -657,6 +657,7 @@ class ActivationCache(Service):
         before = mods.state.named()
         slots = _buffer_slots(mods.guarded)
         digest = content_digest([b for b in slots.values() if b is not None])
+        versions = {key: torch_private.tensor_version(b) for key, b in slots.items() if b is not None}
         inputs = [(i, t, torch_private.tensor_version(t)) for i, t in enumerate(sig.leaves)
                   if isinstance(t, torch.Tensor)]
         with Interception(top, watch=probe, others=mods.others, serve=served, real=real, keep=True) as ic:
@@ -680,9 +681,16 @@ class ActivationCache(Service):
             result.problems.append(f"the forward replaces buffers ({', '.join(replaced[:3])}) of the frozen prefix or "
                                    "the modules around it at each call, which serving would not do")
         elif not result.problems and content_digest([b for b in now.values() if b is not None]) != digest:
-            result.problems.append("the forward changes buffers of the frozen prefix or the modules around it in place "
-                                   "without torch's version counters seeing it (fused observer and fake-quantize ops "
-                                   "of quantization-aware training), which serving would not do")
+            counted = sorted(".".join(filter(None, key)) for key, version in versions.items()
+                             if torch_private.tensor_version(now[key]) != version)
+            if counted:  # (a counter, or a running statistic of the outputs, updated in the forward)
+                result.problems.append(f"the forward changes buffers ({', '.join(counted[:3])}) of the frozen prefix "
+                                       "or the modules around it in place at each call (a counter or a running "
+                                       "statistic), and entries are tied to their values: none would be served")
+            else:
+                result.problems.append("the forward changes buffers of the frozen prefix or the modules around it in "
+                                       "place without torch's version counters seeing it (fused observer and "
+                                       "fake-quantize ops of quantization-aware training), which serving would not do")
         plan = self._analyse(prefix, sig, ic, result, args, kwargs)
         if shallower is not None:  # its served calls ran nothing the probe could see read an argument
             plan.unread &= shallower[0].unread
