@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from .errors import CaptureError, ConfigError, InputMismatchError
+from .modes import modes_kept
 from .numerics import tree_agree, tree_noise
 from .torch_private import (autocast_kept, forked_rng, forward_hooks_suspended, inline_context_regions,
                             module_generators, record_aten_graph, tensor_version, tree_flatten, tree_unflatten)
@@ -129,18 +130,18 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     # user's batch, once per run of the capture
     args, kwargs = _copies(args), _copies(kwargs)
     kwargs = analysis_kwargs(model, kwargs)
-    was_training = {m: m.training for m in model.modules()}
     # A `forward` set on the instance (accelerate's autocast wrapper, frzcompile's attach) is set aside: the
     # analysis reads the class's forward, whose structure it shares (autocast would hide the units from export).
     instance_forward = model.__dict__.pop("forward", None)
     try:
         # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
         # and a forward that updates a buffer at every call (a step counter) as without it
-        with forked_rng(module_generators(model)), buffers_kept(model), _attributes_kept(model), _fast_path_off():
+        with forked_rng(module_generators(model)), buffers_kept(model), _attributes_kept(model), _fast_path_off(), \
+                modes_kept(model):
             methods = METHODS if method == "auto" else (method,)
             graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
             try:
-                return _capture(model, args, kwargs, unit_names, graphs or methods, name, was_training)
+                return _capture(model, args, kwargs, unit_names, graphs or methods, name)
             except CaptureError as first:
                 if "labels" not in kwargs or not graphs:
                     raise
@@ -149,12 +150,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
                 # a graph of every call rather than a recording of the example's
                 without = {k: v for k, v in kwargs.items() if k != "labels"}
                 try:
-                    captured = _capture(model, args, without, unit_names, graphs, name, was_training)
+                    captured = _capture(model, args, without, unit_names, graphs, name)
                 except (CaptureError, InputMismatchError):
                     if "record" not in methods:
                         raise first from None
                     try:
-                        captured = _capture(model, args, kwargs, unit_names, ("record",), name, was_training)
+                        captured = _capture(model, args, kwargs, unit_names, ("record",), name)
                     except CaptureError as last:
                         raise _refusal(model, first.attempts + last.attempts) from None
                     captured.attempts[:0] = first.attempts
@@ -273,41 +274,38 @@ def _refusal(model, attempts) -> CaptureError:
     )
 
 
-def _capture(model, args, kwargs, unit_names, methods, name, was_training) -> Captured:
+def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
+    # (in eval: the caller keeps every module's mode, modes_kept)
+    model.eval()
     try:
-        model.eval()
-        try:
-            with torch.no_grad():
-                expected = model(*args, **kwargs)
-                again = model(*args, **kwargs)
-        except Exception as exc:
-            raise InputMismatchError(
-                f"{name} cannot run on the example inputs: {short_error(exc)}. Pass example_inputs (and "
-                f"example_kwargs) shaped like one training batch, exactly as you call the model."
-            ) from None
-        noise = tree_noise(again, expected)
+        with torch.no_grad():
+            expected = model(*args, **kwargs)
+            again = model(*args, **kwargs)
+    except Exception as exc:
+        raise InputMismatchError(
+            f"{name} cannot run on the example inputs: {short_error(exc)}. Pass example_inputs (and "
+            f"example_kwargs) shaped like one training batch, exactly as you call the model."
+        ) from None
+    noise = tree_noise(again, expected)
 
-        attempts = []
-        for m in methods:
-            try:
-                # a method that fails says why in `attempts`; its warnings (export's about an LSTM's weights) are
-                # noise for a model another method captures
-                with warnings.catch_warnings(record=True) as said:
-                    warnings.simplefilter("always")
-                    gm = {"symbolic_trace": _symbolic_trace, "export": _export, "record": _record}[m](
-                        model, args, kwargs, unit_names)
-                    with torch.no_grad(), autocast_kept():  # (eval mode: symbolic_trace's leaf modules are its own)
-                        got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
-                if not tree_agree(got, expected, noise):
-                    raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "
-                                       "(beyond the numerical noise of running the model twice)")
-            except Exception as exc:  # each failure is reported, together, if no method works
-                attempts.append((m, short_error(exc)))
-                continue
-            for w in said:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            return Captured(gm=gm, method=m, attempts=attempts, args=tuple(args), kwargs=kwargs)
-        raise _refusal(model, attempts) from None
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
+    attempts = []
+    for m in methods:
+        try:
+            # a method that fails says why in `attempts`; its warnings (export's about an LSTM's weights) are
+            # noise for a model another method captures
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                gm = {"symbolic_trace": _symbolic_trace, "export": _export, "record": _record}[m](
+                    model, args, kwargs, unit_names)
+                with torch.no_grad(), autocast_kept():  # (eval mode: symbolic_trace's leaf modules are its own)
+                    got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
+            if not tree_agree(got, expected, noise):
+                raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "
+                                   "(beyond the numerical noise of running the model twice)")
+        except Exception as exc:  # each failure is reported, together, if no method works
+            attempts.append((m, short_error(exc)))
+            continue
+        for w in said:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return Captured(gm=gm, method=m, attempts=attempts, args=tuple(args), kwargs=kwargs)
+    raise _refusal(model, attempts) from None

@@ -6,6 +6,8 @@ so comparing two graphs of one frame tells which mode change made Dynamo recompi
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -50,3 +52,25 @@ def mode_arguments(graph: fx.Graph) -> dict:
         value = node.kwargs.get(name, node.args[pos] if len(node.args) > pos else None)
         out[node.name] = value if not isinstance(value, fx.Node) else "dynamic"
     return out
+
+
+@contextlib.contextmanager
+def modes_kept(model: torch.nn.Module):
+    """Every module's train/eval flag restored after the block (which runs the model in eval: the capture, a FLOP
+    count). A module the forward created meanwhile (Hugging Face's BigBird swaps new attention modules into its
+    layers for short inputs, in the layer's mode) takes its parent's restored mode: the one it would have been
+    created in without the block."""
+    was = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in was.items():
+            m.training = mode
+        stack = [model]  # parents before children: a new module's new children follow it
+        while stack:
+            parent = stack.pop()
+            for child in parent._modules.values():
+                if child is not None:
+                    if child not in was:
+                        child.training = parent.training
+                    stack.append(child)

@@ -1119,3 +1119,33 @@ def test_capture_leaves_no_traced_value_on_the_models_modules():
         ref[0].requires_grad_(False)
         for _ in range(2):
             assert torch.equal(fm(x), ref(x))
+
+
+def test_a_module_the_forward_creates_during_the_capture_takes_the_mode_it_would_have():
+    """Hugging Face's BigBird swaps new attention modules into its layers for inputs too short for block-sparse
+    attention, each in its layer's mode; the capture runs the model in eval, so they stayed in eval after
+    optimize() and their dropout was off in training (0.009 off eager). They follow their parent's mode now."""
+    class Swapping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+            self.drop = None
+
+        def forward(self, x):
+            if self.drop is None:  # created once, at the first call, in the mode of the model
+                self.drop = nn.Sequential(nn.Dropout(0.5))
+                if not self.training:
+                    self.drop.eval()
+            return self.head(self.drop(self.lin(x)))
+
+    torch.manual_seed(0)
+    model = Swapping()
+    ref, x = copy.deepcopy(model), torch.randn(16, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    assert all(m.training for m in model.modules())
+    for _ in range(2):
+        torch.manual_seed(1)
+        out = fm(x)
+        torch.manual_seed(1)
+        assert torch.equal(out, ref(x))
+    assert all(m.training for m in model.modules())

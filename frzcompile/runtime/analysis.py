@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..capture import Captured, clone_graph_module, traceless
+from ..modes import modes_kept
 from ..passes import PassContext, run_passes
 from .. import torch_private
 from ..torch_private import tree_leaves
@@ -99,9 +100,8 @@ class Analysis:
 
         gm = self.captured.gm
         args, kwargs = self.captured.args, self.captured.kwargs
-        modes = {m: m.training for m in self.model.modules()}
         values = _placeholder_values(self.model, gm, args, kwargs)
-        try:
+        with modes_kept(self.model):
             self.model.eval()  # symbolic_trace graphs call the model's own leaf modules, whose hooks (the user's)
             with traceless(self.model), torch_private.autocast_kept():
                 try:
@@ -112,9 +112,6 @@ class Analysis:
                     with FlopCounterMode(display=False) as counter:
                         interp = _FlopsPerNode(gm, counter)
                         interp.run(*_like_the_model(self.model, values))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         per_unit = {u: 0 for u in self.unit_graph.names}
         node_unit = {n.name: u for n, u in self.unit_graph.node_unit.items()}
         for name, flops in interp.flops.items():
