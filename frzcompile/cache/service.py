@@ -563,10 +563,10 @@ class ActivationCache(Service):
                         "enable() and PEFT install it) makes the embeddings' output require grad; with use_reentrant="
                         "False checkpointing (the default), call model.disable_input_require_grads()")
             if {source for source, _ in sources} == {"transformers.utils.output_capturing"}:
-                return (f"hooks that transformers installs on {hooked or 'the model itself'} to collect hidden states "
-                        "or attentions must see every call (installed at the first call that asks for them, and kept; "
-                        "some heads always ask: Segformer, UperNet, Wav2Vec2 classification), so the cache cannot "
-                        "serve this model")
+                return (f"hooks that transformers installs on {hooked or 'the model itself'} to collect hidden states, "
+                        "attentions or router logits must see every call (installed at the first call that asks for "
+                        "them, and kept; some heads always ask: Segformer, UperNet, Wav2Vec2 classification, a "
+                        "mixture of experts with output_router_logits), so the cache cannot serve this model")
             if {source for source, _ in sources} == {"torch.nn.utils.prune"}:
                 return (f"torch.nn.utils.prune's hook on {hooked} recomputes the pruned weight at every call: once "
                         "its unit is frozen, prune.remove(module, name) makes the pruning permanent (or use a mask "
