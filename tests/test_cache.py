@@ -1977,3 +1977,39 @@ def test_a_counter_the_model_moves_after_the_prefix_is_named_as_such():
     assert model.calls.item() == ref.calls.item() == 3
     decision = fm.cache.report()["decision"]
     assert "buffers (calls)" in decision and "version counters" not in decision, decision
+
+
+def test_a_trained_weight_read_before_the_prefix_ends_turns_the_signature_off():
+    """`F.linear(h, self.late.weight)` between frozen units: entries are tied to every tensor read before the
+    prefix ends, and a trained weight changes at every step, so the cache stored every batch and served none
+    (0 of 28 lookups in a probe) without saying why."""
+    class EarlyRead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mid, self.late = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            early = nn.functional.linear(h, self.late.weight)
+            h = self.mid(h)
+            return self.head(self.late(h) + 0.1 * early)
+
+    torch.manual_seed(0)
+    model = EarlyRead()
+    ref, x = copy.deepcopy(model), torch.randn(8, 4)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    fm = frzcompile.optimize(model, (x,), policy="manual", optimizer=opt,
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0.0, store_deeper_after=0))
+    fm.freeze("inp", "mid")
+    for m in (ref.inp, ref.mid):
+        m.requires_grad_(False)
+    for _ in range(4):
+        for model_, opt_ in ((fm, opt), (ref, ref_opt)):
+            model_(x).square().mean().backward()
+            opt_.step()
+            opt_.zero_grad()
+    assert torch.equal(fm(x), ref(x))
+    decision = fm.cache.report()["decision"]
+    assert "late.weight, which trains" in decision, decision
+    assert fm.cache.stats["computed"] == 0 and fm.cache.stats["hits"] == 0

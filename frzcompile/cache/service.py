@@ -734,6 +734,11 @@ class ActivationCache(Service):
         calls = tuple(k for kind, k in ic.order if kind == "prefix")
         if result.problems:
             return no(result.problems[0])
+        training = [t for t in result.state if t.requires_grad]
+        if training:  # (`F.linear(h, self.blocks[3].fc.weight)` between frozen units: a step changes it)
+            names = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
+            return no(f"code before the frozen prefix's last call reads {names.get(id(training[0]), 'a parameter')}, "
+                      "which trains: entries tied to it would be dropped at every optimizer step")
         if result.random_between:  # whether a run of the prefix shows it or not (a random flip may not happen)
             return no("the model's forward draws random numbers before or between the frozen prefix's units (a "
                       "random augmentation, a dropout in the parent's forward): what the prefix computes is not a "
