@@ -8,12 +8,11 @@ samples across the batch) is orders of magnitude larger.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
-from .torch_private import tree_flatten
+from .torch_private import open_tree
 
 # relative RMS difference two runs of one computation may show, per precision
 _FLOORS = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2,
@@ -68,18 +67,10 @@ def agree(a, b, noise: float = 0.0) -> bool:
 
 
 def _open(tree):
-    """The leaves and structure of a nested output; a dataclass that torch's pytree does not know (a plain
-    `@dataclass` a model returns) is opened field by field, not compared with its `==` (ambiguous on tensors)."""
-    leaves, spec = tree_flatten(tree)
-    out, structure = [], [spec]
-    for leaf in leaves:
-        if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
-            inner, inner_structure = _open([getattr(leaf, f.name) for f in dataclasses.fields(leaf)])
-            out += inner
-            structure.append((type(leaf), inner_structure))
-        else:
-            out.append(leaf)
-    return out, structure
+    """The leaves and structure of a nested output; what torch's pytree keeps whole (a plain `@dataclass`, a
+    torch.distributions object) is opened (torch_private.open_tree), not compared with its `==` (ambiguous on
+    tensors)."""
+    return open_tree(tree)
 
 
 def tree_agree(a, b, noise: float = 0.0) -> bool:

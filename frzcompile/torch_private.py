@@ -7,9 +7,11 @@ Inductor are imported inside the functions that need them, so `import frzcompile
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 
@@ -19,7 +21,7 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "tensor_version", "storage_key",
+    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "open_tree", "plain_mappings", "tensor_version", "storage_key",
     "traced_or_transformed",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
@@ -30,6 +32,42 @@ __all__ = [
     "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions",
     "autocast_kept"
 ]
+
+# -- pytrees (checked on 2.13.0) ------------------------------------------------------------------------------
+_WHOLE = (torch.Tensor, int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+OPEN_DEPTH = 4  # objects inside objects opened by open_tree
+
+
+def open_tree(tree, depth: int = 0) -> tuple:
+    """The leaves and structure of a nested value, opening what torch's pytree keeps whole: a dataclass field by
+    field, a mapping of another class (transformers' BatchEncoding, a UserDict) key by key, any other object by
+    the attributes it holds (a torch.distributions object's parameters), to a depth of OPEN_DEPTH."""
+    leaves, spec = tree_flatten(tree)
+    out, structure = [], [spec]
+    for leaf in leaves:
+        inner = None
+        if depth < OPEN_DEPTH and not isinstance(leaf, (_WHOLE, type)):
+            if dataclasses.is_dataclass(leaf):
+                inner = [getattr(leaf, f.name) for f in dataclasses.fields(leaf)]
+            elif isinstance(leaf, Mapping):
+                inner = dict(leaf)
+            elif hasattr(leaf, "__dict__"):
+                inner = dict(vars(leaf))
+        if inner is None:
+            out.append(leaf)
+        else:
+            opened, inner_structure = open_tree(inner, depth + 1)
+            out += opened
+            structure.append((type(leaf), inner_structure))
+    return out, structure
+
+
+def plain_mappings(tree):
+    """`tree` with every mapping torch's pytree keeps whole (transformers' BatchEncoding, a UserDict) made a dict,
+    so that a graph capture can take it apart."""
+    return tree_map(lambda leaf: {k: plain_mappings(v) for k, v in leaf.items()} if isinstance(leaf, Mapping)
+                    else leaf, tree)
+
 
 # -- tensors (checked on 2.13.0) ------------------------------------------------------------------------------
 def tensor_version(t: torch.Tensor) -> int:
@@ -394,11 +432,14 @@ def record_aten_graph(model: torch.nn.Module, args: tuple, kwargs: dict):
             set_stack()
 
     leaves, in_spec = tree_flatten((tuple(args), dict(kwargs)))
-    out_specs = []
+    out_specs, opened = [], []
 
     def call(*flat):
         a, k = tree_unflatten(list(flat), in_spec)
         out, spec = tree_flatten(model(*a, **k))
+        if not all(isinstance(leaf, _WHOLE) for leaf in out):  # (a torch.distributions object: the graph
+            out, spec = tree_flatten([t for t in open_tree(out)[0] if isinstance(t, torch.Tensor)])  # returns
+            opened.append(True)  # its tensors, in open_tree's order)
         out_specs.append(spec)
         return out
 
@@ -414,6 +455,7 @@ def record_aten_graph(model: torch.nn.Module, args: tuple, kwargs: dict):
             h.remove()
     gm.graph._codegen = _get_codegen(in_spec, out_specs[-1])
     gm._in_spec, gm._out_spec = in_spec, out_specs[-1]
+    gm.meta["opened_output"] = bool(opened)  # (its outputs are the tensors of the model's, see open_tree)
     gm.recompile()
     return gm
 

@@ -1149,3 +1149,48 @@ def test_a_module_the_forward_creates_during_the_capture_takes_the_mode_it_would
         torch.manual_seed(1)
         assert torch.equal(out, ref(x))
     assert all(m.training for m in model.modules())
+
+
+def test_a_distribution_output_and_a_mapping_input_of_another_class_are_captured():
+    """A policy network returning `torch.distributions.Categorical`, and a SentenceTransformer-style forward taking
+    its tokenizer's BatchEncoding (a UserDict): every capture method failed ("argument of type Categorical"), so
+    optimize() refused both models. The recording now returns the output's tensors, and the example's mapping is
+    taken apart as a dict."""
+    from collections import UserDict
+
+    class PolicyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.body, self.pi = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, obs):
+            return torch.distributions.Categorical(logits=self.pi(torch.relu(self.body(torch.relu(self.enc(obs))))))
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.body, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, features):
+            h = self.embed(features["input_ids"]) * features["mask"].unsqueeze(-1)
+            features.update({"pooled": self.body(h).mean(1)})  # (SentenceTransformer's modules add their outputs)
+            features["out"] = self.head(features["pooled"])
+            return features
+
+    torch.manual_seed(0)
+    obs, ids = torch.randn(6, 8), torch.randint(0, 20, (4, 5))
+    for model, example, first, result in (
+            (PolicyNet(), lambda: (obs,), "enc", lambda out: out.logits),
+            (Features(), lambda: (UserDict({"input_ids": ids, "mask": torch.ones(4, 5)}),), "embed",
+             lambda out: out["out"])):
+        ref = copy.deepcopy(model)
+        fm = frzcompile.optimize(model, example(), policy="manual")
+        assert fm.units[0] == first and len(fm.units) == 3, fm.units
+        fm.freeze(first)
+        ref.get_submodule(first).requires_grad_(False)
+        out, ref_out = result(fm(*example())), result(ref(*example()))
+        assert torch.equal(out, ref_out)
+        out.square().sum().backward()
+        ref_out.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
