@@ -9,6 +9,7 @@ from . import backend, torch_private
 from .errors import ConfigError
 from .runtime import FrozenModule
 from .runtime.analysis import OUTSIDE
+from .runtime.loss import DESCRIPTIONS as LOSS_SOURCES
 
 
 def _fmt_count(x: float) -> str:
@@ -186,9 +187,11 @@ class Explanation:
             lines.append(f"  (tried {method} first; it cannot capture this model, which is common and harmless: "
                          f"{why})")
         lines.append(f"policy {self.policy}, step {self.step}")
-        lines += [f"  {line}" for line in self.policy_report]
         if self.policy_report:
-            lines.append(f"  loss signal: {self.loss_source}")
+            proxy = self.loss_source == LOSS_SOURCES["output gradient"]
+            lines.append(f"  loss signal: {self.loss_source}" + (
+                "; the loss values the rules quote below are this proxy's, not your loss's" if proxy else ""))
+        lines += [f"  {line}" for line in self.policy_report]
         for merged, why in self.merges.items():
             lines.append(f"merged unit {merged}: {why}")
         for u, names in self.adopted.items():

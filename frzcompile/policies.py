@@ -489,13 +489,19 @@ class SmartFRZ(Policy):
     def report(self) -> list:
         """What explain shows: whether the predictor has judged yet, and the safety rules' last events."""
         lines = []
-        if not self.last_probabilities:
-            have = max((len(h) for h in self._snapshots.values()), default=0)
+        have = max((len(h) for h in self._snapshots.values()), default=0)
+        if not self.last_probabilities and have < self._window:
             lines.append(f"no unit judged yet: the predictor needs {self._window} weight snapshots, one every "
                          f"{self.interval} steps (first judgement at step {self._window * self.interval}); "
-                         f"{min(have, self._window)} so far" +
-                         ("; it is consulted once the safety rules below allow a freeze" if have >= self._window
-                          else ""))
+                         f"{have} so far")
+        elif not self.last_probabilities:
+            lines.append(f"no unit judged yet: the predictor has its {self._window} weight snapshots and is consulted "
+                         "once the safety rules below allow a freeze")
+        else:  # (when the rules let a freeze through and none came, this is why)
+            judged = ", ".join(f"{u} p={p:.2f} ({self._votes.get(u, 0)} of {self.votes} votes)"
+                               for u, p in self.last_probabilities.items())
+            lines.append(f"predictor, last judged: {judged}; a unit freezes after {self.votes} decisions in a row "
+                         f"above {self.threshold}")
         return lines + (self.safeguard.report() if self.safeguard is not None else [])
 
     def state_dict(self):

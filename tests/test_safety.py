@@ -463,7 +463,8 @@ def test_dict_outputs_use_the_output_that_gets_a_gradient_and_no_loss_warns():
         opt.step()
         opt.zero_grad()
     assert all(v is not None for v in fm.losses()) and "proxy" in fm.loss_source()
-    assert "no unit judged yet" in str(frzcompile.explain(fm))
+    text = str(frzcompile.explain(fm))
+    assert "no unit judged yet: the predictor needs" in text and "this proxy's, not your loss's" in text
     # nothing that could carry a loss: after 50 steps a warning says what to do
     fm2 = frzcompile.optimize(Two(), (x,), optimizer=None)
     with pytest.warns(frzcompile.NoLossWarning, match="observe_loss"):

@@ -207,6 +207,9 @@ def test_shipped_predictor_tells_settled_from_moving():
     # the one-window helper gives the probability the policy acted on
     assert load_default().probability(torch.stack(policy._snapshots["b"][-WINDOW:])) == pytest.approx(
         policy.last_probabilities["b"], rel=1e-5, abs=1e-7)
+    # explain says what the predictor said (with the rules open and nothing frozen, that is why)
+    said = policy.report()[0]
+    assert said.startswith("predictor, last judged: b p=") and "of 3 votes" in said, said
 
 
 def test_policy_cost_is_bounded():
