@@ -93,10 +93,14 @@ def traced_or_transformed(t: torch.Tensor) -> bool:
     and tensor hooks on it would fire inside the transform."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return True
+    functorch = torch._C._functorch
+    if functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t):
+        return True
+    if type(t) in (torch.Tensor, torch.nn.Parameter):  # (a fake tensor is of a subclass: the check below costs
+        return False                                   # more than the rest, at every training call)
     from torch._subclasses.fake_tensor import is_fake
 
-    functorch = torch._C._functorch
-    return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) or is_fake(t)
+    return is_fake(t)
 
 
 def inside_func_transform() -> bool:
