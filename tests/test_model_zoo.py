@@ -83,6 +83,11 @@ CASES = {
     "RoBERTa": (lambda: transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
         **dict(_BERT, max_position_embeddings=40))), {"input_ids": IDS}, "roberta.encoder.layer.{}",
         "roberta.embeddings", "classifier"),
+    "ModernBERT (local and global layers)": (lambda: transformers.ModernBertForSequenceClassification(
+        transformers.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
+                                      local_attention=4)), {"input_ids": IDS}, "model.layers.{}",
+        "model.embeddings", "classifier"),
     "ALBERT (one layer shared by all)": (lambda: transformers.AlbertForSequenceClassification(
         transformers.AlbertConfig(**dict(_BERT, embedding_size=16))), {"input_ids": IDS}, None,
         "albert.embeddings", "classifier"),
@@ -90,6 +95,12 @@ CASES = {
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
         intermediate_size=64, num_labels=3)), {"pixel_values": IMAGES}, "vit.layers.{}", "vit.embeddings",
         "classifier"),
+    "DINOv2": (lambda: transformers.Dinov2ForImageClassification(transformers.Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
+        num_labels=3)), {"pixel_values": IMAGES}, "dinov2.encoder.layer.{}", "dinov2.embeddings", "classifier"),
+    "Swin (windowed attention)": (lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=2,
+        num_labels=3)), {"pixel_values": IMAGES}, "swin.encoder.layers.{}", "swin.embeddings", "classifier"),
     "ConvNeXt": (lambda: transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
         num_channels=3, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], num_labels=3)),
         {"pixel_values": IMAGES}, "convnext.encoder.stages.{}", "convnext.embeddings", "classifier"),
@@ -104,6 +115,17 @@ CASES = {
         "lm_head"),
     "Qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_DECODER)), {"input_ids": IDS},
               "model.layers.{}", "model.embed_tokens", "lm_head"),
+    "Mistral (sliding window)": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **_DECODER, sliding_window=4)), {"input_ids": IDS}, "model.layers.{}", "model.embed_tokens", "lm_head"),
+    "Gemma2 (tied head, soft-capping, sliding layers)": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **_DECODER, head_dim=16, sliding_window=4)), {"input_ids": IDS}, "model.layers.{}", "model.embed_tokens",
+        "lm_head"),
+    "Falcon (tied head)": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2)), {"input_ids": IDS},
+        "transformer.h.{}", "transformer.word_embeddings", "lm_head"),
+    "BLOOM (ALiBi, tied head)": (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=64, hidden_size=32, n_layer=4, n_head=2)), {"input_ids": IDS}, "transformer.h.{}",
+        "transformer.word_embeddings", "lm_head"),
     "GraniteMoe (MoE; use_cache only through **kwargs)": (lambda: transformers.GraniteMoeForCausalLM(
         transformers.GraniteMoeConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)),
         {"input_ids": IDS, "labels": IDS}, "model.layers.{}", "model.embed_tokens", "lm_head"),
