@@ -69,8 +69,9 @@ class TrainingView:
             for g in opt.param_groups:
                 rate = g.get("lr")
                 if isinstance(rate, (int, float, torch.Tensor)) and not isinstance(rate, bool):
+                    rate = float(rate)  # (once per group: a tensor rate on a GPU is read once)
                     for p in g["params"]:
-                        by_param[id(p)] = float(rate)
+                        by_param[id(p)] = rate
         out = {}
         for u in units:
             rates = [by_param[id(p)] for p in self.parameters(u) if id(p) in by_param]
@@ -122,7 +123,7 @@ class TrainingView:
                     continue
                 for p, sel in zip(params, self._cut(unit, idx, params)):
                     if len(sel):
-                        gathered.append((unit, p.detach().reshape(-1).index_select(0, sel.to(p.device))))
+                        gathered.append((unit, p.detach().reshape(-1).index_select(0, sel)))
         by_device: dict = {}
         for i, (_, values) in enumerate(gathered):
             by_device.setdefault(values.device, []).append(i)
@@ -137,15 +138,17 @@ class TrainingView:
         return {unit: torch.cat(parts) if parts else torch.zeros(0) for unit, parts in out.items()}
 
     def _cut(self, unit: str, idx, params) -> list:
-        """The sorted indices `idx` into the unit's flattened parameters, cut into indices into each parameter
-        (kept while the indices and parameter sizes stay: a policy samples the same weights every decision)."""
-        sizes = tuple(p.numel() for p in params)
+        """The sorted indices `idx` into the unit's flattened parameters, cut into indices into each parameter, on
+        its device (kept while the indices and the parameters' sizes and devices stay: a policy samples the same
+        weights every decision, and a copy to a GPU waits for the work queued there, per parameter)."""
+        sizes = tuple((p.numel(), p.device) for p in params)
         kept = self._slices.get(unit)
         if kept is None or kept[0] is not idx or kept[1] != sizes:
-            cuts = torch.searchsorted(idx, torch.tensor(sizes).cumsum(0)[:-1])
-            starts = [0, *torch.tensor(sizes).cumsum(0)[:-1].tolist()]
-            kept = self._slices[unit] = (idx, sizes, [sel - start for sel, start in zip(idx.tensor_split(cuts),
-                                                                                          starts)])
+            numels = torch.tensor([n for n, _ in sizes])
+            cuts = torch.searchsorted(idx, numels.cumsum(0)[:-1])
+            starts = [0, *numels.cumsum(0)[:-1].tolist()]
+            kept = self._slices[unit] = (idx, sizes, [(sel - start).to(p.device) for sel, start, p in
+                                                      zip(idx.tensor_split(cuts), starts, params)])
         return kept[2]
 
 

@@ -315,3 +315,16 @@ def test_an_embedding_is_sampled_among_the_rows_in_use():
     fresh.bind(fm._view)
     fresh.load_state_dict(fm.policy.state_dict())
     assert torch.equal(fresh._indices["emb"], picked)
+
+
+def test_a_large_units_weight_sample_is_drawn_without_a_permutation_of_it():
+    """sample_indices permuted every index of a unit (8 bytes a weight, 0.5 s for 10M weights, at every bind): a
+    7B model's embedding unit would have taken minutes and gigabytes. Above LARGE_UNIT the indices are drawn."""
+    from frzcompile.predictor import LARGE_UNIT, SAMPLE_SIZE, sample_indices
+
+    numel = 10 ** 12  # (a permutation of these would not fit in memory)
+    idx = sample_indices(numel, seed=7)
+    assert len(idx) == SAMPLE_SIZE == len(set(idx.tolist())) and bool((idx[1:] > idx[:-1]).all())
+    assert 0 <= int(idx[0]) and int(idx[-1]) < numel and torch.equal(idx, sample_indices(numel, seed=7))
+    just_above = sample_indices(LARGE_UNIT + 1, seed=1)
+    assert len(set(just_above.tolist())) == SAMPLE_SIZE and int(just_above[-1]) <= LARGE_UNIT
