@@ -2013,3 +2013,21 @@ def test_a_trained_weight_read_before_the_prefix_ends_turns_the_signature_off():
     decision = fm.cache.report()["decision"]
     assert "late.weight, which trains" in decision, decision
     assert fm.cache.stats["computed"] == 0 and fm.cache.stats["hits"] == 0
+
+
+def test_the_serving_cost_counts_fingerprinting_the_batch(monkeypatch):
+    """The cost check's serving rounds reused the batch's row fingerprints computed before them (kept on the
+    signature), so serving was timed without fingerprinting the batch, which every served call pays."""
+    from frzcompile.cache import service
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(8, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("0")
+    fm(x)
+    calls = []
+    real = service.row_digests
+    monkeypatch.setattr(service, "row_digests", lambda tensors: calls.append(1) or real(tensors))
+    fm.cache.measure((x,), {}, rounds=3)
+    assert len(calls) >= 3  # (one per serving round at least)

@@ -760,6 +760,7 @@ class ActivationCache(Service):
             # prefix-only run of a new prefix was timed up to 20x slower than later ones) and of the run on the
             # second half, warm by then, scaled to the batch (timing three extra whole runs cost 40% more of
             # the analysis, which the in-run check, _judge_live, makes again with times from the run anyway)
+            _sync(tree_flatten((args, kwargs))[0])  # (on a GPU: the real call's work is not this run's)
             start = time.perf_counter()
             again, ok = self._prefix_run(prefix, calls, args, kwargs, keep=True, copied=copied)
             _sync(tree_flatten(again)[0])
@@ -768,6 +769,8 @@ class ActivationCache(Service):
             # the operations of the reversed batch and of its first half, for the graph check below
             recorders = {0: OpRecorder(), 2: OpRecorder()}
             for j, rows in enumerate((slice(0, k), slice(k, batch), perm)):
+                if j == 1:
+                    _sync(tree_flatten(runs[-1])[0])  # (the first half's work is not the second's)
                 start = time.perf_counter()
                 out, done = self._prefix_run(prefix, calls, args, kwargs, select=sig.select(args, kwargs, rows),
                                              keep=True, record=recorders.get(j), copied=copied)
@@ -877,11 +880,12 @@ class ActivationCache(Service):
         serve = float("inf")
         state = self._modules(plan.prefix).state
         for _ in range(rounds):
+            fresh = dataclasses.replace(sig, _rows=None, _shared=None)  # (fingerprinting the batch is serving's)
             start = time.perf_counter()
             state.digest()
             self._digests.clear()
             self._version(plan.prefix)
-            keys = self._keys(sig)
+            keys = self._keys(fresh)
             dest = [torch.empty_like(o) for o in samples]
             scratch.get(lvl, keys, range(len(keys)), dest)
             _sync(dest)
