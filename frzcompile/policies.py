@@ -86,6 +86,16 @@ class TrainingView:
             return 0.0
         return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
+    def grad_norms(self, units) -> dict:
+        """unit -> the L2 norm of its current gradients as a 0-d tensor on their device (0 when it has none):
+        `grad_norm` without reading the value, so a policy summing them every step waits for no GPU."""
+        out = {}
+        for u in units:
+            grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                     for p in self.parameters(u) if p.grad is not None]
+            out[u] = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+        return out
+
     def numel(self, unit: str) -> int:
         return sum(p.numel() for p in self.parameters(unit))
 
@@ -278,13 +288,12 @@ class AutoFreeze(Policy):
 
     def decide(self, view):
         frozen = set(view.frozen)
-        for u in view.units:
-            if u not in frozen:
-                self._sums[u] = self._sums.get(u, 0.0) + view.grad_norm(u)
+        for u, norm in view.grad_norms([u for u in view.units if u not in frozen]).items():
+            self._sums[u] = self._sums.get(u, 0.0) + norm  # (tensors: read once per interval, below)
         self._count += 1
         if self._count < self.interval:
             return None
-        means = {u: s / self._count for u, s in self._sums.items()}
+        means = {u: s / self._count for u, s in _floats(self._sums).items()}
         self._sums, self._count = {}, 0
         previous, self._previous = self._previous, means
         rates = {u: abs(previous[u] - m) / previous[u] for u, m in means.items() if previous.get(u, 0.0) > 0}
@@ -305,12 +314,26 @@ class AutoFreeze(Policy):
         return new if new != frozen else None
 
     def state_dict(self):
-        return {"sums": dict(self._sums), "count": self._count, "previous": dict(self._previous)}
+        return {"sums": _floats(self._sums), "count": self._count, "previous": dict(self._previous)}
 
     def load_state_dict(self, state):
         self._sums = dict(state["sums"])
         self._count = int(state["count"])
         self._previous = dict(state["previous"])
+
+
+def _floats(values: dict) -> dict:
+    """key -> float of numbers and 0-d tensors, read with one copy to the host per device."""
+    by_device: dict = {}
+    out = {}
+    for key, v in values.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(key)
+        else:
+            out[key] = float(v)
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([values[k].float() for k in keys]).tolist()))
+    return {key: out[key] for key in values}
 
 
 LAZY_WINDOWS = 8  # SmartFRZ: a unit's windows kept waiting for the predictor while the safety rules hold back

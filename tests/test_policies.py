@@ -20,8 +20,8 @@ class FakeView:
     def freezable(self):
         return self.units[:-1]  # every unit has parameters: all but the last may freeze
 
-    def grad_norm(self, unit):
-        return self._norms(self.step)[unit]
+    def grad_norms(self, units):  # (as TrainingView: 0-d tensors, read by the policy once per interval)
+        return {u: torch.tensor(self._norms(self.step)[u]) for u in units}
 
     def parameters(self, unit):
         return [torch.nn.Parameter(torch.zeros(1))]  # (every unit trains: none was frozen by hand)
