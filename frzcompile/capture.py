@@ -243,7 +243,7 @@ def buffers_kept(model: torch.nn.Module):
         with torch.no_grad():
             for m, kind, name, b, value, version in saved:
                 held = getattr(m, kind)
-                if held.get(name) is not b:
+                if (held[name] if name in held else None) is not b:  # (a ScriptModule's dicts have no .get)
                     held[name] = b
                 if b is None:
                     continue

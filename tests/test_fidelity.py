@@ -1194,3 +1194,22 @@ def test_a_distribution_output_and_a_mapping_input_of_another_class_are_captured
         ref_out.square().sum().backward()
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
+def test_a_scripted_or_traced_submodule():
+    """A model holding a torch.jit.script'ed or traced block: optimize() failed in the capture ("'OrderedDictWrapper'
+    object has no attribute 'get'": a ScriptModule's buffer and parameter dicts are torch's wrappers)."""
+    for make in (lambda: torch.jit.script(nn.Linear(8, 8)), lambda: torch.jit.trace(nn.Linear(8, 8), torch.randn(2, 8))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), make(), nn.ReLU(), nn.Linear(8, 4))
+        x = torch.randn(4, 8)
+        fm = frzcompile.optimize(model, (x,), policy="manual", cache=frzcompile.CacheConfig(check_cost=False))
+        assert fm.units == ["0", "1", "3"]
+        fm.freeze("0", "1")
+        with torch.no_grad():
+            expected = model[3](model[2](model[1](model[0](x))))
+        for _ in range(3):
+            out = fm(x)
+            assert torch.equal(out, expected)
+        out.sum().backward()
+        assert model[0].weight.grad is None and model[3].weight.grad is not None

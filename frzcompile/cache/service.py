@@ -935,7 +935,8 @@ class ActivationCache(Service):
         held)."""
         tensors, gone = [], []
         for owner, kind, name in self.extra_state.get(prefix, ()):
-            t = getattr(owner, kind).get(name)
+            held = getattr(owner, kind)
+            t = held[name] if name in held else None  # (a ScriptModule's dicts have no .get)
             if t is None:
                 gone.append(name)
             else:
