@@ -414,3 +414,15 @@ def test_sparsity_package_imports_only_torch_and_the_standard_library():
             else:
                 continue
             assert roots <= allowed, (path.name, roots)
+
+
+def test_the_lowest_entries_by_sort_as_on_a_gpu_equal_the_kthvalue_route():
+    """On CUDA the k lowest scores are taken by a stable sort (kthvalue is slow there); ties go to the lower index
+    on both routes, so a mask does not depend on the device."""
+    from frzcompile.sparsity.masks import _lowest
+
+    for seed in range(3):
+        scores = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(seed)).float()  # many ties
+        for k in (1, 10, 333, 999, 1000):
+            by_kth, by_sort = _lowest(scores, k, by_sort=False), _lowest(scores, k, by_sort=True)
+            assert int(by_kth.sum()) == k and torch.equal(by_kth, by_sort), (seed, k)

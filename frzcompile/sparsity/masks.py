@@ -220,14 +220,19 @@ def _prune_lowest(scores, sizes, target):
     return pruned
 
 
-def _lowest(scores, k):
+def _lowest(scores, k, by_sort=None):
     """Bool mask of the k lowest entries of a 1-D tensor (ties: lower index first).
 
-    kthvalue is linear time, several times faster than a full sort on large models; the entries equal to the
-    k-th value are then taken in index order, which gives the same result as a stable sort.
+    On CPU kthvalue is linear time, several times faster than a full sort on large models; the entries equal to
+    the k-th value are then taken in index order, which gives the same result as a stable sort (used on CUDA).
     """
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if (scores.is_cuda if by_sort is None else by_sort):  # (CUDA's kthvalue runs one block per slice: far
+        # slower than a sort there, pytorch#75599)
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen[scores.sort(stable=True).indices[:k]] = True
+        return chosen
     kth = scores.kthvalue(k).values
     chosen = scores < kth
     ties = (scores == kth).nonzero().squeeze(1)

@@ -82,7 +82,8 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, heads: int, valid: torch.Ten
     dh = d // heads
     q0 = q[:, 0].detach().float().view(b, heads, 1, dh)
     kh = k.detach().float().view(b, n, heads, dh).transpose(1, 2)
-    logits = (q0 @ kh.transpose(-1, -2)).squeeze(2) / math.sqrt(dh)  # (B, heads, n)
+    with torch.autocast(q.device.type, enabled=False):  # (in float32 under autocast too: the ranking's precision)
+        logits = (q0 @ kh.transpose(-1, -2)).squeeze(2) / math.sqrt(dh)  # (B, heads, n)
     if valid is not None:
         logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
     weights = logits.softmax(-1)
