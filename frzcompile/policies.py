@@ -645,18 +645,23 @@ class ALaST(Policy):
 
     def targets(self, deltas) -> list:
         """Budgets proportional to the normalised deltas, clamped to [min_budget, 1], averaging `budget`."""
-        d = torch.tensor(deltas, dtype=torch.float64).clamp_min(0)
-        if d.sum() <= 0 or self.budget >= 1.0:
+        d = [max(float(x), 0.0) for x in deltas]  # (Python floats: a dozen per step, once per step)
+        total = sum(d)
+        if total <= 0 or self.budget >= 1.0:
             return [self.budget] * len(deltas)
-        w = d / d.sum()
-        lo, hi = 0.0, 1.0 / float(w[w > 0].min())  # at hi every layer with a delta reaches 1
+        w = [x / total for x in d]
+
+        def clamped(c):
+            return [min(max(c * x, self.min_budget), 1.0) for x in w]
+
+        lo, hi = 0.0, 1.0 / min(x for x in w if x > 0)  # at hi every layer with a delta reaches 1
         for _ in range(50):  # the mean of clamp(c * w) grows with c: bisect for mean == budget
             c = (lo + hi) / 2
-            if float((c * w).clamp(self.min_budget, 1.0).mean()) < self.budget:
+            if sum(clamped(c)) / len(w) < self.budget:
                 lo = c
             else:
                 hi = c
-        return (hi * w).clamp(self.min_budget, 1.0).tolist()
+        return clamped(hi)
 
     def observe(self, step: int, deltas, kept, trained, excluded=frozenset()) -> None:
         """End of a training step: the mean class-token change per layer (None where a layer did not run), the
