@@ -66,24 +66,18 @@ def agree(a, b, noise: float = 0.0) -> bool:
     return relative_difference(a, b) <= floor(a.dtype, a.device) + 4.0 * noise
 
 
-def _open(tree):
-    """The leaves and structure of a nested output; what torch's pytree keeps whole (a plain `@dataclass`, a
-    torch.distributions object) is opened (torch_private.open_tree), not compared with its `==` (ambiguous on
-    tensors)."""
-    return open_tree(tree)
-
-
 def tree_agree(a, b, noise: float = 0.0) -> bool:
-    """`agree` leaf by leaf over two nested outputs of the same structure."""
-    la, sa = _open(a)
-    lb, sb = _open(b)
+    """`agree` leaf by leaf over two nested outputs of the same structure (what torch's pytree keeps whole, a
+    `@dataclass` or a torch.distributions object, opened: torch_private.open_tree, not compared with its `==`)."""
+    la, sa = open_tree(a)
+    lb, sb = open_tree(b)
     return sa == sb and len(la) == len(lb) and all(agree(x, y, noise) for x, y in zip(la, lb))
 
 
 def tree_noise(a, b) -> float:
     """The largest relative difference between the floating tensors of two runs of the same computation."""
-    la, _ = _open(a)
-    lb, _ = _open(b)
+    la, _ = open_tree(a)
+    lb, _ = open_tree(b)
     worst = 0.0
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
