@@ -21,13 +21,14 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "open_tree", "plain_mappings", "tensor_version", "storage_key",
-    "traced_or_transformed",
+    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "open_tree", "plain_mappings", "tensor_version",
+    "storage_key", "traced_or_transformed",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
     "share_module_state", "structure_ids", "inside_functional_call",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
-    "fuse_by_partitions", "global_state_targets", "recompile_limit", "failing_on_recompile_limit", "dynamo_exceptions",
+    "fuse_by_partitions", "global_state_targets", "recompile_limit", "failing_on_recompile_limit",
+    "dynamo_exceptions",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
     "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions",
     "autocast_kept"

@@ -1199,7 +1199,8 @@ def test_a_distribution_output_and_a_mapping_input_of_another_class_are_captured
 def test_a_scripted_or_traced_submodule():
     """A model holding a torch.jit.script'ed or traced block: optimize() failed in the capture ("'OrderedDictWrapper'
     object has no attribute 'get'": a ScriptModule's buffer and parameter dicts are torch's wrappers)."""
-    for make in (lambda: torch.jit.script(nn.Linear(8, 8)), lambda: torch.jit.trace(nn.Linear(8, 8), torch.randn(2, 8))):
+    for make in (lambda: torch.jit.script(nn.Linear(8, 8)),
+                 lambda: torch.jit.trace(nn.Linear(8, 8), torch.randn(2, 8))):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 8), make(), nn.ReLU(), nn.Linear(8, 4))
         x = torch.randn(4, 8)

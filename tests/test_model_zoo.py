@@ -117,9 +117,9 @@ CASES = {
               "model.layers.{}", "model.embed_tokens", "lm_head"),
     "Mistral (sliding window)": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         **_DECODER, sliding_window=4)), {"input_ids": IDS}, "model.layers.{}", "model.embed_tokens", "lm_head"),
-    "Gemma2 (tied head, soft-capping, sliding layers)": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
-        **_DECODER, head_dim=16, sliding_window=4)), {"input_ids": IDS}, "model.layers.{}", "model.embed_tokens",
-        "lm_head"),
+    "Gemma2 (tied head, soft-capping, sliding layers)": (lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**_DECODER, head_dim=16, sliding_window=4)), {"input_ids": IDS}, "model.layers.{}",
+        "model.embed_tokens", "lm_head"),
     "Falcon (tied head)": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2)), {"input_ids": IDS},
         "transformer.h.{}", "transformer.word_embeddings", "lm_head"),
