@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ def optimize(
         raise InputMismatchError(
             f"example_inputs must be a tuple of positional arguments, not {type(example_inputs).__name__}"
         )
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):  # (a tokenizer's BatchEncoding is one)
         raise InputMismatchError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
     if units is not None and (isinstance(units, str) or not all(isinstance(u, str) for u in units)):
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")

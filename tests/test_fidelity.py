@@ -1194,6 +1194,20 @@ def test_a_distribution_output_and_a_mapping_input_of_another_class_are_captured
         ref_out.square().sum().backward()
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+    # a tokenizer's output as example_kwargs (a Mapping, not a dict: `model(**batch)` takes it)
+    transformers = pytest.importorskip("transformers")
+
+    class Ids(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(20, 8), nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.embed(input_ids).mean(1) * attention_mask[:, :1])
+
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": torch.ones(4, 5)})
+    fm = frzcompile.optimize(Ids(), example_kwargs=batch, policy="manual")
+    assert fm.units == ["embed", "head"] and fm(**batch).shape == (4, 2)
 
 
 def test_a_scripted_or_traced_submodule():

@@ -106,3 +106,26 @@ def test_accelerate_prepare(order, precision):
     train(acc2, ref_w, ref_opt_w, ref_loader_w, by_hand=hand_freezer(ref, ref_opt_w))
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_prepare_under_bf16_leaves_the_users_model_copyable_and_unwraps_to_fp32():
+    """accelerate's prepare(fm) under bf16 keeps `_original_forward` beside the autocast forward it sets; fm passed
+    that name on to the user's model, which then held a reference to fm: `copy.deepcopy(model)` and
+    `AveragedModel(model)` (an EMA) raised fm's copy error, and `unwrap_model(keep_fp32_wrapper=False)` could not
+    find it and left autocast on (2.96e-3 off fp32)."""
+    import copy
+
+    acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    model, opt, _ = parts()
+    fm = frzcompile.optimize(model, (torch.randn(2, 16),), optimizer=opt, policy="manual")
+    net, _ = acc.prepare(fm, opt)
+    assert "_original_forward" not in model.__dict__ and "_original_forward" in fm.__dict__
+    copy.deepcopy(model)
+    torch.optim.swa_utils.AveragedModel(model)
+    x = torch.randn(3, 16)
+    unwrapped = acc.unwrap_model(net, keep_fp32_wrapper=False)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(unwrapped(x), model(x))  # (the plain forward, in fp32: nothing to cast)
+    fm.temperature = 2.0  # a public name still reaches the model
+    assert model.temperature == 2.0

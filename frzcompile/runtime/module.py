@@ -752,17 +752,23 @@ class FrozenModule(nn.Module):
                 raise
             return getattr(model, name)  # e.g. a Hugging Face model's `config`
 
+    def _passes_on(self, name) -> bool:
+        """Whether setting or deleting `name` on fm acts on the model: a public name fm does not hold itself (a
+        temperature, a swapped head: the model runs with it). A private one stays here: wrappers keep their
+        bookkeeping on the module they wrap (accelerate's `_original_forward` beside its autocast `forward`,
+        which must find it again on fm), and the user's model must not hold references to fm."""
+        return (self.__dict__.get("_model") is not None and not name.startswith("_") and name not in self.__dict__
+                and not hasattr(type(self), name))
+
     def __setattr__(self, name, value):
-        model = self.__dict__.get("_model")
-        if model is not None and name not in self.__dict__ and not hasattr(type(self), name):
-            setattr(model, name, value)  # a temperature, a swapped head: the model runs with it
+        if self._passes_on(name):
+            setattr(self.__dict__["_model"], name, value)
             return
         super().__setattr__(name, value)
 
     def __delattr__(self, name):
-        model = self.__dict__.get("_model")
-        if model is not None and name not in self.__dict__ and not hasattr(type(self), name):
-            delattr(model, name)
+        if self._passes_on(name):
+            delattr(self.__dict__["_model"], name)
             return
         super().__delattr__(name)
 
