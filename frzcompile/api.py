@@ -16,7 +16,7 @@ from .capture import capture
 from .errors import ConfigError, InputMismatchError, UnitError
 from .policies import ALaST, check_number, make_policy
 from .runtime import FrozenContainer, FrozenModule
-from .runtime.module import check_unbound
+from .runtime.module import OWNER, PART_OF, check_unbound
 from .runtime.steps import unwrap_optimizer
 from .sparsity.training import SparsityConfig
 from .units import UnitGraph, select_units
@@ -178,10 +178,6 @@ def optimize(
 
         fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan, recorded=captured.method == "record"))
     return fm
-
-
-OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule made for it (weakly)
-PART_OF = "_frzcompile_part_of"  # each module's attribute: the same, for each model it is part of
 
 
 def optimized_by(model):

@@ -1228,3 +1228,20 @@ def test_a_scripted_or_traced_submodule():
             assert torch.equal(out, expected)
         out.sum().backward()
         assert model[0].weight.grad is None and model[3].weight.grad is not None
+
+
+def test_release_leaves_no_marker_on_the_model():
+    """optimize() marks the model and its modules (to warn about a second optimize() or a shared backbone); after
+    fm.release() those markers stayed on every module (and in pickles of the model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    clean = {id(m): set(m.__dict__) for m in model.modules()}
+    fm = frzcompile.optimize(model, (torch.randn(2, 4),), policy="manual")
+    assert any(k.startswith("_frzcompile") for k in model.__dict__)
+    with pytest.warns(UserWarning, match="shared backbone"):  # (it shares model[0])
+        other = frzcompile.optimize(nn.Sequential(model[0]), (torch.randn(2, 4),), policy="manual")
+    fm.release()
+    assert all(set(m.__dict__) == clean[id(m)] for m in model.modules() if m is not model[0])
+    assert "_frzcompile_part_of" in model[0].__dict__  # (still part of the other, live one)
+    other.release()
+    assert all(set(m.__dict__) == clean[id(m)] for m in model.modules())
