@@ -130,3 +130,15 @@ def test_a_new_frozen_module_attaches_over_one_never_detached():
     assert not model[0].training  # the second FrozenModule runs the calls
     second.detach()
     assert "forward" not in model.__dict__
+
+
+def test_an_attached_model_exports():
+    """torch.export of the model while fm.attach() holds it failed inside torch ("'AttachedForward' object has no
+    attribute '__code__'": it reads the signature from `model.forward`); it records the model's call now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual").attach()
+    fm.freeze("0")
+    program = torch.export.export(model, (x,))
+    assert fm.attached and torch.equal(program.module()(x), model(x))

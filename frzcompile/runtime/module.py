@@ -86,6 +86,14 @@ class AttachedForward:
             pass
         model.__dict__["forward"] = self
 
+    def __getattr__(self, name):
+        """The wrapped function's code, for tools that read it from `model.forward` (torch.export reads
+        `__code__`, torch.jit.script `__globals__`): they see the model's own forward."""
+        if name in ("__code__", "__globals__", "__func__", "__self__", "__defaults__", "__kwdefaults__",
+                    "__closure__"):
+            return getattr(self.__dict__["original"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __call__(self, *args, **kwargs):
         fm = self._fm() if self._fm is not None else None
         if fm is None or fm.__dict__["_inside"]:
