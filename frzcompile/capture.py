@@ -29,7 +29,7 @@ from .errors import CaptureError, ConfigError, InputMismatchError
 from .modes import modes_kept
 from .numerics import tree_agree, tree_noise
 from .torch_private import (autocast_kept, forked_rng, forward_hooks_suspended, inline_context_regions,
-                            module_generators, open_tree, plain_mappings, record_aten_graph, tensor_version,
+                            module_generators, open_tensors, plain_mappings, record_aten_graph, tensor_version,
                             tree_flatten, tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
@@ -302,11 +302,8 @@ def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
                     model, args, kwargs, unit_names)
                 with torch.no_grad(), autocast_kept():  # (eval mode: symbolic_trace's leaf modules are its own)
                     got = gm.forward(*args, **kwargs)  # gm(...) would print a failure's traceback to stderr
-            if gm.meta.get("opened_output"):  # (a recording of an output torch's pytree keeps whole)
-                expected_leaves = [t for t in open_tree(expected)[0] if isinstance(t, torch.Tensor)]
-                if not tree_agree(got, expected_leaves, noise):
-                    raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs")
-            elif not tree_agree(got, expected, noise):
+            # (a recording of an output torch's pytree keeps whole returns that output's tensors)
+            if not tree_agree(got, open_tensors(expected) if gm.meta.get("opened_output") else expected, noise):
                 raise RuntimeError("the captured graph's outputs differ from the model's on the example inputs "
                                    "(beyond the numerical noise of running the model twice)")
         except Exception as exc:  # each failure is reported, together, if no method works

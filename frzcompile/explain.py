@@ -181,8 +181,9 @@ class Explanation:
             lines.append("RELEASED (fm.release()): this FrozenModule no longer acts on the model; what follows is "
                          "its state when released (frozen parameters stay frozen, eval mode is no longer held)")
         if self.stale_graph:
-            lines.append(f"the model's structure changed since optimize() (a submodule or parameter replaced): the FLOPs and graphs "
-                         f"describe it as {self.capture_method} captured it; optimize() it again for new ones")
+            lines.append(f"the model's structure changed since optimize() (a submodule or parameter replaced): the "
+                         f"FLOPs and graphs describe it as {self.capture_method} captured it; optimize() it again "
+                         "for new ones")
         for method, why in self.capture_attempts:
             lines.append(f"  (tried {method} first; it cannot capture this model, which is common and harmless: "
                          f"{why})")

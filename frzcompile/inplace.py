@@ -12,4 +12,4 @@ def changes_in_place(name: str, kwargs) -> bool:
     place: `add_`, `relu_`, `__iadd__` / `operator.iadd`, `__setitem__` / `operator.setitem`, `out=`,
     `inplace=True`."""
     return (name.endswith("_") and not name.startswith("__")) or f"__{name.strip('_')}__" in INPLACE_DUNDERS \
-        or "out" in kwargs or kwargs.get("inplace") is True
+        or kwargs.get("out") is not None or kwargs.get("inplace") is True

@@ -21,6 +21,7 @@ import torch
 from .errors import PolicyError
 from .predictor import WINDOW, load_default, sample_indices, window_features
 from .safety import Safeguard
+from .torch_private import host_floats
 
 
 class TrainingView:
@@ -80,18 +81,14 @@ class TrainingView:
 
     def grad_norm(self, unit: str) -> float:
         """L2 norm of the unit's current gradients (0.0 when it has none)."""
-        grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad  # nn.Embedding(sparse=True)
-                 for p in self.parameters(unit) if p.grad is not None]
-        if not grads:
-            return 0.0
-        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        return float(self.grad_norms([unit])[unit])
 
     def grad_norms(self, units) -> dict:
         """unit -> the L2 norm of its current gradients as a 0-d tensor on their device (0 when it has none):
         `grad_norm` without reading the value, so a policy summing them every step waits for no GPU."""
         out = {}
         for u in units:
-            grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+            grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad  # nn.Embedding(sparse=True)
                      for p in self.parameters(u) if p.grad is not None]
             out[u] = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
         return out
@@ -154,9 +151,9 @@ class TrainingView:
         sizes = tuple((p.numel(), p.device) for p in params)
         kept = self._slices.get(unit)
         if kept is None or kept[0] is not idx or kept[1] != sizes:
-            numels = torch.tensor([n for n, _ in sizes])
-            cuts = torch.searchsorted(idx, numels.cumsum(0)[:-1])
-            starts = [0, *numels.cumsum(0)[:-1].tolist()]
+            bounds = torch.tensor([n for n, _ in sizes]).cumsum(0)[:-1]
+            cuts = torch.searchsorted(idx, bounds)
+            starts = [0, *bounds.tolist()]
             kept = self._slices[unit] = (idx, sizes, [(sel - start).to(p.device) for sel, start, p in
                                                       zip(idx.tensor_split(cuts), starts, params)])
         return kept[2]
@@ -324,16 +321,9 @@ class AutoFreeze(Policy):
 
 def _floats(values: dict) -> dict:
     """key -> float of numbers and 0-d tensors, read with one copy to the host per device."""
-    by_device: dict = {}
-    out = {}
-    for key, v in values.items():
-        if isinstance(v, torch.Tensor):
-            by_device.setdefault(v.device, []).append(key)
-        else:
-            out[key] = float(v)
-    for keys in by_device.values():
-        out.update(zip(keys, torch.stack([values[k].float() for k in keys]).tolist()))
-    return {key: out[key] for key in values}
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read = dict(zip(keys, host_floats([values[k] for k in keys])))
+    return {k: read[k] if k in read else float(v) for k, v in values.items()}
 
 
 LAZY_WINDOWS = 8  # SmartFRZ: a unit's windows kept waiting for the predictor while the safety rules hold back

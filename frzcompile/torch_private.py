@@ -21,8 +21,8 @@ CHECKED_ON = "2.13.0"
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten  # noqa: E402
 
 __all__ = [
-    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "open_tree", "plain_mappings", "tensor_version",
-    "storage_key", "traced_or_transformed",
+    "tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "open_tree", "open_tensors", "plain_mappings",
+    "tensor_version", "storage_key", "traced_or_transformed", "host_floats",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
     "share_module_state", "structure_ids", "inside_functional_call",
@@ -63,6 +63,11 @@ def open_tree(tree, depth: int = 0) -> tuple:
     return out, structure
 
 
+def open_tensors(tree) -> list:
+    """The tensors among `open_tree(tree)`'s leaves, in its order."""
+    return [t for t in open_tree(tree)[0] if isinstance(t, torch.Tensor)]
+
+
 def plain_mappings(tree):
     """`tree` with every mapping torch's pytree keeps whole (transformers' BatchEncoding, a UserDict) made a dict,
     so that a graph capture can take it apart."""
@@ -85,6 +90,19 @@ def storage_key(t):
         return t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError, AttributeError):  # (sparse, nested and other storage-less tensors)
         return None
+
+
+def host_floats(tensors) -> list:
+    """The values of 0-d tensors as floats, in order, with one copy to the host per device (on a GPU, one wait
+    for the queued work per device, not one per value)."""
+    out = [None] * len(tensors)
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        for i, v in zip(indices, torch.stack([tensors[i].float() for i in indices]).tolist()):
+            out[i] = v
+    return out
 
 
 def traced_or_transformed(t: torch.Tensor) -> bool:
@@ -443,7 +461,7 @@ def record_aten_graph(model: torch.nn.Module, args: tuple, kwargs: dict):
         a, k = tree_unflatten(list(flat), in_spec)
         out, spec = tree_flatten(model(*a, **k))
         if not all(isinstance(leaf, _WHOLE) for leaf in out):  # (a torch.distributions object: the graph
-            out, spec = tree_flatten([t for t in open_tree(out)[0] if isinstance(t, torch.Tensor)])  # returns
+            out, spec = tree_flatten(open_tensors(out))  # returns
             opened.append(True)  # its tensors, in open_tree's order)
         out_specs.append(spec)
         return out

@@ -676,7 +676,8 @@ class ActivationCache(Service):
             result.problems.append(f"the forward sets attributes ({', '.join(changed)}) of the frozen prefix or "
                                    "the modules around it, which serving (or the cache's own runs) would not do alike")
         now = _buffer_slots(mods.guarded)
-        replaced = sorted(".".join(filter(None, key)) for key in set(slots) | set(now) if slots.get(key) is not now.get(key))
+        replaced = sorted(".".join(filter(None, key)) for key in set(slots) | set(now)
+                          if slots.get(key) is not now.get(key))
         if replaced:  # (`self.count = self.count + 1`, a carried state: a new tensor in the slot each call)
             result.problems.append(f"the forward replaces buffers ({', '.join(replaced[:3])}) of the frozen prefix or "
                                    "the modules around it at each call, which serving would not do")

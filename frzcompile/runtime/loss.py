@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ..torch_private import traced_or_transformed, tree_flatten
+from ..torch_private import host_floats, traced_or_transformed, tree_flatten
 
 KINDS = ("observed", "returned", "output gradient")
 DESCRIPTIONS = {"observed": "the loss given to fm.observe_loss",
@@ -127,13 +127,8 @@ class LossSignal:
         """One value per training step so far (None where none was seen). The list itself, not a copy: read it,
         do not change it (a policy reads it every few steps over runs of any length)."""
         pending = [i for i in range(self._unread, len(self._values)) if isinstance(self._values[i], torch.Tensor)]
-        if pending:
-            by_device: dict = {}
-            for i in pending:
-                by_device.setdefault(self._values[i].device, []).append(i)
-            for indices in by_device.values():
-                for i, v in zip(indices, torch.stack([self._values[i] for i in indices]).tolist()):
-                    self._values[i] = v
+        for i, v in zip(pending, host_floats([self._values[i] for i in pending])):
+            self._values[i] = v
         self._unread = len(self._values)
         return self._values
 

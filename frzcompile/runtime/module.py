@@ -189,7 +189,7 @@ class FrozenModule(nn.Module):
         policy.bind(self._view)  # (optimize() checked that no other FrozenModule holds it: check_unbound)
         setattr(policy, BOUND_TO, weakref.ref(self))
         # the loss signal is collected for the policies that read it (Policy.reads_loss)
-        self._loss.enabled = bool(getattr(policy, "reads_loss", True))
+        self._loss.enabled = bool(policy.reads_loss)
         # `inspect.signature(fm.forward)` is the model's (Hugging Face Trainer reads it to pick input columns)
         forward = functools.partial(FrozenModule.forward, weakref.proxy(self))
         try:
@@ -667,25 +667,11 @@ class FrozenModule(nn.Module):
     def state_dict(self, *args, **kwargs):
         return self._model.state_dict(*args, **kwargs)
 
-    # state-dict hooks registered through fm are the model's (fm holds its hook dicts): registered on the model, so
-    # the hook gets the model and outlives fm (registered on fm they would hold a dead reference to it)
-    def register_state_dict_pre_hook(self, hook):
-        return self._model.register_state_dict_pre_hook(hook)
-
-    def register_state_dict_post_hook(self, hook):
-        return self._model.register_state_dict_post_hook(hook)
-
-    def _register_state_dict_hook(self, hook):
-        return self._model._register_state_dict_hook(hook)
-
-    def register_load_state_dict_pre_hook(self, hook):
-        return self._model.register_load_state_dict_pre_hook(hook)
-
+    # state-dict hooks registered through fm land in the model's hook dicts (fm holds them: share_module_state);
+    # the one kind torch binds to the registering module is registered on the model, so that the hook gets the
+    # model and outlives fm (bound to fm it would hold a dead reference; the public method calls this one)
     def _register_load_state_dict_pre_hook(self, hook, with_module=False):
         return self._model._register_load_state_dict_pre_hook(hook, with_module)
-
-    def register_load_state_dict_post_hook(self, hook):
-        return self._model.register_load_state_dict_post_hook(hook)
 
     def _load_from_state_dict(self, *args, **kwargs):
         # a module holding fm loads it through this: the model's own (a class that renames old checkpoint keys,

@@ -26,7 +26,6 @@ from ..units import UnitGraph
 log = logging.getLogger("frzcompile")
 
 
-
 class ByParameter:
     """parameter -> value, keyed by the parameter's id with a weak reference that a lookup checks: an id outlives
     its tensor and CPython gives it to the next one (a layer swapped in twice took the old layer's flags). A dict
@@ -52,6 +51,7 @@ class ByParameter:
         value = self.get(p, default)
         self._entries.pop(id(p), None)
         return value
+
 
 @dataclass(frozen=True)
 class PlanChange:

@@ -435,13 +435,13 @@ class LayerBudgets(Service):
         # trains (k unset), else waits for the next draw; a draw still waiting that holds a layer frozen now is
         # made again (it left a step training none)
         free = tuple(i for i, name in enumerate(self.layers) if name not in self.plan.frozen)
-        if self.policy.layers_per_step >= len(free):
+        all_free = self.policy.layers_per_step >= len(free)
+        if all_free:
             self.trained = free
         else:
             self.trained = tuple(i for i in self.trained if self.layers[i] not in self.plan.frozen)
         waiting = self.policy.next
-        if waiting is not None and (any(self.layers[i] in self.plan.frozen for i in waiting) or
-                                    self.policy.layers_per_step >= len(free)):
+        if waiting is not None and (any(self.layers[i] in self.plan.frozen for i in waiting) or all_free):
             self.policy.next = self.policy.redraw(self.plan.frozen)
         self._apply_selection()
 
