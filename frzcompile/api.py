@@ -13,8 +13,8 @@ from . import torch_private
 from .backend import CompileConfig
 from .cache import CacheConfig
 from .capture import capture
-from .errors import ConfigError, InputMismatchError, UnitError
-from .policies import ALaST, check_number, make_policy
+from .errors import ConfigError, InputMismatchError, UnitError, check_number
+from .policies import ALaST, make_policy
 from .runtime import FrozenContainer, FrozenModule
 from .runtime.module import OWNER, PART_OF, check_unbound
 from .runtime.steps import unwrap_optimizer

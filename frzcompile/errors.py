@@ -1,4 +1,6 @@
 """Errors frzcompile raises on purpose. Each message says what was wrong and what to do instead."""
+import math
+import numbers
 
 
 class FrzError(Exception):
@@ -40,3 +42,24 @@ class PolicyError(ConfigError):
 
 class CacheError(FrzError, RuntimeError):
     """The activation cache met a call it cannot serve faithfully and can no longer step aside for."""
+
+
+def check_number(where: str, name: str, value, low=None, high=None, *, integer=False, low_open=False,
+                 high_open=False, none=False, error=ConfigError):
+    """`value` as a float (an int with `integer`) if it is a real number within [low, high] (open ends where
+    said), else `error` naming the option (a string, a bool, NaN or None where none is allowed)."""
+    if value is None and none:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)  # (numpy's too)
+    if ok and integer and not (math.isfinite(value) and float(value) == int(value)):
+        ok = False
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        span = "" if low is None and high is None else " in " + ("(" if low_open or low is None else "[") + \
+            f"{'-inf' if low is None else low}, {'inf' if high is None else high}" + (")" if high_open or high is None else "]")
+        raise error(f"{where}: {name} must be {kind}{span}" + (" or None" if none else "") + f", got {value!r}")
+    return int(value) if integer or isinstance(value, numbers.Integral) else float(value)

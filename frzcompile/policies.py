@@ -11,17 +11,19 @@ prefix only). A policy never freezes the last unit that has parameters, nor any 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-import numbers
 import zlib
 
 import torch
 
-from .errors import PolicyError
+from .errors import PolicyError, check_number
 from .predictor import WINDOW, load_default, sample_indices, window_features
 from .safety import Safeguard
 from .torch_private import host_floats
+
+_number = functools.partial(check_number, error=PolicyError)  # a policy's options: PolicyErrors
 
 
 class TrainingView:
@@ -199,28 +201,6 @@ class Manual(Policy):
     reads_loss = False
 
 
-def check_number(where: str, name: str, value, low=None, high=None, *, integer=False, low_open=False,
-                 high_open=False, none=False):
-    """`value` as a float (an int with `integer`) if it is a real number within [low, high] (open ends where
-    said), else a PolicyError naming the option (a string, a bool, NaN or None where none is allowed)."""
-    if value is None and none:
-        return None
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)  # (numpy's too)
-    if ok and integer and not (math.isfinite(value) and float(value) == int(value)):
-        ok = False
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        span = "" if low is None and high is None else " in " + ("(" if low_open or low is None else "[") + \
-            f"{'-inf' if low is None else low}, {'inf' if high is None else high}" + (")" if high_open or high is None else "]")
-        raise PolicyError(f"{where}: {name} must be {kind}{span}" + (" or None" if none else "") +
-                          f", got {value!r}")
-    return int(value) if integer or isinstance(value, numbers.Integral) else float(value)
-
-
 class Linear(Policy):
     """Freeze a growing prefix of units on a linear ramp (Composer LayerFreezing; FreezeOut's idea).
 
@@ -232,16 +212,16 @@ class Linear(Policy):
     reads_loss = False
 
     def __init__(self, total_steps: int | None = None, freeze_start: float = 0.5, freeze_level: float = 1.0):
-        self.total_steps = check_number("linear", "total_steps", total_steps, 0, low_open=True, none=True)
-        self.freeze_start = check_number("linear", "freeze_start", freeze_start, 0.0, 1.0, high_open=True)
-        self.freeze_level = check_number("linear", "freeze_level", freeze_level, 0.0, 1.0)
+        self.total_steps = _number("linear", "total_steps", total_steps, 0, low_open=True, none=True)
+        self.freeze_start = _number("linear", "freeze_start", freeze_start, 0.0, 1.0, high_open=True)
+        self.freeze_level = _number("linear", "freeze_level", freeze_level, 0.0, 1.0)
         self._view = None
 
     def bind(self, view):
         self._view = view  # (the run's total_steps is read at each decision: an integration may correct it)
         total = self._total()
         if total is not None:
-            check_number("linear", "total_steps", total, 0, low_open=True)
+            _number("linear", "total_steps", total, 0, low_open=True)
         if not total:
             raise PolicyError(
                 "linear needs the length of training: optimize(..., total_steps=N) or "
@@ -277,8 +257,8 @@ class AutoFreeze(Policy):
     reads_loss = False
 
     def __init__(self, interval: int = 50, percentile: float = 50.0):
-        self.interval = check_number("autofreeze", "interval", interval, 1, integer=True)
-        self.percentile = check_number("autofreeze", "percentile", percentile, 0.0, 100.0)
+        self.interval = _number("autofreeze", "interval", interval, 1, integer=True)
+        self.percentile = _number("autofreeze", "percentile", percentile, 0.0, 100.0)
         self._sums: dict = {}
         self._count = 0
         self._previous: dict = {}
@@ -351,21 +331,17 @@ class SmartFRZ(Policy):
 
     def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
                  min_weights: int = 256, predictor=None, safeguard="default"):
-        if int(interval) < 1 or int(votes) < 1:
-            raise PolicyError(f"smartfrz: interval and votes must be >= 1, got {interval} and {votes}")
-        if safeguard == "default":
-            safeguard = Safeguard(min_gap=int(interval) * int(votes))
+        self.interval = _number("smartfrz", "interval", interval, 1, integer=True)
+        self.votes = _number("smartfrz", "votes", votes, 1, integer=True)
+        self.threshold = _number("smartfrz", "threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
+        self.min_weights = _number("smartfrz", "min_weights", min_weights, 0, integer=True)
+        if isinstance(safeguard, str) and safeguard == "default":
+            safeguard = Safeguard(min_gap=self.interval * self.votes)
         if safeguard is not None and not isinstance(safeguard, Safeguard):
             raise PolicyError(f"smartfrz: safeguard must be a frzcompile.safety.Safeguard or None, not "
                               f"{type(safeguard).__name__}")
         self.safeguard = safeguard
-        if not 0.0 < threshold < 1.0:
-            raise PolicyError(f"smartfrz: threshold must be in (0, 1), got {threshold}")
-        self.interval = int(interval)
-        self.threshold = float(threshold)
-        self.votes = int(votes)
         self.prefix_only = bool(prefix_only)
-        self.min_weights = int(min_weights)
         self._window = WINDOW
         self._predictor = predictor
         self._indices: dict = {}
@@ -583,22 +559,21 @@ class ALaST(Policy):
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
                  layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto"):
-        if not 0.0 < budget <= 1.0:
-            raise PolicyError(f"alast: budget must be in (0, 1], got {budget}")
-        if not 0.0 < rate <= 1.0:
-            raise PolicyError(f"alast: rate must be in (0, 1], got {rate}")
-        if not 0.0 < min_budget <= budget:
-            raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget}"
-                              + (" (the default): pass a lower min_budget= with a budget below 0.3"
-                                 if min_budget == 0.3 and budget < 0.3 else ""))
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise PolicyError(f"alast: k must be a positive int (layers trained per step) or None, got {k!r}")
-        if temperature not in (None, "auto") and not (isinstance(temperature, (int, float)) and temperature > 0):
+        self.budget = float(_number("alast", "budget", budget, 0.0, 1.0, low_open=True))
+        self.rate = float(_number("alast", "rate", rate, 0.0, 1.0, low_open=True))
+        if isinstance(min_budget, (int, float)) and min_budget == 0.3 and self.budget < 0.3:
+            raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget} (the default): pass a "
+                              "lower min_budget= with a budget below 0.3")
+        self.min_budget = float(_number("alast", "min_budget", min_budget, 0.0, self.budget, low_open=True))
+        self.k = _number("alast", "k (layers trained per step)", k, 1, integer=True, none=True)
+        try:
+            if not (isinstance(temperature, str) and temperature == "auto"):
+                _number("alast", "temperature", temperature, 0.0, low_open=True, none=True)
+        except PolicyError:
             raise PolicyError(f"alast: temperature must be a positive number, None for the top-ranked tokens or "
-                              f"'auto'; got {temperature!r}")
+                              f"'auto'; got {temperature!r}") from None
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise PolicyError("alast: layers= takes a list of unit names, e.g. ['bert.encoder.layer.0', ...]")
-        self.budget, self.k, self.rate, self.min_budget = float(budget), k, float(rate), float(min_budget)
         self.layers = None if layers is None else list(layers)
         self.seed = seed
         self.history = history

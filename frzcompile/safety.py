@@ -36,8 +36,12 @@ Every decision, hold-back and rollback is logged (`events`) for `explain`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+from .errors import PolicyError, check_number
+
+_number = functools.partial(check_number, error=PolicyError)  # the rules' settings: PolicyErrors
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
 
@@ -85,12 +89,20 @@ class Safeguard:
                  watch: int = 40, tolerance: float = 0.05, backoff: int = 200, settled: float = 0.05,
                  span: int = 100, steady: int = 60, relative: float = 0.1, lookback: int = 300,
                  lr_drop: float = 0.5):
-        self.min_gap, self.min_drop, self.max_fall, self.window = int(min_gap), float(min_drop), float(max_fall), \
-            int(window)
-        self.settled, self.span, self.steady = float(settled), int(span), int(steady)
-        self.relative, self.lookback = float(relative), int(lookback)
-        self.watch, self.tolerance, self.backoff = int(watch), float(tolerance), int(backoff)
-        self.lr_drop = float(lr_drop)
+        def steps(name, value, low=0):
+            return _number("Safeguard", name, value, low, integer=True)
+
+        def share(name, value, high=None):
+            return float(_number("Safeguard", name, value, 0.0, high))
+
+        self.min_gap, self.window, self.watch, self.backoff = steps("min_gap", min_gap), \
+            steps("window", window, 1), steps("watch", watch), steps("backoff", backoff)
+        self.span, self.steady, self.lookback = steps("span", span, 1), steps("steady", steady), \
+            steps("lookback", lookback, 1)
+        self.min_drop, self.max_fall, self.settled = share("min_drop", min_drop), share("max_fall", max_fall), \
+            share("settled", settled)
+        self.relative, self.tolerance = share("relative", relative), share("tolerance", tolerance)
+        self.lr_drop = share("lr_drop", lr_drop, 1.0)
         self.reset()
 
     def reset(self) -> None:

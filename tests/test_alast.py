@@ -358,7 +358,7 @@ def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():
 def test_refusals():
     with pytest.raises(PolicyError, match="budget"):
         frzcompile.ALaST(budget=1.5)
-    with pytest.raises(PolicyError, match="k must"):
+    with pytest.raises(PolicyError, match=r"k \(layers trained per step\) must be an integer"):
         frzcompile.ALaST(k=0)
     with pytest.raises(PolicyError, match="temperature must be a positive number, None for the top-ranked tokens"):
         frzcompile.ALaST(temperature=0)

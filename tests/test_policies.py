@@ -4,6 +4,7 @@ import torch
 
 import frzcompile
 from frzcompile.policies import AutoFreeze, Linear, make_policy
+from frzcompile.safety import Safeguard
 
 
 class FakeView:
@@ -86,7 +87,7 @@ def test_linear_without_length_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     with pytest.raises(frzcompile.PolicyError, match="total_steps"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear")
-    with pytest.raises(frzcompile.PolicyError, match=r"total_steps must be a number in \(0, inf\) or None, got -5"):
+    with pytest.raises(frzcompile.ConfigError, match=r"optimize: total_steps must be a number in \(0, inf\) or None, got -5"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=-5)
 
 
@@ -172,13 +173,25 @@ def test_a_policy_object_decides_for_one_frozen_module():
     lambda: frzcompile.policies.Linear(freeze_start="0.5"), lambda: frzcompile.policies.Linear(freeze_level=None),
     lambda: frzcompile.AutoFreeze(interval=2.7), lambda: frzcompile.AutoFreeze(interval="10"),
     lambda: frzcompile.AutoFreeze(interval=None), lambda: frzcompile.AutoFreeze(percentile="50"),
-    lambda: frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 2)), (torch.randn(2, 8),), policy="linear",
-                                total_steps=True)])
+    lambda: frzcompile.SmartFRZ(interval="10"), lambda: frzcompile.SmartFRZ(votes=2.5),
+    lambda: frzcompile.SmartFRZ(threshold="0.5"), lambda: frzcompile.SmartFRZ(min_weights=None),
+    lambda: frzcompile.ALaST(budget="0.5"), lambda: frzcompile.ALaST(rate=float("nan")),
+    lambda: frzcompile.ALaST(k=True), lambda: frzcompile.ALaST(k=2.5), lambda: frzcompile.ALaST(min_budget="0.3"),
+    lambda: Safeguard(window=0), lambda: Safeguard(min_gap=2.5), lambda: Safeguard(span="100"),
+    lambda: Safeguard(lr_drop=2.0), lambda: Safeguard(tolerance=-0.1)])
 def test_policy_options_of_the_wrong_kind_are_refused_by_name(make):
     """NaN total_steps froze every unit after one step; strings and None failed with bare TypeErrors; 2.7 became 2
-    and True became 1."""
+    and True became 1 (SmartFRZ's interval and votes, ALaST's k and the safety rules' settings did too, or failed
+    later: a window of 0 divided by zero at the first decision)."""
     with pytest.raises(frzcompile.PolicyError, match="must be"):
         make()
+
+
+def test_optimize_total_steps_of_the_wrong_kind_is_a_config_error():
+    """optimize()'s own option, not a policy's: a ConfigError (True became 1)."""
+    with pytest.raises(frzcompile.ConfigError, match="optimize: total_steps must be"):
+        frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 2)), (torch.randn(2, 8),), policy="linear",
+                            total_steps=True)
 
 
 def test_policy_options_take_numpy_numbers():
