@@ -727,6 +727,32 @@ def test_a_layer_frozen_by_hand_while_not_drawn_trains_again_after_its_thaw():
     assert undrawn[0] in drawn
 
 
+def test_a_weight_frozen_by_hand_in_a_layer_not_drawn_stays_frozen_after_a_freeze_and_thaw():
+    """A freeze of a layer ALaST had switched off for the step recorded, for its thaw, the flags the layer had at
+    optimize(), not the user's: a bias frozen by hand before trained again after fm.unfreeze."""
+    ids, mask, y = _batch()
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=0.5, k=1), layers=4)
+    layers = model.bert.encoder.layer
+    biases = [layer.output.dense.bias for layer in layers]
+    for b in biases:
+        b.requires_grad_(False)  # by hand, after optimize()
+    before = [b.detach().clone() for b in biases]
+    F.cross_entropy(fm(input_ids=ids, attention_mask=mask).logits, y).backward()
+    undrawn = [i for i, layer in enumerate(layers) if not layer.attention.self.query.weight.requires_grad]
+    name = f"bert.encoder.layer.{undrawn[0]}"
+    fm.freeze(name)
+    opt.step()
+    opt.zero_grad()
+    fm.unfreeze(name)
+    for _ in range(4):
+        F.cross_entropy(fm(input_ids=ids, attention_mask=mask).logits, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not any(b.requires_grad for b in biases)
+    assert all(torch.equal(b, b0) for b, b0 in zip(biases, before))
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("output.dense.bias"))
+
+
 def _by_hand_pair(budget=1.0, k=None):
     """(model, fm, opt, eager copy, its opt) at a budget of 1 (ALaST then trains like full fine-tuning), dropout
     off, plain SGD (no state for a freeze to drop): the eager copy is frozen by hand as fm is."""

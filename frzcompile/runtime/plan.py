@@ -52,6 +52,9 @@ class ByParameter:
         self._entries.pop(id(p), None)
         return value
 
+    def clear(self) -> None:
+        self._entries.clear()
+
 
 @dataclass(frozen=True)
 class PlanChange:
@@ -93,7 +96,8 @@ class FreezePlan:
         self._states_clean = weakref.WeakKeyDictionary()  # optimizer -> no state loaded since its last step
         self.whole: dict = {}             # module path frozen as a whole -> (module, its units): freeze_whole
         self._frozen_memo = None          # (frozen set, its parameters, their ids): frozen_params
-        self.switched_off: set = set()    # ids of parameters a service turned off until the next step (ALaST)
+        self.switched_off = ByParameter()  # parameter a service turned off until the next step (ALaST's layers
+                                           # not drawn) -> its flag before (the user's)
         self.pinned: set = set()          # units the user froze with fm.freeze (and has not unfrozen): no policy
                                           # plan thaws them
 
@@ -145,10 +149,10 @@ class FreezePlan:
         newly, thawed = frozen - self.frozen, self.frozen - frozen
         for u in newly:
             for name, p in zip(units[u].param_names, units[u].params):
-                # a thaw gives back the flag it has now: the user may have frozen it, or unfrozen it, by hand (but
-                # not one a service switched off for this step: ALaST's layers not drawn)
-                if id(p) not in self.switched_off:
-                    self._initial_requires_grad[p] = self._default_by_name[name] = p.requires_grad
+                # a thaw gives back the flag it has now: the user may have frozen it, or unfrozen it, by hand (one a
+                # service switched off for this step, the flag it had before)
+                self._initial_requires_grad[p] = self._default_by_name[name] = \
+                    self.switched_off.pop(p, p.requires_grad)
                 p.requires_grad_(False)
                 if self.keep_in_flight and p.grad is not None and bool(p.grad.any()):  # the step in flight applies it:
                     self._in_flight[id(p)] = p  # released after that step (a zero-filled one is not a gradient)

@@ -33,7 +33,6 @@ from torch import nn
 from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import plain_forward, weak_method
-from ..runtime.plan import ByParameter
 from ..runtime.services import FORWARD_MARK, Service
 from .select import (cls_attention, gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens,
                      top_tokens, valid_tokens)
@@ -152,17 +151,16 @@ class _TokenForward:
         return getattr, (self._layer(), "forward")
 
 
-def _release(handles, modules, plan, params, was) -> None:
+def _release(handles, modules, plan, params) -> None:
     """Hooks and compiled forwards off; the parameters ALaST switched off for a step back to their flags."""
     for h in handles:
         h.remove()
     for m in modules:
         if isinstance(m.__dict__.get("forward"), _TokenForward):
             del m.__dict__["forward"]
-    frozen = {id(p) for p in plan.frozen_params()}
     for p in params:
-        if id(p) not in frozen and id(p) in plan.switched_off:
-            p.requires_grad_(was.get(p, plan.trainable_by_default(p)))
+        if p in plan.switched_off:
+            p.requires_grad_(plan.switched_off.pop(p))
     plan.switched_off.clear()
 
 
@@ -193,7 +191,6 @@ class LayerBudgets(Service):
         self._applied = False  # whether layers not drawn for this iteration are set not to require grad
         self._handles, self.modules, self._finalizer = [], [], None
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
-        self._was = ByParameter()  # a parameter switched off for this step -> its flag before (the user's)
         self._warned_unsafe = False
         problem = next((f"layer {n}: {why}" for n in names if len(unit_graph.units[n].roots) == 1 and
                         (why := token_order_problem(unit_graph.units[n].roots[0]))), "")
@@ -247,8 +244,7 @@ class LayerBudgets(Service):
                 for p in layer.parameters():
                     self._handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: drop(i, p)))
         params = [p for m in self.modules for p in m.parameters()]
-        self._finalizer = weakref.finalize(self, _release, self._handles, list(self.modules), self.plan, params,
-                                           self._was)
+        self._finalizer = weakref.finalize(self, _release, self._handles, list(self.modules), self.plan, params)
 
     def _unhook(self) -> None:
         if self._finalizer is not None:
@@ -397,13 +393,11 @@ class LayerBudgets(Service):
                 continue
             trained = i in self.trained or self.compile_config is not None
             for p in units[name].params:
-                if trained and id(p) in off:
-                    p.requires_grad_(self._was.pop(p, self.plan.trainable_by_default(p)))
-                    off.discard(id(p))
-                elif not trained and id(p) not in off:
-                    self._was[p] = p.requires_grad
+                if trained and p in off:
+                    p.requires_grad_(off.pop(p))
+                elif not trained and p not in off:
+                    off[p] = p.requires_grad
                     p.requires_grad_(False)
-                    off.add(id(p))
         self._applied = len(self.trained) < len(self.layers)
 
     def on_optimizer_step(self, optimizer) -> None:
@@ -416,8 +410,8 @@ class LayerBudgets(Service):
         for i, name in enumerate(self.layers):
             if name not in self.plan.frozen and i not in self.trained:
                 for p in units[name].params:
-                    if id(p) in self.plan.switched_off:
-                        p.requires_grad_(self._was.pop(p, self.plan.trainable_by_default(p)))
+                    if p in self.plan.switched_off:
+                        p.requires_grad_(self.plan.switched_off.pop(p))
         self.plan.switched_off.clear()
         self._applied = False
 
