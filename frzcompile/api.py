@@ -3,7 +3,6 @@ FrozenModule."""
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +15,8 @@ from .capture import capture
 from .errors import ConfigError, InputMismatchError, UnitError, check_number
 from .policies import ALaST, make_policy
 from .runtime import FrozenContainer, FrozenModule
-from .runtime.module import OWNER, PART_OF, check_unbound
+from .runtime import markers
+from .runtime.module import check_unbound
 from .runtime.steps import unwrap_optimizer
 from .sparsity.training import SparsityConfig
 from .units import UnitGraph, select_units
@@ -139,30 +139,24 @@ def optimize(
                       "to optimize() (run in eval mode) never called: not units, they cannot be frozen by name. Pass "
                       "an example that reaches them, or name a module that holds them.", UserWarning, stacklevel=2)
     for path, module in model.named_modules():
-        owner = module.__dict__.get(OWNER)
-        if isinstance(owner, _Owner) and owner.holds(module):
-            what = "this model" if module is model else f"its submodule {path!r}"
+        others = markers.owners(module)
+        what = "this model" if module is model else f"its submodule {path!r}"
+        if any(p.holds(module) for p in others):
             warnings.warn(f"frzcompile: {what} was given to frzcompile.optimize before, and that FrozenModule is "
                           "still alive: both act on the same parameters (its policy keeps deciding at every "
                           "optimizer step, and its plan stays applied). Keep one: `del` the other (its hooks go "
                           "with it) or call its release(), or call optimize() once.", UserWarning, stacklevel=2)
             break
-        parts = module.__dict__.get(PART_OF)
-        if isinstance(parts, list) and any(isinstance(p, _Owner) and p.holds_part(module) for p in parts):
-            warnings.warn(f"frzcompile: {'this model' if module is model else f'its submodule {path!r}'} is also part "
-                          "of the model of another live FrozenModule (a shared backbone?): both act on its "
-                          "parameters, and neither sees what the other freezes or thaws (nor its train/eval "
-                          "modes). Optimize one module holding both models instead, or release() the other.",
-                          UserWarning, stacklevel=2)
+        if any(p.holds_part(module) for p in others):
+            warnings.warn(f"frzcompile: {what} is also part of the model of another live FrozenModule (a shared "
+                          "backbone?): both act on its parameters, and neither sees what the other freezes or "
+                          "thaws (nor its train/eval modes). Optimize one module holding both models instead, or "
+                          "release() the other.", UserWarning, stacklevel=2)
             break
     cls = FrozenContainer if FrozenContainer.fits(model) else FrozenModule  # fm[0], len(fm) of an nn.Sequential
     fm = cls(model, captured, unit_graph, policy, optimizers, total_steps=total_steps,
              compile_config=None if alast else compile)
-    model.__dict__[OWNER] = owner = _Owner(fm)
-    for module in model.modules():  # (every live FrozenModule whose model holds it: one, unless shared)
-        parts = module.__dict__.get(PART_OF)
-        module.__dict__[PART_OF] = [p for p in (parts if isinstance(parts, list) else [])
-                                    if isinstance(p, _Owner) and p.alive()] + [owner]
+    markers.mark(model, fm)
     if sparsity is not None:
         from .runtime.module import weak_method
         from .sparsity.training import SparseTraining
@@ -182,42 +176,7 @@ def optimize(
 
 def optimized_by(model):
     """The live FrozenModule that `optimize` last made for `model` (not released), or None."""
-    owner = model.__dict__.get(OWNER)
-    return owner.ref() if isinstance(owner, _Owner) and owner.holds(model) else None
-
-
-class _Owner:
-    """A weak reference to the FrozenModule optimize() made for a model, kept on the model so that a second
-    optimize() of it can say so. A copy of the model carries an empty one, a pickle None (`torch.save(model)`
-    loads where frzcompile is not installed)."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, fm=None):
-        self.ref = weakref.ref(fm) if fm is not None else None
-
-    def _live(self):
-        """The FrozenModule, unless it is gone or released."""
-        fm = self.ref() if self.ref is not None else None
-        return fm if fm is not None and not fm.released else None
-
-    def alive(self) -> bool:
-        return self._live() is not None
-
-    def holds(self, model) -> bool:
-        fm = self._live()
-        return fm is not None and fm.__dict__.get("_model") is model
-
-    def holds_part(self, module) -> bool:
-        """Whether `module` is still inside the model of the live FrozenModule."""
-        fm = self._live()
-        return fm is not None and any(m is module for m in fm.__dict__["_model"].modules())
-
-    def __reduce__(self):
-        return type(None), ()
-
-    def __deepcopy__(self, memo):
-        return _Owner()
+    return markers.made_for(model)
 
 
 def _option(value, config_type, name):

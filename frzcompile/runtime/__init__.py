@@ -7,6 +7,7 @@
     services.py  the hook points of the optional services (activation cache, sparse training)
     analysis.py  the captured graph, the passes' graph per plan, FLOPs per unit (what explain shows)
     compiled.py  the compiled path: torch.compile with the frzcompile backend, one compiled model per plan
+    markers.py   optimize()'s marker on each module: the live FrozenModules its model is part of
 """
 from .module import FrozenContainer, FrozenModule, NoLossWarning, NoStepWarning, attached_to
 

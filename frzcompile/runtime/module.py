@@ -24,6 +24,7 @@ from ..errors import ConfigError, PlanError, PolicyError
 from ..policies import Manual, Policy, TrainingView
 from ..units import UnitGraph
 from .analysis import Analysis
+from . import markers
 from .loss import DESCRIPTIONS as LOSS_SOURCES, LossSignal
 from .plan import FreezePlan, PlanChange
 from .services import Service, chain
@@ -33,8 +34,6 @@ FREEZE_STATE_FORMAT = "frzcompile.freeze-state/1"
 NO_STEP_WARNING_CALLS = 100  # training calls without an optimizer step before frzcompile warns
 NO_LOSS_WARNING_STEPS = 50    # steps without any loss signal before frzcompile warns
 BOUND_TO = "_frzcompile_bound_to"  # a policy's attribute: a weak reference to the FrozenModule it decides for
-OWNER = "_frzcompile_owner"  # the model's attribute holding the FrozenModule made for it (weakly: api._Owner)
-PART_OF = "_frzcompile_part_of"  # each module's attribute: the same, for each model it is part of
 
 
 def check_unbound(policy) -> None:
@@ -562,16 +561,7 @@ class FrozenModule(nn.Module):
         for service in self._services:
             service.close()
         self.__dict__["_released"] = True
-        for module in self._model.modules():  # (optimize()'s markers of this FrozenModule: the model is left clean)
-            state = module.__dict__
-            if getattr(state.get(OWNER), "ref", None) is not None and state[OWNER].ref() is self:
-                del state[OWNER]
-            if isinstance(state.get(PART_OF), list):
-                kept = [p for p in state[PART_OF] if getattr(p, "alive", lambda: False)()]
-                if kept:
-                    state[PART_OF] = kept
-                else:
-                    del state[PART_OF]
+        markers.unmark(self._model, self)  # (optimize()'s markers: the model is left clean)
 
     @property
     def released(self) -> bool:
