@@ -12,7 +12,7 @@ from torch import nn
 
 import frzcompile
 from frzcompile import CacheConfig, zoo
-from frzcompile.cache.service import PythonState
+from frzcompile.cache.key import PythonState
 from frzcompile.cache.store import ActivationStore
 from tests.conftest import train_losses
 
@@ -481,7 +481,7 @@ def test_a_batch_held_in_part_is_computed_whole_when_that_is_cheaper():
     """Serving a batch in part runs the prefix alone on its missing rows; where that run is dear (100 ms a batch
     as the analysis timed it, 3 ms inside the run), a batch held in part is computed whole inside the real call
     and only its missing rows stored; where it is cheap, it is served in part. Values as without a cache."""
-    from frzcompile.cache.service import CallPlan, partial_pays
+    from frzcompile.cache.plan import CallPlan, partial_pays
 
     cheap = CallPlan(("0",), True, "", compute_ms=8.0, serve_ms=0.8, batch=8)
     assert partial_pays(cheap, 6, 2)
@@ -1271,7 +1271,7 @@ class _Sleepy(nn.Module):
 
 
 def test_the_cost_check_times_warm_runs_and_counts_storing():
-    from frzcompile.cache.service import pays_back
+    from frzcompile.cache.plan import pays_back
 
     assert pays_back(10.0, 2.0, 1.0)
     assert not pays_back(3.0, 2.9, 1.0)      # serving barely cheaper than computing: storing is never paid back
@@ -1295,7 +1295,7 @@ def test_the_check_before_serving_is_made_again_as_stored_batches_double():
     """A level that paid at its first 16 stored batches is checked again at 32, 64... while nothing is served:
     a prefix that costs 1 ms a call at first and nothing later (as storing grew dearer in a ResNet run) is
     turned off once the means say so, its entries freed."""
-    from frzcompile.cache.service import LIVE_BATCHES
+    from frzcompile.cache.plan import LIVE_BATCHES
 
     torch.manual_seed(0)
     timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 5 else 0.001 if n <= 5 + LIVE_BATCHES + 1 else 0)
@@ -1322,7 +1322,7 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
     inside the run, and after 16 fully served ones with the serving time too: a prefix that only looked slow
     while analysed (20 ms on the analysis' timed runs, nothing in the run) is turned off at the first check,
     before anything is served, and its entries freed; one that costs 3 ms in the run stays on through both."""
-    from frzcompile.cache.service import LIVE_BATCHES
+    from frzcompile.cache.plan import LIVE_BATCHES
 
     torch.manual_seed(0)
     timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 4 else real_ms / 1000)  # slow only on the analysis' timed runs
@@ -1361,7 +1361,7 @@ def test_the_cost_check_is_made_again_inside_the_run(real_ms):
 def test_a_small_data_set_is_checked_inside_the_run_once_served():
     """Four distinct batches never reach 16 stored ones: once 16 were served whole, the check is made with the
     few stored ones, and a prefix that only looked slow while analysed is turned off."""
-    from frzcompile.cache.service import LIVE_BATCHES
+    from frzcompile.cache.plan import LIVE_BATCHES
 
     torch.manual_seed(0)
     timed = _Sleepy(lambda n: 0.02 if 2 <= n <= 4 else 0)  # slow only on the analysis' timed runs
@@ -1382,7 +1382,7 @@ def test_the_in_run_cost_check_follows_a_deepening_prefix():
     """After the prefix deepens, its first epoch is served from the shallower level's entries with only the newly
     frozen units run: those batches count as stored for the deeper level's in-run check, computing the prefix
     costing what the shallower one cost in the run plus the new units' calls."""
-    from frzcompile.cache.service import LIVE_BATCHES
+    from frzcompile.cache.plan import LIVE_BATCHES
 
     torch.manual_seed(0)
     model = nn.Sequential(_Sleepy(lambda n: 0.006), nn.Linear(4, 4), nn.Linear(4, 4))  # 6 ms: serving's ~1-2 ms
@@ -2018,7 +2018,7 @@ def test_a_trained_weight_read_before_the_prefix_ends_turns_the_signature_off():
 def test_the_serving_cost_counts_fingerprinting_the_batch(monkeypatch):
     """The cost check's serving rounds reused the batch's row fingerprints computed before them (kept on the
     signature), so serving was timed without fingerprinting the batch, which every served call pays."""
-    from frzcompile.cache import service
+    from frzcompile.cache import key
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -2027,7 +2027,7 @@ def test_the_serving_cost_counts_fingerprinting_the_batch(monkeypatch):
     fm.freeze("0")
     fm(x)
     calls = []
-    real = service.row_digests
-    monkeypatch.setattr(service, "row_digests", lambda tensors: calls.append(1) or real(tensors))
+    real = key.row_digests
+    monkeypatch.setattr(key, "row_digests", lambda tensors: calls.append(1) or real(tensors))
     fm.cache.measure((x,), {}, rounds=3)
     assert len(calls) >= 3  # (one per serving round at least)

@@ -38,7 +38,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .. import torch_private
@@ -50,14 +49,15 @@ from ..torch_private import tree_flatten, tree_unflatten
 from .batch_dims import OTHER_OPERATIONS, OpRecorder, batch_mixing
 from .dataflow import DataflowProbe
 from .intercept import Interception, Stop, UnexpectedCall
-from .store import ActivationStore, CacheConfig, _describe, fingerprints, row_digests
+from .key import SCALARS, PythonState, Signature, content_digest, layout
+from .plan import LIVE_BATCHES, CallPlan, partial_pays, pays_back
+from .store import ActivationStore, CacheConfig, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
 MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
 # a batch of one is never served: code may take another path for it (`.squeeze()`, `if x.shape[0] == 1`), which
 # the analysis of larger batches and their halves does not see, and it has no halves to analyse
 ONE_SAMPLE = "a batch of one sample (single samples may take other code paths, which no analysis of a larger batch sees)"
-LIVE_BATCHES = 16  # stored and fully served batches timed inside the run before the cost check is made again
 MIN_LIVE_STORED = 3  # stored batches the check needs once LIVE_BATCHES were served (a small data set has few)
 MAX_STATE_CHANGES = 16  # re-analyses of one signature after the Python state changed, before giving up on it
 MIN_EPOCH_BATCH = 32  # the first batch of this many or more that a level holds whole tells the epoch (_learn_epoch)
@@ -66,263 +66,6 @@ MIN_PARTIAL_COVER = 0.5  # a level serves a batch in part (its own, or a deeper 
 # modules whose forward takes a fused fast path unless a TorchFunctionMode (the dataflow probe) is active: what the
 # probe's call computes differs from later calls in the last bits, so it is not stored
 FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer)
-_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
-_MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
-CONTAINER_ITEMS = 64  # a list, tuple, dict or set held as a module attribute is keyed by content up to this size
-ARRAY_BYTES = 4096    # and a numpy array up to this many bytes
-
-
-def _tensor_token(t: torch.Tensor) -> tuple:
-    return id(t), torch_private.tensor_version(t), t.dtype, t.data_ptr()
-
-
-def _contents(value, depth: int = 0):
-    """A token of a plain container's contents, so that `self.cfg["act"] = "tanh"` or `self.acts[0] = ...` made
-    in place is seen: plain values by value, tensors by identity and version, containers two deep, anything else
-    (and a larger container) by identity."""
-    if isinstance(value, _SCALARS):
-        return value
-    if isinstance(value, torch.Tensor):
-        return _tensor_token(value)
-    if isinstance(value, np.ndarray):
-        return ("ndarray", value.dtype.str, value.shape, value.tobytes()) if value.nbytes <= ARRAY_BYTES else id(value)
-    if depth < 2 and isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) <= CONTAINER_ITEMS:
-        if isinstance(value, dict):
-            return type(value).__name__, tuple((_contents(k, 2), _contents(v, depth + 1)) for k, v in value.items())
-        items = tuple(_contents(v, depth + 1) for v in value)
-        return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
-    return id(value)
-
-
-class PythonState:
-    """A digest of the Python state the forward of some modules may read besides tensors' contents: train/eval,
-    plain attributes (a temperature, LayerNorm's eps, a flag switching a code path), tensors held as plain
-    attributes (by identity, version, dtype, device, storage), the contents of lists, tuples, dicts and sets they
-    hold (`_contents`), and the plain fields of objects they hold (a Hugging Face config's output_hidden_states or
-    attention implementation). Python state elsewhere (a global the forward reads) is not seen. The attribute
-    names of each module are listed once, and again whenever its number of attributes changes."""
-
-    def __init__(self, modules, watch_data: bool = True):
-        self.modules = list(modules)
-        self.watch_data = watch_data  # also digest the contents of tensors held as plain attributes (.data edits)
-        self._names = [(-1, ()) for _ in self.modules]
-        self._names_repr = None
-
-    def _collect(self) -> tuple:
-        """(flat tokens in the order of `_names`, object id -> its plain fields, the tensors held as attributes)."""
-        tokens, objects, tensors = [], {}, []
-        for i, m in enumerate(self.modules):
-            d = m.__dict__
-            size, names = self._names[i]
-            if size != len(d):
-                names = tuple(k for k in d if k not in _MODULE_FIELDS)
-                self._names[i] = (len(d), names)
-                self._names_repr = None
-            tokens.append(m.training)
-            for name in names:
-                value = d.get(name)
-                if isinstance(value, _SCALARS):
-                    tokens.append(value)
-                elif isinstance(value, torch.Tensor):
-                    tokens.append(_tensor_token(value))
-                    tensors.append(value)
-                elif isinstance(value, (list, tuple, dict, set, frozenset, np.ndarray)):
-                    tokens.append((id(value), _contents(value)))
-                elif isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
-                    tokens.append(id(value))
-                else:  # an object such as a config: its plain fields, once per object
-                    tokens.append(id(value))
-                    if id(value) not in objects:
-                        objects[id(value)] = [(k, _contents(v)) for k, v in vars(value).items()
-                                              if isinstance(v, _SCALARS + (list, tuple, dict, set, frozenset))]
-        return tokens, objects, tensors
-
-    def digest(self) -> bytes:
-        tokens, objects, tensors = self._collect()
-        if self._names_repr is None:
-            self._names_repr = repr([names for _, names in self._names])
-        h = hashlib.blake2b((self._names_repr + repr(tokens) + repr(objects)).encode(), digest_size=16)
-        if self.watch_data and tensors:  # an edit through .data moves no version counter: digest their contents
-            h.update(content_digest(tensors))
-        return h.digest()
-
-    def named(self) -> dict:
-        """(module index, attribute or "training") -> token: what `digest` hashes, for telling what changed."""
-        tokens, _, _ = self._collect()
-        flat, out = iter(tokens), {}
-        for i, (_, names) in enumerate(self._names):
-            out[i, "training"] = next(flat)
-            for name in names:
-                out[i, name] = next(flat)
-        return out
-
-
-@dataclass
-class Signature:
-    """One call's arguments, reduced to what decides how the model's forward runs (`digest`), and the Python state
-    of the modules around the frozen prefix (`state`, a PythonState digest); entries are keyed by both."""
-
-    leaves: list
-    batch: int | None            # the first tensor argument's leading size
-    batch_leaves: tuple          # positions of tensor arguments whose leading size is the batch
-    digest: bytes
-    unsupported: str = ""        # why these arguments cannot be keyed, if they cannot
-    state: bytes = b""
-    unread: frozenset = frozenset()  # positions of arguments the prefix never reads (its plan's), left out of keys
-    _shared: bytes | None = None
-    _rows: list | None = field(default=None, compare=False, repr=False)  # row_digests, kept by with_state's copies
-
-    def with_state(self, state: bytes) -> Signature:
-        return dataclasses.replace(self, state=state, _shared=None)
-
-    def for_plan(self, plan) -> Signature:
-        """This signature keyed as `plan` keys it (without the arguments its prefix never reads)."""
-        return self if plan.unread == self.unread else dataclasses.replace(self, unread=plan.unread, _shared=None)
-
-    def row_digests(self) -> list:
-        """Per-sample digests of the batch arguments (computed once: a call is looked up at several levels)."""
-        if self._rows is None:
-            self._rows = row_digests(self.tensors(self.batch_leaves))
-        return self._rows
-
-    @classmethod
-    def of(cls, args, kwargs, training: bool, flat=None) -> Signature:
-        """`flat`: `tree_flatten((tuple(args), dict(kwargs)))` when the caller has it already."""
-        leaves, spec = flat if flat is not None else tree_flatten((tuple(args), dict(kwargs)))
-        tensors = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-        batch = next((t.shape[0] for _, t in tensors if t.dim() > 0), None)
-        batch_leaves = tuple(i for i, t in tensors if t.dim() > 0 and t.shape[0] == batch)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{spec}|train={training}".encode())
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                h.update(f"|autocast {device_type} {torch.get_autocast_dtype(device_type)}".encode())
-        unsupported = ""
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor):
-                shape = tuple(leaf.shape[1:]) if i in batch_leaves else ("whole",) + tuple(leaf.shape)
-                h.update(f"|{i}:{leaf.dtype}:{leaf.device}:{shape}:{_layout(leaf)}".encode())  # (channels-last)
-            elif isinstance(leaf, _SCALARS):
-                h.update(f"|{i}={leaf!r}".encode())
-            else:
-                unsupported = f"an argument of type {type(leaf).__name__} (only tensors and plain values are keyed)"
-        return cls(leaves, batch, batch_leaves, h.digest(), unsupported)
-
-    def tensors(self, positions):
-        return [self.leaves[i] for i in positions]
-
-    def shared_digest(self) -> bytes:
-        """The signature, the Python state and the contents of the arguments that are not per sample and that the
-        prefix may read (computed once)."""
-        if self._shared is None:
-            h = hashlib.blake2b(self.digest + self.state, digest_size=16)
-            for i, t in enumerate(self.leaves):
-                if isinstance(t, torch.Tensor) and i not in self.batch_leaves and i not in self.unread:
-                    h.update(_describe(t))
-            self._shared = h.digest()
-        return self._shared
-
-    def select(self, args, kwargs, index):
-        """(args, kwargs) with every batch-first tensor argument cut to rows `index`."""
-        leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
-        for i in self.batch_leaves:
-            leaves[i] = leaves[i][index.to(leaves[i].device)] if isinstance(index, torch.Tensor) else leaves[i][index]
-        return tree_unflatten(leaves, spec)
-
-
-@dataclass
-class LiveCost:
-    """Seconds spent and samples handled inside the real run, per plan: computing the frozen prefix and storing
-    its outputs in calls that miss, and the cache's own work in calls it serves whole (CPU only: on a GPU the
-    wall clock would time kernel launches)."""
-
-    compute_s: float = 0.0
-    store_s: float = 0.0
-    stored: int = 0
-    stored_batches: int = 0
-    serve_s: float = 0.0
-    served: int = 0
-    served_batches: int = 0
-    next_early: int = LIVE_BATCHES  # stored batches at the next check made before LIVE_BATCHES were served
-    judged: bool = False
-
-    def compute_per_sample(self):
-        """Seconds to compute the frozen prefix per sample inside the run, or None before a stored batch."""
-        return self.compute_s / self.stored if self.stored else None
-
-    def per_batch_ms(self) -> tuple:
-        """(compute, serve, store) milliseconds for a batch of the served batches' mean size."""
-        batch = self.served / self.served_batches
-        return tuple(1000 * seconds / n * batch for seconds, n in
-                     ((self.compute_s, self.stored), (self.serve_s, self.served), (self.store_s, self.stored)))
-
-
-@dataclass
-class CallPlan:
-    """How one frozen prefix is served for one call signature."""
-
-    prefix: tuple
-    cacheable: bool
-    reason: str                              # why not, or how it pays
-    calls: tuple = ()                        # keys of the prefix's top-level calls, in order
-    templates: dict = field(default_factory=dict)  # key -> (TreeSpec, [leaf recipe])
-    sample_meta: list = field(default_factory=list)  # per stored per-sample tensor: (dtype, device, layout order)
-    shared_count: int = 0
-    keep: dict = field(default_factory=dict)  # key -> leaf indexes stored (copied when a real call returns)
-    state: bytes = b""                       # the Python state it was analysed with
-    placement: tuple = ()                    # the dtype, device and strides of each tensor the prefix read then
-    compute_ms: float = 0.0
-    serve_ms: float = 0.0
-    store_ms: float = 0.0
-    noise: float = 0.0
-    batch: int = 0                           # the analysed batch's size (compute_ms, serve_ms and store_ms are for it)
-    unread: frozenset = frozenset()          # positions of tensor arguments, not per sample, that nothing reads before
-                                             # the prefix ends (HF Trainer's num_items_in_batch): not keyed
-    live: LiveCost = field(default_factory=LiveCost)
-
-    def stored(self):
-        """(key, leaf index, kind, slot) of every output the cache stores, in slot order."""
-        out = []
-        for key in self.calls:
-            for i, recipe in enumerate(self.templates[key][1]):
-                if recipe[0] in ("sample", "shared"):
-                    out.append((key, i, recipe[0], recipe[1]))
-        return out
-
-
-def pays_back(compute_ms: float, serve_ms: float, store_ms: float) -> bool:
-    """Whether caching a batch pays back by the time it is served once: a batch costs `compute_ms` to compute;
-    cached, its first pass costs that plus the lookups (about `serve_ms`) and `store_ms`, and its second
-    `serve_ms`. A prefix that the policy deepens after every sample has been served once then loses nothing."""
-    return compute_ms + serve_ms + store_ms + serve_ms < 2 * compute_ms
-
-
-def partial_pays(plan, held: int, missing: int) -> bool:
-    """Whether a batch that `plan`'s level holds `held` rows of is cheaper served in part (the held rows
-    fetched, the `missing` ones computed by a run of the prefix alone, which has overheads of its own: timed
-    at 3x the prefix's time inside the run on a ResNet) than computed whole inside the real call. Per sample:
-    serving as measured inside the run (else by the analysis), the prefix alone as the analysis timed it, and
-    the prefix inside the run once known (until then, as the analysis timed it)."""
-    live = plan.live
-    alone = plan.compute_ms / 1000 / max(plan.batch, 1)
-    serve = live.serve_s / live.served if live.served else plan.serve_ms / 1000 / max(plan.batch, 1)
-    inside = live.compute_per_sample()
-    inside = alone if inside is None else inside
-    return serve * held + alone * missing < inside * (held + missing)
-
-
-def content_digest(tensors) -> bytes:
-    """The sum of each tensor's values (float64 ones accumulated in float64, other floating ones in float32), as
-    bytes: changes when a value changes through any route, `.data` included, unless an edit keeps every sum exactly
-    (a permutation of a tensor's elements) or is below the sum's rounding (float32: about 1e-7 of the sum of
-    magnitudes; accumulating float32 in float64 costs 15x on a CPU). One read of each tensor; one transfer to the
-    host per device and accumulation type."""
-    by_device: dict = {}  # (device, accumulation dtype) -> sums: one stack and one transfer each
-    for t in tensors:
-        t = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
-        acc = (torch.float64 if t.dtype == torch.float64 else torch.float32) if t.is_floating_point() else torch.int64
-        by_device.setdefault((t.device, acc), []).append(t.sum(dtype=acc))
-    return b"".join(torch.stack(sums).cpu().numpy().tobytes() for sums in by_device.values())
 
 
 def _buffer_slots(modules: dict) -> dict:
@@ -335,11 +78,6 @@ def _sync(tensors):
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
             torch.cuda.synchronize(t.device)
             return
-
-
-def _layout(t: torch.Tensor) -> tuple:
-    """The order of `t`'s dimensions in memory, outermost first (channels-last, transposed views...)."""
-    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
 
 
 def _alloc(shape, dtype, device, order) -> torch.Tensor:
@@ -832,14 +570,14 @@ class ActivationCache(Service):
                                       "depends on the others, e.g. BatchNorm on batch statistics; or the batch is "
                                       "not the first dimension of the inputs)")
                         recipes.append(("sample", len(sample_meta)))
-                        sample_meta.append((f.dtype, f.device, _layout(f)))
+                        sample_meta.append((f.dtype, f.device, layout(f)))
                         keep.setdefault(key, set()).add(i)
                     else:
                         return no(f"an output of {key[0]} (shape {tuple(f.shape)}) depends on the whole batch")
                 elif isinstance(f, int) and not isinstance(f, bool) and all(v == n for v, n in zip(
                         versions[:1] + versions[2:], sizes)):
                     recipes.append(("batch_size",))
-                elif isinstance(f, _SCALARS) and all(v == f for v in versions):
+                elif isinstance(f, SCALARS) and all(v == f for v in versions):
                     recipes.append(("const", f))
                 else:
                     return no(f"an output of {key[0]} ({type(f).__name__}) depends on the batch in an unknown way")
