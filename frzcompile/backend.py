@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -107,7 +106,7 @@ class GraphCompile:
     compile_id: str                 # Dynamo's "frame/attempt", e.g. "0/1" is the first recompile of frame 0
     frame: int
     attempt: int
-    params: dict                    # parameter name -> weakref to it, for the parameters this graph reads
+    params: dict                    # parameter name -> its ParameterTag, for the parameters this graph reads
     frozen: frozenset               # names of the frozen parameters among them
     modes: dict                     # node -> mode argument (dropout / BatchNorm `training`...) as traced
     region_nodes: int               # nodes moved into the no-grad frozen region
@@ -118,9 +117,41 @@ class GraphCompile:
     created: int = 0                # time.monotonic_ns() when received, to order records
     gm: fx.GraphModule | None = field(default=None, repr=False)  # the rewritten graph, for inspection
 
-    def live_param_ids(self) -> set:
-        # weak references: a record must not keep a model alive, and a dead model's ids may be reused
-        return {id(p) for p in (ref() for ref in self.params.values()) if p is not None}
+    def param_ids(self) -> set:
+        """Ids of the tags of the parameters this graph read (the record holds the tags: never reused)."""
+        return {id(tag) for tag in self.params.values()}
+
+
+PARAM_TAG = "_frzcompile_graph_tag"  # each parameter a graph of this backend read: the ParameterTag its records hold
+
+
+class ParameterTag:
+    """What ties a graph's record to the parameters it read (`graphs_for`: Dynamo shares a frame's graphs among
+    all instances of a class), set on each parameter. Not the parameters (a record must not keep a model alive)
+    nor weak references to them (torch.utils.swap_tensors, which .double() uses under
+    swap_module_params_on_conversion, refuses a tensor that has one) nor their ids (a dead model's pass to new
+    tensors). A swap replaces a parameter's attributes, so graphs compiled before a conversion lose their tie; a
+    copy of the model gets new tags, a pickle None."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def of(p) -> "ParameterTag":
+        tag = p.__dict__.get(PARAM_TAG)
+        if not isinstance(tag, ParameterTag):
+            tag = p.__dict__[PARAM_TAG] = ParameterTag()
+        return tag
+
+    @staticmethod
+    def ids(model) -> set:
+        """Ids of the tags on `model`'s parameters."""
+        return {id(t) for t in (p.__dict__.get(PARAM_TAG) for p in model.parameters()) if isinstance(t, ParameterTag)}
+
+    def __reduce__(self):
+        return type(None), ()
+
+    def __deepcopy__(self, memo):
+        return ParameterTag()
 
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
@@ -220,10 +251,10 @@ def recompile_reason(record: GraphCompile, earlier) -> str:
     if record.attempt == 0:
         return "first graph of this frame"
     # Dynamo shares a frame among all instances of a class, so compare with the same model's previous graph.
-    ids = record.live_param_ids()
+    ids = record.param_ids()
     previous = None
     for r in earlier:
-        if r.frame == record.frame and r.created < record.created and r.live_param_ids() & ids:
+        if r.frame == record.frame and r.created < record.created and r.param_ids() & ids:
             if previous is None or r.created > previous.created:
                 previous = r
     if previous is None:
@@ -280,14 +311,13 @@ def frzcompile_backend(gm: fx.GraphModule, example_inputs, options=None, mode: s
     start = time.perf_counter()
     frame, attempt = torch_private.current_compile_id() or (-1, 0)
     placeholders = _placeholder_names(gm, example_inputs)
-    params = {name: weakref.ref(t) for name, t in placeholders.values()
-              if name is not None and isinstance(t, torch.nn.Parameter)}
+    params = {name: t for name, t in placeholders.values() if name is not None and isinstance(t, torch.nn.Parameter)}
     frozen = frozenset(
         name for name, t in placeholders.values()
         if name is not None and isinstance(t, torch.nn.Parameter)
         and (not t.requires_grad or name in config.frozen)
     )
-    stale = sorted(n for n in config.frozen & set(params) if params[n]().requires_grad)
+    stale = sorted(n for n in config.frozen & set(params) if params[n].requires_grad)
     if stale:
         raise FrzError(f"parameters {_short(stale)} are in the frozen plan but still require grad; freeze them "
                        "with FrozenModule.freeze(), which also clears their gradients and optimizer state")
@@ -305,7 +335,8 @@ def frzcompile_backend(gm: fx.GraphModule, example_inputs, options=None, mode: s
     gm = run_passes(gm, ctx, passes=[freeze])
     torch_private.restore_dynamo_sources(gm, sources)
     record = GraphCompile(
-        compile_id=f"{frame}/{attempt}", frame=frame, attempt=attempt, params=params, frozen=frozen,
+        compile_id=f"{frame}/{attempt}", frame=frame, attempt=attempt,
+        params={name: ParameterTag.of(t) for name, t in params.items()}, frozen=frozen,
         modes=modes, region_nodes=ctx.stats.get("freeze", {}).get("region_nodes", len(region)),
         passes=[(r.label, r.seconds) for r in ctx.records[1:]], inner=config.inner,
         plan=plan, created=time.monotonic_ns(), gm=gm,
@@ -335,7 +366,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 def graphs_for(model: torch.nn.Module) -> list:
     """The GraphCompile records of the graphs Dynamo compiled with this backend that read `model`'s parameters,
     oldest first (what `explain` shows for a compiled model)."""
-    ids = {id(p) for p in model.parameters()}
+    ids = ParameterTag.ids(model)
     records = {id(r): r for r in (getattr(fn, RECORD_ATTRIBUTE)
                                   for fn in torch_private.compiled_callables(model, RECORD_ATTRIBUTE))}
-    return sorted((r for r in records.values() if ids & r.live_param_ids()), key=lambda r: r.created)
+    return sorted((r for r in records.values() if ids & r.param_ids()), key=lambda r: r.created)

@@ -587,11 +587,13 @@ def compiled_callables(model: torch.nn.Module, attribute: str) -> list:
 
     Dynamo installs each compiled graph in the globals of the frame it compiled, as `__compiled_fn_<n>_...`,
     wrapped (functools.wraps) around what the backend returned; so the backend's own objects are found by
-    unwrapping those globals."""
+    unwrapping those globals. A module whose forward is torch's own (`torch.compile(nn.Sequential(...))`) is
+    compiled through a wrapper frame in torch._dynamo.external_utils (checked on 2.13.0): its globals too."""
     seen, found = set(), []
-    for m in model.modules():
-        forward = getattr(type(m), "forward", None)
-        namespace = getattr(forward, "__globals__", None)
+    wrapper = sys.modules.get("torch._dynamo.external_utils")
+    namespaces = [getattr(getattr(type(m), "forward", None), "__globals__", None) for m in model.modules()]
+    namespaces.append(getattr(wrapper, "__dict__", None))
+    for namespace in namespaces:
         if namespace is None or id(namespace) in seen:
             continue
         seen.add(id(namespace))

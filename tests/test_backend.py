@@ -464,3 +464,28 @@ def test_tracing_a_compiled_frozen_module_records_the_eager_call_and_scripting_s
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
     with pytest.raises(frzcompile.ConfigError, match="script your model"):
         torch.jit.script(fm)
+
+
+def test_graph_records_follow_their_model_not_ids_or_copies():
+    """A graph's record ties to the parameters it read through a tag set on each (weak references to them would
+    block torch.utils.swap_tensors; ids pass from a dead model's parameters to a new one's): a copy of the model,
+    or a model made after the compiled one is gone, lists none of its graphs; a pickle of it carries None."""
+    import gc
+    import pickle
+
+    from frzcompile.backend import PARAM_TAG, graphs_for
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 4)
+    model = make()
+    torch.compile(model, backend="frzcompile", options={"inner": "eager"})(x)
+    assert len(graphs_for(model)) == 1
+    assert graphs_for(copy.deepcopy(model)) == []
+    assert all(p.__dict__.get(PARAM_TAG, "absent") is None for p in pickle.loads(pickle.dumps(model)).parameters())
+    del model
+    gc.collect()
+    assert graphs_for(make()) == []  # (its parameters may take the dead one's ids)

@@ -363,3 +363,82 @@ def test_a_resumed_freeze_state_survives_a_load_with_assign():
     fm2.unfreeze("0")
     assert clone[0].weight.requires_grad and clone[0].bias.requires_grad
 
+
+
+@pytest.fixture
+def swap_on_conversion():
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def _no_weak_references(model):
+    import weakref
+
+    return [n for n, p in model.named_parameters() if weakref.getweakrefs(p)]
+
+
+@pytest.mark.parametrize("how", ["manual", "cache", "sparsity", "backend"])
+def test_parameters_stay_swappable(how, swap_on_conversion):
+    """With torch.__future__.set_swap_module_params_on_conversion(True) (and for tensor subclasses such as
+    DTensor, always) nn.Module._apply and load_state_dict swap each parameter's contents with
+    torch.utils.swap_tensors, which refuses a tensor that has a weak reference: frzcompile kept one on every
+    parameter (its per-parameter flags, the compiled graphs' records), so fm.double(), share_memory() and
+    load_state_dict failed after optimize(), even after fm.release()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 8)
+    if how == "backend":
+        net = torch.compile(model, backend="frzcompile")
+    else:
+        net = frzcompile.optimize(model, (x,), policy="manual", cache=how == "cache",
+                                  sparsity=0.5 if how == "sparsity" else None)
+        net.freeze("0")
+        ref[0].requires_grad_(False)
+    for _ in range(2):
+        net(x).sum().backward()
+    assert not _no_weak_references(model)
+    net.double()
+    ref.double()
+    model.load_state_dict(model.state_dict())
+    net.share_memory()
+    assert model[0].weight.dtype == torch.float64 and model[0].weight.is_shared()
+    if how != "sparsity":  # (its masks make the weights differ from ref's: only the conversion is checked)
+        xd = x.double().requires_grad_()
+        rx = x.double().requires_grad_()
+        model.zero_grad()
+        net(xd).sum().backward()
+        ref(rx).sum().backward()
+        exact = {} if how == "backend" else {"rtol": 0, "atol": 0}  # (the backend's graphs: Inductor's rounding)
+        torch.testing.assert_close(xd.grad, rx.grad, **exact)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **exact)
+    if how != "backend":
+        net.unfreeze("0")
+        assert model[0].weight.requires_grad
+        net.release()
+        model.float()
+        assert model[0].weight.dtype == torch.float32
+
+
+def test_a_replaced_parameter_is_not_kept_alive():
+    """The plan keeps each parameter beside its flags (no weak reference, see above); one that left the model (a
+    layer swapped out) is forgotten at the next call, not kept alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    fm.freeze("0")
+    old = weakref.ref(model[0].weight)
+    model[0] = nn.Linear(4, 8)
+    fm(x).sum().backward()
+    gc.collect()
+    assert old() is None
+    assert not model[0].weight.requires_grad and model[2].weight.grad is not None  # (frozen as its predecessor)

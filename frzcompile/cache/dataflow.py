@@ -253,6 +253,13 @@ class DataflowProbe(TorchFunctionMode):
                 res.state.append(t)
         return res
 
+    def close(self) -> None:
+        """Drop the weak references to the call's tensors (the model's parameters among them: torch.utils.swap_tensors,
+        which .double() uses under swap_module_params_on_conversion, refuses a tensor that has one) and the link to
+        the interception (a cycle that would keep them until the next garbage collection)."""
+        self._serials.clear()
+        self.interception = None
+
     def _steered(self) -> bool:
         """Whether any operation before the prefix's last call returned took a Python value or changed a tensor in
         place, inside the prefix or outside it (a branch there may read, on another call, an argument this one

@@ -398,11 +398,14 @@ class ActivationCache(Service):
         versions = {key: torch_private.tensor_version(b) for key, b in slots.items() if b is not None}
         inputs = [(i, t, torch_private.tensor_version(t)) for i, t in enumerate(sig.leaves)
                   if isinstance(t, torch.Tensor)]
-        with Interception(top, watch=probe, others=mods.others, serve=served, real=real, keep=True) as ic:
-            probe.interception = ic
-            with probe:
-                out = run(args, kwargs)
-        result = probe.result(out)
+        try:
+            with Interception(top, watch=probe, others=mods.others, serve=served, real=real, keep=True) as ic:
+                probe.interception = ic
+                with probe:
+                    out = run(args, kwargs)
+            result = probe.result(out)
+        finally:
+            probe.close()
         edited = [i for i, t, version in inputs if torch_private.tensor_version(t) != version]
         if edited:  # (checked first: the analysis' own runs of the prefix would change the caller's tensor again)
             result.problems.insert(0, f"the forward changes its input in place (argument {edited[0]} of the call, "

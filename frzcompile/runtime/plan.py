@@ -27,9 +27,12 @@ log = logging.getLogger("frzcompile")
 
 
 class ByParameter:
-    """parameter -> value, keyed by the parameter's id with a weak reference that a lookup checks: an id outlives
-    its tensor and CPython gives it to the next one (a layer swapped in twice took the old layer's flags). A dict
-    lookup (ALaST reads every layer parameter's flag at each call; torch's WeakIdKeyDictionary costs 20x more)."""
+    """parameter -> value, keyed by the parameter's id, the parameter itself kept beside the value so that a
+    lookup can check it (while an entry holds it, its id cannot pass to another tensor: a layer swapped in twice
+    took the old layer's flags). No weak reference to a parameter: torch.utils.swap_tensors, which .to(), .double()
+    and load_state_dict use under torch.__future__.set_swap_module_params_on_conversion(True) and for tensor
+    subclasses, refuses a tensor that has one. `keep_only` drops parameters that left the model. A dict lookup
+    (ALaST reads every layer parameter's flag at each call)."""
 
     def __init__(self, items=()):
         self._entries: dict = {}
@@ -37,15 +40,15 @@ class ByParameter:
             self[p] = value
 
     def __setitem__(self, p, value) -> None:
-        self._entries[id(p)] = (weakref.ref(p), value)
+        self._entries[id(p)] = (p, value)
 
     def get(self, p, default=None):
         entry = self._entries.get(id(p))
-        return entry[1] if entry is not None and entry[0]() is p else default
+        return entry[1] if entry is not None and entry[0] is p else default
 
     def __contains__(self, p) -> bool:
         entry = self._entries.get(id(p))
-        return entry is not None and entry[0]() is p
+        return entry is not None and entry[0] is p
 
     def pop(self, p, default=None):
         value = self.get(p, default)
@@ -54,6 +57,11 @@ class ByParameter:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def keep_only(self, params) -> None:
+        """Forget every parameter not in `params` (ones replaced in the model are not kept alive)."""
+        ids = {id(p) for p in params}
+        self._entries = {i: entry for i, entry in self._entries.items() if i in ids}
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,8 @@ class FreezePlan:
                           "modules than before: call optimize() again on the changed model (fm.release() first).",
                           UserWarning, stacklevel=2)
         callers = torch_private.inside_functional_call()
+        if not callers:  # (functional_call puts the caller's tensors in the slots for one call: the model's own stay)
+            self._initial_requires_grad.keep_only(model.parameters())
         for u, unit in units.items():
             for name, p in zip(unit.param_names, unit.params):
                 if not isinstance(p, torch.nn.Parameter) or callers or p in self._initial_requires_grad:
