@@ -2,6 +2,7 @@
 FrozenModule."""
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Mapping
 
@@ -91,6 +92,10 @@ def optimize(
         raise InputMismatchError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
     if units is not None and (isinstance(units, str) or not all(isinstance(u, str) for u in units)):
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ConfigError("the model's parameters are on the meta device (built under torch.device('meta')): call "
+                          "model.to_empty(device=...) and initialise its weights (or load a state dict) before "
+                          "frzcompile.optimize, which runs the model on the example")
     if any(torch_private.is_dtensor(p) for p in model.parameters()):
         raise ConfigError("the model's parameters are already sharded (DTensor): call frzcompile.optimize before "
                           "fully_shard / distribute_module, then shard the model (fm follows the new parameters)")

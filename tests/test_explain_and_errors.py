@@ -370,6 +370,19 @@ def test_explain_says_why_units_were_merged():
     assert "merged unit a+b: data flows both ways" in text and "a -> b" in text and "b -> a" in text
 
 
+def test_a_model_on_the_meta_device_is_refused_with_what_to_do():
+    """A model built under torch.device("meta") failed deep in the capture (aten::equal has no meta kernel)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(frzcompile.ConfigError, match=r"meta device .*to_empty\(device=\.\.\.\)"):
+        frzcompile.optimize(model, (torch.randn(2, 4, device="meta"),))
+    model.to_empty(device="cpu")
+    for m in (model[0], model[2]):
+        m.reset_parameters()
+    fm = frzcompile.optimize(model, (torch.randn(2, 4),), policy="manual")
+    assert fm(torch.randn(3, 4)).shape == (3, 2)
+
+
 def test_torch_compiles_wrapper_is_refused_with_what_to_do():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(frzcompile.ConfigError, match="_orig_mod.*compile=True"):
