@@ -58,8 +58,9 @@ class TrainingView:
     def parameters(self, unit: str) -> list:
         return list(self._fm.unit_graph.units[unit].params)
 
-    def losses(self) -> list:
-        """The training loss, one value per step so far (None where none was seen): see frzcompile.runtime.loss."""
+    def losses(self):
+        """The training loss, one value per step so far (None where none was seen; a LossHistory, read as a list,
+        that keeps the first and the last few thousand steps): see frzcompile.runtime.loss."""
         return self._fm.losses()
 
     def learning_rates(self, units) -> dict:

@@ -37,7 +37,9 @@ Every decision, hold-back and rollback is logged (`events`) for `explain`.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 
 from .errors import PolicyError, check_number
 
@@ -45,12 +47,98 @@ _number = functools.partial(check_number, error=PolicyError)  # the rules' setti
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
 
+LOSS_HEAD = 1000  # steps of the loss history kept from its first known value on (the level the rules measure from)
+LOSS_TAIL = 4096  # and the last steps kept (the rules read back Safeguard.reach steps: 520 by default)
+
+
+class LossHistory(Sequence):
+    """One value per training step (None where none was seen), as a list reads, in bounded memory: the LOSS_HEAD
+    steps from the first known value on and the last LOSS_TAIL steps are kept, the steps between read None (a run
+    of a million steps keeps about 5,000 values, and so does its freeze state)."""
+
+    def __init__(self, values=()):
+        self._head: list = []              # the values of steps head_start, head_start + 1, ...
+        self.head_start = 0                # the first step with a known value (the length, before one)
+        self._ring: list = [None] * LOSS_TAIL  # step i's value at i % LOSS_TAIL, for the last LOSS_TAIL steps
+        self._length = 0
+        for v in values:
+            self.append(v)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def append(self, value) -> None:
+        if not self._head and value is None:
+            self.head_start = self._length + 1
+        elif len(self._head) < LOSS_HEAD:
+            self._head.append(value)
+        self._ring[self._length % LOSS_TAIL] = value
+        self._length += 1
+
+    def _in_head(self, i: int) -> bool:
+        return 0 <= i - self.head_start < len(self._head)
+
+    def _in_tail(self, i: int) -> bool:
+        return self._length - LOSS_TAIL <= i < self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._length))]
+        i = i + self._length if i < 0 else i
+        if not 0 <= i < self._length:
+            raise IndexError("loss history index out of range")
+        if self._in_tail(i):
+            return self._ring[i % LOSS_TAIL]
+        return self._head[i - self.head_start] if self._in_head(i) else None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, LossHistory)) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"LossHistory({list(self)!r})" if self._length <= 20 else f"LossHistory(<{self._length} steps>)"
+
+    def __setitem__(self, i: int, value) -> None:
+        """Replace a kept step's value (a device tensor by its float, once read)."""
+        if self._in_head(i):
+            self._head[i - self.head_start] = value
+        if self._in_tail(i):
+            self._ring[i % LOSS_TAIL] = value
+
+    def kept(self, start: int, end: int, from_end: bool = False):
+        """The indices in [start, end) whose values are kept, ascending (descending `from_end`), as an iterator: a
+        walk for known values skips the steps dropped between the head and the tail."""
+        head = range(max(start, self.head_start), min(end, self.head_start + len(self._head)))
+        tail = range(max(start, self._length - LOSS_TAIL, head.stop), end)
+        return itertools.chain(reversed(tail), reversed(head)) if from_end else itertools.chain(head, tail)
+
+    def state_dict(self) -> dict:
+        tail = range(max(0, self._length - LOSS_TAIL), self._length)
+        return {"length": self._length, "head_start": self.head_start, "head": list(self._head),
+                "tail": [self[i] for i in tail]}
+
+    @classmethod
+    def from_state(cls, state) -> "LossHistory":
+        """From `state_dict()`, or a plain list of values (a freeze state saved before the history was bounded)."""
+        if not isinstance(state, dict):
+            return cls(state)
+        history = cls()
+        history._length, history.head_start, history._head = state["length"], state["head_start"], list(state["head"])
+        for i, v in zip(range(max(0, history._length - LOSS_TAIL), history._length), state["tail"]):
+            history._ring[i % LOSS_TAIL] = v
+        return history
+
+
 def _known(losses, count: int, from_end: bool, end: int | None = None) -> list:
     """The first (or last) `count` known values of `losses[:end]`, in order, without walking (or copying) the
     whole history."""
     out = []
     end = len(losses) if end is None else end
-    indices = range(end - 1, -1, -1) if from_end else range(end)
+    if isinstance(losses, LossHistory):
+        indices = losses.kept(0, end, from_end)
+    else:
+        indices = range(end - 1, -1, -1) if from_end else range(end)
     for i in indices:
         if losses[i] is not None:
             out.append(losses[i])
@@ -103,7 +191,16 @@ class Safeguard:
             share("settled", settled)
         self.relative, self.tolerance = share("relative", relative), share("tolerance", tolerance)
         self.lr_drop = share("lr_drop", lr_drop, 1.0)
+        if self.reach > LOSS_TAIL:
+            raise PolicyError(f"Safeguard: these settings read the loss {self.reach} steps back (max(2 * span, "
+                              f"lookback + span) + steady + window + watch), and the loss history keeps the last "
+                              f"{LOSS_TAIL}: lower lookback, span or steady")
         self.reset()
+
+    @property
+    def reach(self) -> int:
+        """How many steps back from the newest the rules read the loss."""
+        return max(2 * self.span, self.lookback + self.span) + self.steady + self.window + self.watch
 
     def reset(self) -> None:
         """Forget the run (a policy bound to a new one)."""

@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from ..safety import LossHistory
 from ..torch_private import host_floats, traced_or_transformed, tree_flatten
 
 KINDS = ("observed", "returned", "output gradient")
@@ -64,7 +65,7 @@ class LossSignal:
     def __init__(self):
         self._step = {kind: [] for kind in KINDS}   # this step's readings, by source
         self._gradients: list = []                  # (output position, reading) of this step's output gradients
-        self._values: list = []                     # per finished step: a float or None (tensors until read)
+        self._values = LossHistory()                # per finished step: a float or None (tensors until read)
         self._unread = 0                            # values from this index on may still be tensors
         self.kind = None                            # the source of the last step's value
         self.enabled = True                         # False: nothing is read (no policy uses the loss)
@@ -123,19 +124,21 @@ class LossSignal:
             self._values.append(None)
         self._step = {kind: [] for kind in KINDS}
 
-    def floats(self) -> list:
-        """One value per training step so far (None where none was seen). The list itself, not a copy: read it,
-        do not change it (a policy reads it every few steps over runs of any length)."""
-        pending = [i for i in range(self._unread, len(self._values)) if isinstance(self._values[i], torch.Tensor)]
-        for i, v in zip(pending, host_floats([self._values[i] for i in pending])):
-            self._values[i] = v
-        self._unread = len(self._values)
-        return self._values
+    def floats(self) -> LossHistory:
+        """One value per training step so far (None where none was seen; the steps between the first thousand
+        and the last few thousand are not kept: see LossHistory). The history itself, not a copy: read it, do not
+        change it (a policy reads it every few steps over runs of any length)."""
+        values = self._values
+        pending = [i for i in values.kept(self._unread, len(values)) if isinstance(values[i], torch.Tensor)]
+        for i, v in zip(pending, host_floats([values[i] for i in pending])):
+            values[i] = v
+        self._unread = len(values)
+        return values
 
     def state_dict(self) -> dict:
-        return {"values": list(self.floats()), "kind": self.kind}
+        return {"history": self.floats().state_dict(), "kind": self.kind}
 
     def load_state_dict(self, state: dict) -> None:
-        self._values = list(state["values"])
+        self._values = LossHistory.from_state(state["history"] if "history" in state else state["values"])
         self._unread = 0
         self.kind = state["kind"]

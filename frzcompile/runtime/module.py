@@ -504,7 +504,7 @@ class FrozenModule(nn.Module):
         reads the loss the model returns, or a proxy from the gradient reaching the model's output."""
         self._loss.observe_loss(loss)
 
-    def losses(self) -> list:
+    def losses(self):
         """The training-loss signal, one value per counted step (see frzcompile.runtime.loss)."""
         return self._loss.floats()
 
