@@ -513,7 +513,7 @@ class SmartFRZ(Policy):
             self.safeguard.load_state_dict(state["safeguard"])
 
 
-MAX_LOG = 20_000  # ALaST's per-step history entries kept
+MAX_LOG = 4_000  # ALaST's per-step history entries kept (when full, every other one is dropped: older steps thin out)
 IMAGE_TEMPERATURE = 4.0  # ALaST(temperature="auto") on image patches (benchmarks/RESULTS.md, ALaST section)
 
 

@@ -91,8 +91,10 @@ class LossHistory(Sequence):
             return self._ring[i % LOSS_TAIL]
         return self._head[i - self.head_start] if self._in_head(i) else None
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, (list, tuple, LossHistory)) and list(self) == list(other)
+    def __eq__(self, other):
+        if isinstance(other, (list, tuple, LossHistory)):
+            return list(self) == list(other)
+        return NotImplemented
 
     __hash__ = None
 
