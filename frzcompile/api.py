@@ -92,7 +92,8 @@ def optimize(
         raise InputMismatchError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
     if units is not None and (isinstance(units, str) or not all(isinstance(u, str) for u in units)):
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if tensors and all(t.is_meta for t in tensors):  # (a submodule left on meta for a deferred init is fine)
         raise ConfigError("the model's parameters are on the meta device (built under torch.device('meta')): call "
                           "model.to_empty(device=...) and initialise its weights (or load a state dict) before "
                           "frzcompile.optimize, which runs the model on the example")

@@ -285,8 +285,19 @@ def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
             expected = model(*args, **kwargs)
             again = model(*args, **kwargs)
     except Exception as exc:
+        why = short_error(exc)
+        try:
+            with torch.enable_grad():
+                model(*args, **kwargs)
+        except Exception:
+            pass
+        else:  # (a forward calling register_hook or retain_grad on an intermediate, unguarded)
+            raise InputMismatchError(
+                f"{name} runs on the example inputs with grad enabled but not under torch.no_grad() ({why}), "
+                "which frzcompile's analysis uses, as an evaluation loop would: guard what needs grad in the "
+                "forward, e.g. `if h.requires_grad: h.register_hook(...)`") from None
         raise InputMismatchError(
-            f"{name} cannot run on the example inputs: {short_error(exc)}. Pass example_inputs (and "
+            f"{name} cannot run on the example inputs: {why}. Pass example_inputs (and "
             f"example_kwargs) shaped like one training batch, exactly as you call the model."
         ) from None
     noise = tree_noise(again, expected)

@@ -261,18 +261,24 @@ class AutoFreeze(Policy):
         self.interval = _number("autofreeze", "interval", interval, 1, integer=True)
         self.percentile = _number("autofreeze", "percentile", percentile, 0.0, 100.0)
         self._sums: dict = {}
+        self._finite: dict = {}   # unit -> steps of this interval with a finite norm
         self._count = 0
         self._previous: dict = {}
 
     def decide(self, view):
         frozen = set(view.frozen)
         for u, norm in view.grad_norms([u for u in view.units if u not in frozen]).items():
-            self._sums[u] = self._sums.get(u, 0.0) + norm  # (tensors: read once per interval, below)
+            # (tensors: read once per interval, below); a non-finite norm (a step a fused optimizer counted while
+            # its GradScaler skipped it) is left out of the mean
+            finite = torch.isfinite(norm)
+            self._sums[u] = self._sums.get(u, 0.0) + torch.where(finite, norm, 0.0)
+            self._finite[u] = self._finite.get(u, 0) + finite.to(torch.int64)
         self._count += 1
         if self._count < self.interval:
             return None
-        means = {u: s / self._count for u, s in _floats(self._sums).items()}
-        self._sums, self._count = {}, 0
+        counts = _floats(self._finite)
+        means = {u: s / n for u, s in _floats(self._sums).items() if (n := counts.get(u, self._count)) > 0}
+        self._sums, self._finite, self._count = {}, {}, 0
         previous, self._previous = self._previous, means
         rates = {u: abs(previous[u] - m) / previous[u] for u, m in means.items() if previous.get(u, 0.0) > 0}
         candidates = [u for u in view.freezable if u in rates]
@@ -292,11 +298,13 @@ class AutoFreeze(Policy):
         return new if new != frozen else None
 
     def state_dict(self):
-        return {"sums": _floats(self._sums), "count": self._count, "previous": dict(self._previous)}
+        return {"sums": _floats(self._sums), "finite": _floats(self._finite), "count": self._count,
+                "previous": dict(self._previous)}
 
     def load_state_dict(self, state):
         self._sums = dict(state["sums"])
         self._count = int(state["count"])
+        self._finite = dict(state.get("finite") or {u: self._count for u in self._sums})
         self._previous = dict(state["previous"])
 
 

@@ -383,6 +383,25 @@ def test_a_model_on_the_meta_device_is_refused_with_what_to_do():
     assert fm(torch.randn(3, 4)).shape == (3, 2)
 
 
+def test_a_forward_that_needs_grad_is_refused_saying_so():
+    """A forward hooking an intermediate (`h.register_hook(...)`, unguarded) fails under torch.no_grad(), which the
+    capture uses; the error blamed the example inputs."""
+
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            h.register_hook(lambda g: g * 2)
+            return self.b(h)
+
+    with pytest.raises(frzcompile.InputMismatchError, match=r"with grad enabled but not under torch.no_grad\(\).*"
+                                                           r"if h.requires_grad"):
+        frzcompile.optimize(Hooked(), (torch.randn(2, 4),))
+
+
 def test_torch_compiles_wrapper_is_refused_with_what_to_do():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(frzcompile.ConfigError, match="_orig_mod.*compile=True"):

@@ -251,3 +251,48 @@ def test_a_custom_policy_reads_the_loss():
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     assert not frzcompile.optimize(other, (torch.randn(4, 4),), policy="linear",
                                    total_steps=4)._loss.enabled  # (the shipped policies that read none skip it)
+
+
+def test_long_gradient_accumulation_gets_no_missing_step_warning():
+    """128 micro-batches per optimizer step: "100 training calls and no optimizer step seen" was warned at every
+    step, though each was counted (and its advice, fm.step() as well, would count them twice)."""
+    import warnings
+
+    from frzcompile.runtime.module import NO_STEP_WARNING_CALLS
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    for given in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        fm = frzcompile.optimize(model, (x,), optimizer=opt if given else None, policy=Linear(total_steps=3))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for step in range(3):
+                for _ in range(NO_STEP_WARNING_CALLS + 28):
+                    fm(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        missing = [w for w in seen if issubclass(w.category, frzcompile.NoStepWarning)]
+        assert fm.step_count == 3 and len(missing) == (0 if given else 1)  # (before the first step: unknowable)
+
+
+def test_fm_step_after_zero_grad_warns_and_autofreeze_ignores_non_finite_norms():
+    """A hand-written update with fm.step() after zero_grad(): AutoFreeze read zero gradients and never froze,
+    silently. A step a fused optimizer counted while its GradScaler skipped it gave NaN norms, and AutoFreeze
+    skipped its decisions."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    fm = frzcompile.optimize(model, (x,), policy=AutoFreeze(interval=5))
+    fm(x).sum().backward()
+    for p in model.parameters():
+        p.grad = None
+    with pytest.warns(frzcompile.NoStepWarning, match="before zero_grad"):
+        fm.step()
+    policy = AutoFreeze(interval=2)
+    view = FakeView(["a", "b"], lambda s: {"a": float("nan") if s == 1 else 1.0 + s, "b": 2.0})
+    for _ in range(2):
+        view.step += 1
+        policy.decide(view)
+    assert policy._previous == {"a": pytest.approx(3.0), "b": pytest.approx(2.0)}  # (a's NaN at step 1 left out)

@@ -562,3 +562,17 @@ def test_a_long_run_keeps_a_bounded_loss_signal():
     assert all(isinstance(values[i], float) for i in values.kept(0, len(values)))
     state = signal.state_dict()["history"]
     assert len(state["head"]) + len(state["tail"]) == LOSS_HEAD + LOSS_TAIL
+
+
+def test_a_skipped_steps_non_finite_reading_does_not_spoil_the_next_one():
+    """With `if torch.isfinite(loss): opt.step()` an iteration's inf loss went into the next counted step's mean
+    (nan: that step's good reading was lost); the mean is over the finite readings when there are any."""
+    from frzcompile.runtime.loss import LossSignal
+
+    signal = LossSignal()
+    for readings in ([float("inf"), 2.0], [1.0, 3.0], [float("nan")]):
+        for r in readings:
+            signal.observe_loss(torch.tensor(r))
+        signal.end_step()
+    values = signal.floats()
+    assert values[0] == 2.0 and values[1] == 2.0 and math.isnan(values[2])

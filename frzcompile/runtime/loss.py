@@ -61,6 +61,16 @@ def _outputs(out) -> list:
     return found[:MAX_HOOKED]
 
 
+def _finite_mean(readings):
+    """The mean of a step's readings (gradient accumulation), over the finite ones when there are any: an
+    iteration whose step was skipped for a non-finite loss (a GradScaler, `if torch.isfinite(loss)`) leaves its
+    reading with the next step's. On the device: no synchronisation."""
+    values = torch.stack([r.to(readings[0].device) for r in readings])
+    finite = torch.isfinite(values)
+    return torch.where(finite.any(), torch.where(finite, values, 0.0).sum() / finite.sum().clamp_min(1),
+                       values.mean())
+
+
 class LossSignal:
     def __init__(self):
         self._step = {kind: [] for kind in KINDS}   # this step's readings, by source
@@ -116,8 +126,7 @@ class LossSignal:
         for kind in KINDS[:best + 1]:
             readings = self._step[kind]
             if readings:
-                self._values.append(readings[0] if len(readings) == 1 else
-                                    torch.stack([r.to(readings[0].device) for r in readings]).mean())
+                self._values.append(readings[0] if len(readings) == 1 else _finite_mean(readings))
                 self.kind = kind
                 break
         else:

@@ -393,7 +393,13 @@ class FrozenModule(nn.Module):
 
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
-        model (any torch optimizer, see frzcompile.runtime.steps); call it yourself with another optimizer."""
+        model (any torch optimizer, see frzcompile.runtime.steps); call it yourself with another optimizer, after
+        its update and before the gradients are cleared (a policy may read them: autofreeze does)."""
+        if self._step == 0 and not isinstance(self._policy, Manual) and \
+                not any(p.grad is not None for p in self._model.parameters() if p.requires_grad):
+            warnings.warn("frzcompile: fm.step() found no gradients (zero_grad() before it?), and a policy may read "
+                          "the step's gradients (autofreeze decides on them): call fm.step() after the optimizer's "
+                          "update and before zero_grad()", NoStepWarning, stacklevel=2)
         self._plan.release_in_flight(self.optimizers())
         self._count_step()
         self._settle()
@@ -588,7 +594,10 @@ class FrozenModule(nn.Module):
             self._driver.saw_forward()
             calls = self._calls_since_step + 1
             self.__dict__["_calls_since_step"] = calls
-            if calls == NO_STEP_WARNING_CALLS and not isinstance(self._policy, Manual):
+            # (once a step was counted, or with an optimizer given to optimize(), many calls between steps are
+            # gradient accumulation, not a missing step)
+            if calls == NO_STEP_WARNING_CALLS and self._step == 0 and not self.optimizers() and \
+                    not isinstance(self._policy, Manual):
                 warnings.warn(
                     f"frzcompile: {calls} training calls and no optimizer step seen, so the {self._policy.name} "
                     "policy has not run. frzcompile counts steps of torch.optim optimizers holding the model's "
