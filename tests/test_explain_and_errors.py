@@ -475,3 +475,30 @@ def test_a_swap_rebinds_the_graph_without_touching_the_users_modules():
     model.block = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh())
     fm(x)
     assert "structure changed since optimize()" in str(frzcompile.explain(fm))
+
+
+def test_freezing_a_unit_that_a_root_parameter_joined_says_so():
+    """CLIP's `logit_scale * img @ txt.t()`: the root's temperature joins the image tower's last unit, and
+    fm.freeze("visual") froze it silently (locked-image tuning expects it to train)."""
+
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+            self.text = nn.Linear(4, 4)
+            self.logit_scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            img, txt = self.visual(x), self.text(t)
+            return self.logit_scale * img @ txt.t()
+
+    torch.manual_seed(0)
+    model = TwoTowers()
+    fm = frzcompile.optimize(model, (torch.randn(3, 4), torch.randn(3, 4)), policy="manual")
+    with pytest.warns(UserWarning, match=r"also freezes 'logit_scale', from outside its modules"):
+        fm.freeze("visual")
+    assert not model.logit_scale.requires_grad  # (frozen with its unit, as the warning says)
+    model.logit_scale.requires_grad_(True)
+    out = fm(torch.randn(3, 4), torch.randn(3, 4))
+    out.sum().backward()
+    assert model.logit_scale.grad is not None and model.visual[0].weight.grad is None

@@ -318,6 +318,7 @@ class FrozenModule(nn.Module):
         self._rebind_if_changed()  # a block or parameters replaced since the last call: freeze the new ones
         units = set(self._unit_graph.resolve(names, warn_merged=True))
         self._warn_tied(units)
+        self._warn_joined(units)
         before = dict(self._plan.whole)
         for n in names:  # a module path holding units: in eval as a whole while they stay frozen
             if str(n) not in self._unit_graph.units:
@@ -374,6 +375,22 @@ class FrozenModule(nn.Module):
                 warnings.warn(f"frzcompile: unit {u!r} holds {name!r}, a weight tied to unit {other!r}, which owns it "
                               f"and stays trainable: freezing {u!r} does not freeze it (requires_grad_(False) on the "
                               f"module would). Freeze {other!r} too to freeze it for both.", UserWarning,
+                              stacklevel=3)
+
+    def _warn_joined(self, units) -> None:
+        """Warn when a unit asked to freeze holds a trainable parameter from outside its modules (a root-level
+        nn.Parameter joins the unit whose output the code reading it consumes: CLIP's `logit_scale * img @ txt.t()`
+        joins the image tower's last unit): freezing the unit freezes it too, where requires_grad_(False) on the
+        unit's modules would not."""
+        for u in sorted(units - set(self._plan.frozen)):
+            unit = self._unit_graph.units[u]
+            inside = {id(p) for m in unit.roots for p in m.parameters()}
+            joined = [n for n, p in zip(unit.param_names, unit.params) if id(p) not in inside and p.requires_grad]
+            if joined:
+                warnings.warn(f"frzcompile: freezing unit {u!r} also freezes {', '.join(map(repr, joined))}, from "
+                              f"outside its modules: code reading it runs on {u!r}'s output, so it joined that "
+                              "unit (requires_grad_(False) on the unit's modules would leave it training). Set "
+                              "requires_grad_(True) on it after this freeze to keep training it.", UserWarning,
                               stacklevel=3)
 
     def unfreeze(self, *names: str) -> None:
