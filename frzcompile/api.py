@@ -2,7 +2,6 @@
 FrozenModule."""
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Mapping
 
@@ -92,8 +91,9 @@ def optimize(
         raise InputMismatchError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")
     if units is not None and (isinstance(units, str) or not all(isinstance(u, str) for u in units)):
         raise UnitError("units= takes a list of module paths, e.g. ['layer1.0', 'layer1.1']")
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    if tensors and all(t.is_meta for t in tensors):  # (a submodule left on meta for a deferred init is fine)
+    params = list(model.parameters())
+    if params and all(p.is_meta for p in params):  # (a submodule left on meta for a deferred init is fine; buffers
+        # may be real: accelerate's init_empty_weights, a rotary inv_freq)
         raise ConfigError("the model's parameters are on the meta device (built under torch.device('meta')): call "
                           "model.to_empty(device=...) and initialise its weights (or load a state dict) before "
                           "frzcompile.optimize, which runs the model on the example")
@@ -110,7 +110,7 @@ def optimize(
             raise ConfigError(f"the {type(inner).__name__} given as optimizer= holds none of the model's parameters "
                               "(was it made for another model, or for a copy of this one?): make it over "
                               "model.parameters()")
-    check_number("optimize", "total_steps", total_steps, 0, low_open=True, none=True)
+    total_steps = check_number("optimize", "total_steps", total_steps, 0, integer=True, low_open=True, none=True)
     policy = make_policy(policy)
     check_unbound(policy)  # (before the capture, which takes a while)
     cache = _option(cache, CacheConfig, "cache")

@@ -20,6 +20,7 @@ FrozenModule checks after each plan change that a graph was really compiled for 
 """
 from __future__ import annotations
 
+import collections
 import re
 import time
 import warnings
@@ -131,7 +132,7 @@ class ParameterTag:
     nor weak references to them (torch.utils.swap_tensors, which .double() uses under
     swap_module_params_on_conversion, refuses a tensor that has one) nor their ids (a dead model's pass to new
     tensors). A swap replaces a parameter's attributes, so graphs compiled before a conversion lose their tie; a
-    copy of the model gets new tags, a pickle None."""
+    copy of the model gets new tags, a pickle an empty dict."""
 
     __slots__ = ()
 
@@ -147,8 +148,8 @@ class ParameterTag:
         """Ids of the tags on `model`'s parameters."""
         return {id(t) for t in (p.__dict__.get(PARAM_TAG) for p in model.parameters()) if isinstance(t, ParameterTag)}
 
-    def __reduce__(self):
-        return type(None), ()
+    def __reduce__(self):  # (an empty OrderedDict: torch.load(weights_only=True) allows it, a tag's class not)
+        return collections.OrderedDict, ()
 
     def __deepcopy__(self, memo):
         return ParameterTag()

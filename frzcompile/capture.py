@@ -277,6 +277,20 @@ def _refusal(model, attempts) -> CaptureError:
     )
 
 
+def _needs_grad(model, args, kwargs) -> bool:
+    """Whether the forward fails again without grad but runs with it (`register_hook` or `retain_grad` on an
+    intermediate, unguarded), after it failed under torch.no_grad()."""
+    def runs(grad: bool) -> bool:
+        try:
+            with torch.set_grad_enabled(grad):
+                model(*args, **kwargs)
+        except Exception:
+            return False
+        return True
+
+    return not runs(False) and runs(True)
+
+
 def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
     # (in eval: the caller keeps every module's mode, modes_kept)
     model.eval()
@@ -286,12 +300,7 @@ def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
             again = model(*args, **kwargs)
     except Exception as exc:
         why = short_error(exc)
-        try:
-            with torch.enable_grad():
-                model(*args, **kwargs)
-        except Exception:
-            pass
-        else:  # (a forward calling register_hook or retain_grad on an intermediate, unguarded)
+        if _needs_grad(model, args, kwargs):
             raise InputMismatchError(
                 f"{name} runs on the example inputs with grad enabled but not under torch.no_grad() ({why}), "
                 "which frzcompile's analysis uses, as an evaluation loop would: guard what needs grad in the "

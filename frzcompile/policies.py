@@ -164,10 +164,12 @@ class TrainingView:
 
 class Policy:
     """Base class. Subclasses override `decide`, and `state_dict`/`load_state_dict` if they keep state.
-    `reads_loss`: whether `view.losses()` is collected for it (one reading per training step; False saves it)."""
+    `reads_loss`: whether `view.losses()` is collected for it (one reading per training step; False saves it);
+    `reads_gradients`: whether it reads `view.grad_norms` (a hand-called fm.step() after zero_grad() warns)."""
 
     name = "policy"
     reads_loss = True
+    reads_gradients = False  # whether `decide` reads the step's gradients (fm.step() warns when it finds none)
 
     def bind(self, view: TrainingView) -> None:
         """Called once by `optimize`, with the units known; validate options here."""
@@ -256,6 +258,7 @@ class AutoFreeze(Policy):
 
     name = "autofreeze"
     reads_loss = False
+    reads_gradients = True
 
     def __init__(self, interval: int = 50, percentile: float = 50.0):
         self.interval = _number("autofreeze", "interval", interval, 1, integer=True)

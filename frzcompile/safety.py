@@ -47,19 +47,19 @@ _number = functools.partial(check_number, error=PolicyError)  # the rules' setti
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
 
-LOSS_HEAD = 1000  # steps of the loss history kept from its first known value on (the level the rules measure from)
-LOSS_TAIL = 4096  # and the last steps kept (the rules read back Safeguard.reach steps: 520 by default)
+LOSS_HEAD = 1000  # readings (known values) of the loss history kept from its start (the level rules measure from)
+LOSS_TAIL = 4096  # and its last readings kept (the rules read back Safeguard.reach steps: 520 by default)
 
 
 class LossHistory(Sequence):
-    """One value per training step (None where none was seen), as a list reads, in bounded memory: the LOSS_HEAD
-    steps from the first known value on and the last LOSS_TAIL steps are kept, the steps between read None (a run
-    of a million steps keeps about 5,000 values, and so does its freeze state)."""
+    """One value per training step (None where none was seen), as a list reads, in bounded memory: the first
+    LOSS_HEAD readings and the last LOSS_TAIL are kept with their steps, and every other step reads None (a run of
+    a million steps keeps about 5,000 values, and so does its freeze state; a loop that gives the loss every 25
+    steps keeps its last 100,000 steps' readings, as the rules need)."""
 
     def __init__(self, values=()):
-        self._head: list = []              # the values of steps head_start, head_start + 1, ...
-        self.head_start = 0                # the first step with a known value (the length, before one)
-        self._ring: list = [None] * LOSS_TAIL  # step i's value at i % LOSS_TAIL, for the last LOSS_TAIL steps
+        self._head: dict = {}    # step -> value of the first LOSS_HEAD readings
+        self._recent: dict = {}  # step -> value of the last LOSS_TAIL readings, oldest first
         self._length = 0
         for v in values:
             self.append(v)
@@ -68,28 +68,35 @@ class LossHistory(Sequence):
         return self._length
 
     def append(self, value) -> None:
-        if not self._head and value is None:
-            self.head_start = self._length + 1
-        elif len(self._head) < LOSS_HEAD:
-            self._head.append(value)
-        self._ring[self._length % LOSS_TAIL] = value
+        if value is not None:
+            if len(self._head) < LOSS_HEAD:
+                self._head[self._length] = value
+            self._recent[self._length] = value
+            if len(self._recent) > LOSS_TAIL:
+                del self._recent[next(iter(self._recent))]
         self._length += 1
 
-    def _in_head(self, i: int) -> bool:
-        return 0 <= i - self.head_start < len(self._head)
-
-    def _in_tail(self, i: int) -> bool:
-        return self._length - LOSS_TAIL <= i < self._length
+    def _index(self, i: int) -> int:
+        i = i + self._length if i < 0 else i
+        if not 0 <= i < self._length:
+            raise IndexError("loss history index out of range")
+        return i
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._length))]
-        i = i + self._length if i < 0 else i
-        if not 0 <= i < self._length:
-            raise IndexError("loss history index out of range")
-        if self._in_tail(i):
-            return self._ring[i % LOSS_TAIL]
-        return self._head[i - self.head_start] if self._in_head(i) else None
+        i = self._index(i)
+        value = self._recent.get(i)
+        return self._head.get(i) if value is None else value
+
+    def __setitem__(self, i: int, value) -> None:
+        """Replace a kept reading (a device tensor by its float, once read)."""
+        i = self._index(i)
+        if value is None or not (i in self._head or i in self._recent):
+            raise ValueError(f"step {i} holds no kept reading to replace (None, or dropped)")
+        for kept in (self._head, self._recent):
+            if i in kept:
+                kept[i] = value
 
     def __eq__(self, other):
         if isinstance(other, (list, tuple, LossHistory)):
@@ -101,24 +108,21 @@ class LossHistory(Sequence):
     def __repr__(self) -> str:
         return f"LossHistory({list(self)!r})" if self._length <= 20 else f"LossHistory(<{self._length} steps>)"
 
-    def __setitem__(self, i: int, value) -> None:
-        """Replace a kept step's value (a device tensor by its float, once read)."""
-        if self._in_head(i):
-            self._head[i - self.head_start] = value
-        if self._in_tail(i):
-            self._ring[i % LOSS_TAIL] = value
-
     def kept(self, start: int, end: int, from_end: bool = False):
-        """The indices in [start, end) whose values are kept, ascending (descending `from_end`), as an iterator: a
-        walk for known values skips the steps dropped between the head and the tail."""
-        head = range(max(start, self.head_start), min(end, self.head_start + len(self._head)))
-        tail = range(max(start, self._length - LOSS_TAIL, head.stop), end)
-        return itertools.chain(reversed(tail), reversed(head)) if from_end else itertools.chain(head, tail)
+        """The steps in [start, end) with a kept reading, ascending (descending `from_end`), as an iterator: a walk
+        for known values skips the steps between, as a walk of the whole list would skip their Nones."""
+        stop = min(end, next(iter(self._recent), self._length))  # (older readings are in the head alone)
+        if from_end:
+            recent = itertools.dropwhile(lambda s: s >= end, reversed(self._recent))
+            head = itertools.dropwhile(lambda s: s >= stop, reversed(self._head)) if start < stop else ()
+            return itertools.takewhile(lambda s: s >= start, itertools.chain(recent, head))
+        head = itertools.takewhile(lambda s: s < stop, itertools.dropwhile(lambda s: s < start, self._head)) \
+            if start < stop else ()
+        recent = itertools.takewhile(lambda s: s < end, itertools.dropwhile(lambda s: s < start, self._recent))
+        return itertools.chain(head, recent)
 
     def state_dict(self) -> dict:
-        tail = range(max(0, self._length - LOSS_TAIL), self._length)
-        return {"length": self._length, "head_start": self.head_start, "head": list(self._head),
-                "tail": [self[i] for i in tail]}
+        return {"length": self._length, "head": list(self._head.items()), "recent": list(self._recent.items())}
 
     @classmethod
     def from_state(cls, state) -> "LossHistory":
@@ -126,9 +130,9 @@ class LossHistory(Sequence):
         if not isinstance(state, dict):
             return cls(state)
         history = cls()
-        history._length, history.head_start, history._head = state["length"], state["head_start"], list(state["head"])
-        for i, v in zip(range(max(0, history._length - LOSS_TAIL), history._length), state["tail"]):
-            history._ring[i % LOSS_TAIL] = v
+        history._length = int(state["length"])
+        history._head = {int(s): v for s, v in state["head"]}
+        history._recent = {int(s): v for s, v in state["recent"][-LOSS_TAIL:]}
         return history
 
 
@@ -196,7 +200,7 @@ class Safeguard:
         if self.reach > LOSS_TAIL:
             raise PolicyError(f"Safeguard: these settings read the loss {self.reach} steps back (max(2 * span, "
                               f"lookback + span) + steady + window + watch), and the loss history keeps the last "
-                              f"{LOSS_TAIL}: lower lookback, span or steady")
+                              f"{LOSS_TAIL} readings: lower lookback, span, steady, window or watch")
         self.reset()
 
     @property

@@ -297,6 +297,19 @@ def structure_ids(model: torch.nn.Module) -> tuple:
     return tuple(map(id, found))
 
 
+def tensor_impl(t: torch.Tensor) -> int:
+    """The address of `t`'s C++ TensorImpl. torch.utils.swap_tensors (a conversion under
+    swap_module_params_on_conversion) gives the same Python tensor another one, and the tensor hooks registered
+    before stop running (checked on 2.13.0)."""
+    return t._cdata
+
+
+def restart_tensor_hooks(t: torch.Tensor) -> None:
+    """After a swap, `t._backward_hooks` still lists the hooks that no longer run, and one added to that dict would
+    not run either: a new dict makes the hooks registered from now on run."""
+    t._backward_hooks = None
+
+
 def apply_to_tensors(model: torch.nn.Module, fn, recurse: bool = True) -> None:
     """nn.Module._apply: what .to(), .cuda(), .half() call on every parameter and buffer."""
     model._apply(fn, recurse)

@@ -376,6 +376,9 @@ def test_a_model_on_the_meta_device_is_refused_with_what_to_do():
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(frzcompile.ConfigError, match=r"meta device .*to_empty\(device=\.\.\.\)"):
         frzcompile.optimize(model, (torch.randn(2, 4, device="meta"),))
+    model.register_buffer("scale", torch.ones(4))  # (a real buffer beside meta weights: init_empty_weights' way)
+    with pytest.raises(frzcompile.ConfigError, match="meta device"):
+        frzcompile.optimize(model, (torch.randn(2, 4),))
     model.to_empty(device="cpu")
     for m in (model[0], model[2]):
         m.reset_parameters()

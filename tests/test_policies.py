@@ -1,4 +1,7 @@
 """Policies decide on controlled inputs: ramps for Linear, synthetic gradient histories for AutoFreeze."""
+import copy
+import warnings
+
 import pytest
 import torch
 
@@ -87,7 +90,7 @@ def test_linear_without_length_is_a_clear_error():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     with pytest.raises(frzcompile.PolicyError, match="total_steps"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear")
-    with pytest.raises(frzcompile.ConfigError, match=r"optimize: total_steps must be a number in \(0, inf\) or None, got -5"):
+    with pytest.raises(frzcompile.ConfigError, match=r"optimize: total_steps must be an integer in \(0, inf\) or None, got -5"):
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=-5)
 
 
@@ -189,9 +192,10 @@ def test_policy_options_of_the_wrong_kind_are_refused_by_name(make):
 
 def test_optimize_total_steps_of_the_wrong_kind_is_a_config_error():
     """optimize()'s own option, not a policy's: a ConfigError (True became 1)."""
-    with pytest.raises(frzcompile.ConfigError, match="optimize: total_steps must be"):
-        frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 2)), (torch.randn(2, 8),), policy="linear",
-                            total_steps=True)
+    for bad in (True, 2.5, float("inf")):  # (inf: the linear ramp never began)
+        with pytest.raises(frzcompile.ConfigError, match="optimize: total_steps must be an integer"):
+            frzcompile.optimize(torch.nn.Sequential(torch.nn.Linear(8, 2)), (torch.randn(2, 8),), policy="linear",
+                                total_steps=bad)
 
 
 def test_policy_options_take_numpy_numbers():
@@ -256,8 +260,6 @@ def test_a_custom_policy_reads_the_loss():
 def test_long_gradient_accumulation_gets_no_missing_step_warning():
     """128 micro-batches per optimizer step: "100 training calls and no optimizer step seen" was warned at every
     step, though each was counted (and its advice, fm.step() as well, would count them twice)."""
-    import warnings
-
     from frzcompile.runtime.module import NO_STEP_WARNING_CALLS
 
     torch.manual_seed(0)
@@ -290,6 +292,10 @@ def test_fm_step_after_zero_grad_warns_and_autofreeze_ignores_non_finite_norms()
         p.grad = None
     with pytest.warns(frzcompile.NoStepWarning, match="before zero_grad"):
         fm.step()
+    quiet = frzcompile.optimize(copy.deepcopy(model), (x,), policy=Linear(total_steps=10))  # (reads no gradient)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", frzcompile.NoStepWarning)
+        quiet.step()
     policy = AutoFreeze(interval=2)
     view = FakeView(["a", "b"], lambda s: {"a": float("nan") if s == 1 else 1.0 + s, "b": 2.0})
     for _ in range(2):

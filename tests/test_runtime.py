@@ -405,6 +405,11 @@ def test_parameters_stay_swappable(how, swap_on_conversion):
     model.load_state_dict(model.state_dict())
     net.share_memory()
     assert model[0].weight.dtype == torch.float64 and model[0].weight.is_shared()
+    if how == "sparsity":  # the gradient masks' hooks, dead after a swap, are registered again
+        model.zero_grad()
+        net(x.double()).sum().backward()
+        masked = [(m.weight.grad, m.weight_mask) for m in model.modules() if hasattr(m, "weight_mask")]
+        assert masked and all(bool((g[mask == 0] == 0).all()) for g, mask in masked if g is not None)
     if how != "sparsity":  # (its masks make the weights differ from ref's: only the conversion is checked)
         xd = x.double().requires_grad_()
         rx = x.double().requires_grad_()

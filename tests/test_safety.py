@@ -521,30 +521,35 @@ def test_the_loss_rules_remember_their_verdicts_on_a_growing_history():
 
 def test_the_loss_history_is_bounded_and_reads_as_the_full_list_where_the_rules_look():
     """The loss history kept one value per step for good (32 bytes a step in memory, 9 KB per 1,000 steps in every
-    freeze state): now the first LOSS_HEAD steps from the first known value and the last LOSS_TAIL are kept, and
-    the rules' verdicts on it are those on the full list."""
+    freeze state): now the first LOSS_HEAD readings and the last LOSS_TAIL are kept with their steps, and the rules'
+    verdicts on it are those on the full list, with a reading at most steps or only every 25th."""
     from frzcompile.safety import LOSS_HEAD, LOSS_TAIL, LossHistory
 
+    def curve(i):
+        return 2.0 * math.exp(-i / 900) + 0.05 * math.sin(i)
+
     n = 3 * LOSS_TAIL + 500
-    full = [None] * 7 + [None if i % 13 == 0 else 2.0 * math.exp(-i / 900) + 0.05 * math.sin(i)
-                         for i in range(1, n - 6)]  # (no reading before step 7, then one step in 13 without)
+    full = [None] * 7 + [None if i % 13 == 0 else curve(i) for i in range(1, n - 6)]  # (none before step 7)
     history = LossHistory(full)
-    assert len(history) == n and history.head_start == 7
-    assert history[:LOSS_HEAD + 7] == full[:LOSS_HEAD + 7] and history[-LOSS_TAIL:] == full[-LOSS_TAIL:]
-    assert history[LOSS_HEAD + 100] is None and history[-1] == full[-1] and history[n - LOSS_TAIL - 1] is None
-    kept = list(history.kept(0, n))
-    assert len(kept) == LOSS_HEAD + LOSS_TAIL and kept == sorted(kept) == list(history.kept(0, n, True))[::-1]
+    known = [i for i, v in enumerate(full) if v is not None]
+    kept = set(known[:LOSS_HEAD]) | set(known[-LOSS_TAIL:])
+    assert len(history) == n and list(history) == [v if i in kept else None for i, v in enumerate(full)]
+    assert list(history.kept(0, n)) == sorted(kept) == list(history.kept(0, n, from_end=True))[::-1]
     state = history.state_dict()
-    assert len(state["head"]) == LOSS_HEAD and len(state["tail"]) == LOSS_TAIL
-    again = LossHistory.from_state(state)
-    assert again == history and LossHistory.from_state(full[:50]) == full[:50]  # (a state saved as a list loads)
+    assert len(state["head"]) == LOSS_HEAD and len(state["recent"]) == LOSS_TAIL
+    assert LossHistory.from_state(state) == history and LossHistory.from_state(full[:50]) == full[:50]  # (a list)
     rules = Safeguard()
     assert rules.reach <= LOSS_TAIL
     for end in (n, n - 37, n - rules.steady):
         assert rules.learning_started(history, end) == rules.learning_started(full, end)
     assert rules.learning_slowed_steadily(history) == Safeguard().learning_slowed_steadily(full)
+    sparse = [curve(i / 25) + 0.4 if i % 25 == 0 else None for i in range(60_000)]  # (a reading every 25 steps)
+    verdict = Safeguard().learning_slowed_steadily(sparse)
+    assert verdict[0] and Safeguard().learning_slowed_steadily(LossHistory(sparse)) == verdict
     with pytest.raises(frzcompile.PolicyError, match="keeps the last"):
         Safeguard(lookback=LOSS_TAIL)
+    with pytest.raises(ValueError, match="no kept reading"):
+        history[known[LOSS_HEAD + 5]] = 1.0  # (a dropped step)
 
 
 def test_a_long_run_keeps_a_bounded_loss_signal():
@@ -561,7 +566,7 @@ def test_a_long_run_keeps_a_bounded_loss_signal():
     assert values[0] == 1.0 and values[-1] == pytest.approx(1.0 / (2 * (LOSS_HEAD + LOSS_TAIL)))
     assert all(isinstance(values[i], float) for i in values.kept(0, len(values)))
     state = signal.state_dict()["history"]
-    assert len(state["head"]) + len(state["tail"]) == LOSS_HEAD + LOSS_TAIL
+    assert len(state["head"]) + len(state["recent"]) == LOSS_HEAD + LOSS_TAIL
 
 
 def test_a_skipped_steps_non_finite_reading_does_not_spoil_the_next_one():

@@ -412,11 +412,11 @@ class FrozenModule(nn.Module):
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
         model (any torch optimizer, see frzcompile.runtime.steps); call it yourself with another optimizer, after
         its update and before the gradients are cleared (a policy may read them: autofreeze does)."""
-        if self._step == 0 and not isinstance(self._policy, Manual) and \
+        if self._step == 0 and self._policy.reads_gradients and \
                 not any(p.grad is not None for p in self._model.parameters() if p.requires_grad):
-            warnings.warn("frzcompile: fm.step() found no gradients (zero_grad() before it?), and a policy may read "
-                          "the step's gradients (autofreeze decides on them): call fm.step() after the optimizer's "
-                          "update and before zero_grad()", NoStepWarning, stacklevel=2)
+            warnings.warn(f"frzcompile: fm.step() found no gradients (zero_grad() before it?), and the "
+                          f"{self._policy.name} policy decides on the step's gradients: call fm.step() after the "
+                          "optimizer's update and before zero_grad()", NoStepWarning, stacklevel=2)
         self._plan.release_in_flight(self.optimizers())
         self._count_step()
         self._settle()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import torch_private
 from ..errors import ConfigError
 from ..runtime.module import plain_forward
 from ..runtime.services import FORWARD_MARK, Service
@@ -289,7 +290,7 @@ class SparseTraining(Service):
         self.dense_grads: dict = {}  # RigL: dense gradients of masked weights, for the step before an update
         self._state_masked = weakref.WeakSet()  # optimizers whose state was masked (_mask_state)
         self._record_dense = False
-        self._grad_hooks: dict = {}  # name -> (weight, hook handle)
+        self._grad_hooks: dict = {}  # name -> (weight, hook handle, its TensorImpl then)
         self.routes: dict = {}       # name -> BlockSparseForward installed on its module
         self.generator = torch.Generator().manual_seed(config.seed)
         self.targets = self._select_targets(model, unit_graph)
@@ -318,7 +319,7 @@ class SparseTraining(Service):
             self._set_masks(self._draw(config.sparsity, structure=config.structure))
         self._hook_gradients()
         handles = self._grad_hooks
-        weakref.finalize(self, lambda: [h.remove() for _, h in handles.values()])
+        weakref.finalize(self, lambda: [h.remove() for _, h, _ in handles.values()])
 
     # -- hook points (see frzcompile.runtime.services) ---------------------------------------------------
     def call(self, run, args, kwargs):
@@ -381,7 +382,7 @@ class SparseTraining(Service):
         self._hook_gradients()
 
     def close(self) -> None:
-        for _, handle in self._grad_hooks.values():
+        for _, handle, _ in self._grad_hooks.values():
             handle.remove()
         self._grad_hooks.clear()
         for name in list(self.routes):
@@ -394,16 +395,19 @@ class SparseTraining(Service):
         for name, t in self.targets.items():
             weight = t.weight
             current = self._grad_hooks.get(name)
-            if (current is not None and current[0] is weight) or not weight.requires_grad:
+            impl = torch_private.tensor_impl(weight)
+            if (current is not None and current[0] is weight and current[2] == impl) or not weight.requires_grad:
                 continue  # (a weight that needs no gradient is hooked once it does: on_plan after a thaw)
             if current is not None:
                 current[1].remove()
+                if current[0] is weight:  # the same tensor, swapped (.double() under swap_module_params_on_...)
+                    torch_private.restart_tensor_hooks(weight)
 
             def mask_grad(grad, name=name):
                 sp = me()
                 return grad if sp is None else sp._mask_grad(name, grad)
 
-            self._grad_hooks[name] = (weight, weight.register_hook(mask_grad))
+            self._grad_hooks[name] = (weight, weight.register_hook(mask_grad), impl)
 
     def _mask_grad(self, name, grad):
         if self._record_dense:  # RigL grows where this dense gradient is largest
