@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections import deque
 from collections.abc import Sequence
 
 from .errors import PolicyError, check_number
@@ -60,7 +61,8 @@ class LossHistory(Sequence):
     def __init__(self, values=()):
         self._head: dict = {}    # step -> value of the first LOSS_HEAD readings
         self._recent: dict = {}  # step -> value of the last LOSS_TAIL readings, oldest first
-        self._length = 0
+        self._order: deque = deque()  # their steps, oldest first (a dict's first key is slow to find after many
+        self._length = 0              # deletions at its front)
         for v in values:
             self.append(v)
 
@@ -72,8 +74,9 @@ class LossHistory(Sequence):
             if len(self._head) < LOSS_HEAD:
                 self._head[self._length] = value
             self._recent[self._length] = value
-            if len(self._recent) > LOSS_TAIL:
-                del self._recent[next(iter(self._recent))]
+            self._order.append(self._length)
+            if len(self._order) > LOSS_TAIL:
+                del self._recent[self._order.popleft()]
         self._length += 1
 
     def _index(self, i: int) -> int:
@@ -111,14 +114,14 @@ class LossHistory(Sequence):
     def kept(self, start: int, end: int, from_end: bool = False):
         """The steps in [start, end) with a kept reading, ascending (descending `from_end`), as an iterator: a walk
         for known values skips the steps between, as a walk of the whole list would skip their Nones."""
-        stop = min(end, next(iter(self._recent), self._length))  # (older readings are in the head alone)
+        stop = min(end, self._order[0] if self._order else self._length)  # (older readings: the head alone)
         if from_end:
-            recent = itertools.dropwhile(lambda s: s >= end, reversed(self._recent))
+            recent = itertools.dropwhile(lambda s: s >= end, reversed(self._order))
             head = itertools.dropwhile(lambda s: s >= stop, reversed(self._head)) if start < stop else ()
             return itertools.takewhile(lambda s: s >= start, itertools.chain(recent, head))
         head = itertools.takewhile(lambda s: s < stop, itertools.dropwhile(lambda s: s < start, self._head)) \
             if start < stop else ()
-        recent = itertools.takewhile(lambda s: s < end, itertools.dropwhile(lambda s: s < start, self._recent))
+        recent = itertools.takewhile(lambda s: s < end, itertools.dropwhile(lambda s: s < start, self._order))
         return itertools.chain(head, recent)
 
     def state_dict(self) -> dict:
@@ -133,6 +136,7 @@ class LossHistory(Sequence):
         history._length = int(state["length"])
         history._head = {int(s): v for s, v in state["head"]}
         history._recent = {int(s): v for s, v in state["recent"][-LOSS_TAIL:]}
+        history._order = deque(history._recent)
         return history
 
 
