@@ -390,8 +390,9 @@ class FrozenModule(nn.Module):
                 warnings.warn(f"frzcompile: freezing unit {u!r} also freezes {', '.join(map(repr, joined))}, from "
                               f"outside its modules: code reading it runs on {u!r}'s output, so it joined that "
                               "unit (requires_grad_(False) on the unit's modules would leave it training). Set "
-                              "requires_grad_(True) on it after this freeze to keep training it.", UserWarning,
-                              stacklevel=3)
+                              "requires_grad_(True) on it after this freeze to keep training it" +
+                              (" (the activation cache then steps aside while that unit is frozen)."
+                               if self.cache is not None else "."), UserWarning, stacklevel=3)
 
     def unfreeze(self, *names: str) -> None:
         self._settle()
