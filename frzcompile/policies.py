@@ -513,6 +513,7 @@ class SmartFRZ(Policy):
                 "indices": {u: self._indices[u] for u, h in self._snapshots.items() if h},  # (trained_indices)
                 "votes": dict(self._votes),
                 "unjudged": dict(self._unjudged),
+                "last_probabilities": {u: float(p) for u, p in self.last_probabilities.items()},  # (explain)
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
@@ -520,6 +521,7 @@ class SmartFRZ(Policy):
         self._indices.update(state.get("indices", {}))
         self._votes = dict(state["votes"])
         self._unjudged = dict(state.get("unjudged", {}))  # (saved since windows wait to be judged)
+        self.last_probabilities = dict(state.get("last_probabilities", {}))
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from collections import deque
 from collections.abc import Sequence
 
@@ -79,7 +80,8 @@ class LossHistory(Sequence):
                 del self._recent[self._order.popleft()]
         self._length += 1
 
-    def _index(self, i: int) -> int:
+    def _index(self, i) -> int:
+        i = operator.index(i)  # (as a list: a 0-d integer tensor reads as its value, a float is refused)
         i = i + self._length if i < 0 else i
         if not 0 <= i < self._length:
             raise IndexError("loss history index out of range")
@@ -423,7 +425,7 @@ class Safeguard:
     def state_dict(self) -> dict:
         return {"last_freeze": self.last_freeze, "watching": [list(w) for w in self.watching],
                 "held": dict(self.held), "events": list(self.events), "blocked": self.blocked,
-                "frozen_at_lr": dict(self.frozen_at_lr), "last_lr": dict(self.last_lr)}
+                "logged": self._logged, "frozen_at_lr": dict(self.frozen_at_lr), "last_lr": dict(self.last_lr)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_freeze = state["last_freeze"]
@@ -431,6 +433,7 @@ class Safeguard:
         self.held = dict(state["held"])
         self.events = [tuple(e) for e in state["events"]]
         self.blocked = state["blocked"]
+        self._logged = state.get("logged", "")  # (a resumed run logs each kind of hold-back once in a row, too)
         self.frozen_at_lr = dict(state.get("frozen_at_lr", {}))  # (saved since rule 4)
         last = state.get("last_lr")
         self.last_lr = dict(last) if isinstance(last, dict) else {}

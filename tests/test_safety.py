@@ -193,6 +193,12 @@ def test_each_unit_is_judged_by_its_own_learning_rate():
     other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.state_dict() == policy.safeguard.state_dict()
+    # a resumed run logged a hold-back kind again at its first decision (which kind was logged last was not
+    # saved), and explain said no unit was judged (the predictor's last judgement was not saved)
+    assert other.safeguard._logged == policy.safeguard._logged and policy.safeguard._logged
+    policy.last_probabilities = {"a": 0.26}  # (as after a judgement)
+    other.load_state_dict(policy.state_dict())
+    assert other.report() == policy.report() and "a p=0.26" in other.report()[0]
     assert other.safeguard.last_lr == {"a": 0.01, "b": 0.01}
 
 
@@ -281,6 +287,12 @@ def test_safeguard_state_round_trip():
     other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.state_dict() == policy.safeguard.state_dict()
+    # a resumed run logged a hold-back kind again at its first decision (which kind was logged last was not
+    # saved), and explain said no unit was judged (the predictor's last judgement was not saved)
+    assert other.safeguard._logged == policy.safeguard._logged and policy.safeguard._logged
+    policy.last_probabilities = {"a": 0.26}  # (as after a judgement)
+    other.load_state_dict(policy.state_dict())
+    assert other.report() == policy.report() and "a p=0.26" in other.report()[0]
     with pytest.raises(frzcompile.PolicyError):
         SmartFRZ(safeguard="strict")
 
@@ -550,6 +562,9 @@ def test_the_loss_history_is_bounded_and_reads_as_the_full_list_where_the_rules_
         Safeguard(lookback=LOSS_TAIL)
     with pytest.raises(ValueError, match="no kept reading"):
         history[known[LOSS_HEAD + 5]] = 1.0  # (a dropped step)
+    assert history[torch.tensor(n - 1)] == full[n - 1]  # (as a list reads a 0-d integer tensor; it read None)
+    with pytest.raises(TypeError):
+        history[5.0]
 
 
 def test_a_long_run_keeps_a_bounded_loss_signal():
