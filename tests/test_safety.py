@@ -193,12 +193,6 @@ def test_each_unit_is_judged_by_its_own_learning_rate():
     other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.state_dict() == policy.safeguard.state_dict()
-    # a resumed run logged a hold-back kind again at its first decision (which kind was logged last was not
-    # saved), and explain said no unit was judged (the predictor's last judgement was not saved)
-    assert other.safeguard._logged == policy.safeguard._logged and policy.safeguard._logged
-    policy.last_probabilities = {"a": 0.26}  # (as after a judgement)
-    other.load_state_dict(policy.state_dict())
-    assert other.report() == policy.report() and "a p=0.26" in other.report()[0]
     assert other.safeguard.last_lr == {"a": 0.01, "b": 0.01}
 
 
