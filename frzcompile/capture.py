@@ -28,9 +28,9 @@ from torch import fx
 from .errors import CaptureError, ConfigError, InputMismatchError
 from .modes import modes_kept
 from .numerics import tree_agree, tree_noise
-from .torch_private import (autocast_kept, forked_rng, forward_hooks_suspended, inline_context_regions,
-                            module_generators, open_tensors, plain_mappings, record_aten_graph, tensor_version,
-                            tree_flatten, tree_unflatten)
+from .torch_private import (autocast_kept, export_keeping_no_parameter, forked_rng, forward_hooks_suspended,
+                            inline_context_regions, module_generators, open_tensors, plain_mappings,
+                            record_aten_graph, tensor_version, tree_flatten, tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
@@ -109,7 +109,7 @@ def _export(model, args, kwargs, unit_names):
         with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             # (a forward keeping `self.last = h`: capture puts the attribute back, so export's advice is noise)
             warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
-            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            ep = export_keeping_no_parameter(model, tuple(args), dict(kwargs))
     finally:
         shapes_log.setLevel(level)
     return inline_context_regions(ep.module())  # (a `with torch.autocast` block's modules, each in its unit)

@@ -310,6 +310,33 @@ def restart_tensor_hooks(t: torch.Tensor) -> None:
     t._backward_hooks = None
 
 
+def export_keeping_no_parameter(model, args: tuple, kwargs: dict):
+    """torch.export.export(model, args, kwargs, strict=False), leaving no weak reference to the model's
+    parameters, which torch.utils.swap_tensors refuses (`.double()` under swap_module_params_on_conversion).
+    Export (checked on 2.13.0) keeps every fake tensor it traced in a module-level map of
+    torch.fx.experimental.proxy_tensor until the next export, and each fake mode keeps a weak table of the real
+    tensors it converted (MetaTensorDescriber.lookup_tensor), used only while tracing: the map's new entries are
+    removed and those tables emptied."""
+    from torch.fx.experimental import proxy_tensor
+
+    table = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    before = set(table) if isinstance(table, dict) else None
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        if before is not None:
+            for key in [k for k in table if k not in before]:
+                del table[key]
+    modes = {id(v.fake_mode): v.fake_mode for node in ep.graph.nodes
+             for v in [node.meta.get("val")] if hasattr(v, "fake_mode")}
+    for mode in modes.values():
+        lookup = getattr(getattr(getattr(getattr(mode, "fake_tensor_converter", None), "meta_converter", None),
+                                 "describer", None), "lookup_tensor", None)
+        if lookup is not None:
+            lookup.clear()
+    return ep
+
+
 def apply_to_tensors(model: torch.nn.Module, fn, recurse: bool = True) -> None:
     """nn.Module._apply: what .to(), .cuda(), .half() call on every parameter and buffer."""
     model._apply(fn, recurse)

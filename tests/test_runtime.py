@@ -447,3 +447,22 @@ def test_a_replaced_parameter_is_not_kept_alive():
     gc.collect()
     assert old() is None
     assert not model[0].weight.requires_grad and model[2].weight.grad is not None  # (frozen as its predecessor)
+
+
+def test_a_hugging_face_model_captured_by_export_stays_swappable(swap_on_conversion):
+    """torch.export (the capture of most Hugging Face models) left weak references to every parameter: in a
+    module-level map of torch's, until the next export, and in its fake mode's table of the tensors it converted,
+    which the captured graph keeps. `.double()` under swap_module_params_on_conversion failed (57 references on a
+    tiny BERT)."""
+    import weakref
+
+    model = zoo.tiny_bert(num_labels=3, layers=2)
+    ids = torch.randint(1, 100, (4, 9))
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids}, policy="manual")
+    assert fm.capture_method == "export"
+    fm.freeze("bert.embeddings")
+    fm(input_ids=ids).logits.sum().backward()
+    assert not [n for n, p in model.named_parameters() if weakref.getweakrefs(p)]
+    fm.double()
+    assert model.bert.encoder.layer[0].output.dense.weight.dtype == torch.float64
+    assert fm(input_ids=ids).logits.dtype == torch.float64
