@@ -59,7 +59,14 @@ def check_number(where: str, name: str, value, low=None, high=None, *, integer=F
         ok = value < high if high_open else value <= high
     if not ok:
         kind = "an integer" if integer else "a number"
-        span = "" if low is None and high is None else " in " + ("(" if low_open or low is None else "[") + \
-            f"{'-inf' if low is None else low}, {'inf' if high is None else high}" + (")" if high_open or high is None else "]")
+        opening = "(" if low_open or low is None else "["
+        closing = ")" if high_open or high is None else "]"
+        span = "" if low is None and high is None else \
+            f" in {opening}{'-inf' if low is None else low}, {'inf' if high is None else high}{closing}"
         raise error(f"{where}: {name} must be {kind}{span}" + (" or None" if none else "") + f", got {value!r}")
     return int(value) if integer or isinstance(value, numbers.Integral) else float(value)
+
+
+def check_policy_number(where: str, name: str, value, low=None, high=None, **how):
+    """`check_number` for a policy's or the safety rules' options: a PolicyError."""
+    return check_number(where, name, value, low, high, error=PolicyError, **how)

@@ -11,19 +11,17 @@ prefix only). A policy never freezes the last unit that has parameters, nor any 
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import zlib
 
 import torch
 
-from .errors import PolicyError, check_number
+from .errors import PolicyError, check_policy_number
 from .predictor import WINDOW, load_default, sample_indices, window_features
 from .safety import Safeguard
 from .torch_private import host_floats
 
-_number = functools.partial(check_number, error=PolicyError)  # a policy's options: PolicyErrors
 
 
 class TrainingView:
@@ -215,16 +213,16 @@ class Linear(Policy):
     reads_loss = False
 
     def __init__(self, total_steps: int | None = None, freeze_start: float = 0.5, freeze_level: float = 1.0):
-        self.total_steps = _number("linear", "total_steps", total_steps, 0, low_open=True, none=True)
-        self.freeze_start = _number("linear", "freeze_start", freeze_start, 0.0, 1.0, high_open=True)
-        self.freeze_level = _number("linear", "freeze_level", freeze_level, 0.0, 1.0)
+        self.total_steps = check_policy_number("linear", "total_steps", total_steps, 0, low_open=True, none=True)
+        self.freeze_start = check_policy_number("linear", "freeze_start", freeze_start, 0.0, 1.0, high_open=True)
+        self.freeze_level = check_policy_number("linear", "freeze_level", freeze_level, 0.0, 1.0)
         self._view = None
 
     def bind(self, view):
         self._view = view  # (the run's total_steps is read at each decision: an integration may correct it)
         total = self._total()
         if total is not None:
-            _number("linear", "total_steps", total, 0, low_open=True)
+            check_policy_number("linear", "total_steps", total, 0, low_open=True)
         if not total:
             raise PolicyError(
                 "linear needs the length of training: optimize(..., total_steps=N) or "
@@ -261,8 +259,8 @@ class AutoFreeze(Policy):
     reads_gradients = True
 
     def __init__(self, interval: int = 50, percentile: float = 50.0):
-        self.interval = _number("autofreeze", "interval", interval, 1, integer=True)
-        self.percentile = _number("autofreeze", "percentile", percentile, 0.0, 100.0)
+        self.interval = check_policy_number("autofreeze", "interval", interval, 1, integer=True)
+        self.percentile = check_policy_number("autofreeze", "percentile", percentile, 0.0, 100.0)
         self._sums: dict = {}
         self._finite: dict = {}   # unit -> steps of this interval with a finite norm
         self._count = 0
@@ -275,7 +273,7 @@ class AutoFreeze(Policy):
             # its GradScaler skipped it) is left out of the mean
             finite = torch.isfinite(norm)
             self._sums[u] = self._sums.get(u, 0.0) + torch.where(finite, norm, 0.0)
-            self._finite[u] = self._finite.get(u, 0) + finite.to(torch.int64)
+            self._finite[u] = self._finite.get(u, 0) + finite  # (an int64 count: 0 + a bool tensor)
         self._count += 1
         if self._count < self.interval:
             return None
@@ -343,10 +341,11 @@ class SmartFRZ(Policy):
 
     def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
                  min_weights: int = 256, predictor=None, safeguard="default"):
-        self.interval = _number("smartfrz", "interval", interval, 1, integer=True)
-        self.votes = _number("smartfrz", "votes", votes, 1, integer=True)
-        self.threshold = _number("smartfrz", "threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
-        self.min_weights = _number("smartfrz", "min_weights", min_weights, 0, integer=True)
+        self.interval = check_policy_number("smartfrz", "interval", interval, 1, integer=True)
+        self.votes = check_policy_number("smartfrz", "votes", votes, 1, integer=True)
+        self.threshold = check_policy_number("smartfrz", "threshold", threshold, 0.0, 1.0, low_open=True,
+                                             high_open=True)
+        self.min_weights = check_policy_number("smartfrz", "min_weights", min_weights, 0, integer=True)
         if isinstance(safeguard, str) and safeguard == "default":
             safeguard = Safeguard(min_gap=self.interval * self.votes)
         if safeguard is not None and not isinstance(safeguard, Safeguard):
@@ -573,16 +572,16 @@ class ALaST(Policy):
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
                  layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto"):
-        self.budget = float(_number("alast", "budget", budget, 0.0, 1.0, low_open=True))
-        self.rate = float(_number("alast", "rate", rate, 0.0, 1.0, low_open=True))
+        self.budget = float(check_policy_number("alast", "budget", budget, 0.0, 1.0, low_open=True))
+        self.rate = float(check_policy_number("alast", "rate", rate, 0.0, 1.0, low_open=True))
         if isinstance(min_budget, (int, float)) and min_budget == 0.3 and self.budget < 0.3:
             raise PolicyError(f"alast: min_budget must be in (0, budget], got {min_budget} (the default): pass a "
                               "lower min_budget= with a budget below 0.3")
-        self.min_budget = float(_number("alast", "min_budget", min_budget, 0.0, self.budget, low_open=True))
-        self.k = _number("alast", "k (layers trained per step)", k, 1, integer=True, none=True)
+        self.min_budget = float(check_policy_number("alast", "min_budget", min_budget, 0.0, self.budget, low_open=True))
+        self.k = check_policy_number("alast", "k (layers trained per step)", k, 1, integer=True, none=True)
         try:
             if not (isinstance(temperature, str) and temperature == "auto"):
-                _number("alast", "temperature", temperature, 0.0, low_open=True, none=True)
+                check_policy_number("alast", "temperature", temperature, 0.0, low_open=True, none=True)
         except PolicyError:
             raise PolicyError(f"alast: temperature must be a positive number, None for the top-ranked tokens or "
                               f"'auto'; got {temperature!r}") from None

@@ -36,16 +36,14 @@ Every decision, hold-back and rollback is logged (`events`) for `explain`.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import operator
 from collections import deque
 from collections.abc import Sequence
 
-from .errors import PolicyError, check_number
+from .errors import PolicyError, check_policy_number
 
-_number = functools.partial(check_number, error=PolicyError)  # the rules' settings: PolicyErrors
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
 
@@ -190,10 +188,10 @@ class Safeguard:
                  span: int = 100, steady: int = 60, relative: float = 0.1, lookback: int = 300,
                  lr_drop: float = 0.5):
         def steps(name, value, low=0):
-            return _number("Safeguard", name, value, low, integer=True)
+            return check_policy_number("Safeguard", name, value, low, integer=True)
 
         def share(name, value, high=None):
-            return float(_number("Safeguard", name, value, 0.0, high))
+            return float(check_policy_number("Safeguard", name, value, 0.0, high))
 
         self.min_gap, self.window, self.watch, self.backoff = steps("min_gap", min_gap), \
             steps("window", window, 1), steps("watch", watch), steps("backoff", backoff)
