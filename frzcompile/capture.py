@@ -196,24 +196,26 @@ def traceless(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def _attributes_kept(model: torch.nn.Module):
-    """Tensors a forward keeps on its modules as plain attributes (`self.last = h.detach()`), as they were before
-    the block: capture's runs must not leave a traced value (an fx Proxy, which fails the next real call that reads
-    it) or the example's activations behind. Other attributes stay (a lazy module's sizes, set as it
-    materialises)."""
+    """Attributes a forward sets to tensors on its modules (`self.last = h.detach()`, a recurrent state set up as
+    `self.hidden = None`), as they were before the block: capture's runs must not leave a traced value (an fx
+    Proxy, which fails the next real call that reads it) or the example's activations behind. Other attributes
+    stay (a lazy module's sizes, set as it materialises)."""
     def held(value):
         return isinstance(value, (torch.Tensor, fx.Proxy))
 
-    saved = [(m, {k: v for k, v in m.__dict__.items() if held(v)}) for m in model.modules()]
+    missing = object()
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
         yield
     finally:
         for m, values in saved:
             for key, value in list(m.__dict__.items()):
-                if held(value) and values.get(key) is not value:
-                    if key in values:
-                        m.__dict__[key] = values[key]
-                    else:
+                before = values.get(key, missing)
+                if held(value) and before is not value:
+                    if before is missing:
                         del m.__dict__[key]
+                    else:
+                        m.__dict__[key] = before
 
 
 @contextlib.contextmanager
@@ -295,8 +297,9 @@ def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
     # (in eval: the caller keeps every module's mode, modes_kept)
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _attributes_kept(model):  # (each run starts from the user's attributes)
             expected = model(*args, **kwargs)
+        with torch.no_grad(), _attributes_kept(model):
             again = model(*args, **kwargs)
     except Exception as exc:
         why = short_error(exc)
@@ -316,7 +319,7 @@ def _capture(model, args, kwargs, unit_names, methods, name) -> Captured:
         try:
             # a method that fails says why in `attempts`; its warnings (export's about an LSTM's weights) are
             # noise for a model another method captures
-            with warnings.catch_warnings(record=True) as said:
+            with warnings.catch_warnings(record=True) as said, _attributes_kept(model):  # (not another's Proxy)
                 warnings.simplefilter("always")
                 gm = {"symbolic_trace": _symbolic_trace, "export": _export, "record": _record}[m](
                     model, args, kwargs, unit_names)

@@ -1121,6 +1121,33 @@ def test_capture_leaves_no_traced_value_on_the_models_modules():
             assert torch.equal(fm(x), ref(x))
 
 
+def test_capture_keeps_an_attribute_the_forward_sets_from_none_to_a_tensor():
+    """A recurrent state set up as `self.hidden = None` and set to the last hidden state by the forward: capture's
+    runs deleted the attribute (only attributes that were tensors were put back), so the next call failed with
+    AttributeError, even after a failed capture; and the first method's fx Proxy left there failed the others
+    (optimize() refused the model although export and record capture it alone)."""
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.gru, self.out = nn.Embedding(40, 16), nn.GRU(16, 24, batch_first=True), nn.Linear(24, 40)
+            self.hidden = None
+
+        def forward(self, ids):
+            y, h = self.gru(self.emb(ids), self.hidden)
+            self.hidden = h.detach()
+            return self.out(y)
+
+    torch.manual_seed(0)
+    model = Stateful()
+    ref, ids = copy.deepcopy(model), torch.randint(0, 40, (4, 5))
+    fm = frzcompile.optimize(model, (ids,), policy="manual")
+    assert model.hidden is None
+    fm.freeze("emb")
+    ref.emb.requires_grad_(False)
+    for _ in range(3):  # (the state carried from call to call)
+        assert torch.equal(fm(ids), ref(ids))
+
+
 def test_a_module_the_forward_creates_during_the_capture_takes_the_mode_it_would_have():
     """Hugging Face's BigBird swaps new attention modules into its layers for inputs too short for block-sparse
     attention, each in its layer's mode; the capture runs the model in eval, so they stayed in eval after
