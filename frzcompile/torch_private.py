@@ -254,8 +254,10 @@ def forked_rng(generators=()):
 
 def runs_nested_tensors(module) -> bool:
     """Whether `module` is an nn.TransformerEncoder that runs on nested tensors in eval with a padding mask
-    (`enable_nested_tensor=True`, PyTorch's fast path, which decides from its first layer)."""
-    return isinstance(module, torch.nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False)
+    (`enable_nested_tensor=True`, PyTorch's fast path, which decides from its first layer), with the fast path
+    on now (`torch.backends.mha.set_fastpath_enabled(False)` turns it off)."""
+    return isinstance(module, torch.nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False) and \
+        torch.backends.mha.get_fastpath_enabled()
 
 
 # -- nn.Module internals (checked on 2.13.0) ------------------------------------------------------------------

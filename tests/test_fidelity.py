@@ -932,6 +932,26 @@ def test_freezing_the_first_layer_of_a_nested_tensor_encoder_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fm.freeze("emb", "enc.layers.0")
+    # with PyTorch's fast path off (what the warning and explain advise) nothing fails: no warning (it warned)
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.manual_seed(0)
+        model = Classifier(True)
+        ref = copy.deepcopy(model)
+        fm = frzcompile.optimize(model, (ids, pad), policy="manual")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fm.freeze("emb", "enc.layers.0")
+        for m in (ref.emb, ref.enc.layers[0]):
+            m.requires_grad_(False).eval()
+        pad[1:, 4:] = True
+        torch.manual_seed(1)
+        out = fm(ids, pad)
+        torch.manual_seed(1)
+        assert torch.equal(out, ref(ids, pad))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def test_blocks_inside_an_autocast_block_of_the_forward_are_units_of_their_own():

@@ -330,8 +330,6 @@ class ActivationCache(Service):
             return ("the model was captured by recording one call (capture_method='record'): its forward may branch "
                     "on tensor values (.item(), .tolist(), if x:, pack_padded_sequence's lengths), and a branch on a "
                     "batch-wide value would make each sample's activations depend on its batch")
-        if not torch.backends.mha.get_fastpath_enabled():
-            return ""
         for path, m in self._modules(prefix).guarded.items():  # (the prefix's units among them)
             if torch_private.runs_nested_tensors(m):
                 return (f"{path or 'the model'} is an nn.TransformerEncoder that runs on nested tensors in eval "

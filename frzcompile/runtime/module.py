@@ -345,7 +345,9 @@ class FrozenModule(nn.Module):
                 warnings.warn(f"frzcompile: {path or 'the model'} is an nn.TransformerEncoder with enable_nested_"
                               "tensor=True whose first layer is now frozen (in eval) while a later one trains: "
                               "called with a padding mask, PyTorch then fails inside it, as it would frozen by "
-                              "hand. Build it with enable_nested_tensor=False.", UserWarning, stacklevel=4)
+                              "hand. Build it with enable_nested_tensor=False, or call "
+                              "torch.backends.mha.set_fastpath_enabled(False) before training.", UserWarning,
+                              stacklevel=4)
 
     def _warn_outside_units(self, path, module) -> None:
         """Warn when a module path asked to freeze holds parameters of no unit (a module the example batch never
