@@ -176,7 +176,8 @@ def optimize(
     if cache is not None:
         from .cache.service import ActivationCache
 
-        fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan, recorded=captured.method == "record"))
+        fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan, recorded=captured.method == "record",
+                                       control_flow=torch_private.control_flow_calls(captured.gm)))
     return fm
 
 

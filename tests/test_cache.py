@@ -1557,6 +1557,38 @@ def test_a_recorded_capture_that_branches_on_a_batch_wide_value_keeps_the_cache_
     assert fm.cache.stats["fully_served_batches"] == 0
 
 
+def test_a_forward_calling_torch_cond_keeps_the_cache_off():
+    """torch.cond compiles its branches with Dynamo even when called eagerly, tracing the analysis' probe (a
+    TorchFunctionMode) too: every call after a freeze failed ("Could not guard on data-dependent expression").
+    The captured graph shows the control flow: the cache steps aside, saying why."""
+    class CondModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l2b = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.l3, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            h = torch.cond(h.sum() > 0, lambda t: torch.relu(self.l2(t)), lambda t: torch.relu(self.l2b(t)), (h,))
+            return self.head(torch.relu(self.l3(h)))
+
+    torch.manual_seed(0)
+    model = CondModel()
+    ref, x, y = copy.deepcopy(model), torch.randn(6, 8), torch.randint(0, 3, (6,))
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    with pytest.warns(UserWarning, match="from outside its modules"):  # (the branches' layers join l1: no units)
+        fm.freeze("l1", "l3")
+    ref.l1.requires_grad_(False), ref.l2.requires_grad_(False), ref.l2b.requires_grad_(False)
+    ref.l3.requires_grad_(False)
+    for _ in range(2):
+        out, expected = fm(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        nn.functional.cross_entropy(out, y).backward()
+        nn.functional.cross_entropy(expected, y).backward()
+        assert torch.equal(model.head.weight.grad, ref.head.weight.grad)
+    assert "torch.cond" in fm.cache.last_plan.reason and fm.cache.stats["lookups"] == 0
+
+
 @pytest.mark.parametrize("source", ["python", "numpy", "generator", "held_numpy", "held_python"])
 def test_draws_from_other_random_streams_keep_the_cache_off_and_the_streams_as_eager(source):
     """A rare augmentation drawn from Python's `random`, numpy or a torch.Generator the model holds (not torch's
