@@ -1589,6 +1589,42 @@ def test_a_forward_calling_torch_cond_keeps_the_cache_off():
     assert "torch.cond" in fm.cache.last_plan.reason and fm.cache.stats["lookups"] == 0
 
 
+def test_a_prefix_returning_quantized_tensors_is_not_cached():
+    """Quantization-aware training with the first layer frozen, then torch.ao.quantization's convert: the frozen
+    prefix now returns quint8 tensors, and the first call failed inside the store's copy ("cannot call qscheme on
+    UnknownQuantizer"). The cache refuses such outputs, saying so."""
+    import torch.ao.quantization as tq
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.l1, self.l2, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.dequant(self.head(torch.relu(self.l2(torch.relu(self.l1(self.quant(x)))))))
+
+    torch.manual_seed(0)
+    model = Net().train()
+    model.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(model, inplace=True)
+    x = torch.randn(8, 16)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    fm.freeze("l1")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        fm(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    fm.eval()
+    tq.convert(model, inplace=True)
+    ref = copy.deepcopy(model)
+    for _ in range(2):
+        with torch.no_grad():
+            assert torch.equal(fm(x), ref(x))
+    assert not fm.cache.last_plan.cacheable and "quantized tensor" in fm.cache.last_plan.reason
+
+
 @pytest.mark.parametrize("source", ["python", "numpy", "generator", "held_numpy", "held_python"])
 def test_draws_from_other_random_streams_keep_the_cache_off_and_the_streams_as_eager(source):
     """A rare augmentation drawn from Python's `random`, numpy or a torch.Generator the model holds (not torch's

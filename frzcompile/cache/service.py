@@ -557,6 +557,10 @@ class ActivationCache(Service):
             recipes = []
             for i, f in enumerate(leaves):
                 versions = [f] + [o[i] for o in other]  # full, again, first half, second half, reversed
+                if isinstance(f, torch.Tensor) and (f.is_quantized or f.is_nested or f.layout != torch.strided):
+                    kind = "quantized" if f.is_quantized else "nested" if f.is_nested else str(f.layout)
+                    return no(f"an output of {key[0]} is a {kind} tensor (torch.ao.quantization.convert makes "
+                              "quantized ones), which the cache's store cannot hold")
                 if isinstance(f, torch.Tensor):
                     same_shape = all(v.shape == f.shape for v in versions)
                     batch_first = f.dim() > 0 and all(v.dim() > 0 and v.shape[0] == n
