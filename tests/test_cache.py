@@ -2018,6 +2018,40 @@ def test_a_prefix_that_changes_its_buffers_at_every_call_is_not_cached(how):
     assert ("version counters" in decision) == (how == "changed unseen"), decision
 
 
+def test_a_prefix_calling_the_fused_qat_observer_is_not_cached_even_while_it_is_off():
+    """QAT's fused observer (`torch.fused_moving_avg_obs_fake_quant`) updates its buffers without moving their
+    version counters. Analysed while the observers were off, the prefix was cached; turned on later
+    (`tq.enable_observer`), the served calls skipped their updates under CacheConfig(watch_data=False) (outputs
+    1.7e-3 and observer ranges 3e-3 off eager). The cache now refuses a prefix that calls it at all."""
+    import torch.ao.quantization as tq
+
+    class Block(nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.lin, self.fq = nn.Linear(i, o), tq.get_default_qat_qconfig("x86").activation()
+
+        def forward(self, x):
+            return self.fq(torch.relu(self.lin(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(16, 32), Block(32, 32), nn.Linear(32, 5))
+    model(torch.randn(8, 16))  # calibrated once
+    model.apply(tq.disable_observer)
+    ref, xs = copy.deepcopy(model), [torch.randn(8, 16) for _ in range(3)]
+    fm = frzcompile.optimize(model, (xs[0],), policy="manual",
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0.0, watch_data=False))
+    fm.freeze("0", "1")
+    for m in (ref[0], ref[1]):
+        m.requires_grad_(False).eval()
+    for step in range(9):
+        if step == 4:
+            model.apply(tq.enable_observer), ref.apply(tq.enable_observer)
+        with torch.no_grad():
+            assert torch.equal(fm(xs[step % 3]), ref(xs[step % 3]))
+    assert torch.equal(model[0].fq.activation_post_process.max_val, ref[0].fq.activation_post_process.max_val)
+    assert "fused_moving_avg_obs_fake_quant" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
+
+
 def test_a_counter_the_model_moves_after_the_prefix_is_named_as_such():
     """A root buffer counted up after the frozen prefix (`self.calls += 1`, an EMA of the outputs): the cache
     turned off, as it must (entries are tied to that buffer), but said the change was one torch's version

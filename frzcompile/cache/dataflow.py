@@ -31,6 +31,13 @@ _METADATA_PROPERTIES = {_T.shape, _T.dtype, _T.device, _T.ndim, _T.requires_grad
                         _T.is_sparse, _T.is_quantized, _T.is_meta, _T.is_leaf}
 
 
+# operations that change buffers in place without moving their version counters (checked on torch 2.13.0): the
+# fused observer and fake-quantize op of quantization-aware training (FusedMovingAvgObsFakeQuantize, the "x86"
+# and "fbgemm" QAT qconfigs' activations), refused even while its observer is off (a `fill_` turns it on later)
+_UNCOUNTED_WRITES = {torch.fused_moving_avg_obs_fake_quant: "torch.fused_moving_avg_obs_fake_quant (the fused "
+                     "observer of quantization-aware training)"}
+
+
 def _is_metadata(func) -> bool:
     return func in _METADATA or getattr(func, "__self__", None) in _METADATA_PROPERTIES
 
@@ -149,6 +156,10 @@ class DataflowProbe(TorchFunctionMode):
             self._read_inside.update(s for s in (self._known(t) for t in inputs) if s is not None)
             if not outputs:
                 self._python_value_inside = True  # (a branch inside the prefix may read other arguments)
+            if func in _UNCOUNTED_WRITES:
+                self._problem(f"the frozen prefix calls {_UNCOUNTED_WRITES[func]}, which updates buffers without "
+                              "torch's version counters seeing it (when its observer is on), and serving would skip "
+                              "those updates")
             if any(self._known(t) not in self._internal for t in changed):
                 name = getattr(func, "__name__", str(func))
                 self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
