@@ -7,7 +7,7 @@ policy pays only for the statistics it asks for. `state_dict`/`load_state_dict` 
 
 Shipped here: `SmartFRZ` (the default: an attention model over weight-snapshot windows, trained offline),
 `Manual`, `Linear` (Composer LayerFreezing / FreezeOut-style ramp) and `AutoFreeze` (gradient-norm change rate,
-prefix only). A policy never freezes the last unit that has parameters, nor any unit after it (`view.freezable`).
+prefix only). A policy never freezes the last unit that trains, nor any unit after it (`view.freezable`).
 """
 from __future__ import annotations
 
@@ -49,9 +49,17 @@ class TrainingView:
 
     @property
     def freezable(self) -> list:
-        """The units a policy may freeze, in order: those before the last unit that has parameters of its own (a
-        plan must leave something to train; a tied head that only reads the embedding's weight trains nothing)."""
-        return self._fm.unit_graph.freezable
+        """The units a policy may freeze, in order: those before the last unit that trains (a plan must leave
+        something to train): the last unit holding a parameter that requires grad, or would when thawed. A tied
+        head that only reads the embedding's weight trains nothing, nor does a head whose weights the user froze
+        (PEFT freezes a language model's head: its adapters and prompt encoder train)."""
+        graph, plan = self._fm.unit_graph, self._fm._plan
+        frozen = plan.frozen
+        for i in range(len(graph.names) - 1, -1, -1):  # (from the end: the head trains, most often)
+            u = graph.names[i]
+            if any(plan.trainable_by_default(p) if u in frozen else p.requires_grad for p in graph.units[u].params):
+                return graph.names[:i]
+        return []
 
     def parameters(self, unit: str) -> list:
         return list(self._fm.unit_graph.units[unit].params)

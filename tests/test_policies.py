@@ -94,6 +94,29 @@ def test_linear_without_length_is_a_clear_error():
         frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=-5)
 
 
+@pytest.mark.parametrize("policy", ["linear", "autofreeze",
+                                    frzcompile.SmartFRZ(interval=1, threshold=1e-6, votes=1, safeguard=None)])
+def test_policies_leave_the_last_unit_that_trains_alone(policy):
+    """PEFT freezes a language model's head (its adapters, or its prompt encoder, train): every policy froze every
+    unit before that head, the units that were training among them, and the next call failed with PlanError
+    ("leaves nothing to train") mid-run. The last unit a policy may not freeze is the last one that trains."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                                torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    model[6].requires_grad_(False)  # the head, frozen by the user; layers 0, 2 and 4 train
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    fm = frzcompile.optimize(model, (torch.randn(4, 8),), optimizer=opt, policy=policy, total_steps=40)
+    assert fm._view.freezable == ["0", "2"]
+    x = torch.randn(16, 8)
+    for _ in range(40):
+        fm(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert "4" not in fm.frozen and model[4].weight.requires_grad
+    if policy != "autofreeze":  # (AutoFreeze needs its gradient norms to fall: not on this loss)
+        assert fm.frozen == ("0", "2")
+
+
 def test_autofreeze_state_round_trip():
     p = AutoFreeze(interval=5)
     view = FakeView(["a", "b"], lambda s: {"a": 1.0 + s, "b": 2.0})
