@@ -16,6 +16,7 @@ head too, as `requires_grad=False` would), else to the unit that first reads the
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -148,7 +149,18 @@ def node_module_path(node: fx.Node) -> str | None:
         return ""
     if path.startswith("L['self']"):
         path = path[len("L['self']"):].lstrip(".")
-    return path
+    return _SLICED.sub(_unslice, path) if "slice(" in path else path
+
+
+# torch.export names a module reached through a slice of a ModuleList (`for layer in self.layers[:n]`, as most
+# Hugging Face decoders do) `layers.slice(None, 2, None).0` when the model holds a module under two paths (PEFT's
+# alias of the embedding): the slice's item is the list's item start + index * step
+_SLICED = re.compile(r"slice\((None|\d+), (None|-?\d+), (None|\d+)\)\.(\d+)")
+
+
+def _unslice(match) -> str:
+    start, _, step, index = match.groups()
+    return str(int(start if start != "None" else 0) + int(index) * int(step if step != "None" else 1))
 
 
 @dataclass

@@ -258,6 +258,56 @@ def test_a_fallback_to_export_prints_nothing(capfd):
     assert "Traceback" not in capfd.readouterr().err  # torch.fx's GraphModule.__call__ prints one on failure
 
 
+def test_export_units_of_a_sliced_module_list_in_a_model_holding_a_module_twice():
+    """`for layer in self.layers[:n]` (Hugging Face's decoders) in a model that holds a module under two paths
+    (PEFT prompt tuning's alias of the embedding): export names the layers `layers.slice(None, 3, None).0`, so
+    they were no units, their parameters joined the embedding's, and `fm.freeze("body.layers.0")` was refused as
+    never called."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+            self.layers = torch.nn.ModuleList([Block() for _ in range(3)])
+
+        def forward(self, x):
+            h = self.emb(x)
+            for layer in self.layers[1:3]:
+                h = layer(h)
+            return self.head(h)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.extra = Body(), torch.nn.Linear(4, 4)
+            self.alias = self.body.emb
+
+        def forward(self, x):
+            return self.body(self.extra(x))
+
+    torch.manual_seed(0)
+    model = Wrapped()
+    x = torch.randn(4, 4)
+    fm = frzcompile.optimize(model, (x,), policy="manual", capture_method="export")
+    assert fm.units == ["extra", "body.emb", "body.layers.1", "body.layers.2", "body.head"]
+    ref = eager_reference(model, [model.extra, model.body.emb, model.body.layers[1]],
+                          [*model.extra.parameters(), *model.body.emb.parameters(),
+                           *model.body.layers[1].parameters()])
+    fm.freeze("extra", "body.emb", "body.layers.1")
+    fm(x).sum().backward()
+    ref(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+    assert model.body.layers[2].a.weight.grad is not None and model.body.layers[1].a.weight.grad is None
+
+
 class PackedLSTM(torch.nn.Module):
     """An LSTM text classifier over packed sequences: symbolic_trace and export both refuse
     `pack_padded_sequence` (its lengths are read as Python values)."""
