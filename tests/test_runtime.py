@@ -256,6 +256,31 @@ def test_optimizer_hook_drives_policy_and_fm_step_without_optimizer():
     assert len(fm2.frozen) == len(fm2.units) - 1
 
 
+def test_a_dry_run_step_on_swapped_in_clones_is_not_a_training_step():
+    """torch.optim.swap_in_optimizer_params_and_state (torch 2.13) runs a step on clones of the parameters and
+    state, leaving the model alone: it was counted as a training step (the policy decided on it, and a traced
+    step's graph held the policy's weight sampling), because which optimizer holds the model's parameters was
+    remembered by their number only."""
+    from torch.optim import swap_in_optimizer_params_and_state
+    from torch.utils import _pytree as pytree
+
+    model, x, y = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="manual")
+    nn.functional.cross_entropy(fm(x), y).backward()
+    opt.step()
+    clones = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        clones[n].grad = p.grad.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    with swap_in_optimizer_params_and_state(opt, clones, pytree.tree_map_only(torch.Tensor, torch.clone,
+                                                                                opt.state_dict())):
+        opt.step()
+    assert fm.step_count == 1 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.step()  # the model's own again
+    assert fm.step_count == 2
+
+
 def _train(fm, opt, data, steps):
     return train_losses(fm, opt, (data[i % len(data)] for i in range(steps)))
 

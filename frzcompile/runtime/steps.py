@@ -79,12 +79,18 @@ class StepDriver:
         self._holds = weakref.WeakKeyDictionary()
 
     def _holds_ours(self, opt) -> bool:
-        count = sum(len(g["params"]) for g in opt.param_groups)
+        """Whether `opt` holds the model's parameters now. Looked at again when its number of parameters or the
+        first of each group changes: torch.optim.swap_in_optimizer_params_and_state swaps clones in for a dry-run
+        (or traced) step, which is not a training step of the model."""
+        groups = opt.param_groups
+        count = sum(len(g["params"]) for g in groups)
+        firsts = [g["params"][0] if g["params"] else None for g in groups]
         memo = self._holds.get(opt)
-        if memo is None or memo[0] != count:
-            holds = any(id(p) in self._param_ids for g in opt.param_groups for p in g["params"])
-            memo = self._holds[opt] = (count, holds)
-        return memo[1]
+        if memo is None or memo[0] != count or len(memo[1]) != len(firsts) or \
+                any(a is not b for a, b in zip(memo[1], firsts)):
+            holds = any(id(p) in self._param_ids for g in groups for p in g["params"])
+            memo = self._holds[opt] = (count, firsts, holds)
+        return memo[2]
 
     def _pre(self, opt) -> None:
         if self._holds_ours(opt):
