@@ -342,8 +342,11 @@ class Safeguard:
         last, self.last_lr = self.last_lr, {u: r for u, r in rates.items() if r is not None}
         for unit in set(self.frozen_at_lr) - frozen:
             del self.frozen_at_lr[unit]
-        thaw = {u for u, rate in self.last_lr.items() if last.get(u, 0) > 0 and self.frozen_at_lr.get(u, 0) > 0
-                and rate <= last[u] * self.lr_drop and rate <= self.frozen_at_lr[u] * self.lr_drop}
+        # (a rate of 0 never counts, as the old rate or the new: a schedule ending at 0, StepLR(gamma=0), trains
+        # nothing there, and a thaw would only cost the frozen units' backward again)
+        thaw = {u for u, rate in self.last_lr.items() if rate > 0 and last.get(u, 0) > 0
+                and self.frozen_at_lr.get(u, 0) > 0 and rate <= last[u] * self.lr_drop
+                and rate <= self.frozen_at_lr[u] * self.lr_drop}
         if thaw:
             for unit in thaw:
                 del self.frozen_at_lr[unit]

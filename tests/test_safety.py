@@ -157,6 +157,17 @@ def test_a_step_decay_thaws_the_units_frozen_before_it():
     assert history[-1][1] == ("a", "b") and all(frozen for _, frozen in history)
 
 
+def test_a_rate_falling_to_zero_thaws_nothing():
+    """StepLR(gamma=0), or a schedule ending at 0: the rule says a rate of 0 never counts, but a fall to exactly 0
+    thawed every frozen unit, which then trained at rate 0 (their backward paid for nothing)."""
+    first = 10 * (WINDOW + 2)
+    decay = first + 100
+    view = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10), lambda i: 0.2 if i < decay else 0.0)
+    history, policy = run(view, decay + 60, quick())
+    assert history[:2] == [(first, ("a",)), (first + 30, ("a", "b"))] and len(history) == 2
+    assert not any("thawed" in e for _, e in policy.safeguard.events)
+
+
 def test_each_unit_is_judged_by_its_own_learning_rate():
     """Rule 4 read one rate for the model, the largest of every optimizer's: a head at a constant 0.1 hid the
     body's decay from 0.01 to 0.001, and the head's own decay thawed the body. Now each unit's rate is its
