@@ -85,7 +85,8 @@ def optimize(
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list, type(None))):
         raise InputMismatchError(
-            f"example_inputs must be a tuple of positional arguments, not {type(example_inputs).__name__}"
+            f"example_inputs must be a tuple of positional arguments, not {type(example_inputs).__name__}" +
+            (": pass keyword arguments as example_kwargs={...}" if isinstance(example_inputs, Mapping) else "")
         )
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):  # (a tokenizer's BatchEncoding is one)
         raise InputMismatchError(f"example_kwargs must be a dict, not {type(example_kwargs).__name__}")

@@ -138,7 +138,8 @@ def test_example_inputs_that_do_not_match():
         frzcompile.optimize(model, (torch.randn(4, 3, 12, 12),))
     with pytest.raises(frzcompile.InputMismatchError, match="needs example_inputs"):
         frzcompile.optimize(model)
-    with pytest.raises(frzcompile.InputMismatchError, match="tuple"):
+    with pytest.raises(frzcompile.InputMismatchError, match=r"tuple .*, not dict: pass keyword arguments as "
+                                                            r"example_kwargs"):
         frzcompile.optimize(model, {"x": x})
 
 

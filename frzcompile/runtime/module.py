@@ -408,8 +408,10 @@ class FrozenModule(nn.Module):
         # have switched a layer off for this step alone: what counts is the flag a thaw gives back)
         if still:  # (a thaw gives back the flags of before the freeze: frozen by hand, or by an earlier optimize())
             warnings.warn(f"frzcompile: unfreeze({', '.join(map(repr, still))}): their parameters did not require "
-                          "grad when they were frozen (by hand, or by an earlier FrozenModule of this model), so they "
-                          "stay frozen. Set requires_grad_(True) on them to train them.", UserWarning, stacklevel=2)
+                          "grad when they were frozen (by hand, or by an earlier FrozenModule of this model), or were "
+                          "added under new names while frozen (a fusion, a parametrization: they copied the frozen "
+                          "weight's requires_grad=False), so they stay frozen. Set requires_grad_(True) on them to "
+                          "train them.", UserWarning, stacklevel=2)
 
     def step(self) -> None:
         """Count one training step and let the policy decide. Called after each optimizer step that trains the
@@ -621,7 +623,9 @@ class FrozenModule(nn.Module):
                 warnings.warn(
                     f"frzcompile: {calls} training calls and no optimizer step seen, so the {self._policy.name} "
                     "policy has not run. frzcompile counts steps of torch.optim optimizers holding the model's "
-                    "parameters; with another optimizer, call fm.step() after each step.", NoStepWarning,
+                    "parameters; with another optimizer, call fm.step() after each step (with gradient "
+                    "accumulation over this many calls, pass your optimizer to optimize(optimizer=...): then no "
+                    "warning).", NoStepWarning,
                     stacklevel=4)
             return True
         return False
