@@ -105,6 +105,10 @@ def token_order_problem(layer: nn.Module) -> str:
         if "relative_position_bias_table" in m._parameters:
             return (f"its attention adds a relative position bias over the whole grid of tokens "
                     f"({type(m).__name__}.relative_position_bias_table), which a subset cannot index")
+        if isinstance(m._modules.get("relative_attention_bias"), nn.Embedding):
+            return (f"its attention adds a bias by relative position ({type(m).__name__}.relative_attention_bias, "
+                    "T5's), computed from the tokens' places in the sequence and handed from layer to layer, "
+                    "which a subset of the tokens would read by rank")
     return ""
 
 
