@@ -282,16 +282,24 @@ def _short(names, limit=4) -> str:
 
 
 def _check_budget(record: GraphCompile, config: CompileConfig) -> None:
-    budget = config.recompile_budget
-    if budget is None:
-        budget = torch_private.recompile_limit()
+    limit = torch_private.recompile_limit()
+    budget = config.recompile_budget if config.recompile_budget is not None else limit
     if record.attempt + 1 < budget:
         return
-    message = (
-        f"frzcompile: graph {record.compile_id} uses the last of the {budget} compiles allowed for this "
-        "frame; further freeze-plan or mode changes will make Dynamo run this frame eagerly (correct, but without "
-        "frzcompile's rewrites). Raise torch._dynamo.config.recompile_limit, or change the plan less often."
-    )
+    if budget < limit:  # (a budget of the user's, below Dynamo's: a report, the frame still compiles)
+        message = (
+            f"frzcompile: graph {record.compile_id} is compile {record.attempt + 1} of this frame, past "
+            f"CompileConfig(recompile_budget={budget}); Dynamo runs the frame eagerly (correct, but without "
+            f"frzcompile's rewrites) once it has compiled it {limit} times. Change the plan less often, or raise "
+            "the budget."
+        )
+    else:
+        message = (
+            f"frzcompile: graph {record.compile_id} uses the last of the {budget} compiles allowed for this "
+            "frame; further freeze-plan or mode changes will make Dynamo run this frame eagerly (correct, but "
+            "without frzcompile's rewrites). Raise torch._dynamo.config.recompile_limit, or change the plan less "
+            "often."
+        )
     if config.on_budget == "raise":
         raise RecompileBudgetError(message)
     warnings.warn(message, RecompileBudgetWarning, stacklevel=2)

@@ -219,7 +219,7 @@ def test_a_decision_pending_under_the_wrapper_is_saved_with_the_freeze_state():
     with the wrapper's flag set as it sets it."""
     model = make_model()
     fm = frzcompile.optimize(model, (torch.randn(2, 12),), policy=Schedule())
-    fm.__dict__["_agreed_plans"] = True  # as frzcompile.integrations.ddp does
+    fm.__dict__["_plans_applied_by_owner"] = True  # as frzcompile.integrations.ddp does
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
         fm(torch.randn(4, 12)).sum().backward()
@@ -229,8 +229,8 @@ def test_a_decision_pending_under_the_wrapper_is_saved_with_the_freeze_state():
     assert state["frozen"] == [] and state["pending"] == sorted(fm.units[:2])
     other = make_model()
     fo = frzcompile.optimize(other, (torch.randn(2, 12),), policy=Schedule())
-    fo.__dict__["_agreed_plans"] = True
+    fo.__dict__["_plans_applied_by_owner"] = True
     fo.load_freeze_state_dict(state)
-    fm._settle(agreed=True)  # what the wrapper does at the next call, on both runs
-    fo._settle(agreed=True)
+    fm._settle(by_owner=True)  # what the wrapper does at the next call, on both runs
+    fo._settle(by_owner=True)
     assert fo.frozen == fm.frozen == tuple(fm.units[:2])

@@ -170,3 +170,29 @@ def test_a_run_that_failed_leaves_no_trap(tmp_path):
     with pytest.warns(UserWarning, match="still attached"):
         Trainer(model=m, args=targs, train_dataset=data(), data_collator=collate, callbacks=[second]).train()
     assert not first.fm.attached and second.fm.step_count == 6
+
+
+def test_the_callback_under_the_trainers_torch_compile(tmp_path):
+    """Trainer(torch_compile=True) compiles the model, and Dynamo traced the callback's first-call hook: optimize()
+    ran inside the trace and failed ("'FrozenModule' object has no attribute '_model'"). It runs outside now."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x, labels=None):
+            logits = self.head(torch.relu(self.body(x)))
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"x": torch.randn(8, generator=g), "labels": torch.tensor(i % 3)} for i in range(16)]
+    losses = []
+    for callbacks in ([], [FreezeCallback(policy="manual")]):
+        torch.manual_seed(0)
+        args = TrainingArguments(str(tmp_path / str(len(callbacks))), max_steps=2, per_device_train_batch_size=4,
+                                 use_cpu=True, report_to=[], save_strategy="no", torch_compile=True,
+                                 torch_compile_backend="aot_eager", disable_tqdm=True)
+        trainer = Trainer(model=Net(), args=args, train_dataset=rows, callbacks=callbacks)
+        losses.append(trainer.train().training_loss)
+    assert callbacks[0].fm is not None and losses[0] == losses[1]

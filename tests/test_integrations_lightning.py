@@ -155,3 +155,101 @@ def test_the_default_total_steps_is_in_frzcompiles_steps_under_manual_optimizati
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[by_epochs])
     trainer.fit(TwoOptimizers(), loader())
     assert by_epochs.fm.step_count == by_epochs.fm.total_steps == 20 and trainer.global_step == 40
+
+
+class FreezeFirstGeneratorBlock(frzcompile.Policy):
+    name = "first generator block"
+    reads_loss = False
+
+    def decide(self, view):
+        return {"0"} if view.step >= 1 else None  # (from the end of the first iteration)
+
+
+class GAN(pl.LightningModule):
+    """Lightning's GAN example: manual optimization, each player's step inside toggle_optimizer, which sets
+    requires_grad=False on every parameter its optimizer does not hold until untoggle_optimizer."""
+
+    def __init__(self, by_hand=False):
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.generator = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()),
+                                       nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 4))
+        self.discriminator = nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU()), nn.Linear(16, 1))
+        self.by_hand = by_hand
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        opt_g, opt_d = self.optimizers()
+        z, bce = torch.randn(len(x), 8), nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(x), 1), torch.zeros(len(x), 1)
+        self.toggle_optimizer(opt_d)  # (the generator's first call under the toggle: where a plan was applied)
+        loss = bce(self.discriminator(x), ones) + bce(self.discriminator(self.generator(z).detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(loss)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+        self.toggle_optimizer(opt_g)
+        loss = bce(self.discriminator(self.generator(z)), ones)
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        if self.by_hand and batch_idx == 0:  # between iterations, as the policy decides at the second step
+            for p in self.generator[0].parameters():
+                p.requires_grad_(False)
+                p.grad = None
+                opt_g.optimizer.state.pop(p, None)
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.generator.parameters(), 1e-2),
+                torch.optim.Adam(self.discriminator.parameters(), 1e-2)]
+
+
+def test_a_gan_under_toggle_optimizer_equals_freezing_by_hand():
+    """The plan decided at an optimizer step was applied at the next call, inside toggle_optimizer(opt_d): it read
+    Lightning's temporary requires_grad=False as the generator's own flags, so it refused the plan ("leaves nothing
+    to train"), or the block it froze trained again after untoggle_optimizer (0.05 off freezing by hand). Under
+    manual optimization the callback applies plans at the end of each batch. The callback also gave frzcompile
+    both players' optimizers, and optimize() refused the discriminator's as holding none of the generator's."""
+    def run(module, callbacks):
+        torch.manual_seed(1)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(48, 4)), batch_size=8)
+        pl.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                   enable_model_summary=False, callbacks=callbacks).fit(module, data)
+        return module
+
+    by_hand = run(GAN(by_hand=True), [])
+    cb = FreezeCallback(policy=FreezeFirstGeneratorBlock(), module="generator")
+    ours = run(GAN(), [cb])
+    assert cb.fm.frozen == ("0",) and not ours.generator[0][0].weight.requires_grad
+    for (k, a), b in zip(by_hand.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
+
+
+def test_a_resumed_manual_optimization_run_converts_its_total_steps_before_its_first_decision(tmp_path):
+    """Under manual optimization with two optimizers the default total_steps is converted to frzcompile's count
+    after the first batch; a run resumed from a checkpoint made its first decision before that (a linear ramp's
+    freeze one step off, weights 3e-3 off the uninterrupted run). The conversion's ratio is in the checkpoint."""
+    def in_order():  # (a resumed epoch draws its shuffle afresh)
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(72, 16, generator=g), torch.randint(0, 3, (72,), generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+    cb, full = FreezeCallback(policy="linear", module="model"), TwoOptimizers()
+    pl.Trainer(max_steps=32, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[cb], enable_checkpointing=False).fit(full, in_order())
+    first = FreezeCallback(policy="linear", module="model")
+    t1 = pl.Trainer(max_steps=32, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[first, pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=18,
+                                                                   save_top_k=-1)])
+    t1.fit(TwoOptimizers(), in_order())
+    resumed_cb, resumed = FreezeCallback(policy="linear", module="model"), TwoOptimizers()
+    t2 = pl.Trainer(max_steps=32, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[resumed_cb], enable_checkpointing=False)
+    t2.fit(resumed, in_order(), ckpt_path=next(tmp_path.glob("*.ckpt")))
+    assert resumed_cb.fm.total_steps == cb.fm.total_steps == 16
+    # (9 batches an epoch: the checkpoint at the end of the first, iteration 9, just before the ramp's first freeze)
+    assert [c[:2] for c in resumed_cb.fm.plan.changes if c[0] > 9] == [c[:2] for c in cb.fm.plan.changes]
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -60,10 +60,10 @@ class DistributedDataParallel(nn.Module):
         state["rebuilds"] = 0
         state["ddp"] = None
         state["_trainable"] = None
-        fm.__dict__["_agreed_plans"] = True  # fm applies a plan only when this wrapper says every rank agreed
+        fm.__dict__["_plans_applied_by_owner"] = True  # fm applies a plan only when this wrapper says every rank agreed
         fm._plan.keep_in_flight = False  # a gradient pending at a freeze may not be all-reduced (no_sync): dropped
         self._agree()
-        fm._settle(agreed=True)  # rank 0's plan, before the first buckets are built
+        fm._settle(by_owner=True)  # rank 0's plan, before the first buckets are built
         self._build(init_sync=ddp_kwargs.pop("init_sync", True))
 
     def _trainable_ids(self) -> tuple:
@@ -105,7 +105,7 @@ class DistributedDataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         if self.module.training and torch.is_grad_enabled():
             self._agree()
-            self.fm._settle(agreed=True)  # the agreed plan applied now, before the buckets are checked
+            self.fm._settle(by_owner=True)  # the agreed plan applied now, before the buckets are checked
             if self._trainable_ids() != self._trainable:
                 self._build(init_sync=False)
                 self.__dict__["rebuilds"] = self.rebuilds + 1

@@ -41,6 +41,8 @@ class OptimizeAtFirstCall:
         return self.handle is not None
 
     def _hook(self, module, args, kwargs):
+        if torch.compiler.is_compiling():  # (the loop compiled the model: Trainer(torch_compile=True)) optimize()
+            return torch.compiler.disable(self._hook)(module, args, kwargs)  # runs outside the trace
         if not (module.training and torch.is_grad_enabled()):
             return None
         self.cancel()

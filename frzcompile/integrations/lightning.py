@@ -33,6 +33,7 @@ class FreezeCallback(Callback):
         self._pending = None
         self._loaded = None
         self._estimated = self._mark = None  # the default total_steps, and (global_step, fm.step_count) at start
+        self._ratio = None  # (frzcompile's steps, Lightning's global steps) over the first batch that stepped
 
     def _target(self, pl_module):
         if self.module is None:
@@ -54,7 +55,12 @@ class FreezeCallback(Callback):
             return
 
         def options():
-            out = {"policy": self.policy, "optimizer": list(trainer.optimizers), **self.options}
+            # (the trainer's optimizers that hold some of the target's parameters: a GAN's generator is given its
+            # own, not the discriminator's)
+            ours = {id(p) for p in target.parameters()}
+            optimizers = [o for o in trainer.optimizers
+                          if any(id(p) in ours for group in o.param_groups for p in group["params"])]
+            out = {"policy": self.policy, "optimizer": optimizers, **self.options}
             if out.get("total_steps") is None:
                 steps = trainer.estimated_stepping_batches
                 if isinstance(steps, int) and steps > 0:
@@ -62,11 +68,15 @@ class FreezeCallback(Callback):
                     # bounded by max_steps, the estimate counts optimizer steps (global_step); by epochs, batches
                     if trainer.max_steps is not None and trainer.max_steps > 0 and steps == trainer.max_steps:
                         self._estimated = steps
+                        if self._ratio is not None:  # (resumed: converted as before the checkpoint)
+                            out["total_steps"] = max(1, round(steps * self._ratio[0] / self._ratio[1]))
             return out
 
         def ready(fm):
+            if not pl_module.automatic_optimization:  # plans applied at the end of each batch (on_train_batch_end)
+                fm.__dict__["_plans_applied_by_owner"] = True
             self._ready(fm)
-            if self._estimated is not None:
+            if self._estimated is not None and self._ratio is None:
                 self._mark = (trainer.global_step, fm.step_count)
 
         self._estimated = self._mark = None
@@ -87,6 +97,8 @@ class FreezeCallback(Callback):
         lightning, ours = trainer.global_step - global_start, self.fm.step_count - start
         if lightning > 0 and ours > 0:  # (a batch that stepped no optimizer, accumulating: wait for one that did)
             self._mark = None
+            self._ratio = (ours, lightning)  # (kept in checkpoints: a resumed run's first decisions come before its
+            # first batch ends, and it may train longer than the first)
             if lightning != ours:
                 self.fm.__dict__["_total_steps"] = max(1, round(self._estimated * ours / lightning))
 
@@ -102,6 +114,8 @@ class FreezeCallback(Callback):
                                   "frozen; pass module='<attribute>' naming the network training_step calls "
                                   "(e.g. module='model' for self.model(x))")
             return
+        if not pl_module.automatic_optimization:  # outside any toggle_optimizer (Lightning's GAN example)
+            self.fm._settle(by_owner=True)
         if self._mark is not None:
             self._steps_in_frzcompiles_count(trainer)
         if trainer.logger is not None:
@@ -114,12 +128,12 @@ class FreezeCallback(Callback):
             self.fm.detach()  # a plain module again; frozen parameters stay frozen, as BaseFinetuning leaves them
 
     def state_dict(self):
-        if self.fm is not None:
-            return {"freeze_state": self.fm.freeze_state_dict()}
-        return {"freeze_state": self._loaded}
+        state = self.fm.freeze_state_dict() if self.fm is not None else self._loaded
+        return {"freeze_state": state, "step_ratio": self._ratio}
 
     def load_state_dict(self, state_dict):
         self._loaded = state_dict.get("freeze_state")
+        self._ratio = state_dict.get("step_ratio")
         if self._loaded is not None and self.fm is not None:
             self.fm.load_freeze_state_dict(self._loaded)
             self._loaded = None

@@ -447,12 +447,14 @@ class FrozenModule(nn.Module):
         if decision is not None:
             self.__dict__["_pending"] = frozenset(self._unit_graph.check(decision))
 
-    def _settle(self, agreed: bool = False) -> None:
+    def _settle(self, by_owner: bool = False) -> None:
         """Apply the plan the policy decided at the last step (before the next call, or when asked about it).
-        Under a distributed wrapper (`_agreed_plans`: frzcompile.integrations.ddp) only the plan every rank agreed
-        on is applied, by the wrapper (`agreed=True`): reading `fm.frozen` on one rank must not apply its own."""
+        With `_plans_applied_by_owner` set, only the owner applies it (`by_owner=True`): a distributed wrapper
+        (frzcompile.integrations.ddp) the plan every rank agreed on (reading `fm.frozen` on one rank must not
+        apply its own), the Lightning callback under manual optimization at the end of each batch (a call inside
+        `toggle_optimizer` would read the flags Lightning set for the other optimizer's step)."""
         pending = self.__dict__.get("_pending")
-        if pending is None or (self.__dict__.get("_agreed_plans") and not agreed):
+        if pending is None or (self.__dict__.get("_plans_applied_by_owner") and not by_owner):
             return
         self.__dict__["_pending"] = None
         pending = frozenset(pending) | self._plan.pinned  # a policy never thaws what the user froze
