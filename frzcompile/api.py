@@ -51,13 +51,15 @@ def optimize(
         layer selection for transformer fine-tuning; `frzcompile.ALaST(budget=..., k=...)` sets its options),
         or a `frzcompile.Policy` instance.
     units: module paths to use as units instead of the automatic choice.
-    total_steps: planned number of optimizer steps (the linear schedule needs it).
+    total_steps: planned number of optimizer steps (the linear schedule needs it, and sparsity's gradual schedule
+        and prune-and-grow sources).
     capture_method: "auto" (symbolic_trace, then torch.export, then "record": one real call traced to ATen
         operations, for data-dependent control flow), "symbolic_trace", "export" or "record".
     cache: True (or a `frzcompile.CacheConfig`) serves the frozen prefix's outputs from an activation cache
         keyed by a fingerprint of each sample's input, skipping the frozen forward for inputs seen before.
     compile: True (or a `frzcompile.CompileConfig`) runs the model through `torch.compile(backend="frzcompile")`;
-        every freeze-plan change recompiles. With policy="alast", each transformer layer is compiled on its own.
+        every new freeze plan compiles (an earlier plan's graphs are reused). With policy="alast", each
+        transformer layer is compiled on its own.
         Not combinable with cache= or sparsity= yet.
     sparsity: a fraction (0.8: magnitude masks at 80 percent of the Linear and Conv weights outside the last unit,
         taken together) or a `frzcompile.SparsityConfig` (mask source, structure, scope, schedule, early-bird, data

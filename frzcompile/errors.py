@@ -14,7 +14,8 @@ class ConfigError(FrzError, ValueError, TypeError):
 
 
 class CaptureError(FrzError):
-    """Neither torch.fx.symbolic_trace nor torch.export could capture the model for analysis."""
+    """No capture method (torch.fx.symbolic_trace, torch.export, a recording of one call) could capture the model
+    for analysis."""
 
     def __init__(self, message, attempts=()):
         super().__init__(message)

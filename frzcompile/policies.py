@@ -173,9 +173,14 @@ class Policy:
     `reads_loss`: whether `view.losses()` is collected for it (one reading per training step; False saves it);
     `reads_gradients`: whether it reads `view.grad_norms` (a hand-called fm.step() after zero_grad() warns)."""
 
-    name = "policy"
+    name = "policy"  # (a subclass without a name of its own is named after its class: __init_subclass__)
     reads_loss = True
     reads_gradients = False  # whether `decide` reads the step's gradients (fm.step() warns when it finds none)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in vars(cls):
+            cls.name = cls.__name__
 
     def bind(self, view: TrainingView) -> None:
         """Called once by `optimize`, with the units known; validate options here."""
@@ -239,6 +244,11 @@ class Linear(Policy):
 
     def _total(self):
         return self.total_steps or (self._view.total_steps if self._view is not None else None)
+
+    def __repr__(self):  # (total_steps as the run gives it, when it came from optimize() or a callback)
+        total = self._total() if self._view is not None else None
+        text = super().__repr__()
+        return text.replace("total_steps=None", f"total_steps={total}") if total is not None else text
 
     def target_count(self, step: int, n_units: int) -> int:
         progress = step / self._total()

@@ -2052,6 +2052,36 @@ def test_a_prefix_calling_the_fused_qat_observer_is_not_cached_even_while_it_is_
     assert "fused_moving_avg_obs_fake_quant" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
 
 
+def test_a_prefix_called_twice_with_trainable_units_between_is_refused_for_that_reason():
+    """A siamese backbone (frozen l1 and l2, trainable l3 and fc, applied to two views): the cache must stay off,
+    as a trainable unit runs before the frozen prefix's last call, but it blamed "a BatchNorm outside every unit"
+    (l3's own BatchNorm, updated between the prefix's calls)."""
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3, self.fc = block(3, 8), block(8, 8), block(8, 8), nn.Linear(8, 4)
+
+        def embed(self, x):
+            return self.fc(self.l3(self.l2(self.l1(x))).mean((2, 3)))
+
+        def forward(self, a, b):
+            return self.embed(a) @ self.embed(b).t()
+
+    torch.manual_seed(0)
+    model = Siamese()
+    ref, a, b = copy.deepcopy(model), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    fm = frzcompile.optimize(model, (a, b), policy="manual", cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    fm.freeze("l1", "l2")
+    for m in (ref.l1, ref.l2):
+        m.requires_grad_(False).eval()
+    for _ in range(2):
+        assert torch.equal(fm(a, b), ref(a, b))
+    assert fm.cache.report()["decision"].startswith("off: a trainable unit runs before the frozen prefix's last call")
+
+
 def test_a_counter_the_model_moves_after_the_prefix_is_named_as_such():
     """A root buffer counted up after the frozen prefix (`self.calls += 1`, an EMA of the outputs): the cache
     turned off, as it must (entries are tied to that buffer), but said the change was one torch's version

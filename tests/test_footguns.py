@@ -158,6 +158,23 @@ def test_recompile_limit_can_raise(x):
             fm(x)
 
 
+def test_a_budget_below_dynamos_limit_reports_without_saying_compiles_stop(x):
+    """CompileConfig(recompile_budget=2) under Dynamo's limit of 8 said "the last of the 2 compiles allowed ...
+    further changes will make Dynamo run this frame eagerly" at each compile from the second, while they compiled."""
+    torch._dynamo.reset()
+    fm = make_fm(x, recompile_budget=2)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        fm(x)
+        fm.freeze("stem")
+        with pytest.warns(backend.RecompileBudgetWarning, match=r"compile 2 of this frame, past "
+                                                                r"CompileConfig\(recompile_budget=2\).* 8 times"):
+            fm(x)
+        fm.freeze("mid")
+        with pytest.warns(backend.RecompileBudgetWarning, match="compile 3 of this frame"):
+            fm(x)
+    assert len(graphs(fm)) == 3  # (each plan compiled)
+
+
 def test_hooks_added_after_compile(x):
     # Plain torch.compile ignores a forward hook registered after the first call on this torch version.
     model = Net()

@@ -325,3 +325,18 @@ def test_fm_step_after_zero_grad_warns_and_autofreeze_ignores_non_finite_norms()
         view.step += 1
         policy.decide(view)
     assert policy._previous == {"a": pytest.approx(3.0), "b": pytest.approx(2.0)}  # (a's NaN at step 1 left out)
+
+
+def test_a_policy_is_named_after_its_class_and_linear_shows_the_runs_total_steps():
+    """A Policy subclass without a name read "the policy policy" in fm.loss_source() and explain; Linear's total
+    steps given to optimize() (or by a callback) showed as total_steps=None in explain and repr."""
+    class EveryOther(frzcompile.Policy):
+        reads_loss = False
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    fm = frzcompile.optimize(model, (torch.randn(2, 3),), policy=EveryOther())
+    assert fm.policy.name == "EveryOther" and "the EveryOther policy" in fm.loss_source()
+    fm.release()
+    fm = frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=40)
+    assert "Linear(total_steps=40," in repr(fm.policy) and "total_steps=40" in str(frzcompile.explain(fm))
+    assert repr(Linear()).startswith("Linear(total_steps=None,")

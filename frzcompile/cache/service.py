@@ -480,6 +480,12 @@ class ActivationCache(Service):
             return CallPlan(prefix, False, reason)
 
         calls = tuple(k for kind, k in ic.order if kind == "prefix")
+        if calls:  # (first: what a trainable unit between them does shows as other problems, a BatchNorm's update)
+            last = max(i for i, (kind, _) in enumerate(ic.order) if kind == "prefix")
+            if any(kind == "other" for kind, _ in ic.order[:last]):
+                return no("a trainable unit runs before the frozen prefix's last call (the frozen part called twice, "
+                          "on two views or crops, with trainable code in between; or an ensemble with only a later "
+                          "member frozen)")
         if result.problems:
             return no(result.problems[0])
         training = [t for t in result.state if t.requires_grad]
@@ -493,10 +499,6 @@ class ActivationCache(Service):
                       "function of the model's inputs alone, which key the cache")
         if not calls:
             return no("the frozen prefix's modules are not called by the forward")
-        last = max(i for i, (kind, _) in enumerate(ic.order) if kind == "prefix")
-        first_other = next((i for i, (kind, _) in enumerate(ic.order) if kind == "other"), len(ic.order))
-        if first_other < last:
-            return no("a trainable unit runs before the frozen prefix's last call")
         batch, k = sig.batch, sig.batch // 2
         first = ic.outputs
         perm = torch.arange(batch - 1, -1, -1)
