@@ -382,8 +382,8 @@ class FrozenModule(nn.Module):
     def _warn_joined(self, units) -> None:
         """Warn when a unit asked to freeze holds a trainable parameter from outside its modules (a root-level
         nn.Parameter joins the unit whose output the code reading it consumes: open_clip's
-        `logit_scale * img @ txt.t()` joins the image tower's last unit): freezing the unit freezes it too, where requires_grad_(False) on the
-        unit's modules would not."""
+        `logit_scale * img @ txt.t()` joins the image tower's last unit): freezing the unit freezes it too, where
+        requires_grad_(False) on the unit's modules would not."""
         for u in sorted(units - set(self._plan.frozen)):
             unit = self._unit_graph.units[u]
             inside = {id(p) for m in unit.roots for p in m.parameters()}
