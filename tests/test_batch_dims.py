@@ -65,6 +65,8 @@ MIXING = {
     "unfold along the batch": (lambda t: t.unfold(0, 2, 1).sum(-1) + 0, "unfold over dim [0]"),
     "a matrix over the batch": (lambda t: torch.ones(t.shape[0], t.shape[0]) @ t.flatten(1), "contracts over the batch"),
     "amax over two dims": (lambda t: t - t.amax(dim=(1, 0), keepdim=True), "aten.amax"),
+    "pairwise distances (aten._cdist_forward)": (lambda t: torch.cdist(t.flatten(1), t.flatten(1)).mean(-1),
+                                                 "contracts samples"),
 }
 
 

@@ -2082,6 +2082,38 @@ def test_a_prefix_called_twice_with_trainable_units_between_is_refused_for_that_
     assert fm.cache.report()["decision"].startswith("off: a trainable unit runs before the frozen prefix's last call")
 
 
+@pytest.mark.parametrize("first", ["zeros", "one sample repeated"])
+def test_a_batch_of_identical_samples_is_not_analysed(first):
+    """The rows of a batch are time steps of one series and the frozen unit convolves along them: a first call of
+    zeros (a sanity check) or of one sample repeated agrees with its halves and its reverse, so the cache turned
+    on, and served rows computed beside other neighbours (0.36 off). Such a batch steps aside now; the next
+    batch of distinct samples is analysed, and refused."""
+    class AlongTheRows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 3, padding=1)
+
+        def forward(self, x):  # x: (T, 8)
+            return torch.tanh(self.conv(x.t()[None]))[0].t()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(AlongTheRows(), nn.Linear(8, 2))
+    ref, series = copy.deepcopy(model), torch.randn(40, 8)
+    fm = frzcompile.optimize(model, (series[:8],), policy="manual",
+                             cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    fm.freeze("0")
+    ref[0].requires_grad_(False)
+    with torch.no_grad():
+        x = torch.zeros(8, 8) if first == "zeros" else series[[0] * 8]
+        assert torch.equal(fm(x), ref(x))
+    for epoch in range(3):
+        for start in ([0, 8, 16, 24, 32] if epoch % 2 == 0 else [4, 12, 20, 28]):  # same rows, other neighbours
+            x = series[start:start + 8]
+            assert torch.equal(fm(x), ref(x))
+    assert "mixes samples" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
+    assert any("of which 1 differ" in why for why in fm.cache.steps_aside)
+
+
 def test_a_counter_the_model_moves_after_the_prefix_is_named_as_such():
     """A root buffer counted up after the frozen prefix (`self.calls += 1`, an EMA of the outputs): the cache
     turned off, as it must (entries are tied to that buffer), but said the change was one torch's version

@@ -113,7 +113,8 @@ _FULL_WHEN_NO_DIM = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", 
                      "argmax", "argmin", "any", "all", "norm", "linalg_vector_norm", "nansum", "nanmean",
                      "count_nonzero", "median", "nanmedian", "logsumexp"}
 _CONTRACTIONS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "linear", "einsum", "tensordot", "dot",
-                 "vdot", "mv", "addmv", "outer", "ger", "_scaled_mm", "chain_matmul", "kron", "cdist"}
+                 "vdot", "mv", "addmv", "outer", "ger", "_scaled_mm", "chain_matmul", "kron", "cdist",
+                 "_cdist_forward"}
 _BATCH_NORMS = {"native_batch_norm", "_native_batch_norm_legit", "batch_norm", "_batch_norm_impl_index",
                 "cudnn_batch_norm", "miopen_batch_norm", "_batch_norm_with_update", "_batch_norm_no_update"}
 # ops that read only a tensor's dtype and device, not its values

@@ -54,7 +54,7 @@ from .plan import LIVE_BATCHES, CallPlan, partial_pays, pays_back
 from .store import ActivationStore, CacheConfig, fingerprints
 
 MAX_SIGNATURES = 64  # distinct call signatures analysed per prefix before the cache stops analysing new ones
-MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _too_small_to_analyse
+MIN_ANALYSED_BATCH = 4  # a refusal from a smaller batch (single-sample halves) is not kept: _not_analysable
 # a batch of one is never served: code may take another path for it (`.squeeze()`, `if x.shape[0] == 1`), which
 # the analysis of larger batches and their halves does not see, and it has no halves to analyse
 ONE_SAMPLE = "a batch of one sample (single samples may take other code paths, which no analysis of a larger batch sees)"
@@ -223,7 +223,7 @@ class ActivationCache(Service):
                 plan.reason = (f"the Python state of the frozen prefix's modules (or the modules around it) changed "
                                f"more than {MAX_STATE_CHANGES} times")
         if not why and plan is None:
-            why = self._too_small_to_analyse(prefix, sig)
+            why = self._not_analysable(prefix, sig)
         if why:
             self.steps_aside[why] = self.steps_aside.get(why, 0) + 1
             return run(args, kwargs)
@@ -234,15 +234,25 @@ class ActivationCache(Service):
             return run(args, kwargs)
         return self._serve(plan, sig.for_plan(plan), run, args, kwargs, start)
 
-    def _too_small_to_analyse(self, prefix, sig) -> str:
-        """Why this batch cannot be analysed, or ''. The analysis compares the batch with its halves: a batch of
-        2 or 3 has single-sample halves, where some models (Llama) take other code paths; such a batch is
-        analysed, but a refusal from it is not kept, and the next batch of MIN_ANALYSED_BATCH or more is analysed
-        again (the smaller ones step aside until then). A batch of one always steps aside (ONE_SAMPLE)."""
+    def _not_analysable(self, prefix, sig) -> str:
+        """Why this batch cannot be analysed, or ''. The analysis compares the batch with its halves and with its
+        reverse:
+        - a batch of 2 or 3 has single-sample halves, where some models (Llama) take other code paths; such a
+          batch is analysed, but a refusal from it is not kept, and the next batch of MIN_ANALYSED_BATCH or more
+          is analysed again (the smaller ones step aside until then). A batch of one always steps aside
+          (ONE_SAMPLE);
+        - a batch whose samples are mostly the same (zeros, one sample repeated: a sanity call) agrees with its
+          halves and its reverse whatever the prefix does across the batch (a convolution along it was cached
+          and served 0.36 off): it steps aside, and a batch of distinct samples is analysed."""
         if sig.batch < MIN_ANALYSED_BATCH and (prefix, sig.digest) in self._small_refused:
             return (f"refused once on a batch of fewer than {MIN_ANALYSED_BATCH} samples, whose halves are single "
                     f"samples (where some models take other code paths): the next batch of {MIN_ANALYSED_BATCH} or "
                     "more is analysed again")
+        distinct = len(set(sig.row_digests()))
+        if distinct < max(2, (sig.batch + 1) // 2):
+            return (f"a batch of {sig.batch} samples of which {distinct} differ (zeros, or one sample repeated) "
+                    "cannot show whether the frozen prefix mixes samples: the next batch of distinct samples is "
+                    "analysed")
         return ""
 
     # -- when to step aside -------------------------------------------------------------------------------
@@ -445,7 +455,7 @@ class ActivationCache(Service):
         plan.state = sig.state
         self.stats["analysed_signatures"] += 1
         self.last_plan = plan
-        if not plan.cacheable and sig.batch < MIN_ANALYSED_BATCH:  # see _too_small_to_analyse
+        if not plan.cacheable and sig.batch < MIN_ANALYSED_BATCH:  # see _not_analysable
             self._small_refused.add((prefix, sig.digest))
             self.plans.pop((prefix, sig.digest), None)
             plan.reason += (f" (found on a batch of {sig.batch}; the next batch of {MIN_ANALYSED_BATCH} or more is "
@@ -1072,7 +1082,7 @@ class ActivationCache(Service):
                 continue
             plan = self.plans.get((prefix, sig.digest))
             if plan is None or plan.state != sig.state:
-                if self._too_small_to_analyse(prefix, sig):
+                if self._not_analysable(prefix, sig):
                     continue
                 self._dry_probe(prefix, sig, args, kwargs)
                 seen += sig.batch
