@@ -180,7 +180,7 @@ def optimize(
         from .cache.service import ActivationCache
 
         fm.add_service(ActivationCache(cache, model, unit_graph, fm.plan, recorded=captured.method == "record",
-                                       control_flow=torch_private.control_flow_calls(captured.gm)))
+                                       self_compiling=torch_private.self_compiling_calls(captured.gm)))
     return fm
 
 

@@ -284,14 +284,15 @@ def _short(names, limit=4) -> str:
 def _check_budget(record: GraphCompile, config: CompileConfig) -> None:
     limit = torch_private.recompile_limit()
     budget = config.recompile_budget if config.recompile_budget is not None else limit
-    if record.attempt + 1 < budget:
+    count = record.attempt + 1
+    if count < budget:  # (a budget above Dynamo's limit: a plan past the limit is reported as compiled by nothing)
         return
     if budget < limit:  # (a budget of the user's, below Dynamo's: a report, the frame still compiles)
         message = (
-            f"frzcompile: graph {record.compile_id} is compile {record.attempt + 1} of this frame, past "
-            f"CompileConfig(recompile_budget={budget}); Dynamo runs the frame eagerly (correct, but without "
-            f"frzcompile's rewrites) once it has compiled it {limit} times. Change the plan less often, or raise "
-            "the budget."
+            f"frzcompile: graph {record.compile_id} is compile {count} of this frame, "
+            f"{'reaching' if count == budget else 'beyond'} CompileConfig(recompile_budget={budget}); Dynamo runs "
+            f"the frame eagerly (correct, but without frzcompile's rewrites) once it has compiled it {limit} times. "
+            "Change the plan less often, or raise the budget."
         )
     else:
         message = (

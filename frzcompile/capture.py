@@ -30,7 +30,7 @@ from .modes import modes_kept
 from .numerics import tree_agree, tree_noise
 from .torch_private import (autocast_kept, export_keeping_no_parameter, forked_rng, forward_hooks_suspended,
                             inline_context_regions, module_generators, open_tensors, plain_mappings,
-                            record_aten_graph, tensor_version, tree_flatten, tree_unflatten)
+                            record_aten_graph, tensor_version, tree_flatten, tree_leaves, tree_unflatten)
 
 METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
@@ -197,11 +197,13 @@ def traceless(model: torch.nn.Module):
 @contextlib.contextmanager
 def _attributes_kept(model: torch.nn.Module):
     """Attributes a forward sets to tensors on its modules (`self.last = h.detach()`, a recurrent state set up as
-    `self.hidden = None`), as they were before the block: capture's runs must not leave a traced value (an fx
-    Proxy, which fails the next real call that reads it) or the example's activations behind. Other attributes
-    stay (a lazy module's sizes, set as it materialises)."""
+    `self.hidden = None`, an LSTM's `(h, c)` tuple), as they were before the block: capture's runs must not leave
+    a traced value (an fx Proxy, which fails the next real call that reads it) or the example's activations
+    behind. Other attributes stay (a lazy module's sizes, set as it materialises)."""
     def held(value):
-        return isinstance(value, (torch.Tensor, fx.Proxy))
+        return isinstance(value, (torch.Tensor, fx.Proxy)) or (
+            isinstance(value, (tuple, list, dict)) and any(isinstance(v, (torch.Tensor, fx.Proxy))
+                                                           for v in tree_leaves(value)))
 
     missing = object()
     saved = [(m, dict(m.__dict__)) for m in model.modules()]

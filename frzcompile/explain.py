@@ -91,6 +91,7 @@ class Explanation:
             })
         self.outside_flops = flops.get(OUTSIDE, 0)
         self.frozen_flops_share = sum(r["flops_share"] for r in self.rows if r["status"] != "trainable")
+        self.flops_note = fm.analysis.flops_note
         ctx = fm.analysis.last
         self.passes = [(r.label, r.seconds) for r in ctx.records] if ctx else []
         self.pass_stats = dict(ctx.stats) if ctx else {}
@@ -222,7 +223,8 @@ class Explanation:
                 lines.append("  ".join("-" * w for w in widths))
         if self.outside_flops:
             lines.append(f"FLOPs outside every unit: {_fmt_count(self.outside_flops)}")
-        lines.append(f"frozen share of forward FLOPs: {100 * self.frozen_flops_share:.1f}%")
+        lines.append(f"frozen share of forward FLOPs: {100 * self.frozen_flops_share:.1f}%" if not self.flops_note
+                     else f"forward FLOPs {self.flops_note}")
         if self.frontier:
             lines.append(f"frontier (tensors leaving the frozen prefix): {', '.join(self.frontier)}")
         if self.passes:

@@ -50,15 +50,16 @@ class TrainingView:
     @property
     def freezable(self) -> list:
         """The units a policy may freeze, in order: those before the last unit that trains (a plan must leave
-        something to train): the last unit holding a parameter that requires grad, or would when thawed. A tied
-        head that only reads the embedding's weight trains nothing, nor does a head whose weights the user froze
-        (PEFT freezes a language model's head: its adapters and prompt encoder train)."""
+        something to train): the last unit holding a parameter that requires grad, or would when a policy thawed
+        it. A tied head that only reads the embedding's weight trains nothing, nor does a head whose weights the
+        user froze (PEFT freezes a language model's head: its adapters and prompt encoder train; `fm.freeze`)."""
         graph, plan = self._fm.unit_graph, self._fm._plan
-        frozen = plan.frozen
-        for i in range(len(graph.names) - 1, -1, -1):  # (from the end: the head trains, most often)
-            u = graph.names[i]
-            if any(plan.trainable_by_default(p) if u in frozen else p.requires_grad for p in graph.units[u].params):
-                return graph.names[:i]
+        names, frozen, pinned = graph.names, plan.frozen, plan.pinned
+        for i in range(len(names) - 1, -1, -1):  # (from the end: the head trains, most often)
+            u = names[i]
+            if u not in pinned and any(plan.trainable_by_default(p) if u in frozen else p.requires_grad
+                                       for p in graph.units[u].params):
+                return names[:i]
         return []
 
     def parameters(self, unit: str) -> list:
@@ -173,14 +174,14 @@ class Policy:
     `reads_loss`: whether `view.losses()` is collected for it (one reading per training step; False saves it);
     `reads_gradients`: whether it reads `view.grad_norms` (a hand-called fm.step() after zero_grad() warns)."""
 
-    name = "policy"  # (a subclass without a name of its own is named after its class: __init_subclass__)
+    name = "policy"  # (a direct subclass without a name of its own is named after its class: __init_subclass__)
     reads_loss = True
     reads_gradients = False  # whether `decide` reads the step's gradients (fm.step() warns when it finds none)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "name" not in vars(cls):
-            cls.name = cls.__name__
+        if "name" not in vars(cls) and cls.name == "policy":  # (a subclass of a shipped policy keeps its name:
+            cls.name = cls.__name__                            # its freeze states load, integrations know it)
 
     def bind(self, view: TrainingView) -> None:
         """Called once by `optimize`, with the units known; validate options here."""

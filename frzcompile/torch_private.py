@@ -25,7 +25,7 @@ __all__ = [
     "tensor_version", "storage_key", "traced_or_transformed", "host_floats",
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
-    "share_module_state", "structure_ids", "control_flow_calls", "inside_functional_call",
+    "share_module_state", "structure_ids", "self_compiling_calls", "inside_functional_call",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "global_state_targets", "recompile_limit", "failing_on_recompile_limit",
     "dynamo_exceptions",
@@ -374,17 +374,20 @@ def call_hook_sources(module: torch.nn.Module) -> set:
 INPUT_REQUIRE_GRADS_HOOK = ("transformers.modeling_utils", "make_inputs_require_grads")
 
 
-# torch's control-flow operators, which compile their branches with Dynamo even when called eagerly (checked on
-# 2.13.0: torch._higher_order_ops.utils._hop_compile_and_call): a TorchFunctionMode active around them is traced too
-CONTROL_FLOW_OPS = ("cond", "while_loop", "while_loop_stack_output", "scan", "associative_scan", "map_impl")
+# torch's higher-order operators that run their body as it is when called eagerly (checked on 2.13.0): the others
+# (torch.cond, while_loop, scan, map, flex_attention, invoke_subgraph...) compile it with Dynamo even then
+# (torch._higher_order_ops.utils._hop_compile_and_call), tracing a TorchFunctionMode active around them too
+EAGER_HOPS = ("wrap_with_autocast", "wrap_with_set_grad_enabled", "tag_activation_checkpoint",
+              "wrap_activation_checkpoint", "autograd_function_apply", "auto_functionalized", "auto_functionalized_v2",
+              "with_effects", "_export_tracepoint", "out_dtype", "hints_wrapper", "wrap", "run_const_graph")
 
 
-def control_flow_calls(gm: torch.fx.GraphModule) -> list:
-    """The names of the control-flow operators (torch.cond, torch.while_loop, torch.scan...) a captured graph
-    calls, in order."""
+def self_compiling_calls(gm: torch.fx.GraphModule) -> list:
+    """The names of the higher-order operators a captured graph calls that compile themselves with Dynamo even
+    when called eagerly (torch.cond's "cond", "while_loop", "flex_attention"...), in order."""
     return [node.target.name() for node in gm.graph.nodes
             if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
-            and node.target.name() in CONTROL_FLOW_OPS]
+            and node.target.name() not in EAGER_HOPS]
 
 
 def global_module_hooks() -> bool:

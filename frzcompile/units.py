@@ -135,8 +135,9 @@ def select_units(model: nn.Module, units=None) -> list[str]:
     return names
 
 
-def node_module_path(node: fx.Node) -> str | None:
-    """Dotted path of the innermost module a node was traced from ("" for the root, None if unknown)."""
+def node_module_path(node: fx.Node, root: nn.Module | None = None) -> str | None:
+    """Dotted path of the innermost module a node was traced from ("" for the root, None if unknown); `root`, the
+    model, resolves the slices of a ModuleList in export's paths (`_unslice`)."""
     if node.op == "call_module":
         return str(node.target)
     if node.op == "get_attr":
@@ -149,18 +150,32 @@ def node_module_path(node: fx.Node) -> str | None:
         return ""
     if path.startswith("L['self']"):
         path = path[len("L['self']"):].lstrip(".")
-    return _SLICED.sub(_unslice, path) if "slice(" in path else path
+    return _unslice(path, root) if "slice(" in path and root is not None else path
 
 
-# torch.export names a module reached through a slice of a ModuleList (`for layer in self.layers[:n]`, as most
-# Hugging Face decoders do) `layers.slice(None, 2, None).0` when the model holds a module under two paths (PEFT's
-# alias of the embedding): the slice's item is the list's item start + index * step
-_SLICED = re.compile(r"slice\((None|\d+), (None|-?\d+), (None|\d+)\)\.(\d+)")
+_SLICE = re.compile(r"slice\((None|-?\d+), (None|-?\d+), (None|-?\d+)\)")
 
 
-def _unslice(match) -> str:
-    start, _, step, index = match.groups()
-    return str(int(start if start != "None" else 0) + int(index) * int(step if step != "None" else 1))
+def _unslice(path: str, root: nn.Module) -> str:
+    """torch.export names a module reached through a slice of a ModuleList (`for layer in self.layers[:n]`, as most
+    Hugging Face decoders do) `layers.slice(None, 2, None).0` when the model holds a module under two paths (PEFT's
+    alias of the embedding): the item's index in the list itself, through any slices (`[-2:]`, `[::-1]`, one
+    slice of another). The path as it is when it does not resolve."""
+    out, module, indices = [], root, None
+    for part in path.split("."):
+        match = _SLICE.fullmatch(part)
+        try:
+            if match:
+                indices = (range(len(module)) if indices is None else indices)[
+                    slice(*(None if v == "None" else int(v) for v in match.groups()))]
+                continue
+            if indices is not None:
+                part, indices = str(indices[int(part)]), None
+            module = module._modules[part]
+        except (TypeError, ValueError, KeyError, IndexError):
+            return path
+        out.append(part)
+    return path if indices is not None else ".".join(out)
 
 
 @dataclass
@@ -186,7 +201,7 @@ class UnitGraph:
         self._alias = {n: n for n in names}  # requested unit name -> unit it ended up in (after merges)
         self._paths = self._all_paths(model, names)  # every module path of a unit root, aliases included
         self.merges: dict = {}                        # merged unit -> why
-        self._assign_nodes(gm, names)
+        self._assign_nodes(gm, names, model)
         self._merge_cycles()
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = {}
@@ -269,14 +284,14 @@ class UnitGraph:
                 return cand
         return None
 
-    def _assign_nodes(self, gm, names):
+    def _assign_nodes(self, gm, names, model):
         nameset = set(names)
         nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         order = {n: i for i, n in enumerate(nodes)}
         for n in nodes:
             if n.op == "get_attr":
                 continue  # a parameter read joins its first reader's unit (below): reading is not data flow
-            u = self._unit_of_path(node_module_path(n), nameset)
+            u = self._unit_of_path(node_module_path(n, model), nameset)
             if u is not None and not _is_input_guard(n):
                 self.node_unit[n] = u
         # Glue code outside any unit joins the latest-starting unit among its inputs' (`self.b(h) + 0.5 * h`:
@@ -362,12 +377,6 @@ class UnitGraph:
     @property
     def names(self) -> list[str]:
         return list(self.units)
-
-    @property
-    def freezable(self) -> list[str]:
-        """Units before the last one that has parameters of its own: what a policy may freeze."""
-        with_params = [i for i, u in enumerate(self.units.values()) if u.params]
-        return self.names[: with_params[-1]] if with_params else []
 
     def unit_of(self, name: str) -> str | None:
         """The unit a module path asked to be a unit ended up in (merged ones: 'a+b'), or None when the example

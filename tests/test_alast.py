@@ -406,6 +406,10 @@ def test_models_whose_tokens_cannot_be_ranked_or_dropped_are_refused(arch):
             }.get(arch, "is causal")
     with pytest.raises(ConfigError, match=f"cannot drop tokens.*attention {what}.*use policy='smartfrz'"):
         frzcompile.optimize(model, example_kwargs=kwargs, policy="alast")
+    if arch == "t5":  # (only its first block holds the bias, which it hands on: refused without that block too)
+        with pytest.raises(ConfigError, match="relative_attention_bias"):
+            frzcompile.optimize(model, example_kwargs=kwargs, policy=frzcompile.ALaST(
+                layers=["encoder.block.1", "encoder.block.2"]))
 
 
 def test_layers_that_take_other_tensors_per_token_drop_nothing_and_say_so():

@@ -1576,6 +1576,8 @@ def test_a_forward_calling_torch_cond_keeps_the_cache_off():
     model = CondModel()
     ref, x, y = copy.deepcopy(model), torch.randn(6, 8), torch.randint(0, 3, (6,))
     fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    # (torch's FLOP counter fails on torch.cond's branches while their weights require grad: explain failed)
+    assert "forward FLOPs not counted: torch.utils.flop_counter fails" in str(frzcompile.explain(fm))
     with pytest.warns(UserWarning, match="from outside its modules"):  # (the branches' layers join l1: no units)
         fm.freeze("l1", "l3")
     ref.l1.requires_grad_(False), ref.l2.requires_grad_(False), ref.l2b.requires_grad_(False)
@@ -1587,6 +1589,32 @@ def test_a_forward_calling_torch_cond_keeps_the_cache_off():
         nn.functional.cross_entropy(expected, y).backward()
         assert torch.equal(model.head.weight.grad, ref.head.weight.grad)
     assert "torch.cond" in fm.cache.last_plan.reason and fm.cache.stats["lookups"] == 0
+
+
+def test_a_forward_calling_flex_attention_keeps_the_cache_off():
+    """flex_attention compiles itself with Dynamo when called eagerly too: a first version that listed torch.cond's
+    kind of operators only failed every call after a freeze, as torch.cond did."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    class Flex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            q = x.view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
+            a = flex_attention(q, q, q).transpose(1, 2).reshape(x.shape)
+            return self.head(torch.relu(self.mid(torch.relu(self.emb(a)))).mean(1))
+
+    torch.manual_seed(0)
+    model = Flex()
+    ref, x = copy.deepcopy(model), torch.randn(4, 8, 8)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    fm.freeze("emb")
+    ref.emb.requires_grad_(False)
+    for _ in range(2):
+        torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
+    assert "flex_attention" in fm.cache.last_plan.reason and fm.cache.stats["lookups"] == 0
 
 
 def test_a_prefix_returning_quantized_tensors_is_not_cached():

@@ -275,11 +275,13 @@ def test_export_units_of_a_sliced_module_list_in_a_model_holding_a_module_twice(
         def __init__(self):
             super().__init__()
             self.emb, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
-            self.layers = torch.nn.ModuleList([Block() for _ in range(3)])
+            self.layers = torch.nn.ModuleList([Block() for _ in range(5)])
 
         def forward(self, x):
             h = self.emb(x)
             for layer in self.layers[1:3]:
+                h = layer(h)
+            for layer in self.layers[-2:][::-1]:  # (a slice of a slice, from the end: layers 4 and 3)
                 h = layer(h)
             return self.head(h)
 
@@ -296,7 +298,8 @@ def test_export_units_of_a_sliced_module_list_in_a_model_holding_a_module_twice(
     model = Wrapped()
     x = torch.randn(4, 4)
     fm = frzcompile.optimize(model, (x,), policy="manual", capture_method="export")
-    assert fm.units == ["extra", "body.emb", "body.layers.1", "body.layers.2", "body.head"]
+    assert fm.units == ["extra", "body.emb", "body.layers.1", "body.layers.2", "body.layers.4", "body.layers.3",
+                        "body.head"]
     ref = eager_reference(model, [model.extra, model.body.emb, model.body.layers[1]],
                           [*model.extra.parameters(), *model.body.emb.parameters(),
                            *model.body.layers[1].parameters()])

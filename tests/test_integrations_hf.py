@@ -196,3 +196,28 @@ def test_the_callback_under_the_trainers_torch_compile(tmp_path):
         trainer = Trainer(model=Net(), args=args, train_dataset=rows, callbacks=callbacks)
         losses.append(trainer.train().training_loss)
     assert callbacks[0].fm is not None and losses[0] == losses[1]
+
+    class BodyAfterOneStep(frzcompile.Policy):
+        reads_loss = False
+
+        def decide(self, view):
+            return {"body"} if view.step >= 1 else None
+
+    class Weights(TrainerCallback):
+        def __init__(self, model):
+            self.model, self.seen = model, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append((self.model.body[0].weight.detach().clone(), self.model.head.weight.detach().clone()))
+
+    torch.manual_seed(0)
+    model = Net()
+    watch = Weights(model)
+    args = TrainingArguments(str(tmp_path / "freeze"), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="no", torch_compile=True, torch_compile_backend="aot_eager",
+                             disable_tqdm=True)
+    cb = FreezeCallback(policy=BodyAfterOneStep())
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb, watch]).train()
+    assert cb.fm.frozen == ("body",) and len(watch.seen) == 4  # the compiled model runs the plan: the body stays
+    assert all(torch.equal(body, watch.seen[0][0]) for body, _ in watch.seen[1:])
+    assert not torch.equal(watch.seen[-1][1], watch.seen[0][1])  # (the head trains on)

@@ -115,6 +115,12 @@ def test_policies_leave_the_last_unit_that_trains_alone(policy):
     assert "4" not in fm.frozen and model[4].weight.requires_grad
     if policy != "autofreeze":  # (AutoFreeze needs its gradient norms to fall: not on this loss)
         assert fm.frozen == ("0", "2")
+    # the head frozen with fm.freeze instead (pinned: no policy thaws it) counts alike
+    model[6].requires_grad_(True)
+    fm.release()
+    fm = frzcompile.optimize(model, (torch.randn(4, 8),), optimizer=opt, policy="linear", total_steps=40)
+    fm.freeze("6")
+    assert fm._view.freezable == ["0", "2"]
 
 
 def test_autofreeze_state_round_trip():
@@ -340,3 +346,8 @@ def test_a_policy_is_named_after_its_class_and_linear_shows_the_runs_total_steps
     fm = frzcompile.optimize(model, (torch.randn(2, 3),), policy="linear", total_steps=40)
     assert "Linear(total_steps=40," in repr(fm.policy) and "total_steps=40" in str(frzcompile.explain(fm))
     assert repr(Linear()).startswith("Linear(total_steps=None,")
+
+    class Later(Linear):  # a subclass of a shipped policy keeps its name (its saved freeze states load)
+        pass
+
+    assert Later.name == "linear"

@@ -106,12 +106,12 @@ class ActivationCache(Service):
     name = "cache"
 
     def __init__(self, config: CacheConfig, model: torch.nn.Module, unit_graph, plan, recorded: bool = False,
-                 control_flow=()):
+                 self_compiling=()):
         self.config = config
         self.model = model
         self.unit_graph = unit_graph
         self.recorded = recorded                  # captured by recording one call: ruled out (_ruled_out)
-        self.control_flow = tuple(control_flow)   # torch.cond and the like in the captured graph: ruled out
+        self.self_compiling = tuple(self_compiling)  # torch.cond and the like in the captured graph: ruled out
         self.plan = plan                          # the FreezePlan: state_version, state_tensors
         self._digests: dict = {}                  # (prefix, extra count) -> content digest, for this call only
         self.store = ActivationStore(config)
@@ -338,12 +338,14 @@ class ActivationCache(Service):
         - An nn.TransformerEncoder around it runs on nested tensors: in eval with a padding mask its fast path
           gives zeros at padded positions; under the analysis' probe (a TorchFunctionMode) that path is off and
           they carry values, so the analysed call would return other outputs and gradients than eager's.
-        - The forward calls torch.cond (or while_loop, scan, map): called eagerly, it compiles its branches with
-          Dynamo, which would trace the analysis' probe too (and fail: the probe reads version counters)."""
-        if self.control_flow:
-            return (f"the forward calls torch.{self.control_flow[0].removesuffix('_impl')}, which compiles its "
-                    "branches with Dynamo even when called eagerly, and the cache's analysis (a TorchFunctionMode "
-                    "reading every operation) cannot run through that")
+        - The forward calls torch.cond (or while_loop, scan, map, flex_attention): called eagerly, it compiles
+          its body with Dynamo, which would trace the analysis' probe too (and fail: the probe reads version
+          counters)."""
+        if self.self_compiling:
+            op = self.self_compiling[0]
+            name = f"torch.{op.removesuffix('_impl')}" if op in ("cond", "while_loop", "scan", "map_impl") else op
+            return (f"the forward calls {name}, which compiles its body with Dynamo even when called eagerly, and "
+                    "the cache's analysis (a TorchFunctionMode reading every operation) cannot run through that")
         if self.recorded:
             return ("the model was captured by recording one call (capture_method='record'): its forward may branch "
                     "on tensor values (.item(), .tolist(), if x:, pack_padded_sequence's lengths), and a branch on a "

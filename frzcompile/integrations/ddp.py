@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..policies import ALaST
 from ..runtime import FrozenModule
 
 
@@ -45,7 +46,7 @@ class DistributedDataParallel(nn.Module):
         if not isinstance(fm, FrozenModule):
             raise ConfigError("frzcompile's DistributedDataParallel wraps the module returned by frzcompile.optimize "
                               f"(got {type(fm).__name__}); call optimize(model, ...) first")
-        if fm.policy.name == "alast":
+        if isinstance(fm.policy, ALaST):
             raise ConfigError("policy='alast' is single-process for now: each replica would draw its own layers and "
                               "budgets from its own batches; train on one process")
         if not dist.is_available() or not dist.is_initialized():
@@ -60,7 +61,7 @@ class DistributedDataParallel(nn.Module):
         state["rebuilds"] = 0
         state["ddp"] = None
         state["_trainable"] = None
-        fm.__dict__["_plans_applied_by_owner"] = True  # fm applies a plan only when this wrapper says every rank agreed
+        fm.__dict__["_plans_applied_by_owner"] = True  # fm applies a plan when this wrapper says every rank agreed
         fm._plan.keep_in_flight = False  # a gradient pending at a freeze may not be all-reduced (no_sync): dropped
         self._agree()
         fm._settle(by_owner=True)  # rank 0's plan, before the first buckets are built

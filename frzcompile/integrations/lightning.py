@@ -44,6 +44,12 @@ class FreezeCallback(Callback):
             raise ConfigError(f"FreezeCallback(module={self.module!r}): {type(pl_module).__name__} has no such "
                               "submodule; give the attribute path of the network training_step calls") from e
 
+    def setup(self, trainer, pl_module, stage):
+        """(Before a checkpoint's state is loaded.) A callback used again for another module measures its ratio of
+        steps anew."""
+        if stage == "fit" and (self.fm is None or self.fm.model is not self._target(pl_module)):
+            self._ratio = None
+
     def on_fit_start(self, trainer, pl_module):
         if trainer.world_size > 1:
             raise ConfigError(f"FreezeCallback runs on one process and one device; this run has {trainer.world_size}: "

@@ -34,6 +34,7 @@ class Analysis:
         self.last: PassContext | None = None
         self._plans: OrderedDict = OrderedDict()   # frozen set -> (GraphModule, PassContext)
         self._flops: dict | None = None
+        self.flops_note = ""  # why the FLOPs are not counted (explain says so), or ''
         self.stale = False  # the graph describes the model as captured, before a structure change (explain says so)
         self._traced = _traced_through(captured.gm, model) if captured.method == "symbolic_trace" else {}
         self._recount = False  # a structure change: count the FLOPs again
@@ -89,7 +90,12 @@ class Analysis:
             try:
                 self._flops = self._count_flops()
             except Exception:
-                if self._flops is None or self.captured.method != "record":
+                compiling = torch_private.self_compiling_calls(self.captured.gm)
+                if compiling:  # (torch.cond: torch's FlopCounterMode fails on it, checked on 2.13.0)
+                    self._flops = {u: 0 for u in self.unit_graph.names}
+                    self.flops_note = (f"not counted: torch.utils.flop_counter fails on the graph's "
+                                       f"{compiling[0]} operator")
+                elif self._flops is None or self.captured.method != "record":
                     raise
                 # (the recording's path no longer fits the model: the count made at capture stands)
             self._recount = False

@@ -105,10 +105,17 @@ def token_order_problem(layer: nn.Module) -> str:
         if "relative_position_bias_table" in m._parameters:
             return (f"its attention adds a relative position bias over the whole grid of tokens "
                     f"({type(m).__name__}.relative_position_bias_table), which a subset cannot index")
-        if isinstance(m._modules.get("relative_attention_bias"), nn.Embedding):
-            return (f"its attention adds a bias by relative position ({type(m).__name__}.relative_attention_bias, "
-                    "T5's), computed from the tokens' places in the sequence and handed from layer to layer, "
-                    "which a subset of the tokens would read by rank")
+        why = _relative_attention_bias(m)
+        if why:
+            return why
+    return ""
+
+
+def _relative_attention_bias(m: nn.Module) -> str:
+    if isinstance(m._modules.get("relative_attention_bias"), nn.Embedding):
+        return (f"its attention adds a bias by relative position ({type(m).__name__}.relative_attention_bias, "
+                "T5's), computed from the tokens' places in the sequence and handed from layer to layer, which a "
+                "subset of the tokens would read by rank")
     return ""
 
 
@@ -198,6 +205,10 @@ class LayerBudgets(Service):
         self._warned_unsafe = False
         problem = next((f"layer {n}: {why}" for n in names if len(unit_graph.units[n].roots) == 1 and
                         (why := token_order_problem(unit_graph.units[n].roots[0]))), "")
+        # (T5 computes its bias in the first layer only and hands it on: a model holding one anywhere is refused,
+        # whichever layers ALaST was given)
+        problem = problem or next((f"{path}: {why}" for path, m in model.named_modules()
+                                   if (why := _relative_attention_bias(m))), "")
         if problem:
             raise ConfigError(f"policy='alast' cannot drop tokens in this model's layers ({problem}). ALaST is for "
                               "encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for other models use "
