@@ -253,3 +253,13 @@ def test_a_resumed_manual_optimization_run_converts_its_total_steps_before_its_f
     assert [c[:2] for c in resumed_cb.fm.plan.changes if c[0] > 9] == [c[:2] for c in cb.fm.plan.changes]
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_callback_used_again_for_another_module_measures_its_step_ratio_anew():
+    """The ratio of Lightning's steps to frzcompile's (two optimizers: 2 to 1) is kept for a resume; a callback used
+    again to fit another module (one optimizer) must not convert that module's total_steps with it."""
+    cb = FreezeCallback(policy="linear", module="model")
+    fit(TwoOptimizers(), cb, max_steps=16, enable_checkpointing=False)
+    assert cb.fm.total_steps == 8
+    fit(Classifier(call_self=False), cb, max_steps=8, enable_checkpointing=False)
+    assert cb.fm.total_steps == 8 and cb.fm.step_count == 8
