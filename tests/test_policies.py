@@ -351,3 +351,30 @@ def test_a_policy_is_named_after_its_class_and_linear_shows_the_runs_total_steps
         pass
 
     assert Later.name == "linear"
+
+
+def test_policies_leave_every_task_head_training():
+    """A trunk with two task heads, one task per step: a policy froze the trunk and head_a (only the last unit,
+    head_b, was kept), and the next task-a step failed in the user's backward ("element 0 of tensors does not
+    require grad"). A unit with no unit downstream that trains (each head) is never frozen by a policy."""
+    class TwoTasks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32))
+            self.head_a, self.head_b = torch.nn.Linear(32, 5), torch.nn.Linear(32, 1)
+
+        def forward(self, x, task=None):
+            h = torch.relu(self.trunk(x))
+            return (self.head_a(h), self.head_b(h)) if task is None else getattr(self, f"head_{task}")(h)
+
+    torch.manual_seed(0)
+    model, x = TwoTasks(), torch.randn(8, 12)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=Linear(20, freeze_start=0.3))
+    assert fm.units == ["trunk", "head_a", "head_b"] and fm._view.freezable == ["trunk"]
+    for step in range(20):
+        task = "ab"[step % 2]
+        fm(x, task=task).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert fm.frozen == ("trunk",)
