@@ -58,14 +58,12 @@ class TrainingView:
         graph, plan = self._fm.unit_graph, self._fm._plan
         names, frozen, pinned, dag = graph.names, plan.frozen, plan.pinned, graph.dag
 
-        def trains(u):
-            return u not in pinned and any(plan.trainable_by_default(p) if u in frozen else p.requires_grad
-                                           for p in graph.units[u].params)
-
+        trains = {u: u not in pinned and any(plan.trainable_by_default(p) if u in frozen else p.requires_grad
+                                             for p in graph.units[u].params) for u in names}
         feeds = {}  # unit -> whether a unit downstream of it trains (names are in topological order)
         for u in reversed(names):
-            feeds[u] = any(trains(d) or feeds[d] for d in dag.successors(u))
-        last = max((i for i, u in enumerate(names) if trains(u)), default=0)
+            feeds[u] = any(trains[d] or feeds[d] for d in dag.successors(u))
+        last = max((i for i, u in enumerate(names) if trains[u]), default=0)
         return [u for u in names[:last] if feeds[u]]
 
     def parameters(self, unit: str) -> list:
