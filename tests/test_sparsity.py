@@ -101,6 +101,42 @@ def test_default_targets_exclude_the_head_and_hit_the_target_exactly():
         assert int((~t.mask).sum()) == round(0.5 * t.mask.numel())
 
 
+def test_a_head_tied_to_the_embedding_is_left_dense():
+    """A language model's head tied to its embedding (GPT-2, T5, tied Llama, BERT masked-LM): the weight belongs to
+    the embedding's unit, so the head rule missed it and 80% of the embedding was zeroed through the head (on
+    GPT-2 the only weight masked: its blocks' Conv1D layers are not masked by default, which the error now says)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    ids = torch.randint(1, 64, (2, 8))
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids}, policy="manual", sparsity=0.8)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" not in fm.sparsity.targets and len(fm.sparsity.targets) == 14  # 7 Linears a block
+    assert not bool((model.lm_head.weight[1:] == 0).any())  # (row 0: the padding token's, zeros from the start)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                                                n_positions=16))
+    with pytest.raises(frzcompile.ConfigError, match="Conv1D layers"):
+        frzcompile.optimize(gpt2, example_kwargs={"input_ids": ids}, policy="manual", sparsity=0.8)
+    fm = frzcompile.optimize(gpt2, example_kwargs={"input_ids": ids}, policy="manual",
+                             sparsity=SparsityConfig(0.8, ops=(Conv1D,)))
+    assert len(fm.sparsity.targets) == 8 and "lm_head.weight" not in fm.sparsity.targets
+
+
+def test_a_block_of_the_full_extent_is_accepted():
+    """block=(rows, -1) (attention heads of a q/k/v projection), as magnitude_masks documents, was refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    fm = frzcompile.optimize(model, (torch.randn(4, 8),), policy="manual",
+                             sparsity=SparsityConfig(0.5, structure="block", block=(8, -1), scope="layer"))
+    for t in fm.sparsity.targets.values():
+        rows = (~t.mask).all(dim=1)
+        assert int(rows.sum()) == t.mask.shape[0] // 2 and bool((~t.mask)[rows].all())
+
+
 def test_export_graph_is_masked_too():
     pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -136,8 +136,9 @@ class SparsityConfig:
                 raise ConfigError(f"SparsityConfig.{name} takes a list of names, not the string "
                                   f"{getattr(self, name)!r}: pass [{getattr(self, name)!r}]")
         if not (isinstance(self.block, (tuple, list)) and len(self.block) == 2
-                and all(isinstance(b, int) and b >= 1 for b in self.block)):
-            raise ConfigError(f"SparsityConfig.block must be (rows, columns) of positive ints, got {self.block!r}")
+                and all(isinstance(b, int) and (b >= 1 or b == -1) for b in self.block)):
+            raise ConfigError(f"SparsityConfig.block must be (rows, columns) of positive ints, or -1 for the full "
+                              f"extent ((head_dim, -1) prunes attention heads), got {self.block!r}")
         if self.masks:
             for name, mask in self.masks.items():
                 if not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and not bool(
@@ -295,8 +296,13 @@ class SparseTraining(Service):
         self.generator = torch.Generator().manual_seed(config.seed)
         self.targets = self._select_targets(model, unit_graph)
         if not self.targets:
-            raise ConfigError("sparsity= found no weight to mask: no Linear/Conv weight outside the head "
-                              "(pass include=[...] or include_head=True)")
+            conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # (transformers' GPT-2 layers)
+            raise ConfigError("sparsity= found no weight to mask: no Linear/Conv weight outside the head (pass "
+                              "include=[...] or include_head=True)" + (
+                                  "; transformers' Conv1D layers (GPT-2's, weights stored (in, out)) are not masked "
+                                  "by default: SparsityConfig(..., ops=(transformers.pytorch_utils.Conv1D,)) masks "
+                                  "them (unstructured masks; structured ones would prune their inputs)"
+                                  if conv1d else ""))
         needs_total = (config.source in GROW_METHODS or config.schedule == "gradual")
         if needs_total and not total_steps:
             raise ConfigError(f"sparsity source={config.source!r} schedule={config.schedule!r} needs total_steps "
@@ -440,6 +446,8 @@ class SparseTraining(Service):
             for p in unit.params:
                 param_unit[id(p)] = u
         head = unit_graph.names[-1]
+        # (a head tied to the embedding reads a weight that belongs to the embedding's unit: its module says head)
+        head_modules = {id(m) for m in unit_graph.units[head].modules}
         extra_types = tuple(op for op in cfg.ops if isinstance(op, type))
         extra_ops = {op for op in cfg.ops if not isinstance(op, type)}
         # parameters read directly (get_attr) by a call of one of the named ops
@@ -453,8 +461,8 @@ class SparseTraining(Service):
                     wanted = name in cfg.include or path in cfg.include
                 else:
                     layer_weight = attr == "weight" and isinstance(module, MASKED_MODULES + extra_types)
-                    wanted = ((layer_weight or name in op_params)
-                              and (cfg.include_head or param_unit.get(id(p)) != head))
+                    wanted = ((layer_weight or name in op_params) and (cfg.include_head or (
+                        param_unit.get(id(p)) != head and id(module) not in head_modules)))
                 if wanted and name not in cfg.exclude and path not in cfg.exclude:
                     if p.dim() < 2:
                         raise ConfigError(f"{name} has {p.dim()} dimension(s): only weights of 2 or more are masked")
