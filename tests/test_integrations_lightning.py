@@ -240,7 +240,8 @@ def test_a_resumed_manual_optimization_run_converts_its_total_steps_before_its_f
     pl.Trainer(max_steps=32, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                callbacks=[cb], enable_checkpointing=False).fit(full, in_order())
     first = FreezeCallback(policy="linear", module="model")
-    t1 = pl.Trainer(max_steps=32, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    t1 = pl.Trainer(max_steps=32, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False,
                     callbacks=[first, pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=18,
                                                                    save_top_k=-1)])
     t1.fit(TwoOptimizers(), in_order())
