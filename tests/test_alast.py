@@ -511,6 +511,11 @@ def test_gradient_checkpointing_is_refused_with_what_to_do():
         fm(input_ids=ids, attention_mask=mask, labels=y)
     model.gradient_checkpointing_disable()
     fm(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    fm.release()
+    model.gradient_checkpointing_enable()  # before optimize(): refused there, not at the first training call
+    with pytest.raises(ConfigError, match="gradient_checkpointing_disable"):
+        frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, policy="alast")
+    assert not any("forward" in vars(m) for m in model.modules())  # (nothing of ALaST's left on the layers)
 
 
 def test_two_optimizers_and_gradient_accumulation_step_the_same_layers():

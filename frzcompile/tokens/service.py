@@ -119,6 +119,15 @@ def _relative_attention_bias(m: nn.Module) -> str:
     return ""
 
 
+def _refuse_checkpointing(layers) -> None:
+    """(At optimize(), and at each training call: it may be enabled later.) The recomputation in backward would
+    run the layer again outside the call, on every token."""
+    if any(getattr(m, "gradient_checkpointing", False) for m in layers):
+        raise ConfigError("policy='alast' does not combine with gradient checkpointing yet: call "
+                          "model.gradient_checkpointing_disable() (activation_checkpointing_disable in newer "
+                          "transformers); dropped tokens already save activations")
+
+
 class _Call:
     """What one training call of the model has seen so far."""
 
@@ -213,6 +222,7 @@ class LayerBudgets(Service):
             raise ConfigError(f"policy='alast' cannot drop tokens in this model's layers ({problem}). ALaST is for "
                               "encoders with a class token first (ViT, DeiT, BERT, RoBERTa...); for other models use "
                               "policy='smartfrz' (the default) or 'linear'")
+        _refuse_checkpointing([m for n in names for m in unit_graph.units[n].roots])  # (before any hook is set)
         self._reset_step()
         self._hook()
         if not any(a is not None for a in self.attention):
@@ -278,11 +288,7 @@ class LayerBudgets(Service):
     def call(self, run, args, kwargs):
         if not (self.model.training and torch.is_grad_enabled()):
             return run(args, kwargs)
-        if any(getattr(m, "gradient_checkpointing", False) for m in self.modules):
-            # the recomputation in backward would run the layer again outside this call, on every token
-            raise ConfigError("policy='alast' does not combine with gradient checkpointing yet: call "
-                              "model.gradient_checkpointing_disable() (activation_checkpointing_disable in newer "
-                              "transformers); dropped tokens already save activations")
+        _refuse_checkpointing(self.modules)
         # the draw of the last step takes effect now, so every optimizer of that step stepped the same layers
         # (as the freeze plan's pending decision does)
         trained = tuple(i for i in self.policy.advance() if self.layers[i] not in self.plan.frozen)
