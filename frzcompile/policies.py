@@ -305,14 +305,15 @@ class AutoFreeze(Policy):
         self._sums, self._finite, self._count = {}, {}, 0
         previous, self._previous = self._previous, means
         rates = {u: abs(previous[u] - m) / previous[u] for u, m in means.items() if previous.get(u, 0.0) > 0}
-        candidates = [u for u in view.freezable if u in rates]
+        freezable = view.freezable  # (read once: it walks the units' flags and graph)
+        candidates = [u for u in freezable if u in rates]
         if not candidates:
             return None
         threshold = float(torch.quantile(torch.tensor([rates[u] for u in candidates]), self.percentile / 100.0))
         # a unit the user froze by hand before optimize() (a frozen stem: no gradient, no rate) is passed over
-        idle = {u for u in view.freezable if u not in frozen and not any(p.requires_grad for p in view.parameters(u))}
+        idle = {u for u in freezable if u not in frozen and not any(p.requires_grad for p in view.parameters(u))}
         new = set(frozen)
-        for u in view.freezable:
+        for u in freezable:
             if u in frozen or u in idle:
                 continue
             if u in rates and rates[u] <= threshold:
@@ -421,7 +422,8 @@ class SmartFRZ(Policy):
                 # stay: the FrozenModule keeps them, FreezePlan.pinned)
                 return {u for u in frozen - thaw if not self.prefix_only or view.units.index(u) < first}
         # only units that may freeze and are large enough to judge are recorded; the rest never get a probability
-        candidates = [u for u in view.freezable if u not in frozen and self._numel[u] >= self.min_weights]
+        freezable = view.freezable  # (read once: it walks the units' flags and graph)
+        candidates = [u for u in freezable if u not in frozen and self._numel[u] >= self.min_weights]
         for u in set(self._snapshots) - set(candidates):
             del self._snapshots[u]
         for u in candidates:
@@ -463,7 +465,7 @@ class SmartFRZ(Policy):
         new = set(frozen)
         if self.prefix_only:
             pending = []  # units too small to judge (a BatchNorm's 32 weights) freeze with the next one that settles
-            for u in view.freezable:
+            for u in freezable:
                 if u in frozen:
                     continue
                 if self._numel[u] < self.min_weights:
@@ -474,7 +476,7 @@ class SmartFRZ(Policy):
                 new.update(pending + [u])
                 break  # one judged unit per decision
         else:
-            new |= set([u for u in view.freezable if u in settled][:1])
+            new |= set([u for u in freezable if u in settled][:1])
         if new != frozen and self.safeguard is not None:
             judged = [u for u in view.units if u in new - frozen and u in self.last_probabilities]
             why = ", ".join(f"{u} p={self.last_probabilities[u]:.2f} x{self._votes[u]}" for u in judged)

@@ -1,19 +1,12 @@
 """This session's changes on a tiny HF BERT from a config, with user habits, against eager frozen by hand."""
-import copy, io, subprocess, sys, tempfile, os
-import torch, transformers as T
+import copy, io
+import torch
 from torch import nn
 import frzcompile
 from frzcompile import CacheConfig
 torch.set_num_threads(1)
-cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                   num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-torch.manual_seed(0)
-model = T.BertForSequenceClassification(cfg)
-ref = copy.deepcopy(model)
-def batch(b, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1, 64, (b, n), generator=g), "attention_mask": torch.ones(b, n, dtype=torch.long),
-            "labels": torch.randint(0, 3, (b,), generator=g)}
+from hf_habits import batch, bert_pair
+model, ref = bert_pair()
 fm = frzcompile.optimize(model, example_kwargs=batch(8, 12, 0), cache=CacheConfig(check_cost=False))  # default policy
 frozen_paths = ["bert.embeddings", "bert.encoder.layer.0"]
 fm.freeze(*frozen_paths)

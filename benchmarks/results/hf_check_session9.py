@@ -1,27 +1,16 @@
 """This session's changes on a tiny HF BERT from a config, with user habits (eval() on the user's own variable, a
 forward hook, bf16 autocast, other batch shapes), against eager frozen by hand: conversions under
 swap_module_params_on_conversion mid-run, the bounded loss history through a resume, and the default policy."""
-import copy
 import io
 
 import torch
-import transformers as T
 
 import frzcompile
+from hf_habits import batch, bert_pair
 
 torch.set_num_threads(1)
 torch.__future__.set_swap_module_params_on_conversion(True)
-cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                   num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-torch.manual_seed(0)
-model = T.BertForSequenceClassification(cfg)
-ref = copy.deepcopy(model)
-
-
-def batch(b, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1, 64, (b, n), generator=g), "attention_mask": torch.ones(b, n, dtype=torch.long),
-            "labels": torch.randint(0, 3, (b,), generator=g)}
+model, ref = bert_pair()
 
 
 fm = frzcompile.optimize(model, example_kwargs=batch(8, 12, 0))  # the default policy
