@@ -50,19 +50,20 @@ class TrainingView:
     @property
     def freezable(self) -> list:
         """The units a policy may freeze, in order: those with a unit downstream that trains (a plan must leave
-        something to train on every path to the outputs: a multi-task model's heads each end one), before the
+        something to train on every path to the outputs: a multi-task model's heads each end one, even when the
+        model sums their losses: downstream is read in `UnitGraph.feeds`, what modules read), before the
         last unit that trains. A unit trains when it holds a parameter that requires grad, or would when a policy
         thawed it: a tied head that only reads the embedding's weight trains nothing, nor does a head whose
         weights the user froze (PEFT freezes a language model's head: its adapters and prompt encoder train;
         `fm.freeze`)."""
         graph, plan = self._fm.unit_graph, self._fm._plan
-        names, frozen, pinned, dag = graph.names, plan.frozen, plan.pinned, graph.dag
+        names, frozen, pinned, feeds_into = graph.names, plan.frozen, plan.pinned, graph.feeds
 
         trains = {u: u not in pinned and any(plan.trainable_by_default(p) if u in frozen else p.requires_grad
                                              for p in graph.units[u].params) for u in names}
         feeds = {}  # unit -> whether a unit downstream of it trains (names are in topological order)
         for u in reversed(names):
-            feeds[u] = any(trains[d] or feeds[d] for d in dag.successors(u))
+            feeds[u] = any(trains[d] or feeds[d] for d in feeds_into.successors(u))
         last = max((i for i, u in enumerate(names) if trains[u]), default=0)
         return [u for u in names[:last] if feeds[u]]
 

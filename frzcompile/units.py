@@ -7,7 +7,8 @@ paths, like T5's shared embedding, is one unit); code between modules (a `flatte
 forward) joins the unit of its latest input, or of its first user when it reads only graph inputs. Reading a
 parameter is not data flow: a tied head reading the embedding's weight does not make the embedding depend on
 the head. A networkx DAG records which unit feeds which; units that feed each other (interleaved code) are
-merged, and the merge is explained.
+merged, and the merge is explained. A second DAG, `feeds`, keeps only what modules read (code combining two
+heads' outputs on the way to the outputs feeds neither): the policies' head rule reads it.
 
 Parameters belong to the unit of the module that registers them first (`model.named_parameters()` order: a weight
 tied between the embedding and the head belongs to the embedding, so freezing the embedding freezes it for the
@@ -208,6 +209,7 @@ class UnitGraph:
         for node, u in self.node_unit.items():
             first[u] = min(first.get(u, order[node]), order[node])
         self.dag = self._build_dag()
+        self.feeds = self._build_feeds(gm)
         import networkx as nx  # (imported when units are built: `import frzcompile` stays lean)
         ordered = list(nx.lexicographical_topological_sort(self.dag, key=lambda u: first[u]))
         self.units: dict[str, Unit] = {u: Unit(u) for u in ordered}
@@ -288,12 +290,14 @@ class UnitGraph:
         nameset = set(names)
         nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         order = {n: i for i, n in enumerate(nodes)}
+        self._traced = set()  # nodes traced from a unit's modules; the rest is glue
         for n in nodes:
             if n.op == "get_attr":
                 continue  # a parameter read joins its first reader's unit (below): reading is not data flow
             u = self._unit_of_path(node_module_path(n, model), nameset)
             if u is not None and not _is_input_guard(n):
                 self.node_unit[n] = u
+                self._traced.add(n)
         # Glue code outside any unit joins the latest-starting unit among its inputs' (`self.b(h) + 0.5 * h`:
         # the add joins b even though the `0.5 * h` it reads, a's glue, was traced after b; joining the unit of
         # its latest input node, a, would make a and b feed each other) ...
@@ -330,6 +334,28 @@ class UnitGraph:
                 if v is not None and v != u and a.op != "get_attr" and a not in self._from_inputs:
                     dag.add_edge(v, u, via=(a.name, node.name))
         return dag
+
+    def _build_feeds(self, gm):
+        """Which unit feeds which unit's modules: v -> w when a module of w reads what v's modules computed, directly
+        or through glue. Glue joins a unit for its FLOPs and for `dag`, which the runtime needs (code summing two
+        heads' losses must not run without autograd while either head trains), but glue that only combines
+        results on their way to the outputs feeds no unit: BertForPreTraining's masked-LM and next-sentence heads,
+        CLIP's two towers, each end a path to the outputs. The policies' head rule reads this graph."""
+        import networkx as nx
+        feeds = nx.DiGraph()
+        feeds.add_nodes_from(set(self.node_unit.values()))
+        carried = {}  # node -> the units whose module results it carries
+        for node in gm.graph.nodes:
+            inputs = set().union(*(carried.get(a, ()) for a in node.all_input_nodes
+                                   if a.op != "get_attr" and a not in self._from_inputs))
+            if node in self._traced:
+                u = self.node_unit[node]
+                for v in inputs - {u}:
+                    feeds.add_edge(v, u)
+                carried[node] = {u}
+            else:
+                carried[node] = inputs
+        return feeds
 
     def _merge_cycles(self):
         """Units that feed each other (interleaved code) are merged into one unit named 'a+b'."""

@@ -378,3 +378,47 @@ def test_policies_leave_every_task_head_training():
         opt.step()
         opt.zero_grad()
     assert fm.frozen == ("trunk",)
+
+
+def test_heads_combined_inside_the_model_stay_heads():
+    """Code summing two heads' losses inside the forward joined the later head's unit, so the earlier head looked
+    upstream of it: a policy froze BertForPreTraining's masked-LM head (its labels given to optimize()), and CLIP's
+    image tower to its projection. The head rule reads which unit's modules read what (`UnitGraph.feeds`): glue on
+    the way to the outputs feeds no unit. Branches that glue combines before a module reads them still feed it."""
+    class TwoLosses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(6, 8)  # two branches, summed into c
+            self.c = torch.nn.Linear(8, 8)
+            self.head_a, self.head_b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 1)
+
+        def forward(self, x, y=None, z=None):
+            h = torch.relu(self.c(self.a(x) + self.b(x)))
+            out_a, out_b = self.head_a(h), self.head_b(h)
+            if y is None:
+                return out_a, out_b
+            return torch.nn.functional.cross_entropy(out_a, y) + (out_b.squeeze(1) - z).square().mean()
+
+    torch.manual_seed(0)
+    model, x, y, z = TwoLosses(), torch.randn(8, 6), torch.randint(0, 3, (8,)), torch.randn(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = frzcompile.optimize(model, (x, y, z), optimizer=opt, policy=Linear(8, freeze_start=0.0))
+    graph = fm.unit_graph
+    assert graph.dag.has_edge("head_a", "head_b") and not graph.feeds.has_edge("head_a", "head_b")  # (the sum)
+    assert fm._view.freezable == ["a", "b", "c"]
+    for _ in range(8):
+        before = model.head_a.weight.detach().clone()
+        fm(x, y, z).backward()
+        opt.step()
+        opt.zero_grad()
+        assert not torch.equal(model.head_a.weight, before)  # (the head trains at every step)
+    assert fm.frozen == ("a", "b", "c")
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32)
+    ids = torch.randint(0, 64, (2, 6))
+    fm = frzcompile.optimize(transformers.BertForPreTraining(config), example_kwargs=dict(
+        input_ids=ids, labels=ids, next_sentence_label=torch.zeros(2, dtype=torch.long)), policy="linear", total_steps=10)
+    assert "cls.predictions" in fm.units and "cls.predictions" not in fm._view.freezable
+    assert fm._view.freezable[-1] == "bert.pooler"
