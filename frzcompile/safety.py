@@ -124,6 +124,35 @@ class LossHistory(Sequence):
         recent = itertools.takewhile(lambda s: s < end, itertools.dropwhile(lambda s: s < start, self._order))
         return itertools.chain(head, recent)
 
+    def known(self, count: int, end: int, from_end: bool = False) -> list:
+        """The values of the first (or last) `count` kept readings of the steps before `end`, in step order: a
+        policy's rules read a few hundred every decision, and a walk of `kept` indexing each cost a millisecond."""
+        stop = min(end, self._order[0] if self._order else self._length)  # (older readings: the head alone)
+        out = []
+        if from_end:
+            for step in reversed(self._order):
+                if step < end:
+                    out.append(self._recent[step])
+                    if len(out) == count:
+                        return out[::-1]
+            for step in reversed(self._head) if len(out) < count else ():
+                if step < stop:
+                    out.append(self._head[step])
+                    if len(out) == count:
+                        break
+            return out[::-1]
+        for step, value in self._head.items():
+            if step >= stop or len(out) == count:
+                break
+            out.append(value)
+        for step in self._order if len(out) < count else ():
+            if step >= end:
+                break
+            out.append(self._recent[step])
+            if len(out) == count:
+                break
+        return out
+
     def state_dict(self) -> dict:
         return {"length": self._length, "head": list(self._head.items()), "recent": list(self._recent.items())}
 
@@ -143,13 +172,11 @@ class LossHistory(Sequence):
 def _known(losses, count: int, from_end: bool, end: int | None = None) -> list:
     """The first (or last) `count` known values of `losses[:end]`, in order, without walking (or copying) the
     whole history."""
-    out = []
     end = len(losses) if end is None else end
     if isinstance(losses, LossHistory):
-        indices = losses.kept(0, end, from_end)
-    else:
-        indices = range(end - 1, -1, -1) if from_end else range(end)
-    for i in indices:
+        return losses.known(count, end, from_end)
+    out = []
+    for i in range(end - 1, -1, -1) if from_end else range(end):
         if losses[i] is not None:
             out.append(losses[i])
             if len(out) == count:

@@ -540,7 +540,7 @@ def test_the_loss_history_is_bounded_and_reads_as_the_full_list_where_the_rules_
     """The loss history kept one value per step for good (32 bytes a step in memory, 9 KB per 1,000 steps in every
     freeze state): now the first LOSS_HEAD readings and the last LOSS_TAIL are kept with their steps, and the rules'
     verdicts on it are those on the full list, with a reading at most steps or only every 25th."""
-    from frzcompile.safety import LOSS_HEAD, LOSS_TAIL, LossHistory
+    from frzcompile.safety import LOSS_HEAD, LOSS_TAIL, LossHistory, _known
 
     def curve(i):
         return 2.0 * math.exp(-i / 900) + 0.05 * math.sin(i)
@@ -555,6 +555,11 @@ def test_the_loss_history_is_bounded_and_reads_as_the_full_list_where_the_rules_
     state = history.state_dict()
     assert len(state["head"]) == LOSS_HEAD and len(state["recent"]) == LOSS_TAIL
     assert LossHistory.from_state(state) == history and LossHistory.from_state(full[:50]) == full[:50]  # (a list)
+    as_list = list(history)  # (its reads walk the kept steps; a list's, every index)
+    for end in (n, n - 37, LOSS_TAIL + 700, LOSS_HEAD + 40, 500, 3, 0):
+        for count in (1, 20, 400, 2 * LOSS_TAIL):
+            for from_end in (False, True):
+                assert _known(history, count, from_end, end) == _known(as_list, count, from_end, end)
     rules = Safeguard()
     assert rules.reach <= LOSS_TAIL
     for end in (n, n - 37, n - rules.steady):

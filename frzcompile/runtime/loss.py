@@ -8,7 +8,8 @@ Where it comes from, per step (the first that is there):
      gradient counts). For cross-entropy with mean reduction that is the RMS
      of softmax(output) - one_hot(label), for a squared error it is proportional to the RMS error: it falls as
      the loss falls. (With a float16 GradScaler its scale moves it: give the loss with observe_loss.)
-Values stay tensors until a policy reads them (`floats()`), so a GPU is synchronised once per read, not per step.
+Values on a GPU stay tensors until a policy reads them (`floats()`), so it is synchronised once per read, not per
+step; on the CPU they are read at the end of each step.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class LossSignal:
         self._gradients: list = []                  # (output position, reading) of this step's output gradients
         self._values = LossHistory()                # per finished step: a float or None (tensors until read)
         self._unread = 0                            # values from this index on may still be tensors
+        self._on_device = 0                         # how many of them are (readings on a GPU, read in one copy)
         self.kind = None                            # the source of the last step's value
         self.enabled = True                         # False: nothing is read (no policy uses the loss)
 
@@ -126,7 +128,12 @@ class LossSignal:
         for kind in KINDS[:best + 1]:
             readings = self._step[kind]
             if readings:
-                self._values.append(readings[0] if len(readings) == 1 else _finite_mean(readings))
+                value = readings[0] if len(readings) == 1 else _finite_mean(readings)
+                if value.device.type == "cpu":  # (read now: there is no device to wait for, and `floats` has
+                    value = value.item()        # nothing to copy at the next decision)
+                else:
+                    self._on_device += 1
+                self._values.append(value)
                 self.kind = kind
                 break
         else:
@@ -138,9 +145,12 @@ class LossSignal:
         and the last few thousand are not kept: see LossHistory). The history itself, not a copy: read it, do not
         change it (a policy reads it every few steps over runs of any length)."""
         values = self._values
-        pending = [i for i in values.kept(self._unread, len(values)) if isinstance(values[i], torch.Tensor)]
-        for i, v in zip(pending, host_floats([values[i] for i in pending])):
-            values[i] = v
+        if self._on_device:
+            pending = [i for i in values.kept(self._unread, len(values), from_end=True)  # (the new steps alone)
+                       if isinstance(values[i], torch.Tensor)][::-1]
+            for i, v in zip(pending, host_floats([values[i] for i in pending])):
+                values[i] = v
+            self._on_device = 0
         self._unread = len(values)
         return values
 
@@ -149,5 +159,5 @@ class LossSignal:
 
     def load_state_dict(self, state: dict) -> None:
         self._values = LossHistory.from_state(state["history"] if "history" in state else state["values"])
-        self._unread = 0
+        self._unread = self._on_device = 0
         self.kind = state["kind"]
