@@ -7,6 +7,7 @@ import torch
 
 from . import backend, torch_private
 from .errors import ConfigError
+from .policies import Policy
 from .runtime import FrozenModule
 from .runtime.analysis import OUTSIDE
 from .runtime.loss import DESCRIPTIONS as LOSS_SOURCES
@@ -67,6 +68,11 @@ class Explanation:
         self.policy = repr(fm.policy)
         self.policy_report = fm.policy.report() if hasattr(fm.policy, "report") else []
         self.loss_source = fm.loss_source()
+        # what a policy may freeze (TrainingView.freezable), and the units it keeps training whatever it decides
+        decides = type(fm.policy).decide is not Policy.decide  # (manual and ALaST never change the plan)
+        self.policy_may_freeze = list(fm._view.freezable) if decides else None
+        self.policy_keeps = [u for u in fm.units if self.policy_may_freeze is not None
+                             and u not in self.policy_may_freeze and u not in fm.frozen]
         self.step = fm.step_count
         plan = fm.plan
         prefix = set(fm.frozen_prefix)
@@ -194,6 +200,9 @@ class Explanation:
             lines.append(f"  loss signal: {self.loss_source}" + (
                 "; the loss values the rules quote below are this proxy's, not your loss's" if proxy else ""))
         lines += [f"  {line}" for line in self.policy_report]
+        if self.policy_keeps:
+            lines.append(f"  never frozen by the policy: {', '.join(self.policy_keeps)} (no unit downstream of "
+                         "them trains, or they come after the last unit that trains)")
         for merged, why in self.merges.items():
             lines.append(f"merged unit {merged}: {why}")
         for u, names in self.adopted.items():

@@ -406,6 +406,7 @@ def test_heads_combined_inside_the_model_stay_heads():
     graph = fm.unit_graph
     assert graph.dag.has_edge("head_a", "head_b") and not graph.feeds.has_edge("head_a", "head_b")  # (the sum)
     assert fm._view.freezable == ["a", "b", "c"]
+    assert "never frozen by the policy: head_a, head_b (no unit downstream" in str(frzcompile.explain(fm))
     for _ in range(8):
         before = model.head_a.weight.detach().clone()
         fm(x, y, z).backward()
