@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .errors import UnitError
+from .inplace import reads_of_writes
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -199,6 +200,7 @@ class UnitGraph:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, unit_names):
         names = list(unit_names)
         self.node_unit: dict[fx.Node, str] = {}
+        self._written = reads_of_writes(gm.graph)  # node -> in-place writes it reads (not in its inputs)
         self._alias = {n: n for n in names}  # requested unit name -> unit it ended up in (after merges)
         self._paths = self._all_paths(model, names)  # every module path of a unit root, aliases included
         self.merges: dict = {}                        # merged unit -> why
@@ -308,7 +310,7 @@ class UnitGraph:
         for n in nodes:
             if n in self.node_unit or _is_input_guard(n):
                 continue
-            units = {self.node_unit[a] for a in n.all_input_nodes if a in self.node_unit}
+            units = {self.node_unit[a] for a in self._inputs(n) if a in self.node_unit}
             if units:
                 self.node_unit[n] = max(units, key=lambda u: start[u])
             else:
@@ -324,12 +326,17 @@ class UnitGraph:
                 self.node_unit[n] = self.node_unit[min(users, key=order.get)]
                 self._from_inputs.add(n)
 
+    def _inputs(self, node) -> list:
+        """The nodes `node` reads: its inputs, and the in-place writes into them before it."""
+        extra = self._written.get(node)
+        return node.all_input_nodes + extra if extra else node.all_input_nodes
+
     def _build_dag(self):
         import networkx as nx
         dag = nx.DiGraph()
         dag.add_nodes_from(set(self.node_unit.values()))
         for node, u in self.node_unit.items():
-            for a in node.all_input_nodes:
+            for a in self._inputs(node):
                 v = self.node_unit.get(a)
                 if v is not None and v != u and a.op != "get_attr" and a not in self._from_inputs:
                     dag.add_edge(v, u, via=(a.name, node.name))
@@ -346,7 +353,7 @@ class UnitGraph:
         feeds.add_nodes_from(set(self.node_unit.values()))
         carried = {}  # node -> the units whose module results it carries
         for node in gm.graph.nodes:
-            inputs = set().union(*(carried.get(a, ()) for a in node.all_input_nodes
+            inputs = set().union(*(carried.get(a, ()) for a in self._inputs(node)
                                    if a.op != "get_attr" and a not in self._from_inputs))
             if node in self._traced:
                 u = self.node_unit[node]

@@ -423,3 +423,55 @@ def test_heads_combined_inside_the_model_stay_heads():
         input_ids=ids, labels=ids, next_sentence_label=torch.zeros(2, dtype=torch.long)), policy="linear", total_steps=10)
     assert "cls.predictions" in fm.units and "cls.predictions" not in fm._view.freezable
     assert fm._view.freezable[-1] == "bert.pooler"
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export"])
+def test_units_see_data_written_in_place(method):
+    """Branch outputs accumulated in place (`acc.add_(branch(h))`, `buf[:, :8] = a(x)`) and then read by a later
+    unit: the trace records the read on the tensor's node from before the writes, so the unit graphs had no edge
+    from the branches. They looked like heads, and a policy never froze them (half the units of a probe's model);
+    explain called the reader part of the frozen prefix while the branches trained."""
+    D = 8
+
+    def block():
+        return torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU(), torch.nn.Linear(D, D))
+
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.branches, self.mix = block(), torch.nn.ModuleList([block() for _ in range(2)]), block()
+            self.a, self.b, self.c = block(), block(), torch.nn.Linear(2 * D, D)
+            self.head = torch.nn.Linear(2 * D, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            acc = torch.zeros_like(h)
+            for branch in self.branches:
+                acc.add_(branch(h))
+            buf = torch.cat([torch.zeros_like(x), torch.zeros_like(x)], 1)
+            buf.narrow(1, 0, D).copy_(self.a(x))  # (writes into views; export records `buf[:, :D] = ...` so)
+            buf.narrow(1, D, D).add_(self.b(x))
+            return self.head(torch.cat([self.mix(acc), self.c(buf)], 1))
+
+    torch.manual_seed(0)
+    model, x = Branches(), torch.randn(4, D)
+    reference = copy.deepcopy(model)
+    fm = frzcompile.optimize(model, (x,), policy="manual", capture_method=method)
+    graph = fm.unit_graph
+    for reader, writers in (("mix", ("branches.0", "branches.1")), ("c", ("a", "b"))):
+        for w in writers:
+            assert nx_has_path(graph.feeds, w, reader) and nx_has_path(graph.dag, w, reader), (method, w, reader)
+    assert set(fm._view.freezable) == set(fm.units) - {"head"}
+    fm.freeze("stem", "mix", "c")
+    assert fm.frozen_prefix == ("stem",)  # (mix and c read branches that train)
+    for name in ("stem", "mix", "c"):
+        reference.get_submodule(name).requires_grad_(False)
+    fm(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+
+
+def nx_has_path(dag, a, b) -> bool:
+    import networkx as nx
+    return nx.has_path(dag, a, b)
