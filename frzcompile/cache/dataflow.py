@@ -160,10 +160,16 @@ class DataflowProbe(TorchFunctionMode):
                 self._problem(f"the frozen prefix calls {_UNCOUNTED_WRITES[func]}, which updates buffers without "
                               "torch's version counters seeing it (when its observer is on), and serving would skip "
                               "those updates")
-            if any(self._known(t) not in self._internal for t in changed):
-                name = getattr(func, "__name__", str(func))
+            # (through a view, the tensor changed is the view's base: `x[:, :2] *= 2` changes x)
+            bases = [self._known(t if t._base is None else t._base) for t in changed]
+            name = getattr(func, "__name__", str(func))
+            if any(b not in self._internal for b in bases):
                 self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
                               "serving from the cache would skip")
+            elif any(b in self._leaves for b in bases):
+                self._problem(f"a frozen unit changes another's output in place ({name}: an in-place activation "
+                              "on its input, read again by the code around it), and the cache would serve that "
+                              "output as it was before the change")
             for t in outputs:
                 if id(t) not in input_ids:
                     self._internal.add(self._serial(t, new=True))
