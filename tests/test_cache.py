@@ -972,6 +972,40 @@ def test_a_frozen_unit_changing_another_units_output_in_place_is_refused(change)
     assert "in place" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
 
 
+def test_in_place_changes_the_prefix_may_make_stay_cached():
+    """What the refusals above must not catch: a unit changing in place its own result that is a view of a tensor
+    its operation made (F.linear on a 3-d input returns a view of its matmul's result; the first version of the
+    view check refused it), and a unit changing another's output that nothing else reads."""
+    class Own(nn.Module):
+        def __init__(self, first=False):
+            super().__init__()
+            self.l, self.first = nn.Linear(16, 16), first
+
+        def forward(self, x):
+            if self.first:
+                x.mul_(1.5)  # the previous unit's output, read by nothing else
+            return self.l(x).relu_()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = Own(), Own(first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 5, 16)
+    fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False))
+    fm.freeze("a", "b")
+    with torch.no_grad():
+        outs = [fm(x) for _ in range(3)]
+        expected = _uncached(fm, x)
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert fm.cache.report()["decision"].startswith("on") and fm.cache.stats["hits"] == 2 * 8
+
+
 def test_hooks_around_the_prefix_make_the_cache_step_aside():
     model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"])
     fm.freeze("b.0")

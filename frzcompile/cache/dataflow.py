@@ -47,6 +47,11 @@ def _by_name(func, kwargs) -> bool:
     return changes_in_place(getattr(func, "__name__", ""), kwargs)
 
 
+def _base(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory `t` views (`t` itself when it is no view)."""
+    return t if t._base is None else t._base
+
+
 def _tensors(obj):
     leaves, _ = tree_flatten(obj)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -95,6 +100,8 @@ class DataflowProbe(TorchFunctionMode):
         self._next = 0
         self._internal: set = set()   # serials of tensors made inside prefix calls
         self._leaves: dict = {}       # serial -> [(key, leaf index)]
+        self._leaf_bases: dict = {}   # serial of a leaf's base -> the leaves viewing it (or itself)
+        self._changed_leaves: set = set()  # (leaf serial, operation) changed in place by a later prefix call
         self._ops: list = []          # outside prefix calls: (input serials, output serials, sink)
         self._last_prefix_op = -1     # index into _ops when the last prefix call returned
         self._state_changed_early: list = []  # op indexes that changed model state outside prefix calls
@@ -161,18 +168,22 @@ class DataflowProbe(TorchFunctionMode):
                               "torch's version counters seeing it (when its observer is on), and serving would skip "
                               "those updates")
             # (through a view, the tensor changed is the view's base: `x[:, :2] *= 2` changes x)
-            bases = [self._known(t if t._base is None else t._base) for t in changed]
+            bases = [self._known(_base(t)) for t in changed]
             name = getattr(func, "__name__", str(func))
             if any(b not in self._internal for b in bases):
                 self._problem(f"the frozen prefix changes a tensor it did not create in place ({name}), which "
                               "serving from the cache would skip")
-            elif any(b in self._leaves for b in bases):
-                self._problem(f"a frozen unit changes another's output in place ({name}: an in-place activation "
-                              "on its input, read again by the code around it), and the cache would serve that "
-                              "output as it was before the change")
+            for t, b in zip(changed, bases):  # another call's output (judged in `result`: if it is stored)
+                hit = self._leaf_bases.get(b, set()) | ({self._known(t)} & self._leaves.keys())
+                self._changed_leaves.update((serial, name) for serial in hit)
+            input_bases = {id(_base(t)) for t in inputs}
             for t in outputs:
                 if id(t) not in input_ids:
                     self._internal.add(self._serial(t, new=True))
+                    # an output that views a tensor the operation made and did not return (F.linear on a 3-d
+                    # input returns a view of its matmul's result): that tensor is the prefix's own too
+                    if t._base is not None and id(t._base) not in input_bases and self._known(t._base) is None:
+                        self._internal.add(self._serial(t._base, new=True))
             return out
         ins = tuple(self._serial(t) for t in inputs)
         self._seen_read.update(ins)
@@ -225,6 +236,7 @@ class DataflowProbe(TorchFunctionMode):
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
                 self._leaves.setdefault(self._serial(leaf), []).append((key, i))
+                self._leaf_bases.setdefault(self._serial(_base(leaf)), set()).add(self._serial(leaf))
         self._last_prefix_op = len(self._ops)
 
     @contextlib.contextmanager
@@ -254,6 +266,12 @@ class DataflowProbe(TorchFunctionMode):
                 res.needed.update(leaves)
             else:
                 res.standins.update(leaves)
+        for serial, name in sorted(self._changed_leaves):
+            if any(leaf in res.needed for leaf in self._leaves[serial]):
+                res.problems.append(f"a frozen unit changes another's output in place ({name}: an in-place "
+                                    "activation on its input), which the code around reads: the cache would serve "
+                                    "that output as it was before the change")
+                break
         if any(serial in self._internal and serial not in self._leaves for serial in live):
             res.problems.append("a tensor computed inside the frozen prefix leaves it other than as a unit's "
                                 "output (e.g. a key/value cache filled inside: call a decoder with use_cache=False "
