@@ -7,7 +7,7 @@ import torch
 
 from . import backend, torch_private
 from .errors import ConfigError
-from .policies import Policy
+from .policies import AutoFreeze, Linear, SmartFRZ
 from .runtime import FrozenModule
 from .runtime.analysis import OUTSIDE
 from .runtime.loss import DESCRIPTIONS as LOSS_SOURCES
@@ -69,8 +69,8 @@ class Explanation:
         self.policy_report = fm.policy.report() if hasattr(fm.policy, "report") else []
         self.loss_source = fm.loss_source()
         # what a policy may freeze (TrainingView.freezable), and the units it keeps training whatever it decides
-        decides = type(fm.policy).decide is not Policy.decide  # (manual and ALaST never change the plan)
-        self.policy_may_freeze = list(fm._view.freezable) if decides else None
+        shipped = isinstance(fm.policy, (SmartFRZ, Linear, AutoFreeze))  # (they keep to it; a policy of yours may not)
+        self.policy_may_freeze = list(fm._view.freezable) if shipped else None
         self.policy_keeps = [u for u in fm.units if self.policy_may_freeze is not None
                              and u not in self.policy_may_freeze and u not in fm.frozen]
         self.step = fm.step_count

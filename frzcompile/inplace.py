@@ -15,19 +15,31 @@ def changes_in_place(name: str, kwargs) -> bool:
         or kwargs.get("out") is not None or kwargs.get("inplace") is True
 
 
-# Calls whose result may share its first argument's memory (a view, or a reshape that returns one): a write through
-# it is a write to that tensor. Names as `changes_in_place` takes them; ATen operators say so in their schema.
+# Calls whose result may share its first argument's memory (a view, or a call that returns its input or a view
+# of it when nothing changes): a write through it is a write to that tensor. Names as `changes_in_place` takes
+# them, and attributes read by symbolic_trace's `getattr` nodes; ATen operators say so in their schema.
 VIEW_NAMES = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select",
-                        "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "t", "chunk",
-                        "split", "unbind", "detach", "movedim", "swapaxes", "swapdims", "diagonal", "unfold",
-                        "as_strided", "contiguous", "getitem", "__getitem__", "real", "imag", "view_as_real",
-                        "view_as_complex"})
+                        "expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "flatten", "unflatten",
+                        "ravel", "t", "chunk", "split", "split_with_sizes", "tensor_split", "unbind", "detach",
+                        "alias", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "as_strided",
+                        "contiguous", "to", "type_as", "float", "getitem", "__getitem__", "real", "imag",
+                        "view_as_real", "view_as_complex"})
+VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+# writes that replace what they write into, without reading it first
+OVERWRITES = frozenset({"copy_", "fill_", "zero_", "setitem", "__setitem__"})
 
 
 def _call_name(node) -> str:
     if node.op == "call_method":
         return str(node.target)
-    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    if node.op != "call_function":
+        return ""
+    packet = getattr(node.target, "overloadpacket", None)  # (an ATen operator: aten.copy_.default -> "copy_")
+    return getattr(packet if packet is not None else node.target, "__name__", "")
+
+
+def _argument(node, schema, i, argument):
+    return node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
 
 
 def _written(node) -> list:
@@ -37,7 +49,7 @@ def _written(node) -> list:
         out = []
         for i, argument in enumerate(schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:
-                value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+                value = _argument(node, schema, i, argument)
                 out += value if isinstance(value, (list, tuple)) else [value]
         return [v for v in out if hasattr(v, "op")]
     if node.op in ("call_method", "call_function") and changes_in_place(_call_name(node), node.kwargs):
@@ -46,27 +58,48 @@ def _written(node) -> list:
     return []
 
 
-def _aliases_input(node) -> bool:
+def _aliased(node):
+    """The argument node whose memory the node's result shares, or None."""
     schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-    if schema is not None:
-        return bool(schema.returns) and schema.returns[0].alias_info is not None
-    return _call_name(node) in VIEW_NAMES or bool(_written(node))  # (an in-place call returns the tensor it changed)
+    if schema is not None:  # the argument whose alias set the first result's is (`add.out` returns `out`)
+        if not schema.returns or schema.returns[0].alias_info is None:
+            return None
+        sets = schema.returns[0].alias_info.before_set
+        for i, argument in enumerate(schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.before_set == sets:
+                value = _argument(node, schema, i, argument)
+                return value if hasattr(value, "op") else None
+        return None
+    first = node.args[0] if node.args else None
+    if not hasattr(first, "op"):
+        return None
+    if node.op == "call_function" and node.target is getattr:
+        return first if len(node.args) > 1 and node.args[1] in VIEW_ATTRIBUTES else None
+    written = _written(node)  # (an in-place call returns the tensor it changed)
+    return written[0] if written else first if _call_name(node) in VIEW_NAMES else None
 
 
 def reads_of_writes(graph) -> dict:
     """node -> the in-place writes it reads: the calls that changed, earlier in the graph, a tensor it reads or
     shares memory with (`acc.add_(branch(h))` then `mix(acc)`: mix reads acc's node, which the trace recorded before
-    the writes; export's `buf[:, :16] = a(x)` is a `copy_` into a slice of buf). Graph edges alone miss them."""
+    the writes; export's `buf[:, :16] = a(x)` is a `copy_` into a slice of buf). Graph edges alone miss them. A
+    view reads no values (its readers do), and a write that replaces what it writes into does not read it."""
     base, writes, out = {}, {}, {}
     for node in graph.nodes:
-        found = []
-        for a in node.all_input_nodes:
-            found += [w for w in writes.get(base.get(a, a), ()) if w is not node]
-        if found:
-            out[node] = list(dict.fromkeys(found))
-        first = node.args[0] if node.args else None
-        if hasattr(first, "op") and _aliases_input(node):
-            base[node] = base.get(first, first)
-        for w in _written(node):
+        if node.op == "get_attr":  # (symbolic_trace reads a buffer anew at each use: one tensor per target)
+            base[node] = base.setdefault(("get_attr", node.target), node)
+        aliased = _aliased(node)
+        written = _written(node)
+        skip = set(written) if _call_name(node) in OVERWRITES else set()
+        if aliased is None or written:
+            found = []
+            for a in node.all_input_nodes:
+                if a not in skip:
+                    found += [w for w in writes.get(base.get(a, a), ()) if w is not node]
+            if found:
+                out[node] = list(dict.fromkeys(found))
+        if aliased is not None:
+            base[node] = base.get(aliased, aliased)
+        for w in written:
             writes.setdefault(base.get(w, w), []).append(node)
     return out

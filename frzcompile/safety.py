@@ -129,6 +129,8 @@ class LossHistory(Sequence):
         policy's rules read a few hundred every decision, and a walk of `kept` indexing each cost a millisecond."""
         stop = min(end, self._order[0] if self._order else self._length)  # (older readings: the head alone)
         out = []
+        if count <= 0:
+            return out
         if from_end:
             for step in reversed(self._order):
                 if step < end:

@@ -472,6 +472,38 @@ def test_units_see_data_written_in_place(method):
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
 
 
+@pytest.mark.parametrize("method", ["symbolic_trace", "export"])
+def test_writes_into_a_buffer_and_into_separate_slices(method):
+    """A buffer written in place and read later (symbolic_trace reads a buffer anew at each use: the write and the
+    read were different nodes, and unit a fed nothing), and two writes into separate slices of one tensor (each
+    replaces what it writes: the second does not read the first, so b does not depend on a)."""
+    D = 8
+
+    class Writes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(D, D), torch.nn.Linear(D, D), torch.nn.Linear(D, D)
+            self.d, self.head = torch.nn.Linear(2 * D, D), torch.nn.Linear(2 * D, 3)
+            self.register_buffer("memory", torch.zeros(4, D))
+
+        def forward(self, x):
+            self.memory.copy_(self.a(x))
+            h = self.c(self.memory + x)
+            buf = torch.cat([torch.zeros_like(x), torch.zeros_like(x)], 1)
+            buf.narrow(1, 0, D).copy_(self.b(x))
+            buf.narrow(1, D, D).copy_(h)
+            return self.head(torch.cat([h, self.d(buf)], 1))
+
+    torch.manual_seed(0)
+    fm = frzcompile.optimize(Writes(), (torch.randn(4, D),), policy="manual", capture_method=method)
+    graph = fm.unit_graph
+    assert graph.dag.has_edge("a", "c") and graph.feeds.has_edge("a", "c")
+    assert graph.feeds.has_edge("b", "d") and graph.feeds.has_edge("c", "d")
+    assert not nx_has_path(graph.dag, "b", "c") and not nx_has_path(graph.dag, "c", "b")
+    fm.freeze("b")
+    assert fm.frozen_prefix == ("b",)
+
+
 def nx_has_path(dag, a, b) -> bool:
     import networkx as nx
     return nx.has_path(dag, a, b)
