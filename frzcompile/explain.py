@@ -9,6 +9,7 @@ from . import backend, torch_private
 from .errors import ConfigError
 from .policies import AutoFreeze, Linear, SmartFRZ
 from .runtime import FrozenModule
+from .runtime.plan import MAX_CHANGES
 from .runtime.analysis import OUTSIDE
 from .runtime.loss import DESCRIPTIONS as LOSS_SOURCES
 
@@ -106,6 +107,7 @@ class Explanation:
         self.builds = fm.analysis.builds
         self.build_seconds = fm.analysis.seconds
         self.plan_changes = list(plan.changes)
+        self.plan_change_count = plan.change_count
         frozen = plan.frozen_params()
         self.frozen_params = sum(p.numel() for p in frozen if not p.requires_grad)
         self.trained_by_hand = sum(p.numel() for p in frozen if p.requires_grad)  # requires_grad_(True) by hand
@@ -278,9 +280,9 @@ class Explanation:
             lines.append("activation cache: off (optimize(..., cache=True) turns it on)")
         lines.append("what runs: " + "; ".join(self.runs))
         lines.append(f"analysis graphs built: {self.builds} ({1000 * self.build_seconds:.0f} ms in all); "
-                     f"plan changes: {len(self.plan_changes)}")
-        if len(self.plan_changes) > 5:
-            lines.append(f"  (the last 5 of {len(self.plan_changes)}; all in fm.plan.changes)")
+                     f"plan changes: {self.plan_change_count}")
+        if self.plan_change_count > 5:
+            lines.append(f"  (the last 5 of {self.plan_change_count}; fm.plan.changes keeps the newest {MAX_CHANGES:,})")
         for step, frozen, reason in self.plan_changes[-5:]:
             lines.append(f"  step {step}: {reason} -> frozen {list(frozen) or 'nothing'}")
         if self.compiled is not None:

@@ -138,6 +138,24 @@ def test_recompile_limit_is_reported(x):
     # still correct: that plan ran eagerly, with the frozen units frozen
     out.sum().backward()
     assert fm.model.mid[0].weight.grad is None and fm.model.head.weight.grad is not None
+    # back to that plan again and again (a policy thawing and freezing): no new attempt, warning or backend each
+    # time (each kept a backend object in torch for good, and its plan again in eager_plans)
+    plans = [(), ("stem",), ("stem", "mid"), ("mid",), ("mid", "head"), ("head",)]  # more than the 4 kept
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
+        warnings.simplefilter("ignore", backend.RecompileBudgetWarning)
+        for frozen in plans:  # the first round: the plans beyond the limit run eagerly, each said once
+            fm.unfreeze(*fm.units)
+            if frozen:
+                fm.freeze(*frozen)
+            fm(x)
+        eager = len(fm.compiled.eager_plans)
+        warnings.simplefilter("error", backend.RecompileBudgetWarning)
+        for frozen in plans * 2:
+            fm.unfreeze(*fm.units)
+            if frozen:
+                fm.freeze(*frozen)
+            fm(x)
+    assert eager == len(fm.compiled.eager_plans) == len(set(fm.compiled.eager_plans)) >= 3
 
 
 def test_recompile_limit_can_raise(x):

@@ -1,5 +1,6 @@
 """Runtime behaviour: modes, optimizer surgery, plan changes, checkpoint and resume."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -491,3 +492,30 @@ def test_a_hugging_face_model_captured_by_export_stays_swappable(swap_on_convers
     fm.double()
     assert model.bert.encoder.layer[0].output.dense.weight.dtype == torch.float64
     assert fm(input_ids=ids).logits.dtype == torch.float64
+
+
+def test_long_loops_keep_bounded_records():
+    """A loop whose steps are never counted (an update by hand, no fm.step()) kept one loss reading per call for
+    good (5,000 tensors after 5,000 calls, a probe's count); a loop toggling units by hand, one plan change each."""
+    from frzcompile.runtime.loss import MAX_READINGS
+    from frzcompile.runtime.plan import MAX_CHANGES
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), torch.randn(3, 4)
+    fm = frzcompile.optimize(model, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", frzcompile.NoStepWarning)
+        for _ in range(MAX_READINGS + 20):
+            fm(x).square().mean().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+    assert fm.step_count == 0 and len(fm._loss._gradients) == MAX_READINGS
+    fm.step()
+    assert fm._loss._gradients == [] and len(fm.losses()) == 1
+    for _ in range(MAX_CHANGES // 2 + 3):
+        fm.freeze("0")
+        fm.unfreeze("0")
+    assert len(fm.plan.changes) == MAX_CHANGES and fm.plan.change_count == MAX_CHANGES + 6
+    assert f"plan changes: {MAX_CHANGES + 6}" in str(frzcompile.explain(fm))

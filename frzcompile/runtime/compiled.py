@@ -32,6 +32,8 @@ class CompiledExecutor:
 
     def __call__(self, args, kwargs, frozen: frozenset, frozen_names: list):
         key = (frozen, self.model.training, torch_private.hook_ids(self.model.modules()), tuple(frozen_names))
+        if key in self.eager_plans:  # Dynamo compiled nothing for it before: no new attempt (each made a backend
+            return self.model(*args, **kwargs)  # torch keeps for good, and warned again), the model as it is
         compiled = self._compiled.get(key)
         if compiled is not None:
             self._compiled.move_to_end(key)
@@ -61,6 +63,7 @@ class CompiledExecutor:
                 f"torch._dynamo.config.recompile_limit ({torch_private.recompile_limit()})") from e
         if sum(r.plan == key for r in self.log) == before:
             self.eager_plans.append(key)
+            del self._compiled[key]
             warnings.warn(
                 f"frzcompile: Dynamo compiled no graph for the plan frozen={sorted(frozen)} (it hit "
                 f"torch._dynamo.config.recompile_limit={torch_private.recompile_limit()}, or skipped the frame)"

@@ -45,6 +45,8 @@ def _returned_loss(out):
 
 
 MAX_HOOKED = 4  # output tensors watched per call
+MAX_READINGS = 256  # readings kept per step and source (accumulation over more micro-batches: the first 256;
+# a loop whose steps are never counted, no torch optimizer and no fm.step(), kept one per call for good)
 
 
 def _norm(grad):
@@ -94,7 +96,8 @@ class LossSignal:
         loss = _returned_loss(out)
         if loss is not None:
             if not traced_or_transformed(loss):  # (torch.export, torch.func's vmap/grad: no step's loss)
-                self._step["returned"].append(loss.detach().float().mean())  # a copy: the caller may change loss
+                if len(self._step["returned"]) < MAX_READINGS:
+                    self._step["returned"].append(loss.detach().float().mean())  # a copy: the caller may change it
             return
         if self.kind == "returned":  # the proxy is no longer read: no hooks
             return
@@ -107,7 +110,8 @@ class LossSignal:
 
             def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):
                 signal = me()
-                if signal is not None and not traced_or_transformed(grad):  # (a batched backward: a jacobian)
+                if signal is not None and not traced_or_transformed(grad) and \
+                        len(signal._gradients) < MAX_READINGS:  # (traced: a batched backward, a jacobian)
                     signal._gradients.append((position, _norm(grad.detach()) * scale))
 
             t.register_hook(hook)
@@ -116,7 +120,8 @@ class LossSignal:
         if not self.enabled:
             return
         value = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        self._step["observed"].append(value)
+        if len(self._step["observed"]) < MAX_READINGS:
+            self._step["observed"].append(value)
 
     def end_step(self) -> None:
         if self._gradients:

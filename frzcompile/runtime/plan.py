@@ -84,6 +84,9 @@ def _drop_state(optimizers, p) -> None:
             opt.state.pop(p, None)
 
 
+MAX_CHANGES = 1000  # plan changes kept in the log (newest)
+
+
 class FreezePlan:
     """Which units are frozen, since which step, and the log of changes."""
 
@@ -91,7 +94,8 @@ class FreezePlan:
         self.unit_graph = unit_graph
         self.frozen: frozenset = frozenset()
         self.since: dict = {}
-        self.changes: list = []  # (step, frozen units in order, reason)
+        self.changes: list = []  # (step, frozen units in order, reason), the newest MAX_CHANGES
+        self.change_count = 0    # all of them
         self._initial_requires_grad = ByParameter(  # parameter -> its flag to give back
             (p, p.requires_grad) for u in unit_graph.units.values() for p in u.params)
         self._default_by_name = {n: p.requires_grad for u in unit_graph.units.values()
@@ -186,6 +190,8 @@ class FreezePlan:
         self.enforce_eval()
         change = PlanChange(frozen, newly, thawed, self.prefix, step, reason)
         self.changes.append((step, self.ordered(), reason))
+        self.change_count += 1
+        del self.changes[:-MAX_CHANGES]  # (a loop toggling units by hand: the newest are kept)
         log.info("step %d: frozen=%s (%s)", step, list(self.ordered()), reason)
         return change
 
