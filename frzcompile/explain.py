@@ -203,8 +203,10 @@ class Explanation:
                 "; the loss values the rules quote below are this proxy's, not your loss's" if proxy else ""))
         lines += [f"  {line}" for line in self.policy_report]
         if self.policy_keeps:
+            one = len(self.policy_keeps) == 1
             lines.append(f"  never frozen by the policy: {', '.join(self.policy_keeps)} (no unit downstream of "
-                         "them trains, or they come after the last unit that trains)")
+                         f"{'it' if one else 'them'} trains, or {'it comes' if one else 'they come'} after the last "
+                         "unit that trains)")
         for merged, why in self.merges.items():
             lines.append(f"merged unit {merged}: {why}")
         for u, names in self.adopted.items():
