@@ -802,6 +802,15 @@ def _chain(forward, units, extra=None):
                                          cache=CacheConfig(check_cost=False))
 
 
+def _three_calls_as_uncached(fm, x):
+    """Three calls on one batch (the last two may be served), each equal to the uncached forward."""
+    with torch.no_grad():
+        outs = [fm(x) for _ in range(3)]
+        expected = _uncached(fm, x)
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def _uncached(fm, *args, **kwargs):
     enabled, fm.cache.enabled = fm.cache.enabled, False
     try:
@@ -966,11 +975,7 @@ def test_a_frozen_unit_changing_another_units_output_in_place_is_refused(change)
 
     model, x, fm = _chain(forward, ["b.0", "b.1", "head"], extra=lambda m: m.b.__setitem__(1, Changes()))
     fm.freeze("b.0", "b.1")
-    with torch.no_grad():
-        outs = [fm(x) for _ in range(3)]
-        expected = _uncached(fm, x)
-    for out in outs:
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    _three_calls_as_uncached(fm, x)
     assert "in place" in fm.cache.report()["decision"] and fm.cache.stats["hits"] == 0
 
 
@@ -1000,11 +1005,7 @@ def test_in_place_changes_the_prefix_may_make_stay_cached():
     model, x = Net(), torch.randn(8, 5, 16)
     fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False))
     fm.freeze("a", "b")
-    with torch.no_grad():
-        outs = [fm(x) for _ in range(3)]
-        expected = _uncached(fm, x)
-    for out in outs:
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    _three_calls_as_uncached(fm, x)
     assert fm.cache.report()["decision"].startswith("on") and fm.cache.stats["hits"] == 2 * 8
 
 
