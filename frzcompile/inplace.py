@@ -58,8 +58,8 @@ def _written(node) -> list:
     return []
 
 
-def _aliased(node):
-    """The argument node whose memory the node's result shares, or None."""
+def _aliased(node, written: list):
+    """The argument node whose memory the node's result shares, or None (`written`: `_written(node)`)."""
     schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
     if schema is not None:  # the argument whose alias set the first result's is (`add.out` returns `out`)
         if not schema.returns or schema.returns[0].alias_info is None:
@@ -75,7 +75,7 @@ def _aliased(node):
         return None
     if node.op == "call_function" and node.target is getattr:
         return first if len(node.args) > 1 and node.args[1] in VIEW_ATTRIBUTES else None
-    written = _written(node)  # (an in-place call returns the tensor it changed)
+    # (an in-place call returns the tensor it changed)
     return written[0] if written else first if _call_name(node) in VIEW_NAMES else None
 
 
@@ -88,8 +88,8 @@ def reads_of_writes(graph) -> dict:
     for node in graph.nodes:
         if node.op == "get_attr":  # (symbolic_trace reads a buffer anew at each use: one tensor per target)
             base[node] = base.setdefault(("get_attr", node.target), node)
-        aliased = _aliased(node)
         written = _written(node)
+        aliased = _aliased(node, written)
         skip = set(written) if _call_name(node) in OVERWRITES else set()
         if aliased is None or written:
             found = []

@@ -200,7 +200,7 @@ class UnitGraph:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, unit_names):
         names = list(unit_names)
         self.node_unit: dict[fx.Node, str] = {}
-        self._written = reads_of_writes(gm.graph)  # node -> in-place writes it reads (not in its inputs)
+        self._writes_read = reads_of_writes(gm.graph)  # node -> in-place writes it reads (not in its inputs)
         self._alias = {n: n for n in names}  # requested unit name -> unit it ended up in (after merges)
         self._paths = self._all_paths(model, names)  # every module path of a unit root, aliases included
         self.merges: dict = {}                        # merged unit -> why
@@ -328,7 +328,7 @@ class UnitGraph:
 
     def _inputs(self, node) -> list:
         """The nodes `node` reads: its inputs, and the in-place writes into them before it."""
-        extra = self._written.get(node)
+        extra = self._writes_read.get(node)
         return node.all_input_nodes + extra if extra else node.all_input_nodes
 
     def _build_dag(self):

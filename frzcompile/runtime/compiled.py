@@ -27,7 +27,7 @@ class CompiledExecutor:
         self.model = model
         self.config = config
         self.log: list = []          # GraphCompile of every graph compiled for this module, oldest first
-        self.eager_plans: list = []  # plan keys Dynamo compiled no graph for (recompile limit)
+        self.eager_plans: set = set()  # plan keys Dynamo compiled no graph for (recompile limit)
         self._compiled: OrderedDict = OrderedDict()
 
     def __call__(self, args, kwargs, frozen: frozenset, frozen_names: list):
@@ -62,7 +62,7 @@ class CompiledExecutor:
                 f"no graph could be compiled for the plan frozen={sorted(frozen)}: Dynamo hit "
                 f"torch._dynamo.config.recompile_limit ({torch_private.recompile_limit()})") from e
         if sum(r.plan == key for r in self.log) == before:
-            self.eager_plans.append(key)
+            self.eager_plans.add(key)
             del self._compiled[key]
             warnings.warn(
                 f"frzcompile: Dynamo compiled no graph for the plan frozen={sorted(frozen)} (it hit "
