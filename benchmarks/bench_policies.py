@@ -16,7 +16,7 @@ Reports final test accuracy, training wall-clock (evaluation excluded) and speed
 training FLOPs (torch.utils.flop_counter over every 20th step, times 20) and the SmartFRZ policy's own cost;
 writes a freeze-timeline PNG per run.
 
-    python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR]
+    python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR] [--epochs E]
                                         [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache]
 """
 import json
@@ -194,17 +194,20 @@ def main():
     def more(parser):
         parser.add_argument("--policies", default=",".join(POLICIES),
                             help=f"comma-separated, from {', '.join(VARIANTS)} (full first)")
+        parser.add_argument("--epochs", type=int, default=None,
+                            help="training epochs (default: the workload's, 6 for fashion, 2 for minilm, 3 for trec)")
 
     args = workload_args(__doc__, more, workloads=("fashion", "minilm", "trec"))
     names = args.policies.split(",")
     if names[0] != "full" or any(n not in VARIANTS for n in names):
         raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}")
     everything = {"machine": args.machine, "workloads": []}
+    suffix = ("" if args.seed == 0 else f"_seed{args.seed}") + ("" if args.epochs is None else f"_epochs{args.epochs}")
     for key, load in (("fashion", fashion), ("minilm", minilm), ("trec", trec)):
         if args.only and key != args.only:
             continue
-        label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed)
-        suffix = "" if args.seed == 0 else f"_seed{args.seed}"
+        label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed, **(
+            {} if args.epochs is None else {"epochs": args.epochs}))
         print(f"  {key}:", flush=True)
         by_name = side_by_side(names, epochs, args.seed,
                                lambda name: run(name, base, train, test, epochs, batch, make_opt, seed=args.seed))
@@ -228,7 +231,7 @@ def main():
                      "FLOPs saved", "policy cost", "units frozen at end", "cache hit rate"), rows)
         print()
         everything["workloads"].append({"workload": label, "results": results})
-    with open(os.path.join(args.out, f"policies{'' if args.seed == 0 else f'_seed{args.seed}'}.json"), "w") as f:
+    with open(os.path.join(args.out, f"policies{suffix}.json"), "w") as f:
         json.dump(everything, f, indent=1, default=str)
 
 
