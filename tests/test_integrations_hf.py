@@ -131,6 +131,31 @@ def test_resume_from_checkpoint_restores_the_plan(tmp_path):
     assert moved_cb.fm.frozen == full_cb.fm.frozen
 
 
+def test_alast_resumed_through_the_callback_equals_the_run_uninterrupted(tmp_path):
+    """The callback's first training call (which runs optimize()) runs through the FrozenModule: under ALaST it
+    drops tokens and moves the budgets like every other step, so a resumed run has no extra full-token step."""
+    def callback():
+        return FreezeCallback(policy=frzcompile.ALaST(k=2, temperature=2.0))
+
+    full_cb = callback()
+    full = run(tmp_path, full_cb)
+    assert len(full_cb.fm.policy.log) == 10 and full_cb.fm.policy.log[0][2][1] < 1  # step 1 kept part of the tokens
+    resumed_cb = callback()
+    resumed = run(tmp_path, resumed_cb, resume=str(tmp_path / "checkpoint-5"))
+    assert resumed_cb.fm.step_count == 10
+    assert resumed_cb.fm.policy.log == full_cb.fm.policy.log
+    a, b = weights(full.model), weights(resumed.model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    # the safety rules read the loss of every step, the first call's (and a resumed run's first) included
+    smart_cb = FreezeCallback(policy="smartfrz")
+    run(tmp_path / "smart", smart_cb)
+    resumed_smart_cb = FreezeCallback(policy="smartfrz")
+    run(tmp_path / "smart", resumed_smart_cb, resume=str(tmp_path / "smart" / "checkpoint-5"))
+    assert None not in list(smart_cb.fm.losses())
+    assert list(resumed_smart_cb.fm.losses()) == list(smart_cb.fm.losses())
+
+
 def test_unknown_option_is_refused():
     with pytest.raises(frzcompile.ConfigError, match="optimize"):
         FreezeCallback(polcy="linear")

@@ -2,14 +2,17 @@
 example batch up front, and drawing one from their data loader would consume its random numbers."""
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
+import weakref
 
 import torch
 
 from ..api import optimize, optimized_by
 from ..errors import ConfigError
 from ..runtime import attached_to
+from ..runtime.module import plain_forward
 
 # optimize()'s keyword arguments that a callback fills in itself
 _FILLED = ("model", "example_inputs", "example_kwargs")
@@ -25,31 +28,47 @@ def check_options(options: dict, owner: str) -> None:
 
 
 class OptimizeAtFirstCall:
-    """Registers a forward pre-hook on `module`; at the module's first call in training mode with grad enabled it
-    removes itself, runs `optimize(module, example_inputs=args, example_kwargs=kwargs, **options())` (the
-    options are read then: the loop's optimizer exists by that time), attaches the result and hands it to
-    `ready(fm)`. That first call itself runs the model's own forward (torch looks the
-    forward up before the pre-hooks run) with the plan `ready` may have loaded already applied."""
+    """Sets `module.forward` (an instance attribute, with the module's signature, as `attach()` does); at the
+    module's first call in training mode with grad enabled it puts the previous forward back, runs
+    `optimize(module, example_inputs=args, example_kwargs=kwargs, **options())` (the options are read then: the
+    loop's optimizer exists by that time), attaches the result, hands it to `ready(fm)` and runs that first call
+    through it, so the first step is like every other (ALaST's token budgets, the loss reading). Calls before it
+    (evaluation, no grad) run the previous forward. A copy of the module (deepcopy, pickle) gets a plain forward."""
 
     def __init__(self, module: torch.nn.Module, options, ready):
         self.options = options
         self.ready = ready
-        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._module = weakref.ref(module)
+        self._previous = module.__dict__.get("forward")  # an instance forward set before (None: the class's)
+        self.original = module.forward
+        functools.update_wrapper(self, self.original, updated=())
+        try:
+            self.__signature__ = inspect.signature(self.original)
+        except (TypeError, ValueError):
+            pass
+        module.__dict__["forward"] = self
 
     @property
     def waiting(self) -> bool:
-        return self.handle is not None
+        module = self._module()
+        return module is not None and module.__dict__.get("forward") is self
 
-    def _hook(self, module, args, kwargs):
+    def __call__(self, *args, **kwargs):
+        module = self._module()
+        if module is None or not self.waiting or not (module.training and torch.is_grad_enabled()):
+            return self.original(*args, **kwargs)
         if torch.compiler.is_compiling():  # (the loop compiled the model: Trainer(torch_compile=True)) optimize()
-            return torch.compiler.disable(self._hook)(module, args, kwargs)  # runs outside the trace
-        if not (module.training and torch.is_grad_enabled()):
-            return None
+            torch.compiler.disable(self._start)(module, args, kwargs)  # runs outside the trace
+        else:
+            self._start(module, args, kwargs)
+        return module.forward(*args, **kwargs)  # the attached FrozenModule's
+
+    def _start(self, module, args, kwargs) -> None:
         self.cancel()
         earlier = attached_to(module)
         if earlier is not None:  # an earlier run that ended with an error never detached
             warnings.warn("frzcompile: a FrozenModule from an earlier run was still attached to the model (the run "
-                          "did not end normally); releasing it and starting a new one", stacklevel=2)
+                          "did not end normally); releasing it and starting a new one", stacklevel=3)
             earlier.release()
         earlier = optimized_by(module)
         if earlier is not None:  # an earlier run's (a second trainer.train()): its job is done, its hooks go
@@ -57,9 +76,25 @@ class OptimizeAtFirstCall:
         fm = optimize(module, example_inputs=tuple(args), example_kwargs=dict(kwargs), **self.options())
         fm.attach()
         self.ready(fm)
-        return None
 
     def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        module = self._module()
+        if module is not None and module.__dict__.get("forward") is self:
+            if self._previous is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = self._previous
+
+    def __getattr__(self, name):  # (tools reading the forward's code see the module's own, as AttachedForward)
+        if name in ("__code__", "__globals__", "__func__", "__self__", "__defaults__", "__kwdefaults__",
+                    "__closure__"):
+            return getattr(self.__dict__["original"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __deepcopy__(self, memo):
+        module = self._module()
+        copy_ = memo.get(id(module)) if module is not None else None
+        return plain_forward(copy_) if copy_ is not None else self.original
+
+    def __reduce__(self):  # (a pickled module loads with its class's forward, without frzcompile)
+        return getattr, (self._module(), "forward")
