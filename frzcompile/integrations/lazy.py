@@ -2,17 +2,15 @@
 example batch up front, and drawing one from their data loader would consume its random numbers."""
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
-import weakref
 
 import torch
 
 from ..api import optimize, optimized_by
 from ..errors import ConfigError
 from ..runtime import attached_to
-from ..runtime.module import plain_forward
+from ..runtime.module import InstanceForward
 
 # optimize()'s keyword arguments that a callback fills in itself
 _FILLED = ("model", "example_inputs", "example_kwargs")
@@ -27,34 +25,25 @@ def check_options(options: dict, owner: str) -> None:
                           f"({', '.join(known)})")
 
 
-class OptimizeAtFirstCall:
-    """Sets `module.forward` (an instance attribute, with the module's signature, as `attach()` does); at the
-    module's first call in training mode with grad enabled it puts the previous forward back, runs
-    `optimize(module, example_inputs=args, example_kwargs=kwargs, **options())` (the options are read then: the
-    loop's optimizer exists by that time), attaches the result, hands it to `ready(fm)` and runs that first call
-    through it, so the first step is like every other (ALaST's token budgets, the loss reading). Calls before it
-    (evaluation, no grad) run the previous forward. A copy of the module (deepcopy, pickle) gets a plain forward."""
+class OptimizeAtFirstCall(InstanceForward):
+    """Set as `module.forward` (as `attach()` sets its own); at the module's first call in training mode with grad
+    enabled it puts the previous forward back, runs `optimize(module, example_inputs=args, example_kwargs=kwargs,
+    **options())` (the options are read then: the loop's optimizer exists by that time), attaches the result,
+    hands it to `ready(fm)` and runs that first call through it, so the first step is like every other (ALaST's
+    token budgets, the loss reading). Calls before it (evaluation, no grad) run the previous forward."""
 
     def __init__(self, module: torch.nn.Module, options, ready):
         self.options = options
         self.ready = ready
-        self._module = weakref.ref(module)
-        self._previous = module.__dict__.get("forward")  # an instance forward set before (None: the class's)
-        self.original = module.forward
-        functools.update_wrapper(self, self.original, updated=())
-        try:
-            self.__signature__ = inspect.signature(self.original)
-        except (TypeError, ValueError):
-            pass
-        module.__dict__["forward"] = self
+        super().__init__(module, module.__dict__.get("forward"))
 
     @property
     def waiting(self) -> bool:
-        module = self._module()
+        module = self._model()
         return module is not None and module.__dict__.get("forward") is self
 
     def __call__(self, *args, **kwargs):
-        module = self._module()
+        module = self._model()
         if module is None or not self.waiting or not (module.training and torch.is_grad_enabled()):
             return self.original(*args, **kwargs)
         if torch.compiler.is_compiling():  # (the loop compiled the model: Trainer(torch_compile=True)) optimize()
@@ -78,23 +67,4 @@ class OptimizeAtFirstCall:
         self.ready(fm)
 
     def cancel(self) -> None:
-        module = self._module()
-        if module is not None and module.__dict__.get("forward") is self:
-            if self._previous is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = self._previous
-
-    def __getattr__(self, name):  # (tools reading the forward's code see the module's own, as AttachedForward)
-        if name in ("__code__", "__globals__", "__func__", "__self__", "__defaults__", "__kwdefaults__",
-                    "__closure__"):
-            return getattr(self.__dict__["original"], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __deepcopy__(self, memo):
-        module = self._module()
-        copy_ = memo.get(id(module)) if module is not None else None
-        return plain_forward(copy_) if copy_ is not None else self.original
-
-    def __reduce__(self):  # (a pickled module loads with its class's forward, without frzcompile)
-        return getattr, (self._module(), "forward")
+        self.remove()

@@ -61,20 +61,12 @@ def weak_method(method):
     return call
 
 
-class AttachedForward:
-    """The model's `forward` while a FrozenModule is attached: a call of the model runs through the FrozenModule
-    (or straight to the model's previous forward when made from inside the FrozenModule's own call, or after
-    the FrozenModule is gone). A copy of the model (deepcopy, pickle) gets its class's plain forward back."""
+class InstanceForward:
+    """A callable set as a model's `forward` instance attribute in place of the `previous` one (None: the class's),
+    with the model's signature; tools reading the forward's code see the model's own, and a copy of the model
+    (deepcopy, pickle) gets its class's plain forward back. `remove()` puts the previous one back."""
 
-    def __init__(self, fm, model):
-        previous = model.__dict__.get("forward")  # an instance forward set before (None: the class's)
-        if isinstance(previous, AttachedForward):  # left by a FrozenModule never detached (an interrupted run)
-            owner = previous._fm() if previous._fm is not None else None
-            if owner is not None and owner.__dict__.get("_attached") is previous:
-                raise ConfigError("another FrozenModule is attached to this model: call .detach() on it first")
-            previous.remove()
-            previous = model.__dict__.get("forward")
-        self._fm = weakref.ref(fm)
+    def __init__(self, model, previous):
         self._model = weakref.ref(model)
         self._previous = previous
         self.original = model.forward
@@ -93,17 +85,7 @@ class AttachedForward:
             return getattr(self.__dict__["original"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def __call__(self, *args, **kwargs):
-        fm = self._fm() if self._fm is not None else None
-        if fm is None or fm.__dict__["_inside"]:
-            return self.original(*args, **kwargs)
-        return fm._call(args, kwargs, fm.__dict__["_run_attached"])
-
-    def call_original(self, args, kwargs):
-        return self.original(*args, **kwargs)
-
     def remove(self) -> None:
-        self._fm = None  # a wrapper set on top of this one since (accelerate's autocast) now passes straight through
         model = self._model()
         if model is not None and model.__dict__.get("forward") is self:
             if self._previous is None:
@@ -120,6 +102,36 @@ class AttachedForward:
         # the class's forward bound to the model, unpickled without frzcompile (the instance's attributes are not
         # set yet when it is looked up: an attached model's pickle loads as a plain one where frzcompile is absent)
         return getattr, (self._model(), "forward")
+
+
+class AttachedForward(InstanceForward):
+    """The model's `forward` while a FrozenModule is attached: a call of the model runs through the FrozenModule
+    (or straight to the model's previous forward when made from inside the FrozenModule's own call, or after
+    the FrozenModule is gone)."""
+
+    def __init__(self, fm, model):
+        previous = model.__dict__.get("forward")  # an instance forward set before (None: the class's)
+        if isinstance(previous, AttachedForward):  # left by a FrozenModule never detached (an interrupted run)
+            owner = previous._fm() if previous._fm is not None else None
+            if owner is not None and owner.__dict__.get("_attached") is previous:
+                raise ConfigError("another FrozenModule is attached to this model: call .detach() on it first")
+            previous.remove()
+            previous = model.__dict__.get("forward")
+        self._fm = weakref.ref(fm)
+        super().__init__(model, previous)
+
+    def __call__(self, *args, **kwargs):
+        fm = self._fm() if self._fm is not None else None
+        if fm is None or fm.__dict__["_inside"]:
+            return self.original(*args, **kwargs)
+        return fm._call(args, kwargs, fm.__dict__["_run_attached"])
+
+    def call_original(self, args, kwargs):
+        return self.original(*args, **kwargs)
+
+    def remove(self) -> None:
+        self._fm = None  # a wrapper set on top of this one since (accelerate's autocast) now passes straight through
+        super().remove()
 
 
 def plain_forward(module):
