@@ -612,6 +612,41 @@ def test_a_freeze_between_backward_and_step_lets_that_step_apply_the_gradients(m
     assert all(torch.equal(a, b) for a, b in zip(stem, ref_stem))
 
 
+@pytest.mark.parametrize("when", ["policy", "by hand"])
+def test_a_freeze_after_the_step_drops_the_gradient_it_applied_and_reading_the_plan_changes_nothing(when):
+    """A gradient the step has already applied is no step's in flight: frozen after `opt.step()` and before
+    `zero_grad(set_to_none=False)` (a log line reading `fm.frozen` there applies the policy's decision), the weight
+    moves no more through momentum, exactly as when the freeze waits for the next call."""
+    def run(read: bool):
+        model, (x,), _, _ = make("traced")
+        y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+        policy = frzcompile.Linear(total_steps=8, freeze_start=0.0) if when == "policy" else "manual"
+        fm = frzcompile.optimize(model, (x,), policy=policy)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        weights, frozen = [], []
+        for step in range(5):
+            torch.manual_seed(step)
+            nn.functional.cross_entropy(fm(x), y).backward()
+            opt.step()
+            if when == "by hand" and step == 1 and read:
+                fm.freeze("stem")  # between the step and the zeroing
+            elif read:
+                frozen.append(fm.frozen)
+            opt.zero_grad(set_to_none=False)
+            if when == "by hand" and step == 1 and not read:
+                fm.freeze("stem")  # after the zeroing
+            weights.append([p.detach().clone() for p in model.parameters()])
+        return model, weights, frozen
+
+    model, plain, _ = run(read=False)
+    _, read, frozen = run(read=True)
+    if when == "policy":
+        assert frozen == [(), ("stem",), ("stem",), ("stem", "block1"), ("stem", "block1")]  # the reads applied it
+    for a, b in zip(plain, read):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    stem = [i for i, (n, _) in enumerate(model.named_parameters()) if n.startswith("stem.0")]
+    assert stem and all(torch.equal(read[1][i], read[-1][i]) for i in stem)  # frozen from step 1 on: never moved
 @pytest.mark.parametrize("cache", [False, True])
 def test_a_frozen_weight_made_to_require_grad_by_hand_trains(cache):
     """`p.requires_grad_(True)` on a parameter of a frozen unit: it gets its gradient (the cache steps aside) and

@@ -435,6 +435,7 @@ class FrozenModule(nn.Module):
                           f"{self._policy.name} policy decides on the step's gradients: call fm.step() after the "
                           "optimizer's update and before zero_grad()", NoStepWarning, stacklevel=2)
         self._plan.release_in_flight(self.optimizers())
+        self._driver.user_stepped()
         self._count_step()
         self._settle()
 
@@ -476,7 +477,8 @@ class FrozenModule(nn.Module):
     def _set_plan(self, frozen: frozenset, reason: str) -> None:
         change = self._plan.apply(frozen, step=self._step, optimizers=self.optimizers(), training=self.training,
                                   reason=reason, others=[p for p in self._model.parameters()
-                                                         if id(p) not in self._captured_params])
+                                                         if id(p) not in self._captured_params],
+                                  applied=self._driver.applied_ids())
         if change.newly_frozen:
             self._warn_nested_encoder()
         if self.sparsity is not None:

@@ -138,9 +138,11 @@ class FreezePlan:
         """Whether a frozen parameter still waits for a step to apply its gradient."""
         return bool(self._in_flight)
 
-    def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=()) -> PlanChange:
+    def apply(self, frozen, *, step: int, optimizers, training: bool, reason: str, others=(),
+              applied=frozenset()) -> PlanChange:
         """`others`: parameters added to the model since optimize(); one outside every unit that trains (a head
-        added later) leaves something to train whatever the plan."""
+        added later) leaves something to train whatever the plan. `applied`: ids of the parameters whose gradients
+        an optimizer step has already applied (since the last backward): never kept for a step in flight."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
         trainable = [u for u, unit in units.items()  # (a unit not frozen trains as its flags say now)
@@ -166,8 +168,9 @@ class FreezePlan:
                 self._initial_requires_grad[p] = self._default_by_name[name] = \
                     self.switched_off.pop(p, p.requires_grad)
                 p.requires_grad_(False)
-                if self.keep_in_flight and p.grad is not None and bool(p.grad.any()):  # the step in flight applies it:
-                    self._in_flight[id(p)] = p  # released after that step (a zero-filled one is not a gradient)
+                if self.keep_in_flight and p.grad is not None and id(p) not in applied and bool(p.grad.any()):
+                    # the step in flight applies it; released after that step (a zero-filled one is not a gradient)
+                    self._in_flight[id(p)] = p
                     continue
                 p.grad = None
                 _drop_state(optimizers, p)  # momentum / Adam moments of a frozen weight are dropped

@@ -42,6 +42,7 @@ class StepDriver:
         self._holds = weakref.WeakKeyDictionary()   # optimizer -> (number of parameters, holds ours)
         self._known = weakref.WeakSet()              # every optimizer seen holding our parameters
         self._stepped = set()                         # ids of optimizers that stepped since the last forward
+        self._user_stepped = False                    # fm.step() since the last forward (another optimizer)
         self._last_step = weakref.WeakKeyDictionary() # optimizer -> steps_seen when it last stepped
         for opt in optimizers:
             self._known.add(unwrap_optimizer(opt))
@@ -100,6 +101,18 @@ class StepDriver:
     def saw_forward(self) -> None:
         """The FrozenModule ran a training forward: the next optimizer step starts a new iteration."""
         self._stepped.clear()
+        self._user_stepped = False
+
+    def user_stepped(self) -> None:
+        """`fm.step()`: the user's own optimizer has applied every gradient there is."""
+        self._user_stepped = True
+
+    def applied_ids(self) -> set:
+        """Ids of the parameters whose gradients an optimizer step has applied since the last training forward
+        (what a freeze now may drop: no step is left to apply them)."""
+        if self._user_stepped:
+            return set(self._param_ids)
+        return {id(p) for opt in self._known if id(opt) in self._stepped for g in opt.param_groups for p in g["params"]}
 
     def _post(self, opt) -> None:
         if not self._holds_ours(opt):
