@@ -17,7 +17,7 @@ from .errors import (CacheError, CaptureError, ConfigError, FrzError, InputMisma
                      UnitError)
 from .explain import explain
 from .policies import ALaST, AutoFreeze, Linear, Manual, Policy, SmartFRZ
-from .runtime import FrozenModule, NoLossWarning, NoStepWarning
+from .runtime import FrozenModule, NoLossWarning, NoStepWarning, ResumeWarning
 from .sparsity import IndexedDataset, SieveSampler
 from .sparsity.training import EarlyBirdConfig, SparsityConfig
 
@@ -27,5 +27,5 @@ __all__ = [
     "optimize", "explain", "CacheConfig", "CompileConfig", "FrozenModule", "Policy", "SmartFRZ", "Manual", "Linear",
     "AutoFreeze", "ALaST", "SparsityConfig", "EarlyBirdConfig", "SieveSampler", "IndexedDataset",
     "FrzError", "ConfigError", "CaptureError", "InputMismatchError", "UnitError", "PlanError", "PolicyError",
-    "CacheError", "NoStepWarning", "NoLossWarning",
+    "CacheError", "NoStepWarning", "NoLossWarning", "ResumeWarning",
 ]

@@ -1,6 +1,8 @@
 """Errors frzcompile raises on purpose. Each message says what was wrong and what to do instead."""
 import math
 import numbers
+import os
+import sys
 
 
 class FrzError(Exception):
@@ -71,3 +73,19 @@ def check_number(where: str, name: str, value, low=None, high=None, *, integer=F
 def check_policy_number(where: str, name: str, value, low=None, high=None, **how):
     """`check_number` for a policy's or the safety rules' options: a PolicyError."""
     return check_number(where, name, value, low, high, error=PolicyError, **how)
+
+
+def caller_stacklevel() -> int:
+    """The `stacklevel` (for `warnings.warn` in the caller) that points a warning at the first frame outside
+    frzcompile and torch (a warning raised from a hook torch calls: an optimizer step's, whose wrappers torch may
+    change)."""
+    frzcompile_dir = os.path.dirname(os.path.abspath(__file__))
+    torch_module = sys.modules.get("torch")
+    torch_dir = os.path.dirname(torch_module.__file__) if torch_module is not None else None
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(frzcompile_dir) or (torch_dir and name.startswith(torch_dir))):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1

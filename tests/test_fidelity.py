@@ -1329,3 +1329,34 @@ def test_release_leaves_no_marker_on_the_model():
     assert "_frzcompile_part_of" in model[0].__dict__  # (still part of the other, live one)
     other.release()
     assert all(set(m.__dict__) == clean[id(m)] for m in model.modules())
+
+
+def test_an_optimizer_with_earlier_steps_meeting_a_policy_at_step_0_warns_that_the_policy_starts_over():
+    """A run resumed from the model's and optimizer's state without the freeze state starts the policy over: said
+    once, at the first step; not with the freeze state loaded, nor under the manual policy, nor on a fresh run."""
+    def run(policy, *, trained_before: bool, load_state=None):
+        model, (x,), _, _ = make("traced")
+        y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if trained_before:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=policy)
+        if load_state is not None:
+            fm.load_freeze_state_dict(load_state)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                nn.functional.cross_entropy(fm(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        return fm, [w for w in seen if issubclass(w.category, frzcompile.ResumeWarning)]
+
+    fm, said = run(frzcompile.Linear(total_steps=8, freeze_start=0.0), trained_before=True)
+    assert len(said) == 1 and "load_freeze_state_dict" in str(said[0].message)
+    assert said[0].filename == __file__  # it points at the user's opt.step()
+    assert not run(frzcompile.Linear(total_steps=8, freeze_start=0.0), trained_before=False)[1]
+    assert not run("manual", trained_before=True)[1]
+    saved = fm.freeze_state_dict()
+    assert not run(frzcompile.Linear(total_steps=8, freeze_start=0.0), trained_before=True, load_state=saved)[1]

@@ -77,6 +77,7 @@ class FreezeCallback(TrainerCallback):
 
     def _ready(self, fm) -> None:
         self.fm = fm
+        fm.__dict__["_resume_checked"] = True  # (on_train_begin looked for the checkpoint's freeze state, and warned)
         if self._resume_state is not None:
             fm.load_freeze_state_dict(self._resume_state)
 

@@ -9,6 +9,6 @@
     compiled.py  the compiled path: torch.compile with the frzcompile backend, one compiled model per plan
     markers.py   optimize()'s marker on each module: the live FrozenModules its model is part of
 """
-from .module import FrozenContainer, FrozenModule, NoLossWarning, NoStepWarning, attached_to
+from .module import FrozenContainer, FrozenModule, NoLossWarning, NoStepWarning, ResumeWarning, attached_to
 
-__all__ = ["FrozenModule", "FrozenContainer", "NoStepWarning", "NoLossWarning", "attached_to"]
+__all__ = ["FrozenModule", "FrozenContainer", "NoStepWarning", "NoLossWarning", "ResumeWarning", "attached_to"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import torch_private
 from ..capture import Captured
-from ..errors import ConfigError, PlanError, PolicyError
+from ..errors import ConfigError, PlanError, PolicyError, caller_stacklevel
 from ..policies import Manual, Policy, TrainingView
 from ..units import UnitGraph
 from .analysis import Analysis
@@ -157,6 +157,11 @@ class NoLossWarning(UserWarning):
     """Training steps keep coming but no training loss was seen, so a policy with safety rules never freezes."""
 
 
+class ResumeWarning(UserWarning):
+    """An optimizer that has stepped before meets a policy at step 0: a run resumed without its freeze state starts
+    the policy over."""
+
+
 class FrozenModule(nn.Module):
     """A model whose frozen units cost nothing to train. Call it exactly as the model.
 
@@ -186,6 +191,7 @@ class FrozenModule(nn.Module):
         state["_structure"] = torch_private.structure_ids(model)
         state["_calls_since_step"] = 0
         state["_pending"] = None  # a plan decided at the last step, applied before the next call (see _settle)
+        state["_resume_checked"] = False  # the first optimizer step looked for state of earlier steps (a resume)
         state["_loss"] = LossSignal()
         state["_compiled"] = None
         if compile_config is not None:
@@ -497,11 +503,30 @@ class FrozenModule(nn.Module):
                 "token_layers": budgets.layers if budgets is not None else ()}
 
     def _before_optimizer_step(self, optimizer) -> None:
+        if self._step == 0 and not self._resume_checked:
+            self._warn_if_resumed(optimizer)
         self._plan.drop_frozen_grads(optimizer)
         self._plan.drop_loaded_state(optimizer)
         self._plan.fresh_momentum_for_fused_sgd(optimizer)
         for service in self._services:
             service.before_optimizer_step(optimizer)
+
+    def _warn_if_resumed(self, optimizer) -> None:
+        """At the first optimizer step, a policy at step 0 meeting an optimizer with state of earlier steps: most
+        often a checkpoint loaded without its freeze state, which silently starts the policy over."""
+        self.__dict__["_resume_checked"] = True
+        if isinstance(self._policy, Manual):
+            return
+        state = optimizer.state
+        if any(state.get(p) for g in optimizer.param_groups for p in g["params"] if id(p) in self._captured_params):
+            warnings.warn(
+                f"frzcompile: the optimizer already holds state for the model's parameters (it has stepped before), "
+                f"but the {self._policy.name} policy starts at step 0 with nothing frozen. If this run resumes a "
+                "checkpoint, load the freeze state saved with it too (fm.load_freeze_state_dict(state), saved from "
+                "fm.freeze_state_dict()), or the policy starts over and what it had frozen trains again. If the "
+                "model trained before optimize() on purpose (a warm-up, a change of policy), this is expected: "
+                "warnings.filterwarnings('ignore', category=frzcompile.ResumeWarning)", ResumeWarning,
+                stacklevel=caller_stacklevel())
 
     def _after_optimizer_step(self, optimizer) -> None:
         if self._plan.in_flight:  # (the optimizers are listed only then: one per parameter is a long list)
