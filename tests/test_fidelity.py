@@ -647,6 +647,68 @@ def test_a_freeze_after_the_step_drops_the_gradient_it_applied_and_reading_the_p
             torch.testing.assert_close(p, q, rtol=0, atol=0)
     stem = [i for i, (n, _) in enumerate(model.named_parameters()) if n.startswith("stem.0")]
     assert stem and all(torch.equal(read[1][i], read[-1][i]) for i in stem)  # frozen from step 1 on: never moved
+
+
+def test_a_freeze_after_the_forward_with_the_last_steps_gradient_still_there_does_not_apply_it_again():
+    """`loss = fm(x); opt.zero_grad(set_to_none=False); loss.backward(); opt.step()`: a freeze after the forward
+    finds the gradient the last step applied; it is zeroed before the backward, and a zero-filled gradient moves no
+    frozen weight (the step drops it with the weight's state), as after a freeze before the forward."""
+    model, (x,), _, _ = make("traced")
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
+    fm = frzcompile.optimize(model, (x,), policy="manual")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        loss = nn.functional.cross_entropy(fm(x), y)
+        if step == 2:
+            at_freeze = model.stem[0].weight.detach().clone()
+            fm.freeze("stem")
+            assert fm.plan.in_flight  # (nonzero: the last step's, kept for a step that may still apply it)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+    assert torch.equal(model.stem[0].weight, at_freeze)
+    assert model.stem[0].weight.grad is None and model.stem[0].weight not in opt.state
+
+
+def test_reading_the_plan_after_a_step_gradscaler_skipped_for_one_optimizer_changes_nothing():
+    """Two optimizers over split parameter groups under a GradScaler: an inf gradient skips the first one's step
+    while the second steps and the policy decides to freeze the stem, whose (never applied) gradient is still
+    there. A read of `fm.frozen` then keeps it for a step in flight; zeroed by `zero_grad(set_to_none=False)` it is
+    no gradient, and the stem moves no more, as without the read."""
+    def run(read: bool):
+        model, (x,), _, _ = make("traced")
+        fm = frzcompile.optimize(model, (x,), policy=frzcompile.Linear(total_steps=8, freeze_start=0.0))
+        first = list(model.stem.parameters()) + list(model.head.parameters())
+        opt_a = torch.optim.SGD(first, lr=0.1, momentum=0.9)
+        opt_b = torch.optim.SGD(list(model.block1.parameters()) + list(model.block2.parameters()), lr=0.1,
+                                momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        g = torch.Generator().manual_seed(1)
+        stem = []
+        for it in range(5):
+            xb, yb = torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+            torch.manual_seed(it)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fm(xb)
+            scaler.scale(nn.functional.cross_entropy(out.float(), yb)).backward()
+            if it == 1:
+                model.stem[0].weight.grad.view(-1)[0] = float("inf")
+            scaler.step(opt_a)
+            scaler.step(opt_b)
+            scaler.update()
+            if read:
+                fm.frozen
+            for o in (opt_a, opt_b):
+                o.zero_grad(set_to_none=False)
+            stem.append(model.stem[0].weight.detach().clone())
+        assert fm.plan.changes[0][:2] == (2, ("stem",))
+        return model, stem
+
+    plain, plain_stem = run(read=False)
+    read, read_stem = run(read=True)
+    assert all(torch.equal(s, read_stem[1]) for s in read_stem[1:])  # skipped at 1, frozen at 2: never moved
+    for a, b in zip(plain.parameters(), read.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 @pytest.mark.parametrize("cache", [False, True])
 def test_a_frozen_weight_made_to_require_grad_by_hand_trains(cache):
     """`p.requires_grad_(True)` on a parameter of a frozen unit: it gets its gradient (the cache steps aside) and

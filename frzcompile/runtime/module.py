@@ -505,6 +505,8 @@ class FrozenModule(nn.Module):
     def _before_optimizer_step(self, optimizer) -> None:
         if self._step == 0 and not self._resume_checked:
             self._warn_if_resumed(optimizer)
+        if self._plan.in_flight:
+            self._plan.drop_spent_in_flight(optimizer, self.optimizers())
         self._plan.drop_frozen_grads(optimizer)
         self._plan.drop_loaded_state(optimizer)
         self._plan.fresh_momentum_for_fused_sgd(optimizer)

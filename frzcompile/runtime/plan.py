@@ -354,6 +354,17 @@ class FreezePlan:
                 for p in missing:
                     state[p]["momentum_buffer"] = torch.zeros_like(p)
 
+    def drop_spent_in_flight(self, optimizer, optimizers) -> None:
+        """Before a step of `optimizer`: a gradient kept for a step in flight that is gone or zero-filled by now (a
+        step GradScaler skipped, then `zero_grad()`) is no gradient: dropped with its state, as a freeze finding it
+        so drops it (a read of the plan before that zeroing then changes nothing)."""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for key, p in list(self._in_flight.items()):
+            if key in held and (p.grad is None or not bool(p.grad.any())):
+                del self._in_flight[key]
+                p.grad = None
+                _drop_state(optimizers, p)
+
     def release_in_flight(self, optimizers, stepped=None) -> None:
         """After a step of the optimizer `stepped` (None: any step, `fm.step()`): the frozen parameters whose
         pending gradient it applied lose that gradient and, in `optimizers`, their state, as on any freeze."""
