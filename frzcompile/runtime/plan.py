@@ -223,7 +223,9 @@ class FreezePlan:
         if self.unit_graph.moved:
             warnings.warn("frzcompile: the model's structure changed after optimize(), and units are bound to module "
                           f"paths: {'; '.join(self.unit_graph.moved[:3])}. Freezing by unit name now acts on other "
-                          "modules than before: call optimize() again on the changed model (fm.release() first).",
+                          "modules than before: a module now at a frozen unit's path runs in eval mode there, its "
+                          "parameters frozen if they are new to the model, keeping their flags if they trained "
+                          "elsewhere in it; call optimize() again on the changed model (fm.release() first).",
                           UserWarning, stacklevel=2)
         callers = torch_private.inside_functional_call()
         if not callers:  # (functional_call puts the caller's tensors in the slots for one call: the model's own stay)
