@@ -1,8 +1,11 @@
 """Errors frzcompile raises on purpose. Each message says what was wrong and what to do instead."""
 import math
 import numbers
-import os
 import sys
+
+# packages whose frames a warning from an optimizer step's hook passes over to reach the user's code
+WRAPPER_PACKAGES = frozenset({"frzcompile", "torch", "accelerate", "lightning", "pytorch_lightning",
+                              "lightning_fabric"})
 
 
 class FrzError(Exception):
@@ -77,15 +80,11 @@ def check_policy_number(where: str, name: str, value, low=None, high=None, **how
 
 def caller_stacklevel() -> int:
     """The `stacklevel` (for `warnings.warn` in the caller) that points a warning at the first frame outside
-    frzcompile and torch (a warning raised from a hook torch calls: an optimizer step's, whose wrappers torch may
-    change)."""
-    frzcompile_dir = os.path.dirname(os.path.abspath(__file__))
-    torch_module = sys.modules.get("torch")
-    torch_dir = os.path.dirname(torch_module.__file__) if torch_module is not None else None
+    frzcompile, torch and the training wrappers that call torch's optimizers (a warning raised from a hook torch
+    calls: an optimizer step's, whose wrappers torch, accelerate or Lightning may change)."""
     frame, level = sys._getframe(1), 1
     while frame is not None:
-        name = frame.f_code.co_filename
-        if not (name.startswith(frzcompile_dir) or (torch_dir and name.startswith(torch_dir))):
+        if frame.f_globals.get("__name__", "").partition(".")[0] not in WRAPPER_PACKAGES:
             return level
         frame, level = frame.f_back, level + 1
     return 1

@@ -584,15 +584,20 @@ def step_both_and_compare(opt, ref_opt, model, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("root_eval", [False, True], ids=["train", "eval"])
 @pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
                                       lambda ps: torch.optim.AdamW(ps, lr=0.01)], ids=["sgd", "adamw"])
-def test_a_freeze_between_backward_and_step_lets_that_step_apply_the_gradients(make_opt):
+def test_a_freeze_between_backward_and_step_lets_that_step_apply_the_gradients(make_opt, root_eval):
     """Freezing by hand in the middle of an iteration (after backward, before the step; gradient accumulation)
     keeps the gradients, so that step still moves the weights, with their optimizer state; the gradients and the
-    state go after it, and the frozen weights move no more."""
+    state go after it, and the frozen weights move no more. Training with the model in eval mode too (BatchNorm
+    and dropout kept in eval by the user): its calls are no training calls, but a backward may follow them."""
     model, (x,), _, _ = make("traced")
     fm = frzcompile.optimize(model, (x,), policy="manual")
     ref = copy.deepcopy(model)
+    if root_eval:
+        fm.eval()
+        ref.eval()
     opt, ref_opt = make_opt(model.parameters()), make_opt(ref.parameters())
     stem, ref_stem = list(model.stem.parameters()), list(ref.stem.parameters())
     for step in range(3):
@@ -709,6 +714,8 @@ def test_reading_the_plan_after_a_step_gradscaler_skipped_for_one_optimizer_chan
     assert all(torch.equal(s, read_stem[1]) for s in read_stem[1:])  # skipped at 1, frozen at 2: never moved
     for a, b in zip(plain.parameters(), read.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_a_frozen_weight_made_to_require_grad_by_hand_trains(cache):
     """`p.requires_grad_(True)` on a parameter of a frozen unit: it gets its gradient (the cache steps aside) and

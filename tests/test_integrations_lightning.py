@@ -102,6 +102,22 @@ def test_checkpoint_restores_the_plan(tmp_path):
     assert resumed_cb.fm.step_count == 10 and resumed_cb.fm.frozen == cb.fm.frozen
 
 
+def test_resuming_a_checkpoint_without_the_freeze_state_warns(tmp_path):
+    """A checkpoint saved without the callback (optimizer state, no freeze state): the policy starts over, and
+    says so, though under automatic optimization fm is made inside the first step, after that step's hooks."""
+    plain = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False)
+    plain.fit(Classifier(call_self=False), loader())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    cb = FreezeCallback(policy="linear", module="model", total_steps=10)
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb], enable_checkpointing=False)
+    with pytest.warns(frzcompile.ResumeWarning, match="load_freeze_state_dict") as seen:
+        trainer.fit(Classifier(call_self=False), loader(), ckpt_path=tmp_path / "plain.ckpt")
+    said = [w for w in seen if issubclass(w.category, frzcompile.ResumeWarning)]
+    assert len(said) == 1 and said[0].filename == __file__  # the training_step's call of the model
+
+
 def test_a_module_never_called_is_reported():
     cb = FreezeCallback(policy="linear")  # the LightningModule, but training_step calls self.model
     with pytest.raises(frzcompile.ConfigError, match="module='model'"):

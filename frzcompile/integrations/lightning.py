@@ -82,6 +82,8 @@ class FreezeCallback(Callback):
             if not pl_module.automatic_optimization:  # plans applied at the end of each batch (on_train_batch_end)
                 fm.__dict__["_plans_applied_by_owner"] = True
             self._ready(fm)
+            # (under automatic optimization fm is made inside the first step's closure, after that step's hooks)
+            fm._warn_if_resumed(fm.optimizers())
             if self._estimated is not None and self._ratio is None:
                 self._mark = (trainer.global_step, fm.step_count)
 

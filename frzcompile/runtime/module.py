@@ -504,7 +504,7 @@ class FrozenModule(nn.Module):
 
     def _before_optimizer_step(self, optimizer) -> None:
         if self._step == 0 and not self._resume_checked:
-            self._warn_if_resumed(optimizer)
+            self._warn_if_resumed([optimizer])
         if self._plan.in_flight:
             self._plan.drop_spent_in_flight(optimizer, self.optimizers())
         self._plan.drop_frozen_grads(optimizer)
@@ -513,14 +513,17 @@ class FrozenModule(nn.Module):
         for service in self._services:
             service.before_optimizer_step(optimizer)
 
-    def _warn_if_resumed(self, optimizer) -> None:
-        """At the first optimizer step, a policy at step 0 meeting an optimizer with state of earlier steps: most
-        often a checkpoint loaded without its freeze state, which silently starts the policy over."""
+    def _warn_if_resumed(self, optimizers) -> None:
+        """At the first optimizer step (or when a callback makes fm in the middle of it), a policy at step 0
+        meeting an optimizer with state of earlier steps: most often a checkpoint loaded without its freeze state,
+        which silently starts the policy over."""
+        if self._resume_checked or self._step != 0:
+            return
         self.__dict__["_resume_checked"] = True
         if isinstance(self._policy, Manual):
             return
-        state = optimizer.state
-        if any(state.get(p) for g in optimizer.param_groups for p in g["params"] if id(p) in self._captured_params):
+        if any(o.state.get(p) for o in optimizers for g in o.param_groups for p in g["params"]
+               if id(p) in self._captured_params):
             warnings.warn(
                 f"frzcompile: the optimizer already holds state for the model's parameters (it has stepped before), "
                 f"but the {self._policy.name} policy starts at step 0 with nothing frozen. If this run resumes a "
@@ -655,7 +658,10 @@ class FrozenModule(nn.Module):
 
     def _count_training_call(self) -> bool:
         """Counts a call made in training mode with grad enabled; returns whether it was one."""
-        if self.training and torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return False
+        self._driver.saw_call()  # (a backward may follow, in eval mode too: BatchNorm kept in eval by the user)
+        if self.training:
             self._driver.saw_forward()
             calls = self._calls_since_step + 1
             self.__dict__["_calls_since_step"] = calls

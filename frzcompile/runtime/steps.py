@@ -42,18 +42,24 @@ class StepDriver:
         self._holds = weakref.WeakKeyDictionary()   # optimizer -> (number of parameters, holds ours)
         self._known = weakref.WeakSet()              # every optimizer seen holding our parameters
         self._stepped = set()                         # ids of optimizers that stepped since the last forward
-        self._user_stepped = False                    # fm.step() since the last forward (another optimizer)
+        self._applied = set()                         # ids of optimizers that stepped since the last call
+        self._user_stepped = False                    # fm.step() since the last call (another optimizer)
         self._last_step = weakref.WeakKeyDictionary() # optimizer -> steps_seen when it last stepped
         for opt in optimizers:
             self._known.add(unwrap_optimizer(opt))
         me = weakref.ref(self)
 
+        # (a compiled optimizer step runs them eagerly: one graph break, not one per line of bookkeeping)
         def pre(opt, args, kwargs):
+            if torch.compiler.is_compiling():
+                return torch.compiler.disable(pre)(opt, args, kwargs)  # (not at import: it imports Dynamo)
             driver = me()
             if driver is not None:
                 driver._pre(opt)
 
         def post(opt, args, kwargs):
+            if torch.compiler.is_compiling():
+                return torch.compiler.disable(post)(opt, args, kwargs)
             driver = me()
             if driver is not None:
                 driver._post(opt)
@@ -101,6 +107,11 @@ class StepDriver:
     def saw_forward(self) -> None:
         """The FrozenModule ran a training forward: the next optimizer step starts a new iteration."""
         self._stepped.clear()
+
+    def saw_call(self) -> None:
+        """The FrozenModule ran a call with grad enabled (in train or eval mode): a backward may follow, whose
+        gradients no step has applied yet."""
+        self._applied.clear()
         self._user_stepped = False
 
     def user_stepped(self) -> None:
@@ -108,16 +119,17 @@ class StepDriver:
         self._user_stepped = True
 
     def applied_ids(self) -> set:
-        """Ids of the parameters whose gradients an optimizer step has applied since the last training forward
-        (what a freeze now may drop: no step is left to apply them)."""
+        """Ids of the parameters whose gradients an optimizer step has applied since the last call with grad
+        enabled (what a freeze now may drop: no step is left to apply them)."""
         if self._user_stepped:
             return set(self._param_ids)
-        return {id(p) for opt in self._known if id(opt) in self._stepped for g in opt.param_groups for p in g["params"]}
+        return {id(p) for opt in self._known if id(opt) in self._applied for g in opt.param_groups for p in g["params"]}
 
     def _post(self, opt) -> None:
         if not self._holds_ours(opt):
             return
         self._last_step[opt] = self.steps_seen
+        self._applied.add(id(opt))
         self._after(opt)
         if self._stepped and id(opt) not in self._stepped:
             self._stepped.add(id(opt))  # another optimizer of the same iteration
