@@ -142,7 +142,8 @@ class FreezePlan:
               applied=frozenset()) -> PlanChange:
         """`others`: parameters added to the model since optimize(); one outside every unit that trains (a head
         added later) leaves something to train whatever the plan. `applied`: ids of the parameters whose gradients
-        an optimizer step has already applied (since the last backward): never kept for a step in flight."""
+        an optimizer step has already applied (since the last call with grad enabled): never kept for a step in
+        flight."""
         frozen = frozenset(frozen)
         units = self.unit_graph.units
         trainable = [u for u, unit in units.items()  # (a unit not frozen trains as its flags say now)

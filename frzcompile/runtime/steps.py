@@ -49,7 +49,7 @@ class StepDriver:
             self._known.add(unwrap_optimizer(opt))
         me = weakref.ref(self)
 
-        # (a compiled optimizer step runs them eagerly: one graph break, not one per line of bookkeeping)
+        # (a compiled optimizer step runs them eagerly: a few graph breaks, not one per line of bookkeeping)
         def pre(opt, args, kwargs):
             if torch.compiler.is_compiling():
                 return torch.compiler.disable(pre)(opt, args, kwargs)  # (not at import: it imports Dynamo)
