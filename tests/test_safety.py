@@ -356,6 +356,26 @@ def test_the_loss_signal_reads_gradients_of_any_floating_dtype():
         assert fm.losses()[-1] == pytest.approx(expected, rel=1e-2), dtype
 
 
+def test_a_gradient_penalty_does_not_enter_the_loss_proxy():
+    """R1 / WGAN-GP: `autograd.grad(out.sum(), x, create_graph=True)` sends an all-ones gradient to the output,
+    which the proxy read as a loss that never fell (so SmartFRZ never froze); gradients taken with create_graph are
+    left out, and the step reads the loss's own output gradient."""
+    x = torch.randn(16, 8)
+    y = x[:, :4].argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = frzcompile.optimize(model, (x,), optimizer=opt)
+    xg = x.clone().requires_grad_(True)
+    out = fm(xg)
+    (grad_x,) = torch.autograd.grad(out.sum(), xg, create_graph=True)
+    ce = nn.functional.cross_entropy(out, y)
+    (ce + 0.1 * grad_x.pow(2).sum(1).mean()).backward()
+    opt.step()
+    grad = torch.softmax(out.detach(), 1) - nn.functional.one_hot(y, 4)  # what the loss sends to the output
+    assert fm.losses()[-1] == pytest.approx(grad.norm().item() / 16 * 16 ** 0.5, rel=1e-4)
+
+
 def test_a_model_returning_its_loss():
     class WithLoss(nn.Module):
         def __init__(self):

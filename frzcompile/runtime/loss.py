@@ -7,7 +7,8 @@ Where it comes from, per step (the first that is there):
      reaching the model's output (tensor hooks on its first few floating tensors; the first of them that gets a
      gradient counts). For cross-entropy with mean reduction that is the RMS
      of softmax(output) - one_hot(label), for a squared error it is proportional to the RMS error: it falls as
-     the loss falls. (With a float16 GradScaler its scale moves it: give the loss with observe_loss.)
+     the loss falls. (With a float16 GradScaler its scale moves it: give the loss with observe_loss.) Gradients
+     taken with create_graph=True are left out: a gradient penalty's `autograd.grad(out.sum(), x)` is no loss.
 Values on a GPU stay tensors until a policy reads them (`floats()`), so it is synchronised once per read, not per
 step; on the CPU they are read at the end of each step.
 """
@@ -110,8 +111,10 @@ class LossSignal:
 
             def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):
                 signal = me()
-                if signal is not None and not traced_or_transformed(grad) and \
-                        len(signal._gradients) < MAX_READINGS:  # (traced: a batched backward, a jacobian)
+                # (traced: a batched backward, a jacobian; grad mode on: a backward with create_graph=True, the
+                # gradient of a gradient penalty's `autograd.grad(out.sum(), x)`, whose all-ones is no loss)
+                if signal is not None and not torch.is_grad_enabled() and not traced_or_transformed(grad) and \
+                        len(signal._gradients) < MAX_READINGS:
                     signal._gradients.append((position, _norm(grad.detach()) * scale))
 
             t.register_hook(hook)
