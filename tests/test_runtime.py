@@ -115,6 +115,27 @@ def test_freezing_every_unit_is_allowed_when_a_module_added_after_optimize_train
     assert model.extra[0].weight.grad is not None and model.a.weight.grad is None
 
 
+def test_a_teacher_frozen_by_hand_may_freeze_every_unit_and_is_served_from_the_cache():
+    """A distillation teacher frozen the usual way (requires_grad_(False), then optimize() to cache its forward):
+    no freeze leaves anything less to train, so none is refused ("leaves nothing to train" was, for every one),
+    the cache serves the whole model exactly, and explain calls the units it has not frozen "frozen by hand"."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    teacher.requires_grad_(False)
+    ref = copy.deepcopy(teacher)
+    x = torch.randn(16, 16)
+    fm = frzcompile.optimize(teacher, (x,), policy="manual",
+                             cache=frzcompile.CacheConfig(check_cost=False, min_hit_rate=0))
+    fm.freeze(fm.units[0])
+    statuses = {r["unit"]: r["status"] for r in frzcompile.explain(fm).rows}
+    assert statuses == {"0": "frozen-prefix", "2": "frozen by hand", "4": "frozen by hand"}
+    fm.freeze(*fm.units)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(fm(x), ref(x), rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == fm.cache.stats["lookups"] > 0
+
+
 def test_eval_mode_matches_eager_eval():
     model, x, _ = _cnn()
     fm = frzcompile.optimize(model, (x,))

@@ -150,7 +150,8 @@ class FreezePlan:
                      if any(self.trainable_by_default(p) if u in self.frozen else p.requires_grad
                             for p in unit.params)]
         in_units = {id(p) for unit in units.values() for p in unit.params}
-        if frozen and (len(frozen) == len(self.units) or all(u in frozen for u in trainable)) and \
+        # (a model that trains nothing already, a distillation teacher frozen by hand, may freeze every unit)
+        if frozen and trainable and all(u in frozen for u in trainable) and \
                 not any(p.requires_grad for p in others if id(p) not in in_units):
             outside = [p for p in self.unit_graph.outside if p.requires_grad]
             raise PlanError(
