@@ -85,8 +85,10 @@ class Explanation:
         self.rows = []
         for u in fm.units:
             unit = fm.unit_graph.units[u]
+            # ("frozen by hand": no parameter requires grad, and none was switched off for this step by ALaST)
             status = "frozen-prefix" if u in prefix else "frozen" if u in fm.frozen else \
-                "frozen by hand" if unit.params and not any(p.requires_grad for p in unit.params) else "trainable"
+                "frozen by hand" if unit.params and not any(p.requires_grad or p in plan.switched_off
+                                                            for p in unit.params) else "trainable"
             self.rows.append({
                 "unit": u,
                 "status": status,
@@ -98,7 +100,8 @@ class Explanation:
                 "sparsity": per_unit[u][0] / per_unit[u][1] if u in per_unit else None,
             })
         self.outside_flops = flops.get(OUTSIDE, 0)
-        self.frozen_flops_share = sum(r["flops_share"] for r in self.rows if r["status"] in ("frozen-prefix", "frozen"))
+        self.frozen_flops_share = sum(r["flops_share"] for r in self.rows
+                                      if r["status"] in ("frozen-prefix", "frozen"))
         self.flops_note = fm.analysis.flops_note
         ctx = fm.analysis.last
         self.passes = [(r.label, r.seconds) for r in ctx.records] if ctx else []
