@@ -503,7 +503,7 @@ class FrozenModule(nn.Module):
                 "token_layers": budgets.layers if budgets is not None else ()}
 
     def _before_optimizer_step(self, optimizer) -> None:
-        if self._step == 0 and not self._resume_checked:
+        if not self._resume_checked:
             self._warn_if_resumed([optimizer])
         if self._plan.in_flight:
             self._plan.drop_spent_in_flight(optimizer, self.optimizers())
@@ -517,10 +517,10 @@ class FrozenModule(nn.Module):
         """At the first optimizer step (or when a callback makes fm in the middle of it), a policy at step 0
         meeting an optimizer with state of earlier steps: most often a checkpoint loaded without its freeze state,
         which silently starts the policy over."""
-        if self._resume_checked or self._step != 0:
+        if self._resume_checked:
             return
-        self.__dict__["_resume_checked"] = True
-        if isinstance(self._policy, Manual):
+        self.__dict__["_resume_checked"] = True  # (once: a step after a loaded freeze state has nothing to say)
+        if self._step != 0 or isinstance(self._policy, Manual):
             return
         if any(o.state.get(p) for o in optimizers for g in o.param_groups for p in g["params"]
                if id(p) in self._captured_params):

@@ -362,21 +362,20 @@ class FreezePlan:
         """Before a step of `optimizer`: a gradient kept for a step in flight that is gone or zero-filled by now (a
         step GradScaler skipped, then `zero_grad()`) is no gradient: dropped with its state, as a freeze finding it
         so drops it (a read of the plan before that zeroing then changes nothing)."""
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for key, p in list(self._in_flight.items()):
-            if key in held and (p.grad is None or not bool(p.grad.any())):
-                del self._in_flight[key]
-                p.grad = None
-                _drop_state(optimizers, p)
+        self._release(optimizers, optimizer, lambda p: p.grad is None or not bool(p.grad.any()))
 
     def release_in_flight(self, optimizers, stepped=None) -> None:
         """After a step of the optimizer `stepped` (None: any step, `fm.step()`): the frozen parameters whose
         pending gradient it applied lose that gradient and, in `optimizers`, their state, as on any freeze."""
-        if not self._in_flight:
-            return
-        held = None if stepped is None else {id(p) for g in stepped.param_groups for p in g["params"]}
+        if self._in_flight:
+            self._release(optimizers, stepped)
+
+    def _release(self, optimizers, optimizer=None, spent=None) -> None:
+        """The parameters kept for a step in flight that `optimizer` holds (None: all), and `spent` picks (None:
+        all), lose their gradient and, in `optimizers`, their state."""
+        held = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
         for key, p in list(self._in_flight.items()):
-            if held is None or key in held:
+            if (held is None or key in held) and (spent is None or spent(p)):
                 del self._in_flight[key]
                 p.grad = None
                 _drop_state(optimizers, p)
