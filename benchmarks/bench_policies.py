@@ -17,6 +17,7 @@ training FLOPs (torch.utils.flop_counter over every 20th step, times 20) and the
 writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR] [--epochs E]
+                                        [--train-samples N]
                                         [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache]
 """
 import json
@@ -51,9 +52,9 @@ def minilm(root, seed, train_samples=8000, epochs=2, batch=32):
     return _minilm_on(root, seed, "sst2", train_samples, epochs, batch, lr=3e-5)
 
 
-def trec(root, seed, epochs=3, batch=32):
+def trec(root, seed, train_samples=None, epochs=3, batch=32):
     """The issue's TREC setting: all 5,452 training questions, 3 epochs, batch 32, AdamW 5e-5."""
-    return _minilm_on(root, seed, "trec", None, epochs, batch, lr=5e-5)
+    return _minilm_on(root, seed, "trec", train_samples, epochs, batch, lr=5e-5)
 
 
 def _minilm_on(root, seed, task, train_samples, epochs, batch, lr):
@@ -112,7 +113,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
         fm.policy.decide = timed
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    train_seconds, flops, curve = 0.0, 0, []
+    train_seconds, flops, curve, losses = 0.0, 0, [], []
     step = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=g)
@@ -125,6 +126,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
                 counter.__enter__()
             loss = nn.functional.cross_entropy(fm(*xs), y)
             loss.backward()
+            losses.append(loss.item())  # (the safety rules read it too: no extra wait)
             if counter is not None:
                 counter.__exit__(None, None, None)
                 flops += FLOP_SAMPLE * counter.get_total_flops()
@@ -137,7 +139,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
         yield None
     timeline = [(s, list(frozen)) for s, frozen, _ in fm.plan.changes]
     yield {"policy": name, "steps": step, "train_seconds": train_seconds, "accuracy": curve[-1][2],
-            "curve": curve, "train_flops": flops, "timeline": timeline, "units": fm.units,
+            "curve": curve, "losses": losses, "train_flops": flops, "timeline": timeline, "units": fm.units,
             "policy_seconds": policy_seconds[0],
             # why each freeze happened or waited (SmartFRZ's safety rules), and what the cache did
             "events": list(getattr(getattr(fm.policy, "safeguard", None), "events", [])),
@@ -196,18 +198,22 @@ def main():
                             help=f"comma-separated, from {', '.join(VARIANTS)} (full first)")
         parser.add_argument("--epochs", type=int, default=None,
                             help="training epochs (default: the workload's, 6 for fashion, 2 for minilm, 3 for trec)")
+        parser.add_argument("--train-samples", type=int, default=None,
+                            help="the first N training samples (default: the workload's, 20000 for fashion, "
+                                 "8000 for minilm, all 5452 for trec)")
 
     args = workload_args(__doc__, more, workloads=("fashion", "minilm", "trec"))
     names = args.policies.split(",")
     if names[0] != "full" or any(n not in VARIANTS for n in names):
         raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}")
     everything = {"machine": args.machine, "workloads": []}
-    suffix = ("" if args.seed == 0 else f"_seed{args.seed}") + ("" if args.epochs is None else f"_epochs{args.epochs}")
+    suffix = ("" if args.seed == 0 else f"_seed{args.seed}") + ("" if args.epochs is None else f"_epochs{args.epochs}") \
+        + ("" if args.train_samples is None else f"_samples{args.train_samples}")
     for key, load in (("fashion", fashion), ("minilm", minilm), ("trec", trec)):
         if args.only and key != args.only:
             continue
-        label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed, **(
-            {} if args.epochs is None else {"epochs": args.epochs}))
+        sizes = {k: v for k, v in (("epochs", args.epochs), ("train_samples", args.train_samples)) if v is not None}
+        label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed, **sizes)
         print(f"  {key}:", flush=True)
         by_name = side_by_side(names, epochs, args.seed,
                                lambda name: run(name, base, train, test, epochs, batch, make_opt, seed=args.seed))
