@@ -17,7 +17,7 @@ training FLOPs (torch.utils.flop_counter over every 20th step, times 20) and the
 writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR] [--epochs E]
-                                        [--train-samples N]
+                                        [--train-samples N] [--observe-loss]
                                         [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache]
 """
 import json
@@ -93,7 +93,7 @@ def make_policy(name, total_steps):
             "smartfrz-nocache": frzcompile.SmartFRZ()}[name]
 
 
-def run(name, base, train, test, epochs, batch, make_opt, seed=0):
+def run(name, base, train, test, epochs, batch, make_opt, seed=0, observe_loss=False):
     """One training run, as a generator: yields None after each epoch, then the run's results."""
     model, inputs, labels, steps_per_epoch, total, opt, schedule = fresh_run(base, train, epochs, batch, make_opt)
     n = len(labels)
@@ -127,6 +127,8 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0):
             loss = nn.functional.cross_entropy(fm(*xs), y)
             loss.backward()
             losses.append(loss.item())  # (the safety rules read it too: no extra wait)
+            if observe_loss:  # the loss itself for the safety rules, as the HF Trainer and Lightning give it
+                fm.observe_loss(loss)
             if counter is not None:
                 counter.__exit__(None, None, None)
                 flops += FLOP_SAMPLE * counter.get_total_flops()
@@ -201,6 +203,9 @@ def main():
         parser.add_argument("--train-samples", type=int, default=None,
                             help="the first N training samples (default: the workload's, 20000 for fashion, "
                                  "8000 for minilm, all 5452 for trec)")
+        parser.add_argument("--observe-loss", action="store_true",
+                            help="give each step's loss to fm.observe_loss (as the Hugging Face Trainer and "
+                                 "Lightning callbacks do; by default the rules read the output-gradient proxy)")
 
     args = workload_args(__doc__, more, workloads=("fashion", "minilm", "trec"))
     names = args.policies.split(",")
@@ -208,7 +213,8 @@ def main():
         raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}")
     everything = {"machine": args.machine, "workloads": []}
     suffix = ("" if args.seed == 0 else f"_seed{args.seed}") + ("" if args.epochs is None else f"_epochs{args.epochs}") \
-        + ("" if args.train_samples is None else f"_samples{args.train_samples}")
+        + ("" if args.train_samples is None else f"_samples{args.train_samples}") \
+        + ("_observed" if args.observe_loss else "")
     for key, load in (("fashion", fashion), ("minilm", minilm), ("trec", trec)):
         if args.only and key != args.only:
             continue
@@ -216,7 +222,8 @@ def main():
         label, base, train, test, epochs, batch, make_opt = load(args.data, args.seed, **sizes)
         print(f"  {key}:", flush=True)
         by_name = side_by_side(names, epochs, args.seed,
-                               lambda name: run(name, base, train, test, epochs, batch, make_opt, seed=args.seed))
+                               lambda name: run(name, base, train, test, epochs, batch, make_opt, seed=args.seed,
+                                                observe_loss=args.observe_loss))
         results = [by_name[name] for name in names]
         for r in results:
             plot_timeline(r, label, os.path.join(args.out, f"timeline_{key}_{r['policy']}{suffix}.png"))
