@@ -38,7 +38,12 @@ model's output, see frzcompile.runtime.loss), averaged over `window` steps:
      user froze (`forget`). A loss that stopped improving at a high rate has not converged: the lower rate starts
      a finer phase, and a network frozen just before a MultiStepLR decay, its head alone training through that
      phase, lost about a point on three seeds (a probe on Fashion-MNIST); the same units frozen after the decay
-     lost 0.3. A smooth schedule (cosine, linear) halves its rate between two decisions only in its last steps.
+     lost 0.3. A fall counts only when it is sudden: between the two decisions before it the rate had fallen by
+     less than STEADY_FALL (a rate that held, then dropped). A smooth schedule (cosine, linear to 0) halves its rate
+     between two decisions only in its last steps, where it had already fallen by a third or more the decision
+     before: a thaw there (the last ~20 steps of a 640-step cosine on MiniLM) costs the frozen units' backward
+     and empties the activation cache for steps that train at nearly no rate. A unit frozen at the last decision
+     has no earlier rate: any fall to `lr_drop` counts.
 Every decision, hold-back and rollback is logged (`events`) for `explain`.
 """
 from __future__ import annotations
@@ -53,6 +58,8 @@ from .errors import PolicyError, check_policy_number
 
 MAX_EVENTS = 200  # the newest events kept (they travel in the freeze state)
 
+
+STEADY_FALL = 0.2  # rule 4: a fall to lr_drop counts when the rate had fallen by less than this the decision before
 
 LOSS_HEAD = 1000  # readings (known values) of the loss history kept from its start (the level rules measure from)
 LOSS_TAIL = 4096  # and its last readings kept (the rules read back Safeguard.reach steps: 520 by default)
@@ -259,6 +266,7 @@ class Safeguard:
         self._logged = ""              # the last hold-back reason logged (each kind once in a row)
         self.frozen_at_lr: dict = {}   # unit -> its learning rate when it froze (rule 4)
         self.last_lr: dict = {}        # frozen unit -> its learning rate at the last review
+        self.prior_lr: dict = {}       # and at the review before (rule 4: a sudden fall, or a smooth schedule's)
         self._verdicts: dict = {}      # end -> learning_started's verdict on the losses before it
         self._verdicts_of = None       # (the loss list, the rules' settings) those verdicts are on
 
@@ -388,14 +396,17 @@ class Safeguard:
     def _after_decay(self, view, frozen: set) -> set:
         units = [u for u in view.units if u in frozen]
         rates = view.learning_rates(units) if hasattr(view, "learning_rates") else {}
-        last, self.last_lr = self.last_lr, {u: r for u, r in rates.items() if r is not None}
+        prior, last = self.prior_lr, self.last_lr
+        self.prior_lr, self.last_lr = last, {u: r for u, r in rates.items() if r is not None}
         for unit in set(self.frozen_at_lr) - frozen:
             del self.frozen_at_lr[unit]
         # (a rate of 0 never counts, as the old rate or the new: a schedule ending at 0, StepLR(gamma=0), trains
-        # nothing there, and a thaw would only cost the frozen units' backward again)
+        # nothing there, and a thaw would only cost the frozen units' backward again; a fall after a fall is a
+        # smooth schedule's tail, not a decay)
         thaw = {u for u, rate in self.last_lr.items() if rate > 0 and last.get(u, 0) > 0
                 and self.frozen_at_lr.get(u, 0) > 0 and rate <= last[u] * self.lr_drop
-                and rate <= self.frozen_at_lr[u] * self.lr_drop}
+                and rate <= self.frozen_at_lr[u] * self.lr_drop
+                and not last[u] < prior.get(u, 0) * (1 - STEADY_FALL)}
         if thaw:
             for unit in thaw:
                 del self.frozen_at_lr[unit]
@@ -414,6 +425,7 @@ class Safeguard:
         for unit in units:
             self.frozen_at_lr.pop(unit, None)
             self.last_lr.pop(unit, None)
+            self.prior_lr.pop(unit, None)
 
     def closed(self, view, frozen: set) -> bool:
         """Rules 1 and 2 for any unit, before a policy spends time judging one: whether no freeze can be admitted
@@ -457,6 +469,7 @@ class Safeguard:
         rates = view.learning_rates(sorted(new)) if hasattr(view, "learning_rates") else {}
         for unit in sorted(new):
             self.watching.append([unit, step, before])
+            self.prior_lr.pop(unit, None)  # (its rate before now is not known: a fall at the next review counts)
             if rates.get(unit) is not None:
                 self.frozen_at_lr[unit] = self.last_lr[unit] = rates[unit]
         self.events.append((step, f"froze {', '.join(u for u in view.units if u in new)}: {reason}; loss "
@@ -481,7 +494,8 @@ class Safeguard:
     def state_dict(self) -> dict:
         return {"last_freeze": self.last_freeze, "watching": [list(w) for w in self.watching],
                 "held": dict(self.held), "events": list(self.events), "blocked": self.blocked,
-                "logged": self._logged, "frozen_at_lr": dict(self.frozen_at_lr), "last_lr": dict(self.last_lr)}
+                "logged": self._logged, "frozen_at_lr": dict(self.frozen_at_lr), "last_lr": dict(self.last_lr),
+                "prior_lr": dict(self.prior_lr)}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_freeze = state["last_freeze"]
@@ -493,3 +507,5 @@ class Safeguard:
         self.frozen_at_lr = dict(state.get("frozen_at_lr", {}))  # (saved since rule 4)
         last = state.get("last_lr")
         self.last_lr = dict(last) if isinstance(last, dict) else {}
+        prior = state.get("prior_lr")  # (saved since rule 4 tells a sudden fall from a smooth schedule's)
+        self.prior_lr = dict(prior) if isinstance(prior, dict) else {}

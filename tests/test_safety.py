@@ -179,12 +179,47 @@ def test_a_step_decay_thaws_the_units_frozen_before_it():
     assert history[:2] == [(first, ("a",)), (first + 30, ("a", "b"))]
     assert history[2] == (-(-decay // 10) * 10, ())  # thawed at the first decision from the decay on
     assert any("thawed a, b: the learning rate fell from 0.2 to 0.02" in e for _, e in policy.safeguard.events)
-    # a smooth schedule (cosine) thaws nothing until its rate halves between two decisions: in its last 24 steps
+    # a smooth schedule (cosine) thaws nothing (to its end: test_a_smooth_schedules_tail_thaws_nothing_...)
     total = first + 400
     smooth = ScheduledView(lambda i: 2.0 * 0.8 ** min(i, 10),
                            lambda i: 0.1 * (1 + math.cos(math.pi * min(i, total) / total)) / 2)
     history, _ = run(smooth, total - 30, quick())
     assert history[-1][1] == ("a", "b") and all(frozen for _, frozen in history)
+
+
+def test_a_smooth_schedules_tail_thaws_nothing_a_step_after_it_does():
+    """Rule 4 thawed every frozen unit in a cosine's last ~20 steps (MiniLM, 640 steps: the rate halved between
+    two decisions there, 2.9e-7 to 1.3e-7), which cost their backward and emptied the activation cache for steps
+    that train at nearly no rate. A fall counts now only when the rate had held the decision before; a step
+    decay after a smooth fall, or right after a freeze, still thaws."""
+    first = 10 * (WINDOW + 2)
+    flat = lambda i: 2.0 * 0.8 ** min(i, 10)  # noqa: E731
+    total = first + 400
+    schedules = {  # (the cosine keeps a floor after its end: a rate of 0 never counts anyway)
+        "cosine": lambda i: 1e-4 * (1 + math.cos(math.pi * min(i, total - 1) / total)) / 2,
+        "linear": lambda i: 1e-4 * max(total - i, 1) / total,
+    }
+    for name, rate in schedules.items():
+        history, policy = run(ScheduledView(flat, rate), total + 20, quick())
+        assert history and all(frozen for _, frozen in history), name
+        assert not any("thawed" in e for _, e in policy.safeguard.events), name
+        assert policy.safeguard.last_lr and all(r < 1e-5 for r in policy.safeguard.last_lr.values()), name
+    # a step decay after a smooth decline still thaws: the rate had held (within a fifth) the decision before
+    decay = first + 150
+    view = ScheduledView(flat, lambda i: 0.1 * 0.999 ** i * (0.1 if i >= decay else 1.0))
+    history, policy = run(view, decay + 20, quick())
+    assert history[-1] == (-(-decay // 10) * 10, ())
+    assert any("thawed a, b: the learning rate fell" in e for _, e in policy.safeguard.events)
+    # a unit frozen at the last decision has no earlier rate: a fall right after its freeze counts
+    view = ScheduledView(flat, lambda i: 0.1 if i <= first else 0.01)
+    history, policy = run(view, first + 20, quick())
+    assert history == [(first, ("a",)), (first + 10, ())]
+    # the earlier rate travels in the freeze state
+    view = ScheduledView(flat, lambda i: 0.1)
+    history, policy = run(view, first + 60, quick())
+    other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    other.load_state_dict(policy.state_dict())
+    assert other.safeguard.prior_lr == policy.safeguard.prior_lr and policy.safeguard.prior_lr
 
 
 def test_a_rate_falling_to_zero_thaws_nothing():
