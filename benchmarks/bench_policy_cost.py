@@ -8,9 +8,11 @@ the worst case, where the predictor judges the front unit at every decision. All
 predictor has a full window (300 steps); then blocks of 10 steps (one decision each), interleaved in a shuffled
 order each round; medians after the first rounds (warm-up). The time inside SmartFRZ's
 `decide` is also timed on its own (the rest of its cost, reading the loss each step, shows only in the ratio).
+The recipes give the loss with `fm.observe_loss`; `--plain-loop` leaves it out, so the rules read the gradient
+reaching the model's output (the cross-entropy worked out from it), as in a plain loop.
 
     python benchmarks/bench_policy_cost.py [--families mlp-digits,resnet-fashion,transformer-sst2] [--rounds 40]
-                                           [--data PATH]
+                                           [--data PATH] [--plain-loop]
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ from common import interleaved, print_table  # noqa: E402
 
 from frzcompile.policies import SmartFRZ  # noqa: E402
 from frzcompile.predictor import WINDOW  # noqa: E402
-from frzcompile.predictor.collect import families, start_run, train_step  # noqa: E402
+from frzcompile.predictor.collect import _first_tensor, families, start_run, train_step  # noqa: E402
 from frzcompile.safety import Safeguard  # noqa: E402
 
 BLOCK = 10   # steps per measurement: one policy decision each
@@ -47,12 +49,24 @@ class NeverHoldsBack(NeverFreezes):
         return False
 
 
+def plain_step(fm, opt, lr, batch):
+    """collect.train_step without fm.observe_loss: a plain loop's step."""
+    *xb, yb = batch
+    torch.nn.functional.cross_entropy(_first_tensor(fm(*xb)), yb).backward()
+    opt.step()
+    opt.zero_grad()
+    lr.step()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="mlp-digits,resnet-fashion,transformer-sst2")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--data", default=None, help="data folder (default: ../shared/data or $FRZ_DATA)")
+    parser.add_argument("--plain-loop", action="store_true",
+                        help="no fm.observe_loss: the rules read the gradient reaching the model's output")
     args = parser.parse_args()
+    step = plain_step if args.plain_loop else train_step
     print(f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     makers = families(args.data)
     rows = []
@@ -64,7 +78,7 @@ def main():
             runs[name] = start_run(recipe, 0, policy, recipe.steps)
             fm, opt, lr, stream = runs[name]
             for _ in range(WINDOW * 10):  # until the predictor has a full window (interval 10)
-                train_step(fm, opt, lr, next(stream))
+                step(fm, opt, lr, next(stream))
         inside = {name: [] for name in policies}
         for name, policy in policies.items():
             decide = policy.decide
@@ -80,7 +94,7 @@ def main():
             fm, opt, lr, stream = runs[name]
             start = time.perf_counter()
             for _ in range(BLOCK):
-                train_step(fm, opt, lr, next(stream))
+                step(fm, opt, lr, next(stream))
             return (time.perf_counter() - start) / BLOCK
 
         times = interleaved(runs, args.rounds, measure)
@@ -88,10 +102,10 @@ def main():
         assert not any(runs[n][0].frozen for n in policies) and policies["judging"].last_probabilities
         row = [family, f"{1000 * manual:.2f}"]
         for name in policies:
-            step = statistics.median(times[name][WARMUP:])
+            per_step = statistics.median(times[name][WARMUP:])
             blocks = [sum(inside[name][i:i + BLOCK]) for i in range(0, len(inside[name]), BLOCK)]  # a decision each
             decision = statistics.median(blocks[WARMUP:])
-            row += [f"{1000 * step:.2f} ({step / manual:.3f}x)", f"{1000 * decision:.2f} ({100 * decision / (BLOCK * manual):.2f}%)"]
+            row += [f"{1000 * per_step:.2f} ({per_step / manual:.3f}x)", f"{1000 * decision:.2f} ({100 * decision / (BLOCK * manual):.2f}%)"]
         row.append("yes" if policies["smartfrz"].last_probabilities else "no")
         rows.append(tuple(row))
     print_table(("family", "manual ms/step", "SmartFRZ ms/step (ratio)", "ms in decide per 10 steps (share)",

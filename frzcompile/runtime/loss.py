@@ -3,12 +3,23 @@
 Where it comes from, per step (the first that is there):
   1. `fm.observe_loss(loss)`: the loss your loop computed (the Lightning callback passes the training_step's);
   2. the loss the model returns (a Hugging Face output's `.loss` when labels are given, a dict's "loss");
-  3. otherwise a proxy that needs nothing from the loop: the root-mean-square, per output row, of the gradient
-     reaching the model's output (tensor hooks on its first few floating tensors; the first of them that gets a
-     gradient counts). For cross-entropy with mean reduction that is the RMS
-     of softmax(output) - one_hot(label), for a squared error it is proportional to the RMS error: it falls as
-     the loss falls. (With a float16 GradScaler its scale moves it: give the loss with observe_loss.) Gradients
-     taken with create_graph=True are left out: a gradient penalty's `autograd.grad(out.sum(), x)` is no loss.
+  3. otherwise, from the gradient reaching the model's output (tensor hooks on its first few floating tensors; the
+     first of them that gets a gradient counts), which needs nothing from the loop:
+     a. the cross-entropy itself, when that gradient is a cross-entropy's: for `F.cross_entropy(logits, labels)`
+        (mean or sum, `ignore_index` rows included) the gradient of each row of logits is
+        (softmax(row) - one_hot(label)) / n, so the label is the row's one negative entry and n the same for every
+        row; where that holds for every reading (checked within the gradient's precision), each row's
+        -log softmax(row)[label] is the loss, exactly (and a GradScaler's scale, a constant n, cancels). The
+        readings are kept (for outputs of up to CE_MAX_ELEMENTS values) and worked out together when a policy
+        reads the loss, a few operations per read rather than per step;
+     b. else a proxy: the root-mean-square, per output row, of that gradient. For cross-entropy with label
+        smoothing or class weights it is about the RMS of softmax(output) - target, for a squared error it is
+        proportional to the RMS error: it falls as the loss falls, but near zero the hardest samples lead it (on
+        a run that had fit its data it read 1% of its start where the loss read 0.3%). With a float16
+        GradScaler its scale moves it: give the loss with observe_loss.
+     Both series are kept from the first step and never mixed: the cross-entropy is read while every reading so
+     far was one, the proxy from the first that was not. Gradients taken with create_graph=True are left out: a
+     gradient penalty's `autograd.grad(out.sum(), x)` is no loss.
 Values on a GPU stay tensors until a policy reads them (`floats()`), so it is synchronised once per read, not per
 step; on the CPU they are read at the end of each step.
 """
@@ -25,6 +36,8 @@ from ..torch_private import host_floats, traced_or_transformed, tree_flatten
 KINDS = ("observed", "returned", "output gradient")
 DESCRIPTIONS = {"observed": "the loss given to fm.observe_loss",
                 "returned": "the loss the model returns",
+                "cross-entropy": "the cross-entropy of the model's output, worked out from the gradient reaching it "
+                                 "(the loss is F.cross_entropy of the logits)",
                 "output gradient": "a proxy: RMS per output row of the gradient reaching the model's output "
                                    "(fm.observe_loss(loss) gives the loss itself)",
                 None: "none seen yet"}
@@ -46,6 +59,9 @@ def _returned_loss(out):
 
 
 MAX_HOOKED = 4  # output tensors watched per call
+CE_MAX_ELEMENTS = 1 << 16  # the largest output whose cross-entropy is worked out (its readings are kept until read)
+CE_MAX_PENDING = 1 << 22   # values of kept readings (output and gradient) that make them worked out at once
+MAX_PENDING_STEPS = 1000   # or steps kept (a loop whose policy reads the loss rarely)
 MAX_READINGS = 256  # readings kept per step and source (accumulation over more micro-batches: the first 256;
 # a loop whose steps are never counted, no torch optimizer and no fm.step(), kept one per call for good)
 
@@ -56,6 +72,60 @@ def _norm(grad):
     if grad.dtype.itemsize < 4:
         return torch.linalg.vector_norm(grad, dtype=torch.float32)
     return torch.linalg.vector_norm(grad).float()
+
+
+def cross_entropies(readings):
+    """Per reading (logits, gradient reaching them; each 2-d or more, classes last), the mean cross-entropy of its
+    rows that got a gradient when the gradient is that of a cross-entropy of the logits, else -1.0 (another
+    loss), or NaN (nothing to tell: no row got a finite gradient, or every label's probability rounds to 1): 0-d
+    tensors on the readings' device, worked out together (a policy reads the loss every few steps; per step this
+    would be a few dozen small operations).
+
+    For F.cross_entropy (mean over n rows, or sum: n = 1) a row's gradient is (softmax(z) - one_hot(y)) / n: y is
+    its one negative entry and n = (p_y - 1) / g_y, the same for every row of a reading. n is taken from the row
+    whose label has the largest gradient (its p_y - 1 is furthest from rounding), and every row must then give
+    back a one-hot target: |softmax(z) - n g - one_hot(y)| within the gradient's precision."""
+    if not readings:
+        return []
+    device = readings[0][1].device
+    zs, gs, seg = [], [], []
+    for i, (z, g) in enumerate(readings):
+        zs.append(z.reshape(-1, z.shape[-1]).to(device, torch.float32))
+        gs.append(g.reshape(-1, g.shape[-1]).to(device, torch.float32))
+        seg.append(torch.full((zs[-1].shape[0],), i, device=device, dtype=torch.long))
+    out = []
+    for classes in sorted({z.shape[1] for z in zs}):  # (readings of one class count are worked out together)
+        pick = [i for i, z in enumerate(zs) if z.shape[1] == classes]
+        z, g, s = torch.cat([zs[i] for i in pick]), torch.cat([gs[i] for i in pick]), torch.cat([seg[i] for i in pick])
+        k = len(readings)
+        finite = torch.isfinite(g).all(1) & torch.isfinite(z).all(1)
+        g = torch.where(finite[:, None], g, 0.0)
+        live = g.abs().amax(1) > 0  # (rows with no gradient: ignore_index, a shifted LM's last position)
+        logp = torch.log_softmax(torch.where(finite[:, None], z, 0.0), 1)
+        y = g.argmin(1, keepdim=True)
+        gy, logpy = g.gather(1, y).squeeze(1), logp.gather(1, y).squeeze(1)
+        n_row = torch.where(live & (gy < 0), torch.expm1(logpy) / gy.clamp_max(-torch.finfo(torch.float32).tiny), 0.0)
+        weight = torch.where(live, -gy, -1.0)
+        best = torch.full((k,), -1.0, device=device).scatter_reduce(0, s, weight, "amax")
+        n = torch.full((k,), -math.inf, device=device).scatter_reduce(
+            0, s, torch.where(weight == best[s], n_row, -math.inf), "amax")
+        target = logp.exp() - g * n[s, None]
+        target.scatter_add_(1, y, torch.full_like(gy, -1.0)[:, None])
+        error = torch.zeros(k, device=device).scatter_reduce(0, s, torch.where(live, target.abs().amax(1), 0.0),
+                                                              "amax")
+        rows = torch.zeros(k, device=device).scatter_add(0, s, live.float())
+        total = torch.zeros(k, device=device).scatter_add(0, s, torch.where(live, -logpy, 0.0))
+        bad = torch.zeros(k, device=device).scatter_add(0, s, (~finite).float())
+        eps = [torch.finfo(readings[i][1].dtype).eps for i in range(k)]  # (gradients are floating)
+        # (float32 0.001, bfloat16 0.017, float16 0.003: the gradient's rounding and n's; a label smoothing's
+        # targets, or class weights' row scales, are beyond it; one number when the dtypes agree: no copy)
+        tolerance = 1e-3 + 2 * (eps[0] if len(set(eps)) == 1 else torch.tensor(eps, device=device))
+        # (a reading whose every label's probability rounds to 1 has no negative entry to check: no reading)
+        checked = (rows > 0) & (n > 0) & torch.isfinite(n)
+        value = torch.where(checked, torch.where(error <= tolerance, total / rows.clamp_min(1), -1.0), math.nan)
+        value = torch.where(bad > 0, math.nan, value)  # (an overflowed step: no reading, as a skipped one)
+        out += [(i, value[i]) for i in pick]
+    return [v for _, v in sorted(out, key=lambda iv: iv[0])]
 
 
 def _outputs(out) -> list:
@@ -84,6 +154,10 @@ class LossSignal:
         self._on_device = 0                         # how many of them are (readings on a GPU, read in one copy)
         self.kind = None                            # the source of the last step's value
         self.enabled = True                         # False: nothing is read (no policy uses the loss)
+        self._ce = LossHistory()                    # per finished step: the cross-entropy worked out (3a), or None
+        self._ce_ok = True                          # every reading so far was a cross-entropy's (3a applies)
+        self._ce_pending: list = []                 # per step not worked out yet: its [(logits, gradient)]
+        self._ce_size = 0                           # and how many values they hold
 
     def observe_output(self, out) -> None:
         """A training call returned `out`: keep its loss, or hook its main output's gradient."""
@@ -108,14 +182,19 @@ class LossSignal:
         me = weakref.ref(self)
         for position, t in enumerate(outputs):  # the first of them that gets a gradient counts
             rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
+            logits = t.detach() if self._ce_ok and t.dim() >= 2 and t.shape[-1] >= 2 and \
+                t.numel() <= CE_MAX_ELEMENTS else None
 
-            def hook(grad, position=position, scale=math.sqrt(max(rows, 1))):
+            def hook(grad, position=position, scale=math.sqrt(max(rows, 1)), logits=logits):
                 signal = me()
                 # (traced: a batched backward, a jacobian; grad mode on: a backward with create_graph=True, the
                 # gradient of a gradient penalty's `autograd.grad(out.sum(), x)`, whose all-ones is no loss)
                 if signal is not None and not torch.is_grad_enabled() and not traced_or_transformed(grad) and \
                         len(signal._gradients) < MAX_READINGS:
-                    signal._gradients.append((position, _norm(grad.detach()) * scale))
+                    grad = grad.detach()
+                    # (copies: a compiled model's output buffers, CUDA graphs', are reused by the next call)
+                    pair = (logits.clone(), grad.clone()) if logits is not None and signal._ce_ok else None
+                    signal._gradients.append((position, _norm(grad) * scale, pair))
 
             t.register_hook(hook)
 
@@ -127,10 +206,22 @@ class LossSignal:
             self._step["observed"].append(value)
 
     def end_step(self) -> None:
+        pairs = []
         if self._gradients:
-            first = min(position for position, _ in self._gradients)
-            self._step["output gradient"] = [r for position, r in self._gradients if position == first]
+            first = min(position for position, _, _ in self._gradients)
+            self._step["output gradient"] = [r for position, r, _ in self._gradients if position == first]
+            pairs = [pair for position, _, pair in self._gradients if position == first]
             self._gradients = []
+        if self._ce_ok and self.enabled:
+            if any(pair is None for pair in pairs) or self.kind in ("observed", "returned") or \
+                    self._step["observed"] or self._step["returned"]:
+                # (an output too large, or of one column: 3b from the start; a loss given or returned: not read)
+                self._ce_ok, self._ce, self._ce_pending, self._ce_size = False, LossHistory(), [], 0
+            else:
+                self._ce_pending.append(pairs)
+                self._ce_size += sum(z.numel() + g.numel() for z, g in pairs)
+                if self._ce_size > CE_MAX_PENDING or len(self._ce_pending) > MAX_PENDING_STEPS:
+                    self._work_out()
         # once a better source was seen it is the only one read: a series never mixes a loss and the proxy
         best = KINDS.index(self.kind) if self.kind is not None else len(KINDS)
         for kind in KINDS[:best + 1]:
@@ -148,10 +239,36 @@ class LossSignal:
             self._values.append(None)
         self._step = {kind: [] for kind in KINDS}
 
+    def _work_out(self) -> None:
+        """The cross-entropies of the pending steps, appended to their series (3a), or the series given up."""
+        pending, self._ce_pending, self._ce_size = self._ce_pending, [], 0
+        flat = [pair for pairs in pending for pair in pairs]
+        values = iter(host_floats(cross_entropies(flat)) if flat else [])
+        for pairs in pending:
+            step = [next(values) for _ in pairs]
+            if any(v < 0 for v in step):  # (another loss: NaN compares False)
+                self._ce_ok, self._ce = False, LossHistory()
+                return
+            finite = [v for v in step if math.isfinite(v)]  # (NaN: an overflowed gradient, every probability 1)
+            self._ce.append(sum(finite) / len(finite) if finite else None)
+
+    @property
+    def source(self) -> str | None:
+        """Where the values `floats()` gives come from: a KINDS entry, or "cross-entropy"."""
+        if self.kind == "output gradient" and self._ce_ok:
+            self._work_out()
+            if self._ce_ok:
+                return "cross-entropy"
+        return self.kind
+
     def floats(self) -> LossHistory:
         """One value per training step so far (None where none was seen; the steps between the first thousand
         and the last few thousand are not kept: see LossHistory). The history itself, not a copy: read it, do not
         change it (a policy reads it every few steps over runs of any length)."""
+        return self._ce if self.source == "cross-entropy" else self._read()
+
+    def _read(self) -> LossHistory:
+        """The series of the readings by source (1, 2, 3b), its values on a device read to floats."""
         values = self._values
         if self._on_device:
             pending = [i for i in values.kept(self._unread, len(values), from_end=True)  # (the new steps alone)
@@ -163,9 +280,17 @@ class LossSignal:
         return values
 
     def state_dict(self) -> dict:
-        return {"history": self.floats().state_dict(), "kind": self.kind}
+        if self._ce_ok:
+            self._work_out()
+        return {"history": self._read().state_dict(), "kind": self.kind,
+                "cross_entropy": self._ce.state_dict() if self._ce_ok else None}
 
     def load_state_dict(self, state: dict) -> None:
         self._values = LossHistory.from_state(state["history"] if "history" in state else state["values"])
         self._unread = self._on_device = 0
         self.kind = state["kind"]
+        self._ce_pending, self._ce_size = [], 0
+        ce = state.get("cross_entropy")
+        # (a state saved before 3a: its proxy series goes on, unless it has no reading to go on from)
+        self._ce_ok = ce is not None or self.kind is None
+        self._ce = LossHistory.from_state(ce) if ce is not None else LossHistory([None] * len(self._values))

@@ -586,7 +586,7 @@ class FrozenModule(nn.Module):
         """Where the last step's loss signal came from."""
         if not self._loss.enabled:
             return f"not read (the {self._policy.name} policy does not use it)"
-        return LOSS_SOURCES[self._loss.kind]
+        return LOSS_SOURCES[self._loss.source]
 
     @contextlib.contextmanager
     def _inside_call(self):
