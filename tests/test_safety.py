@@ -740,6 +740,16 @@ def test_the_cross_entropy_is_worked_out_from_the_gradient_reaching_the_logits()
         assert worked_out(z, other) == -1.0
     fitted = (nn.functional.one_hot(y, 5) * 40.0).requires_grad_(True)  # every label's probability rounds to 1
     assert math.isnan(worked_out(fitted, ce(fitted, y)))
+    # masked logits (an action mask: -inf, or -1e9), one row so confident that its label's entry is 0 too: the
+    # review found every step read "no reading" (-inf) or "another loss" (the masked column taken as the label)
+    for fill in (-math.inf, -1e9):
+        masked = z.detach().clone()
+        masked[:, 0] = fill
+        masked[0, 1:] = torch.tensor([30.0, 0.0, 0.0, 0.0])
+        labels = torch.where(y == 0, 1, y)
+        labels[0] = 1
+        masked.requires_grad_(True)
+        assert worked_out(masked, ce(masked, labels)) == pytest.approx(ce(masked, labels).item(), rel=1e-6)
     zb = z.detach().bfloat16().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = ce(zb, y)
@@ -790,10 +800,17 @@ def test_the_worked_out_cross_entropy_series_in_a_run(monkeypatch):
         nn.functional.cross_entropy(out, y).backward()
         signal.end_step()
     assert len(signal._ce) > before and signal._ce_size <= 1000
-    # one output column, or more values than CE_MAX_ELEMENTS: the proxy from the start
+    # a batch of more values than CE_MAX_ELEMENTS (a long bucket): every k-th row is kept, the series goes on
+    big = torch.randn(loss_module.CE_MAX_ELEMENTS // 4 + 8, 8)
+    out = fm(big)
+    loss = nn.functional.cross_entropy(out, big[:, :4].argmax(1))
+    loss.backward()
+    fm.step()
+    assert "cross-entropy" in fm.loss_source() and fm.losses()[-1] == pytest.approx(loss.item(), rel=0.1)
+    # one output column, or more classes than CE_MAX_CLASSES: the proxy from the start
     torch.manual_seed(0)
     fm, _ = run(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)), 3)
     assert "a proxy" in fm.loss_source() and not fm._loss._ce_ok
-    wide = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, loss_module.CE_MAX_ELEMENTS // 16 + 1))
+    wide = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, loss_module.CE_MAX_CLASSES + 1))
     fm, _ = run(wide, 2)
     assert "a proxy" in fm.loss_source() and all(v is not None for v in fm.losses())

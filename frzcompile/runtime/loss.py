@@ -8,10 +8,14 @@ Where it comes from, per step (the first that is there):
      a. the cross-entropy itself, when that gradient is a cross-entropy's: for `F.cross_entropy(logits, labels)`
         (mean or sum, `ignore_index` rows included) the gradient of each row of logits is
         (softmax(row) - one_hot(label)) / n, so the label is the row's one negative entry and n the same for every
-        row; where that holds for every reading (checked within the gradient's precision), each row's
-        -log softmax(row)[label] is the loss, exactly (and a GradScaler's scale, a constant n, cancels). The
-        readings are kept (for outputs of up to CE_MAX_ELEMENTS values) and worked out together when a policy
-        reads the loss, a few operations per read rather than per step;
+        row; where that holds for every reading (checked within the gradient's precision), the mean over rows of
+        -log softmax(row)[label] is the loss, exactly (a sum's mean per row; a GradScaler's scale, a constant n,
+        cancels). Rows with no gradient at all are left out (ignore_index; also a row so confident that every
+        entry of its gradient rounds to 0). A loss of p_label alone (a focal loss) has gradients of that form
+        row by row, with n differing between rows: it is told apart on batches of two or more. The readings
+        are kept (outputs of up to CE_MAX_CLASSES classes; of a larger batch, every k-th row up to
+        CE_MAX_ELEMENTS values: the mean over those rows) and worked out together when a policy reads the loss,
+        a few operations per read rather than per step;
      b. else a proxy: the root-mean-square, per output row, of that gradient. For cross-entropy with label
         smoothing or class weights it is about the RMS of softmax(output) - target, for a squared error it is
         proportional to the RMS error: it falls as the loss falls, but near zero the hardest samples lead it (on
@@ -59,7 +63,8 @@ def _returned_loss(out):
 
 
 MAX_HOOKED = 4  # output tensors watched per call
-CE_MAX_ELEMENTS = 1 << 16  # the largest output whose cross-entropy is worked out (its readings are kept until read)
+CE_MAX_CLASSES = 4096      # the most classes (last dimension) of an output whose cross-entropy is worked out
+CE_MAX_ELEMENTS = 1 << 16  # values kept of each (every k-th row of a larger one): they are kept until read
 CE_MAX_PENDING = 1 << 22   # values of kept readings (output and gradient) that make them worked out at once
 MAX_PENDING_STEPS = 1000   # or steps kept (a loop whose policy reads the loss rarely)
 MAX_READINGS = 256  # readings kept per step and source (accumulation over more micro-batches: the first 256;
@@ -98,18 +103,21 @@ def cross_entropies(readings):
         pick = [i for i, z in enumerate(zs) if z.shape[1] == classes]
         z, g, s = torch.cat([zs[i] for i in pick]), torch.cat([gs[i] for i in pick]), torch.cat([seg[i] for i in pick])
         k = len(readings)
-        finite = torch.isfinite(g).all(1) & torch.isfinite(z).all(1)
+        # (a logit of -inf, a masked action or class, is a probability of 0; NaN or +inf spoil the row)
+        finite = torch.isfinite(g).all(1) & ~(torch.isnan(z) | (z == math.inf)).any(1) & (z > -math.inf).any(1)
         g = torch.where(finite[:, None], g, 0.0)
         live = g.abs().amax(1) > 0  # (rows with no gradient: ignore_index, a shifted LM's last position)
         logp = torch.log_softmax(torch.where(finite[:, None], z, 0.0), 1)
-        y = g.argmin(1, keepdim=True)
+        # the label: the row's negative entry, or where the label's probability rounds to 1 (its entry is 0, as
+        # a masked column's may be), the most probable class
+        y = torch.where(g.amin(1) < 0, g.argmin(1), logp.argmax(1))[:, None]
         gy, logpy = g.gather(1, y).squeeze(1), logp.gather(1, y).squeeze(1)
         n_row = torch.where(live & (gy < 0), torch.expm1(logpy) / gy.clamp_max(-torch.finfo(torch.float32).tiny), 0.0)
         weight = torch.where(live, -gy, -1.0)
         best = torch.full((k,), -1.0, device=device).scatter_reduce(0, s, weight, "amax")
         n = torch.full((k,), -math.inf, device=device).scatter_reduce(
             0, s, torch.where(weight == best[s], n_row, -math.inf), "amax")
-        target = logp.exp() - g * n[s, None]
+        target = logp.exp() - g * n[s, None]  # (a -inf logit: 0 - 0)
         target.scatter_add_(1, y, torch.full_like(gy, -1.0)[:, None])
         error = torch.zeros(k, device=device).scatter_reduce(0, s, torch.where(live, target.abs().amax(1), 0.0),
                                                               "amax")
@@ -182,18 +190,20 @@ class LossSignal:
         me = weakref.ref(self)
         for position, t in enumerate(outputs):  # the first of them that gets a gradient counts
             rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
-            logits = t.detach() if self._ce_ok and t.dim() >= 2 and t.shape[-1] >= 2 and \
-                t.numel() <= CE_MAX_ELEMENTS else None
+            stride = max(1, -(-t.numel() // CE_MAX_ELEMENTS))  # (rows kept: every stride-th)
+            # (a copy now: a compiled model's output buffers, CUDA graphs', are reused by the next call)
+            logits = t.detach().flatten(0, -2)[::stride].clone() if self._ce_ok and t.dim() >= 2 and \
+                2 <= t.shape[-1] <= CE_MAX_CLASSES else None
 
-            def hook(grad, position=position, scale=math.sqrt(max(rows, 1)), logits=logits):
+            def hook(grad, position=position, scale=math.sqrt(max(rows, 1)), logits=logits, stride=stride):
                 signal = me()
                 # (traced: a batched backward, a jacobian; grad mode on: a backward with create_graph=True, the
                 # gradient of a gradient penalty's `autograd.grad(out.sum(), x)`, whose all-ones is no loss)
                 if signal is not None and not torch.is_grad_enabled() and not traced_or_transformed(grad) and \
                         len(signal._gradients) < MAX_READINGS:
                     grad = grad.detach()
-                    # (copies: a compiled model's output buffers, CUDA graphs', are reused by the next call)
-                    pair = (logits.clone(), grad.clone()) if logits is not None and signal._ce_ok else None
+                    pair = (logits, grad.flatten(0, -2)[::stride].clone()) if logits is not None and \
+                        signal._ce_ok else None
                     signal._gradients.append((position, _norm(grad) * scale, pair))
 
             t.register_hook(hook)
@@ -212,10 +222,10 @@ class LossSignal:
             self._step["output gradient"] = [r for position, r, _ in self._gradients if position == first]
             pairs = [pair for position, _, pair in self._gradients if position == first]
             self._gradients = []
-        if self._ce_ok and self.enabled:
+        if self._ce_ok:  # (disabled, no readings come: each step's None keeps the series as long as the other)
             if any(pair is None for pair in pairs) or self.kind in ("observed", "returned") or \
                     self._step["observed"] or self._step["returned"]:
-                # (an output too large, or of one column: 3b from the start; a loss given or returned: not read)
+                # (an output of one column or of more classes: 3b from the start; a loss given or returned)
                 self._ce_ok, self._ce, self._ce_pending, self._ce_size = False, LossHistory(), [], 0
             else:
                 self._ce_pending.append(pairs)
