@@ -82,58 +82,58 @@ def _norm(grad):
 def cross_entropies(readings):
     """Per reading (logits, gradient reaching them; each 2-d or more, classes last), the mean cross-entropy of its
     rows that got a gradient when the gradient is that of a cross-entropy of the logits, else -1.0 (another
-    loss), or NaN (nothing to tell: no row got a finite gradient, or every label's probability rounds to 1): 0-d
-    tensors on the readings' device, worked out together (a policy reads the loss every few steps; per step this
-    would be a few dozen small operations).
+    loss), or NaN (nothing to tell: no row got a finite gradient, or every label's probability rounds to 1), as
+    one tensor on the readings' device, worked out together (a policy reads the loss every few steps; per step
+    this would be a few dozen small operations).
 
     For F.cross_entropy (mean over n rows, or sum: n = 1) a row's gradient is (softmax(z) - one_hot(y)) / n: y is
     its one negative entry and n = (p_y - 1) / g_y, the same for every row of a reading. n is taken from the row
     whose label has the largest gradient (its p_y - 1 is furthest from rounding), and every row must then give
     back a one-hot target: |softmax(z) - n g - one_hot(y)| within the gradient's precision."""
     if not readings:
-        return []
-    device = readings[0][1].device
-    zs, gs, seg = [], [], []
-    for i, (z, g) in enumerate(readings):
-        zs.append(z.reshape(-1, z.shape[-1]).to(device, torch.float32))
-        gs.append(g.reshape(-1, g.shape[-1]).to(device, torch.float32))
-        seg.append(torch.full((zs[-1].shape[0],), i, device=device, dtype=torch.long))
-    out = []
-    for classes in sorted({z.shape[1] for z in zs}):  # (readings of one class count are worked out together)
-        pick = [i for i, z in enumerate(zs) if z.shape[1] == classes]
-        z, g, s = torch.cat([zs[i] for i in pick]), torch.cat([gs[i] for i in pick]), torch.cat([seg[i] for i in pick])
-        k = len(readings)
-        # (a logit of -inf, a masked action or class, is a probability of 0; NaN or +inf spoil the row)
-        finite = torch.isfinite(g).all(1) & ~(torch.isnan(z) | (z == math.inf)).any(1) & (z > -math.inf).any(1)
-        g = torch.where(finite[:, None], g, 0.0)
-        live = g.abs().amax(1) > 0  # (rows with no gradient: ignore_index, a shifted LM's last position)
-        logp = torch.log_softmax(torch.where(finite[:, None], z, 0.0), 1)
+        return torch.zeros(0)
+    device, k = readings[0][1].device, len(readings)
+    value = torch.full((k,), math.nan, device=device)
+    for classes in sorted({z.shape[-1] for z, _ in readings}):  # (one class count: one pass over all of them)
+        pick = [i for i, (z, _) in enumerate(readings) if z.shape[-1] == classes]
+        counts = [readings[i][0].numel() // classes for i in pick]
+        m = len(pick)
+        z = torch.cat([readings[i][0].reshape(-1, classes) for i in pick]).to(device, torch.float32)
+        g = torch.cat([readings[i][1].reshape(-1, classes) for i in pick]).to(device, torch.float32)
+        s = torch.repeat_interleave(torch.arange(m), torch.tensor(counts)).to(device)
+        top, first = z.max(1, keepdim=True)
+        # a row with a NaN or +inf logit (or all -inf), or a non-finite gradient, spoils its reading (an overflowed
+        # step: nothing to tell, as a skipped one); a logit of -inf alone (a masked class) is a probability of 0
+        bad = ~torch.isfinite(top.squeeze(1) + g.sum(1))
+        z, g = (z - top).masked_fill(bad[:, None], 0.0), g.masked_fill(bad[:, None], 0.0)
+        e = z.exp()  # (softmax by hand: CPU's log_softmax took 100 us on 640 x 10 values)
+        live = (g != 0).any(1)  # (rows with no gradient: ignore_index, a shifted LM's last position)
         # the label: the row's negative entry, or where the label's probability rounds to 1 (its entry is 0, as
         # a masked column's may be), the most probable class
-        y = torch.where(g.amin(1) < 0, g.argmin(1), logp.argmax(1))[:, None]
-        gy, logpy = g.gather(1, y).squeeze(1), logp.gather(1, y).squeeze(1)
-        n_row = torch.where(live & (gy < 0), torch.expm1(logpy) / gy.clamp_max(-torch.finfo(torch.float32).tiny), 0.0)
-        weight = torch.where(live, -gy, -1.0)
-        best = torch.full((k,), -1.0, device=device).scatter_reduce(0, s, weight, "amax")
-        n = torch.full((k,), -math.inf, device=device).scatter_reduce(
-            0, s, torch.where(weight == best[s], n_row, -math.inf), "amax")
-        target = logp.exp() - g * n[s, None]  # (a -inf logit: 0 - 0)
-        target.scatter_add_(1, y, torch.full_like(gy, -1.0)[:, None])
-        error = torch.zeros(k, device=device).scatter_reduce(0, s, torch.where(live, target.abs().amax(1), 0.0),
+        low, y = g.min(1, keepdim=True)
+        y = torch.where(low < 0, y, first)
+        gy, d = g.gather(1, y).squeeze(1), z.gather(1, y).squeeze(1)
+        # -log p_y = log1p(the others' share + e^d - 1) - d: exact near 0 (a fitted row, d = 0)
+        nll = torch.log1p(e.scatter(1, y, 0.0).sum(1) + torch.expm1(d)) - d
+        # n = (p_y - 1) / g_y from the row whose label has the largest gradient (furthest from rounding)
+        weight = gy.neg().masked_fill(~live, -1.0)
+        best = torch.full((m,), -1.0, device=device).scatter_reduce(0, s, weight, "amax")
+        n_row = torch.expm1(-nll) / gy.clamp_max(-torch.finfo(torch.float32).tiny)
+        n = torch.zeros(m, device=device).scatter_reduce(0, s, n_row.masked_fill(weight != best[s], 0.0), "amax")
+        # every row must give back a one-hot target: softmax(z) - n g - one_hot(y) = 0 within the precision
+        target = (e / e.sum(1, keepdim=True) - g * n[s, None]).scatter_add_(1, y, low.new_full(y.shape, -1.0))
+        error = torch.zeros(m, device=device).scatter_reduce(0, s, target.abs().amax(1).masked_fill(~live, 0.0),
                                                               "amax")
-        rows = torch.zeros(k, device=device).scatter_add(0, s, live.float())
-        total = torch.zeros(k, device=device).scatter_add(0, s, torch.where(live, -logpy, 0.0))
-        bad = torch.zeros(k, device=device).scatter_add(0, s, (~finite).float())
-        eps = [torch.finfo(readings[i][1].dtype).eps for i in range(k)]  # (gradients are floating)
+        per_row = torch.stack([live.float(), nll.masked_fill(~live, 0.0), bad.float()])
+        rows, total, spoilt = torch.zeros(3, m, device=device).index_add_(1, s, per_row).unbind()
         # (float32 0.001, bfloat16 0.017, float16 0.003: the gradient's rounding and n's; a label smoothing's
-        # targets, or class weights' row scales, are beyond it; one number when the dtypes agree: no copy)
-        tolerance = 1e-3 + 2 * (eps[0] if len(set(eps)) == 1 else torch.tensor(eps, device=device))
-        # (a reading whose every label's probability rounds to 1 has no negative entry to check: no reading)
-        checked = (rows > 0) & (n > 0) & torch.isfinite(n)
-        value = torch.where(checked, torch.where(error <= tolerance, total / rows.clamp_min(1), -1.0), math.nan)
-        value = torch.where(bad > 0, math.nan, value)  # (an overflowed step: no reading, as a skipped one)
-        out += [(i, value[i]) for i in pick]
-    return [v for _, v in sorted(out, key=lambda iv: iv[0])]
+        # targets, or class weights' row scales, are beyond it)
+        tolerance = 1e-3 + 2 * max(torch.finfo(readings[i][1].dtype).eps for i in pick)
+        # (a reading whose every label's probability rounds to 1 has no negative entry to check: nothing to tell)
+        checked = (rows > 0) & (best > 0) & (n > 0) & (spoilt == 0)
+        found = torch.where(error <= tolerance, total / rows.clamp_min(1), -1.0).masked_fill(~checked, math.nan)
+        value[torch.tensor(pick, device=device)] = found
+    return value
 
 
 def _outputs(out) -> list:
@@ -191,9 +191,10 @@ class LossSignal:
         for position, t in enumerate(outputs):  # the first of them that gets a gradient counts
             rows = t.numel() // t.shape[-1] if t.dim() >= 2 else t.numel()
             stride = max(1, -(-t.numel() // CE_MAX_ELEMENTS))  # (rows kept: every stride-th)
-            # (a copy now: a compiled model's output buffers, CUDA graphs', are reused by the next call)
-            logits = t.detach().flatten(0, -2)[::stride].clone() if self._ce_ok and t.dim() >= 2 and \
-                2 <= t.shape[-1] <= CE_MAX_CLASSES else None
+            logits = None
+            if self._ce_ok and t.dim() >= 2 and 2 <= t.shape[-1] <= CE_MAX_CLASSES:
+                # (a copy now: a compiled model's output buffers, CUDA graphs', are reused by the next call)
+                logits = t.detach().clone() if stride == 1 else t.detach().flatten(0, -2)[::stride].clone()
 
             def hook(grad, position=position, scale=math.sqrt(max(rows, 1)), logits=logits, stride=stride):
                 signal = me()
@@ -202,8 +203,8 @@ class LossSignal:
                 if signal is not None and not torch.is_grad_enabled() and not traced_or_transformed(grad) and \
                         len(signal._gradients) < MAX_READINGS:
                     grad = grad.detach()
-                    pair = (logits, grad.flatten(0, -2)[::stride].clone()) if logits is not None and \
-                        signal._ce_ok else None
+                    pair = None if logits is None or not signal._ce_ok else \
+                        (logits, grad.clone() if stride == 1 else grad.flatten(0, -2)[::stride].clone())
                     signal._gradients.append((position, _norm(grad) * scale, pair))
 
             t.register_hook(hook)
@@ -251,9 +252,11 @@ class LossSignal:
 
     def _work_out(self) -> None:
         """The cross-entropies of the pending steps, appended to their series (3a), or the series given up."""
+        if not self._ce_pending:
+            return
         pending, self._ce_pending, self._ce_size = self._ce_pending, [], 0
         flat = [pair for pairs in pending for pair in pairs]
-        values = iter(host_floats(cross_entropies(flat)) if flat else [])
+        values = iter(cross_entropies(flat).tolist())  # (on a GPU: one wait, at a policy's read)
         for pairs in pending:
             step = [next(values) for _ in pairs]
             if any(v < 0 for v in step):  # (another loss: NaN compares False)
