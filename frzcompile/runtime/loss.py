@@ -29,10 +29,12 @@ step; on the CPU they are read at the end of each step.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..safety import LossHistory
 from ..torch_private import host_floats, traced_or_transformed, tree_flatten
@@ -93,45 +95,46 @@ def cross_entropies(readings):
     if not readings:
         return torch.zeros(0)
     device, k = readings[0][1].device, len(readings)
-    value = torch.full((k,), math.nan, device=device)
+    value = None
     for classes in sorted({z.shape[-1] for z, _ in readings}):  # (one class count: one pass over all of them)
         pick = [i for i, (z, _) in enumerate(readings) if z.shape[-1] == classes]
-        counts = [readings[i][0].numel() // classes for i in pick]
-        m = len(pick)
-        z = torch.cat([readings[i][0].reshape(-1, classes) for i in pick]).to(device, torch.float32)
-        g = torch.cat([readings[i][1].reshape(-1, classes) for i in pick]).to(device, torch.float32)
-        s = torch.repeat_interleave(torch.arange(m), torch.tensor(counts)).to(device)
-        top, first = z.max(1, keepdim=True)
+        # (readings, rows, classes); the rows a shorter reading lacks are zeros: rows with no gradient
+        rows = {readings[i][0].numel() for i in pick}
+        z, g = ((torch.stack if len(rows) == 1 else functools.partial(pad_sequence, batch_first=True))(
+            [readings[i][j].reshape(-1, classes) for i in pick]).to(device, torch.float32) for j in (0, 1))
+        top, first = z.max(2, keepdim=True)
         # a row with a NaN or +inf logit (or all -inf), or a non-finite gradient, spoils its reading (an overflowed
         # step: nothing to tell, as a skipped one); a logit of -inf alone (a masked class) is a probability of 0
-        bad = ~torch.isfinite(top.squeeze(1) + g.sum(1))
-        z, g = (z - top).masked_fill(bad[:, None], 0.0), g.masked_fill(bad[:, None], 0.0)
+        bad = ~torch.isfinite(top.squeeze(2) + g.sum(2))
+        z, g = (z - top).masked_fill_(bad[..., None], 0.0), g.masked_fill(bad[..., None], 0.0)
         e = z.exp()  # (softmax by hand: CPU's log_softmax took 100 us on 640 x 10 values)
-        live = (g != 0).any(1)  # (rows with no gradient: ignore_index, a shifted LM's last position)
+        live = (g != 0).any(2)  # (rows with no gradient: ignore_index, a shifted LM's last position)
         # the label: the row's negative entry, or where the label's probability rounds to 1 (its entry is 0, as
         # a masked column's may be), the most probable class
-        low, y = g.min(1, keepdim=True)
+        low, y = g.min(2, keepdim=True)
         y = torch.where(low < 0, y, first)
-        gy, d = g.gather(1, y).squeeze(1), z.gather(1, y).squeeze(1)
+        gy, d = g.gather(2, y).squeeze(2), z.gather(2, y).squeeze(2)
         # -log p_y = log1p(the others' share + e^d - 1) - d: exact near 0 (a fitted row, d = 0)
-        nll = torch.log1p(e.scatter(1, y, 0.0).sum(1) + torch.expm1(d)) - d
+        nll = torch.log1p(e.scatter(2, y, 0.0).sum(2) + torch.expm1(d)) - d
         # n = (p_y - 1) / g_y from the row whose label has the largest gradient (furthest from rounding)
-        weight = gy.neg().masked_fill(~live, -1.0)
-        best = torch.full((m,), -1.0, device=device).scatter_reduce(0, s, weight, "amax")
-        n_row = torch.expm1(-nll) / gy.clamp_max(-torch.finfo(torch.float32).tiny)
-        n = torch.zeros(m, device=device).scatter_reduce(0, s, n_row.masked_fill(weight != best[s], 0.0), "amax")
+        weight = gy.neg().masked_fill_(~live, -1.0)
+        best = weight.amax(1, keepdim=True)
+        n = (torch.expm1(-nll) / gy.clamp_max(-torch.finfo(torch.float32).tiny)).masked_fill_(weight != best, 0.0)
+        n = n.amax(1)
         # every row must give back a one-hot target: softmax(z) - n g - one_hot(y) = 0 within the precision
-        target = (e / e.sum(1, keepdim=True) - g * n[s, None]).scatter_add_(1, y, low.new_full(y.shape, -1.0))
-        error = torch.zeros(m, device=device).scatter_reduce(0, s, target.abs().amax(1).masked_fill(~live, 0.0),
-                                                              "amax")
-        per_row = torch.stack([live.float(), nll.masked_fill(~live, 0.0), bad.float()])
-        rows, total, spoilt = torch.zeros(3, m, device=device).index_add_(1, s, per_row).unbind()
+        target = (e / e.sum(2, keepdim=True) - g * n[:, None, None]).scatter_add_(2, y, low.new_full(y.shape, -1.0))
+        error = target.abs().amax(2).masked_fill_(~live, 0.0).amax(1)
+        rows, total = live.sum(1), nll.masked_fill_(~live, 0.0).sum(1)
         # (float32 0.001, bfloat16 0.017, float16 0.003: the gradient's rounding and n's; a label smoothing's
         # targets, or class weights' row scales, are beyond it)
         tolerance = 1e-3 + 2 * max(torch.finfo(readings[i][1].dtype).eps for i in pick)
         # (a reading whose every label's probability rounds to 1 has no negative entry to check: nothing to tell)
-        checked = (rows > 0) & (best > 0) & (n > 0) & (spoilt == 0)
-        found = torch.where(error <= tolerance, total / rows.clamp_min(1), -1.0).masked_fill(~checked, math.nan)
+        checked = (rows > 0) & (best.squeeze(1) > 0) & (n > 0) & ~bad.any(1)
+        found = torch.where(error <= tolerance, total / rows.clamp_min(1), -1.0).masked_fill_(~checked, math.nan)
+        if len(pick) == k:
+            return found
+        if value is None:
+            value = torch.full((k,), math.nan, device=device)
         value[torch.tensor(pick, device=device)] = found
     return value
 
