@@ -277,8 +277,8 @@ class Explanation:
                          f"{c['reused_from_shallower']} samples computed from a shallower prefix's entries")
             if c["not_stored_young"]:
                 lines.append(f"  {c['not_stored_young']} of those not stored for a deeper prefix younger than "
-                             f"{c['store_deeper_after']:g} epoch(s) of {c['epoch_samples']} samples (a level stored "
-                             "for an epoch serves from the next; CacheConfig(store_deeper_after=0) stores at once)")
+                             f"{c['store_deeper_after']:g} epoch(s) of {c['epoch_samples']} samples "
+                             "(CacheConfig(store_deeper_after=0) stores at once)")
             if c["partly_held_computed"]:
                 lines.append(f"  {c['partly_held_computed']} samples of batches held only in part computed whole "
                              "inside the run: cheaper than running the frozen prefix alone on their missing rows")

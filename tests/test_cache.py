@@ -271,8 +271,8 @@ def test_deepening_prefix_reuses_entries():
 
 
 def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
-    """Stored for an epoch, a level serves only from the next one: after the prefix deepens, the shallower level's
-    entries serve it (the newly frozen units run) and the deeper outputs are stored from its second epoch on."""
+    """With store_deeper_after=1: after the prefix deepens, the shallower level's entries serve it (the newly frozen
+    units run) and the deeper outputs are stored from its second epoch on; by default they are stored at once."""
     epoch = [x for x, _ in _data(n=128, batch=32)]
     deep = ("conv1", "bn1", "layer1", "layer2")
 
@@ -288,7 +288,7 @@ def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
             f.freeze("layer1", "layer2")
         return fm, plain
 
-    fm, plain = start(CacheConfig(check_cost=False))
+    fm, plain = start(CacheConfig(check_cost=False, store_deeper_after=1))
     cache = fm.cache
     assert cache.epoch_samples == 128 and cache.stats["hits"] == 128  # learned from the first whole batch of 32
     for x in epoch:  # young: served from the shallower level, not stored
@@ -305,7 +305,7 @@ def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
     assert cache.stats["hits"] == hits + 128
 
     # batches the shallower level does not hold run whole after the deepening: not stored while young either
-    fm, plain = start(CacheConfig(check_cost=False))
+    fm, plain = start(CacheConfig(check_cost=False, store_deeper_after=1))
     new = [x for x, _ in _data(n=128, batch=32, seed=1)]
     for x in new:
         torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
@@ -315,13 +315,13 @@ def test_a_deeper_prefix_is_stored_once_it_has_held_for_an_epoch():
         torch.testing.assert_close(fm(x), plain(x), rtol=1e-5, atol=1e-6)
     assert len(fm.cache.store.levels[deep].index) == 128
 
-    # 0 stores at once; a batch covered by the shallower level counts as a hit for the hit-rate check, which
-    # therefore keeps the cache on through the deepening (here judged every epoch: dataset_size given)
-    eager, _ = start(CacheConfig(check_cost=False, store_deeper_after=0))
+    # 0 (the default) stores at once; a batch covered by the shallower level counts as a hit for the hit-rate
+    # check, which therefore keeps the cache on through the deepening (here judged every epoch: dataset_size given)
+    eager, _ = start(CacheConfig(check_cost=False))
     for x in epoch:
         eager(x)
     assert len(eager.cache.store.levels[deep].index) == 128 and eager.cache.stats["not_stored_young"] == 0
-    judged, _ = start(CacheConfig(check_cost=False, dataset_size=128, min_hit_rate=0.6))
+    judged, _ = start(CacheConfig(check_cost=False, dataset_size=128, min_hit_rate=0.6, store_deeper_after=1))
     for _ in range(2):
         for x in epoch:
             judged(x)
@@ -377,7 +377,8 @@ def test_hugging_face_bert_after_a_deepening_with_user_habits():
     """A BERT from a config: after a deepening, batches the shallower level holds whole or in part, at two
     sequence lengths, under bf16 autocast, with eval() on the user's own variable and a hook on a trainable
     module, give what the twin without a cache gives, and the young deeper prefix is not stored."""
-    fm, plain, kwargs, seen = _bert_twins_with_user_habits(CacheConfig(check_cost=False, dataset_size=8))
+    fm, plain, kwargs, seen = _bert_twins_with_user_habits(CacheConfig(check_cost=False, dataset_size=8,
+                                                                       store_deeper_after=1))
     ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
     more = torch.randint(1, 90, ids.shape, generator=torch.Generator().manual_seed(1))
     for length in (ids.shape[1], ids.shape[1] - 3):

@@ -15,9 +15,8 @@ serve hits from the store by intercepting the prefix's calls (their forwards do 
 prefix-only run on the missing rows (or, when all or most miss or that would cost more than computing the batch
 whole, `partial_pays`, within the real call) and store them; when the prefix has just deepened, serve a shallower
 prefix's entries (for a batch it holds at least half of, its other rows computed and stored at its level, when that
-pays) and run only the newly frozen units, and start storing the deeper prefix's outputs only once it has held for
-`CacheConfig.store_deeper_after` epochs (a level stored for an epoch serves only from the next one: a prefix that
-deepens again sooner would store for nothing).
+pays) and run only the newly frozen units, and store the deeper prefix's outputs (at once by default, or once it
+has held for `CacheConfig.store_deeper_after` epochs).
 
 Entries are tied to the state the prefix reads (its units' parameters and buffers, and any other parameter or
 buffer the probe saw read before the prefix ends): replaced, changed in place, moved or cast, they are dropped.
