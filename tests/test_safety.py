@@ -754,6 +754,13 @@ def test_the_cross_entropy_is_worked_out_from_the_gradient_reaching_the_logits()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = ce(zb, y)
     assert worked_out(zb, loss) == pytest.approx(loss.item(), rel=1e-5)
+    # a float32 reading worked out beside a bfloat16 one keeps its precision (they were stacked as bfloat16: a
+    # probe's token classification under autocast every other step read its float32 steps 2e-5 off)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (gb,) = torch.autograd.grad(ce(zb, y), zb)
+    (gz,) = torch.autograd.grad(ce(z, y), z)
+    mixed = cross_entropies([(zb.detach(), gb), (z.detach()[:7], gz[:7] * 8 / 7)])
+    assert mixed[1].item() == pytest.approx(ce(z[:7], y[:7]).item(), rel=1e-6)
     # several readings of different shapes (accumulation), worked out together
     (g1,), (g2,) = torch.autograd.grad(ce(z, y), z), torch.autograd.grad(ce(z[:3], y[:3], label_smoothing=0.2), z)
     values = cross_entropies([(z.detach(), g1), (z.detach()[:3], g2[:3]), (seq.detach(), torch.zeros(2, 6, 7))])

@@ -101,7 +101,7 @@ def cross_entropies(readings):
         # (readings, rows, classes); the rows a shorter reading lacks are zeros: rows with no gradient
         rows = {readings[i][0].numel() for i in pick}
         z, g = ((torch.stack if len(rows) == 1 else functools.partial(pad_sequence, batch_first=True))(
-            [readings[i][j].reshape(-1, classes) for i in pick]).to(device, torch.float32) for j in (0, 1))
+            [readings[i][j].reshape(-1, classes).to(device, torch.float32) for i in pick]) for j in (0, 1))
         top, first = z.max(2, keepdim=True)
         # a row with a NaN or +inf logit (or all -inf), or a non-finite gradient, spoils its reading (an overflowed
         # step: nothing to tell, as a skipped one); a logit of -inf alone (a masked class) is a probability of 0
