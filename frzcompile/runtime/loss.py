@@ -99,8 +99,8 @@ def cross_entropies(readings):
     for classes in sorted({z.shape[-1] for z, _ in readings}):  # (one class count: one pass over all of them)
         pick = [i for i, (z, _) in enumerate(readings) if z.shape[-1] == classes]
         # (readings, rows, classes); the rows a shorter reading lacks are zeros: rows with no gradient
-        rows = {readings[i][0].numel() for i in pick}
-        z, g = ((torch.stack if len(rows) == 1 else functools.partial(pad_sequence, batch_first=True))(
+        sizes = {readings[i][0].numel() for i in pick}
+        z, g = ((torch.stack if len(sizes) == 1 else functools.partial(pad_sequence, batch_first=True))(
             [readings[i][j].reshape(-1, classes).to(device, torch.float32) for i in pick]) for j in (0, 1))
         top, first = z.max(2, keepdim=True)
         # a row with a NaN or +inf logit (or all -inf), or a non-finite gradient, spoils its reading (an overflowed
