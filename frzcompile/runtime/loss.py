@@ -296,8 +296,7 @@ class LossSignal:
         return values
 
     def state_dict(self) -> dict:
-        if self._ce_ok:
-            self._work_out()
+        self._work_out()  # (nothing pending once the series is given up)
         return {"history": self._read().state_dict(), "kind": self.kind,
                 "cross_entropy": self._ce.state_dict() if self._ce_ok else None}
 
