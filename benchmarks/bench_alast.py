@@ -19,9 +19,11 @@ other steps' time scaled to the run), and for ALaST the budgets and tokens kept 
         [--methods full,alast,alast:budget=0.4;min_budget=0.2,smartfrz] [--seed S] [--seeds N] [--repeat full,alast]
         [--epochs E]
 
-"alast" is the policy's defaults (temperature "auto": drawn at 4 on the ViTs, the top tokens on MiniLM);
-"alast:budget=...;k=...;min_budget=...;temperature=..." a variant (the leaner one shows the trade-off;
-temperature=none keeps the top-ranked tokens, as the paper does).
+"alast" is the policy's defaults (temperature and skipped "auto": on the ViTs tokens drawn at temperature 4 and
+the skipped ones run through the layer without gradient; on MiniLM the top tokens kept, the others carried);
+"alast:budget=...;k=...;min_budget=...;temperature=...;skipped=..." a variant (the leaner one shows the trade-off;
+temperature=none keeps the top-ranked tokens, as the paper does; skipped=carry carries the skipped tokens
+unchanged, as the paper does, skipped=forward runs them through the layer without gradient).
 """
 import copy
 import json
@@ -156,7 +158,7 @@ def run(method, base, train, test, epochs, batch, lr, seed, alast):
     example = trimmed([t[:batch] for t in inputs])
     name, _, options = method.partition(":")
     if name == "alast":
-        alast = {**alast, **{k: (int(v) if k == "k" else None if v == "none" else float(v))
+        alast = {**alast, **{k: (int(v) if k == "k" else None if v == "none" else v if k == "skipped" else float(v))
                              for k, v in (o.split("=") for o in options.split(";") if o)}}
     policy = {"full": "manual", "alast": frzcompile.ALaST(**alast) if name == "alast" else None,
               "smartfrz": "smartfrz"}[name]

@@ -552,6 +552,7 @@ class SmartFRZ(Policy):
 
 
 MAX_LOG = 4_000  # ALaST's per-step history entries kept (when full, every other one is dropped: older steps thin out)
+SKIPPED = ("carry", "forward", "auto")  # ALaST(skipped=...): what the tokens a layer skips do
 IMAGE_TEMPERATURE = 4.0  # ALaST(temperature="auto") on image patches (benchmarks/RESULTS.md, ALaST section)
 
 
@@ -569,6 +570,10 @@ class ALaST(Policy):
         replacement in proportion to attention ** (1 / temperature) from the policy's own generator; the others
         skip the layer unchanged (frzcompile.tokens). The first layer runs on every token (no class-token
         attention exists before it), so its budget stays 1;
+      - with skipped="forward", the tokens a layer skips still run through it, among themselves and without
+        gradient (nothing saved for backward; their gradient is the identity, as when carried): the next layer
+        sees them as evaluation will, for about a sixth more compute at budget 0.5. "auto" (default) does so on
+        image patches and carries them unchanged otherwise; "carry" always carries them, as the paper does;
       - with `k` below the number of layers, only `k` layers, drawn in proportion to their budgets from the
         policy's own generator (the user's random stream is untouched), get weight gradients for the step; the
         others are frozen for that step only and keep their optimizer state.
@@ -597,7 +602,8 @@ class ALaST(Policy):
     reads_loss = False
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
-                 layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto"):
+                 layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto",
+                 skipped: str = "auto"):
         self.budget = float(check_policy_number("alast", "budget", budget, 0.0, 1.0, low_open=True))
         self.rate = float(check_policy_number("alast", "rate", rate, 0.0, 1.0, low_open=True))
         if isinstance(min_budget, (int, float)) and min_budget == 0.3 and self.budget < 0.3:
@@ -613,6 +619,10 @@ class ALaST(Policy):
                               f"'auto'; got {temperature!r}") from None
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise PolicyError("alast: layers= takes a list of unit names, e.g. ['bert.encoder.layer.0', ...]")
+        if skipped not in SKIPPED:
+            raise PolicyError(f"alast: skipped must be one of {', '.join(map(repr, SKIPPED))}; got {skipped!r}")
+        self.skipped = skipped
+        self.forwards_skipped = False  # resolved by `start` (skipped="auto")
         self.layers = None if layers is None else list(layers)
         self.seed = seed
         self.history = history
@@ -632,6 +642,7 @@ class ALaST(Policy):
         self.drawn_at = (IMAGE_TEMPERATURE if image_patches else None) if self.temperature == "auto" \
             else self.temperature
         self._image_patches = image_patches
+        self.forwards_skipped = self.skipped == "forward" or (self.skipped == "auto" and image_patches)
         if self.k is not None and self.k > len(layers):
             raise PolicyError(f"alast: k={self.k} but the model has {len(layers)} layers")
         self.layers = list(layers)
@@ -717,8 +728,12 @@ class ALaST(Policy):
                   f"kept tokens drawn in proportion to attention^(1/{self.drawn_at:g})")
         if self.temperature == "auto":
             chosen += f" (temperature='auto': {'image patches' if self._image_patches else 'not image patches'})"
+        skipped = ("the skipped tokens run through the layer without gradient" if self.forwards_skipped
+                   else "the skipped tokens carried to the next layer unchanged")
+        if self.skipped == "auto":
+            skipped += f" (skipped='auto': {'image patches' if self._image_patches else 'not image patches'})"
         lines = [f"ALaST-style budgets (mean target {self.budget:g}, {self.layers_per_step} of {len(self.layers)} "
-                 f"layers trained per step; {chosen}; the first layer runs on every token):"]
+                 f"layers trained per step; {chosen}; {skipped}; the first layer runs on every token):"]
         recent = self.log[-50:]
         # budgets over time: at five evenly spaced logged steps
         marks = [self.log[round(j * (len(self.log) - 1) / 4)] for j in range(5)] if len(self.log) >= 5 else []

@@ -10,7 +10,8 @@ import frzcompile
 from frzcompile import zoo
 from frzcompile.errors import ConfigError, PolicyError
 from frzcompile.passes.select_tokens import kept_token_index
-from frzcompile.tokens import gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens, top_tokens
+from frzcompile.tokens import (forwarded, gather_mask, gather_tokens, keep_count, other_tokens, sampled_tokens,
+                               scatter_tokens, top_tokens)
 
 pytest.importorskip("transformers")
 
@@ -114,9 +115,10 @@ def test_gather_mask_restricts_queries_and_keys():
 
 
 # -- the policy on a model -----------------------------------------------------------------------------------------
-def test_budget_one_all_layers_equals_full_fine_tuning():
+@pytest.mark.parametrize("skipped", ["carry", "forward"])
+def test_budget_one_all_layers_equals_full_fine_tuning(skipped):
     ids, mask, _ = _batch()
-    model, fm, opt = _optimized(frzcompile.ALaST(budget=1.0, k=4))
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=1.0, k=4, skipped=skipped))
     ref2 = _bert()
     opt2 = torch.optim.AdamW(ref2.parameters(), 1e-3)
     ids, mask, y = _batch(99)
@@ -167,10 +169,12 @@ def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
     assert torch.equal(out_nograd, plain)
 
 
-def _tokens_run(fm, i, into):
+def _tokens_run(fm, i, into, grad_only=False):
     """Append the number of tokens layer i runs on at each call (seen by its query projection, inside the layer's
-    forward: hooks on the layer itself see every token, as on the plain layer)."""
-    fm.token_budgets.attention[i][0].register_forward_pre_hook(lambda m, a: into.append(a[0].shape[1]))
+    forward: hooks on the layer itself see every token, as on the plain layer); `grad_only`: only runs with
+    gradient (not the skipped tokens' own runs under skipped="forward")."""
+    fm.token_budgets.attention[i][0].register_forward_pre_hook(
+        lambda m, a: into.append(a[0].shape[1]) if torch.is_grad_enabled() or not grad_only else None)
 
 
 @pytest.mark.parametrize("temperature", [None, 2.0])  # the paper's top tokens (default) and drawn tokens
@@ -297,7 +301,7 @@ def test_vit_budgets_move_and_class_token_is_kept():
     fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(budget=0.3, rate=0.5, min_budget=0.1))
     assert fm.token_budgets.layers == [f"vit.layers.{i}" for i in range(4)]
     lengths = []
-    _tokens_run(fm, 3, lengths)
+    _tokens_run(fm, 3, lengths, grad_only=True)  # (the skipped tokens run too, without gradient: image patches)
     for _ in range(6):
         F.cross_entropy(fm(x).logits, y).backward()
         opt.step()
@@ -311,17 +315,19 @@ def test_vit_budgets_move_and_class_token_is_kept():
     assert "loss signal: not read (the alast policy does not use it)" in text
 
 
-def test_auto_temperature_draws_image_patches_and_keeps_the_top_text_tokens():
+def test_auto_defaults_draw_and_forward_image_patches_and_keep_and_carry_text_tokens():
     torch.manual_seed(0)
     vit = frzcompile.optimize(zoo.tiny_vit(layers=2), (torch.randn(2, 1, 28, 28),), policy="alast")
     assert vit.policy.temperature == "auto" and vit.policy.drawn_at == 4.0
+    assert vit.policy.skipped == "auto" and vit.policy.forwards_skipped
     bert, ids = _bert(layers=2), _batch()[0]
     text = frzcompile.optimize(bert, example_kwargs={"input_ids": ids}, policy="alast")
-    assert text.policy.drawn_at is None
+    assert text.policy.drawn_at is None and not text.policy.forwards_skipped
     assert "the top-ranked tokens kept (temperature='auto': not image patches)" in str(frzcompile.explain(text))
+    assert "carried to the next layer unchanged (skipped='auto': not image patches)" in str(frzcompile.explain(text))
     chosen = frzcompile.optimize(zoo.tiny_vit(layers=2), (torch.randn(2, 1, 28, 28),),
-                                 policy=frzcompile.ALaST(temperature=None))
-    assert chosen.policy.drawn_at is None  # what the user asked for wins
+                                 policy=frzcompile.ALaST(temperature=None, skipped="carry"))
+    assert chosen.policy.drawn_at is None and not chosen.policy.forwards_skipped  # what the user asked for wins
 
 
 def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():
@@ -453,14 +459,16 @@ def test_layers_that_take_other_tensors_per_token_drop_nothing_and_say_so():
     assert all(kept == [1.0, 1.0, 1.0] for _, _, kept, _ in fm.policy.log)
 
 
-def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each():
+@pytest.mark.parametrize("skipped", ["carry", "forward"])
+def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each(skipped):
     """compile=: each layer compiled on its own; kept-token counts and the trained subset change every step, the
-    graphs do not (a dynamic token dimension, and the subset as a runtime flag)."""
+    graphs do not (a dynamic token dimension, and the subset as a runtime flag); nor do the skipped tokens' no-grad
+    runs (skipped="forward")."""
     model = _bert(layers=4, dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, _ = _batch()
     fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
-                             policy=frzcompile.ALaST(budget=0.4, rate=0.5, k=2),
+                             policy=frzcompile.ALaST(budget=0.4, rate=0.5, k=2, skipped=skipped),
                              compile=frzcompile.CompileConfig(inner="aot_eager"))
     layers = model.bert.encoder.layer
     subsets = set()
@@ -638,17 +646,19 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
                              policy=frzcompile.ALaST(budget=0.4, min_budget=0.2))
     svc = fm.token_budgets
     assert len(svc.layers) == 3 and all(a is not None for a in svc.attention)
-    seen = []
-    _tokens_run(fm, len(svc.layers) - 1, seen)
+    seen, evaluated = [], []
+    _tokens_run(fm, len(svc.layers) - 1, seen, grad_only=True)  # (DeiT's skipped patches also run, without grad)
     for _ in range(3):
         fm(*args, **kwargs).logits.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+    _tokens_run(fm, len(svc.layers) - 1, evaluated)
     fm.eval()
     with torch.no_grad():
         fm(*args, **kwargs)
     # step i runs with the budgets left by step i - 1 (the global budget at first); eval runs every token
-    assert seen[:3] == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] and seen[3] == n
+    assert seen == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] and evaluated == [n]
+    assert fm.policy.forwards_skipped == (arch == "deit")
 
 
 @pytest.mark.parametrize("temperature", [None, 2.0])
@@ -827,3 +837,163 @@ def test_a_freeze_of_the_layer_drawn_next_draws_again():
     _step(fm, opt, 1, zero=False)
     trained = [i for i, layer in enumerate(model.bert.encoder.layer) if layer.attention.self.query.weight.grad is not None]
     assert len(trained) == 1 and trained[0] != drawn[0]
+
+
+# -- skipped="forward": the skipped tokens run through the layer without gradient ------------------------------
+def test_other_tokens_are_the_complement_in_order_and_forwarded_keeps_an_identity_gradient():
+    g = torch.Generator().manual_seed(0)
+    idx = top_tokens(torch.rand(3, 9, generator=g), 4)
+    others = other_tokens(idx, 9)
+    assert others.shape == (3, 5) and torch.equal(others, others.sort(1).values)
+    assert all(sorted(idx[b].tolist() + others[b].tolist()) == list(range(9)) for b in range(3))
+    full = torch.randn(3, 9, 2, requires_grad=True)
+    out = torch.randn(3, 5, 2)
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[2, 7:] = False  # padding keeps its values (a group of padding alone may have attended to nothing)
+    padding = ~valid[2].gather(0, others[2])
+    assert padding.any() and not padding.all()
+    out[2, padding] = float("nan")
+    moved = forwarded(full, others, out, valid)
+    expect = scatter_tokens(full.detach(), others, out)
+    expect[2, 7:] = full[2, 7:].detach()
+    torch.testing.assert_close(moved, expect, rtol=0, atol=1e-6)
+    assert torch.equal(moved[2, 7:], full[2, 7:].detach())
+    w = torch.randn(3, 9, 2)
+    (moved * w).sum().backward()
+    assert torch.equal(full.grad, w)  # the identity, as when the tokens skip the layer
+
+
+def _eager_alast_forward(model, ids, mask, y, calls, selections):
+    """A tiny BERT's loss with each budgeted layer run as skipped="forward" says, written out by hand: the kept
+    tokens through the layer with gradient, the skipped ones through it alone without gradient and an identity
+    gradient, from the layer arguments and token selections the FrozenModule used."""
+    h = model.bert.embeddings(input_ids=ids)
+    for i, layer in enumerate(model.bert.encoder.layer):
+        args, kwargs = calls[i]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if i not in selections:
+            h = layer.forward(h, *args[1:], **rest)
+            h = h if isinstance(h, torch.Tensor) else h[0]
+            continue
+        idx, others = selections[i]
+        amask = [v for v in list(args[1:]) + list(rest.values()) if isinstance(v, torch.Tensor) and v.dim() == 4]
+        assert len(amask) == 1
+        key = next(k for k, v in rest.items() if v is amask[0]) if any(v is amask[0] for v in rest.values()) else None
+        n = h.shape[1]
+
+        def run(x, which):
+            kw = dict(rest)
+            if key is not None:
+                kw[key] = gather_mask(amask[0], which, n)
+                out = layer.forward(gather_tokens(x, which), *args[1:], **kw)
+            else:
+                out = layer.forward(gather_tokens(x, which), gather_mask(amask[0], which, n), *args[2:], **kw)
+            return out if isinstance(out, torch.Tensor) else out[0]
+
+        with torch.no_grad():
+            skipped = run(h.detach(), others)
+            valid = (mask.bool()).gather(1, others).unsqueeze(-1)
+            target = scatter_tokens(h.detach(), others, torch.where(valid, skipped, gather_tokens(h.detach(), others)))
+        h = scatter_tokens(h + (target - h.detach()), idx, run(h, idx))
+    logits = model.classifier(model.bert.pooler(h))
+    return F.cross_entropy(logits, y), logits
+
+
+def test_skipped_forward_runs_the_skipped_tokens_through_the_layer_without_gradient(monkeypatch):
+    from frzcompile.tokens import service
+
+    model = _bert(dropout=0.0, layers=3)
+    ref = copy.deepcopy(model)
+    ids, mask, y = _batch(pad=True)
+    mask[3, 3:] = 0  # a short row: every real token kept at budget 0.4, its skipped group all padding
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                             policy=frzcompile.ALaST(budget=0.4, rate=1.0, skipped="forward"))
+    selections, calls, ran = {}, {}, []
+    real = service.other_tokens
+
+    def recorded(idx, n):
+        others = real(idx, n)
+        selections[len(selections) + 1] = (idx, others)  # layers 1 and 2, in order
+        return others
+
+    monkeypatch.setattr(service, "other_tokens", recorded)
+    for i, layer in enumerate(model.bert.encoder.layer):
+        layer.register_forward_pre_hook(lambda m, a, kw, i=i: calls.__setitem__(i, (a, kw)), with_kwargs=True)
+    _tokens_run(fm, 2, ran)
+    logits = fm(input_ids=ids, attention_mask=mask).logits
+    F.cross_entropy(logits, y).backward()
+    keep = keep_count(0.4, 12)
+    assert ran == [12 - keep, keep] and sorted(selections) == [1, 2]  # the skipped group first, then the kept
+    assert torch.isfinite(logits).all()
+    ref_loss, ref_logits = _eager_alast_forward(ref, ids, mask, y, calls, selections)
+    ref_loss.backward()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # what the last layer saw: the tokens layer 1 skipped as layer 1 left them, not as they came in
+    seen = calls[2][1].get("hidden_states", calls[2][0][0] if calls[2][0] else None)
+    before = calls[1][1].get("hidden_states", calls[1][0][0] if calls[1][0] else None)
+    others = selections[1][1]
+    real = mask.bool().gather(1, others)
+    moved = (gather_tokens(seen, others) - gather_tokens(before, others)).norm(dim=-1)
+    assert (moved[real] > 1e-2).all() and (moved[~real] == 0).all()
+
+
+def test_skipped_forward_saves_no_more_for_backward_and_auto_forwards_image_patches():
+    def saved(policy):
+        model = _bert(dropout=0.0, layers=3)
+        ids, mask, y = _batch()
+        fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, policy=policy)
+        total = [0]
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fm(input_ids=ids, attention_mask=mask, labels=y).loss
+        loss.backward()
+        return total[0]
+
+    carried = saved(frzcompile.ALaST(budget=0.4, rate=1.0))
+    assert saved(frzcompile.ALaST(budget=0.4, rate=1.0, skipped="forward")) <= carried * 1.02
+    assert carried < 0.9 * saved(frzcompile.ALaST(budget=1.0))  # (the budget did save)
+    text = frzcompile.ALaST(skipped="auto")
+    text.start(["a", "b"], image_patches=False)
+    image = frzcompile.ALaST(skipped="auto")
+    image.start(["a", "b"], image_patches=True)
+    assert not text.forwards_skipped and image.forwards_skipped
+    assert "run through the layer without gradient (skipped='auto': image patches)" in image.report()[0]
+    assert "carried to the next layer unchanged (skipped='auto': not image patches)" in text.report()[0]
+    with pytest.raises(PolicyError, match="skipped must be one of"):
+        frzcompile.ALaST(skipped="no_grad")
+
+
+def test_skipped_forward_on_a_vit_under_bf16_autocast_with_eval_on_the_users_variable_and_a_hook():
+    torch.manual_seed(0)
+    model = zoo.tiny_vit(layers=3, hidden_dropout_prob=0.1)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="alast")  # image patches: forwarded
+    assert fm.policy.forwards_skipped
+    ran, whole = [], []
+    _tokens_run(fm, 2, ran)
+    model.vit.layers[2].register_forward_hook(lambda m, a, o: whole.append(tuple(o.shape)))
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(fm(x).logits, y)
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    n = 17
+    assert len(ran) == 6 and all(a + b == n for a, b in zip(ran[::2], ran[1::2]))  # skipped, then kept
+    assert whole == [(6, n, 32)] * 3  # a hook on the layer sees every token, once per call
+    model.eval()  # on the user's own variable: every token, the model's own outputs
+    with torch.no_grad():
+        out = fm(x).logits
+        plain = type(model).forward(model, x).logits
+    assert torch.equal(out, plain) and ran[-1] == n

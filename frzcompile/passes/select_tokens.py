@@ -8,7 +8,8 @@ and `gather_mask(mask, idx, n)` for a 4-d attention mask it reads; after it, `sc
 so skipped tokens reach the next layer unchanged. The kept indices are a runtime input (the budgets move every
 step without a new graph); in this graph `kept_token_index` keeps every token, so the rewritten graph computes
 what the captured one does. At run time `frzcompile.tokens.service` does the same at the layers' own calls. The
-first layer is left alone: no class-token attention exists before it to rank tokens by.
+first layer is left alone: no class-token attention exists before it to rank tokens by. The skipped tokens' own
+no-grad run through the layer (`ALaST(skipped="forward")`) happens at run time only and is not drawn here.
 """
 from __future__ import annotations
 

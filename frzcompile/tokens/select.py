@@ -2,7 +2,8 @@
 
 A layer with budget b runs on the class token (position 0) plus the ceil(b * (n - 1)) other tokens that the class
 token attended to most in the last layer that saw them; the other tokens skip the layer and reach the next one
-unchanged. Gathering and scattering keep token order, so the kept sequence is a subsequence of the full one and
+unchanged, or (`ALaST(skipped="forward")`) run through it without gradient, among themselves. Gathering and
+scattering keep token order, so the kept sequence is a subsequence of the full one and
 position-dependent code inside the layer (none in BERT or ViT layers) would see the same relative order.
 """
 from __future__ import annotations
@@ -47,6 +48,25 @@ def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(full: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """`full` with the rows at `idx` replaced by `kept` (out of place: gradients reach both)."""
     return full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), kept.to(full.dtype))
+
+
+def other_tokens(idx: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(B, n - keep) indices, ascending: the tokens not in `idx` (B, keep), the ones a layer skips."""
+    kept = torch.zeros(idx.shape[0], n_tokens, dtype=torch.int8, device=idx.device).scatter_(1, idx, 1)
+    return kept.argsort(dim=1, stable=True)[:, :n_tokens - idx.shape[1]]  # (no boolean indexing: no device sync)
+
+
+def forwarded(full: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, valid: torch.Tensor | None = None):
+    """`full` with the rows at `idx` taking the values `out`, which the layer computed for them without
+    gradient, while their gradient stays the identity, as when they skip the layer (a straight-through
+    estimate). Rows that are padding (valid False) keep their values: a group of padding alone may have
+    attended to nothing."""
+    with torch.no_grad():
+        moved = out.to(full.dtype) - gather_tokens(full, idx)
+        if valid is not None:
+            moved = moved.masked_fill(~valid.gather(1, idx).unsqueeze(-1), 0)
+        moved = torch.zeros_like(full).scatter_(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), moved)
+    return full + moved
 
 
 def gather_mask(mask: torch.Tensor, idx: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -3,8 +3,11 @@ transformer layers through module hooks:
 
   - before a layer (forward pre-hook): its kept tokens are gathered from the hidden states, and its 4-d attention
     mask restricted to them (`frzcompile.tokens.select`);
+  - with `skipped="forward"`, the skipped tokens then run through the layer too, among themselves and without
+    gradient (nothing is saved for backward);
   - after it (forward hook): the layer's outputs are scattered back into the full hidden states, so skipped
-    tokens reach the next layer unchanged, and the class token's change (the layer's importance) is recorded;
+    tokens reach the next layer unchanged (or as the layer's no-grad run left them, with an identity gradient),
+    and the class token's change (the layer's importance) is recorded;
   - the layer's query, key and value projections (forward hooks) give the class token's attention to the tokens
     it ran on, weighted by the values' norms, which ranks tokens for the layers after it;
   - after each optimizer step the policy updates budgets and draws the layers trained next step; the others get
@@ -34,8 +37,8 @@ from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import plain_forward, weak_method
 from ..runtime.services import FORWARD_MARK, Service
-from .select import (cls_attention, gather_mask, gather_tokens, keep_count, sampled_tokens, scatter_tokens,
-                     top_tokens, valid_tokens)
+from .select import (cls_attention, forwarded, gather_mask, gather_tokens, keep_count, other_tokens, sampled_tokens,
+                     scatter_tokens, top_tokens, valid_tokens)
 
 QUERY_NAMES = ("query", "q_proj", "q_lin", "q", "wq")
 KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
@@ -136,6 +139,7 @@ class _Call:
         self.valid = None           # (B, n) bool, or None: every token is real
         self.last = -1              # the last layer run: a lower one starts another pass of the encoder
         self.running = None         # (layer index, full hidden states, kept indices or None, class token in)
+        self.skipped = None         # (skipped indices, their hidden states after the layer's no-grad run or None)
 
     def new_pass(self) -> None:
         self.scores, self.valid, self.last = None, None, -1
@@ -152,13 +156,17 @@ class _TokenForward:
         self._i = i
         self._before = weak_method(service._before_layer)
         self._after = weak_method(service._after_layer)
+        self._skipped = weak_method(service._skipped_ran)
         self.inner = inner if inner is not None else plain_forward(layer)  # (compile=: the compiled forward)
         setattr(self, FORWARD_MARK, True)
 
     def __call__(self, *args, **kwargs):
         changed = self._before(self._i, args, kwargs)
         if changed is not None:
-            args, kwargs = changed
+            args, kwargs, skipped = changed
+            if skipped is not None:  # skipped="forward": before the kept tokens, so the ranking reads theirs
+                with torch.no_grad():
+                    self._skipped(self._i, self.inner(*skipped[0], **skipped[1]))
         out = self.inner(*args, **kwargs)
         scattered = self._after(self._i, out)
         return out if scattered is None else scattered
@@ -169,6 +177,21 @@ class _TokenForward:
 
     def __reduce__(self):  # the class's own forward, looked up when unpickled: loads without frzcompile
         return getattr, (self._layer(), "forward")
+
+
+def _restricted(args, kwargs, hidden, masks, idx, n) -> tuple:
+    """A layer's (args, kwargs) on the tokens at `idx`: the hidden states gathered, 4-d attention masks restricted."""
+    args, kwargs = list(args), dict(kwargs)
+    if args:
+        args[0] = gather_tokens(hidden, idx)
+    else:
+        kwargs["hidden_states"] = gather_tokens(hidden, idx)
+    for pos, mask in masks:
+        if isinstance(pos, int):
+            args[pos] = gather_mask(mask, idx, n)
+        else:
+            kwargs[pos] = gather_mask(mask, idx, n)
+    return tuple(args), kwargs
 
 
 def _release(handles, modules, plan, params) -> None:
@@ -323,23 +346,24 @@ class LayerBudgets(Service):
         unsafe = any(n in t.shape[1:] for t in flat if all(t is not m for _, m in masks))
         scores_ok = c.scores is not None and c.scores.shape == hidden.shape[:2]
         idx = self._select(c, keep) if keep < n and scores_ok and not unsafe else None
-        c.running = (i, hidden, idx, hidden[:, 0].detach())
+        c.running, c.skipped = (i, hidden, idx, hidden[:, 0].detach()), None
         self._kept[i] += (keep if idx is not None else n) / max(n, 1)
         self._calls[i] += 1
         self._unsafe[i] += keep < n and unsafe
         if idx is None:
             return None
-        args, kwargs = list(args), dict(kwargs)
-        if args:
-            args[0] = gather_tokens(hidden, idx)
-        else:
-            kwargs["hidden_states"] = gather_tokens(hidden, idx)
-        for pos, mask in masks:
-            if isinstance(pos, int):
-                args[pos] = gather_mask(mask, idx, n)
-            else:
-                kwargs[pos] = gather_mask(mask, idx, n)
-        return tuple(args), kwargs
+        skipped = None
+        if self.policy.forwards_skipped:
+            others = other_tokens(idx, n)
+            c.skipped = (others, None)
+            with torch.no_grad():
+                skipped = _restricted(args, kwargs, hidden.detach(), masks, others, n)
+        return _restricted(args, kwargs, hidden, masks, idx, n) + (skipped,)
+
+    def _skipped_ran(self, i, out):
+        c = self._call
+        if c is not None and c.running is not None and c.running[0] == i and c.skipped is not None:
+            c.skipped = (c.skipped[0], out if isinstance(out, torch.Tensor) else out[0])
 
     def _select(self, c, keep):
         if self.policy.drawn_at is None:
@@ -355,12 +379,14 @@ class LayerBudgets(Service):
         if c is None or c.running is None or c.running[0] != i:
             return None
         _, hidden, idx, cls_in = c.running
-        c.running = None
+        (others, skipped_out), c.running, c.skipped = c.skipped or (None, None), None, None
         h = out if isinstance(out, torch.Tensor) else out[0]
         if idx is not None:
             if h.shape[:2] != idx.shape:
                 raise ConfigError(f"ALaST layer {self.layers[i]} returned hidden states of shape {tuple(h.shape)} "
                                   f"for {idx.shape[1]} kept tokens: it must map (B, n, d) to (B, n, d)")
+            if skipped_out is not None:
+                hidden = forwarded(hidden, others, skipped_out, c.valid)
             h = scatter_tokens(hidden, idx, h)
             out = h if isinstance(out, torch.Tensor) else (h,) + tuple(out[1:])
         with torch.no_grad():
