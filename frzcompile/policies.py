@@ -572,7 +572,8 @@ class ALaST(Policy):
         attention exists before it), so its budget stays 1;
       - with skipped="forward", the tokens a layer skips still run through it, among themselves and without
         gradient (nothing saved for backward; their gradient is the identity, as when carried): the next layer
-        sees them as evaluation will, for about a sixth more compute at budget 0.5. "auto" (default) does so on
+        sees them as evaluation will, for one more forward over them (at budget 0.5 a sixth of full
+        fine-tuning's compute, a third more than carrying them). "auto" (default) does so on
         image patches and carries them unchanged otherwise; "carry" always carries them, as the paper does;
       - with `k` below the number of layers, only `k` layers, drawn in proportion to their budgets from the
         policy's own generator (the user's random stream is untouched), get weight gradients for the step; the

@@ -169,12 +169,11 @@ def test_low_budget_runs_layers_on_fewer_tokens_and_eval_on_all():
     assert torch.equal(out_nograd, plain)
 
 
-def _tokens_run(fm, i, into, grad_only=False):
+def _tokens_run(fm, i, into):
     """Append the number of tokens layer i runs on at each call (seen by its query projection, inside the layer's
-    forward: hooks on the layer itself see every token, as on the plain layer); `grad_only`: only runs with
-    gradient (not the skipped tokens' own runs under skipped="forward")."""
-    fm.token_budgets.attention[i][0].register_forward_pre_hook(
-        lambda m, a: into.append(a[0].shape[1]) if torch.is_grad_enabled() or not grad_only else None)
+    forward: hooks on the layer itself see every token, as on the plain layer; under skipped="forward" a hook
+    inside the layer sees the kept tokens' run alone)."""
+    fm.token_budgets.attention[i][0].register_forward_pre_hook(lambda m, a: into.append(a[0].shape[1]))
 
 
 @pytest.mark.parametrize("temperature", [None, 2.0])  # the paper's top tokens (default) and drawn tokens
@@ -301,7 +300,7 @@ def test_vit_budgets_move_and_class_token_is_kept():
     fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(budget=0.3, rate=0.5, min_budget=0.1))
     assert fm.token_budgets.layers == [f"vit.layers.{i}" for i in range(4)]
     lengths = []
-    _tokens_run(fm, 3, lengths, grad_only=True)  # (the skipped tokens run too, without gradient: image patches)
+    _tokens_run(fm, 3, lengths)
     for _ in range(6):
         F.cross_entropy(fm(x).logits, y).backward()
         opt.step()
@@ -462,8 +461,8 @@ def test_layers_that_take_other_tensors_per_token_drop_nothing_and_say_so():
 @pytest.mark.parametrize("skipped", ["carry", "forward"])
 def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each(skipped):
     """compile=: each layer compiled on its own; kept-token counts and the trained subset change every step, the
-    graphs do not (a dynamic token dimension, and the subset as a runtime flag); nor do the skipped tokens' no-grad
-    runs (skipped="forward")."""
+    graphs do not (a dynamic token dimension, and the subset as a runtime flag); the skipped tokens' no-grad runs
+    (skipped="forward") add one graph, not one per step."""
     model = _bert(layers=4, dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     ids, mask, _ = _batch()
@@ -646,18 +645,17 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
                              policy=frzcompile.ALaST(budget=0.4, min_budget=0.2))
     svc = fm.token_budgets
     assert len(svc.layers) == 3 and all(a is not None for a in svc.attention)
-    seen, evaluated = [], []
-    _tokens_run(fm, len(svc.layers) - 1, seen, grad_only=True)  # (DeiT's skipped patches also run, without grad)
+    seen = []
+    _tokens_run(fm, len(svc.layers) - 1, seen)
     for _ in range(3):
         fm(*args, **kwargs).logits.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    _tokens_run(fm, len(svc.layers) - 1, evaluated)
     fm.eval()
     with torch.no_grad():
         fm(*args, **kwargs)
     # step i runs with the budgets left by step i - 1 (the global budget at first); eval runs every token
-    assert seen == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] and evaluated == [n]
+    assert seen == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] + [n]
     assert fm.policy.forwards_skipped == (arch == "deit")
 
 
@@ -923,7 +921,7 @@ def test_skipped_forward_runs_the_skipped_tokens_through_the_layer_without_gradi
     logits = fm(input_ids=ids, attention_mask=mask).logits
     F.cross_entropy(logits, y).backward()
     keep = keep_count(0.4, 12)
-    assert ran == [12 - keep, keep] and sorted(selections) == [1, 2]  # the skipped group first, then the kept
+    assert ran == [keep] and sorted(selections) == [1, 2]  # (a hook inside the layer sees the kept tokens alone)
     assert torch.isfinite(logits).all()
     ref_loss, ref_logits = _eager_alast_forward(ref, ids, mask, y, calls, selections)
     ref_loss.backward()
@@ -990,10 +988,37 @@ def test_skipped_forward_on_a_vit_under_bf16_autocast_with_eval_on_the_users_var
         opt.zero_grad()
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     n = 17
-    assert len(ran) == 6 and all(a + b == n for a, b in zip(ran[::2], ran[1::2]))  # skipped, then kept
+    assert len(ran) == 3 and all(k < n for k in ran)  # (a hook inside the layer sees the kept tokens alone)
     assert whole == [(6, n, 32)] * 3  # a hook on the layer sees every token, once per call
     model.eval()  # on the user's own variable: every token, the model's own outputs
     with torch.no_grad():
         out = fm(x).logits
         plain = type(model).forward(model, x).logits
     assert torch.equal(out, plain) and ran[-1] == n
+
+
+def test_skipped_forward_is_unseen_by_hooks_inside_the_layer_and_by_output_attentions():
+    """Hooks on modules inside a layer (a Grad-CAM-style hook registering a gradient hook on its output, and those
+    transformers sets to collect output_attentions) see the kept tokens' run alone, as when the skipped tokens
+    are carried: one attention map per layer, at its kept count."""
+    torch.manual_seed(0)
+    model = zoo.tiny_vit(layers=3, attn_implementation="eager")
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(skipped="forward", rate=1.0))
+    seen, grads = [], []
+
+    def grad_cam(m, a, o):
+        out = o[0] if isinstance(o, tuple) else o
+        seen.append(out.shape[1])
+        out.register_hook(lambda g: grads.append(g.shape[1]))
+
+    model.vit.layers[1].attention.register_forward_hook(grad_cam)
+    for _ in range(2):
+        out = fm(x, output_attentions=True)
+        F.cross_entropy(out.logits, y).backward()
+        opt.step()
+        opt.zero_grad()
+        keep = keep_count(fm.policy.log[-2][1][1] if len(fm.policy.log) > 1 else 0.5, 17)
+        assert [a.shape[-1] for a in out.attentions] == [17, keep, out.attentions[2].shape[-1]]
+    assert len(seen) == 2 and seen == grads and all(n < 17 for n in seen)
