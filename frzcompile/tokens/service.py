@@ -26,11 +26,9 @@ the analysis graph.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 import weakref
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -39,6 +37,7 @@ from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import plain_forward, weak_method
 from ..runtime.services import FORWARD_MARK, Service
+from ..torch_private import forward_hooks_suspended
 from .select import (cls_attention, forwarded, gather_mask, gather_tokens, keep_count, other_tokens, sampled_tokens,
                      scatter_tokens, top_tokens, valid_tokens)
 
@@ -167,7 +166,11 @@ class _TokenForward:
         if changed is not None:
             args, kwargs, skipped = changed
             if skipped is not None:  # skipped="forward": before the kept tokens, so the ranking reads theirs
-                with torch.no_grad(), _unseen_inside(self._layer()):
+                # hidden from hooks inside the layer (the user's, transformers' output_attentions collection):
+                # they see the kept tokens' run alone, as when the skipped tokens are carried (a hook registering
+                # a gradient hook on its output would fail under no_grad); global module hooks still see it
+                layer = self._layer()
+                with torch.no_grad(), forward_hooks_suspended(m for m in layer.modules() if m is not layer):
                     self._skipped(self._i, self.inner(*skipped[0], **skipped[1]))
         out = self.inner(*args, **kwargs)
         scattered = self._after(self._i, out)
@@ -179,28 +182,6 @@ class _TokenForward:
 
     def __reduce__(self):  # the class's own forward, looked up when unpickled: loads without frzcompile
         return getattr, (self._layer(), "forward")
-
-
-@contextlib.contextmanager
-def _unseen_inside(layer):
-    """The skipped tokens' no-grad run hidden from the hooks on modules inside the layer (the user's, and those
-    transformers sets to collect `output_attentions`): they see the kept tokens' run alone, as when the skipped
-    tokens are carried (a hook registering a gradient hook on its output would fail under no_grad). ALaST's
-    own projection hooks stay. Hooks registered globally (`register_module_forward_hook`) still see it."""
-    hidden = []
-    for m in layer.modules():
-        if m is layer:
-            continue
-        for name in ("_forward_pre_hooks", "_forward_hooks"):
-            hooks = m.__dict__[name]
-            if any(h is not _keep_output for h in hooks.values()):
-                hidden.append((m, name, hooks))
-                m.__dict__[name] = OrderedDict((k, h) for k, h in hooks.items() if h is _keep_output)
-    try:
-        yield
-    finally:
-        for m, name, hooks in hidden:
-            m.__dict__[name] = hooks
 
 
 def _restricted(args, kwargs, hidden, masks, idx, n) -> tuple:
