@@ -36,6 +36,12 @@ METHODS = ("symbolic_trace", "export", "record")
 KEPT_BUFFER_BYTES = 256 << 20  # buffers copied before frzcompile's own runs of the forward, to put them back
 
 
+# Hooks defined here make a model compute what it does: torch's pruning, spectral and weight norm and quantization
+# observers set the weights a module runs with; transformers' collect the attentions and hidden states it returns.
+# They run in frzcompile's own runs of the model; any other hook watches the user's runs and must not see these.
+MODEL_HOOKS = ("torch.", "transformers.")
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -139,8 +145,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     try:
         # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
         # and a forward that updates a buffer at every call (a step counter) as without it
+        # (and the user's forward hooks silent: optimize() must not look like three calls to a hook counting them)
         with forked_rng(module_generators(model)), buffers_kept(model), _attributes_kept(model), _fast_path_off(), \
-                modes_kept(model):
+                modes_kept(model), forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS):
             methods = METHODS if method == "auto" else (method,)
             graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
             try:
@@ -190,7 +197,7 @@ def traceless(model: torch.nn.Module):
     in the user's: no autograd, the user's forward hooks silent, buffers and parameters put back, and the random
     number generators (torch's and those the modules hold) forked."""
     with torch.no_grad(), forked_rng(module_generators(model)), \
-            forward_hooks_suspended(model.modules()), buffers_kept(model):
+            forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS), buffers_kept(model):
         yield
 
 

@@ -28,7 +28,7 @@ __all__ = [
     "share_module_state", "structure_ids", "self_compiling_calls", "inside_functional_call",
     "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
     "fuse_by_partitions", "global_state_targets", "recompile_limit", "failing_on_recompile_limit",
-    "dynamo_exceptions",
+    "dynamo_exceptions", "guarding_hooks", "hook_source",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
     "inductor_compile", "aot_eager_compile", "compiled_callables", "record_aten_graph", "inline_context_regions",
     "autocast_kept"
@@ -367,7 +367,7 @@ def call_hook_sources(module: torch.nn.Module) -> set:
     for name in _CALL_HOOKS:
         for hook in (getattr(module, name, None) or {}).values():
             fn = getattr(hook, "func", hook)  # (a functools.partial)
-            out.add((getattr(fn, "__module__", None) or "", getattr(fn, "__name__", "")))
+            out.add((hook_source(hook), getattr(fn, "__name__", "")))
     return out
 
 
@@ -398,23 +398,37 @@ def global_module_hooks() -> bool:
     return any(getattr(mod, name, None) for name in _GLOBAL_HOOKS)
 
 
+def hook_source(hook) -> str:
+    """The Python module that defined a hook's function ("torch.nn.utils.prune" for a pruning method's hook)."""
+    fn = getattr(hook, "func", hook)  # (a functools.partial)
+    return getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "") or ""
+
+
 @contextlib.contextmanager
-def forward_hooks_suspended(modules):
+def forward_hooks_suspended(modules, keep: tuple = ()):
     """Forward and pre-forward hooks of `modules` do not fire inside the block (they are restored after), for
-    runs frzcompile makes for itself, which the user's hooks must not see."""
+    runs frzcompile makes for itself, which the user's hooks must not see. Hooks defined in a module whose name
+    starts with one of `keep` (e.g. "torch.": pruning's and spectral norm's, which compute the weight the module
+    runs with) still fire. The hook dictionaries stay the same objects: a hook registered during the block (a
+    library installing its hooks at its first call) stays after it, and its handle removes it."""
     saved = []
     for m in modules:
         for name in _FORWARD_HOOKS:
             hooks = getattr(m, name)
             if hooks:
-                saved.append((m, name, hooks))
-                setattr(m, name, OrderedDict())
+                items = list(hooks.items())
+                suspended = {k for k, h in items if not (keep and hook_source(h).startswith(keep))}
+                for k in suspended:
+                    del hooks[k]
+                saved.append((hooks, items, suspended))
     try:
         yield
     finally:
-        for m, name, hooks in saved:
-            setattr(m, name, hooks)
-
+        for hooks, items, suspended in saved:
+            now = dict(hooks)
+            hooks.clear()
+            hooks.update((k, h) for k, h in items if k in suspended or k in now)  # (a kept one may be removed)
+            hooks.update((k, h) for k, h in now.items() if k not in hooks)  # (registered meanwhile, after the others)
 
 
 # -- torch.export's context regions (checked on 2.13.0) ---------------------------------------------------------
@@ -584,6 +598,26 @@ def recompile_limit() -> int:
     import torch._dynamo
 
     return int(torch._dynamo.config.recompile_limit)
+
+
+def guarding_hooks(compiled):
+    """`compiled` (a torch.compile'd function) called so that its graphs guard on the hooks of the modules they
+    run: Dynamo skips those guards by default (torch._dynamo.config.skip_nnmodule_hook_guards), so a graph traced
+    while a module had no hook (or its hooks were suspended) would go on running without one registered later.
+    With the guards, adding or removing a hook compiles a graph once more."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+
+    def call(*args, **kwargs):
+        was = config.skip_nnmodule_hook_guards
+        config.skip_nnmodule_hook_guards = False  # (read when a graph's guards are built, inside the call)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.skip_nnmodule_hook_guards = was
+
+    return call
 
 
 def failing_on_recompile_limit():

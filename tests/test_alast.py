@@ -492,6 +492,35 @@ def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each(skipped):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("skipped", ["carry", "forward"])
+def test_compiled_layers_fire_hooks_inside_them_registered_before_optimize_or_between_calls(skipped):
+    """compile=: hooks on modules inside a layer did not fire in calls through fm (Dynamo does not guard on module
+    hooks by default, and a graph was first traced while they were suspended). Now each fires once per call on the
+    tokens the layer ran on, as without compile=, also registered after the first call, and stops when removed."""
+    model = _bert(layers=3, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    ids, mask, _ = _batch()
+    layers = model.bert.encoder.layer
+    seen = []
+    layers[2].attention.register_forward_hook(lambda m, a, o: seen.append(("before", o[0].shape[1])))
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask}, optimizer=opt,
+                             policy=frzcompile.ALaST(budget=0.4, skipped=skipped),
+                             compile=frzcompile.CompileConfig(inner="aot_eager"))
+    assert seen == []
+    _train(model, fm, opt, 2)
+    handle = layers[1].attention.register_forward_hook(lambda m, a, o: seen.append(("after", o[0].shape[1])))
+    _train(model, fm, opt, 2)
+    handle.remove()
+    _train(model, fm, opt, 1)
+    names = [name for name, _ in seen]
+    assert names == ["before"] * 2 + ["after", "before"] * 2 + ["before"]
+    assert all(n < 12 for _, n in seen)  # the kept tokens: layers 1 and 2 run on a subset
+    model.eval()
+    with torch.no_grad():
+        fm(input_ids=ids, attention_mask=mask)
+    assert seen[-1] == ("before", 12) and len(seen) == 8
+
+
 def test_compiled_budget_one_equals_eager():
     def run(compile):
         model = _bert(layers=3, dropout=0.0)

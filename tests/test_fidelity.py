@@ -140,6 +140,58 @@ def test_training_draws_the_same_random_numbers_as_eager(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_optimize_fires_no_hook_registered_before_it(name):
+    """optimize()'s own runs of the model (the capture's, the FLOP count's) fired the user's hooks: three calls to
+    a hook counting calls before training started. A hook registered before optimize() fires once per call, as
+    without frzcompile; transformers' own hooks, which it installs at its first call (here the capture's) on a
+    module that already holds a user's hook, are kept (output_hidden_states returns every layer's)."""
+    model, args, kwargs, _ = make(name)
+    modules = [m for m in model.modules() if next(m.children(), None) is None]
+    inner = next((m for m in model.modules() if type(m).__name__.endswith("Layer")), modules[len(modules) // 2])
+    seen = []
+    inner.register_forward_hook(lambda m, a, out: seen.append("inner"))
+    model.register_forward_pre_hook(lambda m, a, k: seen.append("root"), with_kwargs=True)
+    fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+    frzcompile.explain(fm)  # (counts FLOPs: one more run of the model)
+    assert seen == []
+    output_tensor(fm(*args, **kwargs)).float().sum().backward()
+    assert seen == ["root", "inner"]
+    if name == "bert":
+        with torch.no_grad():
+            hidden = fm(*args, **kwargs, output_hidden_states=True).hidden_states
+        assert len(hidden) == 4 and seen.count("inner") == 2
+
+
+def test_suspended_hooks_keep_torchs_own_and_those_registered_meanwhile():
+    """frzcompile's own runs suspend forward hooks, but torch's own (pruning's recomputes the weight the module runs
+    with: suspended, a run after an optimizer step used the weight from before it), and a hook registered during
+    the run (a library installing its hooks at its first call) stays registered after it."""
+    from torch.nn.utils import prune
+
+    from frzcompile.torch_private import forward_hooks_suspended
+
+    torch.manual_seed(0)
+    lin, x = nn.Linear(4, 4), torch.randn(2, 4)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    seen = []
+    lin.register_forward_hook(lambda m, a, out: seen.append("user"))
+    with torch.no_grad():
+        lin.weight_orig.mul_(2)  # (an optimizer step)
+        with forward_hooks_suspended([lin], keep=("torch.",)):
+            out = lin(x)
+            handle = lin.register_forward_hook(lambda m, a, out: seen.append("library"))
+        assert seen == []
+        torch.testing.assert_close(out, nn.functional.linear(x, lin.weight_orig * lin.weight_mask, lin.bias))
+        lin(x)
+        assert seen == ["user", "library"]
+        handle.remove()
+        with forward_hooks_suspended([lin]):
+            lin(x)
+        lin(x)
+    assert seen == ["user", "library", "user"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_hooks_on_any_module_fire(name):
     model, args, kwargs, _ = make(name)
     fm = frzcompile.optimize(model, args, example_kwargs=kwargs, policy="manual", cache=True)

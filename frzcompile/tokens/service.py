@@ -37,7 +37,7 @@ from .. import backend
 from ..errors import ConfigError
 from ..runtime.module import plain_forward, weak_method
 from ..runtime.services import FORWARD_MARK, Service
-from ..torch_private import forward_hooks_suspended
+from ..torch_private import forward_hooks_suspended, guarding_hooks
 from .select import (cls_attention, forwarded, gather_mask, gather_tokens, keep_count, other_tokens, sampled_tokens,
                      scatter_tokens, top_tokens, valid_tokens)
 
@@ -168,9 +168,11 @@ class _TokenForward:
             if skipped is not None:  # skipped="forward": before the kept tokens, so the ranking reads theirs
                 # hidden from hooks inside the layer (the user's, transformers' output_attentions collection):
                 # they see the kept tokens' run alone, as when the skipped tokens are carried (a hook registering
-                # a gradient hook on its output would fail under no_grad); global module hooks still see it
+                # a gradient hook on its output would fail under no_grad); global module hooks still see it, and
+                # torch's own hooks run (pruning's sets the weight the module runs with)
                 layer = self._layer()
-                with torch.no_grad(), forward_hooks_suspended(m for m in layer.modules() if m is not layer):
+                with torch.no_grad(), forward_hooks_suspended((m for m in layer.modules() if m is not layer),
+                                                              keep=("torch.",)):
                     self._skipped(self._i, self.inner(*skipped[0], **skipped[1]))
         out = self.inner(*args, **kwargs)
         scattered = self._after(self._i, out)
@@ -286,7 +288,8 @@ class LayerBudgets(Service):
                 if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
                     self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
                                                       plan="alast", log=self.compile_log)
-                inner = torch.compile(plain_forward(layer), backend=self._backend)  # the layer's own, compiled
+                # the layer's own, compiled; its graphs guard on its modules' hooks (the skipped run suspends them)
+                inner = guarding_hooks(torch.compile(plain_forward(layer), backend=self._backend))
             else:
                 inner = None
             layer.__dict__["forward"] = _TokenForward(layer, i, self, inner)
