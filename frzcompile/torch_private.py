@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import operator
 import sys
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
