@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import statistics
+import time
 import zlib
 
 import torch
@@ -344,6 +346,16 @@ def _floats(values: dict) -> dict:
 LAZY_WINDOWS = 8  # SmartFRZ: a unit's windows kept waiting for the predictor while the safety rules hold back
 
 
+TIMED_DECISIONS = 6  # SmartFRZ's first decisions, whose cost decides whether it steps aside (max_cost)
+
+
+def _wait_for_devices(view) -> None:
+    """Wait for the accelerators the units' parameters are on (none on CPU)."""
+    devices = {p.device for u in view.units for p in view.parameters(u) if p.device.type not in ("cpu", "meta")}
+    for device in devices:
+        torch.accelerator.synchronize(device)
+
+
 class SmartFRZ(Policy):
     """SmartFRZ (Li et al., ICLR 2023): an attention model over weight-snapshot windows decides per unit.
 
@@ -360,13 +372,21 @@ class SmartFRZ(Policy):
     (frzcompile.safety.Safeguard: learning has started and slowed, a gap between freezes, a rollback when the
     loss rises after a freeze); `safeguard=None` turns them off. The predictor is consulted only at decisions
     where those rules would let a freeze through (its windows of the decisions before wait to be judged then).
+
+    `max_cost` (default 1%) bounds the policy's own cost: its decisions 2 to 6 are timed against the wall time
+    between them (a GPU waited for first), and when the median takes more of the training time than that, SmartFRZ
+    steps aside for the run at its 7th decision, long before it could freeze anything (its first judgement is at
+    step WINDOW * interval): it freezes nothing and reads no loss from then on, as `policy="manual"` with nothing
+    frozen. Steps of a few milliseconds (a small MLP on this CPU) are concerned. Timing is not repeatable: a run
+    near the limit may step aside in one run and not in the next; `max_cost=None` never steps aside.
     """
 
     name = "smartfrz"
 
     def __init__(self, interval: int = 10, threshold: float = 0.5, votes: int = 3, prefix_only: bool = True,
-                 min_weights: int = 256, predictor=None, safeguard="default"):
+                 min_weights: int = 256, predictor=None, safeguard="default", max_cost: float | None = 0.01):
         self.interval = check_policy_number("smartfrz", "interval", interval, 1, integer=True)
+        self.max_cost = check_policy_number("smartfrz", "max_cost", max_cost, 0.0, low_open=True, none=True)
         self.votes = check_policy_number("smartfrz", "votes", votes, 1, integer=True)
         self.threshold = check_policy_number("smartfrz", "threshold", threshold, 0.0, 1.0, low_open=True,
                                              high_open=True)
@@ -385,11 +405,15 @@ class SmartFRZ(Policy):
         self._votes: dict = {}       # judged unit -> consecutive decisions whose probability was above threshold
         self._unjudged: dict = {}    # judged unit -> its newest windows not yet given to the predictor
         self.last_probabilities: dict = {}
+        self.clock = time.perf_counter  # (seconds: what max_cost is measured with)
+        self._timed: list = []       # (start, duration) of its first decisions, while max_cost is measured
+        self.stepped_aside = None    # (step, share of the training time its decisions took) when above max_cost
 
     def bind(self, view):
         if self._predictor is None:
             self._predictor = load_default()
         self._snapshots, self._votes, self._unjudged, self.last_probabilities = {}, {}, {}, {}  # a new run
+        self._timed, self.stepped_aside = [], None
         if self.safeguard is not None:
             self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
@@ -397,7 +421,7 @@ class SmartFRZ(Policy):
 
     @property
     def reads_loss(self) -> bool:  # (the safety rules read it; the predictor alone does not)
-        return self.safeguard is not None
+        return self.safeguard is not None and self.stepped_aside is None
 
     def rebind(self, view):
         """A unit whose size changed (a new head) starts its snapshot window again."""
@@ -410,8 +434,24 @@ class SmartFRZ(Policy):
                 self._unjudged.pop(u, None)
 
     def decide(self, view):
-        if view.step % self.interval:
+        if view.step % self.interval or self.stepped_aside is not None:
             return None
+        if self.max_cost is None or len(self._timed) > TIMED_DECISIONS:
+            return self._decide(view)
+        _wait_for_devices(view)  # (a GPU still running queued steps: their time is not the decision's)
+        start = self.clock()
+        decision = self._decide(view)
+        self._timed.append((start, self.clock() - start))
+        if len(self._timed) > TIMED_DECISIONS:
+            timed = self._timed[1:]  # (the first decision sets things up)
+            share = statistics.median(d / (after - at) for (at, d), (after, _) in zip(timed, timed[1:]))
+            if share > self.max_cost:
+                self.stepped_aside = (view.step, share)
+                self._snapshots, self._votes, self._unjudged = {}, {}, {}
+                return None
+        return decision
+
+    def _decide(self, view):
         frozen = set(view.frozen)
         if self.safeguard is not None:
             thaw = self.safeguard.review(view, frozen)
@@ -517,6 +557,11 @@ class SmartFRZ(Policy):
 
     def report(self) -> list:
         """What explain shows: whether the predictor has judged yet, and the safety rules' last events."""
+        if self.stepped_aside is not None:
+            step, share = self.stepped_aside
+            return [f"stepped aside for this run at step {step}: its decisions took {share:.1%} of the training time "
+                    f"(more than max_cost={self.max_cost:g}), so it freezes nothing and reads no loss from there on "
+                    "(SmartFRZ(max_cost=None) keeps it deciding whatever it costs)"]
         lines = []
         have = max((len(h) for h in self._snapshots.values()), default=0)
         if not self.last_probabilities and have < self._window:
@@ -539,6 +584,7 @@ class SmartFRZ(Policy):
                 "votes": dict(self._votes),
                 "unjudged": dict(self._unjudged),
                 "last_probabilities": {u: float(p) for u, p in self.last_probabilities.items()},  # (explain)
+                "stepped_aside": self.stepped_aside, "cost_measured": len(self._timed) > TIMED_DECISIONS,
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
@@ -547,6 +593,10 @@ class SmartFRZ(Policy):
         self._votes = dict(state["votes"])
         self._unjudged = dict(state.get("unjudged", {}))  # (saved since windows wait to be judged)
         self.last_probabilities = dict(state.get("last_probabilities", {}))
+        aside = state.get("stepped_aside")
+        self.stepped_aside = tuple(aside) if aside is not None else None
+        # (a run resumed before its cost was measured measures it again; the clock's values do not carry over)
+        self._timed = [(0.0, 0.0)] * (TIMED_DECISIONS + 1) if state.get("cost_measured") else []
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

@@ -95,7 +95,8 @@ def test_linear_without_length_is_a_clear_error():
 
 
 @pytest.mark.parametrize("policy", ["linear", "autofreeze",
-                                    frzcompile.SmartFRZ(interval=1, threshold=1e-6, votes=1, safeguard=None)])
+                                    frzcompile.SmartFRZ(interval=1, threshold=1e-6, votes=1, safeguard=None,
+                                                        max_cost=None)])
 def test_policies_leave_the_last_unit_that_trains_alone(policy):
     """PEFT freezes a language model's head (its adapters, or its prompt encoder, train): every policy froze every
     unit before that head, the units that were training among them, and the next call failed with PlanError

@@ -33,8 +33,8 @@ def test_a_predictor_that_always_fires_freezes_the_prefix_one_unit_per_decision_
     from frzcompile.safety import Safeguard
     # this recipe's loss is not half its start until late and keeps falling against itself to its end, which the
     # default rules hold against freezes: the older rules here (no min_drop of half, no look-back), where the point is what the harness records
-    monkeypatch.setattr(outcome, "SmartFRZ", lambda predictor: SmartFRZ(predictor=predictor,
-                                                                         safeguard=Safeguard(min_drop=0.1, relative=math.inf)))
+    monkeypatch.setattr(outcome, "SmartFRZ", lambda predictor, **options: SmartFRZ(
+        predictor=predictor, safeguard=Safeguard(min_drop=0.1, relative=math.inf), **options))
     make = families(None)["mlp-digits"]
     r, = compare("mlp-digits", 0, make, {"always": Constant(10)}, progress=False)  # 600 steps
     events = r["smartfrz"]["events"]

@@ -12,7 +12,7 @@ from frzcompile import data, zoo
 from frzcompile.policies import SmartFRZ
 from frzcompile.predictor import WINDOW
 from frzcompile.safety import Safeguard
-from tests.test_smartfrz import ScaleRule, SyntheticView
+from tests.test_smartfrz import ScaleRule, SyntheticView, deciding
 
 
 class LossView(SyntheticView):
@@ -27,7 +27,7 @@ class LossView(SyntheticView):
 
 
 def run(view, steps, policy=None):
-    policy = policy or SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    policy = policy or deciding(interval=10, votes=3, predictor=ScaleRule())
     policy.bind(view)
     history = []
     for _ in range(steps):
@@ -44,7 +44,7 @@ def test_a_plateau_before_learning_freezes_nothing():
     assert history == []
     assert "learning has not started" in policy.safeguard.blocked
     # the same predictor without the rules would have frozen everything it may at once
-    unsafe, _ = run(LossView(lambda i: 2.30), 600, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
+    unsafe, _ = run(LossView(lambda i: 2.30), 600, deciding(interval=10, votes=3, predictor=ScaleRule(),
                                                              safeguard=None))
     assert unsafe and len(unsafe[0][1]) == 1 and unsafe[-1][1] == ("a", "b", "c")
 
@@ -54,7 +54,7 @@ def test_no_freeze_while_the_loss_falls_fast():
     history, policy = run(LossView(lambda i: 2.0 * 0.99 ** i), 500)
     assert history == [] and "still falling fast" in policy.safeguard.blocked
     history, policy = run(LossView(lambda i: 2.0 * 0.99 ** i), 800,
-                          SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(fitted=0)))
+                          deciding(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(fitted=0)))
     assert history == [] and "still falling fast" in policy.safeguard.blocked
 
 
@@ -76,7 +76,7 @@ def test_a_loss_that_fit_its_data_is_judged_against_its_whole_drop_only():
     froze = [e for _, e in policy.safeguard.events if e.startswith("froze a")]
     assert froze and "the loss has fit its data" in froze[0], froze  # explain says why
     for guard in (Safeguard(fitted=0), Safeguard(fitted_loss=0.001)):  # the rule off, or a lower cap: it waits
-        held, policy = run(LossView(fine_tuning_that_fits), 700, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
+        held, policy = run(LossView(fine_tuning_that_fits), 700, deciding(interval=10, votes=3, predictor=ScaleRule(),
                                                                           safeguard=guard))
         assert held == [] and "its mean 300 steps before" in policy.safeguard.blocked, policy.safeguard.blocked
     # the same curve 100 times larger (an MSE on raw targets): over the cap, held back as a loss still learning
@@ -88,7 +88,7 @@ def test_no_freeze_while_the_loss_still_improves_slowly():
     # -2% every 20 steps (under max_fall), but over 100 steps about a third of its whole drop so far: still learning
     # (it is not yet half its start either: the first rule alone is tested with a lower min_drop)
     history, policy = run(LossView(lambda i: 2.0 * 0.999 ** i), 600,
-                          SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(min_drop=0.1)))
+                          deciding(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(min_drop=0.1)))
     assert history == [] and "still improving" in policy.safeguard.blocked
     # a loss that flattened, with per-step noise: the 100-step means differ by noise only, so it freezes
     flat, _ = run(LossView(lambda i: 2.0 * 0.8 ** min(i, 10) + 0.05 * ((i * 7919) % 11 - 5) / 5), 600)
@@ -105,7 +105,7 @@ def test_no_freeze_in_a_pause_in_the_middle_of_learning():
     assert history and all(step >= 550 for step, _ in history), history
     assert any("held for fewer than 60 steps" in e for _, e in policy.safeguard.events)
     # rules that need not hold for a while freeze in the pause
-    hasty, _ = run(LossView(curve), 1200, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
+    hasty, _ = run(LossView(curve), 1200, deciding(interval=10, votes=3, predictor=ScaleRule(),
                                                   safeguard=Safeguard(min_gap=30, steady=0, relative=math.inf)))
     assert hasty and hasty[0][0] < 370
 
@@ -121,7 +121,7 @@ def test_no_freeze_while_a_slow_tail_still_falls_in_relative_terms():
 
     history, policy = run(LossView(curve), 1200)
     assert history == [] and "steps before (more than" in policy.safeguard.blocked, policy.safeguard.blocked
-    hasty, _ = run(LossView(curve), 1200, SmartFRZ(interval=10, votes=3, predictor=ScaleRule(),
+    hasty, _ = run(LossView(curve), 1200, deciding(interval=10, votes=3, predictor=ScaleRule(),
                                                    safeguard=Safeguard(relative=math.inf)))
     assert hasty  # the older rules alone freeze in the tail
 
@@ -129,7 +129,7 @@ def test_no_freeze_while_a_slow_tail_still_falls_in_relative_terms():
 # the relative look-back off: these synthetic losses fell in their first steps, which the 300-step look-back
 # would hold against a freeze until step ~430, past the decisions these tests are about
 def quick():
-    return SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(relative=math.inf))
+    return deciding(interval=10, votes=3, predictor=ScaleRule(), safeguard=Safeguard(relative=math.inf))
 
 
 def test_one_unit_per_decision_and_a_gap_between_freezes():
@@ -217,7 +217,7 @@ def test_a_smooth_schedules_tail_thaws_nothing_a_step_after_it_does():
     # the earlier rate travels in the freeze state
     view = ScheduledView(flat, lambda i: 0.1)
     history, policy = run(view, first + 60, quick())
-    other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    other = deciding(interval=10, votes=3, predictor=ScaleRule())
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.prior_lr == policy.safeguard.prior_lr and policy.safeguard.prior_lr
 
@@ -266,7 +266,7 @@ def test_each_unit_is_judged_by_its_own_learning_rate():
     history, policy = run(view, decay + 60, quick())
     assert history == [(first, ("a",)), (first + 30, ("a", "b"))]  # never thawed
     assert policy.safeguard.frozen_at_lr == {"a": 0.01, "b": 0.01}
-    other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    other = deciding(interval=10, votes=3, predictor=ScaleRule())
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.state_dict() == policy.safeguard.state_dict()
     assert other.safeguard.last_lr == {"a": 0.01, "b": 0.01}
@@ -354,7 +354,7 @@ def test_rule_4_leaves_alone_a_rate_of_zero_units_pinned_by_hand_and_optimizers_
 
 def test_safeguard_state_round_trip():
     _, policy = run(LossView(lambda i: 2.0 * 0.8 ** min(i, 10)), 10 * (WINDOW + 5))
-    other = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    other = deciding(interval=10, votes=3, predictor=ScaleRule())
     other.load_state_dict(policy.state_dict())
     assert other.safeguard.state_dict() == policy.safeguard.state_dict()
     # a resumed run logged a hold-back kind again at its first decision (which kind was logged last was not
@@ -510,8 +510,8 @@ def test_a_plain_cnn_that_learns_late_is_not_wrecked():
             return 100 * (model(xt).argmax(1) == yt).float().mean().item(), net
 
     full, _ = train(None)
-    unsafe, _ = train(SmartFRZ(safeguard=None))
-    safe, fm = train("smartfrz")
+    unsafe, _ = train(deciding(safeguard=None))
+    safe, fm = train(deciding())  # (the default, deciding on these short steps: see max_cost)
     assert unsafe < full - 10  # the catastrophe the rules exist for
     assert safe >= full - 3, (safe, full, fm.policy.report())
     # its loss falls until the last step: nothing has settled, so nothing freezes (it used to freeze three
@@ -548,12 +548,12 @@ def test_a_deep_mlp_on_a_plateau_in_the_middle_of_learning_is_not_wrecked():
             return 100 * (model(xt).argmax(1) == yt).float().mean().item(), net
 
     full, _ = train(None)
-    hasty, fm = train(SmartFRZ(safeguard=Safeguard(min_drop=0.1)))
+    hasty, fm = train(deciding(safeguard=Safeguard(min_drop=0.1)))
     assert "a proxy" in fm.loss_source()
-    safe, fm = train("smartfrz")
+    safe, fm = train(deciding())  # (the default, deciding on these short steps: see max_cost)
     assert hasty < full - 20, (hasty, full)  # the plateau freezes
     assert safe >= full - 1.0, (safe, full, fm.policy.report())
-    plain, fm = train("smartfrz", smoothing=0.0)
+    plain, fm = train(deciding(), smoothing=0.0)
     assert plain >= full - 1.0 and "cross-entropy of the model's output" in fm.loss_source(), (plain, full)
 
 

@@ -9,6 +9,12 @@ from frzcompile.predictor import (SAMPLE_SIZE, WEIGHTS, WINDOW, FreezePredictor,
                                   normalize_window, sample_indices, window_features)
 
 
+def deciding(**options):
+    """SmartFRZ deciding every `interval` steps whatever its decisions cost (max_cost=None): the runs here take
+    no time (synthetic) or a fraction of a millisecond a step, where the default steps aside."""
+    return SmartFRZ(max_cost=None, **options)
+
+
 class SyntheticView:
     """Units whose weights either settle (noise around a point) or keep drifting, step by step."""
 
@@ -38,6 +44,9 @@ class SyntheticView:
 
     def trained_indices(self, unit, k, seed):
         return None  # no embedding tables
+
+    def parameters(self, unit):
+        return []  # (none on an accelerator)
 
     def weight_samples(self, indices):
         out = {}
@@ -110,13 +119,13 @@ def test_shipped_weights_load_and_are_small():
 def test_policy_logic_prefix_votes_and_last_unit():
     kinds = {"a": "settled", "b": "settled", "c": "moving", "d": "settled", "head": "settled"}
     view = SyntheticView(kinds)
-    policy = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    policy = deciding(interval=10, votes=3, predictor=ScaleRule())
     frozen = _run(policy, view, 10 * (WINDOW + 8))
     assert frozen == ("a", "b")  # d settled too, but behind the moving c: prefix only
     # only the front unit is judged (the gap between freezes leaves the next unit time for its votes)
     assert policy.last_probabilities["c"] < 0.5 and "d" not in policy.last_probabilities
 
-    anywhere = SmartFRZ(interval=10, votes=3, prefix_only=False, predictor=ScaleRule())
+    anywhere = deciding(interval=10, votes=3, prefix_only=False, predictor=ScaleRule())
     frozen = _run(anywhere, SyntheticView(kinds), 10 * (WINDOW + 10))  # one unit per decision, 30 steps apart
     assert frozen == ("a", "b", "d")  # never the last unit, even though it settled
 
@@ -130,7 +139,7 @@ def test_only_the_front_unit_is_judged_and_freezes_keep_their_pace():
             return super().forward(tokens, scalars)
 
     view = SyntheticView({"a": "settled", "b": "settled", "c": "settled", "head": "moving"})
-    policy = SmartFRZ(interval=10, votes=3, predictor=Counting())
+    policy = deciding(interval=10, votes=3, predictor=Counting())
     policy.bind(view)
     freezes = []
     for _ in range(10 * (WINDOW + 12)):
@@ -173,7 +182,7 @@ def test_the_predictor_is_consulted_only_when_a_freeze_could_follow():
     lazy, eager = Judged(), Judged()
     runs = []
     for predictor, guard in ((lazy, Safeguard(min_gap=30)), (eager, AlwaysJudge(min_gap=30))):
-        policy, view, freezes = SmartFRZ(predictor=predictor, safeguard=guard), Late(kinds), []
+        policy, view, freezes = deciding(predictor=predictor, safeguard=guard), Late(kinds), []
         policy.bind(view)
         for _ in range(1200):
             view.step += 1
@@ -189,18 +198,18 @@ def test_the_predictor_is_consulted_only_when_a_freeze_could_follow():
 
 def test_policy_waits_for_a_full_window_and_enough_votes():
     kinds = {"a": "settled", "head": "moving"}
-    policy = SmartFRZ(interval=10, votes=3, predictor=ScaleRule())
+    policy = deciding(interval=10, votes=3, predictor=ScaleRule())
     view = SyntheticView(kinds)
     assert _run(policy, view, 10 * (WINDOW - 1)) == ()  # not a full window yet
     view2 = SyntheticView(kinds)
-    assert _run(SmartFRZ(interval=10, votes=3, predictor=ScaleRule()), view2, 10 * (WINDOW + 1)) == ()  # 2 votes
+    assert _run(deciding(interval=10, votes=3, predictor=ScaleRule()), view2, 10 * (WINDOW + 1)) == ()  # 2 votes
     view3 = SyntheticView(kinds)
-    assert _run(SmartFRZ(interval=10, votes=3, predictor=ScaleRule()), view3, 10 * (WINDOW + 2)) == ("a",)
+    assert _run(deciding(interval=10, votes=3, predictor=ScaleRule()), view3, 10 * (WINDOW + 2)) == ("a",)
 
 
 def test_shipped_predictor_tells_settled_from_moving():
     kinds = {"a": "settled", "b": "moving", "head": "moving"}
-    policy = SmartFRZ(interval=10)
+    policy = deciding(interval=10)
     frozen = _run(policy, SyntheticView(kinds), 10 * (WINDOW + 5))
     assert frozen == ("a",)
     assert policy.last_probabilities["b"] < 0.5
@@ -215,7 +224,7 @@ def test_shipped_predictor_tells_settled_from_moving():
 def test_policy_cost_is_bounded():
     kinds = {u: "moving" for u in "abcdefgh"}
     view = SyntheticView(kinds, numel=100_000)
-    policy = SmartFRZ(interval=10, predictor=ScaleRule())
+    policy = deciding(interval=10, predictor=ScaleRule())
     _run(policy, view, 1000)
     # weights are read only every `interval` steps, at most SAMPLE_SIZE per unit, and history is bounded; the last
     # unit never freezes, so it is never read
@@ -224,11 +233,67 @@ def test_policy_cost_is_bounded():
     assert all(len(h) == WINDOW + policy.votes and h[0].numel() == SAMPLE_SIZE for h in policy._snapshots.values())
 
 
+def test_smartfrz_steps_aside_when_its_decisions_cost_more_than_max_cost():
+    """Issue 11's 1%: on steps under a millisecond SmartFRZ's decisions (about 1 ms each, every 10 steps) cost 10-20%
+    of training. Its decisions 2-6 are timed against the wall time between them; above max_cost it steps aside at
+    the 7th (step 70), before it could freeze anything: it freezes nothing and reads no loss. Longer steps, or
+    max_cost=None, keep it deciding, and it freezes what settles as before."""
+    def run(step_s, decision_s, max_cost=0.01, steps=WINDOW * 10 + 100):
+        view = SyntheticView({"a": "settled", "b": "moving", "head": "moving"})
+        policy = SmartFRZ(interval=10, votes=3, predictor=ScaleRule(), max_cost=max_cost)
+        now = [0.0]
+        policy.clock = lambda: now[0]
+        sampled = view.weight_samples
+
+        def slow_samples(indices):  # (a decision's time: its weight samples')
+            now[0] += decision_s
+            return sampled(indices)
+
+        view.weight_samples = slow_samples
+        policy.bind(view)
+        for _ in range(steps):
+            view.step += 1
+            now[0] += step_s
+            decision = policy.decide(view)
+            if decision is not None:
+                view.frozen = tuple(u for u in view.units if u in decision)
+        return policy, view
+
+    policy, view = run(step_s=1e-3, decision_s=0.5e-3)  # 0.5 ms a decision against 10.5 ms: 4.8%
+    assert policy.stepped_aside == (70, pytest.approx(0.5 / 10.5)) and view.frozen == ()
+    assert not policy.reads_loss and not policy._snapshots and view.samples == 2 * 7  # (two units, 7 decisions)
+    assert "stepped aside for this run at step 70: its decisions took 4.8%" in "\n".join(policy.report())
+    again = SmartFRZ(predictor=ScaleRule())
+    again.load_state_dict(policy.state_dict())
+    assert again.stepped_aside == policy.stepped_aside and not again.reads_loss
+    for step_s, max_cost in ((20e-3, 0.01), (1e-3, None)):  # 0.5 / 200.5 ms: 0.25%; or no limit
+        policy, view = run(step_s=step_s, decision_s=0.5e-3, max_cost=max_cost)
+        assert policy.stepped_aside is None and policy.reads_loss and view.frozen == ("a",)
+
+
+def test_a_model_with_short_steps_runs_the_default_policy_at_the_cost_of_manual():
+    """The same on a real tiny model: the default policy steps aside, and the loss signal stops reading (its
+    gradient hook is no longer registered at each call)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt)
+    assert fm(x)._backward_hooks  # (the loss signal's hook, while the policy reads the loss)
+    for _ in range(100):  # (steps of a fraction of a millisecond: a decision costs about 10% of them)
+        nn.functional.cross_entropy(fm(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert fm.policy.stepped_aside is not None and fm.policy.stepped_aside[0] == 70
+    assert "not read" in fm.loss_source() and "stepped aside" in str(frzcompile.explain(fm))
+    out = fm(x)
+    assert out.grad_fn is not None and not out._backward_hooks
+
+
 def test_state_round_trip_and_default_policy():
     kinds = {"a": "settled", "b": "moving", "head": "moving"}
-    p = SmartFRZ(predictor=ScaleRule())
+    p = deciding(predictor=ScaleRule())
     _run(p, SyntheticView(kinds), 200)
-    q = SmartFRZ(predictor=ScaleRule())
+    q = deciding(predictor=ScaleRule())
     q.load_state_dict(p.state_dict())
     assert q._votes == p._votes
     assert all(torch.equal(torch.stack(q._snapshots[u]), torch.stack(p._snapshots[u])) for u in p._snapshots)
@@ -246,7 +311,7 @@ def test_more_votes_than_windows_kept_waiting():
             return [2.0 * 0.995 ** min(i, 500) for i in range(self.step)]
 
     kinds = {"a": "settled", "b": "moving", "head": "moving"}
-    policy = SmartFRZ(interval=10, votes=LAZY_WINDOWS + 1, predictor=ScaleRule())
+    policy = deciding(interval=10, votes=LAZY_WINDOWS + 1, predictor=ScaleRule())
     frozen = _run(policy, Late(kinds), 1200)
     assert frozen == ("a",)
 
@@ -263,7 +328,7 @@ def test_tiny_units_freeze_with_the_next_settled_unit():
     view = SyntheticView(kinds)
     view.base["stem"] = view.base["stem"][:32]  # a BatchNorm-sized unit: too small to judge
     view.direction["stem"] = view.direction["stem"][:32]
-    frozen = _run(SmartFRZ(interval=10, predictor=ScaleRule()), view, 10 * (WINDOW + 5))
+    frozen = _run(deciding(interval=10, predictor=ScaleRule()), view, 10 * (WINDOW + 5))
     assert frozen == ("stem", "a")
 
 
@@ -311,7 +376,7 @@ def test_an_embedding_is_sampled_among_the_rows_in_use():
     picked = fm.policy._indices["emb"]
     assert len(picked) == SAMPLE_SIZE and bool((picked < 40 * 16).all())  # rows 0-39 of the flattened table
     assert fm._view.trained_indices("body", SAMPLE_SIZE, seed=0) is None  # no embedding: the fixed sample stays
-    fresh = SmartFRZ()
+    fresh = deciding()
     fresh.bind(fm._view)
     fresh.load_state_dict(fm.policy.state_dict())
     assert torch.equal(fresh._indices["emb"], picked)
