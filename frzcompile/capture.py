@@ -29,6 +29,7 @@ from .errors import CaptureError, ConfigError, InputMismatchError
 from .modes import modes_kept
 from .numerics import tree_agree, tree_noise
 from .torch_private import (autocast_kept, export_keeping_no_parameter, forked_rng, forward_hooks_suspended,
+                            has_forward_hooks,
                             inline_context_regions, module_generators, open_tensors, plain_mappings,
                             record_aten_graph, tensor_version, tree_flatten, tree_leaves, tree_unflatten)
 
@@ -145,37 +146,50 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
     try:
         # the random number generators are forked and the buffers kept: capturing leaves the user's seeded run
         # and a forward that updates a buffer at every call (a step counter) as without it
-        # (and the user's forward hooks silent: optimize() must not look like three calls to a hook counting them)
         with forked_rng(module_generators(model)), buffers_kept(model), _attributes_kept(model), _fast_path_off(), \
-                modes_kept(model), forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS):
-            methods = METHODS if method == "auto" else (method,)
-            graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
+                modes_kept(model):
             try:
-                return _capture(model, args, kwargs, unit_names, graphs or methods, name)
-            except CaptureError as first:
-                if "labels" not in kwargs or not graphs:
+                # the user's forward hooks silent (optimize() must not look like three calls to a hook counting
+                # them), global ones too
+                with forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS, global_too=True):
+                    return _capture_methods(model, args, kwargs, unit_names, method, name)
+            except (CaptureError, InputMismatchError):
+                if not has_forward_hooks(model.modules(), but=MODEL_HOOKS, global_too=True):
                     raise
-                # a Hugging Face model's loss may branch on the labels' values (DeBERTa's `if label_index.size(0)
-                # > 0`, CTC losses): the units and FLOPs are the model's without them (the loss comes after), from
-                # a graph of every call rather than a recording of the example's
-                without = {k: v for k, v in kwargs.items() if k != "labels"}
-                try:
-                    captured = _capture(model, args, without, unit_names, graphs, name)
-                except (CaptureError, InputMismatchError):
-                    if "record" not in methods:
-                        raise first from None
-                    try:
-                        captured = _capture(model, args, kwargs, unit_names, ("record",), name)
-                    except CaptureError as last:
-                        raise _refusal(model, first.attempts + last.attempts) from None
-                    captured.attempts[:0] = first.attempts
-                    return captured
-                why = "; ".join(f"{m}: {w}" for m, w in first.attempts)
-                captured.attempts.insert(0, ("the example with its labels (captured without them)", why))
-                return captured
+            # the model needs a hook of the user's to run (a pre-hook converting its inputs, a model reading what
+            # its own hooks collect): captured with them, which then see these runs
+            return _capture_methods(model, args, kwargs, unit_names, method, name)
     finally:
         if instance_forward is not None:
             model.__dict__["forward"] = instance_forward
+
+
+def _capture_methods(model, args, kwargs, unit_names, method, name) -> Captured:
+    methods = METHODS if method == "auto" else (method,)
+    graphs = tuple(m for m in methods if m != "record") if "labels" in kwargs else methods
+    try:
+        return _capture(model, args, kwargs, unit_names, graphs or methods, name)
+    except CaptureError as first:
+        if "labels" not in kwargs or not graphs:
+            raise
+        # a Hugging Face model's loss may branch on the labels' values (DeBERTa's `if label_index.size(0)
+        # > 0`, CTC losses): the units and FLOPs are the model's without them (the loss comes after), from
+        # a graph of every call rather than a recording of the example's
+        without = {k: v for k, v in kwargs.items() if k != "labels"}
+        try:
+            captured = _capture(model, args, without, unit_names, graphs, name)
+        except (CaptureError, InputMismatchError):
+            if "record" not in methods:
+                raise first from None
+            try:
+                captured = _capture(model, args, kwargs, unit_names, ("record",), name)
+            except CaptureError as last:
+                raise _refusal(model, first.attempts + last.attempts) from None
+            captured.attempts[:0] = first.attempts
+            return captured
+        why = "; ".join(f"{m}: {w}" for m, w in first.attempts)
+        captured.attempts.insert(0, ("the example with its labels (captured without them)", why))
+        return captured
 
 
 @contextlib.contextmanager
@@ -197,7 +211,7 @@ def traceless(model: torch.nn.Module):
     in the user's: no autograd, the user's forward hooks silent, buffers and parameters put back, and the random
     number generators (torch's and those the modules hold) forked."""
     with torch.no_grad(), forked_rng(module_generators(model)), \
-            forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS), buffers_kept(model):
+            forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS, global_too=True), buffers_kept(model):
         yield
 
 

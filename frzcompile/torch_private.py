@@ -25,7 +25,7 @@ __all__ = [
     "inside_func_transform", "forward_ad_active", "compiled_wrapper", "remade_view", "forked_rng",
     "module_generators", "rng_states", "same_rng", "runs_nested_tensors",
     "share_module_state", "structure_ids", "self_compiling_calls", "inside_functional_call",
-    "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended",
+    "apply_to_tensors", "hook_ids", "has_call_hooks", "global_module_hooks", "forward_hooks_suspended", "has_forward_hooks",
     "fuse_by_partitions", "global_state_targets", "recompile_limit", "failing_on_recompile_limit",
     "dynamo_exceptions", "guarding_hooks", "hook_source",
     "current_compile_id", "placeholder_source", "saved_dynamo_sources", "restore_dynamo_sources",
@@ -348,6 +348,7 @@ _CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
+_GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 
 
 def hook_ids(modules) -> tuple:
@@ -403,23 +404,36 @@ def hook_source(hook) -> str:
     return getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "") or ""
 
 
+def _forward_hook_dicts(modules, global_too: bool) -> list:
+    import torch.nn.modules.module as mod
+
+    dicts = [getattr(mod, name) for name in _GLOBAL_FORWARD_HOOKS] if global_too else []
+    return dicts + [getattr(m, name) for m in modules for name in _FORWARD_HOOKS]
+
+
+def has_forward_hooks(modules, but: tuple = (), global_too: bool = False) -> bool:
+    """Whether a forward or pre-forward hook is registered on `modules` (and globally, with `global_too`), other
+    than hooks defined in a module whose name starts with one of `but`."""
+    return any(not (but and hook_source(h).startswith(but)) for hooks in _forward_hook_dicts(modules, global_too)
+               for h in hooks.values())
+
+
 @contextlib.contextmanager
-def forward_hooks_suspended(modules, keep: tuple = ()):
-    """Forward and pre-forward hooks of `modules` do not fire inside the block (they are restored after), for
-    runs frzcompile makes for itself, which the user's hooks must not see. Hooks defined in a module whose name
-    starts with one of `keep` (e.g. "torch.": pruning's and spectral norm's, which compute the weight the module
-    runs with) still fire. The hook dictionaries stay the same objects: a hook registered during the block (a
-    library installing its hooks at its first call) stays after it, and its handle removes it."""
+def forward_hooks_suspended(modules, keep: tuple = (), global_too: bool = False):
+    """Forward and pre-forward hooks of `modules` (and the global ones, register_module_forward_hook's, with
+    `global_too`) do not fire inside the block (they are restored after), for runs frzcompile makes for itself,
+    which the user's hooks must not see. Hooks defined in a module whose name starts with one of `keep` (e.g.
+    "torch.": pruning's and spectral norm's, which compute the weight the module runs with) still fire. The hook
+    dictionaries stay the same objects: a hook registered during the block (a library installing its hooks at
+    its first call) stays after it, and its handle removes it."""
     saved = []
-    for m in modules:
-        for name in _FORWARD_HOOKS:
-            hooks = getattr(m, name)
-            if hooks:
-                items = list(hooks.items())
-                suspended = {k for k, h in items if not (keep and hook_source(h).startswith(keep))}
-                for k in suspended:
-                    del hooks[k]
-                saved.append((hooks, items, suspended))
+    for hooks in _forward_hook_dicts(modules, global_too):
+        if hooks:
+            items = list(hooks.items())
+            suspended = {k for k, h in items if not (keep and hook_source(h).startswith(keep))}
+            for k in suspended:
+                del hooks[k]
+            saved.append((hooks, items, suspended))
     try:
         yield
     finally:

@@ -162,6 +162,64 @@ def test_optimize_fires_no_hook_registered_before_it(name):
         assert len(hidden) == 4 and seen.count("inner") == 2
 
 
+def test_a_model_that_needs_its_hooks_to_run_is_captured_with_them_and_global_hooks_stay_silent():
+    """optimize()'s runs suspend the user's hooks; a model that cannot run without one (a pre-hook converting uint8
+    images, a model reading what hooks on its blocks collect, as timm's feature mode does) failed to optimize
+    with "cannot run on the example inputs". It is captured with its hooks (which then see those runs), and runs
+    as in eager. Global hooks (register_module_forward_hook) fired 149 times in a tiny BERT's optimize()."""
+    torch.manual_seed(0)
+
+    class Collecting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.head = nn.Linear(24, 3)
+            self.features = {}
+            for i, b in enumerate(self.blocks):
+                b.register_forward_hook(lambda m, a, out, i=i: self.features.__setitem__(i, out))
+
+        def forward(self, x):
+            self.features.clear()
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.head(torch.cat([self.features[i] for i in range(3)], -1))
+
+    def converting():
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        model.register_forward_pre_hook(lambda m, args: (args[0].float() / 255,))
+        return model
+
+    images = torch.randint(0, 256, (4, 8), dtype=torch.uint8)
+    for build, x in ((converting, images), (Collecting, torch.randn(4, 8))):
+        torch.manual_seed(0)
+        model = build()
+        torch.manual_seed(0)
+        ref = build()  # (a deepcopy's hooks would still write to the original's features)
+        fm = frzcompile.optimize(model, (x,), policy="manual")
+        fm.freeze(fm.units[0])
+        for p in ref.get_submodule(fm.units[0]).parameters():  # (by hand: `reference` deep-copies)
+            p.requires_grad_(False)
+        out, expected = fm(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out.sum().backward()
+        expected.sum().backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+    import torch.nn.modules.module as module_hooks
+
+    seen = []
+    handle = module_hooks.register_module_forward_hook(lambda m, a, out: seen.append(type(m).__name__))
+    try:
+        model, args, kwargs, _ = make("bert")
+        fm = frzcompile.optimize(model, args, example_kwargs=kwargs)
+        frzcompile.explain(fm)
+        assert seen == []
+        fm(*args, **kwargs)
+        assert "BertLayer" in seen
+    finally:
+        handle.remove()
+
+
 def test_suspended_hooks_keep_torchs_own_and_those_registered_meanwhile():
     """frzcompile's own runs suspend forward hooks, but torch's own (pruning's recomputes the weight the module runs
     with: suspended, a run after an optimizer step used the weight from before it), and a hook registered during

@@ -26,6 +26,7 @@ the analysis graph.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 import weakref
@@ -150,15 +151,19 @@ class _TokenForward:
     """A layer's forward with ALaST's token selection inside it: the kept tokens gathered before the layer's own
     forward (or its compiled one), scattered back after. Inside the forward, not in module hooks, so the user's
     hooks on the layer see it whole: every token in and out, as the plain layer maps them (hooks registered after
-    ALaST's saw the gathered input with the scattered output). A copy of the layer gets its plain forward."""
+    ALaST's saw the gathered input with the scattered output). `own`: a forward set on the layer's instance before
+    (a user's wrapper, accelerate's hooks), which runs inside it and comes back when ALaST lets go. A copy of the
+    layer gets its plain forward (or a copy of its own)."""
 
-    def __init__(self, layer, i, service, inner=None):
+    def __init__(self, layer, i, service, inner=None, own=None):
         self._layer = weakref.ref(layer)
         self._i = i
         self._before = weak_method(service._before_layer)
         self._after = weak_method(service._after_layer)
         self._skipped = weak_method(service._skipped_ran)
-        self.inner = inner if inner is not None else plain_forward(layer)  # (compile=: the compiled forward)
+        self.own = own
+        # (compile=: the compiled forward)
+        self.inner = inner if inner is not None else own if own is not None else plain_forward(layer)
         setattr(self, FORWARD_MARK, True)
 
     def __call__(self, *args, **kwargs):
@@ -179,11 +184,25 @@ class _TokenForward:
         return out if scattered is None else scattered
 
     def __deepcopy__(self, memo):
+        if self.own is not None:
+            return copy.deepcopy(self.own, memo)
         copy_ = memo.get(id(self._layer()))
         return plain_forward(copy_) if copy_ is not None else None
 
-    def __reduce__(self):  # the class's own forward, looked up when unpickled: loads without frzcompile
+    def __reduce__(self):  # its own forward, or its class's looked up when unpickled: loads without frzcompile
+        if self.own is not None:
+            return copy.copy, (self.own,)
         return getattr, (self._layer(), "forward")
+
+
+def _restore_forward(module) -> None:
+    """ALaST's forward off the module: the one set on its instance before back, or none."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, _TokenForward):
+        if forward.own is not None:
+            module.__dict__["forward"] = forward.own
+        else:
+            del module.__dict__["forward"]
 
 
 def _restricted(args, kwargs, hidden, masks, idx, n) -> tuple:
@@ -206,8 +225,7 @@ def _release(handles, modules, plan, params) -> None:
     for h in handles:
         h.remove()
     for m in modules:
-        if isinstance(m.__dict__.get("forward"), _TokenForward):
-            del m.__dict__["forward"]
+        _restore_forward(m)
     for p in params:
         if p in plan.switched_off:
             p.requires_grad_(plan.switched_off.pop(p))
@@ -284,15 +302,17 @@ class LayerBudgets(Service):
                 for projection in attention[:3]:
                     if projection is not None:
                         self._handles.append(projection.register_forward_hook(_keep_output))
+            own = layer.__dict__.get("forward")  # (set on the instance by the user or a library: it runs inside)
             if self.compile_config is not None:
                 if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
                     self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
                                                       plan="alast", log=self.compile_log)
                 # the layer's own, compiled; its graphs guard on its modules' hooks (the skipped run suspends them)
-                inner = guarding_hooks(torch.compile(plain_forward(layer), backend=self._backend))
+                inner = guarding_hooks(torch.compile(own if own is not None else plain_forward(layer),
+                                                     backend=self._backend))
             else:
                 inner = None
-            layer.__dict__["forward"] = _TokenForward(layer, i, self, inner)
+            layer.__dict__["forward"] = _TokenForward(layer, i, self, inner, own)
             if self.compile_config is not None:
                 # every layer computes weight gradients when compiled: drop the undrawn ones as they land (before
                 # gradient clipping or accumulation sees them)
@@ -308,8 +328,7 @@ class LayerBudgets(Service):
             for h in self._handles:
                 h.remove()
             for m in self.modules:
-                if isinstance(m.__dict__.get("forward"), _TokenForward):
-                    del m.__dict__["forward"]
+                _restore_forward(m)
         self._handles = []
 
     def _drop_gradient(self, i, p) -> None:
