@@ -2294,3 +2294,37 @@ def test_the_serving_cost_counts_fingerprinting_the_batch(monkeypatch):
     monkeypatch.setattr(key, "row_digests", lambda tensors: calls.append(1) or real(tensors))
     fm.cache.measure((x,), {}, rounds=3)
     assert len(calls) >= 3  # (one per serving round at least)
+
+
+def test_a_frozen_unit_reading_a_tensor_attribute_that_requires_grad_is_not_served():
+    """A frozen block multiplying by `self.t`, a plain tensor that requires grad (a temperature trained by its own
+    optimizer, not a registered parameter): served calls gave it no gradient (eager: -0.0087 at every call; with the
+    cache: -0.0087, None, None). The cache now refuses such a prefix, naming the tensor's kind."""
+    class Block(nn.Module):
+        def __init__(self, i, o, t=None):
+            super().__init__()
+            self.lin, self.t = nn.Linear(i, o), t
+
+        def forward(self, x):
+            y = torch.relu(self.lin(x))
+            return y * self.t if self.t is not None else y
+
+    def run(cache):
+        torch.manual_seed(0)
+        t = torch.tensor(1.5, requires_grad=True)
+        model = nn.Sequential(Block(8, 16, t), Block(16, 16), nn.Linear(16, 3))
+        x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+        fm = frzcompile.optimize(model, (x,), policy="manual", cache=CacheConfig(check_cost=False) if cache else False)
+        fm.freeze(fm.units[0])
+        grads = []
+        for _ in range(3):
+            nn.functional.cross_entropy(fm(x), y).backward()
+            grads.append(t.grad.item())
+            t.grad = None
+        return grads, fm
+
+    expected, _ = run(False)
+    got, fm = run(True)
+    assert got == expected and all(g != 0 for g in got)
+    assert fm.cache.stats["hits"] == 0
+    assert "requires grad and is neither a parameter nor a buffer" in str(frzcompile.explain(fm))
