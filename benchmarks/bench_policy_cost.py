@@ -103,7 +103,7 @@ def main():
         times = interleaved(runs, args.rounds, measure)
         manual = statistics.median(times["manual"][WARMUP:])
         assert not any(runs[n][0].frozen for n in policies) and policies["judging"].last_probabilities
-        aside = policies["smartfrz"].stepped_aside
+        default = policies["smartfrz"]
         row = [family, f"{1000 * manual:.2f}"]
         for name in policies:
             per_step = statistics.median(times[name][WARMUP:])
@@ -111,7 +111,8 @@ def main():
             decision = statistics.median(blocks[WARMUP:])
             row += [f"{1000 * per_step:.2f} ({per_step / manual:.3f}x)", f"{1000 * decision:.2f} ({100 * decision / (BLOCK * manual):.2f}%)"]
         row.append("yes" if policies["deciding"].last_probabilities else "no")
-        row.append(f"at step {aside[0]} ({100 * aside[1]:.1f}%)" if aside else "no")
+        row.append(f"{'at step ' + str(default.stepped_aside) if default.stepped_aside else 'no'} "
+                   f"(measured {100 * default.cost:.2f}%)")
         rows.append(tuple(row))
     print_table(("family", "manual ms/step", "SmartFRZ (default) ms/step (ratio)", "ms in decide per 10 steps (share)",
                  "SmartFRZ, max_cost=None: ms/step (ratio)", "ms in decide per 10 steps (share)",

@@ -407,13 +407,14 @@ class SmartFRZ(Policy):
         self.last_probabilities: dict = {}
         self.clock = time.perf_counter  # (seconds: what max_cost is measured with)
         self._timed: list = []       # (start, duration) of its first decisions, while max_cost is measured
-        self.stepped_aside = None    # (step, share of the training time its decisions took) when above max_cost
+        self.cost = None             # the share of the training time its decisions took, once measured
+        self.stepped_aside = None    # the step at which it stepped aside (cost above max_cost), or None
 
     def bind(self, view):
         if self._predictor is None:
             self._predictor = load_default()
         self._snapshots, self._votes, self._unjudged, self.last_probabilities = {}, {}, {}, {}  # a new run
-        self._timed, self.stepped_aside = [], None
+        self._timed, self.cost, self.stepped_aside = [], None, None
         if self.safeguard is not None:
             self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
@@ -436,17 +437,17 @@ class SmartFRZ(Policy):
     def decide(self, view):
         if view.step % self.interval or self.stepped_aside is not None:
             return None
-        if self.max_cost is None or len(self._timed) > TIMED_DECISIONS:
+        if self.max_cost is None or self.cost is not None:
             return self._decide(view)
         _wait_for_devices(view)  # (a GPU still running queued steps: their time is not the decision's)
         start = self.clock()
         decision = self._decide(view)
         self._timed.append((start, self.clock() - start))
         if len(self._timed) > TIMED_DECISIONS:
-            timed = self._timed[1:]  # (the first decision sets things up)
-            share = statistics.median(d / (after - at) for (at, d), (after, _) in zip(timed, timed[1:]))
-            if share > self.max_cost:
-                self.stepped_aside = (view.step, share)
+            timed, self._timed = self._timed[1:], []  # (the first decision sets things up)
+            self.cost = statistics.median(d / (after - at) for (at, d), (after, _) in zip(timed, timed[1:]))
+            if self.cost > self.max_cost:
+                self.stepped_aside = view.step
                 self._snapshots, self._votes, self._unjudged = {}, {}, {}
                 return None
         return decision
@@ -558,11 +559,13 @@ class SmartFRZ(Policy):
     def report(self) -> list:
         """What explain shows: whether the predictor has judged yet, and the safety rules' last events."""
         if self.stepped_aside is not None:
-            step, share = self.stepped_aside
-            return [f"stepped aside for this run at step {step}: its decisions took {share:.1%} of the training time "
-                    f"(more than max_cost={self.max_cost:g}), so it freezes nothing and reads no loss from there on "
-                    "(SmartFRZ(max_cost=None) keeps it deciding whatever it costs)"]
+            return [f"stepped aside for this run at step {self.stepped_aside}: its decisions took {self.cost:.1%} of "
+                    f"the training time (more than max_cost={self.max_cost:g}), so it freezes nothing and reads no "
+                    "loss from there on (SmartFRZ(max_cost=None) keeps it deciding whatever it costs)"]
         lines = []
+        if self.cost is not None:
+            lines.append(f"its decisions take {self.cost:.2%} of the training time (measured at its decisions 2-6; "
+                         f"max_cost={self.max_cost:g})")
         have = max((len(h) for h in self._snapshots.values()), default=0)
         if not self.last_probabilities and have < self._window:
             lines.append(f"no unit judged yet: the predictor needs {self._window} weight snapshots, one every "
@@ -584,7 +587,7 @@ class SmartFRZ(Policy):
                 "votes": dict(self._votes),
                 "unjudged": dict(self._unjudged),
                 "last_probabilities": {u: float(p) for u, p in self.last_probabilities.items()},  # (explain)
-                "stepped_aside": self.stepped_aside, "cost_measured": len(self._timed) > TIMED_DECISIONS,
+                "cost": self.cost, "stepped_aside": self.stepped_aside,
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
@@ -593,10 +596,8 @@ class SmartFRZ(Policy):
         self._votes = dict(state["votes"])
         self._unjudged = dict(state.get("unjudged", {}))  # (saved since windows wait to be judged)
         self.last_probabilities = dict(state.get("last_probabilities", {}))
-        aside = state.get("stepped_aside")
-        self.stepped_aside = tuple(aside) if aside is not None else None
-        # (a run resumed before its cost was measured measures it again; the clock's values do not carry over)
-        self._timed = [(0.0, 0.0)] * (TIMED_DECISIONS + 1) if state.get("cost_measured") else []
+        # (a run resumed before its cost was measured measures it again: the clock's values do not carry over)
+        self.cost, self.stepped_aside, self._timed = state.get("cost"), state.get("stepped_aside"), []
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

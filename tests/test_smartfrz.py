@@ -260,15 +260,18 @@ def test_smartfrz_steps_aside_when_its_decisions_cost_more_than_max_cost():
         return policy, view
 
     policy, view = run(step_s=1e-3, decision_s=0.5e-3)  # 0.5 ms a decision against 10.5 ms: 4.8%
-    assert policy.stepped_aside == (70, pytest.approx(0.5 / 10.5)) and view.frozen == ()
+    assert policy.stepped_aside == 70 and policy.cost == pytest.approx(0.5 / 10.5) and view.frozen == ()
     assert not policy.reads_loss and not policy._snapshots and view.samples == 2 * 7  # (two units, 7 decisions)
     assert "stepped aside for this run at step 70: its decisions took 4.8%" in "\n".join(policy.report())
     again = SmartFRZ(predictor=ScaleRule())
     again.load_state_dict(policy.state_dict())
-    assert again.stepped_aside == policy.stepped_aside and not again.reads_loss
+    assert again.stepped_aside == 70 and again.cost == policy.cost and not again.reads_loss
     for step_s, max_cost in ((20e-3, 0.01), (1e-3, None)):  # 0.5 / 200.5 ms: 0.25%; or no limit
         policy, view = run(step_s=step_s, decision_s=0.5e-3, max_cost=max_cost)
         assert policy.stepped_aside is None and policy.reads_loss and view.frozen == ("a",)
+    assert policy.cost is None  # (not measured)
+    policy, view = run(step_s=20e-3, decision_s=0.5e-3)
+    assert "its decisions take 0.25% of the training time" in "\n".join(policy.report())
 
 
 def test_a_model_with_short_steps_runs_the_default_policy_at_the_cost_of_manual():
@@ -283,7 +286,7 @@ def test_a_model_with_short_steps_runs_the_default_policy_at_the_cost_of_manual(
         nn.functional.cross_entropy(fm(x), y).backward()
         opt.step()
         opt.zero_grad()
-    assert fm.policy.stepped_aside is not None and fm.policy.stepped_aside[0] == 70
+    assert fm.policy.stepped_aside == 70 and fm.policy.cost > 0.01
     assert "not read" in fm.loss_source() and "stepped aside" in str(frzcompile.explain(fm))
     out = fm(x)
     assert out.grad_fn is not None and not out._backward_hooks
