@@ -50,6 +50,7 @@ class Captured:
     attempts: list = field(default_factory=list)  # [(method, why it failed)] for the methods tried before
     args: tuple = ()                  # the example the graph was captured with (analysis arguments included)
     kwargs: dict = field(default_factory=dict)
+    needs_hooks: bool = False         # the model ran only with the user's forward hooks (frzcompile's runs keep them)
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -157,8 +158,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, unit_names=(), me
                 if not has_forward_hooks(model.modules(), but=MODEL_HOOKS, global_too=True):
                     raise
             # the model needs a hook of the user's to run (a pre-hook converting its inputs, a model reading what
-            # its own hooks collect): captured with them, which then see these runs
-            return _capture_methods(model, args, kwargs, unit_names, method, name)
+            # its own hooks collect): captured with them, which then see these runs (and the FLOP count's)
+            captured = _capture_methods(model, args, kwargs, unit_names, method, name)
+            captured.needs_hooks = True
+            return captured
     finally:
         if instance_forward is not None:
             model.__dict__["forward"] = instance_forward
@@ -206,12 +209,14 @@ def _fast_path_off():
 
 
 @contextlib.contextmanager
-def traceless(model: torch.nn.Module):
+def traceless(model: torch.nn.Module, hooks: bool = False):
     """A run of the model by frzcompile itself (the FLOP count's, the cache's analysis) that leaves no trace
-    in the user's: no autograd, the user's forward hooks silent, buffers and parameters put back, and the random
-    number generators (torch's and those the modules hold) forked."""
-    with torch.no_grad(), forked_rng(module_generators(model)), \
-            forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS, global_too=True), buffers_kept(model):
+    in the user's: no autograd, the user's forward hooks silent (unless `hooks`: a model that runs only with
+    them, Captured.needs_hooks), buffers and parameters put back, and the random number generators (torch's and
+    those the modules hold) forked."""
+    silent = forward_hooks_suspended(model.modules(), keep=MODEL_HOOKS, global_too=True)
+    with torch.no_grad(), forked_rng(module_generators(model)), contextlib.nullcontext() if hooks else silent, \
+            buffers_kept(model):
         yield
 
 

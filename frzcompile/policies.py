@@ -351,8 +351,10 @@ TIMED_DECISIONS = 6  # SmartFRZ's first decisions, whose cost decides whether it
 
 def _wait_for_devices(view) -> None:
     """Wait for the accelerators the units' parameters are on (none on CPU)."""
-    devices = {p.device for u in view.units for p in view.parameters(u) if p.device.type not in ("cpu", "meta")}
-    for device in devices:
+    accelerator = torch.accelerator.current_accelerator()  # (None on a machine without one)
+    if accelerator is None:
+        return
+    for device in {p.device for u in view.units for p in view.parameters(u) if p.device.type == accelerator.type}:
         torch.accelerator.synchronize(device)
 
 
@@ -446,7 +448,7 @@ class SmartFRZ(Policy):
         if len(self._timed) > TIMED_DECISIONS:
             timed, self._timed = self._timed[1:], []  # (the first decision sets things up)
             self.cost = statistics.median(d / (after - at) for (at, d), (after, _) in zip(timed, timed[1:]))
-            if self.cost > self.max_cost:
+            if self.cost > self.max_cost and not view.frozen:  # (a resumed run's freezes keep their rules)
                 self.stepped_aside = view.step
                 self._snapshots, self._votes, self._unjudged = {}, {}, {}
                 return None

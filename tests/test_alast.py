@@ -552,6 +552,43 @@ def test_a_forward_set_on_a_layer_runs_inside_alast_and_comes_back_after(compile
     assert [layer.__dict__["forward"] for layer in model.bert.encoder.layer] == owns
 
 
+def test_a_wrapper_set_after_optimize_and_a_second_frozen_module_keep_one_token_selection():
+    """(A review's cases.) A wrapper set around ALaST's forward after optimize() (a logging wrapper, accelerate's
+    hooks) was taken for the user's own forward when a structure change re-hooked the layers: two nested token
+    selections, and the next call failed. And `del` of a first FrozenModule put its dead forward back over a
+    second one's: layer 1 then ran on every token."""
+    model = _bert(layers=3, dropout=0.0)
+    ids, mask, y = _batch()
+    fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                             policy=frzcompile.ALaST(budget=0.4))
+    for layer in model.bert.encoder.layer:
+        def wrapper(*args, _forward=layer.forward, **kwargs):
+            return _forward(*args, **kwargs)
+        layer.forward = wrapper
+    fm(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    fm.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # (re-hooks)
+    ran = []
+    _tokens_run(fm, 1, ran)
+    fm(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    assert ran == [keep_count(0.4, 12)]
+    fm.release()
+
+    model = _bert(layers=3, dropout=0.0)
+    first = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                                policy=frzcompile.ALaST(budget=0.4))
+    with pytest.warns(UserWarning, match="del"):
+        second = frzcompile.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                                     policy=frzcompile.ALaST(budget=0.4))
+    del first
+    gc.collect()
+    ran = []
+    _tokens_run(second, 1, ran)
+    second(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    assert ran == [keep_count(0.4, 12)]
+    second.release()
+    assert all("forward" not in layer.__dict__ for layer in model.bert.encoder.layer)
+
+
 def test_compiled_budget_one_equals_eager():
     def run(compile):
         model = _bert(layers=3, dropout=0.0)

@@ -189,8 +189,13 @@ def test_a_model_that_needs_its_hooks_to_run_is_captured_with_them_and_global_ho
         model.register_forward_pre_hook(lambda m, args: (args[0].float() / 255,))
         return model
 
+    def reshaping():  # (a pre-hook on a leaf module: symbolic_trace calls it as a module, the FLOP count too)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+        model[0].register_forward_pre_hook(lambda m, args: (args[0].view(-1, 1, 28, 28),))
+        return model
+
     images = torch.randint(0, 256, (4, 8), dtype=torch.uint8)
-    for build, x in ((converting, images), (Collecting, torch.randn(4, 8))):
+    for build, x in ((converting, images), (Collecting, torch.randn(4, 8)), (reshaping, torch.randn(4, 784))):
         torch.manual_seed(0)
         model = build()
         torch.manual_seed(0)
@@ -201,6 +206,7 @@ def test_a_model_that_needs_its_hooks_to_run_is_captured_with_them_and_global_ho
             p.requires_grad_(False)
         out, expected = fm(x), ref(x)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert "fwd FLOPs" in str(frzcompile.explain(fm))  # (the FLOP count's run keeps the hooks too)
         out.sum().backward()
         expected.sum().backward()
         for p, q in zip(model.parameters(), ref.parameters()):

@@ -272,6 +272,14 @@ def test_smartfrz_steps_aside_when_its_decisions_cost_more_than_max_cost():
     assert policy.cost is None  # (not measured)
     policy, view = run(step_s=20e-3, decision_s=0.5e-3)
     assert "its decisions take 0.25% of the training time" in "\n".join(policy.report())
+    policy = SmartFRZ(predictor=ScaleRule())  # a run resumed with a unit frozen keeps its rules (and its thaws)
+    policy.clock = iter(range(1000)).__next__
+    view = SyntheticView({"a": "settled", "b": "moving", "head": "moving"})
+    policy.bind(view)
+    view.frozen = ("a",)
+    for view.step in range(10, 80, 10):
+        policy.decide(view)
+    assert policy.cost > 0.01 and policy.stepped_aside is None and policy.reads_loss
 
 
 def test_a_model_with_short_steps_runs_the_default_policy_at_the_cost_of_manual():

@@ -161,7 +161,7 @@ class DataflowProbe(TorchFunctionMode):
                 self._state_reads.append((-1 if inside else len(self._ops), t))
         if inside:
             self._read_inside.update(s for s in (self._known(t) for t in inputs) if s is not None)
-            if any(t.requires_grad and id(t) not in self._state for t in inputs):
+            if any(t.requires_grad and t.is_leaf and id(t) not in self._state for t in inputs):
                 self._problem("the frozen prefix reads a tensor that requires grad and is neither a parameter nor a "
                               "buffer (a plain tensor attribute trained by hand): a served output would carry no "
                               "gradient to it")

@@ -109,7 +109,7 @@ class Analysis:
         values = _placeholder_values(self.model, gm, args, kwargs)
         with modes_kept(self.model):
             self.model.eval()  # symbolic_trace graphs call the model's own leaf modules, whose hooks (the user's)
-            with traceless(self.model), torch_private.autocast_kept():
+            with traceless(self.model, hooks=self.captured.needs_hooks), torch_private.autocast_kept():
                 try:
                     with FlopCounterMode(display=False) as counter:
                         interp = _FlopsPerNode(gm, counter)

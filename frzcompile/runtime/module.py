@@ -465,8 +465,7 @@ class FrozenModule(nn.Module):
         decision = self._policy.decide(self._view)
         if decision is not None:
             self.__dict__["_pending"] = frozenset(self._unit_graph.check(decision))
-        if self._loss.enabled and not self._policy.reads_loss:  # (SmartFRZ stepped aside: max_cost)
-            self._loss.enabled = False
+        self._loss.enabled = bool(self._policy.reads_loss)  # (SmartFRZ steps aside: max_cost; a state loaded)
 
     def _settle(self, by_owner: bool = False) -> None:
         """Apply the plan the policy decided at the last step (before the next call, or when asked about it).

@@ -195,14 +195,15 @@ class _TokenForward:
         return getattr, (self._layer(), "forward")
 
 
-def _restore_forward(module) -> None:
-    """ALaST's forward off the module: the one set on its instance before back, or none."""
-    forward = module.__dict__.get("forward")
-    if isinstance(forward, _TokenForward):
+def _restore_forward(forward: _TokenForward) -> None:
+    """This ALaST forward off its layer, the one set on the instance before back (or none); left in place when
+    something else was set over it since (a wrapper around it: it then runs the plain forward, its service gone)."""
+    layer = forward._layer()
+    if layer is not None and layer.__dict__.get("forward") is forward:
         if forward.own is not None:
-            module.__dict__["forward"] = forward.own
+            layer.__dict__["forward"] = forward.own
         else:
-            del module.__dict__["forward"]
+            del layer.__dict__["forward"]
 
 
 def _restricted(args, kwargs, hidden, masks, idx, n) -> tuple:
@@ -220,12 +221,12 @@ def _restricted(args, kwargs, hidden, masks, idx, n) -> tuple:
     return tuple(args), kwargs
 
 
-def _release(handles, modules, plan, params) -> None:
+def _release(handles, forwards, plan, params) -> None:
     """Hooks and compiled forwards off; the parameters ALaST switched off for a step back to their flags."""
     for h in handles:
         h.remove()
-    for m in modules:
-        _restore_forward(m)
+    for forward in forwards:
+        _restore_forward(forward)
     for p in params:
         if p in plan.switched_off:
             p.requires_grad_(plan.switched_off.pop(p))
@@ -258,6 +259,7 @@ class LayerBudgets(Service):
         self._call = None
         self._applied = False  # whether layers not drawn for this iteration are set not to require grad
         self._handles, self.modules, self._finalizer = [], [], None
+        self._forwards: dict = {}  # layer -> the ALaST forward set on it (kept across re-hooks)
         self._defaults = {}   # (layer index, parameter name) -> requires_grad before ALaST touched it
         self._warned_unsafe = False
         problem = next((f"layer {n}: {why}" for n in names if len(unit_graph.units[n].roots) == 1 and
@@ -302,33 +304,44 @@ class LayerBudgets(Service):
                 for projection in attention[:3]:
                     if projection is not None:
                         self._handles.append(projection.register_forward_hook(_keep_output))
-            own = layer.__dict__.get("forward")  # (set on the instance by the user or a library: it runs inside)
-            if self.compile_config is not None:
-                if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
-                    self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
-                                                      plan="alast", log=self.compile_log)
-                # the layer's own, compiled; its graphs guard on its modules' hooks (the skipped run suspends them)
-                inner = guarding_hooks(torch.compile(own if own is not None else plain_forward(layer),
-                                                     backend=self._backend))
-            else:
-                inner = None
-            layer.__dict__["forward"] = _TokenForward(layer, i, self, inner, own)
+            if layer not in self._forwards:  # (a layer hooked before keeps its forward: a wrapper may hold it)
+                self._forwards[layer] = self._token_forward(layer, i)
             if self.compile_config is not None:
                 # every layer computes weight gradients when compiled: drop the undrawn ones as they land (before
                 # gradient clipping or accumulation sees them)
                 drop = weak_method(self._drop_gradient)
                 for p in layer.parameters():
                     self._handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: drop(i, p)))
+        for layer in [m for m in self._forwards if all(m is not n for n in self.modules)]:  # (replaced layers)
+            _restore_forward(self._forwards.pop(layer))
         params = [p for m in self.modules for p in m.parameters()]
-        self._finalizer = weakref.finalize(self, _release, self._handles, list(self.modules), self.plan, params)
+        self._finalizer = weakref.finalize(self, _release, self._handles, list(self._forwards.values()), self.plan,
+                                           params)
+
+    def _token_forward(self, layer, i) -> _TokenForward:
+        """ALaST's forward, set on the layer's instance, around the forward it had (the class's, or one set on the
+        instance by the user or a library, which runs inside it; another FrozenModule's ALaST forward is not
+        nested: the one under it runs)."""
+        own = layer.__dict__.get("forward")
+        if isinstance(own, _TokenForward):
+            own = own.own
+        if self.compile_config is not None:
+            if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
+                self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
+                                                  plan="alast", log=self.compile_log)
+            # the layer's own, compiled; its graphs guard on its modules' hooks (the skipped run suspends them)
+            inner = guarding_hooks(torch.compile(own if own is not None else plain_forward(layer),
+                                                 backend=self._backend))
+        else:
+            inner = None
+        forward = layer.__dict__["forward"] = _TokenForward(layer, i, self, inner, own)
+        return forward
 
     def _unhook(self) -> None:
         if self._finalizer is not None:
             self._finalizer.detach()
             for h in self._handles:
                 h.remove()
-            for m in self.modules:
-                _restore_forward(m)
         self._handles = []
 
     def _drop_gradient(self, i, p) -> None:
@@ -532,4 +545,4 @@ class LayerBudgets(Service):
         FrozenModule is garbage collected)."""
         if self._finalizer is not None:
             self._finalizer()
-        self._handles = []
+        self._handles, self._forwards = [], {}
