@@ -562,12 +562,12 @@ class SmartFRZ(Policy):
         """What explain shows: whether the predictor has judged yet, and the safety rules' last events."""
         if self.stepped_aside is not None:
             return [f"stepped aside for this run at step {self.stepped_aside}: its decisions took {self.cost:.1%} of "
-                    f"the training time (more than max_cost={self.max_cost:g}), so it freezes nothing and reads no "
+                    f"the training time (more than max_cost={self.max_cost}), so it freezes nothing and reads no "
                     "loss from there on (SmartFRZ(max_cost=None) keeps it deciding whatever it costs)"]
         lines = []
         if self.cost is not None:
             lines.append(f"its decisions take {self.cost:.2%} of the training time (measured at its decisions 2-6; "
-                         f"max_cost={self.max_cost:g})")
+                         f"max_cost={self.max_cost})")
         have = max((len(h) for h in self._snapshots.values()), default=0)
         if not self.last_probabilities and have < self._window:
             lines.append(f"no unit judged yet: the predictor needs {self._window} weight snapshots, one every "

@@ -197,7 +197,7 @@ class _TokenForward:
 
 def _restore_forward(forward: _TokenForward) -> None:
     """This ALaST forward off its layer, the one set on the instance before back (or none); left in place when
-    something else was set over it since (a wrapper around it: it then runs the plain forward, its service gone)."""
+    something else was set over it since (a wrapper around it, which then runs the forward under it alone)."""
     layer = forward._layer()
     if layer is not None and layer.__dict__.get("forward") is forward:
         if forward.own is not None:
