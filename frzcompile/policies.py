@@ -50,6 +50,11 @@ class TrainingView:
         return self._fm.frozen
 
     @property
+    def pinned(self) -> tuple:
+        """The frozen units the user froze (`fm.freeze`): no policy thaws them."""
+        return tuple(u for u in self._fm.units if u in self._fm._plan.pinned)
+
+    @property
     def freezable(self) -> list:
         """The units a policy may freeze, in order: those with a unit downstream that trains (a plan must leave
         something to train on every path to the outputs: a multi-task model's heads each end one, even when the
@@ -408,7 +413,9 @@ class SmartFRZ(Policy):
         self._unjudged: dict = {}    # judged unit -> its newest windows not yet given to the predictor
         self.last_probabilities: dict = {}
         self.clock = time.perf_counter  # (seconds: what max_cost is measured with)
-        self._timed: list = []       # (start, duration) of its first decisions, while max_cost is measured
+        self._timed = 0              # decisions timed so far (max_cost)
+        self._last = None            # (start, duration) of the last one timed in this process
+        self._shares: list = []      # decisions 2 on: duration / wall time from its start to the next decision's
         self.cost = None             # the share of the training time its decisions took, once measured
         self.stepped_aside = None    # the step at which it stepped aside (cost above max_cost), or None
 
@@ -416,7 +423,7 @@ class SmartFRZ(Policy):
         if self._predictor is None:
             self._predictor = load_default()
         self._snapshots, self._votes, self._unjudged, self.last_probabilities = {}, {}, {}, {}  # a new run
-        self._timed, self.cost, self.stepped_aside = [], None, None
+        self._timed, self._last, self._shares, self.cost, self.stepped_aside = 0, None, [], None, None
         if self.safeguard is not None:
             self.safeguard.reset()
         self._indices = {u: sample_indices(view.numel(u), seed=zlib.crc32(u.encode())) for u in view.units}
@@ -444,11 +451,13 @@ class SmartFRZ(Policy):
         _wait_for_devices(view)  # (a GPU still running queued steps: their time is not the decision's)
         start = self.clock()
         decision = self._decide(view)
-        self._timed.append((start, self.clock() - start))
-        if len(self._timed) > TIMED_DECISIONS:
-            timed, self._timed = self._timed[1:], []  # (the first decision sets things up)
-            self.cost = statistics.median(d / (after - at) for (at, d), (after, _) in zip(timed, timed[1:]))
-            if self.cost > self.max_cost and not view.frozen:  # (a resumed run's freezes keep their rules)
+        if self._last is not None and self._timed >= 2:  # (the first decision sets things up)
+            self._shares.append(self._last[1] / (start - self._last[0]))
+        self._last, self._timed = (start, self.clock() - start), self._timed + 1
+        if len(self._shares) >= TIMED_DECISIONS - 1:
+            self.cost = statistics.median(self._shares)
+            # (a run resumed with units the policy froze keeps deciding: its rules may thaw them)
+            if self.cost > self.max_cost and not set(view.frozen) - set(getattr(view, "pinned", ())):
                 self.stepped_aside = view.step
                 self._snapshots, self._votes, self._unjudged = {}, {}, {}
                 return None
@@ -589,7 +598,8 @@ class SmartFRZ(Policy):
                 "votes": dict(self._votes),
                 "unjudged": dict(self._unjudged),
                 "last_probabilities": {u: float(p) for u, p in self.last_probabilities.items()},  # (explain)
-                "cost": self.cost, "stepped_aside": self.stepped_aside,
+                "cost": self.cost, "stepped_aside": self.stepped_aside, "timed": self._timed,
+                "shares": list(self._shares),
                 "safeguard": self.safeguard.state_dict() if self.safeguard is not None else None}
 
     def load_state_dict(self, state):
@@ -598,8 +608,14 @@ class SmartFRZ(Policy):
         self._votes = dict(state["votes"])
         self._unjudged = dict(state.get("unjudged", {}))  # (saved since windows wait to be judged)
         self.last_probabilities = dict(state.get("last_probabilities", {}))
-        # (a run resumed before its cost was measured measures it again: the clock's values do not carry over)
-        self.cost, self.stepped_aside, self._timed = state.get("cost"), state.get("stepped_aside"), []
+        # a run resumed before its cost was measured goes on measuring (the shares so far are kept; the clock's
+        # values do not carry over, so the first decision after the resume starts a period)
+        self.cost, self._timed, self._shares, self._last = \
+            state.get("cost"), state.get("timed", 0), list(state.get("shares", [])), None
+        aside = state.get("stepped_aside")
+        # (stepped aside as saved, unless this policy's max_cost allows the cost measured: the user's option wins)
+        allowed = self.max_cost is None or (self.cost is not None and self.cost <= self.max_cost)
+        self.stepped_aside = aside if aside is not None and not allowed else None
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

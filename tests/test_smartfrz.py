@@ -266,20 +266,39 @@ def test_smartfrz_steps_aside_when_its_decisions_cost_more_than_max_cost():
     again = SmartFRZ(predictor=ScaleRule())
     again.load_state_dict(policy.state_dict())
     assert again.stepped_aside == 70 and again.cost == policy.cost and not again.reads_loss
+    deciding_again = SmartFRZ(predictor=ScaleRule(), max_cost=None)  # (the user's option wins over the state)
+    deciding_again.load_state_dict(policy.state_dict())
+    assert deciding_again.stepped_aside is None and deciding_again.reads_loss
     for step_s, max_cost in ((20e-3, 0.01), (1e-3, None)):  # 0.5 / 200.5 ms: 0.25%; or no limit
         policy, view = run(step_s=step_s, decision_s=0.5e-3, max_cost=max_cost)
         assert policy.stepped_aside is None and policy.reads_loss and view.frozen == ("a",)
     assert policy.cost is None  # (not measured)
     policy, view = run(step_s=20e-3, decision_s=0.5e-3)
     assert "its decisions take 0.25% of the training time" in "\n".join(policy.report())
-    policy = SmartFRZ(predictor=ScaleRule())  # a run resumed with a unit frozen keeps its rules (and its thaws)
+    for pinned in ((), ("a",)):  # a run resumed with a unit the policy froze keeps its rules (and its thaws)
+        policy = SmartFRZ(predictor=ScaleRule())
+        policy.clock = iter(range(1000)).__next__
+        view = SyntheticView({"a": "settled", "b": "moving", "head": "moving"})
+        policy.bind(view)
+        view.frozen, view.pinned = ("a",), pinned  # (one the user froze by hand does not count)
+        for view.step in range(10, 80, 10):
+            policy.decide(view)
+        assert policy.cost > 0.01 and (policy.stepped_aside is None) == (not pinned)
+    # resumed at step 40, before the cost was measured: the shares so far are kept, one period is lost to the
+    # restart (steps aside at 80, not at 70 nor after seven decisions more)
+    policy = SmartFRZ(predictor=ScaleRule())
     policy.clock = iter(range(1000)).__next__
     view = SyntheticView({"a": "settled", "b": "moving", "head": "moving"})
     policy.bind(view)
-    view.frozen = ("a",)
-    for view.step in range(10, 80, 10):
+    for view.step in range(10, 50, 10):
         policy.decide(view)
-    assert policy.cost > 0.01 and policy.stepped_aside is None and policy.reads_loss
+    resumed = SmartFRZ(predictor=ScaleRule())
+    resumed.clock = iter(range(1000)).__next__
+    resumed.bind(view)
+    resumed.load_state_dict(policy.state_dict())
+    for view.step in range(50, 100, 10):
+        resumed.decide(view)
+    assert resumed.stepped_aside == 80
 
 
 def test_a_model_with_short_steps_runs_the_default_policy_at_the_cost_of_manual():
@@ -295,9 +314,14 @@ def test_a_model_with_short_steps_runs_the_default_policy_at_the_cost_of_manual(
         opt.step()
         opt.zero_grad()
     assert fm.policy.stepped_aside == 70 and fm.policy.cost > 0.01
-    assert "not read" in fm.loss_source() and "stepped aside" in str(frzcompile.explain(fm))
+    assert "stepped aside" in fm.loss_source() and "stepped aside" in str(frzcompile.explain(fm))
     out = fm(x)
     assert out.grad_fn is not None and not out._backward_hooks
+    state = fm.freeze_state_dict()
+    fm.release()
+    resumed = frzcompile.optimize(model, (x,), optimizer=opt)  # (a resume: no loss read from its first call on)
+    resumed.load_freeze_state_dict(state)
+    assert resumed.policy.stepped_aside == 70 and not resumed(x)._backward_hooks
 
 
 def test_state_round_trip_and_default_policy():

@@ -454,8 +454,8 @@ class FrozenModule(nn.Module):
         self.__dict__["_step"] = self._step + 1
         self.__dict__["_calls_since_step"] = 0
         self._loss.end_step()
-        if self._step == NO_LOSS_WARNING_STEPS and hasattr(self._policy, "safeguard") and \
-                self._policy.safeguard is not None and not any(v is not None for v in self._loss.floats()):
+        if self._step == NO_LOSS_WARNING_STEPS and getattr(self._policy, "safeguard", None) is not None and \
+                self._policy.reads_loss and not any(v is not None for v in self._loss.floats()):
             warnings.warn(f"frzcompile: {self._step} training steps and no training loss seen, so the "
                           f"{self._policy.name} policy will never freeze (its safety rules read the loss). Call "
                           "fm.observe_loss(loss) after computing it, or return it from the model.", NoLossWarning,
@@ -586,6 +586,8 @@ class FrozenModule(nn.Module):
     def loss_source(self) -> str:
         """Where the last step's loss signal came from."""
         if not self._loss.enabled:
+            if getattr(self._policy, "stepped_aside", None) is not None:
+                return f"not read (the {self._policy.name} policy stepped aside: its decisions cost too much)"
             return f"not read (the {self._policy.name} policy does not use it)"
         return LOSS_SOURCES[self._loss.source]
 
@@ -802,6 +804,7 @@ class FrozenModule(nn.Module):
             self._loss.load_state_dict(state["losses"])
         else:  # saved before the loss signal existed: one unknown value per step keeps steps and values aligned
             self._loss.load_state_dict({"values": [None] * int(state["step"]), "kind": None})
+        self._loss.enabled = bool(self._policy.reads_loss)  # (from the next call: SmartFRZ stepped aside or not)
         if self.sparsity is not None:
             self.sparsity.load_state_dict(state["sparsity"])
         self.__dict__["_pending"] = None
