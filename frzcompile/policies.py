@@ -616,6 +616,8 @@ class SmartFRZ(Policy):
         # (stepped aside as saved, unless this policy's max_cost allows the cost measured: the user's option wins)
         allowed = self.max_cost is None or (self.cost is not None and self.cost <= self.max_cost)
         self.stepped_aside = aside if aside is not None and not allowed else None
+        if aside is None and self.cost is not None and not allowed:  # (a tighter max_cost: measured again)
+            self.cost, self._timed, self._shares = None, 0, []
         if self.safeguard is not None and state.get("safeguard") is not None:
             self.safeguard.load_state_dict(state["safeguard"])
 

@@ -269,6 +269,9 @@ def test_smartfrz_steps_aside_when_its_decisions_cost_more_than_max_cost():
     deciding_again = SmartFRZ(predictor=ScaleRule(), max_cost=None)  # (the user's option wins over the state)
     deciding_again.load_state_dict(policy.state_dict())
     assert deciding_again.stepped_aside is None and deciding_again.reads_loss
+    stricter = SmartFRZ(predictor=ScaleRule(), max_cost=0.001)  # (0.25% measured: too much now, measured again)
+    stricter.load_state_dict(run(step_s=20e-3, decision_s=0.5e-3)[0].state_dict())
+    assert stricter.cost is None and stricter.stepped_aside is None
     for step_s, max_cost in ((20e-3, 0.01), (1e-3, None)):  # 0.5 / 200.5 ms: 0.25%; or no limit
         policy, view = run(step_s=step_s, decision_s=0.5e-3, max_cost=max_cost)
         assert policy.stepped_aside is None and policy.reads_loss and view.frozen == ("a",)
