@@ -457,7 +457,7 @@ class SmartFRZ(Policy):
         if len(self._shares) >= TIMED_DECISIONS - 1:
             self.cost = statistics.median(self._shares)
             # (a run resumed with units the policy froze keeps deciding: its rules may thaw them)
-            if self.cost > self.max_cost and not set(view.frozen) - set(getattr(view, "pinned", ())):
+            if self.cost > self.max_cost and not set(view.frozen) - set(view.pinned):
                 self.stepped_aside = view.step
                 self._snapshots, self._votes, self._unjudged = {}, {}, {}
                 return None

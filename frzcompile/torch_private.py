@@ -405,6 +405,11 @@ def hook_source(hook) -> str:
     return getattr(fn, "__module__", None) or getattr(type(fn), "__module__", "") or ""
 
 
+def _defined_in(hook, prefixes: tuple) -> bool:
+    """Whether the hook's function comes from a module whose name starts with one of `prefixes` (none: False)."""
+    return bool(prefixes) and hook_source(hook).startswith(prefixes)
+
+
 def _forward_hook_dicts(modules, global_too: bool) -> list:
     import torch.nn.modules.module as mod
 
@@ -415,8 +420,7 @@ def _forward_hook_dicts(modules, global_too: bool) -> list:
 def has_forward_hooks(modules, but: tuple = (), global_too: bool = False) -> bool:
     """Whether a forward or pre-forward hook is registered on `modules` (and globally, with `global_too`), other
     than hooks defined in a module whose name starts with one of `but`."""
-    return any(not (but and hook_source(h).startswith(but)) for hooks in _forward_hook_dicts(modules, global_too)
-               for h in hooks.values())
+    return any(not _defined_in(h, but) for hooks in _forward_hook_dicts(modules, global_too) for h in hooks.values())
 
 
 @contextlib.contextmanager
@@ -431,7 +435,7 @@ def forward_hooks_suspended(modules, keep: tuple = (), global_too: bool = False)
     for hooks in _forward_hook_dicts(modules, global_too):
         if hooks:
             items = list(hooks.items())
-            suspended = {k for k, h in items if not (keep and hook_source(h).startswith(keep))}
+            suspended = {k for k, h in items if not _defined_in(h, keep)}
             for k in suspended:
                 del hooks[k]
             saved.append((hooks, items, suspended))

@@ -23,6 +23,7 @@ class SyntheticView:
         self.units = list(kinds)
         self.kinds = kinds
         self.frozen = ()
+        self.pinned = ()  # (the frozen units the user froze)
         self.step = 0
         self.total_steps = None
         self.base = {u: torch.randn(numel, generator=g) * 0.05 for u in kinds}
