@@ -378,13 +378,14 @@ def test_refusals():
         frzcompile.optimize(zoo.mlp(in_features=8, hidden=8, depth=1), (torch.randn(2, 8),), policy="alast")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neo", "xglm", "swin", "t5", "umt5"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neo", "xglm", "swin", "t5", "umt5", "deberta_v2"])
 def test_models_whose_tokens_cannot_be_ranked_or_dropped_are_refused(arch):
     """Causal attention (the first token sees only itself: GPT-Neo and XGLM trained on tokens dropped at random,
     silently), windowed attention (Swin failed inside the model on its first training step) and T5's bias by
     relative position (the first block's bias, cut to its kept tokens, reached the next block, off by up to
-    0.58, and failed mid-run once two blocks kept different counts; UMT5's blocks read distances by rank) are
-    refused at optimize(), with what to use instead."""
+    0.58, and failed mid-run once two blocks kept different counts; UMT5's blocks read distances by rank), and
+    DeBERTa's disentangled attention (its relative positions come from the sequence length: it was refused for
+    another reason, no projection named `query`) are refused at optimize(), with what to use instead."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     ids = torch.randint(1, 64, (2, 12))
@@ -403,12 +404,16 @@ def test_models_whose_tokens_cannot_be_ranked_or_dropped_are_refused(arch):
         make = transformers.T5EncoderModel if arch == "t5" else transformers.UMT5EncoderModel
         config = transformers.T5Config if arch == "t5" else transformers.UMT5Config
         model = make(config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4, pad_token_id=0))
+    elif arch == "deberta_v2":
+        model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16, num_labels=2))
     else:
         model = transformers.SwinForImageClassification(transformers.SwinConfig(
             image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2, num_labels=2))
     kwargs = {"pixel_values": torch.randn(2, 3, 16, 16)} if arch == "swin" else {"input_ids": ids}
-    what = {"swin": "is windowed", "t5": "adds a bias by relative position", "umt5": "adds a bias by relative position"
-            }.get(arch, "is causal")
+    what = {"swin": "is windowed", "t5": "adds a bias by relative position", "umt5": "adds a bias by relative position",
+            "deberta_v2": "adds terms by relative position"}.get(arch, "is causal")
     with pytest.raises(ConfigError, match=f"cannot drop tokens.*attention {what}.*use policy='smartfrz'"):
         frzcompile.optimize(model, example_kwargs=kwargs, policy="alast")
     if arch == "t5":  # (only its first block holds the bias, which it hands on: refused without that block too)

@@ -121,6 +121,10 @@ def _relative_attention_bias(m: nn.Module) -> str:
         return (f"its attention adds a bias by relative position ({type(m).__name__}.relative_attention_bias, "
                 "T5's), computed from the tokens' places in the sequence and handed from layer to layer, which a "
                 "subset of the tokens would read by rank")
+    if vars(m).get("relative_attention") is True:
+        return (f"its attention adds terms by relative position ({type(m).__name__}.relative_attention, "
+                "DeBERTa's disentangled attention), computed from the tokens' places in the sequence, which a "
+                "subset of the tokens would read by rank")
     return ""
 
 
