@@ -86,10 +86,11 @@ def vit(root, work, seed, epochs=5, batch=64, source="fashion"):
         train, test = (x[-6000:], y[-6000:]), data.fashion_mnist(root, "test")
         task = "pre-trained here on MNIST, fine-tuned on Fashion-MNIST (6000 train / 10000 test)"
     path = os.path.join(work, f"vit_{source}_pretrained.pt")
+    if not os.path.exists(path):  # from seed 0 whatever the fine-tuning seed: every later run reads this file
+        torch.manual_seed(0)
+        pretrain(zoo.tiny_vit(num_labels=10, layers=6, hidden=128, patch_size=4), *pre, path)
     torch.manual_seed(seed)
     model = zoo.tiny_vit(num_labels=10, layers=6, hidden=128, patch_size=4)
-    if not os.path.exists(path):
-        pretrain(model, *pre, path)
     model.load_state_dict(torch.load(path))
     model.classifier = nn.Linear(128, 10)  # a fresh head for the new task
     label = f"ViT-6x128 (patch 4, 50 tokens) {task}, {epochs} epochs, batch {batch}, AdamW 5e-4"
