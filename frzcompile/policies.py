@@ -623,7 +623,8 @@ class SmartFRZ(Policy):
 
 
 MAX_LOG = 4_000  # ALaST's per-step history entries kept (when full, every other one is dropped: older steps thin out)
-SKIPPED = ("carry", "forward", "auto")  # ALaST(skipped=...): what the tokens a layer skips do
+SKIPPED = ("carry", "forward", "auto")  # ALaST(skipped=...): what the tokens a layer skips do (or a share of steps)
+IMAGE_FORWARD_SHARE = 0.3  # ALaST(skipped="auto") on image patches (benchmarks/RESULTS.md, seventeenth round)
 IMAGE_TEMPERATURE = 4.0  # ALaST(temperature="auto") on image patches (benchmarks/RESULTS.md, ALaST section)
 
 
@@ -644,8 +645,11 @@ class ALaST(Policy):
       - with skipped="forward", the tokens a layer skips still run through it, among themselves and without
         gradient (nothing saved for backward; their gradient is the identity, as when carried): the next layer
         sees them as evaluation will, for one more forward over them (at budget 0.5 a sixth of full
-        fine-tuning's compute, a third more than carrying them). "auto" (default) does so on
-        image patches and carries them unchanged otherwise; "carry" always carries them, as the paper does;
+        fine-tuning's compute, a third more than carrying them). A number in [0, 1] does so on that share of
+        the steps, evenly spaced, and carries them on the others: the later layers still meet the moved tokens
+        evaluation gives them, at a fraction of the cost. "auto" (default) forwards them on IMAGE_FORWARD_SHARE
+        (30%) of the steps on image patches and carries them otherwise; "carry" always carries them, as the
+        paper does;
       - with `k` below the number of layers, only `k` layers, drawn in proportion to their budgets from the
         policy's own generator (the user's random stream is untouched), get weight gradients for the step; the
         others are frozen for that step only and keep their optimizer state.
@@ -675,7 +679,7 @@ class ALaST(Policy):
 
     def __init__(self, budget: float = 0.5, k: int | None = None, rate: float = 0.1, min_budget: float = 0.3,
                  layers=None, seed: int = 0, history: bool = True, temperature: float | str | None = "auto",
-                 skipped: str = "auto"):
+                 skipped: str | float = "auto"):
         self.budget = float(check_policy_number("alast", "budget", budget, 0.0, 1.0, low_open=True))
         self.rate = float(check_policy_number("alast", "rate", rate, 0.0, 1.0, low_open=True))
         if isinstance(min_budget, (int, float)) and min_budget == 0.3 and self.budget < 0.3:
@@ -691,10 +695,15 @@ class ALaST(Policy):
                               f"'auto'; got {temperature!r}") from None
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise PolicyError("alast: layers= takes a list of unit names, e.g. ['bert.encoder.layer.0', ...]")
-        if skipped not in SKIPPED:
-            raise PolicyError(f"alast: skipped must be one of {', '.join(map(repr, SKIPPED))}; got {skipped!r}")
+        try:
+            if not (isinstance(skipped, str) and skipped in SKIPPED):
+                skipped = float(check_policy_number("alast", "skipped", skipped, 0.0, 1.0))
+        except PolicyError:
+            raise PolicyError(f"alast: skipped must be one of {', '.join(map(repr, SKIPPED))} or the share of steps "
+                              f"on which the skipped tokens run through the layer, in [0, 1]; got {skipped!r}") from None
         self.skipped = skipped
-        self.forwards_skipped = False  # resolved by `start` (skipped="auto")
+        self.forward_share = 0.0  # steps whose skipped tokens run through the layer, resolved by `start`
+        self._steps = 0           # steps observed (which of them forward follows from it)
         self.layers = None if layers is None else list(layers)
         self.seed = seed
         self.history = history
@@ -714,7 +723,9 @@ class ALaST(Policy):
         self.drawn_at = (IMAGE_TEMPERATURE if image_patches else None) if self.temperature == "auto" \
             else self.temperature
         self._image_patches = image_patches
-        self.forwards_skipped = self.skipped == "forward" or (self.skipped == "auto" and image_patches)
+        self.forward_share = ({"forward": 1.0, "carry": 0.0, "auto": IMAGE_FORWARD_SHARE if image_patches else 0.0}
+                              .get(self.skipped, self.skipped))
+        self._steps = 0
         if self.k is not None and self.k > len(layers):
             raise PolicyError(f"alast: k={self.k} but the model has {len(layers)} layers")
         self.layers = list(layers)
@@ -725,6 +736,14 @@ class ALaST(Policy):
         self._generator.manual_seed(self.seed)
         self._token_generators = {}
         self.next = self._draw(frozenset())       # the first iteration's layers
+
+    @property
+    def forwards_skipped(self) -> bool:
+        """Whether the skipped tokens of this step run through the layers: on a share `forward_share` of the steps,
+        evenly spaced (step n forwards when floor((n + 1) * share) > floor(n * share)), so a resumed run continues
+        the same pattern."""
+        share, n = self.forward_share, self._steps
+        return share >= 1.0 or (share > 0.0 and math.floor((n + 1) * share + 1e-9) > math.floor(n * share + 1e-9))
 
     @property
     def layers_per_step(self) -> int:
@@ -753,6 +772,7 @@ class ALaST(Policy):
     def observe(self, step: int, deltas, kept, trained, excluded=frozenset()) -> None:
         """End of a training step: the mean class-token change per layer (None where a layer did not run), the
         kept token fraction per layer and the layers that trained; budgets move, the next layers are drawn."""
+        self._steps += 1
         seen = [d for d in deltas[1:] if d is not None]
         if seen:  # the first layer keeps budget 1: it runs on every token whatever its budget
             filled = [d if d is not None else min(seen) for d in deltas[1:]]
@@ -800,8 +820,11 @@ class ALaST(Policy):
                   f"kept tokens drawn in proportion to attention^(1/{self.drawn_at:g})")
         if self.temperature == "auto":
             chosen += f" (temperature='auto': {'image patches' if self._image_patches else 'not image patches'})"
-        skipped = ("the skipped tokens run through the layer without gradient" if self.forwards_skipped
-                   else "the skipped tokens carried to the next layer unchanged")
+        share = self.forward_share
+        skipped = ("the skipped tokens run through the layer without gradient" if share >= 1.0 else
+                   "the skipped tokens carried to the next layer unchanged" if share <= 0.0 else
+                   f"the skipped tokens run through the layer without gradient on {100 * share:.3g}% of steps "
+                   "(evenly spaced), carried unchanged on the others")
         if self.skipped == "auto":
             skipped += f" (skipped='auto': {'image patches' if self._image_patches else 'not image patches'})"
         lines = [f"ALaST-style budgets (mean target {self.budget:g}, {self.layers_per_step} of {len(self.layers)} "
@@ -823,7 +846,7 @@ class ALaST(Policy):
 
     def state_dict(self):
         return {"budgets": list(self.budgets), "trained": list(self.trained),
-                "next": None if self.next is None else list(self.next), "log": list(self.log),
+                "next": None if self.next is None else list(self.next), "log": list(self.log), "steps": self._steps,
                 "generator": self._generator.get_state(),
                 "token_generators": {d: g.get_state() for d, g in self._token_generators.items()}}
 
@@ -832,6 +855,8 @@ class ALaST(Policy):
         self.trained = tuple(state["trained"])
         self.next = None if state.get("next") is None else tuple(state["next"])
         self.log = list(state["log"])
+        self._steps = state.get("steps", self.log[-1][0] if self.log else 0)  # (saved before it was kept: steps
+        # count from 1 in the log)
         self._generator.set_state(state["generator"])
         self._token_generators = {}
         for device, generator_state in state.get("token_generators", {}).items():

@@ -314,19 +314,19 @@ def test_vit_budgets_move_and_class_token_is_kept():
     assert "loss signal: not read (the alast policy does not use it)" in text
 
 
-def test_auto_defaults_draw_and_forward_image_patches_and_keep_and_carry_text_tokens():
+def test_auto_defaults_draw_and_partly_forward_image_patches_and_keep_and_carry_text_tokens():
     torch.manual_seed(0)
     vit = frzcompile.optimize(zoo.tiny_vit(layers=2), (torch.randn(2, 1, 28, 28),), policy="alast")
     assert vit.policy.temperature == "auto" and vit.policy.drawn_at == 4.0
-    assert vit.policy.skipped == "auto" and vit.policy.forwards_skipped
+    assert vit.policy.skipped == "auto" and vit.policy.forward_share == 0.3
     bert, ids = _bert(layers=2), _batch()[0]
     text = frzcompile.optimize(bert, example_kwargs={"input_ids": ids}, policy="alast")
-    assert text.policy.drawn_at is None and not text.policy.forwards_skipped
+    assert text.policy.drawn_at is None and text.policy.forward_share == 0.0
     assert "the top-ranked tokens kept (temperature='auto': not image patches)" in str(frzcompile.explain(text))
     assert "carried to the next layer unchanged (skipped='auto': not image patches)" in str(frzcompile.explain(text))
     chosen = frzcompile.optimize(zoo.tiny_vit(layers=2), (torch.randn(2, 1, 28, 28),),
                                  policy=frzcompile.ALaST(temperature=None, skipped="carry"))
-    assert chosen.policy.drawn_at is None and not chosen.policy.forwards_skipped  # what the user asked for wins
+    assert chosen.policy.drawn_at is None and chosen.policy.forward_share == 0.0  # what the user asked for wins
 
 
 def test_select_tokens_pass_rewrites_the_graph_and_keeps_its_numbers():
@@ -463,7 +463,7 @@ def test_layers_that_take_other_tensors_per_token_drop_nothing_and_say_so():
     assert all(kept == [1.0, 1.0, 1.0] for _, _, kept, _ in fm.policy.log)
 
 
-@pytest.mark.parametrize("skipped", ["carry", "forward"])
+@pytest.mark.parametrize("skipped", ["carry", "forward", 0.5])
 def test_compiled_layers_take_budgets_and_subsets_without_a_graph_each(skipped):
     """compile=: each layer compiled on its own; kept-token counts and the trained subset change every step, the
     graphs do not (a dynamic token dimension, and the subset as a runtime flag); the skipped tokens' no-grad runs
@@ -758,7 +758,7 @@ def test_other_class_token_models_drop_tokens_and_evaluate_whole(arch):
         fm(*args, **kwargs)
     # step i runs with the budgets left by step i - 1 (the global budget at first); eval runs every token
     assert seen == [keep_count(fm.policy.log[i - 1][1][2] if i else 0.4, n) for i in range(3)] + [n]
-    assert fm.policy.forwards_skipped == (arch == "deit")
+    assert fm.policy.forward_share == (0.3 if arch == "deit" else 0.0)
 
 
 @pytest.mark.parametrize("temperature", [None, 2.0])
@@ -1039,7 +1039,7 @@ def test_skipped_forward_runs_the_skipped_tokens_through_the_layer_without_gradi
     assert (moved[real] > 1e-2).all() and (moved[~real] == 0).all()
 
 
-def test_skipped_forward_saves_no_more_for_backward_and_auto_forwards_image_patches():
+def test_skipped_forward_saves_no_more_for_backward_and_auto_partly_forwards_image_patches():
     def saved(policy):
         model = _bert(dropout=0.0, layers=3)
         ids, mask, y = _batch()
@@ -1063,11 +1063,79 @@ def test_skipped_forward_saves_no_more_for_backward_and_auto_forwards_image_patc
     text.start(["a", "b"], image_patches=False)
     image = frzcompile.ALaST(skipped="auto")
     image.start(["a", "b"], image_patches=True)
-    assert not text.forwards_skipped and image.forwards_skipped
-    assert "run through the layer without gradient (skipped='auto': image patches)" in image.report()[0]
+    assert text.forward_share == 0.0 and image.forward_share == 0.3
+    assert ("run through the layer without gradient on 30% of steps (evenly spaced), carried unchanged on the others "
+            "(skipped='auto': image patches)") in image.report()[0]
     assert "carried to the next layer unchanged (skipped='auto': not image patches)" in text.report()[0]
-    with pytest.raises(PolicyError, match="skipped must be one of"):
-        frzcompile.ALaST(skipped="no_grad")
+    for wrong in ("no_grad", None, 1.5, -0.1, True):
+        with pytest.raises(PolicyError, match="skipped"):
+            frzcompile.ALaST(skipped=wrong)
+
+
+def test_a_share_of_forwarded_steps_is_evenly_spaced_and_resumes_where_it_was():
+    """skipped=0.3 forwards the skipped tokens on 30% of the steps, evenly spaced (3 of every 10), counted by the
+    steps the policy observed; a state saved and loaded continues the pattern, and 0 and 1 are carry and
+    forward."""
+    def pattern(policy, steps, start=0):
+        out = []
+        for step in range(start + 1, start + steps + 1):  # (the runtime counts steps from 1)
+            out.append(policy.forwards_skipped)
+            policy.observe(step, [1.0, 1.0], [1.0, 0.5], trained=(0, 1))
+        return out
+
+    policy = frzcompile.ALaST(skipped=0.3)
+    policy.start(["a", "b"])
+    first = pattern(policy, 20)
+    assert [i for i, f in enumerate(first) if f] == [3, 6, 9, 13, 16, 19]
+    state = policy.state_dict()
+    rest = pattern(policy, 80, start=20)
+    assert sum(first + rest) == 30
+    for saved in (state, {k: v for k, v in state.items() if k != "steps"}):  # (one saved before the count was kept:
+        resumed = frzcompile.ALaST(skipped=0.3)                              # read from the log's last step)
+        resumed.start(["a", "b"])
+        resumed.load_state_dict(saved)
+        assert pattern(resumed, 80, start=20) == rest
+    unlogged = frzcompile.ALaST(skipped=0.3, history=False)
+    unlogged.start(["a", "b"])
+    pattern(unlogged, 20)
+    unlogged.load_state_dict(unlogged.state_dict())
+    assert pattern(unlogged, 80, start=20) == rest
+    for share, every in ((0.0, False), (1.0, True), ("carry", False), ("forward", True)):
+        p = frzcompile.ALaST(skipped=share)
+        p.start(["a", "b"], image_patches=True)
+        assert pattern(p, 7) == [every] * 7
+
+
+def test_skipped_tokens_run_through_the_layer_only_on_the_forwarded_steps():
+    """On a ViT with skipped=0.5, two micro-batches per step (gradient accumulation), the layer runs twice per
+    training call on every other step (the skipped tokens without gradient, then the kept ones) and once on the
+    others, the same for both calls of a step; eval runs it once on every token."""
+    torch.manual_seed(0)
+    model = zoo.tiny_vit(layers=3)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(skipped=0.5, rate=1.0))
+    attention = fm.token_budgets.attention[2][0]
+    runs = []  # tokens per run of layer 2's query projection (a global hook sees the skipped tokens' run too)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: runs.append(a[0].shape[1]) if m is attention else None)
+    per_step = []
+    for _ in range(6):
+        runs.clear()
+        for half in (slice(0, 2), slice(2, 4)):
+            F.cross_entropy(fm(x[half]).logits, y[half]).backward()
+        opt.step()
+        opt.zero_grad()
+        per_step.append(list(runs))
+    fm.eval()
+    runs.clear()
+    with torch.no_grad():
+        fm(x)
+    handle.remove()
+    assert [len(r) for r in per_step] == [2, 4, 2, 4, 2, 4]
+    assert all(r[0] + r[1] == 17 and r[2] + r[3] == 17 for r in per_step[1::2])
+    assert all(n < 17 for r in per_step for n in r)
+    assert runs == [17]
 
 
 def test_skipped_forward_on_a_vit_under_bf16_autocast_with_eval_on_the_users_variable_and_a_hook():
@@ -1075,7 +1143,7 @@ def test_skipped_forward_on_a_vit_under_bf16_autocast_with_eval_on_the_users_var
     model = zoo.tiny_vit(layers=3, hidden_dropout_prob=0.1)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="alast")  # image patches: forwarded
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy=frzcompile.ALaST(skipped="forward"))
     assert fm.policy.forwards_skipped
     ran, whole = [], []
     _tokens_run(fm, 2, ran)
