@@ -198,7 +198,8 @@ def run(method, base, train, test, epochs, batch, lr, seed, alast):
                 timed_steps += 1
             step += 1
     result = {"method": method, "steps": step, "train_seconds": timed_seconds * step / timed_steps,
-              "accuracy": accuracy(fm, test), "train_flops": flops * step / len(saved), "saved_mb": sum(saved) / len(saved) / 2**20,
+              "accuracy": accuracy(fm, test), "train_flops": flops * step / len(saved),
+              "saved_mb": sum(saved) / len(saved) / 2**20,
               "saved_mb_max": max(saved) / 2**20, "frozen_at_end": list(fm.frozen)}
     if name == "alast":
         result["budget_log"] = fm.policy.log

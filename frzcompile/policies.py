@@ -699,8 +699,9 @@ class ALaST(Policy):
             if not (isinstance(skipped, str) and skipped in SKIPPED):
                 skipped = float(check_policy_number("alast", "skipped", skipped, 0.0, 1.0))
         except PolicyError:
-            raise PolicyError(f"alast: skipped must be one of {', '.join(map(repr, SKIPPED))} or the share of steps "
-                              f"on which the skipped tokens run through the layer, in [0, 1]; got {skipped!r}") from None
+            raise PolicyError(f"alast: skipped must be one of {', '.join(map(repr, SKIPPED))} or the share of "
+                              f"steps on which the skipped tokens run through the layer, in [0, 1]; got "
+                              f"{skipped!r}") from None
         self.skipped = skipped
         self.forward_share = 0.0  # steps whose skipped tokens run through the layer, resolved by `start`
         self._steps = 0           # steps observed (which of them forward follows from it)
