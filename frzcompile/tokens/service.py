@@ -157,17 +157,17 @@ class _TokenForward:
     hooks on the layer see it whole: every token in and out, as the plain layer maps them (hooks registered after
     ALaST's saw the gathered input with the scattered output). `own`: a forward set on the layer's instance before
     (a user's wrapper, accelerate's hooks), which runs inside it and comes back when ALaST lets go. A copy of the
-    layer gets its plain forward (or a copy of its own)."""
+    layer gets its plain forward (or a copy of its own). `inner`: what runs the layer (its own forward, or the
+    class's; compiled under compile=)."""
 
-    def __init__(self, layer, i, service, inner=None, own=None):
+    def __init__(self, layer, i, service, inner, own=None):
         self._layer = weakref.ref(layer)
         self._i = i
         self._before = weak_method(service._before_layer)
         self._after = weak_method(service._after_layer)
         self._skipped = weak_method(service._skipped_ran)
         self.own = own
-        # (compile=: the compiled forward)
-        self.inner = inner if inner is not None else own if own is not None else plain_forward(layer)
+        self.inner = inner
         setattr(self, FORWARD_MARK, True)
 
     def __call__(self, *args, **kwargs):
@@ -329,15 +329,13 @@ class LayerBudgets(Service):
         own = layer.__dict__.get("forward")
         if isinstance(own, _TokenForward):
             own = own.own
+        inner = own if own is not None else plain_forward(layer)
         if self.compile_config is not None:
             if self._backend is None:  # one backend object for every layer: Dynamo reuses graphs across them
                 self._backend = functools.partial(backend.frzcompile_backend, options=self.compile_config,
                                                   plan="alast", log=self.compile_log)
-            # the layer's own, compiled; its graphs guard on its modules' hooks (the skipped run suspends them)
-            inner = guarding_hooks(torch.compile(own if own is not None else plain_forward(layer),
-                                                 backend=self._backend))
-        else:
-            inner = None
+            # compiled; its graphs guard on its modules' hooks (the skipped run suspends them)
+            inner = guarding_hooks(torch.compile(inner, backend=self._backend))
         forward = layer.__dict__["forward"] = _TokenForward(layer, i, self, inner, own)
         return forward
 
