@@ -1192,3 +1192,48 @@ def test_skipped_forward_is_unseen_by_hooks_inside_the_layer_and_by_output_atten
         keep = keep_count(fm.policy.log[-2][1][1] if len(fm.policy.log) > 1 else 0.5, 17)
         assert [a.shape[-1] for a in out.attentions] == [17, keep, out.attentions[2].shape[-1]]
     assert len(seen) == 2 and seen == grads and all(n < 17 for n in seen)
+
+
+def test_default_share_on_a_deit_with_autocast_a_hook_another_batch_shape_and_eval_on_the_users_variable():
+    """The image default (skipped patches forwarded on 30% of the steps) on a model from transformers' configs
+    that the project did not write (DeiT, its distillation token second): under bf16 autocast, with a hook on a
+    layer and batches of two shapes, the skipped tokens run through the layer on steps 3 and 6 only; the hook
+    sees every token once per call; model.eval() on the user's own variable gives the model's own outputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.DeiTForImageClassification(transformers.DeiTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, num_labels=5))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    fm = frzcompile.optimize(model, (x,), optimizer=opt, policy="alast")
+    assert fm.policy.forward_share == 0.3
+    n = 18  # 16 patches, the class and distillation tokens
+    attention = fm.token_budgets.attention[2][0]
+    runs, whole = [], []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: runs.append(a[0].shape[1]) if m is attention else None)
+    model.deit.layers[2].register_forward_hook(
+        lambda m, a, o: whole.append(tuple((o[0] if isinstance(o, tuple) else o).shape)))
+    before = [p.detach().clone() for p in model.parameters()]
+    per_step = []
+    for step in range(8):
+        b = 3 if step % 2 else 4  # another batch shape every other step
+        runs.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(fm(x[:b]).logits, y[:b])
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        per_step.append(list(runs))
+    handle.remove()
+    assert [i for i, r in enumerate(per_step) if len(r) == 2] == [3, 6]
+    assert all(sum(r) == n for r in per_step if len(r) == 2) and all(r[-1] < n for r in per_step)
+    assert whole == [(4 if s % 2 == 0 else 3, n, 32) for s in range(8)]
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    model.eval()  # on the user's own variable
+    with torch.no_grad():
+        out = fm(x).logits
+        plain = type(model).forward(model, x).logits
+    assert torch.equal(out, plain)
