@@ -195,20 +195,66 @@ def mutated_argument(node: fx.Node):
     return node.args[0] if inplace and node.args and isinstance(node.args[0], fx.Node) else None
 
 
+def changed_arguments(node: fx.Node) -> list:
+    """The nodes whose tensors `node` changes in place: `mutated_argument`'s, and the running statistics a batch or
+    instance norm updates when it uses the batch's (`F.batch_norm(x, mean, var, training=True)`, as Dynamo records
+    a BatchNorm module in training)."""
+    changed = mutated_argument(node)
+    out = [] if changed is None else [changed]
+    if node.op == "call_function" and node.target in (torch.nn.functional.batch_norm,
+                                                      torch.nn.functional.instance_norm):
+        default = node.target is torch.nn.functional.instance_norm  # (use_input_stats=True; training=False)
+        names = ("training", "use_input_stats")
+        flag = next((node.kwargs[k] for k in names if k in node.kwargs),
+                    node.args[5] if len(node.args) > 5 else default)
+        if flag is not False:
+            stats = [node.args[i] if len(node.args) > i else node.kwargs.get(k)
+                     for i, k in ((1, "running_mean"), (2, "running_var"))]
+            out += [t for t in stats if isinstance(t, fx.Node)]
+    return out
+
+
 def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozenset) -> list:
     """Nodes computed from a frozen parameter and from nothing that requires grad, in graph order.
 
-    The set is closed under ancestors among computing nodes, hence convex, so it can be fused into one region,
-    which runs where the region's first node was. A tensor changed in place (its views with it: they share its
-    storage, which Dynamo's example values tell) by a value that requires grad (`h.add_(prompt)` on a frozen
-    layer's output), or after a node outside the region read it (`t = h + prompt; h.mul_(2)`), leaves the region
-    from that change on, with every node reading it: the dataflow alone would put the frozen layers reading it
-    after the change in the region (the node they read is the one from before it), and fused, ahead of the change
-    or of the outside read. The region also stays between two switches of a global mode (`with torch.no_grad()`,
+    The set is closed under ancestors among computing nodes, hence convex, so it can be fused into one region.
+    Fused, it runs where its last node was, and the nodes that read it from before that move after it. A tensor
+    changed in place (its views with it: they share its storage, which Dynamo's example values tell) by a value
+    that requires grad (`h.add_(prompt)` on a frozen layer's output), or after a node outside the region read it
+    (`t = h + prompt; h.mul_(2)`), leaves the region from that change on, with every node reading it: the
+    dataflow alone would put the frozen layers reading it after the change in the region (the node they read is
+    the one from before it), and fused, ahead of the change or of the outside read. A node reading a tensor that a
+    node outside the region changes in place before the region's last node leaves it too (a buffer the forward
+    updates, an EMA or a trained BatchNorm's running statistics, read by frozen work): fused, its read would
+    cross the change. The region also stays between two switches of a global mode (`with torch.no_grad()`,
     autocast... inside the forward: torch_private.global_state_targets): fusing moves the nodes that read the
     region after its last node, which would take them out of their `no_grad` block. Of the stretches between
     switches, the first holding region nodes is kept (a frozen prefix's).
     """
+    held: set = set()
+    while True:  # (each round holds more nodes out, so it ends)
+        region = _dataflow_region(gm, placeholders, frozen_names, held)
+        crossing = _reads_across_changes(gm, region)
+        if not crossing:
+            return region
+        held |= crossing
+
+
+def _reads_across_changes(gm: fx.GraphModule, region: list) -> set:
+    """The nodes of `region` reading a tensor that a node outside it changes in place before its last node."""
+    if not region:
+        return set()
+    members, order = set(region), {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = order[region[-1]]
+    changed = {torch_private.storage_key(c.meta.get("example_value"))
+               for n in gm.graph.nodes if n not in members and order[n] < last for c in changed_arguments(n)}
+    changed.discard(None)
+    return {n for n in region
+            if any(torch_private.storage_key(i.meta.get("example_value")) in changed for i in n.all_input_nodes)}
+
+
+def _dataflow_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozenset, held: set) -> list:
+    """frozen_region's dataflow, with the nodes in `held` (and what reads them) kept out."""
     needs_grad, from_frozen = set(), set()
     by_storage: dict = {}    # storage of a node's example value -> the nodes viewing it so far
     read_outside = set()     # storages that a node outside the region has read
@@ -235,7 +281,7 @@ def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozense
             key = torch_private.storage_key(changed.meta.get("example_value"))
             if any(i in needs_grad for i in inputs) or (key is not None and key in read_outside):
                 needs_grad.update([changed, *by_storage.get(key, ())] if key is not None else [changed])
-        if any(i in needs_grad for i in inputs):
+        if node in held or any(i in needs_grad for i in inputs):
             needs_grad.add(node)
         elif any(i in from_frozen for i in inputs):
             from_frozen.add(node)
