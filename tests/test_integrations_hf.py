@@ -161,6 +161,15 @@ def test_unknown_option_is_refused():
         FreezeCallback(polcy="linear")
 
 
+@pytest.mark.parametrize("value", [True, frzcompile.CompileConfig(inner="aot_eager")])
+def test_compile_option_is_refused_when_the_callback_is_made(value):
+    """compile= passed the option check, then the first training step raised inside the loop (attach() does not
+    combine with compile=); it is refused up front, saying how the loop compiles the model."""
+    with pytest.raises(frzcompile.ConfigError, match="torch_compile=True"):
+        FreezeCallback(policy="linear", compile=value)
+    FreezeCallback(policy="linear", compile=False)  # (what the option means by default)
+
+
 def test_trainer_takes_fm_itself(tmp_path):
     """Without the callback, fm itself as the Trainer's model: column pruning reads the model's signature, any
     batch (labels or not, another length) is accepted, and the Trainer's steps drive the policy."""

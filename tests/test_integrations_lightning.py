@@ -124,6 +124,13 @@ def test_a_module_never_called_is_reported():
         fit(Classifier(call_self=False), cb, enable_checkpointing=False)
 
 
+def test_compile_option_is_refused_when_the_callback_is_made():
+    """compile= passed the option check, then the first training batch raised (attach() does not combine with
+    compile=); it is refused up front, saying how to compile the module instead."""
+    with pytest.raises(frzcompile.ConfigError, match="torch.compile the module"):
+        FreezeCallback(policy="linear", module="model", compile=True)
+
+
 def test_the_training_step_loss_reaches_the_policy():
     cb = FreezeCallback(module="model")  # SmartFRZ, whose safety rules read the loss
     module = Classifier(call_self=False)

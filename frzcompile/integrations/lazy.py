@@ -23,6 +23,13 @@ def check_options(options: dict, owner: str) -> None:
     if unknown:
         raise ConfigError(f"{owner} got {', '.join(map(repr, unknown))}: it takes optimize()'s options "
                           f"({', '.join(known)})")
+    if options.get("compile") not in (None, False):
+        # compile= makes a separate compiled module, and the loop calls the model: the callback attaches its plan
+        # to the model instead (attach() does not combine with compile=)
+        raise ConfigError(f"{owner} does not take compile=: the training loop calls your model, not a compiled "
+                          "copy of it. Let the loop compile the model (Hugging Face: TrainingArguments("
+                          "torch_compile=True); Lightning: torch.compile the module your training_step calls); "
+                          "the compiled model runs the callback's plan")
 
 
 class OptimizeAtFirstCall(InstanceForward):
