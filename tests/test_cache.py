@@ -1072,6 +1072,41 @@ def test_a_refusal_from_single_sample_halves_is_not_kept():
     torch.testing.assert_close(fm(x), model(x))
 
 
+class SqueezedPool(nn.Module):  # old-style code: (batch, 16), but (16,) for a batch of one
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool1d(self.conv(x), 1).squeeze()
+
+
+@pytest.mark.parametrize("deepened", [False, True])
+def test_one_missing_row_is_not_run_alone(deepened):
+    """A batch held but for one row ran the prefix on that row alone, a batch of one, which the cache never
+    serves (ONE_SAMPLE): a `.squeeze()` in the frozen block then failed inside the cache (index_copy_), and a
+    branch on the batch size stored and served the single-sample path's values. Such a batch is computed whole,
+    whether its rows are held at its own level or at a shallower one (the prefix deepened since)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SqueezedPool(), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 3))
+    x = torch.randn(9, 4, 8)
+    fm = frzcompile.optimize(model, (x[:4],), policy="manual", cache=CacheConfig(check_cost=False, min_hit_rate=0))
+    fm.freeze("0") if deepened else fm.freeze("0", "1")
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            fm(x[:4])  # rows 0-3 stored, the second call served
+        if deepened:
+            fm.freeze("0", "1")
+            fm(x[4:8])  # the deeper level's first call (analysed): rows 4-7 stored there, 0-3 held one level up
+        hits = fm.cache.stats["hits"]
+        rows = [0, 1, 2, 8]  # three rows held, one not
+        for _ in range(2):
+            torch.testing.assert_close(fm(x[rows]), _uncached(fm, x[rows]), rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == hits + 4  # computed whole, then stored: the second call is served whole
+    assert fm.cache.stats["partly_held_computed"] == (0 if deepened else 4)
+
+
 def test_served_outputs_keep_their_memory_layout():
     class Transposed(nn.Module):
         def __init__(self):
@@ -1818,6 +1853,38 @@ def test_a_data_edit_of_a_plain_tensor_attribute_is_seen():
         for step in range(4):
             if step == 2:
                 model.b[0].mask.data.mul_(0.5)
+            torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
+    assert fm.cache.stats["hits"] == 2 * 8  # served before and after the edit, each from its own entries
+
+
+class _Stats:  # a plain helper object (not a module) holding normalisation statistics
+    def __init__(self):
+        self.std = torch.ones(16)
+
+
+@pytest.mark.parametrize("edit", ["list .data", "dict .data", "object in place", "object .data", "object replaced"])
+def test_an_edit_of_a_tensor_held_in_a_container_or_an_object_is_seen(edit):
+    """Tensors in a list or dict attribute were keyed by identity and version (an edit through .data moves
+    neither), and those of a plain object held by a module not at all: the cache served the old activations
+    (0.47 off in a probe). Their contents now join the Python state's digest, as a plain tensor attribute's do."""
+    class Held(Blk):
+        def __init__(self):
+            super().__init__()
+            self.scales, self.cfg, self.stats = [torch.tensor(1.0)], {"shift": torch.zeros(16)}, _Stats()
+
+        def forward(self, x):
+            return torch.relu(self.l(x / self.stats.std)) * self.scales[0] + self.cfg["shift"]
+
+    edits = {"list .data": lambda m: m.scales[0].data.mul_(3), "dict .data": lambda m: m.cfg["shift"].data.add_(0.5),
+             "object in place": lambda m: m.stats.std.mul_(2), "object .data": lambda m: m.stats.std.data.mul_(2),
+             "object replaced": lambda m: setattr(m.stats, "std", torch.full((16,), 4.0))}
+    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"],
+                          extra=lambda m: m.b.__setitem__(0, Held()))
+    fm.freeze("b.0", "b.1")
+    with torch.no_grad():
+        for step in range(4):
+            if step == 2:
+                edits[edit](model.b[0])
             torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
     assert fm.cache.stats["hits"] == 2 * 8  # served before and after the edit, each from its own entries
 

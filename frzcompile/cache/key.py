@@ -16,6 +16,7 @@ from ..torch_private import tree_flatten, tree_unflatten
 from .store import _describe, row_digests
 
 SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+FIELDS = SCALARS + (list, tuple, dict, set, frozenset, torch.Tensor)  # an object's fields that are keyed
 _MODULE_FIELDS = frozenset(vars(torch.nn.Module())) | {"forward", "training"}  # nn.Module's own bookkeeping
 CONTAINER_ITEMS = 64  # a list, tuple, dict or set held as a module attribute is keyed by content up to this size
 ARRAY_BYTES = 4096    # and a numpy array up to this many bytes
@@ -25,20 +26,24 @@ def _tensor_token(t: torch.Tensor) -> tuple:
     return id(t), torch_private.tensor_version(t), t.dtype, t.data_ptr()
 
 
-def _contents(value, depth: int = 0):
+def _contents(value, depth: int = 0, tensors: list | None = None):
     """A token of a plain container's contents, so that `self.cfg["act"] = "tanh"` or `self.acts[0] = ...` made
-    in place is seen: plain values by value, tensors by identity and version, containers two deep, anything else
+    in place is seen: plain values by value, tensors by identity and version (and each appended to `tensors`, for
+    a digest of their contents: an edit through `.data` moves no version), containers two deep, anything else
     (and a larger container) by identity."""
     if isinstance(value, SCALARS):
         return value
     if isinstance(value, torch.Tensor):
+        if tensors is not None:
+            tensors.append(value)
         return _tensor_token(value)
     if isinstance(value, np.ndarray):
         return ("ndarray", value.dtype.str, value.shape, value.tobytes()) if value.nbytes <= ARRAY_BYTES else id(value)
     if depth < 2 and isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) <= CONTAINER_ITEMS:
         if isinstance(value, dict):
-            return type(value).__name__, tuple((_contents(k, 2), _contents(v, depth + 1)) for k, v in value.items())
-        items = tuple(_contents(v, depth + 1) for v in value)
+            return type(value).__name__, tuple((_contents(k, 2), _contents(v, depth + 1, tensors))
+                                               for k, v in value.items())
+        items = tuple(_contents(v, depth + 1, tensors) for v in value)
         return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
     return id(value)
 
@@ -47,8 +52,9 @@ class PythonState:
     """A digest of the Python state the forward of some modules may read besides tensors' contents: train/eval,
     plain attributes (a temperature, LayerNorm's eps, a flag switching a code path), tensors held as plain
     attributes (by identity, version, dtype, device, storage), the contents of lists, tuples, dicts and sets they
-    hold (`_contents`), and the plain fields of objects they hold (a Hugging Face config's output_hidden_states or
-    attention implementation). Python state elsewhere (a global the forward reads) is not seen. The attribute
+    hold (`_contents`), and the plain and tensor fields of objects they hold (a Hugging Face config's
+    output_hidden_states or attention implementation, a helper holding normalisation statistics). Python state
+    elsewhere (a global the forward reads) is not seen. The attribute
     names of each module are listed once, and again whenever its number of attributes changes."""
 
     def __init__(self, modules, watch_data: bool = True):
@@ -58,7 +64,8 @@ class PythonState:
         self._names_repr = None
 
     def _collect(self) -> tuple:
-        """(flat tokens in the order of `_names`, object id -> its plain fields, the tensors held as attributes)."""
+        """(flat tokens in the order of `_names`, object id -> its keyed fields, the tensors held as attributes, in
+        their containers and objects)."""
         tokens, objects, tensors = [], {}, []
         for i, m in enumerate(self.modules):
             d = m.__dict__
@@ -76,14 +83,14 @@ class PythonState:
                     tokens.append(_tensor_token(value))
                     tensors.append(value)
                 elif isinstance(value, (list, tuple, dict, set, frozenset, np.ndarray)):
-                    tokens.append((id(value), _contents(value)))
+                    tokens.append((id(value), _contents(value, tensors=tensors)))
                 elif isinstance(value, torch.nn.Module) or not hasattr(value, "__dict__"):
                     tokens.append(id(value))
-                else:  # an object such as a config: its plain fields, once per object
+                else:  # an object such as a config: its plain and tensor fields, once per object
                     tokens.append(id(value))
                     if id(value) not in objects:
-                        objects[id(value)] = [(k, _contents(v)) for k, v in vars(value).items()
-                                              if isinstance(v, SCALARS + (list, tuple, dict, set, frozenset))]
+                        objects[id(value)] = [(k, _contents(v, tensors=tensors)) for k, v in vars(value).items()
+                                              if isinstance(v, FIELDS)]
         return tokens, objects, tensors
 
     def digest(self) -> bytes:

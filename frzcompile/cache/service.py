@@ -818,9 +818,11 @@ class ActivationCache(Service):
         served, fresh = None, None
         # a batch held in part is served in part (its missing rows run the prefix alone) when the store holds
         # at least MIN_PARTIAL_COVER of it and that pays; else it is computed whole, as a miss is, and timed for
-        # the in-run check (just after a level starts, most batches hold a few rows stored in the same epoch)
-        partial = not (hit_rows and miss_rows and self.config.check_cost) or (
+        # the in-run check (just after a level starts, most batches hold a few rows stored in the same epoch).
+        # One missing row is computed whole too: alone it would be a batch of one (ONE_SAMPLE)
+        partial = (not (hit_rows and miss_rows and self.config.check_cost) or (
             len(hit_rows) >= MIN_PARTIAL_COVER * batch and partial_pays(plan, len(hit_rows), len(miss_rows)))
+        ) and len(miss_rows) != 1
         if not partial:  # computed whole inside the real call (its missing rows stored), as a miss would be;
             self.stats["hits"] -= len(hit_rows)  # `hits` counts rows served, the window rows found (repeats)
             self.stats["partly_held_computed"] += batch
@@ -945,7 +947,8 @@ class ActivationCache(Service):
             held = [r for r, key in enumerate(keys) if key in lvl.index]
             if len(held) == len(keys):
                 return other, lvl, other_sig, keys, held
-            if partial and len(held) >= MIN_PARTIAL_COVER * len(keys) and (best is None or len(held) > len(best[4])):
+            if partial and len(held) >= MIN_PARTIAL_COVER * len(keys) and len(keys) - len(held) != 1 and (
+                    best is None or len(held) > len(best[4])):  # (one missing row alone: a batch of one)
                 best = other, lvl, other_sig, keys, held
         return best
 
