@@ -31,7 +31,7 @@ from torch import fx
 
 from . import torch_private
 from .errors import ConfigError, FrzError
-from .inplace import changes_in_place
+from .inplace import written
 from .modes import mode_arguments
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
@@ -183,37 +183,6 @@ def _placeholder_names(gm: fx.GraphModule, example_inputs) -> dict:
     return out
 
 
-def mutated_argument(node: fx.Node):
-    """The node whose tensor `node` changes in place (`h.add_(p)`, `h += p`, `h[i] = v`, `relu(h, inplace=True)`,
-    `out=h`), or None. Dynamo's graphs keep in-place calls as they are written."""
-    if node.op not in ("call_method", "call_function"):
-        return None
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if isinstance(node.kwargs.get("out"), fx.Node):
-        return node.kwargs["out"]
-    inplace = changes_in_place(name, node.kwargs)
-    return node.args[0] if inplace and node.args and isinstance(node.args[0], fx.Node) else None
-
-
-def changed_arguments(node: fx.Node) -> list:
-    """The nodes whose tensors `node` changes in place: `mutated_argument`'s, and the running statistics a batch or
-    instance norm updates when it uses the batch's (`F.batch_norm(x, mean, var, training=True)`, as Dynamo records
-    a BatchNorm module in training)."""
-    changed = mutated_argument(node)
-    out = [] if changed is None else [changed]
-    if node.op == "call_function" and node.target in (torch.nn.functional.batch_norm,
-                                                      torch.nn.functional.instance_norm):
-        default = node.target is torch.nn.functional.instance_norm  # (use_input_stats=True; training=False)
-        names = ("training", "use_input_stats")
-        flag = next((node.kwargs[k] for k in names if k in node.kwargs),
-                    node.args[5] if len(node.args) > 5 else default)
-        if flag is not False:
-            stats = [node.args[i] if len(node.args) > i else node.kwargs.get(k)
-                     for i, k in ((1, "running_mean"), (2, "running_var"))]
-            out += [t for t in stats if isinstance(t, fx.Node)]
-    return out
-
-
 def frozen_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozenset) -> list:
     """Nodes computed from a frozen parameter and from nothing that requires grad, in graph order.
 
@@ -247,7 +216,7 @@ def _reads_across_changes(gm: fx.GraphModule, region: list) -> set:
     members, order = set(region), {n: i for i, n in enumerate(gm.graph.nodes)}
     last = order[region[-1]]
     changed = {torch_private.storage_key(c.meta.get("example_value"))
-               for n in gm.graph.nodes if n not in members and order[n] < last for c in changed_arguments(n)}
+               for n in gm.graph.nodes if n not in members and order[n] < last for c in written(n)}
     changed.discard(None)
     return {n for n in region
             if any(torch_private.storage_key(i.meta.get("example_value")) in changed for i in n.all_input_nodes)}
@@ -276,8 +245,9 @@ def _dataflow_region(gm: fx.GraphModule, placeholders: dict, frozen_names: froze
         if storage is not None:
             by_storage.setdefault(storage, []).append(node)
         inputs = node.all_input_nodes
-        changed = mutated_argument(node)
-        if changed is not None and changed not in needs_grad:
+        for changed in written(node):
+            if changed in needs_grad:
+                continue
             key = torch_private.storage_key(changed.meta.get("example_value"))
             if any(i in needs_grad for i in inputs) or (key is not None and key in read_outside):
                 needs_grad.update([changed, *by_storage.get(key, ())] if key is not None else [changed])

@@ -2,6 +2,8 @@
 activation cache's dataflow probe (which also watches version counters)."""
 from __future__ import annotations
 
+import torch
+
 INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                              "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
                              "__imatmul__"})
@@ -29,6 +31,16 @@ VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
 OVERWRITES = frozenset({"copy_", "fill_", "zero_", "setitem", "__setitem__"})
 
 
+# the running statistics a batch or instance norm updates when it normalises by the batch's: function ->
+# ((positions of running_mean and running_var), (position, name and default of the flag that says it does))
+_NORM_STATISTICS = {
+    torch.nn.functional.batch_norm: ((1, 2), (5, "training", False)),
+    torch.batch_norm: ((3, 4), (5, "training", True)),
+    torch.nn.functional.instance_norm: ((1, 2), (5, "use_input_stats", True)),
+    torch.instance_norm: ((3, 4), (5, "use_input_stats", True)),
+}
+
+
 def _call_name(node) -> str:
     if node.op == "call_method":
         return str(node.target)
@@ -42,8 +54,10 @@ def _argument(node, schema, i, argument):
     return node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
 
 
-def _written(node) -> list:
-    """The argument nodes a graph node changes in place."""
+def written(node) -> list:
+    """The argument nodes a graph node changes in place: by its schema (an ATen operator), by its name (`add_`,
+    `out=`, a foreach call's list), and the running statistics a batch or instance norm updates when it uses the
+    batch's (`F.batch_norm(x, mean, var, training=True)`, as Dynamo records a BatchNorm in training)."""
     schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
     if schema is not None:  # an ATen operator (export's graphs): its schema marks the arguments it writes
         out = []
@@ -52,14 +66,21 @@ def _written(node) -> list:
                 value = _argument(node, schema, i, argument)
                 out += value if isinstance(value, (list, tuple)) else [value]
         return [v for v in out if hasattr(v, "op")]
+    if node.op == "call_function" and node.target in _NORM_STATISTICS:
+        (mean, var), (flag, name, default) = _NORM_STATISTICS[node.target]
+        on = node.kwargs.get(name, node.args[flag] if len(node.args) > flag else default)
+        stats = [node.args[i] if len(node.args) > i else node.kwargs.get(k)
+                 for i, k in ((mean, "running_mean"), (var, "running_var"))]
+        return [t for t in stats if hasattr(t, "op")] if on is not False else []
     if node.op in ("call_method", "call_function") and changes_in_place(_call_name(node), node.kwargs):
         target = node.kwargs.get("out") if node.kwargs.get("out") is not None else (node.args[0] if node.args else None)
-        return [target] if hasattr(target, "op") else []
+        targets = target if isinstance(target, (list, tuple)) else [target]  # (torch._foreach_add_([a, b], ...))
+        return [t for t in targets if hasattr(t, "op")]
     return []
 
 
 def _aliased(node, written: list):
-    """The argument node whose memory the node's result shares, or None (`written`: `_written(node)`)."""
+    """The argument node whose memory the node's result shares, or None (`written`: `written(node)`)."""
     schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
     if schema is not None:  # the argument whose alias set the first result's is (`add.out` returns `out`)
         if not schema.returns or schema.returns[0].alias_info is None:
@@ -71,8 +92,8 @@ def _aliased(node, written: list):
                 return value if hasattr(value, "op") else None
         return None
     first = node.args[0] if node.args else None
-    if not hasattr(first, "op"):
-        return None
+    if not hasattr(first, "op") or (node.op == "call_function" and node.target in _NORM_STATISTICS):
+        return None  # (a norm's result is new memory, not its running statistics)
     if node.op == "call_function" and node.target is getattr:
         return first if len(node.args) > 1 and node.args[1] in VIEW_ATTRIBUTES else None
     # (an in-place call returns the tensor it changed)
@@ -88,10 +109,10 @@ def reads_of_writes(graph) -> dict:
     for node in graph.nodes:
         if node.op == "get_attr":  # (symbolic_trace reads a buffer anew at each use: one tensor per target)
             base[node] = base.setdefault(("get_attr", node.target), node)
-        written = _written(node)
-        aliased = _aliased(node, written)
-        skip = set(written) if _call_name(node) in OVERWRITES else set()
-        if aliased is None or written:
+        changed = written(node)
+        aliased = _aliased(node, changed)
+        skip = set(changed) if _call_name(node) in OVERWRITES else set()
+        if aliased is None or changed:
             found = []
             for a in node.all_input_nodes:
                 if a not in skip:
@@ -100,6 +121,6 @@ def reads_of_writes(graph) -> dict:
                 out[node] = list(dict.fromkeys(found))
         if aliased is not None:
             base[node] = base.get(aliased, aliased)
-        for w in written:
+        for w in changed:
             writes.setdefault(base.get(w, w), []).append(node)
     return out

@@ -157,8 +157,10 @@ def compiled_wrapper(model) -> bool:
 
 
 def remade_view(t):
-    """`t` if it is no view, else the same view of its base made again where this runs (Tensor._base)."""
-    if not isinstance(t, torch.Tensor) or t._base is None:
+    """`t` if it is no view, else the same view of its base made again where this runs (Tensor._base). A view of
+    another dtype (`view_as_complex`) or with a lazy conjugate or negation bit stays as it is: `as_strided` of the
+    base would lose them."""
+    if not isinstance(t, torch.Tensor) or t._base is None or t.dtype != t._base.dtype or t.is_conj() or t.is_neg():
         return t
     return t._base.as_strided(t.size(), t.stride(), t.storage_offset())
 

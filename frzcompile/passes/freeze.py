@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..torch_private import fuse_by_partitions, remade_view, tree_map
+from ..inplace import written
+from ..torch_private import fuse_by_partitions, remade_view, storage_key, tree_map
 
 REGION = "frozen_prefix"
 
@@ -37,7 +38,8 @@ class NoGradRegion(nn.Module):
 # training and with p > 0), attention with dropout, these functions and methods, these modules in training
 RANDOM = frozenset({"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
                     "bernoulli_", "normal", "normal_", "uniform_", "exponential_", "geometric_", "log_normal_",
-                    "cauchy_", "random_", "multinomial", "poisson", "rrelu", "rrelu_", "gumbel_softmax"})
+                    "cauchy_", "random_", "multinomial", "poisson", "rrelu", "rrelu_", "gumbel_softmax",
+                    "binomial", "_standard_gamma", "_sample_dirichlet"})  # (the last two: Gamma's, Dirichlet's rsample)
 RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
                   nn.RReLU)
 
@@ -60,6 +62,36 @@ def draws_random(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def copy_graph_module(gm: fx.GraphModule) -> tuple:
+    """(a copy of `gm` over a copy of its graph, sharing its modules; original node -> its copy), to try a rewrite
+    on."""
+    graph, nodes = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, nodes))
+    return fx.GraphModule(gm, graph), nodes
+
+
+def reordered(gm: fx.GraphModule, region_nodes: list) -> tuple | None:
+    """Two nodes whose order matters (a random draw, an in-place write, a read of a tensor some node writes in place)
+    that fusing `region_nodes` would swap, by name, or None. The fusion is tried on a copy of the graph."""
+    changed = {storage_key(w.meta.get("example_value")) for n in gm.graph.nodes for w in written(n)}
+    changed.discard(None)
+    ordered = [n for n in gm.graph.nodes if draws_random(gm, n) or written(n) or any(
+        storage_key(i.meta.get("example_value")) in changed for i in n.all_input_nodes)]
+    if not ordered:
+        return None
+    copy, nodes = copy_graph_module(gm)
+    fuse_by_partitions(copy, [dict.fromkeys(nodes[n] for n in region_nodes)], prefix=REGION + "_")
+    position = {n.name: i for i, n in enumerate(copy.graph.nodes)}
+    fused = position[REGION + "_0"] if REGION + "_0" in position else next(
+        i for i, n in enumerate(copy.graph.nodes) if n.op == "call_module" and n.target == REGION + "_0")
+    members = set(region_nodes)
+    new = [(fused if n in members else position[n.name], n in members, n) for n in ordered]
+    for (p, inside, node), (q, inside_next, later) in zip(new, new[1:]):
+        if q < p or (q == p and not (inside and inside_next)):
+            return later.name, node.name
+    return None
+
+
 def freeze(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     prefix = set(ctx.prefix)
     region_nodes = [n for n in gm.graph.nodes if ctx.unit_of(n) in prefix]
@@ -70,6 +102,12 @@ def freeze(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         # draws outside it that came before, and dropout would not draw what eager draws. Left unfused (its
         # inputs need no grad, so autograd records nothing there anyway).
         ctx.stats["freeze"] = {"region_nodes": 0, "left_unfused": "random draws inside and outside the region"}
+        return gm
+    moved = ctx.runs and region_nodes and reordered(gm, region_nodes)
+    if moved:
+        # fused, the region runs where its last node was and what reads it from before moves after it: a random
+        # draw, an in-place write or a read of a tensor written in place would change places with another
+        ctx.stats["freeze"] = {"region_nodes": 0, "left_unfused": f"fusing would move {moved[0]} past {moved[1]}"}
         return gm
     if region_nodes:
         fuse_by_partitions(gm, [dict.fromkeys(region_nodes)], prefix=REGION + "_")
