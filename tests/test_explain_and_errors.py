@@ -34,6 +34,33 @@ def test_explain_after_a_cast_counts_the_same_flops_and_fires_no_hook(cast):
     assert flops == reference and flops["layer1.0"] > 0
 
 
+def test_explain_after_a_cast_of_an_exported_model_says_why_flops_are_not_counted():
+    """An exported graph (GPT-2) asserts the dtypes it was captured with: explain() after model.double() raised
+    "Tensor dtype mismatch" from the graph. It now says the FLOPs are not counted and why; a count made before
+    the cast stands."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    ids = torch.randint(0, 100, (2, 8))
+    counted = None
+    for explain_first in (False, True):
+        model = transformers.GPT2LMHeadModel(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fm = frzcompile.optimize(model, example_kwargs={"input_ids": ids}, policy="manual")
+        assert fm.analysis.captured.method == "export"
+        if explain_first:
+            counted = fm.unit_flops()
+        model.double()
+        text = str(frzcompile.explain(fm))
+        if explain_first:
+            assert fm.unit_flops() == counted and sum(counted.values()) > 0 and "not counted" not in text
+        else:
+            assert "forward FLOPs not counted: the exported graph checks the dtypes" in text
+        assert fm(input_ids=ids).logits.dtype == torch.float64
+        fm.release()
+
+
 def test_explain_table_and_flops():
     model, x = _resnet()
     fm = frzcompile.optimize(model, (x,))

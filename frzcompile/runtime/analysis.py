@@ -95,6 +95,13 @@ class Analysis:
                     self._flops = {u: 0 for u in self.unit_graph.names}
                     self.flops_note = (f"not counted: torch.utils.flop_counter fails on the graph's "
                                        f"{compiling[0]} operator")
+                elif self.captured.method == "export":  # its graph asserts the dtypes and devices it was
+                    # captured with, which a cast or move of the model since breaks (FLOPs do not depend on them)
+                    note = "the exported graph checks the dtypes and devices it was captured with, and the " \
+                           "model was cast or moved since"
+                    if self._flops is None:  # (else the count made before stands)
+                        self._flops = {u: 0 for u in self.unit_graph.names}
+                        self.flops_note = f"not counted: {note} (explain before a cast keeps the count)"
                 elif self._flops is None or self.captured.method != "record":
                     raise
                 # (the recording's path no longer fits the model: the count made at capture stands)
