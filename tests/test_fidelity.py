@@ -1516,6 +1516,25 @@ def test_release_leaves_no_marker_on_the_model():
     assert all(set(m.__dict__) == clean[id(m)] for m in model.modules())
 
 
+def test_a_released_frozen_module_changes_the_model_no_more():
+    """After fm.release(), fm.freeze() still switched requires_grad off, put the unit in eval mode and dropped
+    its optimizer state (and unfreeze and load_freeze_state_dict acted too); release lets go for good, so they
+    raise, saying what to use, and leave the model as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fm = frzcompile.optimize(model, (torch.randn(2, 4),), optimizer=opt, policy="manual")
+    nn.functional.mse_loss(fm(torch.randn(2, 4)), torch.zeros(2, 2)).backward()
+    opt.step()
+    state = fm.freeze_state_dict()
+    fm.release()
+    for call in (lambda: fm.freeze("0"), lambda: fm.unfreeze("0"), lambda: fm.load_freeze_state_dict(state)):
+        with pytest.raises(frzcompile.ConfigError, match="released"):
+            call()
+    assert all(p.requires_grad for p in model.parameters()) and model.training and model[0].training
+    assert len(opt.state) == 4
+
+
 def test_an_optimizer_with_earlier_steps_meeting_a_policy_at_step_0_warns_that_the_policy_starts_over():
     """A run resumed from the model's and optimizer's state without the freeze state starts the policy over: said
     once, at the first step; not with the freeze state loaded, nor under the manual policy, nor on a fresh run."""

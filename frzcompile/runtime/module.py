@@ -332,6 +332,7 @@ class FrozenModule(nn.Module):
     # -- the plan ------------------------------------------------------------------------------------------
     def freeze(self, *names: str) -> None:
         """Freeze units, each named by its unit name or by any module path holding units (`"bert.encoder"`)."""
+        self._check_live()  # (a released one changes the model no more)
         self._settle()
         self._rebind_if_changed()  # a block or parameters replaced since the last call: freeze the new ones
         units = set(self._unit_graph.resolve(names, warn_merged=True))
@@ -415,6 +416,7 @@ class FrozenModule(nn.Module):
                                if self.cache is not None else "."), UserWarning, stacklevel=3)
 
     def unfreeze(self, *names: str) -> None:
+        self._check_live()  # (a released one changes the model no more)
         self._settle()
         self._rebind_if_changed()
         units = set(self._unit_graph.resolve(names))
@@ -647,12 +649,15 @@ class FrozenModule(nn.Module):
     def _sync(self) -> None:
         """Before a call: the pending plan applied, units re-bound if the model's structure changed, frozen units
         back in eval mode."""
-        if self.released:
-            raise ConfigError("this FrozenModule was released (fm.release(), or a newer optimize() of its model by "
-                              "a callback): call the model itself, or the FrozenModule optimize() gave last")
+        self._check_live()
         self._settle()
         self._rebind_if_changed()
         self._plan.enforce_eval()
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise ConfigError("this FrozenModule was released (fm.release(), or a newer optimize() of its model by "
+                              "a callback): call the model itself, or the FrozenModule optimize() gave last")
 
     def _rebind_if_changed(self) -> None:
         structure = torch_private.structure_ids(self._model)
@@ -784,6 +789,7 @@ class FrozenModule(nn.Module):
         }
 
     def load_freeze_state_dict(self, state: dict) -> None:
+        self._check_live()  # (a released one changes the model no more)
         if not isinstance(state, dict) or state.get("format") != FREEZE_STATE_FORMAT:
             raise PlanError("not a frzcompile freeze state (expected the dict from fm.freeze_state_dict())")
         if list(state["units"]) != self.units:
