@@ -166,6 +166,20 @@ def test_a_tensor_changed_in_place_by_a_trained_one_keeps_its_gradient(form):
     assert region == {"relu": ["linear", "relu"], "setitem": ["linear", "getitem"]}.get(form, ["linear"])
 
 
+def _compiled_with_frozen(model, names):
+    """(the model compiled by the frzcompile backend with aot_eager, an eager copy), `names` frozen by hand."""
+    for name in names:
+        model.get_submodule(name).requires_grad_(False)
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    return torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"}), ref
+
+
+def _assert_same_grads(model, ref):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
 class BufferRead(nn.Module):
     """Frozen work reading a buffer the forward has just changed in place: an EMA of features, or a trained
     BatchNorm's running mean."""
@@ -193,19 +207,14 @@ def test_frozen_work_reads_a_buffer_after_the_forward_changed_it(form):
     before its end now leave it; the stem stays in it."""
     torch.manual_seed(0)
     model = BufferRead(form)
-    for name in ("stem", "proj"):
-        model.get_submodule(name).requires_grad_(False)
-    ref = copy.deepcopy(model)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})
+    compiled, ref = _compiled_with_frozen(model, ("stem", "proj"))
     for step in range(2):
         x = torch.randn(6, 8)
         out, ref_out = compiled(x), ref(x)
         out.sum().backward()
         ref_out.sum().backward()
         assert torch.equal(out, ref_out), step
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+        _assert_same_grads(model, ref)
     for b, c in zip(model.buffers(), ref.buffers()):
         assert torch.equal(b, c)
     record = backend.graphs_for(model)[-1]
@@ -262,11 +271,7 @@ def test_fusing_the_region_keeps_draws_writes_and_their_reads_in_order(form):
     that would reorder them is left unfused; views of another dtype or with a lazy bit are kept as they are."""
     torch.manual_seed(0)
     model = OrderMatters(form)
-    for name in ("fa", "fb"):
-        model.get_submodule(name).requires_grad_(False)
-    ref = copy.deepcopy(model)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="frzcompile", options={"inner": "aot_eager"})
+    compiled, ref = _compiled_with_frozen(model, ("fa", "fb"))
     for step in range(2):
         x = torch.randn(4, 8)
         torch.manual_seed(10 + step)
@@ -277,8 +282,7 @@ def test_fusing_the_region_keeps_draws_writes_and_their_reads_in_order(form):
         ref_out = ref(x)
         ref_out.sum().backward()
         assert torch.equal(out, ref_out) and torch.equal(after, torch.rand(3)), step
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+        _assert_same_grads(model, ref)
         assert torch.equal(model.buf, ref.buf)
     record = backend.graphs_for(model)[-1]
     fused = form == "a complex and a conjugate view"  # (the rewrite fires where nothing moves)

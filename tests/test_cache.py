@@ -1848,13 +1848,19 @@ def test_a_data_edit_of_a_plain_tensor_attribute_is_seen():
         def forward(self, x):
             return torch.relu(self.l(x)) * self.mask
 
+    _assert_an_edit_is_seen(Masked(), lambda m: m.mask.data.mul_(0.5))
+
+
+def _assert_an_edit_is_seen(block, edit):
+    """`block` first in a chain whose first two units are frozen, called twice before and twice after `edit(block)`:
+    every call equals an uncached one, and each pair's second call is served."""
     model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"],
-                          extra=lambda m: m.b.__setitem__(0, Masked()))
+                          extra=lambda m: m.b.__setitem__(0, block))
     fm.freeze("b.0", "b.1")
     with torch.no_grad():
         for step in range(4):
             if step == 2:
-                model.b[0].mask.data.mul_(0.5)
+                edit(model.b[0])
             torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
     assert fm.cache.stats["hits"] == 2 * 8  # served before and after the edit, each from its own entries
 
@@ -1880,15 +1886,7 @@ def test_an_edit_of_a_tensor_held_in_a_container_or_an_object_is_seen(edit):
     edits = {"list .data": lambda m: m.scales[0].data.mul_(3), "dict .data": lambda m: m.cfg["shift"].data.add_(0.5),
              "object in place": lambda m: m.stats.std.mul_(2), "object .data": lambda m: m.stats.std.data.mul_(2),
              "object replaced": lambda m: setattr(m.stats, "std", torch.full((16,), 4.0))}
-    model, x, fm = _chain(lambda m, x: m.head(m.b[2](m.b[1](m.b[0](x)))), ["b.0", "b.1", "b.2", "head"],
-                          extra=lambda m: m.b.__setitem__(0, Held()))
-    fm.freeze("b.0", "b.1")
-    with torch.no_grad():
-        for step in range(4):
-            if step == 2:
-                edits[edit](model.b[0])
-            torch.testing.assert_close(fm(x), _uncached(fm, x), rtol=0, atol=0)
-    assert fm.cache.stats["hits"] == 2 * 8  # served before and after the edit, each from its own entries
+    _assert_an_edit_is_seen(Held(), edits[edit])
 
 
 def test_torch_func_transforms_of_a_cached_model_step_aside():
