@@ -293,6 +293,7 @@ class SparseTraining(Service):
         self._record_dense = False
         self._grad_hooks: dict = {}  # name -> (weight, hook handle, its TensorImpl then)
         self.routes: dict = {}       # name -> BlockSparseForward installed on its module
+        self._masked_versions: dict = {}  # name -> (weight, mask) versions when last masked (_enforce_changed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.targets = self._select_targets(model, unit_graph)
         if not self.targets:
@@ -332,7 +333,18 @@ class SparseTraining(Service):
         self._record_dense = torch.is_grad_enabled() and self.wants_dense_grads(self.step)
         if torch.is_grad_enabled():
             self._hook_gradients()  # a masked weight made trainable by hand since (a no-op for the hooked ones)
+        self._enforce_changed()
         return run(args, kwargs)
+
+    @torch.no_grad()
+    def _enforce_changed(self) -> None:
+        """Masked weights (or masks) changed since they were last masked, outside an optimizer step (a
+        `load_state_dict` of dense weights, an edit by hand), are masked again before the call runs on them."""
+        for name, t in self.targets.items():
+            versions = (tensor_version(t.weight), tensor_version(t.mask))
+            if self._masked_versions.get(name) != versions:
+                t.weight.mul_(t.mask)
+                self._masked_versions[name] = (tensor_version(t.weight), tensor_version(t.mask))
 
     def on_plan(self, change, analysis) -> None:
         units = {n: t.unit for n, t in self.targets.items()}
@@ -523,8 +535,9 @@ class SparseTraining(Service):
     @torch.no_grad()
     def enforce(self) -> None:
         """Masked weights back to exactly zero (after an optimizer step)."""
-        for t in self.trainable().values():
+        for name, t in self.trainable().items():
             t.weight.mul_(t.mask)
+            self._masked_versions[name] = (tensor_version(t.weight), tensor_version(t.mask))
 
     def fold(self, unit_params: set) -> None:
         """A unit froze: fold its masks into its weights once; later updates leave them alone."""
