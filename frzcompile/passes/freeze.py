@@ -82,12 +82,11 @@ def reordered(gm: fx.GraphModule, region_nodes: list) -> tuple | None:
     copy, nodes = copy_graph_module(gm)
     fuse_by_partitions(copy, [dict.fromkeys(nodes[n] for n in region_nodes)], prefix=REGION + "_")
     position = {n.name: i for i, n in enumerate(copy.graph.nodes)}
-    fused = position[REGION + "_0"] if REGION + "_0" in position else next(
-        i for i, n in enumerate(copy.graph.nodes) if n.op == "call_module" and n.target == REGION + "_0")
+    fused = next(i for i, n in enumerate(copy.graph.nodes) if n.op == "call_module" and n.target == REGION + "_0")
     members = set(region_nodes)
-    new = [(fused if n in members else position[n.name], n in members, n) for n in ordered]
-    for (p, inside, node), (q, inside_next, later) in zip(new, new[1:]):
-        if q < p or (q == p and not (inside and inside_next)):
+    new = [(fused if n in members else position[n.name], n) for n in ordered]  # (members share the fused one's)
+    for (p, node), (q, later) in zip(new, new[1:]):
+        if q < p:
             return later.name, node.name
     return None
 
