@@ -31,7 +31,7 @@ from torch import fx
 
 from . import torch_private
 from .errors import ConfigError, FrzError
-from .inplace import written
+from .inplace import reads_storage, written, written_storages
 from .modes import mode_arguments
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
@@ -215,11 +215,8 @@ def _reads_across_changes(gm: fx.GraphModule, region: list) -> set:
         return set()
     members, order = set(region), {n: i for i, n in enumerate(gm.graph.nodes)}
     last = order[region[-1]]
-    changed = {torch_private.storage_key(c.meta.get("example_value"))
-               for n in gm.graph.nodes if n not in members and order[n] < last for c in written(n)}
-    changed.discard(None)
-    return {n for n in region
-            if any(torch_private.storage_key(i.meta.get("example_value")) in changed for i in n.all_input_nodes)}
+    changed = written_storages(n for n in gm.graph.nodes if n not in members and order[n] < last)
+    return {n for n in region if reads_storage(n, changed)} if changed else set()
 
 
 def _dataflow_region(gm: fx.GraphModule, placeholders: dict, frozen_names: frozenset, held: set) -> list:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .torch_private import storage_key
+
 INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                              "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
                              "__imatmul__"})
@@ -77,6 +79,16 @@ def written(node) -> list:
         targets = target if isinstance(target, (list, tuple)) else [target]  # (torch._foreach_add_([a, b], ...))
         return [t for t in targets if hasattr(t, "op")]
     return []
+
+
+def written_storages(nodes) -> set:
+    """The storages (Dynamo's example values tell them) of the tensors `nodes` change in place, views included."""
+    return {k for n in nodes for w in written(n) if (k := storage_key(w.meta.get("example_value"))) is not None}
+
+
+def reads_storage(node, storages: set) -> bool:
+    """Whether `node` reads a tensor held in one of `storages` (a view of it included)."""
+    return any(storage_key(i.meta.get("example_value")) in storages for i in node.all_input_nodes)
 
 
 def _aliased(node, written: list):

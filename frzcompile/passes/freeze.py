@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..inplace import written
-from ..torch_private import fuse_by_partitions, remade_view, storage_key, tree_map
+from ..capture import clone_graph_module
+from ..inplace import reads_storage, written, written_storages
+from ..torch_private import fuse_by_partitions, remade_view, tree_map
 
 REGION = "frozen_prefix"
 
@@ -62,25 +63,16 @@ def draws_random(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def copy_graph_module(gm: fx.GraphModule) -> tuple:
-    """(a copy of `gm` over a copy of its graph, sharing its modules; original node -> its copy), to try a rewrite
-    on."""
-    graph, nodes = fx.Graph(), {}
-    graph.output(graph.graph_copy(gm.graph, nodes))
-    return fx.GraphModule(gm, graph), nodes
-
-
 def reordered(gm: fx.GraphModule, region_nodes: list) -> tuple | None:
     """Two nodes whose order matters (a random draw, an in-place write, a read of a tensor some node writes in place)
     that fusing `region_nodes` would swap, by name, or None. The fusion is tried on a copy of the graph."""
-    changed = {storage_key(w.meta.get("example_value")) for n in gm.graph.nodes for w in written(n)}
-    changed.discard(None)
-    ordered = [n for n in gm.graph.nodes if draws_random(gm, n) or written(n) or any(
-        storage_key(i.meta.get("example_value")) in changed for i in n.all_input_nodes)]
+    changed = written_storages(gm.graph.nodes)
+    ordered = [n for n in gm.graph.nodes if draws_random(gm, n) or written(n) or reads_storage(n, changed)]
     if not ordered:
         return None
-    copy, nodes = copy_graph_module(gm)
-    fuse_by_partitions(copy, [dict.fromkeys(nodes[n] for n in region_nodes)], prefix=REGION + "_")
+    copy = clone_graph_module(gm)  # (node names carry over)
+    by_name = {n.name: n for n in copy.graph.nodes}
+    fuse_by_partitions(copy, [dict.fromkeys(by_name[n.name] for n in region_nodes)], prefix=REGION + "_")
     position = {n.name: i for i, n in enumerate(copy.graph.nodes)}
     fused = next(i for i, n in enumerate(copy.graph.nodes) if n.op == "call_module" and n.target == REGION + "_0")
     members = set(region_nodes)
