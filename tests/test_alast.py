@@ -689,6 +689,38 @@ def test_between_steps_every_layer_requires_grad_as_without_alast():
     assert moved == {0, 1, 2, 3}
 
 
+def test_a_freeze_by_hand_between_steps_leaves_the_other_layers_requiring_grad():
+    """With k set, fm.freeze / fm.unfreeze between steps applied the waiting draw at once: the layers not drawn
+    were switched off before the next training call, and an optimizer made then for a second phase left them out
+    for good (they never moved again although nothing froze them)."""
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=1.0, k=2), layers=4)
+    _train(model, fm, opt, 2)
+    layers = model.bert.encoder.layer
+    off = lambda: [i for i, layer in enumerate(layers) if not all(p.requires_grad for p in layer.parameters())]
+    fm.freeze("bert.encoder.layer.3")
+    assert off() == [3]
+    second = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)  # phase 2
+    assert {id(p) for g in second.param_groups for p in g["params"]} >= \
+        {id(p) for layer in layers[:3] for p in layer.parameters()}
+    fm.unfreeze("bert.encoder.layer.3")
+    assert off() == []
+
+
+def test_a_thaw_after_every_layer_froze_trains_k_layers_at_the_next_step():
+    """The draw made while every layer was frozen held none: the first step after the thaw trained no layer."""
+    model, fm, opt = _optimized(frzcompile.ALaST(budget=1.0, k=1), layers=3)
+    layers = model.bert.encoder.layer
+    _train(model, fm, opt, 1)
+    fm.freeze("bert.encoder")
+    _train(model, fm, opt, 1)
+    fm.unfreeze("bert.encoder")
+    before = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+    _train(model, fm, opt, 1)
+    moved = [i for i, layer in enumerate(layers) if any(not torch.equal(p, b)
+                                                        for p, b in zip(layer.parameters(), before[i]))]
+    assert len(moved) == 1
+
+
 def test_valid_tokens_from_a_mask_of_batch_one_and_a_causal_mask():
     from frzcompile.tokens.select import valid_tokens
     mask = torch.zeros(1, 1, 1, 5)

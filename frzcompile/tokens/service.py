@@ -515,8 +515,8 @@ class LayerBudgets(Service):
 
     def on_plan(self, change, analysis) -> None:
         # a unit the plan froze leaves this iteration's layers; one it thawed trains at once when every free layer
-        # trains (k unset), else waits for the next draw; a draw still waiting that holds a layer frozen now is
-        # made again (it left a step training none)
+        # trains (k unset), else waits for the next draw; a draw still waiting that holds a layer frozen now, or
+        # none (made while every layer was frozen), is made again (it would leave a step training fewer)
         free = tuple(i for i, name in enumerate(self.layers) if name not in self.plan.frozen)
         all_free = self.policy.layers_per_step >= len(free)
         if all_free:
@@ -524,9 +524,11 @@ class LayerBudgets(Service):
         else:
             self.trained = tuple(i for i in self.trained if self.layers[i] not in self.plan.frozen)
         waiting = self.policy.next
-        if waiting is not None and (any(self.layers[i] in self.plan.frozen for i in waiting) or all_free):
+        if waiting is not None and (any(self.layers[i] in self.plan.frozen for i in waiting) or all_free
+                                    or (not waiting and free)):
             self.policy.next = self.policy.redraw(self.plan.frozen)
-        self._apply_selection()
+        if self._applied:  # (between steps every layer requires grad until the next training call applies a draw)
+            self._apply_selection()
 
     def on_structure_change(self) -> None:
         # a parameter replaced (load_state_dict(assign=True), sharding) is new to the plan, which read its
@@ -536,7 +538,8 @@ class LayerBudgets(Service):
                 if (i, pname) in self._defaults:
                     self.plan.set_trainable_by_default(p, self._defaults[(i, pname)])
         self._hook()
-        self._apply_selection()
+        if self._applied:
+            self._apply_selection()
 
     def report(self):
         return {"layers": list(self.layers), "attention": [a is not None for a in self.attention],
