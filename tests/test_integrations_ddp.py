@@ -73,7 +73,7 @@ def worker(rank, world, folder, other_ranks):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         # other ranks decide the same, nothing ("rank0_only": rank 0's plan reaches them), or something else
         # ("elsewhere", with fm.frozen read after every step, as logging does): rank 0's plan is what applies
-        policy = Schedule() if rank == 0 or other_ranks in ("same", "no_sync") else \
+        policy = Schedule() if rank == 0 or other_ranks in ("same", "no_sync", "eval_mode") else \
             "manual" if other_ranks == "rank0_only" else Elsewhere()
         fm = frzcompile.optimize(model, (torch.randn(2, 12),), optimizer=opt, policy=policy)
         ddp = DistributedDataParallel(fm)
@@ -86,6 +86,8 @@ def worker(rank, world, folder, other_ranks):
             return default_hooks.allreduce_hook(None, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
+        if other_ranks == "eval_mode":  # trained in eval mode, grad on (BatchNorm kept frozen by the user)
+            model.eval()
         if other_ranks == "no_sync":  # two micro-batches a step, the first under no_sync() (plan changes in it)
             for x, y in batches():
                 part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
@@ -149,8 +151,10 @@ def assert_equal_to_one_process(result):
     return fm
 
 
-@pytest.mark.parametrize("other_ranks", ["same", "rank0_only", "elsewhere"])
+@pytest.mark.parametrize("other_ranks", ["same", "rank0_only", "elsewhere", "eval_mode"])
 def test_two_processes_equal_one_with_a_freeze_and_an_unfreeze(tmp_path, other_ranks):
+    """("eval_mode": the plan was neither agreed nor applied in eval-mode training calls: a policy's freezes never
+    happened, and a freeze by hand left the inner DDP waiting for gradients that never came)"""
     result = run_two(tmp_path, worker, other_ranks)
     fm = assert_equal_to_one_process(result)
     # bytes all-reduced per step: everything, then units 2 and 3 only while 0 and 1 are frozen, then 1 again

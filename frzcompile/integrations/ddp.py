@@ -104,7 +104,9 @@ class DistributedDataParallel(nn.Module):
             fm.__dict__["_pending"] = agreed  # applied by fm before the call (see FrozenModule._settle)
 
     def forward(self, *args, **kwargs):
-        if self.module.training and torch.is_grad_enabled():
+        # (a call with grad on is one the inner DDP prepares a reduction for, in eval mode too: BatchNorm kept
+        # frozen by training in eval mode)
+        if torch.is_grad_enabled():
             self._agree()
             self.fm._settle(by_owner=True)  # the agreed plan applied now, before the buckets are checked
             if self._trainable_ids() != self._trainable:
