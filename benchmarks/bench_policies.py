@@ -6,7 +6,9 @@ that a drift in a shared machine's speed spreads over every run (run one after t
 10-minute series was timed up to 15% slower in epochs where it did exactly what another run did).
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
-Every freezing run uses the activation cache; with `--policies`, a policy's name followed by `-nocache` runs it
+`hand-K@S` freezes the first K units by hand at step S
+and keeps them frozen (what a user freezing by hand would do; a grid of them bounds what any policy that freezes a
+prefix could reach on a workload). Every freezing run uses the activation cache; with `--policies`, a policy's name followed by `-nocache` runs it
 without the cache (`smartfrz-nocache`: the time the cache saves under the default policy), and by `-storenow`
 with the cache storing a deeper frozen prefix's outputs at once (`CacheConfig(store_deeper_after=0)`). Workloads:
   - a ResNet-style CNN trained from scratch on Fashion-MNIST (training subset, full 10k test set);
@@ -19,10 +21,11 @@ writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR] [--epochs E]
                                         [--train-samples N] [--observe-loss]
-                                        [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache,...]
+                                        [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache,hand-5@100,...]
 """
 import json
 import os
+import re
 import time
 
 import torch
@@ -30,7 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import frzcompile
-from common import fresh_run, interleaved, print_table, workload_args
+from common import fresh_run, interleaved, print_table, set_prefix, workload_args
 from frzcompile import data, zoo
 
 FLOP_SAMPLE = 20
@@ -88,7 +91,15 @@ def accuracy(net, test, batch=512):
     return correct / len(y)
 
 
+def hand_schedule(name):
+    """`hand-K@S[-nocache|-storenow]` -> (K, S), else None."""
+    m = re.fullmatch(r"hand-(\d+)@(\d+)(-nocache|-storenow)?", name)
+    return (int(m[1]), int(m[2])) if m else None
+
+
 def make_policy(name, total_steps):
+    if hand_schedule(name):
+        return "manual"
     return {"full": "manual", "linear": frzcompile.Linear(total_steps=total_steps),
             "autofreeze": frzcompile.AutoFreeze(), "smartfrz": frzcompile.SmartFRZ()}[name.split("-")[0]]
 
@@ -120,13 +131,15 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0, observe_loss=F
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     train_seconds, flops, curve, losses = 0.0, 0, [], []
-    step = 0
+    step, hand = 0, hand_schedule(name)
     for _ in range(epochs):
         order = torch.randperm(n, generator=g)
         start = time.perf_counter()
         for b in range(steps_per_epoch):
             idx = order[b * batch:(b + 1) * batch]
             xs, y = [t[idx] for t in inputs], labels[idx]
+            if hand and step == hand[1]:
+                set_prefix(fm, hand[0])
             counter = FlopCounterMode(display=False) if step % FLOP_SAMPLE == 0 else None
             if counter is not None:
                 counter.__enter__()
@@ -203,7 +216,8 @@ def plot_timeline(result, label, path):
 def main():
     def more(parser):
         parser.add_argument("--policies", default=",".join(POLICIES),
-                            help=f"comma-separated, from {', '.join(VARIANTS)} (full first)")
+                            help=f"comma-separated, from {', '.join(VARIANTS)} (full first), or hand-K@S: the "
+                                 "first K units frozen by hand at step S")
         parser.add_argument("--epochs", type=int, default=None,
                             help="training epochs (default: the workload's, 6 for fashion, 2 for minilm, 3 for trec)")
         parser.add_argument("--train-samples", type=int, default=None,
@@ -215,8 +229,8 @@ def main():
 
     args = workload_args(__doc__, more, workloads=("fashion", "minilm", "trec"))
     names = args.policies.split(",")
-    if names[0] != "full" or any(n not in VARIANTS for n in names):
-        raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}")
+    if names[0] != "full" or any(n not in VARIANTS and not hand_schedule(n) for n in names):
+        raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}, or hand-K@S")
     everything = {"machine": args.machine, "workloads": []}
     suffix = ("" if args.seed == 0 else f"_seed{args.seed}") + ("" if args.epochs is None else f"_epochs{args.epochs}") \
         + ("" if args.train_samples is None else f"_samples{args.train_samples}") \
