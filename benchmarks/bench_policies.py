@@ -20,7 +20,7 @@ training FLOPs (torch.utils.flop_counter over every 20th step, times 20) and the
 writes a freeze-timeline PNG per run.
 
     python benchmarks/bench_policies.py [--data PATH] [--only fashion|minilm|trec] [--out DIR] [--epochs E]
-                                        [--train-samples N] [--observe-loss]
+                                        [--train-samples N] [--observe-loss] [--summarize A.json,B.json]
                                         [--policies full,linear,autofreeze,smartfrz,smartfrz-nocache,hand-5@100,...]
 """
 import json
@@ -213,8 +213,43 @@ def plot_timeline(result, label, path):
     plt.close(fig)
 
 
+def summarize(paths) -> None:
+    """One table per workload over the runs of several seeds (`policies*.json` files of this benchmark, one per
+    seed): each policy's points against full training of the same seed (mean, and the lowest and highest), the
+    training FLOPs and time ratios to full training (means), and the cache's hit rate (mean)."""
+    import statistics
+
+    by_workload = {}
+    for path in paths:
+        with open(path) as f:
+            for w in json.load(f)["workloads"]:
+                by_workload.setdefault(w["workload"], []).append(w["results"])
+    for label, seeds in by_workload.items():
+        print(f"\n### {label}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}\n")
+        rows = []
+        for name in [r["policy"] for r in seeds[0]]:
+            points, flops, speed, hits = [], [], [], []
+            for results in seeds:
+                full, r = results[0], next((r for r in results if r["policy"] == name), None)
+                if r is None:
+                    continue
+                points.append(100 * (r["accuracy"] - full["accuracy"]))
+                flops.append(full["train_flops"] / r["train_flops"])
+                speed.append(full["train_seconds"] / r["train_seconds"])
+                if r["cache"]:
+                    hits.append(r["cache"]["hit_rate"])
+            rows.append((name, len(points), f"{statistics.mean(points):+.2f}",
+                         f"{min(points):+.2f} / {max(points):+.2f}", f"{statistics.mean(flops):.2f}x",
+                         f"{statistics.mean(speed):.2f}x", f"{100 * statistics.mean(hits):.0f}%" if hits else "-"))
+        print_table(("policy", "seeds", "vs full (pt), mean", "lowest / highest", "fewer training FLOPs",
+                     "speedup", "cache hit rate"), rows)
+
+
 def main():
     def more(parser):
+        parser.add_argument("--summarize", default=None,
+                            help="comma-separated policies*.json files of earlier runs (one per seed): print their "
+                                 "mean and spread per workload and policy, train nothing")
         parser.add_argument("--policies", default=",".join(POLICIES),
                             help=f"comma-separated, from {', '.join(VARIANTS)} (full first), or hand-K@S: the "
                                  "first K units frozen by hand at step S")
@@ -228,6 +263,8 @@ def main():
                                  "Lightning callbacks do; by default the rules read the output-gradient proxy)")
 
     args = workload_args(__doc__, more, workloads=("fashion", "minilm", "trec"))
+    if args.summarize:
+        return summarize(args.summarize.split(","))
     names = args.policies.split(",")
     if names[0] != "full" or any(n not in VARIANTS and not hand_schedule(n) for n in names):
         raise SystemExit(f"--policies: full first, then any of {', '.join(VARIANTS[1:])}, or hand-K@S")
