@@ -6,9 +6,9 @@ that a drift in a shared machine's speed spreads over every run (run one after t
 10-minute series was timed up to 15% slower in epochs where it did exactly what another run did).
 Policies: full training (nothing frozen), `linear` (Composer LayerFreezing defaults: freeze_start 0.5,
 freeze_level 1.0), `autofreeze` (interval 50, 50th percentile), `smartfrz` (the shipped predictor, defaults).
-`hand-K@S` freezes the first K units by hand at step S
-and keeps them frozen (what a user freezing by hand would do; a grid of them bounds what any policy that freezes a
-prefix could reach on a workload). Every freezing run uses the activation cache; with `--policies`, a policy's name followed by `-nocache` runs it
+`hand-K@S` freezes the first K units by hand at step S and keeps them frozen (what a user freezing by hand would
+do; a grid of them bounds what any policy that freezes a prefix could reach on a workload).
+Every freezing run uses the activation cache; with `--policies`, a policy's name followed by `-nocache` runs it
 without the cache (`smartfrz-nocache`: the time the cache saves under the default policy), and by `-storenow`
 with the cache storing a deeper frozen prefix's outputs at once (`CacheConfig(store_deeper_after=0)`). Workloads:
   - a ResNet-style CNN trained from scratch on Fashion-MNIST (training subset, full 10k test set);

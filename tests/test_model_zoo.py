@@ -259,10 +259,6 @@ def test_the_readme_lists_these_models():
     assert re.search(r"## Supported models", text)
 
 
-if __name__ == "__main__":
-    print(supported_models_table())
-
-
 def test_the_pretrained_minilm_comes_in_train_mode_as_a_model_to_fine_tune():
     """`from_pretrained` returns its encoder in eval mode: the benchmarks' loops, which call `.train()` only after an
     evaluation, fine-tuned their first epoch without dropout, and the cache's entries of that epoch (keyed by the
@@ -272,3 +268,7 @@ def test_the_pretrained_minilm_comes_in_train_mode_as_a_model_to_fine_tune():
 
     model, _ = zoo.pretrained_minilm(num_labels=3)
     assert all(m.training for m in model.modules())
+
+
+if __name__ == "__main__":
+    print(supported_models_table())
