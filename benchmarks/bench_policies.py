@@ -132,6 +132,9 @@ def run(name, base, train, test, epochs, batch, make_opt, seed=0, observe_loss=F
     torch.manual_seed(seed)
     train_seconds, flops, curve, losses = 0.0, 0, [], []
     step, hand = 0, hand_schedule(name)
+    if hand and not (0 < hand[0] < len(fm.units) and hand[1] < total):
+        raise SystemExit(f"{name}: K from 1 to {len(fm.units) - 1} (the last unit, the head, trains), S below "
+                         f"{total} (the run's steps)")
     for _ in range(epochs):
         order = torch.randperm(n, generator=g)
         start = time.perf_counter()
@@ -220,7 +223,7 @@ def summarize(paths) -> None:
     import statistics
 
     by_workload = {}
-    for path in paths:
+    for path in dict.fromkeys(paths):  # (a file given twice is one seed)
         with open(path) as f:
             for w in json.load(f)["workloads"]:
                 by_workload.setdefault(w["workload"], []).append(w["results"])

@@ -9,7 +9,8 @@ Plain DDP builds its gradient buckets, and the autograd hooks that fill them, on
 require grad at wrapping time: a parameter frozen later leaves its bucket waiting forever (DDP raises at the next
 step, or with `find_unused_parameters=True` all-reduces it anyway, a graph walk per step for nothing), and a
 parameter thawed later is never all-reduced again. This wrapper
-  - makes every replica follow rank 0's plan: before each training call that starts a new step, rank 0's target
+  - makes every replica follow rank 0's plan: before each grad-enabled call that starts a new step (in eval mode
+    too; evaluate under `torch.no_grad()` on every rank or none, as torch's DDP needs), rank 0's target
     plan (its pending policy decision, or its current plan) is broadcast, a few bytes, so replicas never diverge
     even if a policy saw different numbers on different ranks (a policy's decision waits for that agreement, even
     when `fm.frozen` is read first). Call a manual `fm.freeze`/`fm.unfreeze` on every rank: it acts at once; one
@@ -105,7 +106,7 @@ class DistributedDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         # (a call with grad on is one the inner DDP prepares a reduction for, in eval mode too: BatchNorm kept
-        # frozen by training in eval mode)
+        # frozen by training in eval mode; a grad-enabled call on one rank alone breaks torch's DDP as it does this)
         if torch.is_grad_enabled():
             self._agree()
             self.fm._settle(by_owner=True)  # the agreed plan applied now, before the buckets are checked
