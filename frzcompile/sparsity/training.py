@@ -275,6 +275,13 @@ class BlockSparseForward:
                 for kind, (path, why) in self.paths.items()]
 
 
+def _zero_masked(t) -> None:
+    """A target's masked weights to zero, touching the weight (and its version, which the activation cache keys
+    frozen weights by) only when one is not: a check outside the training step (one host read)."""
+    if (t.weight * ~t.mask).any():
+        t.weight.mul_(t.mask)
+
+
 class SparseTraining(Service):
     """The masks of one FrozenModule and their schedule; see the module docstring.
 
@@ -343,7 +350,7 @@ class SparseTraining(Service):
         for name, t in self.targets.items():
             versions = (tensor_version(t.weight), tensor_version(t.mask))
             if self._masked_versions.get(name) != versions:
-                t.weight.mul_(t.mask)
+                _zero_masked(t)
                 self._masked_versions[name] = (tensor_version(t.weight), tensor_version(t.mask))
 
     def on_plan(self, change, analysis) -> None:
@@ -544,8 +551,7 @@ class SparseTraining(Service):
         with torch.no_grad():
             for name, t in self.targets.items():
                 if id(t.weight) in unit_params and name not in self.frozen_params:
-                    if (t.weight * ~t.mask).any():
-                        t.weight.mul_(t.mask)
+                    _zero_masked(t)
                     self.frozen_params.add(name)
 
     def unfold(self, unit_params: set) -> None:
